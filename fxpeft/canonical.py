@@ -1,0 +1,357 @@
+"""Canonical form: the one graph shape every pass sees, whatever produced it.
+
+After :func:`canonicalize`:
+
+- every linear-like op is an aten op whose weight is a ``get_attr`` of a parameter, and its
+  node carries ``meta["fxpeft_module"]``, the path of the module it belongs to. The ops are
+  ``aten.linear`` (weight (out, in), or ``aten.t`` of an (in, out) weight for transformers'
+  ``Conv1D``), ``aten.addmm`` (export's form of ``Conv1D``), ``aten.conv{1,2,3}d`` and
+  ``aten.embedding``; :func:`find_sites` turns them into :class:`Site` records;
+- mode-dependent ops (dropout, SDPA with dropout) are ``call_module`` nodes, so the module
+  follows ``.train()/.eval()`` although export baked the mode in;
+- higher-order regions that torch.compile cannot re-trace (``wrap_with_set_grad_enabled``,
+  disabled ``wrap_with_autocast``) are inlined, the no-grad ones with detached outputs;
+- export's runtime guard and metadata assertions are gone, and constants the capture
+  lifted are returned as ``extras`` to be registered (non-persistently) on the result.
+
+A table maps each source op to its canonical rewrite; add a row to support another form.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+from torch._ops import HigherOrderOperator
+
+aten = torch.ops.aten
+
+try:  # transformers' GPT-2 style linear with an (in, out) weight
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = ()
+
+
+class ModeSwitch(nn.Module):
+    """Calls ``op`` with ``name=train_value`` in train mode and ``name=eval_value`` in eval mode."""
+
+    def __init__(self, op: Callable, name: str, train_value: Any, eval_value: Any):
+        super().__init__()
+        self.op, self.name, self.train_value, self.eval_value = op, name, train_value, eval_value
+
+    def forward(self, *args, **kwargs):
+        kwargs[self.name] = self.train_value if self.training else self.eval_value
+        return self.op(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"{getattr(self.op, '__name__', self.op)}, {self.name}={self.train_value} in train mode"
+
+
+@dataclass
+class Site:
+    """A linear-like op in the canonical graph: what every adapter / quantization pass matches."""
+
+    node: torch.fx.Node
+    kind: str  # "linear" | "conv" | "embedding"
+    path: str  # module path, e.g. model.layers.0.self_attn.q_proj
+    input: torch.fx.Node  # the activation (token ids for embeddings)
+    weight: str  # FQN of the weight parameter
+    bias: Optional[str]
+    fan_in_fan_out: bool = False  # weight stored (in, out): GPT-2's Conv1D
+    output: Optional[torch.fx.Node] = None  # current output; passes move it as they add nodes
+
+    def __post_init__(self):
+        if self.output is None:
+            self.output = self.node
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _attr_target(node) -> Optional[str]:
+    return node.target if isinstance(node, torch.fx.Node) and node.op == "get_attr" else None
+
+
+def _transposed_attr(node) -> Optional[str]:
+    if isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in (aten.t.default,):
+        return _attr_target(node.args[0])
+    return None
+
+
+def _innermost_module(node: torch.fx.Node) -> Optional[str]:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    return path if isinstance(path, str) else None
+
+
+def _get(root: nn.Module, fqn: str):
+    module_path, _, name = fqn.rpartition(".")
+    try:
+        return getattr(root.get_submodule(module_path), name)
+    except AttributeError:
+        return None
+
+
+# --------------------------------------------------------------------------- site table
+
+
+def _linear_site(node, root):
+    weight = _attr_target(node.args[1])
+    transposed = _transposed_attr(node.args[1])
+    if weight is None and transposed is None:
+        return None
+    bias = _attr_target(node.args[2]) if len(node.args) > 2 else None
+    return dict(kind="linear", input=node.args[0], weight=weight or transposed, bias=bias,
+                fan_in_fan_out=transposed is not None)
+
+
+def _addmm_site(node, root):
+    weight, bias = _attr_target(node.args[2]), _attr_target(node.args[0])
+    if weight is None:
+        return None
+    return dict(kind="linear", input=node.args[1], weight=weight, bias=bias, fan_in_fan_out=True)
+
+
+def _conv_site(node, root):
+    weight = _attr_target(node.args[1])
+    if weight is None:
+        return None
+    bias = _attr_target(node.args[2]) if len(node.args) > 2 else None
+    return dict(kind="conv", input=node.args[0], weight=weight, bias=bias)
+
+
+def _embedding_site(node, root):
+    weight = _attr_target(node.args[0])
+    if weight is None:
+        return None
+    return dict(kind="embedding", input=node.args[1], weight=weight, bias=None)
+
+
+SITE_RULES: dict[Any, Callable] = {
+    aten.linear.default: _linear_site,
+    aten.addmm.default: _addmm_site,
+    aten.conv1d.default: _conv_site,
+    aten.conv2d.default: _conv_site,
+    aten.conv3d.default: _conv_site,
+    aten.conv1d.padding: _conv_site,
+    aten.conv2d.padding: _conv_site,
+    aten.conv3d.padding: _conv_site,
+    aten.embedding.default: _embedding_site,
+}
+
+
+def site_path(node: torch.fx.Node, weight_fqn: str, root: nn.Module) -> str:
+    """The module a site belongs to: the innermost module that owns this very weight tensor."""
+    module_path = node.meta.get("fxpeft_module")
+    if module_path is not None:
+        try:
+            module = root.get_submodule(module_path)
+        except AttributeError:
+            module = None
+        if module is not None and getattr(module, "weight", None) is _get(root, weight_fqn):
+            return module_path
+    return weight_fqn[: -len(".weight")] if weight_fqn.endswith(".weight") else weight_fqn
+
+
+def find_sites(graph: torch.fx.Graph, root: nn.Module) -> list[Site]:
+    sites = []
+    for node in graph.nodes:
+        rule = SITE_RULES.get(node.target) if node.op == "call_function" else None
+        found = rule(node, root) if rule else None
+        if found is not None:
+            sites.append(Site(node=node, path=site_path(node, found["weight"], root), **found))
+    return sites
+
+
+# --------------------------------------------------------------------------- canonicalize
+
+
+@dataclass
+class Canonical:
+    graph: torch.fx.Graph
+    extras: dict[str, Any] = field(default_factory=dict)  # name -> tensor | module to register
+
+
+def _module_to_aten(node: torch.fx.Node, module: nn.Module, graph: torch.fx.Graph) -> Optional[torch.fx.Node]:
+    """call_module of a linear-like leaf (symbolic traces) -> aten op on get_attr weights."""
+    path = node.target
+    x = node.args[0] if node.args else node.kwargs.get("input")
+    has_bias = getattr(module, "bias", None) is not None
+    if isinstance(module, (nn.Linear, Conv1D)):
+        op, extra = aten.linear.default, ()
+    elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.padding_mode == "zeros":
+        op = {1: aten.conv1d, 2: aten.conv2d, 3: aten.conv3d}[module.weight.dim() - 2]
+        string_padding = isinstance(module.padding, str)
+        op = op.padding if string_padding else op.default
+        padding = module.padding if string_padding else list(module.padding)
+        extra = (list(module.stride), padding, list(module.dilation), module.groups)
+    elif isinstance(module, nn.Embedding) and module.max_norm is None:
+        padding_idx = -1 if module.padding_idx is None else module.padding_idx
+        with graph.inserting_before(node):
+            weight = graph.get_attr(f"{path}.weight")
+            return graph.call_function(aten.embedding.default, (weight, x, padding_idx, module.scale_grad_by_freq, module.sparse))
+    else:
+        return None
+    with graph.inserting_before(node):
+        weight = graph.get_attr(f"{path}.weight")
+        if isinstance(module, Conv1D):
+            weight = graph.call_function(aten.t.default, (weight,))
+        bias = graph.get_attr(f"{path}.bias") if has_bias else None
+        return graph.call_function(op, (x, weight, bias, *extra))
+
+
+def _functional_to_aten(node: torch.fx.Node, graph: torch.fx.Graph) -> Optional[torch.fx.Node]:
+    """F.linear / F.embedding call_functions (symbolic traces) -> the aten site ops."""
+    args = list(node.args) + [None] * 3
+    with graph.inserting_before(node):
+        if node.target is F.linear:
+            return graph.call_function(aten.linear.default, (args[0], args[1], node.kwargs.get("bias", args[2])))
+        if node.target is F.embedding and not node.kwargs.get("max_norm"):
+            padding_idx = node.kwargs.get("padding_idx", args[2])
+            return graph.call_function(aten.embedding.default, (args[1], args[0], -1 if padding_idx is None else padding_idx))
+    return None
+
+
+def _dropout_probability(node) -> Optional[float]:
+    """p of a dropout op that was recorded as active, else None."""
+    if node.target is aten.dropout.default:
+        return node.args[1] if node.args[2] and node.args[1] else None
+    if node.target is F.dropout:
+        p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+        training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+        return p if training and p else None
+    return None
+
+
+def _sdpa_dropout(node) -> Optional[float]:
+    if node.target in (aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention):
+        p = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
+        return p if p else None
+    return None
+
+
+def _inline_region(node: torch.fx.Node, graph: torch.fx.Graph, owner: nn.Module, extras: dict, namespace: str) -> bool:
+    """Copy a higher-order region's body into the parent graph."""
+    name = node.target.name()
+    if name == "wrap_with_set_grad_enabled":
+        enabled, body_node, operands = node.args[0], node.args[1], node.args[2:]
+    elif name == "wrap_with_autocast" and node.args[2] is False:
+        enabled, body_node, operands = True, node.args[4], node.args[5:]
+    else:
+        return False
+    body = owner.get_submodule(body_node.target)
+    placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+    value_map = dict(zip(placeholders, operands))
+    with graph.inserting_before(node):
+        for inner in body.graph.nodes:
+            if inner.op == "placeholder":
+                continue
+            if inner.op == "output":
+                outputs = torch.fx.map_arg(inner.args[0], lambda n: value_map[n])
+                break
+            if inner.op == "get_attr":
+                local = f"{namespace}{body_node.target}_{inner.target}".replace(".", "_")
+                extras[local] = _get(body, inner.target) if "." in inner.target else getattr(body, inner.target)
+                value_map[inner] = graph.get_attr(local)
+                continue
+            value_map[inner] = graph.node_copy(inner, lambda n: value_map[n])
+        if not enabled:
+            outputs = torch.fx.map_arg(outputs, lambda n: graph.call_function(aten.detach.default, (n,)))
+    for user in list(node.users):
+        if user.op == "call_function" and user.target.__name__ == "getitem":
+            user.replace_all_uses_with(outputs[user.args[1]])
+            graph.erase_node(user)
+    if node.users:
+        node.replace_all_uses_with(outputs)  # pragma: no cover - regions return tuples
+    graph.erase_node(node)
+    if not any(n.op == "get_attr" and n.target == body_node.target for n in graph.nodes if n is not body_node) and not body_node.users:
+        graph.erase_node(body_node)
+    return True
+
+
+_DROPPED_OPS = {aten._assert_tensor_metadata.default}
+
+
+def canonicalize(graph: torch.fx.Graph, owner: nn.Module, source: nn.Module, namespace: str) -> Canonical:
+    """Rewrite ``graph`` (in place) into the canonical form. ``namespace`` keeps names of
+    modules/constants it creates unique across the graphs of one result."""
+    extras: dict[str, Any] = {}
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+        elif node.op == "call_function" and node.target in _DROPPED_OPS:
+            graph.erase_node(node)
+        elif node.op == "call_function" and isinstance(node.target, HigherOrderOperator):
+            _inline_region(node, graph, owner, extras, namespace)
+
+    for node in list(graph.nodes):
+        replacement = None
+        if node.op == "call_module":
+            module = source.get_submodule(node.target)
+            replacement = _module_to_aten(node, module, graph)
+            if replacement is not None:
+                replacement.meta = dict(node.meta, fxpeft_module=node.target)
+        elif node.op == "call_function" and node.target in (F.linear, F.embedding):
+            replacement = _functional_to_aten(node, graph)
+            if replacement is not None:
+                replacement.meta = dict(node.meta)
+        if replacement is not None:
+            node.replace_all_uses_with(replacement)
+            graph.erase_node(node)
+
+    counter = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in SITE_RULES and "fxpeft_module" not in node.meta:
+            node.meta["fxpeft_module"] = _innermost_module(node)
+        p, sdpa_p = _dropout_probability(node), _sdpa_dropout(node)
+        if p is None and sdpa_p is None:
+            if node.target in (aten.dropout.default, F.dropout):  # inactive dropout: identity
+                node.replace_all_uses_with(node.args[0] if node.args else node.kwargs["input"])
+                graph.erase_node(node)
+            continue
+        name = f"{namespace}mode_{counter}"
+        counter += 1
+        if p is not None:
+            extras[name] = nn.Dropout(p)
+            args = (node.args[0] if node.args else node.kwargs["input"],)
+            kwargs = {}
+        else:
+            extras[name] = ModeSwitch(F.scaled_dot_product_attention, "dropout_p", sdpa_p, 0.0)
+            args = node.args[:4]
+            kwargs = {k: v for k, v in node.kwargs.items() if k != "dropout_p"}
+            if len(node.args) > 5:
+                kwargs["is_causal"] = node.args[5]
+        with graph.inserting_before(node):
+            replacement = graph.call_module(name, args, kwargs)
+        replacement.meta = dict(node.meta)
+        node.replace_all_uses_with(replacement)
+        graph.erase_node(node)
+
+    # constants the capture lifted (not parameters or buffers of the source): register them ourselves
+    for node in graph.nodes:
+        if node.op == "get_attr" and node.target not in extras and _resolve(source, node.target) is None:
+            local = f"{namespace}{node.target}".replace(".", "_")
+            extras[local] = _resolve(owner, node.target)
+            node.target = local
+    graph.eliminate_dead_code()
+    graph.lint()
+    return Canonical(graph=graph, extras=extras)
+
+
+def _resolve(root: nn.Module, fqn: str):
+    try:
+        return root.get_submodule(fqn)
+    except AttributeError:
+        pass
+    module_path, _, name = fqn.rpartition(".")
+    try:
+        return getattr(root.get_submodule(module_path), name)
+    except AttributeError:
+        return None

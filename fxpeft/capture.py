@@ -1,0 +1,191 @@
+"""Capture: turn a model (or one call signature of it) into a torch.fx graph.
+
+- plain ``nn.Module`` without example inputs: ``torch.fx.symbolic_trace``;
+- transformers models and anything given example inputs: ``torch.export`` (non-strict),
+  every tensor dimension dynamic (``Dim.AUTO``), duck sizing off so that equal example
+  sizes do not force equal dimensions, the module in train mode so dropout is recorded
+  (canonicalize makes it follow ``.train()/.eval()`` again), and the KV cache off.
+
+transformers models need no example inputs: they are synthesised from the config.
+A later call with other keyword names (``labels``, ``token_type_ids`` …) is captured again
+by :func:`capture_call`; every captured graph addresses the same parameters by name.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.fx
+from torch import nn
+from torch.utils import _pytree as pytree
+
+
+class CaptureError(RuntimeError):
+    """The model could not be turned into a graph."""
+
+
+@dataclass
+class Captured:
+    """One captured call signature.
+
+    ``graph`` reads parameters by their FQN in the source model; ``owner`` is the module the
+    capture produced (it resolves anything else the graph names: lifted constants,
+    higher-order-op bodies). ``in_spec``/``out_spec`` are None for symbolic traces, whose graph
+    takes the original arguments directly.
+    """
+
+    graph: torch.fx.Graph
+    owner: nn.Module
+    in_spec: Any = None
+    out_spec: Any = None
+    example: Optional[dict] = None  # the keyword inputs an export was made with
+
+
+def is_transformers_model(model: nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def forward_arg_names(model: nn.Module) -> list[str]:
+    params = inspect.signature(model.forward).parameters.values()
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def synthesize_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Example inputs for a transformers model, from its config and forward signature."""
+    config = model.config
+    names = set(forward_arg_names(model))
+    device = next(model.parameters()).device
+    batch, seq = 2, 8
+    inputs: dict[str, torch.Tensor] = {}
+    if "input_ids" in names:
+        vocab = getattr(config, "vocab_size", None) or 2
+        inputs["input_ids"] = torch.randint(0, vocab, (batch, seq), device=device)
+        if "attention_mask" in names:
+            inputs["attention_mask"] = torch.ones(batch, seq, dtype=torch.long, device=device)
+        if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in names:
+            inputs["decoder_input_ids"] = torch.randint(0, vocab, (batch, seq - 2), device=device)
+    elif "pixel_values" in names:
+        size = getattr(config, "image_size", 224)
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        channels = getattr(config, "num_channels", 3)
+        dtype = next(model.parameters()).dtype
+        inputs["pixel_values"] = torch.randn(batch, channels, *size, device=device, dtype=dtype)
+    else:
+        raise CaptureError(
+            f"Cannot synthesise example inputs for {type(model).__name__}: its forward takes neither "
+            "input_ids nor pixel_values. Pass example_inputs=dict(...) to fxpeft.transform."
+        )
+    return inputs
+
+
+@contextlib.contextmanager
+def _tracing_state(model: nn.Module):
+    """Train mode (records dropout) and no KV cache while exporting; restored afterwards."""
+    was_training = {m: m.training for m in model.modules()}
+    config = getattr(model, "config", None)
+    had_cache = getattr(config, "use_cache", None)
+    model.train()
+    if had_cache is not None:
+        config.use_cache = False
+    try:
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            yield
+    finally:
+        for module, mode in was_training.items():
+            module.training = mode
+        if had_cache is not None:
+            config.use_cache = had_cache
+
+
+def _widen(value):
+    """Sizes 0/1 get specialised by export; give it at least 2 along every dim."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    for dim, size in enumerate(value.shape):
+        if size < 2:
+            value = torch.cat([value] * 2, dim=dim) if size == 1 else value.new_zeros(
+                *value.shape[:dim], 2, *value.shape[dim + 1:])
+    return value
+
+
+def export_call(model: nn.Module, kwargs: dict[str, Any], widen: bool = False) -> Captured:
+    """Capture one keyword signature with torch.export."""
+    if widen:
+        kwargs = {name: _widen(value) for name, value in kwargs.items()}
+    dynamic = {
+        name: ({d: torch.export.Dim.AUTO for d in range(value.ndim)} if isinstance(value, torch.Tensor) else None)
+        for name, value in kwargs.items()
+    }
+    try:
+        with _tracing_state(model):
+            program = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic, strict=False)
+    except Exception as error:
+        raise CaptureError(
+            f"torch.export could not capture {type(model).__name__} with inputs {sorted(kwargs)}: "
+            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}. "
+            "Check that the example inputs are valid for the model's forward."
+        ) from error
+    owner = program.module()
+    info = owner.graph._codegen.pytree_info
+    graph = owner.graph
+    graph._codegen = torch.fx.graph.CodeGen()  # the dispatcher flattens / unflattens instead
+    return Captured(graph=graph, owner=owner, in_spec=info.in_spec, out_spec=info.out_spec, example=kwargs)
+
+
+def symbolic_call(model: nn.Module) -> Captured:
+    try:
+        traced = torch.fx.symbolic_trace(model)
+    except Exception as error:
+        raise CaptureError(
+            f"torch.fx.symbolic_trace failed on {type(model).__name__} ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}). Pass example_inputs=(...) or dict(...) "
+            "to fxpeft.transform so the model can be captured with torch.export instead."
+        ) from error
+    return Captured(graph=traced.graph, owner=traced)
+
+
+def normalize_inputs(model: nn.Module, example_inputs) -> dict[str, Any]:
+    if isinstance(example_inputs, dict):
+        return dict(example_inputs)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    names = forward_arg_names(model)
+    if len(example_inputs) > len(names):
+        raise CaptureError(f"{len(example_inputs)} example inputs given but forward takes only {names}.")
+    return dict(zip(names, example_inputs))
+
+
+def capture(model: nn.Module, example_inputs=None) -> Captured:
+    """The first capture of a model, by the strategy described in the module docstring."""
+    if example_inputs is not None:
+        return export_call(model, normalize_inputs(model, example_inputs))
+    if is_transformers_model(model):
+        return export_call(model, synthesize_inputs(model))
+    return symbolic_call(model)
+
+
+def signature_key(kwargs: dict[str, Any]) -> tuple:
+    """Calls with the same key share one graph: tensor inputs by name, other values by value."""
+    parts = []
+    for name in sorted(kwargs):
+        value = kwargs[name]
+        if isinstance(value, torch.Tensor):
+            parts.append(name)
+        else:
+            parts.append((name, value))
+    return tuple(parts)
+
+
+def flatten_call(kwargs: dict[str, Any], in_spec) -> list:
+    return torch.fx._pytree.tree_flatten_spec(((), kwargs), in_spec)
+
+
+def unflatten_output(flat, out_spec):
+    return pytree.tree_unflatten(flat, out_spec)

@@ -1,0 +1,135 @@
+"""Adapter configs with PEFT's field names, defaults and validation.
+
+A config says *what* to adapt; the matching pass in ``passes/`` says *how*.
+Invalid values fail here, when the config is built, not later inside a rewrite.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+
+class TaskType(str, enum.Enum):
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+
+# PEFT's default targets when `target_modules` is None (subset of its table, same values).
+DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "bart": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_bigcode": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "bloom": ["query_key_value"],
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "vit": ["query", "value"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+}
+
+# Heads that PEFT adds to modules_to_save for sequence classification (only one exists per model).
+SEQ_CLS_HEAD_NAMES = ["classifier", "score"]
+
+
+def _as_list_or_str(value):
+    if value is None or isinstance(value, str):
+        return value
+    return list(value)
+
+
+@dataclass
+class PeftConfigBase:
+    """Fields every adapter method shares with PEFT's PeftConfig."""
+
+    task_type: Optional[Union[str, TaskType]] = None
+    inference_mode: bool = False
+    base_model_name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+
+    peft_type = "UNKNOWN"  # class attribute, overridden per method
+
+    def __post_init__(self):
+        if isinstance(self.task_type, TaskType):
+            self.task_type = self.task_type.value
+        if self.task_type is not None and self.task_type not in TaskType._value2member_map_:
+            raise ValueError(
+                f"Unknown task_type {self.task_type!r}; use one of {sorted(TaskType._value2member_map_)}."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["peft_type"] = self.peft_type
+        for key, value in out.items():
+            if isinstance(value, (set, tuple)):
+                out[key] = sorted(value) if isinstance(value, set) else list(value)
+        return out
+
+
+@dataclass
+class LoraConfig(PeftConfigBase):
+    """LoRA: ``y = W x + b + s * B(A(dropout(x)))`` with ``s = lora_alpha / r`` (or ``/ sqrt(r)``)."""
+
+    r: int = 8
+    lora_alpha: int = 8
+    lora_dropout: float = 0.0
+    target_modules: Optional[Union[list[str], str]] = None
+    exclude_modules: Optional[Union[list[str], str]] = None
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    modules_to_save: Optional[list[str]] = None
+    init_lora_weights: Union[bool, str] = True
+    layers_to_transform: Optional[Union[list[int], int]] = None
+    layers_pattern: Optional[Union[list[str], str]] = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_dora: bool = False
+
+    peft_type = "LORA"
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.target_modules = _as_list_or_str(self.target_modules)
+        self.exclude_modules = _as_list_or_str(self.exclude_modules)
+        self.layers_pattern = _as_list_or_str(self.layers_pattern)
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self.modules_to_save)
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}.")
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}.")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(
+                f"LoraConfig.init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}."
+            )
+        for name, rank in self.rank_pattern.items():
+            if not isinstance(rank, int) or rank <= 0:
+                raise ValueError(f"LoraConfig.rank_pattern[{name!r}] must be a positive integer, got {rank!r}.")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("LoraConfig.layers_pattern only takes effect with layers_to_transform; set both.")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError(
+                "LoraConfig.layers_to_transform cannot be combined with a regex target_modules; "
+                "encode the layer indices in the regex instead."
+            )
+        if self.use_dora:
+            raise NotImplementedError("DoRA (use_dora=True) is not implemented in fxpeft yet.")

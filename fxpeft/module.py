@@ -1,0 +1,185 @@
+"""The result of fxpeft: a GraphModule over the original module tree, one graph per call signature.
+
+``PeftGraphModule`` holds:
+
+- the module tree of the original model, re-created module by module (new module objects,
+  the same parameter and buffer tensors), so every base state_dict key is unchanged and
+  adapter parameters sit beside the module they adapt;
+- one :class:`Signature` per call signature (a set of keyword names): its canonical graph
+  and its lowered graph. ``self.graph`` is the first signature's lowered graph;
+- ``forward``, a small dispatcher: it binds the call to keyword names, picks the signature's
+  compiled graph (capturing it on first use: a causal LM called with ``labels``, say), and
+  unflattens the output into the original output type.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx
+from torch import nn
+from torch.fx.graph_module import GraphModule, _forward_from_src
+
+from . import capture as capture_mod
+from .canonical import canonicalize
+from .rewrite import lower
+
+# keyword arguments the captured graphs do not take: fxpeft graphs never return a KV cache
+IGNORED_KWARGS = frozenset({"use_cache"})
+
+
+@dataclass
+class Signature:
+    canonical: torch.fx.Graph
+    in_spec: Any = None
+    out_spec: Any = None
+    graph: Optional[torch.fx.Graph] = None  # lowered
+    fn: Optional[Callable] = None  # compiled lowered graph, called as fn(module, *flat_inputs)
+
+
+def clone_tree(module: nn.Module, memo: Optional[dict] = None) -> nn.Module:
+    """New module objects all the way down that share every parameter and buffer tensor."""
+    memo = {} if memo is None else memo
+    if id(module) in memo:
+        return memo[id(module)]
+    new = copy.copy(module)
+    memo[id(module)] = new
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+    for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_state_dict_hooks",
+                  "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks", "_state_dict_pre_hooks"):
+        if hasattr(module, hooks):
+            setattr(new, hooks, type(getattr(module, hooks))())
+    new._modules = {name: (clone_tree(child, memo) if child is not None else None)
+                    for name, child in module._modules.items()}
+    return new
+
+
+def compile_graph(graph: torch.fx.Graph) -> Callable:
+    code = graph.python_code(root_module="self")
+    return _forward_from_src(code.src, code.globals, {})
+
+
+def register_extras(root: nn.Module, extras: dict) -> None:
+    for name, value in extras.items():
+        if isinstance(value, nn.Module):
+            root.add_module(name, value)
+        elif isinstance(value, torch.Tensor):
+            root.register_buffer(name, value, persistent=False)
+        else:
+            setattr(root, name, value)
+
+
+class PeftGraphModule(GraphModule):
+    """A GraphModule whose forward accepts every call the original model accepted."""
+
+    def __init__(self, tree: nn.Module, signatures: dict, primary_key, source: nn.Module, arg_names: list[str]):
+        primary = signatures[primary_key]
+        GraphModule.__init__(self, tree, copy.deepcopy(primary.canonical))
+        # take the whole tree, not only what the first graph references (frozen copies, all adapters)
+        self._modules = tree._modules
+        self._parameters = tree._parameters
+        self._buffers = tree._buffers
+        self._non_persistent_buffers_set = tree._non_persistent_buffers_set
+        self.__dict__["_fxpeft_signatures"] = signatures
+        self.__dict__["_fxpeft_primary"] = primary_key
+        self.__dict__["_fxpeft_source"] = source  # tracing template for signatures seen later
+        self.__dict__["_fxpeft_arg_names"] = list(arg_names)
+        self.__dict__["peft_config"] = {}
+        self.__dict__["_fxpeft_active"] = []
+        self.train(tree.training)
+        self.relower()
+
+    # ------------------------------------------------------------------ graphs
+
+    def relower(self) -> None:
+        """Re-derive every signature's graph from its canonical graph and the current adapter state."""
+        for signature in self._fxpeft_signatures.values():
+            self._lower_signature(signature)
+        self.graph = self._fxpeft_signatures[self._fxpeft_primary].graph
+
+    def _lower_signature(self, signature: Signature) -> None:
+        signature.graph = lower(signature.canonical, self)
+        signature.fn = compile_graph(signature.graph)
+
+    def recompile(self):
+        python_code = super().recompile()
+        type(self).forward = PeftGraphModule._dispatch  # the generated code serves self.code / print only
+        return python_code
+
+    def _capture_signature(self, kwargs: dict, key) -> Signature:
+        source = self._fxpeft_source
+        captured = capture_mod.export_call(source, kwargs, widen=True)
+        namespace = f"_fxpeft_s{len(self._fxpeft_signatures)}_"
+        canonical = canonicalize(captured.graph, captured.owner, source, namespace)
+        register_extras(self, canonical.extras)
+        for module in canonical.extras.values():
+            if isinstance(module, nn.Module):
+                module.train(self.training)
+        signature = Signature(canonical.graph, captured.in_spec, captured.out_spec)
+        self._lower_signature(signature)
+        self._fxpeft_signatures[key] = signature
+        return signature
+
+    def _dispatch(self, *args, **kwargs):
+        signatures = self._fxpeft_signatures
+        if self._fxpeft_primary is None:  # symbolic trace: the graph takes the original arguments
+            return signatures[None].fn(self, *args, **kwargs)
+        for name, value in zip(self._fxpeft_arg_names, args):
+            if name in kwargs:
+                raise TypeError(f"forward() got multiple values for argument {name!r}")
+            kwargs[name] = value
+        kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in IGNORED_KWARGS}
+        key = capture_mod.signature_key(kwargs)
+        signature = signatures.get(key)
+        if signature is None:
+            signature = self._capture_signature(kwargs, key)
+        flat = signature.fn(self, *capture_mod.flatten_call(kwargs, signature.in_spec))
+        return capture_mod.unflatten_output(list(flat), signature.out_spec)
+
+    forward = _dispatch
+
+    # ------------------------------------------------------------------ copying
+
+    def __deepcopy__(self, memo):
+        memo[id(self._fxpeft_source)] = self._fxpeft_source  # shared tracing template, never mutated
+        result = type(self).__new__(type(self))
+        memo[id(self)] = result
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_graph", "_fxpeft_signatures")}
+        result.__dict__.update(copy.deepcopy(state, memo))
+        # canonical graphs are never mutated: share them; lowered graphs are rebuilt for the copy
+        result.__dict__["_fxpeft_signatures"] = {
+            key: dataclasses.replace(sig, graph=None, fn=None) for key, sig in self._fxpeft_signatures.items()
+        }
+        result.__dict__["_graph"] = torch.fx.Graph()
+        result.relower()
+        return result
+
+    def __copy__(self):
+        raise TypeError("copy.copy of a PeftGraphModule would share its graphs; use copy.deepcopy.")
+
+    def __reduce__(self):
+        raise TypeError(
+            "A PeftGraphModule cannot be pickled (torch.save(module)). Save the adapter with "
+            "fxpeft.save_pretrained, or the weights with module.state_dict()."
+        )
+
+
+def build(model: nn.Module, example_inputs=None) -> PeftGraphModule:
+    """Capture and canonicalize ``model``; the result has no adapters yet."""
+    captured = capture_mod.capture(model, example_inputs)
+    tree = clone_tree(model)
+    namespace = "_fxpeft_s0_"
+    canonical = canonicalize(captured.graph, captured.owner, tree, namespace)
+    register_extras(tree, canonical.extras)
+    for extra in canonical.extras.values():
+        if isinstance(extra, nn.Module):
+            extra.train(model.training)
+    key = None if captured.example is None else capture_mod.signature_key(captured.example)
+    arg_names = capture_mod.forward_arg_names(model)
+    signature = Signature(canonical.graph, captured.in_spec, captured.out_spec)
+    return PeftGraphModule(tree, {key: signature}, key, model, arg_names)

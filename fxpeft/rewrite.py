@@ -1,0 +1,147 @@
+"""The rewrite driver: rules are data, one function applies them all.
+
+A method (a file in ``passes/``) registers:
+
+- a :class:`Method` for its config type: ``attach(gm, sites, config, adapter_name)`` creates the
+  adapter's parameters beside the module they adapt (``<path>.lora_A.<adapter>.weight``);
+- :class:`Rule` objects: ``match`` finds places in a canonical graph (sites, or any node
+  pattern), ``constraint`` filters them by the state attached to the module tree, and
+  ``rewrite`` inserts the nodes. Rules run by ``phase`` (replace base ops, then transform
+  inputs, then add deltas), so methods stack without knowing of each other.
+
+:func:`lower` turns a canonical graph plus the adapter state in the module tree into the
+executable graph. Any change of adapter state re-lowers from the canonical graph, so a graph
+never accumulates stale rewrites, and its structure depends on which adapters *exist*, not on
+which are active (activity is buffer data the graph reads).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+import torch.fx
+from torch import nn
+
+from .canonical import Site, find_sites
+
+aten = torch.ops.aten
+
+
+class Lowering:
+    """One graph being lowered: the graph, the module tree it reads from, and its sites."""
+
+    def __init__(self, graph: torch.fx.Graph, root: nn.Module):
+        self.graph = graph
+        self.root = root
+        self.sites = find_sites(graph, root)
+
+    def module(self, path: str) -> Optional[nn.Module]:
+        try:
+            return self.root.get_submodule(path)
+        except AttributeError:
+            return None
+
+    # builders: every rewrite inserts through these, right after the site's current output
+    def attr(self, fqn: str) -> torch.fx.Node:
+        return self.graph.get_attr(fqn)
+
+    def call(self, op, *args, **kwargs) -> torch.fx.Node:
+        return self.graph.call_function(op, args, kwargs)
+
+    def call_module(self, fqn: str, *args) -> torch.fx.Node:
+        return self.graph.call_module(fqn, args)
+
+    def cast(self, node: torch.fx.Node, dtype: torch.dtype, from_dtype: torch.dtype) -> torch.fx.Node:
+        return node if dtype == from_dtype else self.call(aten._to_copy.default, node, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``match(lowering)`` yields candidates; ``rewrite(lowering, candidate)`` edits the graph.
+
+    For site rules (made with :func:`site_rule`) the driver inserts at the site's current output
+    and re-points the output's original users at what ``rewrite`` returns.
+    """
+
+    name: str
+    match: Callable[[Lowering], Iterable[Any]]
+    rewrite: Callable[[Lowering, Any], Any]
+    phase: int = 50
+    on_sites: bool = False
+
+
+def site_rule(name: str, constraint: Callable[[Site, nn.Module], bool], rewrite, phase: int = 50) -> Rule:
+    def match(lowering: Lowering):
+        for site in lowering.sites:
+            module = lowering.module(site.path)
+            if module is not None and constraint(site, module):
+                yield site
+    return Rule(name=name, match=match, rewrite=rewrite, phase=phase, on_sites=True)
+
+
+RULES: list[Rule] = []
+
+
+def register_rule(rule: Rule) -> Rule:
+    RULES.append(rule)
+    RULES.sort(key=lambda r: r.phase)
+    return rule
+
+
+@dataclass(frozen=True)
+class Method:
+    """How one config type attaches adapter state to a transformed module."""
+
+    config_type: type
+    attach: Callable[..., list[str]]  # (gm, sites, config, adapter_name) -> adapted paths
+
+
+METHODS: dict[type, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    METHODS[method.config_type] = method
+    return method
+
+
+def method_for(config) -> Method:
+    for config_type in type(config).__mro__:
+        if config_type in METHODS:
+            return METHODS[config_type]
+    known = ", ".join(sorted(t.__name__ for t in METHODS))
+    raise TypeError(f"No fxpeft pass handles {type(config).__name__}; supported configs: {known}.")
+
+
+def copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
+    new = torch.fx.Graph()
+    output = new.graph_copy(graph, {})
+    new.output(output)
+    new._codegen = graph._codegen
+    return new
+
+
+def _apply_site_rewrite(lowering: Lowering, rule: Rule, site: Site) -> None:
+    old_output = site.output
+    original_users = list(old_output.users)
+    anchor = old_output.next
+    with lowering.graph.inserting_before(anchor):
+        new_output = rule.rewrite(lowering, site)
+    if new_output is None or new_output is old_output:
+        return
+    for user in original_users:
+        user.replace_input_with(old_output, new_output)
+    site.output = new_output
+
+
+def lower(canonical: torch.fx.Graph, root: nn.Module) -> torch.fx.Graph:
+    graph = copy_graph(canonical)
+    lowering = Lowering(graph, root)
+    for rule in RULES:
+        for candidate in list(rule.match(lowering)):
+            if rule.on_sites:
+                _apply_site_rewrite(lowering, rule, candidate)
+            else:
+                rule.rewrite(lowering, candidate)
+    graph.lint()
+    return graph

@@ -1,0 +1,85 @@
+"""Which module paths a config targets, with PEFT's exact matching rules.
+
+- a str ``target_modules`` is ``re.fullmatch`` on the module path;
+- a list matches an exact path or a dotted suffix, optionally filtered by layer index
+  (``layers_to_transform`` / ``layers_pattern``);
+- ``exclude_modules`` (same two forms) and ``modules_to_save`` paths are never targeted;
+- ``rank_pattern`` / ``alpha_pattern`` keys match ``(.*\\.)?(key)$``, first key wins.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Iterable, Optional, Sequence
+
+
+def _matches_list_or_regex(spec, path: str) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, path) is not None
+    return path in spec or any(path.endswith(f".{name}") for name in spec)
+
+
+def _layer_index(path: str, layers_pattern) -> Optional[int]:
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        match = None
+        for pattern in patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", path)
+            if match is not None:
+                break
+    return int(match.group("idx")) if match else None
+
+
+def is_saved_module(modules_to_save: Optional[Sequence[str]], path: str) -> bool:
+    return bool(modules_to_save) and any(re.match(rf"(^|.*\.){m}($|\..*)", path) for m in modules_to_save)
+
+
+def is_targeted(config, path: str) -> bool:
+    """True when PEFT would put this config's adapter on the module at ``path``."""
+    if config.exclude_modules and _matches_list_or_regex(config.exclude_modules, path):
+        return False
+    if is_saved_module(getattr(config, "modules_to_save", None), path):
+        return False
+    if config.target_modules is None:
+        return False
+    if not _matches_list_or_regex(config.target_modules, path):
+        return False
+    layers = getattr(config, "layers_to_transform", None)
+    if isinstance(config.target_modules, str) or layers is None or layers == []:
+        return True
+    index = _layer_index(path, getattr(config, "layers_pattern", None))
+    if index is None:
+        return False
+    return index == layers if isinstance(layers, int) else index in layers
+
+
+def pattern_value(patterns: dict, path: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", path):
+            return patterns[key]
+    return default
+
+
+def saved_module_paths(names: Iterable[str], module_paths: Iterable[str]) -> list[str]:
+    """modules_to_save resolution as PEFT does it: a path ending with one of the names."""
+    names = list(names)
+    return [path for path in module_paths if path and any(path.endswith(name) for name in names)]
+
+
+def unmatched_target_error(config, candidate_paths: Sequence[str], kind: str = "target_modules") -> ValueError:
+    spec = config.target_modules
+    wanted = [spec] if isinstance(spec, str) else list(spec)
+    short_names = sorted({path.rsplit(".", 1)[-1] for path in candidate_paths})
+    hints = []
+    for name in wanted:
+        close = difflib.get_close_matches(name.rsplit(".", 1)[-1], short_names, n=5, cutoff=0.4)
+        hints.append(f"{name!r} (closest: {', '.join(close) or 'none'})")
+    return ValueError(
+        f"{kind} {spec!r} matched no adaptable module in the model. Not found: {'; '.join(hints)}. "
+        f"Adaptable modules are named: {', '.join(short_names[:30])}"
+        + (" ..." if len(short_names) > 30 else "")
+        + ". Fix target_modules to name one of them."
+    )

@@ -1,0 +1,231 @@
+"""LoRA: ``y = W x + b + s * B(A(dropout(x)))`` on linear, Conv1D, conv and embedding sites.
+
+State (attached beside the adapted module, PEFT's names):
+    <path>.lora_A.<adapter>.weight, <path>.lora_B.<adapter>.weight          linear / conv
+    <path>.lora_embedding_A.<adapter>, <path>.lora_embedding_B.<adapter>    embedding
+    <path>.lora_dropout.<adapter>    (nn.Dropout / nn.Identity, no parameters)
+    <path>.lora_scaling.<adapter>.value   non-persistent buffer: s, or 0 while inactive
+Rewrite (phase 50, output deltas): one delta subgraph per adapter, added to the site output.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from fxpeft.canonical import Site
+from fxpeft.configs import DEFAULT_LORA_TARGETS, SEQ_CLS_HEAD_NAMES, LoraConfig
+from fxpeft.rewrite import Lowering, Method, register_method, register_rule, site_rule
+from fxpeft.targets import is_targeted, pattern_value, unmatched_target_error
+
+aten = torch.ops.aten
+
+
+class AdapterScale(nn.Module):
+    """A scalar the graph reads as data: the adapter's scaling while active, 0 while not."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = float(scale)
+        self.register_buffer("value", torch.tensor(self.scale), persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}"
+
+
+def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    # PEFT's autocast_adapter_dtype: half-precision bases get float32 adapters
+    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+
+
+def _conv_geometry(site: Site):
+    args = list(site.node.args) + [None] * 7
+    stride, padding, dilation, groups = args[3] or 1, args[4] or 0, args[5] or 1, args[6] or 1
+    return stride, padding, dilation, groups
+
+
+def _new_lora_weights(site: Site, weight: torch.Tensor, r: int, init):
+    """(A, B) parameter holders for one site, initialised as PEFT does."""
+    if site.kind == "embedding":
+        num, dim = weight.shape
+        a, b = nn.Parameter(torch.randn(r, num)), nn.Parameter(torch.randn(dim, r))
+        if init is not False:
+            nn.init.zeros_(a)
+            nn.init.normal_(b)
+        return a, b
+    if site.kind == "linear":
+        out_f, in_f = weight.shape[::-1] if site.fan_in_fan_out else weight.shape
+        a, b = nn.Linear(in_f, r, bias=False), nn.Linear(r, out_f, bias=False)
+    else:
+        stride, padding, _, groups = _conv_geometry(site)
+        conv = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}[weight.dim()]
+        kernel = tuple(weight.shape[2:])
+        ones = (1,) * len(kernel)
+        a = conv(weight.shape[1] * groups, r, kernel, stride, padding, bias=False)
+        b = conv(r, weight.shape[0], ones, ones, groups=groups, bias=False)
+    if init is True:
+        nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+    elif init == "gaussian":
+        nn.init.normal_(a.weight, std=1 / r)
+    if init is not False:
+        nn.init.zeros_(b.weight)
+    return a, b
+
+
+def _child_dict(module: nn.Module, name: str, kind=nn.ModuleDict):
+    if name not in module._modules:
+        module.add_module(name, kind())
+    return module._modules[name]
+
+
+def add_lora(module: nn.Module, site: Site, weight: torch.Tensor, config: LoraConfig, adapter: str) -> None:
+    r = pattern_value(config.rank_pattern, site.path, config.r)
+    alpha = pattern_value(config.alpha_pattern, site.path, config.lora_alpha)
+    scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+    a, b = _new_lora_weights(site, weight, r, config.init_lora_weights)
+    dtype, device = _adapter_dtype(weight), weight.device
+    if site.kind == "embedding":
+        _child_dict(module, "lora_embedding_A", nn.ParameterDict)[adapter] = nn.Parameter(a.data.to(device, dtype))
+        _child_dict(module, "lora_embedding_B", nn.ParameterDict)[adapter] = nn.Parameter(b.data.to(device, dtype))
+    else:
+        _child_dict(module, "lora_A")[adapter] = a.to(device, dtype)
+        _child_dict(module, "lora_B")[adapter] = b.to(device, dtype)
+    dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+    _child_dict(module, "lora_dropout")[adapter] = dropout
+    _child_dict(module, "lora_scaling")[adapter] = AdapterScale(scale).to(device)
+
+
+def _output_head_paths(gm, config) -> set[str]:
+    """What "all-linear" leaves out: the output embedding, or a SEQ_CLS head."""
+    source = gm._fxpeft_source
+    heads = set()
+    get_output = getattr(source, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    names = {id(m): n for n, m in source.named_modules()}
+    if output is not None:
+        heads.add(names[id(output)])
+    elif config.task_type == "SEQ_CLS":
+        for name in SEQ_CLS_HEAD_NAMES:
+            head = getattr(source, name, None)
+            if head is not None:
+                heads.add(names[id(head)])
+                break
+    return heads
+
+
+def resolve_targets(gm, sites: list[Site], config: LoraConfig) -> LoraConfig:
+    """PEFT's defaults for target_modules: a per-architecture table, and "all-linear"."""
+    targets = config.target_modules
+    if targets is None:
+        model_type = getattr(getattr(gm._fxpeft_source, "config", None), "model_type", None)
+        if model_type not in DEFAULT_LORA_TARGETS:
+            raise ValueError(
+                f"target_modules is None and fxpeft has no default targets for model type {model_type!r}; "
+                "set LoraConfig(target_modules=[...]) (e.g. 'all-linear')."
+            )
+        targets = list(DEFAULT_LORA_TARGETS[model_type])
+    elif isinstance(targets, str) and targets.lower() == "all-linear":
+        heads = _output_head_paths(gm, config)
+        linear_types = tuple(t for t in (nn.Linear, _conv1d_type()) if t)
+        targets = sorted({s.path for s in sites if s.kind == "linear"
+                          and isinstance(gm.get_submodule(s.path), linear_types) and s.path not in heads})
+    return dataclasses.replace(config, target_modules=targets)
+
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+        return Conv1D
+    except ImportError:  # pragma: no cover
+        return None
+
+
+def attach(gm, sites: list[Site], config: LoraConfig, adapter: str) -> list[str]:
+    config = resolve_targets(gm, sites, config)
+    by_path: dict[str, Site] = {}
+    for site in sites:
+        by_path.setdefault(site.path, site)
+    adaptable = {p: s for p, s in by_path.items() if _module_or_none(gm, p) is not None}
+    matched = [p for p in adaptable if is_targeted(config, p)]
+    not_sites = [name for name, _ in gm.named_modules() if name and name not in by_path and is_targeted(config, name)
+                 and not _is_adapter_state(name)]
+    if not_sites and not matched:
+        raise ValueError(
+            f"target_modules {config.target_modules!r} matched {not_sites[:5]}, which are not linear, Conv1D, "
+            "conv or embedding layers, so LoRA cannot adapt them. Target their linear sub-layers instead."
+        )
+    if not matched:
+        raise unmatched_target_error(config, list(adaptable))
+    for path in matched:
+        site = adaptable[path]
+        add_lora(gm.get_submodule(path), site, gm.get_parameter(site.weight), config, adapter)
+    return matched
+
+
+def _is_adapter_state(name: str) -> bool:
+    return any(part in name.split(".") for part in ("lora_A", "lora_B", "lora_dropout", "lora_scaling",
+                                                     "modules_to_save", "lora_embedding_A", "lora_embedding_B"))
+
+
+def _module_or_none(gm, path):
+    try:
+        module = gm.get_submodule(path)
+    except AttributeError:
+        return None
+    return module
+
+
+# ----------------------------------------------------------------------------- rewrite
+
+
+def _has_lora(site: Site, module: nn.Module) -> bool:
+    return bool(module._modules.get("lora_A") or module._modules.get("lora_embedding_A"))
+
+
+def _lora_delta(lw: Lowering, site: Site, module: nn.Module, adapter: str):
+    path = site.path
+    base_dtype = lw.root.get_parameter(site.weight).dtype
+    x = site.input
+    if site.kind == "embedding":
+        a_param = module.lora_embedding_A[adapter]
+        a = lw.call(aten.t.default, lw.attr(f"{path}.lora_embedding_A.{adapter}"))
+        b = lw.call(aten.t.default, lw.attr(f"{path}.lora_embedding_B.{adapter}"))
+        padding_idx = site.node.args[2] if len(site.node.args) > 2 else -1
+        hidden = lw.call(aten.embedding.default, a, x, padding_idx)
+        delta = lw.call(aten.matmul.default, hidden, b)
+        adapter_dtype = a_param.dtype
+    else:
+        adapter_dtype = module.lora_A[adapter].weight.dtype
+        x = lw.cast(x, adapter_dtype, base_dtype)
+        if not isinstance(module.lora_dropout[adapter], nn.Identity):
+            x = lw.call_module(f"{path}.lora_dropout.{adapter}", x)
+        a_weight = lw.attr(f"{path}.lora_A.{adapter}.weight")
+        b_weight = lw.attr(f"{path}.lora_B.{adapter}.weight")
+        if site.kind == "linear":
+            hidden = lw.call(aten.linear.default, x, a_weight)
+            delta = lw.call(aten.linear.default, hidden, b_weight)
+        else:
+            a_conv, b_conv = module.lora_A[adapter], module.lora_B[adapter]
+            op = {1: aten.conv1d, 2: aten.conv2d, 3: aten.conv3d}[a_conv.weight.dim() - 2]
+            a_op = op.padding if isinstance(a_conv.padding, str) else op.default
+            a_padding = a_conv.padding if isinstance(a_conv.padding, str) else list(a_conv.padding)
+            hidden = lw.call(a_op, x, a_weight, None, list(a_conv.stride), a_padding)
+            delta = lw.call(op.default, hidden, b_weight, None, list(b_conv.stride), [0] * len(b_conv.stride),
+                            [1] * len(b_conv.stride), b_conv.groups)
+    delta = lw.call(aten.mul.Tensor, delta, lw.attr(f"{path}.lora_scaling.{adapter}.value"))
+    return lw.cast(delta, base_dtype, adapter_dtype)
+
+
+def rewrite(lw: Lowering, site: Site):
+    module = lw.module(site.path)
+    adapters = module._modules.get("lora_A") or module._modules.get("lora_embedding_A")
+    output = site.output
+    for adapter in adapters.keys():
+        output = lw.call(aten.add.Tensor, output, _lora_delta(lw, site, module, adapter))
+    return output
+
+
+register_rule(site_rule("lora", _has_lora, rewrite, phase=50))
+register_method(Method(config_type=LoraConfig, attach=attach))

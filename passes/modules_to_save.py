@@ -1,0 +1,91 @@
+"""modules_to_save: a trainable copy of whole modules (classifier heads, embeddings).
+
+State: ``<path>.modules_to_save.<adapter>`` is a deep copy of the module at ``<path>``; the
+original keeps its keys and stays frozen. Rewrite (phase 10): every ``get_attr`` of a tensor
+under ``<path>`` reads the copy instead. Any config with a ``modules_to_save`` field gets this
+(called by the driver after the method's own attach); SEQ_CLS tasks add PEFT's head names
+("classifier", "score"; whichever exists).
+"""
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+from fxpeft.configs import SEQ_CLS_HEAD_NAMES
+from fxpeft.rewrite import Lowering, Rule, register_rule
+from fxpeft.targets import saved_module_paths
+
+
+def requested_names(config) -> list[str]:
+    names = list(getattr(config, "modules_to_save", None) or [])
+    if getattr(config, "task_type", None) == "SEQ_CLS":
+        names += [n for n in SEQ_CLS_HEAD_NAMES if n not in names]
+    return names
+
+
+def attach(gm, config, adapter: str) -> list[str]:
+    names = requested_names(config)
+    if not names:
+        return []
+    paths = [p for p in saved_module_paths(names, (n for n, _ in gm.named_modules()))
+             if "modules_to_save" not in p.split(".") and not _inside_adapter_state(p)]
+    explicit = list(getattr(config, "modules_to_save", None) or [])
+    missing = [n for n in explicit if not any(p.endswith(n) for p in paths) and n not in SEQ_CLS_HEAD_NAMES]
+    if missing:
+        raise ValueError(f"modules_to_save {missing} matched no module of the model; check the names.")
+    for path in paths:
+        module = gm.get_submodule(path)
+        holder = module._modules.get("modules_to_save")
+        if holder is None:
+            holder = nn.ModuleDict()
+        originals = {k: v for k, v in module._modules.items() if k != "modules_to_save"}
+        clone = copy.deepcopy(_without_children(module, originals))
+        for param in clone.parameters():
+            param.requires_grad_(not getattr(config, "inference_mode", False))
+        holder[adapter] = clone
+        module.add_module("modules_to_save", holder)
+    return paths
+
+
+def _without_children(module: nn.Module, keep: dict) -> nn.Module:
+    """The module as it was before adapters: its own tensors and original children only."""
+    shallow = copy.copy(module)
+    shallow._modules = dict(keep)
+    return shallow
+
+
+def _inside_adapter_state(path: str) -> bool:
+    parts = path.split(".")
+    return any(p.startswith("lora_") for p in parts)
+
+
+def _saved_prefixes(root: nn.Module) -> dict[str, str]:
+    """path -> the adapter whose copy is read (the first one stored)."""
+    found = {}
+    for path, module in root.named_modules():
+        holder = module._modules.get("modules_to_save")
+        if path and holder is not None and len(holder):
+            found[path] = next(iter(holder.keys()))
+    return found
+
+
+def match(lw: Lowering):
+    prefixes = _saved_prefixes(lw.root)
+    if not prefixes:
+        return
+    for node in lw.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        for path, adapter in prefixes.items():
+            if node.target.startswith(path + ".") and ".modules_to_save." not in node.target:
+                yield node, path, adapter
+                break
+
+
+def rewrite(lw: Lowering, candidate) -> None:
+    node, path, adapter = candidate
+    node.target = f"{path}.modules_to_save.{adapter}.{node.target[len(path) + 1:]}"
+
+
+register_rule(Rule(name="modules_to_save", match=match, rewrite=rewrite, phase=10))
