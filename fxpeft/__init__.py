@@ -45,8 +45,10 @@ def _restore_on_error(*modules: nn.Module):
 def _set_bias_trainable(gm: PeftGraphModule, config, adapted_paths: Sequence[str]) -> None:
     bias_mode = getattr(config, "bias", "none")
     if bias_mode == "all":
+        saved = [path + "." for path, m in gm.named_modules() if path and "modules_to_save" in m._modules]
         for name, param in gm.named_parameters():
-            if name.endswith(".bias") or name == "bias":
+            frozen_original = any(name.startswith(p) and ".modules_to_save." not in name for p in saved)
+            if name.rsplit(".", 1)[-1] == "bias" and not frozen_original:
                 param.requires_grad_(True)
     elif bias_mode == "lora_only":
         for path in adapted_paths:

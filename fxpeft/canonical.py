@@ -135,6 +135,7 @@ def _embedding_site(node, root):
 SITE_RULES: dict[Any, Callable] = {
     aten.linear.default: _linear_site,
     aten.addmm.default: _addmm_site,
+    torch.addmm: _addmm_site,  # transformers' Conv1D under symbolic_trace
     aten.conv1d.default: _conv_site,
     aten.conv2d.default: _conv_site,
     aten.conv3d.default: _conv_site,
@@ -282,12 +283,13 @@ def canonicalize(graph: torch.fx.Graph, owner: nn.Module, source: nn.Module, nam
     modules/constants it creates unique across the graphs of one result."""
     extras: dict[str, Any] = {}
     for node in list(graph.nodes):
+        if node.op == "call_function" and isinstance(node.target, HigherOrderOperator):
+            _inline_region(node, graph, owner, extras, namespace)
+    for node in list(graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
             graph.erase_node(node)
         elif node.op == "call_function" and node.target in _DROPPED_OPS:
             graph.erase_node(node)
-        elif node.op == "call_function" and isinstance(node.target, HigherOrderOperator):
-            _inline_region(node, graph, owner, extras, namespace)
 
     for node in list(graph.nodes):
         replacement = None
@@ -340,7 +342,9 @@ def canonicalize(graph: torch.fx.Graph, owner: nn.Module, source: nn.Module, nam
             local = f"{namespace}{node.target}".replace(".", "_")
             extras[local] = _resolve(owner, node.target)
             node.target = local
-    graph.eliminate_dead_code()
+    for node in reversed(list(graph.nodes)):  # attributes only the removed ops read
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
     graph.lint()
     return Canonical(graph=graph, extras=extras)
 

@@ -134,21 +134,30 @@ def export_call(model: nn.Module, kwargs: dict[str, Any], widen: bool = False) -
         ) from error
     owner = program.module()
     info = owner.graph._codegen.pytree_info
-    graph = owner.graph
+    graph = _detached(owner.graph)
     graph._codegen = torch.fx.graph.CodeGen()  # the dispatcher flattens / unflattens instead
     return Captured(graph=graph, owner=owner, in_spec=info.in_spec, out_spec=info.out_spec, example=kwargs)
 
 
 def symbolic_call(model: nn.Module) -> Captured:
     try:
-        traced = torch.fx.symbolic_trace(model)
+        with _tracing_state(model):
+            traced = torch.fx.symbolic_trace(model)
     except Exception as error:
         raise CaptureError(
             f"torch.fx.symbolic_trace failed on {type(model).__name__} ({type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else ''}). Pass example_inputs=(...) or dict(...) "
             "to fxpeft.transform so the model can be captured with torch.export instead."
         ) from error
-    return Captured(graph=traced.graph, owner=traced)
+    return Captured(graph=_detached(traced.graph), owner=traced)
+
+
+def _detached(graph: torch.fx.Graph) -> torch.fx.Graph:
+    """A copy owned by no module, so canonicalize may name modules the capture does not have."""
+    new = torch.fx.Graph()
+    new.output(new.graph_copy(graph, {}))
+    new._codegen = graph._codegen
+    return new
 
 
 def normalize_inputs(model: nn.Module, example_inputs) -> dict[str, Any]:
@@ -164,11 +173,13 @@ def normalize_inputs(model: nn.Module, example_inputs) -> dict[str, Any]:
 
 def capture(model: nn.Module, example_inputs=None) -> Captured:
     """The first capture of a model, by the strategy described in the module docstring."""
-    if example_inputs is not None:
-        return export_call(model, normalize_inputs(model, example_inputs))
-    if is_transformers_model(model):
-        return export_call(model, synthesize_inputs(model))
-    return symbolic_call(model)
+    if example_inputs is None and not is_transformers_model(model):
+        return symbolic_call(model)
+    kwargs = normalize_inputs(model, example_inputs) if example_inputs is not None else synthesize_inputs(model)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None and k != "use_cache"}
+    if "use_cache" in forward_arg_names(model):
+        kwargs["use_cache"] = False  # a KV cache in the output cannot be captured
+    return export_call(model, kwargs)
 
 
 def signature_key(kwargs: dict[str, Any]) -> tuple:

@@ -27,7 +27,7 @@ from . import capture as capture_mod
 from .canonical import canonicalize
 from .rewrite import lower
 
-# keyword arguments the captured graphs do not take: fxpeft graphs never return a KV cache
+# fxpeft graphs never return a KV cache: a caller's use_cache is replaced by use_cache=False
 IGNORED_KWARGS = frozenset({"use_cache"})
 
 
@@ -36,6 +36,7 @@ class Signature:
     canonical: torch.fx.Graph
     in_spec: Any = None
     out_spec: Any = None
+    example: Optional[dict] = None  # the inputs it was exported with, to capture it again after .to()
     graph: Optional[torch.fx.Graph] = None  # lowered
     fn: Optional[Callable] = None  # compiled lowered graph, called as fn(module, *flat_inputs)
 
@@ -87,8 +88,11 @@ class PeftGraphModule(GraphModule):
         self._non_persistent_buffers_set = tree._non_persistent_buffers_set
         self.__dict__["_fxpeft_signatures"] = signatures
         self.__dict__["_fxpeft_primary"] = primary_key
-        self.__dict__["_fxpeft_source"] = source  # tracing template for signatures seen later
+        # tracing template for signatures seen later: the original model's class over *our* module
+        # dicts, so it sees what .to() did to our parameters and buffers
+        self.__dict__["_fxpeft_source"] = source
         self.__dict__["_fxpeft_arg_names"] = list(arg_names)
+        self.__dict__["_fxpeft_no_cache"] = "use_cache" in arg_names and primary_key is not None
         self.__dict__["peft_config"] = {}
         self.__dict__["_fxpeft_active"] = []
         self.train(tree.training)
@@ -111,19 +115,39 @@ class PeftGraphModule(GraphModule):
         type(self).forward = PeftGraphModule._dispatch  # the generated code serves self.code / print only
         return python_code
 
-    def _capture_signature(self, kwargs: dict, key) -> Signature:
+    def _capture_signature(self, kwargs: dict, key, index: Optional[int] = None, widen: bool = True) -> Signature:
         source = self._fxpeft_source
-        captured = capture_mod.export_call(source, kwargs, widen=True)
-        namespace = f"_fxpeft_s{len(self._fxpeft_signatures)}_"
-        canonical = canonicalize(captured.graph, captured.owner, source, namespace)
+        captured = capture_mod.export_call(source, kwargs, widen=widen)
+        index = len(self._fxpeft_signatures) if index is None else index
+        canonical = canonicalize(captured.graph, captured.owner, source, f"_fxpeft_s{index}_")
         register_extras(self, canonical.extras)
         for module in canonical.extras.values():
             if isinstance(module, nn.Module):
                 module.train(self.training)
-        signature = Signature(canonical.graph, captured.in_spec, captured.out_spec)
+        signature = Signature(canonical.graph, captured.in_spec, captured.out_spec, captured.example)
         self._lower_signature(signature)
         self._fxpeft_signatures[key] = signature
         return signature
+
+    def _apply(self, fn, recurse=True):
+        """``.to()/.half()/.cuda()``: export baked dtypes and devices into the graphs, so a change
+        of either captures every signature again (from the same module tree, now converted)."""
+        before = self._placement()
+        result = super()._apply(fn, recurse)
+        if self._fxpeft_primary is not None and self._placement() != before:
+            device, dtype = self._placement()
+            for index, (key, signature) in enumerate(list(self._fxpeft_signatures.items())):
+                example = {k: _convert(v, device, dtype) for k, v in signature.example.items()}
+                self._capture_signature(example, key, index=index, widen=False)
+            self.graph = self._fxpeft_signatures[self._fxpeft_primary].graph
+        return result
+
+    def _placement(self):
+        floating = [t for t in self.state_dict(keep_vars=True).values() if t.is_floating_point()]
+        devices = {t.device for t in floating}
+        dtypes = {t.dtype for t in floating}
+        return (next(iter(devices)) if len(devices) == 1 else tuple(sorted(map(str, devices))),
+                next(iter(dtypes)) if len(dtypes) == 1 else tuple(sorted(map(str, dtypes))))
 
     def _dispatch(self, *args, **kwargs):
         signatures = self._fxpeft_signatures
@@ -134,6 +158,8 @@ class PeftGraphModule(GraphModule):
                 raise TypeError(f"forward() got multiple values for argument {name!r}")
             kwargs[name] = value
         kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in IGNORED_KWARGS}
+        if self._fxpeft_no_cache:
+            kwargs["use_cache"] = False
         key = capture_mod.signature_key(kwargs)
         signature = signatures.get(key)
         if signature is None:
@@ -146,7 +172,6 @@ class PeftGraphModule(GraphModule):
     # ------------------------------------------------------------------ copying
 
     def __deepcopy__(self, memo):
-        memo[id(self._fxpeft_source)] = self._fxpeft_source  # shared tracing template, never mutated
         result = type(self).__new__(type(self))
         memo[id(self)] = result
         state = {k: v for k, v in self.__dict__.items() if k not in ("_graph", "_fxpeft_signatures")}
@@ -181,5 +206,14 @@ def build(model: nn.Module, example_inputs=None) -> PeftGraphModule:
             extra.train(model.training)
     key = None if captured.example is None else capture_mod.signature_key(captured.example)
     arg_names = capture_mod.forward_arg_names(model)
-    signature = Signature(canonical.graph, captured.in_spec, captured.out_spec)
-    return PeftGraphModule(tree, {key: signature}, key, model, arg_names)
+    signature = Signature(canonical.graph, captured.in_spec, captured.out_spec, captured.example)
+    return PeftGraphModule(tree, {key: signature}, key, tree, arg_names)
+
+
+def _convert(value, device, dtype):
+    if not isinstance(value, torch.Tensor):
+        return value
+    value = value.to(device) if isinstance(device, torch.device) else value
+    if value.is_floating_point() and isinstance(dtype, torch.dtype):
+        value = value.to(dtype)
+    return value

@@ -1,0 +1,37 @@
+"""Helpers that use the real PEFT package as the oracle (test-only dependency)."""
+from __future__ import annotations
+
+import copy
+
+import peft
+import torch
+
+
+def peft_model(model, **lora_kwargs):
+    """PEFT's LoRA model on a deep copy of ``model``."""
+    return peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**lora_kwargs))
+
+
+def copy_adapter_weights(peft_wrapped, gm, adapter: str = "default") -> int:
+    """Copy PEFT's adapter tensors into the fxpeft module (same relative keys). Returns how many."""
+    ours = dict(gm.named_parameters())
+    copied = 0
+    for key, value in peft_wrapped.named_parameters():
+        if not value.requires_grad:
+            continue
+        name = key.removeprefix("base_model.model.")
+        assert name in ours, f"PEFT parameter {key} has no fxpeft counterpart {name}"
+        with torch.no_grad():
+            ours[name].copy_(value)
+        copied += 1
+    return copied
+
+
+def adapted_paths(peft_wrapped) -> set[str]:
+    from peft.tuners.lora import LoraLayer
+    return {name.removeprefix("base_model.model.") for name, m in peft_wrapped.named_modules()
+            if isinstance(m, LoraLayer)}
+
+
+def fx_adapted_paths(gm) -> set[str]:
+    return {name for name, m in gm.named_modules() if "lora_A" in m._modules or "lora_embedding_A" in m._modules}
