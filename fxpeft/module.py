@@ -163,6 +163,12 @@ class PeftGraphModule(GraphModule):
         key = capture_mod.signature_key(kwargs)
         signature = signatures.get(key)
         if signature is None:
+            if torch.compiler.is_compiling():
+                raise RuntimeError(
+                    f"This module has no graph yet for a call with {list(key)}; torch.compile cannot capture one. "
+                    "Call the module once without torch.compile with these arguments (or pass them as "
+                    "example_inputs to fxpeft.transform), then compile."
+                )
             signature = self._capture_signature(kwargs, key)
         flat = signature.fn(self, *capture_mod.flatten_call(kwargs, signature.in_spec))
         return capture_mod.unflatten_output(list(flat), signature.out_spec)

@@ -35,6 +35,11 @@ class Lowering:
         self.graph = graph
         self.root = root
         self.sites = find_sites(graph, root)
+        self.tag: dict[str, str] = {}  # stamped on every inserted node's meta (for inspection)
+
+    def _tagged(self, node: torch.fx.Node) -> torch.fx.Node:
+        node.meta.update(self.tag)
+        return node
 
     def module(self, path: str) -> Optional[nn.Module]:
         try:
@@ -44,13 +49,13 @@ class Lowering:
 
     # builders: every rewrite inserts through these, right after the site's current output
     def attr(self, fqn: str) -> torch.fx.Node:
-        return self.graph.get_attr(fqn)
+        return self._tagged(self.graph.get_attr(fqn))
 
     def call(self, op, *args, **kwargs) -> torch.fx.Node:
-        return self.graph.call_function(op, args, kwargs)
+        return self._tagged(self.graph.call_function(op, args, kwargs))
 
     def call_module(self, fqn: str, *args) -> torch.fx.Node:
-        return self.graph.call_module(fqn, args)
+        return self._tagged(self.graph.call_module(fqn, args))
 
     def cast(self, node: torch.fx.Node, dtype: torch.dtype, from_dtype: torch.dtype) -> torch.fx.Node:
         return node if dtype == from_dtype else self.call(aten._to_copy.default, node, dtype=dtype)
@@ -139,7 +144,9 @@ def lower(canonical: torch.fx.Graph, root: nn.Module) -> torch.fx.Graph:
     lowering = Lowering(graph, root)
     for rule in RULES:
         for candidate in list(rule.match(lowering)):
+            lowering.tag = {"fxpeft_rule": rule.name}
             if rule.on_sites:
+                lowering.tag["fxpeft_site"] = candidate.path
                 _apply_site_rewrite(lowering, rule, candidate)
             else:
                 rule.rewrite(lowering, candidate)

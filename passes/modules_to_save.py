@@ -85,6 +85,7 @@ def match(lw: Lowering):
 
 def rewrite(lw: Lowering, candidate) -> None:
     node, path, adapter = candidate
+    node.meta.update(lw.tag)
     node.target = f"{path}.modules_to_save.{adapter}.{node.target[len(path) + 1:]}"
 
 
