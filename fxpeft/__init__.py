@@ -17,12 +17,17 @@ from .capture import CaptureError
 from .configs import LoraConfig, PeftConfigBase, TaskType
 from .module import PeftGraphModule, build
 from .rewrite import method_for
+from . import checkpoint as _checkpoint
+from .inspection import Report, inspect
+from .merging import export_merged, merge_adapter, merge_and_unload, unload, unmerge_adapter
 
 from . import passes as _passes  # noqa: E402,F401  (the top-level passes/ folder; registers every pass)
 from .passes import modules_to_save as _modules_to_save  # noqa: E402
 
 __all__ = [
-    "transform", "add_adapter", "trainable_parameters", "print_trainable_parameters",
+    "transform", "add_adapter", "load_adapter", "from_pretrained", "save_pretrained",
+    "merge_adapter", "unmerge_adapter", "merge_and_unload", "unload", "export_merged", "inspect", "Report",
+    "trainable_parameters", "print_trainable_parameters",
     "LoraConfig", "TaskType", "PeftGraphModule", "CaptureError", "find_sites", "Site",
 ]
 
@@ -155,3 +160,42 @@ def trainable_parameters(gm: nn.Module) -> tuple[int, int]:
 def print_trainable_parameters(gm: nn.Module) -> None:
     trainable, total = trainable_parameters(gm)
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+
+def save_pretrained(gm: PeftGraphModule, directory: str, adapter_names=None, safe_serialization: bool = True) -> None:
+    """Write PEFT's checkpoint layout: "default" at ``directory``, other adapters in subfolders."""
+    _require_transformed(gm)
+    names = list(gm.peft_config) if adapter_names is None else list(adapter_names)
+    unknown = [n for n in names if n not in gm.peft_config]
+    if unknown:
+        raise KeyError(f"Unknown adapter(s) {unknown}; existing adapters: {sorted(gm.peft_config)}.")
+    for name in names:
+        _checkpoint.save_adapter(gm, _checkpoint.adapter_dir(directory, name), name, safe_serialization)
+
+
+def _device_of(module: nn.Module):
+    return next(module.parameters()).device
+
+
+def from_pretrained(model: nn.Module, directory: str, adapter_name: str = "default", is_trainable: bool = False,
+                    example_inputs=None) -> PeftGraphModule:
+    """Transform ``model`` with the adapter stored in ``directory`` (written by PEFT or fxpeft)."""
+    config = _checkpoint.load_config(directory)
+    weights = _checkpoint.load_weights(directory, _device_of(model))
+    config.inference_mode = not is_trainable
+    with _restore_on_error(model):
+        gm = transform(model, config, example_inputs=example_inputs, adapter_name=adapter_name)
+        _checkpoint.check_and_copy(gm, adapter_name, weights)
+    return gm
+
+
+def load_adapter(gm: PeftGraphModule, directory: str, adapter_name: str, is_trainable: bool = False) -> None:
+    """Add the adapter stored in ``directory`` to a transformed module under ``adapter_name``."""
+    _require_transformed(gm)
+    config = _checkpoint.load_config(directory)
+    weights = _checkpoint.load_weights(directory, _device_of(gm))
+    config.inference_mode = not is_trainable
+    with _transaction(gm):
+        _attach(gm, config, adapter_name)
+        _checkpoint.check_and_copy(gm, adapter_name, weights)
+        gm.relower()

@@ -96,10 +96,21 @@ def register_rule(rule: Rule) -> Rule:
 
 @dataclass(frozen=True)
 class Method:
-    """How one config type attaches adapter state to a transformed module."""
+    """How one config type attaches, describes and folds adapter state on a transformed module.
+
+    ``containers`` are the child-module names holding per-adapter state beside an adapted
+    module (``lora_A`` …): checkpoints drop the adapter name after them, deletion removes the
+    adapter's entry from them. ``adapters_at(module)`` lists the adapters on a module;
+    ``gate(module, adapter)`` is its :class:`AdapterScale`-like switch (``active``, ``merged``,
+    ``refresh()``); ``delta_weight(gm, site, module, adapter)`` is what merging adds to the weight.
+    """
 
     config_type: type
     attach: Callable[..., list[str]]  # (gm, sites, config, adapter_name) -> adapted paths
+    containers: tuple[str, ...] = ()
+    adapters_at: Optional[Callable] = None
+    gate: Optional[Callable] = None
+    delta_weight: Optional[Callable] = None
 
 
 METHODS: dict[type, Method] = {}

@@ -24,15 +24,25 @@ aten = torch.ops.aten
 
 
 class AdapterScale(nn.Module):
-    """A scalar the graph reads as data: the adapter's scaling while active, 0 while not."""
+    """A scalar the graph reads as data: the adapter's scaling while it acts, else 0.
+
+    It does not act while inactive or while merged into the base weight. Changing it never
+    changes the graph, so a compiled module does not recompile.
+    """
 
     def __init__(self, scale: float):
         super().__init__()
         self.scale = float(scale)
+        self.active = True
+        self.merged = False
         self.register_buffer("value", torch.tensor(self.scale), persistent=False)
 
+    def refresh(self) -> None:
+        with torch.no_grad():
+            self.value.fill_(self.scale if self.active and not self.merged else 0.0)
+
     def extra_repr(self) -> str:
-        return f"scale={self.scale}"
+        return f"scale={self.scale}, active={self.active}, merged={self.merged}"
 
 
 def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -227,5 +237,35 @@ def rewrite(lw: Lowering, site: Site):
     return output
 
 
+# ----------------------------------------------------------------------------- folding
+
+
+def delta_weight(gm, site: Site, module: nn.Module, adapter: str) -> torch.Tensor:
+    """s * B A in the layout of the site's weight (what merging adds to it)."""
+    scale = module.lora_scaling[adapter].scale
+    if site.kind == "embedding":
+        a, b = module.lora_embedding_A[adapter], module.lora_embedding_B[adapter]
+        return (b @ a).T * scale
+    a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+    if site.kind == "linear":
+        delta = b @ a
+        return (delta.T if site.fan_in_fan_out else delta) * scale
+    if module.lora_B[adapter].groups != 1:
+        raise NotImplementedError(f"Merging LoRA into the grouped convolution {site.path} is not supported.")
+    conv = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d, 5: torch.nn.functional.conv3d}[a.dim()]
+    return conv(a.transpose(0, 1), b).transpose(0, 1) * scale
+
+
+def adapters_at(module: nn.Module) -> list[str]:
+    scales = module._modules.get("lora_scaling")
+    return list(scales.keys()) if scales is not None else []
+
+
+def gate(module: nn.Module, adapter: str) -> AdapterScale:
+    return module.lora_scaling[adapter]
+
+
 register_rule(site_rule("lora", _has_lora, rewrite, phase=50))
-register_method(Method(config_type=LoraConfig, attach=attach))
+register_method(Method(config_type=LoraConfig, attach=attach, containers=("lora_A", "lora_B", "lora_embedding_A",
+                                                                         "lora_embedding_B", "lora_dropout", "lora_scaling"),
+                       adapters_at=adapters_at, gate=gate, delta_weight=delta_weight))

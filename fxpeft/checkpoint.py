@@ -1,0 +1,223 @@
+"""PEFT's checkpoint format: ``adapter_config.json`` + ``adapter_model.safetensors`` (or ``.bin``).
+
+Keys are ``base_model.model.<module path>.<container>.<tensor>`` with the adapter name removed
+(``...q_proj.lora_A.weight``); a modules_to_save copy is stored under the original module's
+keys; trained biases under ``<path>.base_layer.bias`` when the module carries an adapter.
+Adapters other than "default" live in a subfolder named after them.
+
+Because fxpeft keeps PEFT's parameter names beside unchanged base keys, the conversion is a
+rename computed from the module itself (:func:`adapter_key_map`), used both ways.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from typing import Any, Optional
+
+import torch
+
+from .configs import LoraConfig
+from .rewrite import method_for
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+
+CONFIG_TYPES = {"LORA": LoraConfig}
+
+# PEFT options we know and do not implement: loading a config that sets one fails, naming it.
+UNSUPPORTED_OPTIONS = (
+    "use_dora", "lora_bias", "layer_replication", "megatron_config", "use_qalora", "trainable_token_indices",
+    "alora_invocation_tokens", "arrow_config", "target_parameters", "use_bdlora", "kasa_config", "lora_ga_config",
+    "monteclora_config", "velora_config", "corda_config", "eva_config", "loftq_config",
+)
+# PEFT bookkeeping with no effect on the computation.
+IGNORED_FIELDS = ("peft_version", "auto_mapping", "megatron_core", "qalora_group_size", "ensure_weight_tying",
+                  "peft_type")
+
+
+# --------------------------------------------------------------------------- key mapping
+
+
+def _adapted_paths(gm) -> set[str]:
+    paths = set()
+    for path, module in gm.named_modules():
+        for config in gm.peft_config.values():
+            method = method_for(config)
+            if method.adapters_at and method.adapters_at(module):
+                paths.add(path)
+    return paths
+
+
+def adapter_key_map(gm, adapter: str) -> dict[str, str]:
+    """PEFT checkpoint key -> fxpeft state_dict name, for one adapter."""
+    config = gm.peft_config[adapter]
+    containers = set(method_for(config).containers)
+    mapping: dict[str, str] = {}
+    saved_roots = []
+    for name in gm.state_dict(keep_vars=True):
+        parts = name.split(".")
+        for i in range(len(parts) - 1):
+            if parts[i + 1] != adapter:
+                continue
+            if parts[i] in containers:
+                mapping[PREFIX + ".".join(parts[: i + 1] + parts[i + 2:])] = name
+            elif parts[i] == "modules_to_save":
+                mapping[PREFIX + ".".join(parts[:i] + parts[i + 2:])] = name
+                saved_roots.append(".".join(parts[:i]) + ".")
+            else:
+                continue
+            break
+    bias_mode = getattr(config, "bias", "none")
+    if bias_mode != "none":
+        adapted_here = {p for p, m in gm.named_modules() if adapter in (method_for(config).adapters_at(m) or [])}
+        wrapped = _adapted_paths(gm)
+        for name in gm.state_dict(keep_vars=True):
+            path, _, leaf = name.rpartition(".")
+            if leaf != "bias" or any(name.startswith(root) for root in saved_roots) or name in mapping.values():
+                continue
+            if any(f".{c}." in f".{name}" for c in containers) or ".modules_to_save." in name:
+                continue
+            if bias_mode == "lora_only" and path not in adapted_here:
+                continue
+            key = f"{path}.base_layer.bias" if path in wrapped else name
+            mapping[PREFIX + key] = name
+    return mapping
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _config_dict(config) -> dict[str, Any]:
+    data = config.to_dict()
+    data["inference_mode"] = True
+    return data
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors sharing storage: give later ones their own."""
+    seen, out = set(), {}
+    for key, tensor in tensors.items():
+        tensor = tensor.detach()
+        ptr = (tensor.untyped_storage().data_ptr(), tensor.device)
+        out[key] = tensor.clone().contiguous() if ptr in seen else tensor.contiguous()
+        seen.add(ptr)
+    return out
+
+
+def atomic_write(directory: str, writers: dict[str, Any]) -> None:
+    """Write every file into a temporary folder beside the target, then move each into place
+    (the config last, so a directory with a config always has its weights)."""
+    os.makedirs(directory, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".fxpeft-tmp-", dir=directory)
+    try:
+        for filename, write in writers.items():
+            write(os.path.join(staging, filename))
+        for filename in sorted(writers, key=lambda f: f == CONFIG_NAME):
+            os.replace(os.path.join(staging, filename), os.path.join(directory, filename))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_adapter(gm, directory: str, adapter: str, safe_serialization: bool = True) -> None:
+    from safetensors.torch import save_file
+
+    state = gm.state_dict(keep_vars=True)
+    tensors = _unshared({key: state[name] for key, name in adapter_key_map(gm, adapter).items()})
+    config = _config_dict(gm.peft_config[adapter])
+
+    def write_config(path):
+        with open(path, "w") as handle:
+            json.dump(config, handle, indent=2, sort_keys=True)
+
+    if safe_serialization:
+        writers = {SAFETENSORS_NAME: lambda path: save_file(tensors, path, metadata={"format": "pt"})}
+    else:
+        writers = {BIN_NAME: lambda path: torch.save(tensors, path)}
+    writers[CONFIG_NAME] = write_config
+    atomic_write(directory, writers)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def adapter_dir(directory: str, adapter: str) -> str:
+    return directory if adapter == "default" else os.path.join(directory, adapter)
+
+
+def load_config(directory: str):
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"Adapter directory {directory!r} does not exist.")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No {CONFIG_NAME} in {directory!r}: not an adapter checkpoint.")
+    try:
+        with open(path) as handle:
+            data = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); the checkpoint is corrupted.") from error
+    peft_type = data.get("peft_type")
+    if peft_type not in CONFIG_TYPES:
+        raise NotImplementedError(
+            f"{path}: peft_type {peft_type!r} is not supported by fxpeft (supported: {sorted(CONFIG_TYPES)})."
+        )
+    config_type = CONFIG_TYPES[peft_type]
+    fields = {f.name for f in dataclasses.fields(config_type)}
+    unsupported = [k for k in UNSUPPORTED_OPTIONS if data.get(k) not in (None, False, {}, [], "")]
+    init = data.get("init_lora_weights", True)
+    if init not in (True, False, "gaussian"):
+        unsupported.append(f"init_lora_weights={init!r}")
+    if unsupported:
+        raise NotImplementedError(f"{path} uses PEFT options fxpeft does not implement: {', '.join(unsupported)}.")
+    unknown = sorted(k for k in data if k not in fields and k not in UNSUPPORTED_OPTIONS and k not in IGNORED_FIELDS)
+    if unknown:
+        warnings.warn(f"{path}: ignoring fields unknown to fxpeft: {', '.join(unknown)}", stacklevel=3)
+    return config_type(**{k: v for k, v in data.items() if k in fields})
+
+
+def load_weights(directory: str, device: Optional[torch.device] = None) -> dict[str, torch.Tensor]:
+    safetensors_path = os.path.join(directory, SAFETENSORS_NAME)
+    bin_path = os.path.join(directory, BIN_NAME)
+    if os.path.isfile(safetensors_path):
+        from safetensors.torch import load_file
+        try:
+            return load_file(safetensors_path, device=str(device or "cpu"))
+        except Exception as error:
+            raise ValueError(f"Could not read {safetensors_path}: {error}. The file is corrupted or truncated.") from error
+    if os.path.isfile(bin_path):
+        try:
+            return torch.load(bin_path, map_location=device or "cpu", weights_only=True)
+        except Exception as error:
+            raise ValueError(f"Could not read {bin_path}: {error}. The file is corrupted or truncated.") from error
+    raise FileNotFoundError(f"No {SAFETENSORS_NAME} or {BIN_NAME} in {directory!r}.")
+
+
+def check_and_copy(gm, adapter: str, weights: dict[str, torch.Tensor]) -> None:
+    """Copy a checkpoint's tensors into the adapter's parameters; all checks happen first,
+    so a failure changes nothing."""
+    mapping = adapter_key_map(gm, adapter)
+    state = gm.state_dict(keep_vars=True)
+    unexpected = sorted(set(weights) - set(mapping))
+    missing = sorted(set(mapping) - set(weights))
+    if unexpected or missing:
+        raise ValueError(
+            f"Checkpoint does not fit adapter {adapter!r}: "
+            + (f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}; " if unexpected else "")
+            + (f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}; " if missing else "")
+            + "was it saved for another model or config?"
+        )
+    for key, value in weights.items():
+        target = state[mapping[key]]
+        if tuple(value.shape) != tuple(target.shape):
+            raise ValueError(
+                f"Checkpoint tensor {key!r} has shape {tuple(value.shape)} but the model expects "
+                f"{tuple(target.shape)} for {mapping[key]!r}; the checkpoint is for another model or rank."
+            )
+    with torch.no_grad():
+        for key, value in weights.items():
+            state[mapping[key]].copy_(value)

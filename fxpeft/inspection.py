@@ -1,0 +1,103 @@
+"""What a pass did to a graph: a per-site table, Graphviz DOT, networkx, and a before/after diff.
+
+Every node a rule inserts carries ``meta["fxpeft_rule"]`` (and ``meta["fxpeft_site"]`` for site
+rules), stamped by the driver, so the report reads the graph itself rather than bookkeeping.
+"""
+from __future__ import annotations
+
+import difflib
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch.fx
+
+
+@dataclass
+class SiteRow:
+    path: str
+    method: str
+    adapters: list
+    shape: str
+    trainable: int
+
+
+class Report:
+    def __init__(self, gm):
+        self.gm = gm
+        self.graph = gm.graph
+        self.canonical = gm._fxpeft_signatures[gm._fxpeft_primary].canonical
+        self.rows = self._rows()
+
+    def _rows(self) -> list[SiteRow]:
+        by_site = defaultdict(set)
+        for node in self.graph.nodes:
+            site = node.meta.get("fxpeft_site") or (node.target.split(".modules_to_save.")[0]
+                                                    if node.meta.get("fxpeft_rule") == "modules_to_save" else None)
+            if site:
+                by_site[(site, node.meta["fxpeft_rule"])].add(node)
+        rows = []
+        for (path, rule), _ in sorted(by_site.items()):
+            module = self.gm.get_submodule(path)
+            adapters, shapes, trainable = [], [], 0
+            for child_name, child in module.named_children():
+                if child_name in ("lora_A", "lora_embedding_A", "modules_to_save"):
+                    adapters += list(child.keys())
+            for name, param in module.named_parameters():
+                if any(part in name.split(".") for part in ("lora_A", "lora_B", "lora_embedding_A",
+                                                            "lora_embedding_B", "modules_to_save")):
+                    trainable += param.numel() if param.requires_grad else 0
+                    if "lora_A" in name or "lora_embedding_A" in name:
+                        shapes.append(f"r={param.shape[0]}")
+            weight = getattr(module, "weight", None)
+            shape = "x".join(map(str, weight.shape)) if weight is not None else "-"
+            rows.append(SiteRow(path, rule, sorted(set(adapters)), f"{shape} {' '.join(sorted(set(shapes)))}".strip(),
+                                trainable))
+        return rows
+
+    def __str__(self) -> str:
+        header = ("module", "method", "adapters", "weight / rank", "trainable")
+        table = [header] + [(r.path, r.method, ",".join(r.adapters), r.shape, f"{r.trainable:,d}") for r in self.rows]
+        widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in table]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        inserted = sum(1 for n in self.graph.nodes if "fxpeft_rule" in n.meta)
+        trainable = sum(p.numel() for p in self.gm.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.gm.parameters())
+        lines.append(f"{len(self.rows)} rewritten sites, {inserted} inserted nodes, "
+                     f"{trainable:,d} trainable of {total:,d} parameters")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+    def to_networkx(self):
+        import networkx as nx
+
+        graph = nx.DiGraph()
+        for node in self.graph.nodes:
+            graph.add_node(node.name, op=node.op, target=str(node.target), inserted="fxpeft_rule" in node.meta,
+                           rule=node.meta.get("fxpeft_rule"), site=node.meta.get("fxpeft_site"))
+            for source in node.all_input_nodes:
+                graph.add_edge(source.name, node.name)
+        return graph
+
+    def to_dot(self) -> str:
+        lines = ["digraph fxpeft {", "  node [shape=box, fontname=monospace, fontsize=10];"]
+        for node in self.graph.nodes:
+            label = f"{node.name}\\n{node.op}: {str(node.target)[:60]}".replace('"', "'")
+            style = ', style=filled, fillcolor="#ffd580"' if "fxpeft_rule" in node.meta else ""
+            lines.append(f'  "{node.name}" [label="{label}"{style}];')
+        for node in self.graph.nodes:
+            for source in node.all_input_nodes:
+                lines.append(f'  "{source.name}" -> "{node.name}";')
+        lines.append("}")
+        return "\n".join(lines)
+
+    def diff(self, context: int = 1) -> str:
+        """Unified diff of the generated code: the canonical graph before the passes, after them."""
+        before = self.canonical.python_code("self").src.splitlines()
+        after = self.graph.python_code("self").src.splitlines()
+        return "\n".join(difflib.unified_diff(before, after, "canonical", "rewritten", n=context, lineterm=""))
+
+
+def inspect(gm) -> Report:
+    return Report(gm)

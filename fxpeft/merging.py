@@ -1,0 +1,170 @@
+"""Folding adapters into base weights, and the merged / unloaded base graph.
+
+Merging adds each adapter's ``delta_weight`` to the base weight and switches the adapter's
+gate off (its nodes stay in the graph but contribute 0: nothing recompiles). Unmerging
+subtracts it again. ``merge_and_unload`` / ``unload`` build a new module over the same
+canonical graphs with no adapter state, so its graph is the base graph and its state_dict has
+exactly the base model's keys.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from .canonical import find_sites
+from .module import PeftGraphModule, Signature, clone_tree
+from .rewrite import method_for
+
+ADAPTER_CHILDREN = ("modules_to_save",)
+
+
+def _sites_by_path(gm):
+    canonical = gm._fxpeft_signatures[gm._fxpeft_primary].canonical
+    return {site.path: site for site in reversed(find_sites(canonical, gm))}
+
+
+def _adapter_states(gm, adapter_names: Iterable[str]):
+    """(site, module, method, adapter) for every adapted site of the named adapters."""
+    sites = _sites_by_path(gm)
+    for name in adapter_names:
+        method = method_for(gm.peft_config[name])
+        for path, module in gm.named_modules():
+            if method.adapters_at and name in method.adapters_at(module):
+                yield sites[path], module, method, name
+
+
+def _check_names(gm, names) -> list[str]:
+    names = list(gm._fxpeft_active if names is None else ([names] if isinstance(names, str) else names))
+    unknown = [n for n in names if n not in gm.peft_config]
+    if unknown:
+        raise KeyError(f"Unknown adapter(s) {unknown}; existing adapters: {sorted(gm.peft_config)}.")
+    return names
+
+
+def merge_adapter(gm: PeftGraphModule, adapter_names=None, safe_merge: bool = False) -> None:
+    names = _check_names(gm, adapter_names)
+    updates = []  # (weight, delta, gate) computed before any weight changes
+    for site, module, method, name in _adapter_states(gm, names):
+        gate = method.gate(module, name)
+        if gate.merged:
+            continue
+        weight = gm.get_parameter(site.weight)
+        delta = method.delta_weight(gm, site, module, name).to(weight.dtype)
+        if safe_merge and not torch.isfinite(weight + delta).all():
+            raise ValueError(
+                f"NaNs or infs found while merging adapter {name!r} into {site.path}; the adapter seems "
+                "broken. No weight was changed."
+            )
+        updates.append((weight, delta, gate))
+    with torch.no_grad():
+        for weight, delta, gate in updates:
+            weight.add_(delta)
+            gate.merged = True
+            gate.refresh()
+
+
+def unmerge_adapter(gm: PeftGraphModule) -> None:
+    updates = []
+    for site, module, method, name in _adapter_states(gm, list(gm.peft_config)):
+        gate = method.gate(module, name)
+        if gate.merged:
+            weight = gm.get_parameter(site.weight)
+            updates.append((weight, method.delta_weight(gm, site, module, name).to(weight.dtype), gate))
+    with torch.no_grad():
+        for weight, delta, gate in updates:
+            weight.sub_(delta)
+            gate.merged = False
+            gate.refresh()
+
+
+def merged_adapters(gm) -> list[str]:
+    found = []
+    for _, module, method, name in _adapter_states(gm, list(gm.peft_config)):
+        if method.gate(module, name).merged and name not in found:
+            found.append(name)
+    return found
+
+
+def _base_module(gm: PeftGraphModule, merged_weights: dict[str, torch.Tensor], use_saved_copies: bool) -> PeftGraphModule:
+    """A new module over ``gm``'s canonical graphs with every adapter removed."""
+    tree = clone_tree(gm._fxpeft_source)  # the model's own class over gm's modules, re-created
+    containers = {c for config in gm.peft_config.values() for c in method_for(config).containers}
+    active = set(gm._fxpeft_active)
+    for path, module in list(tree.named_modules()):
+        saved = module._modules.get("modules_to_save")
+        if saved is not None and use_saved_copies:
+            chosen = next((n for n in saved.keys() if n in active), None)
+            if chosen is not None:
+                for name, tensor in saved[chosen].named_parameters(recurse=False):
+                    module._parameters[name] = tensor
+        for child in list(module._modules):
+            if child in containers or child in ADAPTER_CHILDREN:
+                del module._modules[child]
+    for fqn, tensor in merged_weights.items():
+        owner_path, _, name = fqn.rpartition(".")
+        tree.get_submodule(owner_path)._parameters[name] = nn.Parameter(tensor, requires_grad=False)
+    signatures = {key: Signature(sig.canonical, sig.in_spec, sig.out_spec, sig.example)
+                  for key, sig in gm._fxpeft_signatures.items()}
+    result = PeftGraphModule(tree, signatures, gm._fxpeft_primary, tree, gm._fxpeft_arg_names)
+    result.train(gm.training)
+    return result
+
+
+def merged_weights(gm, adapter_names=None) -> dict[str, torch.Tensor]:
+    """New tensors W + sum of deltas for every site touched by the (active) adapters."""
+    names = _check_names(gm, adapter_names)
+    totals: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for site, module, method, name in _adapter_states(gm, names):
+            if method.gate(module, name).merged:
+                continue
+            weight = gm.get_parameter(site.weight)
+            base = totals.get(site.weight, weight.detach())
+            totals[site.weight] = base + method.delta_weight(gm, site, module, name).to(weight.dtype)
+    return totals
+
+
+def merge_and_unload(gm: PeftGraphModule, adapter_names=None, safe_merge: bool = False) -> PeftGraphModule:
+    """Fold the active adapters into the base weights (in place, as PEFT does) and return the
+    base graph over them: no adapter nodes, exactly the base model's state_dict keys."""
+    merge_adapter(gm, adapter_names, safe_merge=safe_merge)
+    return _base_module(gm, {}, use_saved_copies=True)
+
+
+def unload(gm: PeftGraphModule) -> PeftGraphModule:
+    """The base model's graph and weights, adapters dropped without merging."""
+    if merged_adapters(gm):
+        unmerge_adapter(gm)
+    return _base_module(gm, {}, use_saved_copies=False)
+
+
+def export_merged(gm: PeftGraphModule, directory: str, example_inputs=None) -> dict[str, str]:
+    """Write ``model.safetensors`` (base keys, loadable strict into the original class) and
+    ``model.pt2`` (torch.export of the merged graph, dynamic batch/sequence dims) without
+    changing ``gm``."""
+    from safetensors.torch import save_file
+
+    from . import capture as capture_mod
+    from .checkpoint import _unshared, atomic_write
+
+    merged = _base_module(gm, merged_weights(gm), use_saved_copies=True).eval()
+    if example_inputs is None:
+        primary = gm._fxpeft_signatures[gm._fxpeft_primary]
+        if primary.example is None:
+            raise ValueError("This module was captured by symbolic_trace: pass example_inputs to export_merged.")
+        example_inputs = primary.example
+    kwargs = capture_mod.normalize_inputs(gm._fxpeft_source, example_inputs) if not isinstance(example_inputs, dict) \
+        else dict(example_inputs)
+    dynamic = {k: ({d: torch.export.Dim.AUTO for d in range(v.ndim)} if isinstance(v, torch.Tensor) else None)
+               for k, v in kwargs.items()}
+    with torch.fx.experimental._config.patch(use_duck_shape=False):
+        program = torch.export.export(merged, (), kwargs, dynamic_shapes=dynamic, strict=False)
+    tensors = _unshared(merged.state_dict())
+    atomic_write(directory, {
+        "model.safetensors": lambda path: save_file(tensors, path, metadata={"format": "pt"}),
+        "model.pt2": lambda path: torch.export.save(program, path),
+    })
+    return {"weights": os.path.join(directory, "model.safetensors"), "program": os.path.join(directory, "model.pt2")}
