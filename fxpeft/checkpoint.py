@@ -79,7 +79,19 @@ def adapter_key_map(gm, adapter: str) -> dict[str, str]:
         wrapped = _adapted_paths(gm)
         for name in gm.state_dict(keep_vars=True):
             path, _, leaf = name.rpartition(".")
-            if leaf != "bias" or any(name.startswith(root) for root in saved_roots) or name in mapping.values():
+            if leaf != "bias":
+                continue
+            root = next((r for r in saved_roots if name.startswith(r)), None)
+            if bias_mode == "all" and root is not None:
+                # PEFT's "all" also saves saved modules' biases under their wrapper's names
+                rest = name[len(root):]
+                copy_prefix = f"modules_to_save.{adapter}."
+                wrapper = "modules_to_save." + rest[len(copy_prefix):] if rest.startswith(copy_prefix) \
+                    else None if rest.startswith("modules_to_save.") else "original_module." + rest
+                if wrapper is not None:
+                    mapping[PREFIX + root + wrapper] = name
+                continue
+            if root is not None or name in mapping.values():
                 continue
             if any(f".{c}." in f".{name}" for c in containers) or ".modules_to_save." in name:
                 continue
