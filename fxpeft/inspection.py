@@ -18,7 +18,7 @@ class SiteRow:
     method: str
     adapters: list
     shape: str
-    trainable: int
+    params: int  # adapter parameters at this site (trainable or not)
 
 
 class Report:
@@ -38,25 +38,25 @@ class Report:
         rows = []
         for (path, rule), _ in sorted(by_site.items()):
             module = self.gm.get_submodule(path)
-            adapters, shapes, trainable = [], [], 0
+            adapters, shapes, params = [], [], 0
             for child_name, child in module.named_children():
                 if child_name in ("lora_A", "lora_embedding_A", "modules_to_save"):
                     adapters += list(child.keys())
             for name, param in module.named_parameters():
                 if any(part in name.split(".") for part in ("lora_A", "lora_B", "lora_embedding_A",
                                                             "lora_embedding_B", "modules_to_save")):
-                    trainable += param.numel() if param.requires_grad else 0
+                    params += param.numel()
                     if "lora_A" in name or "lora_embedding_A" in name:
                         shapes.append(f"r={param.shape[0]}")
             weight = getattr(module, "weight", None)
             shape = "x".join(map(str, weight.shape)) if weight is not None else "-"
             rows.append(SiteRow(path, rule, sorted(set(adapters)), f"{shape} {' '.join(sorted(set(shapes)))}".strip(),
-                                trainable))
+                                params))
         return rows
 
     def __str__(self) -> str:
-        header = ("module", "method", "adapters", "weight / rank", "trainable")
-        table = [header] + [(r.path, r.method, ",".join(r.adapters), r.shape, f"{r.trainable:,d}") for r in self.rows]
+        header = ("module", "method", "adapters", "weight / rank", "adapter params")
+        table = [header] + [(r.path, r.method, ",".join(r.adapters), r.shape, f"{r.params:,d}") for r in self.rows]
         widths = [max(len(row[i]) for row in table) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in table]
         lines.insert(1, "  ".join("-" * w for w in widths))

@@ -146,7 +146,9 @@ def export_merged(gm: PeftGraphModule, directory: str, example_inputs=None) -> d
     """Write ``model.safetensors`` (base keys, loadable strict into the original class) and
     ``model.pt2`` (torch.export of the merged graph, every input dim dynamic where the model
     allows) without changing ``gm``. The program returns a transformers ``ModelOutput`` as a
-    plain dict of its fields (``{"logits": ...}``): those classes cannot be serialised."""
+    plain dict of its fields (``{"logits": ...}``): those classes cannot be serialised. The
+    program takes exactly the keyword inputs it was exported with (for transformers models by
+    default ``input_ids`` and ``attention_mask``; pass ``example_inputs`` to choose)."""
     from safetensors.torch import save_file
 
     from . import capture as capture_mod
