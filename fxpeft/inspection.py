@@ -31,8 +31,7 @@ class Report:
     def _rows(self) -> list[SiteRow]:
         by_site = defaultdict(set)
         for node in self.graph.nodes:
-            site = node.meta.get("fxpeft_site") or (node.target.split(".modules_to_save.")[0]
-                                                    if node.meta.get("fxpeft_rule") == "modules_to_save" else None)
+            site = node.meta.get("fxpeft_site")
             if site:
                 by_site[(site, node.meta["fxpeft_rule"])].add(node)
         rows = []

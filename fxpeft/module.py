@@ -39,6 +39,8 @@ class Signature:
     example: Optional[dict] = None  # the inputs it was exported with, to capture it again after .to()
     graph: Optional[torch.fx.Graph] = None  # lowered
     fn: Optional[Callable] = None  # compiled lowered graph, called as fn(module, *flat_inputs)
+    mixed_graph: Optional[torch.fx.Graph] = None  # lowered for per-sample adapters (adapter_names=...)
+    mixed_fn: Optional[Callable] = None  # called as mixed_fn(module, adapter_index, *flat_inputs)
 
 
 def clone_tree(module: nn.Module, memo: Optional[dict] = None) -> nn.Module:
@@ -102,13 +104,32 @@ class PeftGraphModule(GraphModule):
 
     def relower(self) -> None:
         """Re-derive every signature's graph from its canonical graph and the current adapter state."""
+        self.sync_gates()
         for signature in self._fxpeft_signatures.values():
             self._lower_signature(signature)
         self.graph = self._fxpeft_signatures[self._fxpeft_primary].graph
 
     def _lower_signature(self, signature: Signature) -> None:
-        signature.graph = lower(signature.canonical, self)
+        signature.graph = lower(signature.canonical, self, mixed=False)
         signature.fn = compile_graph(signature.graph)
+        if self.peft_config:
+            signature.mixed_graph = lower(signature.canonical, self, mixed=True)
+            signature.mixed_fn = compile_graph(signature.mixed_graph)
+        else:
+            signature.mixed_graph = signature.mixed_fn = None
+
+    def sync_gates(self) -> None:
+        """The graph reads which adapters act from ``_fxpeft_gates`` (one float per adapter, in
+        ``peft_config`` order); updating it in place never recompiles."""
+        names = list(self.peft_config)
+        values = torch.tensor([1.0 if name in self._fxpeft_active else 0.0 for name in names])
+        current = self._buffers.get("_fxpeft_gates")
+        if current is not None and current.shape == values.shape:
+            with torch.no_grad():
+                current.copy_(values)
+        else:
+            device = current.device if current is not None else _device_of(self)
+            self.register_buffer("_fxpeft_gates", values.to(device), persistent=False)
 
     def recompile(self):
         python_code = super().recompile()
@@ -152,11 +173,16 @@ class PeftGraphModule(GraphModule):
     def _dispatch(self, *args, **kwargs):
         signatures = self._fxpeft_signatures
         if self._fxpeft_primary is None:  # symbolic trace: the graph takes the original arguments
-            return signatures[None].fn(self, *args, **kwargs)
+            adapter_names = kwargs.pop("adapter_names", None)
+            if adapter_names is None:
+                return signatures[None].fn(self, *args, **kwargs)
+            index = self._adapter_index(adapter_names, args[0] if args else next(iter(kwargs.values())))
+            return signatures[None].mixed_fn(self, index, *args, **kwargs)
         for name, value in zip(self._fxpeft_arg_names, args):
             if name in kwargs:
                 raise TypeError(f"forward() got multiple values for argument {name!r}")
             kwargs[name] = value
+        adapter_names = kwargs.pop("adapter_names", None)
         kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in IGNORED_KWARGS}
         if self._fxpeft_no_cache:
             kwargs["use_cache"] = False
@@ -170,8 +196,20 @@ class PeftGraphModule(GraphModule):
                     "example_inputs to fxpeft.transform), then compile."
                 )
             signature = self._capture_signature(kwargs, key)
-        flat = signature.fn(self, *capture_mod.flatten_call(kwargs, signature.in_spec))
+        flat_inputs = capture_mod.flatten_call(kwargs, signature.in_spec)
+        if adapter_names is None:
+            flat = signature.fn(self, *flat_inputs)
+        else:
+            index = self._adapter_index(adapter_names, next(v for v in kwargs.values() if isinstance(v, torch.Tensor)))
+            flat = signature.mixed_fn(self, index, *flat_inputs)
         return capture_mod.unflatten_output(list(flat), signature.out_spec)
+
+    def _adapter_index(self, adapter_names, batch_input: torch.Tensor) -> torch.Tensor:
+        """Per-sample adapter indices into ``peft_config`` order (its length means: no adapter)."""
+        if isinstance(adapter_names, torch.Tensor):
+            return adapter_names  # from fxpeft.adapter_indices: no Python values for torch.compile to specialise on
+        from .lifecycle import adapter_indices
+        return adapter_indices(self, adapter_names, batch_size=batch_input.shape[0], device=batch_input.device)
 
     forward = _dispatch
 
@@ -214,6 +252,12 @@ def build(model: nn.Module, example_inputs=None) -> PeftGraphModule:
     arg_names = capture_mod.forward_arg_names(model)
     signature = Signature(canonical.graph, captured.in_spec, captured.out_spec, captured.example)
     return PeftGraphModule(tree, {key: signature}, key, tree, arg_names)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for tensor in module.parameters():
+        return tensor.device
+    return torch.device("cpu")
 
 
 def _convert(value, device, dtype):

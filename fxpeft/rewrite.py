@@ -31,11 +31,30 @@ aten = torch.ops.aten
 class Lowering:
     """One graph being lowered: the graph, the module tree it reads from, and its sites."""
 
-    def __init__(self, graph: torch.fx.Graph, root: nn.Module):
+    def __init__(self, graph: torch.fx.Graph, root: nn.Module, mixed: bool = False):
         self.graph = graph
         self.root = root
         self.sites = find_sites(graph, root)
         self.tag: dict[str, str] = {}  # stamped on every inserted node's meta (for inspection)
+        self.adapter_order = list(getattr(root, "peft_config", {}))
+        self.mixed = mixed  # per-sample adapters: the graph takes an index tensor as first input
+        self.sample_index = None
+        if mixed:
+            with graph.inserting_before(next(iter(graph.nodes))):
+                self.sample_index = graph.placeholder("fxpeft_adapter_index")
+        self._start = next(iter(graph.nodes))  # gates are read at the top, before any use
+        self._gates: dict[str, torch.fx.Node] = {}
+
+    def gate(self, adapter: str) -> torch.fx.Node:
+        """A 0-dim node: 1.0 while ``adapter`` is active, else 0.0 (read from the gates buffer)."""
+        if adapter not in self._gates:
+            with self.graph.inserting_before(self._start):
+                gates = self.graph.get_attr("_fxpeft_gates")
+                self._gates[adapter] = self.graph.call_function(
+                    aten.select.int, (gates, 0, self.adapter_order.index(adapter)))
+            for node in (gates, self._gates[adapter]):
+                node.meta["fxpeft_rule"] = "adapter_gates"  # shared by all sites: no fxpeft_site
+        return self._gates[adapter]
 
     def _tagged(self, node: torch.fx.Node) -> torch.fx.Node:
         node.meta.update(self.tag)
@@ -150,9 +169,9 @@ def _apply_site_rewrite(lowering: Lowering, rule: Rule, site: Site) -> None:
     site.output = new_output
 
 
-def lower(canonical: torch.fx.Graph, root: nn.Module) -> torch.fx.Graph:
+def lower(canonical: torch.fx.Graph, root: nn.Module, mixed: bool = False) -> torch.fx.Graph:
     graph = copy_graph(canonical)
-    lowering = Lowering(graph, root)
+    lowering = Lowering(graph, root, mixed)
     for rule in RULES:
         for candidate in list(rule.match(lowering)):
             lowering.tag = {"fxpeft_rule": rule.name}

@@ -24,25 +24,23 @@ aten = torch.ops.aten
 
 
 class AdapterScale(nn.Module):
-    """A scalar the graph reads as data: the adapter's scaling while it acts, else 0.
-
-    It does not act while inactive or while merged into the base weight. Changing it never
-    changes the graph, so a compiled module does not recompile.
+    """A scalar the graph reads as data: the adapter's scaling, or 0 once merged into the base
+    weight. (Whether an adapter is active is the module-wide ``_fxpeft_gates`` buffer.) Changing
+    either never changes the graph, so a compiled module does not recompile.
     """
 
     def __init__(self, scale: float):
         super().__init__()
         self.scale = float(scale)
-        self.active = True
         self.merged = False
         self.register_buffer("value", torch.tensor(self.scale), persistent=False)
 
     def refresh(self) -> None:
         with torch.no_grad():
-            self.value.fill_(self.scale if self.active and not self.merged else 0.0)
+            self.value.fill_(0.0 if self.merged else self.scale)
 
     def extra_repr(self) -> str:
-        return f"scale={self.scale}, active={self.active}, merged={self.merged}"
+        return f"scale={self.scale}, merged={self.merged}"
 
 
 def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -194,7 +192,7 @@ def _has_lora(site: Site, module: nn.Module) -> bool:
     return bool(module._modules.get("lora_A") or module._modules.get("lora_embedding_A"))
 
 
-def _lora_delta(lw: Lowering, site: Site, module: nn.Module, adapter: str):
+def _lora_delta(lw: Lowering, site: Site, module: nn.Module, adapter: str, gated: bool = True):
     path = site.path
     base_dtype = lw.root.get_parameter(site.weight).dtype
     x = site.input
@@ -224,17 +222,109 @@ def _lora_delta(lw: Lowering, site: Site, module: nn.Module, adapter: str):
             hidden = lw.call(a_op, x, a_weight, None, list(a_conv.stride), a_padding)
             delta = lw.call(op.default, hidden, b_weight, None, list(b_conv.stride), [0] * len(b_conv.stride),
                             [1] * len(b_conv.stride), b_conv.groups)
-    delta = lw.call(aten.mul.Tensor, delta, lw.attr(f"{path}.lora_scaling.{adapter}.value"))
+    coefficient = lw.attr(f"{path}.lora_scaling.{adapter}.value")
+    if gated:  # scalar work first: one elementwise pass over the delta, as an ungated adapter costs
+        coefficient = lw.call(aten.mul.Tensor, coefficient, lw.gate(adapter))
+    delta = lw.call(aten.mul.Tensor, delta, coefficient)
     return lw.cast(delta, base_dtype, adapter_dtype)
 
 
 def rewrite(lw: Lowering, site: Site):
+    if lw.mixed:
+        return _rewrite_mixed(lw, site)
     module = lw.module(site.path)
-    adapters = module._modules.get("lora_A") or module._modules.get("lora_embedding_A")
     output = site.output
-    for adapter in adapters.keys():
-        output = lw.call(aten.add.Tensor, output, _lora_delta(lw, site, module, adapter))
+    for adapter in adapters_at(module):
+        delta = _lora_delta(lw, site, module, adapter)
+        output = lw.call(aten.add.Tensor, output, delta)
     return output
+
+
+# per-sample adapters (adapter_names=[...]): one gathered computation for the whole batch
+
+
+def lora_mixed_linear(x, index, a_stack, b_stack):
+    """Row b of the batch gets ``x_b A_{index[b]}^T B_{index[b]}^T``; the stacks hold every
+    adapter (padded to one rank, scaling folded into B) plus a zero slot for "no adapter"."""
+    batch = index.shape[0]
+    rows = x.reshape(batch, -1, x.shape[-1])
+    hidden = torch.bmm(rows, a_stack.index_select(0, index).transpose(1, 2))
+    delta = torch.bmm(hidden, b_stack.index_select(0, index).transpose(1, 2))
+    return delta.reshape(*x.shape[:-1], delta.shape[-1])
+
+
+def lora_mixed_embedding(ids, index, a_stack, b_stack, padding_idx: int = -1):
+    """Embedding sites: look up every adapter's A rows at once, keep each sample's own."""
+    slots, rank, num = a_stack.shape
+    table = a_stack.permute(2, 0, 1).reshape(num, slots * rank)
+    hidden = torch.nn.functional.embedding(ids, table, padding_idx if padding_idx >= 0 else None)
+    hidden = hidden.reshape(ids.shape[0], -1, slots, rank)
+    pick = index.view(-1, 1, 1, 1).expand(-1, hidden.shape[1], 1, rank)
+    hidden = hidden.gather(2, pick).squeeze(2)
+    delta = torch.bmm(hidden, b_stack.index_select(0, index).transpose(1, 2))
+    return delta.reshape(*ids.shape, delta.shape[-1])
+
+
+def lora_mixed_masked(delta, index, slot: int):
+    """Conv sites: an adapter's full delta, kept only for the samples that asked for it."""
+    keep = (index == slot).to(delta.dtype)
+    rows = delta.shape[0]
+    if rows != keep.shape[0]:
+        keep = keep.repeat_interleave(rows // keep.shape[0])
+    return delta * keep.view(rows, *([1] * (delta.dim() - 1)))
+
+
+def _stacks(lw: Lowering, site: Site, module: nn.Module):
+    """(A stack, B stack) nodes: one slot per adapter of the module (zeros where this site has
+    none), padded to the largest rank, scaling folded into B, then a zero slot."""
+    embedding = site.kind == "embedding"
+    present = adapters_at(module)
+    ranks = {a: (module.lora_embedding_A[a] if embedding else module.lora_A[a].weight).shape[0] for a in present}
+    rank = max(ranks.values())
+    a_slots, b_slots = [], []
+    template_a = template_b = None
+    for adapter in lw.adapter_order:
+        if adapter not in present:
+            a_slots.append(None)
+            b_slots.append(None)
+            continue
+        a_name = f"{site.path}.lora_embedding_A.{adapter}" if embedding else f"{site.path}.lora_A.{adapter}.weight"
+        b_name = f"{site.path}.lora_embedding_B.{adapter}" if embedding else f"{site.path}.lora_B.{adapter}.weight"
+        a, b = lw.attr(a_name), lw.attr(b_name)
+        b = lw.call(aten.mul.Tensor, b, lw.attr(f"{site.path}.lora_scaling.{adapter}.value"))
+        pad = rank - ranks[adapter]
+        if pad:
+            a = lw.call(aten.constant_pad_nd.default, a, [0, 0, 0, pad])
+            b = lw.call(aten.constant_pad_nd.default, b, [0, pad])
+        a_slots.append(a)
+        b_slots.append(b)
+        template_a, template_b = template_a or a, template_b or b
+    zero_a = lw.call(aten.zeros_like.default, template_a)
+    zero_b = lw.call(aten.zeros_like.default, template_b)
+    a_stack = lw.call(aten.stack.default, [s or zero_a for s in a_slots] + [zero_a])
+    b_stack = lw.call(aten.stack.default, [s or zero_b for s in b_slots] + [zero_b])
+    return a_stack, b_stack
+
+
+def _rewrite_mixed(lw: Lowering, site: Site):
+    module = lw.module(site.path)
+    if site.kind == "conv":
+        output = site.output
+        for adapter in adapters_at(module):
+            delta = _lora_delta(lw, site, module, adapter, gated=False)
+            slot = lw.adapter_order.index(adapter)
+            output = lw.call(aten.add.Tensor, output, lw.call(lora_mixed_masked, delta, lw.sample_index, slot))
+        return output
+    base_dtype = lw.root.get_parameter(site.weight).dtype
+    a_stack, b_stack = _stacks(lw, site, module)
+    adapter_dtype = _adapter_dtype(lw.root.get_parameter(site.weight))
+    if site.kind == "embedding":
+        padding_idx = site.node.args[2] if len(site.node.args) > 2 else -1
+        delta = lw.call(lora_mixed_embedding, site.input, lw.sample_index, a_stack, b_stack, padding_idx)
+    else:
+        x = lw.cast(site.input, adapter_dtype, base_dtype)
+        delta = lw.call(lora_mixed_linear, x, lw.sample_index, a_stack, b_stack)
+    return lw.call(aten.add.Tensor, site.output, lw.cast(delta, base_dtype, adapter_dtype))
 
 
 # ----------------------------------------------------------------------------- folding

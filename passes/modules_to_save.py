@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import nn
 
 from fxpeft.configs import SEQ_CLS_HEAD_NAMES
@@ -60,33 +61,44 @@ def _inside_adapter_state(path: str) -> bool:
     return any(p.startswith("lora_") for p in parts)
 
 
-def _saved_prefixes(root: nn.Module) -> dict[str, str]:
-    """path -> the adapter whose copy is read (the first one stored)."""
+def _saved_copies(root: nn.Module) -> dict[str, list[str]]:
+    """path -> the adapters holding a copy of the module at path."""
     found = {}
     for path, module in root.named_modules():
         holder = module._modules.get("modules_to_save")
         if path and holder is not None and len(holder):
-            found[path] = next(iter(holder.keys()))
+            found[path] = list(holder.keys())
     return found
 
 
 def match(lw: Lowering):
-    prefixes = _saved_prefixes(lw.root)
-    if not prefixes:
+    copies = _saved_copies(lw.root)
+    if not copies:
         return
-    for node in lw.graph.nodes:
+    for node in list(lw.graph.nodes):
         if node.op != "get_attr":
             continue
-        for path, adapter in prefixes.items():
+        for path, adapters in copies.items():
             if node.target.startswith(path + ".") and ".modules_to_save." not in node.target:
-                yield node, path, adapter
+                yield node, path, adapters
                 break
 
 
 def rewrite(lw: Lowering, candidate) -> None:
-    node, path, adapter = candidate
-    node.meta.update(lw.tag)
-    node.target = f"{path}.modules_to_save.{adapter}.{node.target[len(path) + 1:]}"
+    """Read the copy of the active adapter (the last active one holding a copy), else the
+    original: a chain of ``where`` on the gates, so switching adapters is data, not structure."""
+    node, path, adapters = candidate
+    lw.tag["fxpeft_site"] = path
+    rest = node.target[len(path) + 1:]
+    users = list(node.users)
+    value = node
+    with lw.graph.inserting_before(node.next):
+        for adapter in [a for a in lw.adapter_order if a in adapters]:
+            copy_value = lw.attr(f"{path}.modules_to_save.{adapter}.{rest}")
+            active = lw.call(torch.ops.aten.gt.Scalar, lw.gate(adapter), 0)
+            value = lw.call(torch.ops.aten.where.self, active, copy_value, value)
+    for user in users:
+        user.replace_input_with(node, value)
 
 
 register_rule(Rule(name="modules_to_save", match=match, rewrite=rewrite, phase=10))

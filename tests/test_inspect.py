@@ -27,7 +27,9 @@ def test_dot_networkx_and_diff_mark_inserted_nodes():
     report = fxpeft.inspect(gm)
     graph = report.to_networkx()
     inserted = {n for n, data in graph.nodes(data=True) if data["inserted"]}
-    assert inserted and all(graph.nodes[n]["site"] == "fc1" for n in inserted)
+    assert inserted and all(graph.nodes[n]["site"] == "fc1" for n in inserted
+                            if graph.nodes[n]["rule"] != "adapter_gates")
+    assert {graph.nodes[n]["rule"] for n in inserted} == {"lora", "adapter_gates"}
     base_nodes = {n for n, data in graph.nodes(data=True) if not data["inserted"]}
     assert {n.name for n in gm._fxpeft_signatures[None].canonical.nodes} == base_nodes
     dot = report.to_dot()

@@ -1,0 +1,282 @@
+"""The adapter lifecycle on a transformed module: transform, add / load / save / delete,
+activate, disable, per-sample selection, parameter counts.
+
+Every edit of an existing module runs in :func:`_transaction`: on error its adapters,
+trainability and graphs are restored as they were.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Sequence, Union
+
+import torch
+from torch import nn
+
+from . import checkpoint as _checkpoint
+from .canonical import find_sites
+from .configs import PeftConfigBase
+from .module import PeftGraphModule, build
+from .rewrite import method_for
+
+
+@contextlib.contextmanager
+def _restore_on_error(*modules: nn.Module):
+    """Undo what a failed transform changed on caller-visible tensors (their requires_grad)."""
+    flags = {id(p): (p, p.requires_grad) for m in modules for p in m.parameters()}
+    modes = {id(m): (m, m.training) for root in modules for m in root.modules()}
+    try:
+        yield
+    except BaseException:
+        for param, flag in flags.values():
+            param.requires_grad_(flag)
+        for module, mode in modes.values():
+            module.training = mode
+        raise
+
+
+def _set_bias_trainable(gm: PeftGraphModule, config, adapted_paths: Sequence[str]) -> None:
+    bias_mode = getattr(config, "bias", "none")
+    if bias_mode == "all":
+        saved = [path + "." for path, m in gm.named_modules() if path and "modules_to_save" in m._modules]
+        for name, param in gm.named_parameters():
+            frozen_original = any(name.startswith(p) and ".modules_to_save." not in name for p in saved)
+            if name.rsplit(".", 1)[-1] == "bias" and not frozen_original:
+                param.requires_grad_(True)
+    elif bias_mode == "lora_only":
+        for path in adapted_paths:
+            bias = getattr(gm.get_submodule(path), "bias", None)
+            if isinstance(bias, nn.Parameter):
+                bias.requires_grad_(True)
+
+
+def _attach(gm: PeftGraphModule, config, adapter_name: str) -> None:
+    if adapter_name in gm.peft_config:
+        raise ValueError(
+            f"An adapter named {adapter_name!r} already exists (adapters: {sorted(gm.peft_config)}); "
+            "choose another adapter_name or delete it first."
+        )
+    method = method_for(config)
+    sites = find_sites(gm._fxpeft_signatures[gm._fxpeft_primary].canonical, gm)
+    before = {id(p) for p in gm.parameters()}
+    adapted = method.attach(gm, sites, config, adapter_name)
+    from .passes import modules_to_save
+
+    modules_to_save.attach(gm, config, adapter_name)
+    trainable = not getattr(config, "inference_mode", False)
+    for param in gm.parameters():
+        if id(param) not in before:
+            param.requires_grad_(trainable)
+    if trainable:
+        _set_bias_trainable(gm, config, adapted)
+    gm.peft_config[adapter_name] = config
+    if not gm._fxpeft_active:
+        gm._fxpeft_active.append(adapter_name)
+
+
+def transform(
+    model: nn.Module,
+    config: Union[PeftConfigBase, Iterable[PeftConfigBase]],
+    *,
+    example_inputs=None,
+    adapter_name: str = "default",
+) -> PeftGraphModule:
+    """Capture ``model`` into an FX graph, apply the passes for ``config`` (one or a list, in
+    order) and return a GraphModule called exactly like ``model``.
+
+    The base parameters are shared with ``model`` (no copy) and frozen, as PEFT does; on any
+    error ``model`` is left exactly as it was.
+    """
+    configs = [config] if isinstance(config, PeftConfigBase) or not isinstance(config, (list, tuple)) else list(config)
+    for item in configs:
+        method_for(item)  # unknown config types fail before any work
+    with _restore_on_error(model):
+        gm = build(model, example_inputs)
+        for param in gm.parameters():
+            param.requires_grad_(False)
+        for item in configs:
+            _attach(gm, item, adapter_name)
+        gm.relower()
+        gm.train(model.training)
+    return gm
+
+
+@contextlib.contextmanager
+def _transaction(gm: PeftGraphModule):
+    """All-or-nothing edits of a transformed module: on error its adapters, trainability and
+    graphs are restored as they were."""
+    children = {id(m): (m, dict(m._modules)) for m in gm.modules()}
+    flags = {id(p): (p, p.requires_grad) for p in gm.parameters()}
+    configs, active = dict(gm.peft_config), list(gm._fxpeft_active)
+    try:
+        yield
+    except BaseException:
+        for module, saved in children.values():
+            module._modules.clear()
+            module._modules.update(saved)
+        for param, flag in flags.values():
+            param.requires_grad_(flag)
+        gm.peft_config.clear()
+        gm.peft_config.update(configs)
+        gm._fxpeft_active[:] = active
+        gm.relower()
+        raise
+
+
+def _require_transformed(gm) -> PeftGraphModule:
+    if not isinstance(gm, PeftGraphModule):
+        raise TypeError(f"Expected the module returned by fxpeft.transform, got {type(gm).__name__}.")
+    return gm
+
+
+def add_adapter(gm: PeftGraphModule, config: PeftConfigBase, adapter_name: str) -> None:
+    """Add another adapter to a transformed module; the others keep their weights and trainability."""
+    _require_transformed(gm)
+    with _transaction(gm):
+        _attach(gm, config, adapter_name)
+        gm.relower()
+
+
+def trainable_parameters(gm: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, as PEFT's get_nb_trainable_parameters."""
+    trainable = total = 0
+    for _, param in gm.named_parameters():
+        total += param.numel()
+        if param.requires_grad:
+            trainable += param.numel()
+    return trainable, total
+
+
+def print_trainable_parameters(gm: nn.Module) -> None:
+    trainable, total = trainable_parameters(gm)
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+
+def save_pretrained(gm: PeftGraphModule, directory: str, adapter_names=None, safe_serialization: bool = True) -> None:
+    """Write PEFT's checkpoint layout: "default" at ``directory``, other adapters in subfolders."""
+    _require_transformed(gm)
+    names = list(gm.peft_config) if adapter_names is None else list(adapter_names)
+    unknown = [n for n in names if n not in gm.peft_config]
+    if unknown:
+        raise KeyError(f"Unknown adapter(s) {unknown}; existing adapters: {sorted(gm.peft_config)}.")
+    for name in names:
+        _checkpoint.save_adapter(gm, _checkpoint.adapter_dir(directory, name), name, safe_serialization)
+
+
+def _device_of(module: nn.Module):
+    return next(module.parameters()).device
+
+
+def from_pretrained(model: nn.Module, directory: str, adapter_name: str = "default", is_trainable: bool = False,
+                    example_inputs=None) -> PeftGraphModule:
+    """Transform ``model`` with the adapter stored in ``directory`` (written by PEFT or fxpeft)."""
+    config = _checkpoint.load_config(directory)
+    weights = _checkpoint.load_weights(directory, _device_of(model))
+    config.inference_mode = not is_trainable
+    with _restore_on_error(model):
+        gm = transform(model, config, example_inputs=example_inputs, adapter_name=adapter_name)
+        _checkpoint.check_and_copy(gm, adapter_name, weights)
+    return gm
+
+
+def load_adapter(gm: PeftGraphModule, directory: str, adapter_name: str, is_trainable: bool = False) -> None:
+    """Add the adapter stored in ``directory`` to a transformed module under ``adapter_name``."""
+    _require_transformed(gm)
+    config = _checkpoint.load_config(directory)
+    weights = _checkpoint.load_weights(directory, _device_of(gm))
+    config.inference_mode = not is_trainable
+    with _transaction(gm):
+        _attach(gm, config, adapter_name)
+        _checkpoint.check_and_copy(gm, adapter_name, weights)
+        gm.relower()
+
+
+# --------------------------------------------------------------------------- which adapters act
+
+
+def _check_known(gm: PeftGraphModule, names: Sequence[str]) -> None:
+    unknown = [n for n in names if n not in gm.peft_config]
+    if unknown:
+        raise KeyError(f"Unknown adapter(s) {unknown}; existing adapters: {sorted(gm.peft_config)}.")
+
+
+def active_adapters(gm: PeftGraphModule) -> list[str]:
+    return list(_require_transformed(gm)._fxpeft_active)
+
+
+def set_adapter(gm: PeftGraphModule, adapter_name: Union[str, Sequence[str]]) -> None:
+    """Make these adapters the active ones (several add up, as in PEFT). Only a buffer the graph
+    reads changes: no recompile, and no parameter's ``requires_grad`` changes."""
+    _require_transformed(gm)
+    names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+    _check_known(gm, names)
+    gm._fxpeft_active[:] = names
+    gm.sync_gates()
+
+
+@contextlib.contextmanager
+def disable_adapters(gm: PeftGraphModule):
+    """Run the base model inside the block; the previous active adapters come back on exit,
+    whatever happens inside."""
+    _require_transformed(gm)
+    previous = list(gm._fxpeft_active)
+    gm._fxpeft_active[:] = []
+    gm.sync_gates()
+    try:
+        yield gm
+    finally:
+        gm._fxpeft_active[:] = previous
+        gm.sync_gates()
+
+
+def delete_adapter(gm: PeftGraphModule, adapter_name: str) -> None:
+    """Remove an adapter's parameters and nodes. If it was active, the other active adapters stay
+    active; if none is left, the first remaining adapter becomes active (PEFT's choice), and with
+    no adapter left the module computes the base model."""
+    _require_transformed(gm)
+    _check_known(gm, [adapter_name])
+    method = method_for(gm.peft_config[adapter_name])
+    with _transaction(gm):
+        for module in gm.modules():
+            for container in (*method.containers, "modules_to_save"):
+                holder = module._modules.get(container)
+                if holder is not None and adapter_name in holder:
+                    del holder[adapter_name]
+                    if not len(holder):
+                        del module._modules[container]
+        del gm.peft_config[adapter_name]
+        remaining = [n for n in gm._fxpeft_active if n != adapter_name]
+        if not remaining and gm.peft_config:
+            remaining = [next(iter(gm.peft_config))]
+        gm._fxpeft_active[:] = remaining
+        gm.relower()
+
+
+BASE_ADAPTER = "__base__"
+
+
+def adapter_indices(gm: PeftGraphModule, adapter_names: Sequence[str], batch_size=None, device=None) -> torch.Tensor:
+    """The per-sample index tensor a mixed batch uses (``"__base__"``: no adapter). Pass it as
+    ``adapter_names=`` to a compiled module so that no Python list is specialised on."""
+    _require_transformed(gm)
+    if isinstance(adapter_names, str):
+        raise ValueError("adapter_names must be a list with one adapter name per sample, not a string.")
+    order = list(gm.peft_config)
+    names = list(adapter_names)
+    if batch_size is not None and len(names) != batch_size:
+        raise ValueError(f"adapter_names has {len(names)} entries but the batch has {batch_size} samples.")
+    unknown = sorted({n for n in names if n != BASE_ADAPTER and n not in gm.peft_config})
+    if unknown:
+        raise ValueError(f"adapter_names contains unknown adapter(s) {unknown}; existing: {order} "
+                         f"(use {BASE_ADAPTER!r} for no adapter).")
+    from .merging import merged_adapters
+    if merged_adapters(gm):
+        raise ValueError("Cannot use adapter_names while adapters are merged; call fxpeft.unmerge_adapter first.")
+    saved = {a for m in gm.modules() if "modules_to_save" in m._modules for a in m.modules_to_save.keys()}
+    if saved & set(names):
+        raise NotImplementedError(
+            f"Mixed batches with modules_to_save copies (adapters {sorted(saved & set(names))}) are not supported.")
+    if gm.training and any(isinstance(d, nn.Dropout) for m in gm.modules() if "lora_dropout" in m._modules
+                           for d in m.lora_dropout.values()):
+        raise ValueError("Mixed batches skip LoRA dropout: use them in eval mode (gm.eval()).")
+    index = [len(order) if n == BASE_ADAPTER else order.index(n) for n in names]
+    return torch.tensor(index, dtype=torch.long, device=device)
