@@ -1,0 +1,181 @@
+"""Many adapters in one graph: switching, disabling, deleting, mixed batches — against PEFT."""
+from __future__ import annotations
+
+import copy
+
+import peft
+import pytest
+import torch
+
+import fxpeft
+import models
+from peft_oracle import copy_adapter_weights
+
+CONFIGS = {
+    "default": dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    "wide": dict(r=6, lora_alpha=3, target_modules=["q_proj", "down_proj", "embed_tokens"], init_lora_weights=False),
+    "mlp": dict(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj"], init_lora_weights=False),
+}
+
+
+def _pair(model, configs=CONFIGS):
+    """The same adapters in PEFT and fxpeft (fxpeft gets PEFT's tensors)."""
+    names = list(configs)
+    reference = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**configs[names[0]]), adapter_name=names[0])
+    gm = fxpeft.transform(model, fxpeft.LoraConfig(**configs[names[0]]), adapter_name=names[0])
+    for name in names[1:]:
+        reference.add_adapter(name, peft.LoraConfig(**configs[name]))
+        fxpeft.add_adapter(gm, fxpeft.LoraConfig(**configs[name]), name)
+    with torch.no_grad():
+        for key, param in reference.named_parameters():
+            if "lora_embedding" in key:
+                param.normal_()
+    for name in names:
+        ours = dict(gm.named_parameters())
+        for key, value in reference.named_parameters():
+            if f".{name}" in key and "lora_" in key:
+                with torch.no_grad():
+                    ours[key.removeprefix("base_model.model.")].copy_(value)
+    return reference.eval(), gm.eval()
+
+
+def test_set_adapter_disable_and_combinations_match_peft():
+    model = models.llama().eval()
+    reference, gm = _pair(model)
+    inputs = models.hf_inputs("llama")
+    flags = {n: p.requires_grad for n, p in gm.named_parameters()}
+    with torch.no_grad():
+        for active in (["wide"], ["mlp"], ["default", "mlp"], ["default"]):
+            reference.base_model.set_adapter(active)
+            fxpeft.set_adapter(gm, active if len(active) > 1 else active[0])
+            assert fxpeft.active_adapters(gm) == active
+            torch.testing.assert_close(gm(**inputs).logits, reference(**inputs).logits, rtol=1e-5, atol=1e-5)
+        base = model(**inputs).logits
+        with pytest.raises(RuntimeError, match="inside"):
+            with fxpeft.disable_adapters(gm):
+                torch.testing.assert_close(gm(**inputs).logits, base)
+                raise RuntimeError("inside")
+        assert fxpeft.active_adapters(gm) == ["default"]
+        torch.testing.assert_close(gm(**inputs).logits, reference(**inputs).logits, rtol=1e-5, atol=1e-5)
+    assert {n: p.requires_grad for n, p in gm.named_parameters()} == flags  # switching never flips trainability
+    with pytest.raises(KeyError, match="existing adapters.*default"):
+        fxpeft.set_adapter(gm, "nope")
+    with pytest.raises(ValueError, match="already exists"):
+        fxpeft.add_adapter(gm, fxpeft.LoraConfig(target_modules=["q_proj"]), "mlp")
+
+
+def test_adding_and_loading_keeps_others_trainability(tmp_path):
+    model = models.llama().eval()
+    gm = fxpeft.transform(model, fxpeft.LoraConfig(r=2, target_modules=["q_proj"]))
+    fxpeft.save_pretrained(gm, str(tmp_path))
+    fxpeft.load_adapter(gm, str(tmp_path), "frozen")  # is_trainable=False
+    fxpeft.add_adapter(gm, fxpeft.LoraConfig(r=2, target_modules=["v_proj"]), "fresh")
+    by_adapter = {}
+    for name, param in gm.named_parameters():
+        for adapter in ("default", "frozen", "fresh"):
+            if f".{adapter}." in name:
+                by_adapter.setdefault(adapter, set()).add(param.requires_grad)
+    assert by_adapter == {"default": {True}, "frozen": {False}, "fresh": {True}}
+    assert fxpeft.active_adapters(gm) == ["default"]
+
+
+def test_delete_adapter_states():
+    model = models.llama().eval()
+    reference, gm = _pair(model)
+    inputs = models.hf_inputs("llama")
+    fxpeft.set_adapter(gm, ["default", "mlp"])
+    fxpeft.delete_adapter(gm, "mlp")  # an active one: the other active adapter stays
+    assert fxpeft.active_adapters(gm) == ["default"]
+    assert not any(n.endswith(".mlp.weight") for n, _ in gm.named_parameters())
+    assert any(n.endswith(".default.weight") for n, _ in gm.named_parameters())
+    reference.base_model.set_adapter("default")
+    with torch.no_grad():
+        torch.testing.assert_close(gm(**inputs).logits, reference(**inputs).logits, rtol=1e-5, atol=1e-5)
+    fxpeft.delete_adapter(gm, "default")  # the only active one: the first remaining takes over
+    assert fxpeft.active_adapters(gm) == ["wide"]
+    fxpeft.delete_adapter(gm, "wide")  # none left: the base model
+    assert fxpeft.active_adapters(gm) == [] and not gm.peft_config
+    with torch.no_grad():
+        torch.testing.assert_close(gm(**inputs).logits, model(**inputs).logits)
+    with pytest.raises(KeyError):
+        fxpeft.delete_adapter(gm, "wide")
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_mixed_batch_matches_peft(name):
+    model = models.HF_MODELS[name]().eval()
+    configs = {
+        "a": dict(r=2, lora_alpha=4, target_modules="all-linear", init_lora_weights=False),
+        "b": dict(r=5, lora_alpha=5, target_modules="all-linear", init_lora_weights=False),
+        "c": dict(r=3, lora_alpha=9, target_modules="all-linear", init_lora_weights=False),
+    }
+    reference, gm = _pair(model, configs)
+    inputs = models.hf_inputs(name, batch=6, seq=7)
+    names = ["a", "__base__", "c", "b", "a", "c"]
+    with torch.no_grad():
+        expected = reference(**inputs, adapter_names=names).logits
+        got = gm(**inputs, adapter_names=names).logits
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        for row, adapter in enumerate(names):  # each row as if run alone with its adapter
+            single = {k: v[row:row + 1] for k, v in inputs.items()}
+            if adapter == "__base__":
+                alone = model(**single).logits
+            else:
+                fxpeft.set_adapter(gm, adapter)
+                alone = gm(**single).logits
+            torch.testing.assert_close(got[row:row + 1], alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["decoder", "convnet"])
+def test_mixed_batch_embedding_and_conv_sites_match_peft(name):
+    cls, make_inputs = models.CUSTOM_MODELS[name]
+    model = cls().eval()
+    targets = {"decoder": ["embed", "qkv", "down"], "convnet": ["conv1", "conv2", "head"]}[name]
+    configs = {"x": dict(r=2, target_modules=targets, init_lora_weights=False),
+               "y": dict(r=3, lora_alpha=6, target_modules=targets, init_lora_weights=False)}
+    reference, gm = _pair(model, configs)
+    (x,) = make_inputs()
+    x = torch.cat([x, x])[:4]
+    names = ["y", "x", "__base__", "y"]
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x, adapter_names=names), reference(x, adapter_names=names), rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_batch_bad_input_fails_before_compute():
+    model = models.llama().eval()
+    gm = fxpeft.transform(model, fxpeft.LoraConfig(r=2, target_modules=["q_proj"]))
+    inputs = models.hf_inputs("llama", batch=2)
+    with pytest.raises(ValueError, match="3 entries but the batch has 2"):
+        gm(**inputs, adapter_names=["default", "default", "default"])
+    with pytest.raises(ValueError, match="unknown adapter.*nope"):
+        gm(**inputs, adapter_names=["default", "nope"])
+    fxpeft.merge_adapter(gm)
+    with pytest.raises(ValueError, match="merged"):
+        gm(**inputs, adapter_names=["default", "default"])
+
+
+def test_no_recompiles_when_switching_disabling_and_mixing():
+    torch._dynamo.reset()
+    model = models.llama().eval()
+    reference, gm = _pair(model)
+    inputs = models.hf_inputs("llama")
+    compiled = torch.compile(gm, fullgraph=True)
+    index = fxpeft.adapter_indices(gm, ["wide", "__base__"])
+    with torch.no_grad():
+        compiled(**inputs)
+        compiled(**inputs, adapter_names=index)
+        try:
+            torch._dynamo.config.error_on_recompile = True
+            for active in (["wide"], ["default", "mlp"], ["mlp"]):
+                fxpeft.set_adapter(gm, active)
+                reference.base_model.set_adapter(active)
+                torch.testing.assert_close(compiled(**inputs).logits, reference(**inputs).logits, rtol=1e-5, atol=1e-5)
+            with fxpeft.disable_adapters(gm):
+                torch.testing.assert_close(compiled(**inputs).logits, model(**inputs).logits, rtol=1e-5, atol=1e-5)
+            for names in (["mlp", "default"], ["__base__", "wide"]):
+                got = compiled(**inputs, adapter_names=fxpeft.adapter_indices(gm, names))
+                torch.testing.assert_close(got.logits, reference(**inputs, adapter_names=names).logits,
+                                           rtol=1e-5, atol=1e-5)
+        finally:
+            torch._dynamo.config.error_on_recompile = False
+            torch._dynamo.reset()
