@@ -243,17 +243,19 @@ def rewrite(lw: Lowering, site: Site):
 # per-sample adapters (adapter_names=[...]): one gathered computation for the whole batch
 
 
-def lora_mixed_linear(x, index, a_stack, b_stack):
-    """Row b of the batch gets ``x_b A_{index[b]}^T B_{index[b]}^T``; the stacks hold every
-    adapter (padded to one rank, scaling folded into B) plus a zero slot for "no adapter"."""
+def lora_mixed_linear(x, index, a_t_stack, b_t_stack):
+    """Row b of the batch gets ``x_b A_{index[b]}^T B_{index[b]}^T``. The stacks hold every
+    adapter's A^T (in, r) and B^T (r, out), padded to one rank, scaling folded into B, plus a
+    zero slot for "no adapter"; gathering per sample and two batched matmuls replace a loop
+    over adapters."""
     batch = index.shape[0]
     rows = x.reshape(batch, -1, x.shape[-1])
-    hidden = torch.bmm(rows, a_stack.index_select(0, index).transpose(1, 2))
-    delta = torch.bmm(hidden, b_stack.index_select(0, index).transpose(1, 2))
+    hidden = torch.bmm(rows, a_t_stack.index_select(0, index))
+    delta = torch.bmm(hidden, b_t_stack.index_select(0, index))
     return delta.reshape(*x.shape[:-1], delta.shape[-1])
 
 
-def lora_mixed_embedding(ids, index, a_stack, b_stack, padding_idx: int = -1):
+def lora_mixed_embedding(ids, index, a_stack, b_t_stack, padding_idx: int = -1):
     """Embedding sites: look up every adapter's A rows at once, keep each sample's own."""
     slots, rank, num = a_stack.shape
     table = a_stack.permute(2, 0, 1).reshape(num, slots * rank)
@@ -261,7 +263,7 @@ def lora_mixed_embedding(ids, index, a_stack, b_stack, padding_idx: int = -1):
     hidden = hidden.reshape(ids.shape[0], -1, slots, rank)
     pick = index.view(-1, 1, 1, 1).expand(-1, hidden.shape[1], 1, rank)
     hidden = hidden.gather(2, pick).squeeze(2)
-    delta = torch.bmm(hidden, b_stack.index_select(0, index).transpose(1, 2))
+    delta = torch.bmm(hidden, b_t_stack.index_select(0, index))
     return delta.reshape(*ids.shape, delta.shape[-1])
 
 
@@ -275,8 +277,9 @@ def lora_mixed_masked(delta, index, slot: int):
 
 
 def _stacks(lw: Lowering, site: Site, module: nn.Module):
-    """(A stack, B stack) nodes: one slot per adapter of the module (zeros where this site has
-    none), padded to the largest rank, scaling folded into B, then a zero slot."""
+    """(A stack, B^T stack) nodes: one slot per adapter of the module (zeros where this site has
+    none), padded to the largest rank, scaling folded into B, then a zero slot. Linear sites
+    stack A^T so both batched matmuls read contiguous operands."""
     embedding = site.kind == "embedding"
     present = adapters_at(module)
     ranks = {a: (module.lora_embedding_A[a] if embedding else module.lora_A[a].weight).shape[0] for a in present}
@@ -296,6 +299,9 @@ def _stacks(lw: Lowering, site: Site, module: nn.Module):
         if pad:
             a = lw.call(aten.constant_pad_nd.default, a, [0, 0, 0, pad])
             b = lw.call(aten.constant_pad_nd.default, b, [0, pad])
+        if not embedding:
+            a = lw.call(aten.t.default, a)
+        b = lw.call(aten.t.default, b)
         a_slots.append(a)
         b_slots.append(b)
         template_a, template_b = template_a or a, template_b or b

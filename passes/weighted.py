@@ -118,15 +118,13 @@ def _sites_by_path(gm) -> dict:
     return {site.path: site for site in reversed(find_sites(canonical, gm))}
 
 
-def _resolved_targets(gm, sites, config, adapter: str, paths: Sequence[str]):
-    """target_modules as PEFT has them after injection (None -> the model type's defaults,
-    "all-linear" -> the short names of the adapted layers)."""
+def _resolved_targets(gm, sites, config):
+    """target_modules as PEFT has them after injection: None -> the model type's default names,
+    "all-linear" -> the paths of the linear layers (fxpeft keeps the unresolved value)."""
     targets = config.target_modules
-    if targets is None:
+    if targets is None or (isinstance(targets, str) and targets.lower() == "all-linear"):
         from fxpeft.passes.lora import resolve_targets
         return list(resolve_targets(gm, sites, config).target_modules)
-    if isinstance(targets, str) and targets.lower() == "all-linear":
-        return sorted({p.rsplit(".", 1)[-1] for p in paths if _lora_pair(gm.get_submodule(p), adapter) is not None})
     return targets
 
 
@@ -245,7 +243,7 @@ def _plan(gm, adapters, weights, combination_type, svd_rank, svd_driver):
                              "leave it None on other devices.")
 
     site_list = list(sites.values())
-    targets = [_resolved_targets(gm, site_list, c, a, paths) for a, c in zip(adapters, configs)]
+    targets = [_resolved_targets(gm, site_list, c) for c in configs]
     kinds = {type(t) for t in targets}
     if len(kinds) > 1:
         raise ValueError("all adapter configs should follow the same target modules type. Combining adapters "
@@ -403,7 +401,6 @@ def add_weighted_adapter(
         # generator, so the dare masks drawn afterwards match PEFT's for the same seed.
         fxpeft.add_adapter(gm, inject, adapter_name)
         gm.peft_config[adapter_name] = stored
-        torch.rand(1)
         with torch.no_grad():
             for path in paths:
                 new_a, new_b = _combine(gm, path, sites[path], adapters, weights, combination_type, new_rank,
