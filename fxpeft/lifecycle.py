@@ -69,8 +69,8 @@ def _attach(gm: PeftGraphModule, config, adapter_name: str) -> None:
     if trainable:
         _set_bias_trainable(gm, config, adapted)
     gm.peft_config[adapter_name] = config
-    if not gm._fxpeft_active:
-        gm._fxpeft_active.append(adapter_name)
+    if len(gm.peft_config) == 1:  # the first adapter is active; later ones wait for set_adapter (PEFT)
+        gm._fxpeft_active[:] = [adapter_name]
 
 
 def transform(
@@ -102,17 +102,20 @@ def transform(
 
 @contextlib.contextmanager
 def _transaction(gm: PeftGraphModule):
-    """All-or-nothing edits of a transformed module: on error its adapters, trainability and
-    graphs are restored as they were."""
-    children = {id(m): (m, dict(m._modules)) for m in gm.modules()}
+    """All-or-nothing edits of a transformed module: on error its adapters (children, parameters
+    and buffers of every module, ParameterDict entries included), trainability and graphs are
+    restored as they were."""
+    saved = {id(m): (m, dict(m._modules), dict(m._parameters), dict(m._buffers)) for m in gm.modules()}
     flags = {id(p): (p, p.requires_grad) for p in gm.parameters()}
     configs, active = dict(gm.peft_config), list(gm._fxpeft_active)
     try:
         yield
     except BaseException:
-        for module, saved in children.values():
-            module._modules.clear()
-            module._modules.update(saved)
+        for module, children, params, buffers in saved.values():
+            for store, content in ((module._modules, children), (module._parameters, params),
+                                   (module._buffers, buffers)):
+                store.clear()
+                store.update(content)
         for param, flag in flags.values():
             param.requires_grad_(flag)
         gm.peft_config.clear()

@@ -119,17 +119,25 @@ class PeftGraphModule(GraphModule):
             signature.mixed_graph = signature.mixed_fn = None
 
     def sync_gates(self) -> None:
-        """The graph reads which adapters act from ``_fxpeft_gates`` (one float per adapter, in
-        ``peft_config`` order); updating it in place never recompiles."""
+        """The graph reads which adapters act from two buffers, updated in place (no recompile):
+        ``_fxpeft_gates``, one float per adapter in ``peft_config`` order, and ``_fxpeft_slots``,
+        the indices of the active adapters padded with ``len(peft_config)`` (an empty slot). The
+        slot count only grows, when more adapters are active at once than ever before."""
         names = list(self.peft_config)
-        values = torch.tensor([1.0 if name in self._fxpeft_active else 0.0 for name in names])
-        current = self._buffers.get("_fxpeft_gates")
+        active = [names.index(name) for name in self._fxpeft_active if name in names]
+        current = self._buffers.get("_fxpeft_slots")
+        count = max(1, len(active), current.numel() if current is not None else 1)
+        self._write_buffer("_fxpeft_gates", torch.tensor([1.0 if n in self._fxpeft_active else 0.0 for n in names]))
+        self._write_buffer("_fxpeft_slots", torch.tensor(active + [len(names)] * (count - len(active))))
+
+    def _write_buffer(self, name: str, values: torch.Tensor) -> None:
+        current = self._buffers.get(name)
         if current is not None and current.shape == values.shape:
             with torch.no_grad():
                 current.copy_(values)
         else:
             device = current.device if current is not None else _device_of(self)
-            self.register_buffer("_fxpeft_gates", values.to(device), persistent=False)
+            self.register_buffer(name, values.to(device), persistent=False)
 
     def recompile(self):
         python_code = super().recompile()

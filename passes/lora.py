@@ -29,11 +29,12 @@ class AdapterScale(nn.Module):
     either never changes the graph, so a compiled module does not recompile.
     """
 
-    def __init__(self, scale: float):
+    def __init__(self, scale: float, dropout: float = 0.0):
         super().__init__()
         self.scale = float(scale)
         self.merged = False
         self.register_buffer("value", torch.tensor(self.scale), persistent=False)
+        self.register_buffer("p", torch.tensor(float(dropout)), persistent=False)  # LoRA dropout, as data
 
     def refresh(self) -> None:
         with torch.no_grad():
@@ -102,7 +103,7 @@ def add_lora(module: nn.Module, site: Site, weight: torch.Tensor, config: LoraCo
         _child_dict(module, "lora_B")[adapter] = b.to(device, dtype)
     dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
     _child_dict(module, "lora_dropout")[adapter] = dropout
-    _child_dict(module, "lora_scaling")[adapter] = AdapterScale(scale).to(device)
+    _child_dict(module, "lora_scaling")[adapter] = AdapterScale(scale, config.lora_dropout).to(device)
 
 
 def _output_head_paths(gm, config) -> set[str]:
@@ -230,14 +231,85 @@ def _lora_delta(lw: Lowering, site: Site, module: nn.Module, adapter: str, gated
 
 
 def rewrite(lw: Lowering, site: Site):
-    if lw.mixed:
-        return _rewrite_mixed(lw, site)
+    """Linear and embedding sites: every adapter of the module is stacked once per call and the
+    active ones (dense graph: the module's ``_fxpeft_slots``) or each sample's own (mixed graph)
+    are gathered, so the cost does not grow with the number of adapters loaded. Conv sites add
+    one gated delta per adapter."""
     module = lw.module(site.path)
+    if site.kind == "conv":
+        return _rewrite_conv(lw, site, module)
+    base_dtype = lw.root.get_parameter(site.weight).dtype
+    adapter_dtype = _adapter_dtype(lw.root.get_parameter(site.weight))
+    a_stack, b_stack = _stacks(lw, site, module)
+    index = lw.sample_index if lw.mixed else lw.slots()
+    if site.kind == "embedding":
+        padding_idx = site.node.args[2] if len(site.node.args) > 2 else -1
+        helper = lora_mixed_embedding if lw.mixed else lora_slots_embedding
+        delta = lw.call(helper, site.input, index, a_stack, b_stack, padding_idx)
+    elif lw.mixed:
+        delta = lw.call(lora_mixed_linear, lw.cast(site.input, adapter_dtype, base_dtype), index, a_stack, b_stack)
+    else:
+        _ensure_slots_module(lw.root)
+        x = lw.cast(site.input, adapter_dtype, base_dtype)
+        delta = lw.call_module(SLOTS_MODULE, x, index, a_stack, b_stack, _dropout_stack(lw, site, module))
+    return lw.call(aten.add.Tensor, site.output, lw.cast(delta, base_dtype, adapter_dtype))
+
+
+def _rewrite_conv(lw: Lowering, site: Site, module: nn.Module):
     output = site.output
     for adapter in adapters_at(module):
-        delta = _lora_delta(lw, site, module, adapter)
+        delta = _lora_delta(lw, site, module, adapter, gated=not lw.mixed)
+        if lw.mixed:
+            delta = lw.call(lora_mixed_masked, delta, lw.sample_index, lw.adapter_order.index(adapter))
         output = lw.call(aten.add.Tensor, output, delta)
     return output
+
+
+SLOTS_MODULE = "_fxpeft_lora_slots"
+
+
+class LoraSlots(nn.Module):
+    """The active adapters of a linear site in one computation: ``x [A_s1^T|A_s2^T|…] [B_s1^T; …]``.
+
+    A module (stateless) only so that it can follow ``.train()/.eval()`` for LoRA dropout,
+    whose probability per adapter is data (``p_stack``).
+    """
+
+    def forward(self, x, slots, a_t_stack, b_t_stack, p_stack=None):
+        a = a_t_stack.index_select(0, slots)  # (S, in, r)
+        b = b_t_stack.index_select(0, slots)  # (S, r, out)
+        if self.training and p_stack is not None:  # each active adapter sees its own dropout of x
+            p = p_stack.index_select(0, slots)
+            out = None
+            for slot in range(a.shape[0]):
+                kept = x * (torch.rand_like(x) >= p[slot]).to(x.dtype) / (1 - p[slot])
+                term = (kept @ a[slot]) @ b[slot]
+                out = term if out is None else out + term
+            return out
+        return (x @ a.permute(1, 0, 2).reshape(a.shape[1], -1)) @ b.reshape(-1, b.shape[-1])
+
+
+def _ensure_slots_module(root: nn.Module) -> None:
+    if SLOTS_MODULE not in root._modules:
+        root.add_module(SLOTS_MODULE, LoraSlots().train(root.training))
+
+
+def lora_slots_embedding(ids, slots, a_stack, b_t_stack, padding_idx: int = -1):
+    """Embedding sites, the active adapters: one lookup in the concatenated A tables."""
+    a = a_stack.index_select(0, slots)  # (S, r, num)
+    table = a.permute(2, 0, 1).reshape(a.shape[2], -1)
+    hidden = torch.nn.functional.embedding(ids, table, padding_idx if padding_idx >= 0 else None)
+    return hidden @ b_t_stack.index_select(0, slots).reshape(-1, b_t_stack.shape[-1])
+
+
+def _dropout_stack(lw: Lowering, site: Site, module: nn.Module):
+    """Per-adapter dropout probabilities (None when no adapter of the site uses dropout)."""
+    present = adapters_at(module)
+    if not any(module.lora_scaling[a].p.item() > 0 for a in present):
+        return None
+    probabilities = {a: lw.attr(f"{site.path}.lora_scaling.{a}.p") for a in present}
+    zero = lw.call(aten.zeros_like.default, next(iter(probabilities.values())))
+    return lw.call(aten.stack.default, [probabilities.get(a, zero) for a in lw.adapter_order] + [zero])
 
 
 # per-sample adapters (adapter_names=[...]): one gathered computation for the whole batch
@@ -310,27 +382,6 @@ def _stacks(lw: Lowering, site: Site, module: nn.Module):
     a_stack = lw.call(aten.stack.default, [s or zero_a for s in a_slots] + [zero_a])
     b_stack = lw.call(aten.stack.default, [s or zero_b for s in b_slots] + [zero_b])
     return a_stack, b_stack
-
-
-def _rewrite_mixed(lw: Lowering, site: Site):
-    module = lw.module(site.path)
-    if site.kind == "conv":
-        output = site.output
-        for adapter in adapters_at(module):
-            delta = _lora_delta(lw, site, module, adapter, gated=False)
-            slot = lw.adapter_order.index(adapter)
-            output = lw.call(aten.add.Tensor, output, lw.call(lora_mixed_masked, delta, lw.sample_index, slot))
-        return output
-    base_dtype = lw.root.get_parameter(site.weight).dtype
-    a_stack, b_stack = _stacks(lw, site, module)
-    adapter_dtype = _adapter_dtype(lw.root.get_parameter(site.weight))
-    if site.kind == "embedding":
-        padding_idx = site.node.args[2] if len(site.node.args) > 2 else -1
-        delta = lw.call(lora_mixed_embedding, site.input, lw.sample_index, a_stack, b_stack, padding_idx)
-    else:
-        x = lw.cast(site.input, adapter_dtype, base_dtype)
-        delta = lw.call(lora_mixed_linear, x, lw.sample_index, a_stack, b_stack)
-    return lw.call(aten.add.Tensor, site.output, lw.cast(delta, base_dtype, adapter_dtype))
 
 
 # ----------------------------------------------------------------------------- folding

@@ -32,6 +32,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from fxpeft.merging import _sites_by_path
+
 COMBINATION_TYPES = (
     "svd", "linear", "cat", "ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd",
     "magnitude_prune", "magnitude_prune_svd",
@@ -110,12 +112,6 @@ def _lora_pair(module, adapter: str):
     if emb_a is not None and adapter in emb_a:
         return emb_a[adapter], module.lora_embedding_B[adapter], True
     return None
-
-
-def _sites_by_path(gm) -> dict:
-    from fxpeft.canonical import find_sites
-    canonical = gm._fxpeft_signatures[gm._fxpeft_primary].canonical
-    return {site.path: site for site in reversed(find_sites(canonical, gm))}
 
 
 def _resolved_targets(gm, sites, config):
@@ -340,30 +336,6 @@ def _combine(gm, path, site, adapters, weights, combination_type, new_rank, dens
                 svd_clamp, svd_full_matrices, svd_driver)
 
 
-# ----------------------------------------------------------------------------- rollback
-
-
-def _snapshot(gm):
-    state = {id(m): (m, dict(m._modules), dict(m._parameters), dict(m._buffers)) for m in gm.modules()}
-    flags = {id(p): (p, p.requires_grad) for p in gm.parameters()}
-    return state, flags, dict(gm.peft_config), list(gm._fxpeft_active)
-
-
-def _restore(gm, snapshot) -> None:
-    state, flags, configs, active = snapshot
-    for module, modules, params, buffers in state.values():
-        for attr, saved in (("_modules", modules), ("_parameters", params), ("_buffers", buffers)):
-            current = getattr(module, attr)
-            current.clear()
-            current.update(saved)
-    for param, flag in flags.values():
-        param.requires_grad_(flag)
-    gm.peft_config.clear()
-    gm.peft_config.update(configs)
-    gm._fxpeft_active[:] = active
-    gm.relower()
-
-
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -390,17 +362,21 @@ def add_weighted_adapter(
     ``adapter_name`` or incompatible adapters raise ValueError. On any error ``gm`` is unchanged.
     """
     import fxpeft
+    from fxpeft.lifecycle import _transaction
 
     adapters, weights, combination_type = _check(gm, adapters, weights, adapter_name, combination_type, svd_rank,
                                                  svd_clamp, svd_driver, density, majority_sign_method)
     new_rank, paths, sites, inject, stored = _plan(gm, adapters, weights, combination_type, svd_rank, svd_driver)
 
-    snapshot = _snapshot(gm)
-    try:
+    active = list(gm._fxpeft_active)
+    with _transaction(gm):
         # The adapter is created first, as PEFT does: creating LoRA layers draws from the random
         # generator, so the dare masks drawn afterwards match PEFT's for the same seed.
         fxpeft.add_adapter(gm, inject, adapter_name)
         gm.peft_config[adapter_name] = stored
+        if gm._fxpeft_active != active:  # add_adapter activates a first adapter; PEFT activates nothing here
+            gm._fxpeft_active[:] = active
+            gm.sync_gates()
         with torch.no_grad():
             for path in paths:
                 new_a, new_b = _combine(gm, path, sites[path], adapters, weights, combination_type, new_rank,
@@ -419,6 +395,3 @@ def add_weighted_adapter(
             target_a, target_b, _ = _lora_pair(gm.get_submodule(path), adapter_name)
             target_a.requires_grad_(False)
             target_b.requires_grad_(False)
-    except BaseException:
-        _restore(gm, snapshot)
-        raise

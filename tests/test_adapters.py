@@ -159,6 +159,10 @@ def test_no_recompiles_when_switching_disabling_and_mixing():
     model = models.llama().eval()
     reference, gm = _pair(model)
     inputs = models.hf_inputs("llama")
+    # two adapters were once active together: the module keeps two slots for active adapters
+    # (growing the slot count is the one change that recompiles)
+    fxpeft.set_adapter(gm, ["default", "wide"])
+    fxpeft.set_adapter(gm, "default")
     compiled = torch.compile(gm, fullgraph=True)
     index = fxpeft.adapter_indices(gm, ["wide", "__base__"])
     with torch.no_grad():
