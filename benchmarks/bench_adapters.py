@@ -1,7 +1,7 @@
 """Many adapters: mixed-adapter batches and adapter switching, fxpeft vs PEFT in one process.
 
 Llama-shaped CPU model (hidden 512, 4 layers), 8 LoRA adapters (r=16, all seven projections).
-- mixed batch of 32 sequences x 64 tokens, each sample naming its adapter (eager, no_grad);
+- mixed batch of 32 sequences x --seq tokens (default 64), each sample naming its adapter (eager, no_grad);
 - switching: set_adapter then the next call of a torch.compile'd model (PEFT recompiles;
   PEFT's hotswap_adapter is shown too).
 Run: python benchmarks/bench_adapters.py [--repeats N] [--skip-switch]
@@ -39,8 +39,8 @@ def build(base):
     return names, reference.eval(), gm.eval()
 
 
-def mixed_batch(names, reference, gm, repeats):
-    batch = {"input_ids": torch.randint(0, 8000, (32, 64)), "attention_mask": torch.ones(32, 64, dtype=torch.long)}
+def mixed_batch(names, reference, gm, repeats, seq):
+    batch = {"input_ids": torch.randint(0, 8000, (32, seq)), "attention_mask": torch.ones(32, seq, dtype=torch.long)}
     per_sample = [names[i % len(names)] for i in range(32)]
     with torch.no_grad():
         torch.testing.assert_close(gm(**batch, adapter_names=per_sample).logits,
@@ -89,11 +89,12 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-switch", action="store_true")
+    parser.add_argument("--seq", type=int, default=64)
     args = parser.parse_args()
     torch.manual_seed(0)
     names, reference, gm = build(llama_512().eval())
-    times = mixed_batch(names, reference, gm, args.repeats)
-    print(f"mixed batch (32 x 64 tokens, {N_ADAPTERS} adapters), median seconds:")
+    times = mixed_batch(names, reference, gm, args.repeats, args.seq)
+    print(f"mixed batch (32 x {args.seq} tokens, {N_ADAPTERS} adapters), median seconds:")
     for key, value in times.items():
         print(f"  {key:<16}{value:.4f}")
     print(f"  throughput fxpeft / PEFT        : {times['peft mixed'] / times['fxpeft mixed']:.2f}x")

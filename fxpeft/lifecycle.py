@@ -15,7 +15,7 @@ from torch import nn
 from . import checkpoint as _checkpoint
 from .canonical import find_sites
 from .configs import PeftConfigBase
-from .module import PeftGraphModule, build
+from .module import PeftGraphModule, _device_of, build
 from .rewrite import method_for
 
 
@@ -158,15 +158,9 @@ def save_pretrained(gm: PeftGraphModule, directory: str, adapter_names=None, saf
     """Write PEFT's checkpoint layout: "default" at ``directory``, other adapters in subfolders."""
     _require_transformed(gm)
     names = list(gm.peft_config) if adapter_names is None else list(adapter_names)
-    unknown = [n for n in names if n not in gm.peft_config]
-    if unknown:
-        raise KeyError(f"Unknown adapter(s) {unknown}; existing adapters: {sorted(gm.peft_config)}.")
+    _check_known(gm, names)
     for name in names:
         _checkpoint.save_adapter(gm, _checkpoint.adapter_dir(directory, name), name, safe_serialization)
-
-
-def _device_of(module: nn.Module):
-    return next(module.parameters()).device
 
 
 def from_pretrained(model: nn.Module, directory: str, adapter_name: str = "default", is_trainable: bool = False,
