@@ -24,14 +24,14 @@ for step in range(10):
     optimizer.zero_grad()
     print(f"step {step}: loss {loss.item():.3f}")
 
-# 3. what was rewritten: every adapted site and the nodes inserted at one of them
+# 3. what was rewritten: every adapted site, then the nodes the LoRA pass inserted at one of them
 gm.eval()
-sites = sorted({n.rsplit(".lora_A", 1)[0] for n, _ in gm.named_parameters() if ".lora_A." in n})
-print(f"\n{len(sites)} linear sites rewritten, e.g. {sites[0]}")
-inserted = [n for n in gm.graph.nodes if "layers_0_self_attn_q_proj_lora" in n.name or
-            (n.op == "call_function" and any("q_proj_lora" in a.name for a in n.all_input_nodes))]
-print("nodes inserted at model.layers.0.self_attn.q_proj:")
-for node in inserted:
-    print(f"  {node.format_node()}")
+print()
+print(fxpeft.inspect(gm))
+site = "model.layers.0.self_attn.q_proj"
+print(f"\nnodes inserted at {site}:")
+for node in gm.graph.nodes:
+    if node.meta.get("fxpeft_site") == site:
+        print(f"  {node.format_node()}")
 with torch.no_grad():
     print("\nlogits:", gm(input_ids=batch[:1, :8]).logits.shape)

@@ -267,10 +267,8 @@ def _inline_region(node: torch.fx.Node, graph: torch.fx.Graph, owner: nn.Module,
         if user.op == "call_function" and user.target.__name__ == "getitem":
             user.replace_all_uses_with(outputs[user.args[1]])
             graph.erase_node(user)
-    if node.users:
-        node.replace_all_uses_with(outputs)  # pragma: no cover - regions return tuples
     graph.erase_node(node)
-    if not any(n.op == "get_attr" and n.target == body_node.target for n in graph.nodes if n is not body_node) and not body_node.users:
+    if not body_node.users:  # the body's get_attr, unless another region shares it
         graph.erase_node(body_node)
     return True
 

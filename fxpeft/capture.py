@@ -105,13 +105,12 @@ def _tracing_state(model: nn.Module):
 
 
 def _widen(value):
-    """Sizes 0/1 get specialised by export; give it at least 2 along every dim."""
-    if not isinstance(value, torch.Tensor):
+    """Export specialises sizes 0 and 1: repeat a tensor until every dim has at least 2."""
+    if not isinstance(value, torch.Tensor) or value.numel() == 0:
         return value
     for dim, size in enumerate(value.shape):
-        if size < 2:
-            value = torch.cat([value] * 2, dim=dim) if size == 1 else value.new_zeros(
-                *value.shape[:dim], 2, *value.shape[dim + 1:])
+        if size == 1:
+            value = torch.cat([value, value], dim=dim)
     return value
 
 

@@ -4,8 +4,12 @@ State (attached beside the adapted module, PEFT's names):
     <path>.lora_A.<adapter>.weight, <path>.lora_B.<adapter>.weight          linear / conv
     <path>.lora_embedding_A.<adapter>, <path>.lora_embedding_B.<adapter>    embedding
     <path>.lora_dropout.<adapter>    (nn.Dropout / nn.Identity, no parameters)
-    <path>.lora_scaling.<adapter>.value   non-persistent buffer: s, or 0 while inactive
-Rewrite (phase 50, output deltas): one delta subgraph per adapter, added to the site output.
+    <path>.lora_scaling.<adapter>.value / .p   non-persistent buffers: s (0 once merged), dropout p
+Rewrite (phase 50, output deltas), added to the site output:
+    linear / embedding sites: the module's adapters stacked (padded to one rank, s folded into
+    B) and gathered by the active slots (dense graph) or per sample (mixed graph);
+    conv sites: one gated delta subgraph per adapter.
+Folding: ``delta_weight`` is what merging adds to the base weight.
 """
 from __future__ import annotations
 
@@ -193,36 +197,22 @@ def _has_lora(site: Site, module: nn.Module) -> bool:
     return bool(module._modules.get("lora_A") or module._modules.get("lora_embedding_A"))
 
 
-def _lora_delta(lw: Lowering, site: Site, module: nn.Module, adapter: str, gated: bool = True):
+def _conv_delta(lw: Lowering, site: Site, module: nn.Module, adapter: str, gated: bool = True):
+    """One adapter's ``s * B(A(dropout(x)))`` at a conv site, times its gate in dense graphs."""
     path = site.path
     base_dtype = lw.root.get_parameter(site.weight).dtype
-    x = site.input
-    if site.kind == "embedding":
-        a_param = module.lora_embedding_A[adapter]
-        a = lw.call(aten.t.default, lw.attr(f"{path}.lora_embedding_A.{adapter}"))
-        b = lw.call(aten.t.default, lw.attr(f"{path}.lora_embedding_B.{adapter}"))
-        padding_idx = site.node.args[2] if len(site.node.args) > 2 else -1
-        hidden = lw.call(aten.embedding.default, a, x, padding_idx)
-        delta = lw.call(aten.matmul.default, hidden, b)
-        adapter_dtype = a_param.dtype
-    else:
-        adapter_dtype = module.lora_A[adapter].weight.dtype
-        x = lw.cast(x, adapter_dtype, base_dtype)
-        if not isinstance(module.lora_dropout[adapter], nn.Identity):
-            x = lw.call_module(f"{path}.lora_dropout.{adapter}", x)
-        a_weight = lw.attr(f"{path}.lora_A.{adapter}.weight")
-        b_weight = lw.attr(f"{path}.lora_B.{adapter}.weight")
-        if site.kind == "linear":
-            hidden = lw.call(aten.linear.default, x, a_weight)
-            delta = lw.call(aten.linear.default, hidden, b_weight)
-        else:
-            a_conv, b_conv = module.lora_A[adapter], module.lora_B[adapter]
-            op = {1: aten.conv1d, 2: aten.conv2d, 3: aten.conv3d}[a_conv.weight.dim() - 2]
-            a_op = op.padding if isinstance(a_conv.padding, str) else op.default
-            a_padding = a_conv.padding if isinstance(a_conv.padding, str) else list(a_conv.padding)
-            hidden = lw.call(a_op, x, a_weight, None, list(a_conv.stride), a_padding)
-            delta = lw.call(op.default, hidden, b_weight, None, list(b_conv.stride), [0] * len(b_conv.stride),
-                            [1] * len(b_conv.stride), b_conv.groups)
+    adapter_dtype = module.lora_A[adapter].weight.dtype
+    x = lw.cast(site.input, adapter_dtype, base_dtype)
+    if not isinstance(module.lora_dropout[adapter], nn.Identity):
+        x = lw.call_module(f"{path}.lora_dropout.{adapter}", x)
+    a_conv, b_conv = module.lora_A[adapter], module.lora_B[adapter]
+    op = {1: aten.conv1d, 2: aten.conv2d, 3: aten.conv3d}[a_conv.weight.dim() - 2]
+    a_op = op.padding if isinstance(a_conv.padding, str) else op.default
+    a_padding = a_conv.padding if isinstance(a_conv.padding, str) else list(a_conv.padding)
+    hidden = lw.call(a_op, x, lw.attr(f"{path}.lora_A.{adapter}.weight"), None, list(a_conv.stride), a_padding)
+    ones = [1] * len(b_conv.stride)
+    delta = lw.call(op.default, hidden, lw.attr(f"{path}.lora_B.{adapter}.weight"), None, ones, [0] * len(ones),
+                    ones, b_conv.groups)
     coefficient = lw.attr(f"{path}.lora_scaling.{adapter}.value")
     if gated:  # scalar work first: one elementwise pass over the delta, as an ungated adapter costs
         coefficient = lw.call(aten.mul.Tensor, coefficient, lw.gate(adapter))
@@ -258,7 +248,7 @@ def rewrite(lw: Lowering, site: Site):
 def _rewrite_conv(lw: Lowering, site: Site, module: nn.Module):
     output = site.output
     for adapter in adapters_at(module):
-        delta = _lora_delta(lw, site, module, adapter, gated=not lw.mixed)
+        delta = _conv_delta(lw, site, module, adapter, gated=not lw.mixed)
         if lw.mixed:
             delta = lw.call(lora_mixed_masked, delta, lw.sample_index, lw.adapter_order.index(adapter))
         output = lw.call(aten.add.Tensor, output, delta)
