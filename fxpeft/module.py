@@ -185,6 +185,8 @@ class PeftGraphModule(GraphModule):
             if adapter_names is None:
                 return signatures[None].fn(self, *args, **kwargs)
             index = self._adapter_index(adapter_names, args[0] if args else next(iter(kwargs.values())))
+            if signatures[None].mixed_fn is None:  # no adapters: every sample is "__base__"
+                return signatures[None].fn(self, *args, **kwargs)
             return signatures[None].mixed_fn(self, index, *args, **kwargs)
         for name, value in zip(self._fxpeft_arg_names, args):
             if name in kwargs:
@@ -205,7 +207,9 @@ class PeftGraphModule(GraphModule):
                 )
             signature = self._capture_signature(kwargs, key)
         flat_inputs = capture_mod.flatten_call(kwargs, signature.in_spec)
-        if adapter_names is None:
+        if adapter_names is None or signature.mixed_fn is None:  # no adapters: every sample is "__base__"
+            if adapter_names is not None:
+                self._adapter_index(adapter_names, next(v for v in kwargs.values() if isinstance(v, torch.Tensor)))
             flat = signature.fn(self, *flat_inputs)
         else:
             index = self._adapter_index(adapter_names, next(v for v in kwargs.values() if isinstance(v, torch.Tensor)))
