@@ -57,6 +57,8 @@ def _attach(gm: PeftGraphModule, config, adapter_name: str) -> None:
         )
     method = method_for(config)
     sites = find_sites(gm._fxpeft_signatures[gm._fxpeft_primary].canonical, gm)
+    if method.resolve_config is not None:  # stored and saved as PEFT does: "all-linear" / None resolved
+        config = method.resolve_config(gm, sites, config)
     before = {id(p) for p in gm.parameters()}
     adapted = method.attach(gm, sites, config, adapter_name)
     from .passes import modules_to_save

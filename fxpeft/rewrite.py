@@ -138,6 +138,7 @@ class Method:
     adapters_at: Optional[Callable] = None
     gate: Optional[Callable] = None
     delta_weight: Optional[Callable] = None
+    resolve_config: Optional[Callable] = None  # (gm, sites, config) -> config as stored (PEFT resolves targets)
 
 
 METHODS: dict[type, Method] = {}

@@ -405,4 +405,5 @@ def gate(module: nn.Module, adapter: str) -> AdapterScale:
 register_rule(site_rule("lora", _has_lora, rewrite, phase=50))
 register_method(Method(config_type=LoraConfig, attach=attach, containers=("lora_A", "lora_B", "lora_embedding_A",
                                                                          "lora_embedding_B", "lora_dropout", "lora_scaling"),
-                       adapters_at=adapters_at, gate=gate, delta_weight=delta_weight))
+                       adapters_at=adapters_at, gate=gate, delta_weight=delta_weight,
+                       resolve_config=resolve_targets))

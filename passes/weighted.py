@@ -114,16 +114,6 @@ def _lora_pair(module, adapter: str):
     return None
 
 
-def _resolved_targets(gm, sites, config):
-    """target_modules as PEFT has them after injection: None -> the model type's default names,
-    "all-linear" -> the paths of the linear layers (fxpeft keeps the unresolved value)."""
-    targets = config.target_modules
-    if targets is None or (isinstance(targets, str) and targets.lower() == "all-linear"):
-        from fxpeft.passes.lora import resolve_targets
-        return list(resolve_targets(gm, sites, config).target_modules)
-    return targets
-
-
 # ----------------------------------------------------------------------------- checks
 
 
@@ -238,8 +228,7 @@ def _plan(gm, adapters, weights, combination_type, svd_rank, svd_driver):
             raise ValueError(f"svd_driver={svd_driver!r} only works when merging on CUDA (torch.linalg.svd); "
                              "leave it None on other devices.")
 
-    site_list = list(sites.values())
-    targets = [_resolved_targets(gm, site_list, c) for c in configs]
+    targets = [c.target_modules for c in configs]  # stored resolved, as PEFT stores them
     kinds = {type(t) for t in targets}
     if len(kinds) > 1:
         raise ValueError("all adapter configs should follow the same target modules type. Combining adapters "

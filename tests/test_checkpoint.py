@@ -180,3 +180,13 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         fxpeft.save_pretrained(gm, str(tmp_path))
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     assert after == before  # the previous checkpoint is intact, no temporary left behind
+
+
+@pytest.mark.parametrize("targets", ["all-linear", None])
+def test_saved_config_resolves_targets_like_peft(targets, tmp_path):
+    model = models.llama().eval()
+    peft_model(model, r=2, target_modules=targets).save_pretrained(tmp_path / "peft")
+    fxpeft.save_pretrained(fxpeft.transform(model, fxpeft.LoraConfig(r=2, target_modules=targets)), str(tmp_path / "fx"))
+    theirs = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["target_modules"]
+    ours = json.loads((tmp_path / "fx" / "adapter_config.json").read_text())["target_modules"]
+    assert sorted(ours) == sorted(theirs)
