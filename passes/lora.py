@@ -156,7 +156,7 @@ def _conv1d_type():
 
 
 def attach(gm, sites: list[Site], config: LoraConfig, adapter: str) -> list[str]:
-    config = resolve_targets(gm, sites, config)
+    """``config`` arrives with its targets resolved (``Method.resolve_config``)."""
     by_path: dict[str, Site] = {}
     for site in sites:
         by_path.setdefault(site.path, site)
