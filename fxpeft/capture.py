@@ -114,17 +114,42 @@ def _widen(value):
     return value
 
 
+def keyword_module(module: nn.Module, names: list[str], convert_output=None) -> nn.Module:
+    """``module``'s namespace (the same parameter and buffer keys) behind a forward with explicit
+    keyword-only parameters ``names``, which calls ``module(**given)``.
+
+    torch.export cannot give dynamic shapes to inputs that reach a forward through ``**kwargs``
+    (``return_dict`` in transformers 5, or any input of our dispatcher), and interprets a
+    GraphModule's own graph instead of calling its forward.
+    """
+
+    class KeywordModule(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self._modules, self._parameters, self._buffers = module._modules, module._parameters, module._buffers
+            self._non_persistent_buffers_set = module._non_persistent_buffers_set
+            self.__dict__["_wrapped"] = module
+
+        def forward(self, **given):
+            output = self._wrapped(**{k: v for k, v in given.items() if v is not None})
+            return convert_output(output) if convert_output is not None else output
+
+    P = inspect.Parameter
+    KeywordModule.forward.__signature__ = inspect.Signature(
+        [P("self", P.POSITIONAL_OR_KEYWORD)] + [P(name, P.KEYWORD_ONLY, default=None) for name in names])
+    return KeywordModule()
+
+
 def export_call(model: nn.Module, kwargs: dict[str, Any], widen: bool = False) -> Captured:
     """Capture one keyword signature with torch.export."""
     if widen:
         kwargs = {name: _widen(value) for name, value in kwargs.items()}
-    dynamic = {
-        name: ({d: torch.export.Dim.AUTO for d in range(value.ndim)} if isinstance(value, torch.Tensor) else None)
-        for name, value in kwargs.items()
-    }
+    dynamic = {name: ({d: torch.export.Dim.AUTO for d in range(value.ndim)} if isinstance(value, torch.Tensor)
+                      else None) for name, value in kwargs.items()}
     try:
         with _tracing_state(model):
-            program = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic, strict=False)
+            program = torch.export.export(keyword_module(model, list(kwargs)), (), kwargs, dynamic_shapes=dynamic,
+                                          strict=False)
     except Exception as error:
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__} with inputs {sorted(kwargs)}: "

@@ -8,7 +8,6 @@ exactly the base model's keys.
 """
 from __future__ import annotations
 
-import inspect
 import os
 from typing import Iterable, Optional
 
@@ -165,34 +164,12 @@ def export_merged(gm: PeftGraphModule, directory: str, example_inputs=None) -> d
     kwargs = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}  # the dispatcher adds the rest
     dynamic = {k: {d: torch.export.Dim.AUTO for d in range(v.ndim)} for k, v in kwargs.items()}
     with torch.fx.experimental._config.patch(use_duck_shape=False):
-        program = torch.export.export(_deployable(merged, list(kwargs)), (), kwargs, dynamic_shapes=dynamic,
-                                      strict=False)
+        # ModelOutput classes cannot be serialised into a .pt2: deploy their fields as a dict
+        deployable = capture_mod.keyword_module(merged, list(kwargs), lambda out: dict(out) if isinstance(out, dict) else out)
+        program = torch.export.export(deployable, (), kwargs, dynamic_shapes=dynamic, strict=False)
     tensors = _unshared(merged.state_dict())
     atomic_write(directory, {
         "model.safetensors": lambda path: save_file(tensors, path, metadata={"format": "pt"}),
         "model.pt2": lambda path: torch.export.save(program, path),
     })
     return {"weights": os.path.join(directory, "model.safetensors"), "program": os.path.join(directory, "model.pt2")}
-
-
-def _deployable(merged: PeftGraphModule, input_names: list[str]) -> nn.Module:
-    """The merged module's namespace (same keys) behind a plain forward with named keyword
-    parameters. torch.export interprets a GraphModule's own graph instead of calling its
-    forward (which would skip the dispatcher), and cannot give dynamic shapes to ``**kwargs``."""
-
-    class Deployable(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self._modules, self._parameters, self._buffers = merged._modules, merged._parameters, merged._buffers
-            self._non_persistent_buffers_set = merged._non_persistent_buffers_set
-            self.__dict__["_merged"] = merged
-
-        def forward(self, **kwargs):
-            output = self._merged(**{k: v for k, v in kwargs.items() if v is not None})
-            # ModelOutput classes cannot be serialised into a .pt2: deploy their fields as a dict
-            return dict(output) if isinstance(output, dict) else output
-
-    P = inspect.Parameter
-    Deployable.forward.__signature__ = inspect.Signature(
-        [P("self", P.POSITIONAL_OR_KEYWORD)] + [P(name, P.KEYWORD_ONLY, default=None) for name in input_names])
-    return Deployable()

@@ -300,3 +300,28 @@ def test_add_second_adapter_keeps_first():
     with pytest.raises(ValueError):
         fxpeft.add_adapter(gm, fxpeft.LoraConfig(target_modules=["nope"]), "third")
     assert "third" not in gm.peft_config and not any("third" in n for n, _ in gm.named_parameters())
+
+
+def test_other_keyword_sets_are_captured_on_first_use():
+    bert = models.bert().eval()
+    gm = fxpeft.transform(bert, fxpeft.LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS",
+                                                  init_lora_weights=False))
+    inputs = models.hf_inputs("bert")
+    token_types = torch.zeros_like(inputs["input_ids"])
+    token_types[:, 3:] = 1
+    with torch.no_grad():
+        with_types = gm(**inputs, token_type_ids=token_types).logits
+        assert not torch.allclose(with_types, gm(**inputs).logits)  # token types reach the graph
+        as_tuple = gm(**inputs, token_type_ids=token_types, return_dict=False)  # through BERT's **kwargs
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], with_types)
+
+    t5 = models.t5().eval()
+    gm = fxpeft.transform(t5, fxpeft.LoraConfig(r=2, target_modules=["q", "v"]))
+    inputs = models.hf_inputs("t5")
+    labels = torch.randint(1, models.VOCAB, (2, 5))  # no decoder_input_ids: T5 derives them from labels
+    with torch.no_grad():
+        ours = gm(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels)
+        theirs = t5(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels)
+    torch.testing.assert_close(ours.loss, theirs.loss)
+    torch.testing.assert_close(ours.logits, theirs.logits)
