@@ -38,7 +38,8 @@ class AdapterScale(nn.Module):
         self.scale = float(scale)
         self.merged = False
         self.register_buffer("value", torch.tensor(self.scale), persistent=False)
-        self.register_buffer("p", torch.tensor(float(dropout)), persistent=False)  # LoRA dropout, as data
+        self.dropout = float(dropout)
+        self.register_buffer("p", torch.tensor(self.dropout), persistent=False)  # LoRA dropout, as data
 
     def refresh(self) -> None:
         with torch.no_grad():
@@ -295,7 +296,7 @@ def lora_slots_embedding(ids, slots, a_stack, b_t_stack, padding_idx: int = -1):
 def _dropout_stack(lw: Lowering, site: Site, module: nn.Module):
     """Per-adapter dropout probabilities (None when no adapter of the site uses dropout)."""
     present = adapters_at(module)
-    if not any(module.lora_scaling[a].p.item() > 0 for a in present):
+    if not any(module.lora_scaling[a].dropout > 0 for a in present):
         return None
     probabilities = {a: lw.attr(f"{site.path}.lora_scaling.{a}.p") for a in present}
     zero = lw.call(aten.zeros_like.default, next(iter(probabilities.values())))
