@@ -8,7 +8,7 @@ State (attached beside the adapted module, PEFT's names):
 Rewrite (phase 50, output deltas), added to the site output:
     linear / embedding sites: the module's adapters stacked (padded to one rank, s folded into
     B) and gathered by the active slots (dense graph) or per sample (mixed graph);
-    conv sites: one gated delta subgraph per adapter.
+    linear sites with a single adapter (dense graph) and conv sites: a gated delta per adapter.
 Folding: ``delta_weight`` is what merging adds to the base weight.
 """
 from __future__ import annotations
@@ -198,22 +198,26 @@ def _has_lora(site: Site, module: nn.Module) -> bool:
     return bool(module._modules.get("lora_A") or module._modules.get("lora_embedding_A"))
 
 
-def _conv_delta(lw: Lowering, site: Site, module: nn.Module, adapter: str, gated: bool = True):
-    """One adapter's ``s * B(A(dropout(x)))`` at a conv site, times its gate in dense graphs."""
+def _single_delta(lw: Lowering, site: Site, module: nn.Module, adapter: str, gated: bool = True):
+    """One adapter's ``s * B(A(dropout(x)))`` at a linear or conv site, times its gate in dense
+    graphs: the plain LoRA subgraph, used where stacking adapters would only add work."""
     path = site.path
     base_dtype = lw.root.get_parameter(site.weight).dtype
     adapter_dtype = module.lora_A[adapter].weight.dtype
     x = lw.cast(site.input, adapter_dtype, base_dtype)
     if not isinstance(module.lora_dropout[adapter], nn.Identity):
         x = lw.call_module(f"{path}.lora_dropout.{adapter}", x)
-    a_conv, b_conv = module.lora_A[adapter], module.lora_B[adapter]
-    op = {1: aten.conv1d, 2: aten.conv2d, 3: aten.conv3d}[a_conv.weight.dim() - 2]
-    a_op = op.padding if isinstance(a_conv.padding, str) else op.default
-    a_padding = a_conv.padding if isinstance(a_conv.padding, str) else list(a_conv.padding)
-    hidden = lw.call(a_op, x, lw.attr(f"{path}.lora_A.{adapter}.weight"), None, list(a_conv.stride), a_padding)
-    ones = [1] * len(b_conv.stride)
-    delta = lw.call(op.default, hidden, lw.attr(f"{path}.lora_B.{adapter}.weight"), None, ones, [0] * len(ones),
-                    ones, b_conv.groups)
+    a_weight, b_weight = lw.attr(f"{path}.lora_A.{adapter}.weight"), lw.attr(f"{path}.lora_B.{adapter}.weight")
+    if site.kind == "linear":
+        delta = lw.call(aten.linear.default, lw.call(aten.linear.default, x, a_weight), b_weight)
+    else:
+        a_conv, b_conv = module.lora_A[adapter], module.lora_B[adapter]
+        op = {1: aten.conv1d, 2: aten.conv2d, 3: aten.conv3d}[a_conv.weight.dim() - 2]
+        a_op = op.padding if isinstance(a_conv.padding, str) else op.default
+        a_padding = a_conv.padding if isinstance(a_conv.padding, str) else list(a_conv.padding)
+        hidden = lw.call(a_op, x, a_weight, None, list(a_conv.stride), a_padding)
+        ones = [1] * len(b_conv.stride)
+        delta = lw.call(op.default, hidden, b_weight, None, ones, [0] * len(ones), ones, b_conv.groups)
     coefficient = lw.attr(f"{path}.lora_scaling.{adapter}.value")
     if gated:  # scalar work first: one elementwise pass over the delta, as an ungated adapter costs
         coefficient = lw.call(aten.mul.Tensor, coefficient, lw.gate(adapter))
@@ -222,13 +226,14 @@ def _conv_delta(lw: Lowering, site: Site, module: nn.Module, adapter: str, gated
 
 
 def rewrite(lw: Lowering, site: Site):
-    """Linear and embedding sites: every adapter of the module is stacked once per call and the
-    active ones (dense graph: the module's ``_fxpeft_slots``) or each sample's own (mixed graph)
-    are gathered, so the cost does not grow with the number of adapters loaded. Conv sites add
-    one gated delta per adapter."""
+    """Linear and embedding sites with several adapters (or in the mixed graph): every adapter of
+    the module is stacked once per call and the active ones (dense graph: the module's
+    ``_fxpeft_slots``) or each sample's own (mixed graph) are gathered, so the cost does not grow
+    with the number of adapters loaded. A linear site with one adapter gets the plain gated LoRA
+    subgraph; conv sites get one gated delta per adapter."""
     module = lw.module(site.path)
-    if site.kind == "conv":
-        return _rewrite_conv(lw, site, module)
+    if site.kind == "conv" or (site.kind == "linear" and not lw.mixed and len(adapters_at(module)) == 1):
+        return _rewrite_per_adapter(lw, site, module)
     base_dtype = lw.root.get_parameter(site.weight).dtype
     adapter_dtype = _adapter_dtype(lw.root.get_parameter(site.weight))
     a_stack, b_stack = _stacks(lw, site, module)
@@ -246,10 +251,11 @@ def rewrite(lw: Lowering, site: Site):
     return lw.call(aten.add.Tensor, site.output, lw.cast(delta, base_dtype, adapter_dtype))
 
 
-def _rewrite_conv(lw: Lowering, site: Site, module: nn.Module):
+def _rewrite_per_adapter(lw: Lowering, site: Site, module: nn.Module):
+    """Conv sites, and linear sites with a single adapter in the dense graph."""
     output = site.output
     for adapter in adapters_at(module):
-        delta = _conv_delta(lw, site, module, adapter, gated=not lw.mixed)
+        delta = _single_delta(lw, site, module, adapter, gated=not lw.mixed)
         if lw.mixed:
             delta = lw.call(lora_mixed_masked, delta, lw.sample_index, lw.adapter_order.index(adapter))
         output = lw.call(aten.add.Tensor, output, delta)
