@@ -89,14 +89,6 @@ def _innermost_module(node: torch.fx.Node) -> Optional[str]:
     return path if isinstance(path, str) else None
 
 
-def _get(root: nn.Module, fqn: str):
-    module_path, _, name = fqn.rpartition(".")
-    try:
-        return getattr(root.get_submodule(module_path), name)
-    except AttributeError:
-        return None
-
-
 # --------------------------------------------------------------------------- site table
 
 
@@ -150,11 +142,8 @@ def site_path(node: torch.fx.Node, weight_fqn: str, root: nn.Module) -> str:
     """The module a site belongs to: the innermost module that owns this very weight tensor."""
     module_path = node.meta.get("fxpeft_module")
     if module_path is not None:
-        try:
-            module = root.get_submodule(module_path)
-        except AttributeError:
-            module = None
-        if module is not None and getattr(module, "weight", None) is _get(root, weight_fqn):
+        module = submodule(root, module_path)
+        if module is not None and getattr(module, "weight", None) is _resolve(root, weight_fqn):
             return module_path
     return weight_fqn[: -len(".weight")] if weight_fqn.endswith(".weight") else weight_fqn
 
@@ -257,7 +246,7 @@ def _inline_region(node: torch.fx.Node, graph: torch.fx.Graph, owner: nn.Module,
                 break
             if inner.op == "get_attr":
                 local = f"{namespace}{body_node.target}_{inner.target}".replace(".", "_")
-                extras[local] = _get(body, inner.target) if "." in inner.target else getattr(body, inner.target)
+                extras[local] = _resolve(body, inner.target)
                 value_map[inner] = graph.get_attr(local)
                 continue
             value_map[inner] = graph.node_copy(inner, lambda n: value_map[n])
@@ -347,13 +336,19 @@ def canonicalize(graph: torch.fx.Graph, owner: nn.Module, source: nn.Module, nam
     return Canonical(graph=graph, extras=extras)
 
 
-def _resolve(root: nn.Module, fqn: str):
+def submodule(root: nn.Module, path: str) -> Optional[nn.Module]:
+    """The module at ``path`` under ``root``, or None."""
     try:
-        return root.get_submodule(fqn)
-    except AttributeError:
-        pass
-    module_path, _, name = fqn.rpartition(".")
-    try:
-        return getattr(root.get_submodule(module_path), name)
+        return root.get_submodule(path)
     except AttributeError:
         return None
+
+
+def _resolve(root: nn.Module, fqn: str):
+    """The module, parameter, buffer or attribute at ``fqn`` under ``root``, or None."""
+    found = submodule(root, fqn)
+    if found is not None:
+        return found
+    module_path, _, name = fqn.rpartition(".")
+    owner = submodule(root, module_path)
+    return getattr(owner, name, None) if owner is not None else None

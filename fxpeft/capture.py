@@ -95,8 +95,7 @@ def _tracing_state(model: nn.Module):
     if had_cache is not None:
         config.use_cache = False
     try:
-        with torch.fx.experimental._config.patch(use_duck_shape=False):
-            yield
+        yield
     finally:
         for module, mode in was_training.items():
             module.training = mode
@@ -140,16 +139,23 @@ def keyword_module(module: nn.Module, names: list[str], convert_output=None) -> 
     return KeywordModule()
 
 
+def export_program(module: nn.Module, kwargs: dict[str, Any], convert_output=None):
+    """torch.export of ``module(**kwargs)``, non-strict, every tensor dim ``Dim.AUTO`` and duck
+    sizing off, so that equal example sizes do not force equal dimensions."""
+    dynamic = {name: ({d: torch.export.Dim.AUTO for d in range(value.ndim)} if isinstance(value, torch.Tensor)
+                      else None) for name, value in kwargs.items()}
+    with torch.fx.experimental._config.patch(use_duck_shape=False):
+        return torch.export.export(keyword_module(module, list(kwargs), convert_output), (), kwargs,
+                                   dynamic_shapes=dynamic, strict=False)
+
+
 def export_call(model: nn.Module, kwargs: dict[str, Any], widen: bool = False) -> Captured:
     """Capture one keyword signature with torch.export."""
     if widen:
         kwargs = {name: _widen(value) for name, value in kwargs.items()}
-    dynamic = {name: ({d: torch.export.Dim.AUTO for d in range(value.ndim)} if isinstance(value, torch.Tensor)
-                      else None) for name, value in kwargs.items()}
     try:
         with _tracing_state(model):
-            program = torch.export.export(keyword_module(model, list(kwargs)), (), kwargs, dynamic_shapes=dynamic,
-                                          strict=False)
+            program = export_program(model, kwargs)
     except Exception as error:
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__} with inputs {sorted(kwargs)}: "

@@ -54,13 +54,14 @@ def _adapted_paths(gm) -> set[str]:
     return paths
 
 
-def adapter_key_map(gm, adapter: str) -> dict[str, str]:
-    """PEFT checkpoint key -> fxpeft state_dict name, for one adapter."""
+def adapter_key_map(gm, adapter: str, state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """PEFT checkpoint key -> fxpeft state_dict name, for one adapter (``state`` is ``gm``'s
+    ``state_dict(keep_vars=True)``)."""
     config = gm.peft_config[adapter]
     containers = set(method_for(config).containers)
     mapping: dict[str, str] = {}
     saved_roots = []
-    for name in gm.state_dict(keep_vars=True):
+    for name in state:
         parts = name.split(".")
         for i in range(len(parts) - 1):
             if parts[i + 1] != adapter:
@@ -77,7 +78,8 @@ def adapter_key_map(gm, adapter: str) -> dict[str, str]:
     if bias_mode != "none":
         adapted_here = {p for p, m in gm.named_modules() if adapter in (method_for(config).adapters_at(m) or [])}
         wrapped = _adapted_paths(gm)
-        for name in gm.state_dict(keep_vars=True):
+        mapped = set(mapping.values())
+        for name in state:
             path, _, leaf = name.rpartition(".")
             if leaf != "bias":
                 continue
@@ -91,7 +93,7 @@ def adapter_key_map(gm, adapter: str) -> dict[str, str]:
                 if wrapper is not None:
                     mapping[PREFIX + root + wrapper] = name
                 continue
-            if root is not None or name in mapping.values():
+            if root is not None or name in mapped:
                 continue
             if any(f".{c}." in f".{name}" for c in containers) or ".modules_to_save." in name:
                 continue
@@ -140,7 +142,7 @@ def save_adapter(gm, directory: str, adapter: str, safe_serialization: bool = Tr
     from safetensors.torch import save_file
 
     state = gm.state_dict(keep_vars=True)
-    tensors = _unshared({key: state[name] for key, name in adapter_key_map(gm, adapter).items()})
+    tensors = _unshared({key: state[name] for key, name in adapter_key_map(gm, adapter, state).items()})
     config = _config_dict(gm.peft_config[adapter])
 
     def write_config(path):
@@ -212,8 +214,8 @@ def load_weights(directory: str, device: Optional[torch.device] = None) -> dict[
 def check_and_copy(gm, adapter: str, weights: dict[str, torch.Tensor]) -> None:
     """Copy a checkpoint's tensors into the adapter's parameters; all checks happen first,
     so a failure changes nothing."""
-    mapping = adapter_key_map(gm, adapter)
     state = gm.state_dict(keep_vars=True)
+    mapping = adapter_key_map(gm, adapter, state)
     unexpected = sorted(set(weights) - set(mapping))
     missing = sorted(set(mapping) - set(weights))
     if unexpected or missing:

@@ -6,10 +6,12 @@ rules), stamped by the driver, so the report reads the graph itself rather than 
 from __future__ import annotations
 
 import difflib
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch.fx
+from torch import nn
+
+from .rewrite import is_adapter_state
 
 
 @dataclass
@@ -29,28 +31,21 @@ class Report:
         self.rows = self._rows()
 
     def _rows(self) -> list[SiteRow]:
-        by_site = defaultdict(set)
-        for node in self.graph.nodes:
-            site = node.meta.get("fxpeft_site")
-            if site:
-                by_site[(site, node.meta["fxpeft_rule"])].add(node)
+        rewritten = {(n.meta["fxpeft_site"], n.meta["fxpeft_rule"]) for n in self.graph.nodes if n.meta.get("fxpeft_site")}
         rows = []
-        for (path, rule), _ in sorted(by_site.items()):
+        for path, rule in sorted(rewritten):
             module = self.gm.get_submodule(path)
-            adapters, shapes, params = [], [], 0
-            for child_name, child in module.named_children():
-                if child_name in ("lora_A", "lora_embedding_A", "modules_to_save"):
-                    adapters += list(child.keys())
+            adapters = {key for name, child in module.named_children() if is_adapter_state(name)
+                        and isinstance(child, (nn.ModuleDict, nn.ParameterDict)) for key in child.keys()}
+            params, ranks = 0, set()
             for name, param in module.named_parameters():
-                if any(part in name.split(".") for part in ("lora_A", "lora_B", "lora_embedding_A",
-                                                            "lora_embedding_B", "modules_to_save")):
+                if is_adapter_state(name):
                     params += param.numel()
                     if "lora_A" in name or "lora_embedding_A" in name:
-                        shapes.append(f"r={param.shape[0]}")
+                        ranks.add(f"r={param.shape[0]}")
             weight = getattr(module, "weight", None)
             shape = "x".join(map(str, weight.shape)) if weight is not None else "-"
-            rows.append(SiteRow(path, rule, sorted(set(adapters)), f"{shape} {' '.join(sorted(set(shapes)))}".strip(),
-                                params))
+            rows.append(SiteRow(path, rule, sorted(adapters), f"{shape} {' '.join(sorted(ranks))}".strip(), params))
         return rows
 
     def __str__(self) -> str:

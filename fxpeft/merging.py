@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .canonical import find_sites
-from .module import PeftGraphModule, Signature, clone_tree
+from .module import PeftGraphModule, clone_tree
 from .rewrite import method_for
 
 ADAPTER_CHILDREN = ("modules_to_save",)
@@ -37,10 +37,11 @@ def _adapter_states(gm, adapter_names: Iterable[str]):
 
 
 def _check_names(gm, names) -> list[str]:
+    """The named adapters (default: the active ones), all known."""
+    from .lifecycle import _check_known
+
     names = list(gm._fxpeft_active if names is None else ([names] if isinstance(names, str) else names))
-    unknown = [n for n in names if n not in gm.peft_config]
-    if unknown:
-        raise KeyError(f"Unknown adapter(s) {unknown}; existing adapters: {sorted(gm.peft_config)}.")
+    _check_known(gm, names)
     return names
 
 
@@ -106,8 +107,7 @@ def _base_module(gm: PeftGraphModule, merged_weights: dict[str, torch.Tensor], u
     for fqn, tensor in merged_weights.items():
         owner_path, _, name = fqn.rpartition(".")
         tree.get_submodule(owner_path)._parameters[name] = nn.Parameter(tensor, requires_grad=False)
-    signatures = {key: Signature(sig.canonical, sig.in_spec, sig.out_spec, sig.example)
-                  for key, sig in gm._fxpeft_signatures.items()}
+    signatures = {key: sig.fresh() for key, sig in gm._fxpeft_signatures.items()}
     result = PeftGraphModule(tree, signatures, gm._fxpeft_primary, tree, gm._fxpeft_arg_names)
     result.train(gm.training)
     return result
@@ -159,14 +159,10 @@ def export_merged(gm: PeftGraphModule, directory: str, example_inputs=None) -> d
         if primary.example is None:
             raise ValueError("This module was captured by symbolic_trace: pass example_inputs to export_merged.")
         example_inputs = primary.example
-    kwargs = capture_mod.normalize_inputs(gm._fxpeft_source, example_inputs) if not isinstance(example_inputs, dict) \
-        else dict(example_inputs)
+    kwargs = capture_mod.normalize_inputs(gm._fxpeft_source, example_inputs)
     kwargs = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}  # the dispatcher adds the rest
-    dynamic = {k: {d: torch.export.Dim.AUTO for d in range(v.ndim)} for k, v in kwargs.items()}
-    with torch.fx.experimental._config.patch(use_duck_shape=False):
-        # ModelOutput classes cannot be serialised into a .pt2: deploy their fields as a dict
-        deployable = capture_mod.keyword_module(merged, list(kwargs), lambda out: dict(out) if isinstance(out, dict) else out)
-        program = torch.export.export(deployable, (), kwargs, dynamic_shapes=dynamic, strict=False)
+    # ModelOutput classes cannot be serialised into a .pt2: deploy their fields as a dict
+    program = capture_mod.export_program(merged, kwargs, lambda out: dict(out) if isinstance(out, dict) else out)
     tensors = _unshared(merged.state_dict())
     atomic_write(directory, {
         "model.safetensors": lambda path: save_file(tensors, path, metadata={"format": "pt"}),

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -41,6 +40,21 @@ class Signature:
     fn: Optional[Callable] = None  # compiled lowered graph, called as fn(module, *flat_inputs)
     mixed_graph: Optional[torch.fx.Graph] = None  # lowered for per-sample adapters (adapter_names=...)
     mixed_fn: Optional[Callable] = None  # called as mixed_fn(module, adapter_index, *flat_inputs)
+
+    def fresh(self) -> "Signature":
+        """The same canonical graph (never mutated, so shared), not yet lowered."""
+        return Signature(self.canonical, self.in_spec, self.out_spec, self.example)
+
+
+def canonical_signature(captured, source: nn.Module, root: nn.Module, index: int) -> Signature:
+    """Canonicalize a capture into a signature whose graph reads ``root``; the modules and
+    constants canonicalize creates are registered on ``root`` (modules in ``root``'s mode)."""
+    canonical = canonicalize(captured.graph, captured.owner, source, f"_fxpeft_s{index}_")
+    register_extras(root, canonical.extras)
+    for extra in canonical.extras.values():
+        if isinstance(extra, nn.Module):
+            extra.train(root.training)
+    return Signature(canonical.graph, captured.in_spec, captured.out_spec, captured.example)
 
 
 def clone_tree(module: nn.Module, memo: Optional[dict] = None) -> nn.Module:
@@ -145,15 +159,9 @@ class PeftGraphModule(GraphModule):
         return python_code
 
     def _capture_signature(self, kwargs: dict, key, index: Optional[int] = None, widen: bool = True) -> Signature:
-        source = self._fxpeft_source
-        captured = capture_mod.export_call(source, kwargs, widen=widen)
+        captured = capture_mod.export_call(self._fxpeft_source, kwargs, widen=widen)
         index = len(self._fxpeft_signatures) if index is None else index
-        canonical = canonicalize(captured.graph, captured.owner, source, f"_fxpeft_s{index}_")
-        register_extras(self, canonical.extras)
-        for module in canonical.extras.values():
-            if isinstance(module, nn.Module):
-                module.train(self.training)
-        signature = Signature(canonical.graph, captured.in_spec, captured.out_spec, captured.example)
+        signature = canonical_signature(captured, self._fxpeft_source, self, index)
         self._lower_signature(signature)
         self._fxpeft_signatures[key] = signature
         return signature
@@ -182,12 +190,13 @@ class PeftGraphModule(GraphModule):
         signatures = self._fxpeft_signatures
         if self._fxpeft_primary is None:  # symbolic trace: the graph takes the original arguments
             adapter_names = kwargs.pop("adapter_names", None)
+            signature = signatures[None]
             if adapter_names is None:
-                return signatures[None].fn(self, *args, **kwargs)
+                return signature.fn(self, *args, **kwargs)
             index = self._adapter_index(adapter_names, args[0] if args else next(iter(kwargs.values())))
-            if signatures[None].mixed_fn is None:  # no adapters: every sample is "__base__"
-                return signatures[None].fn(self, *args, **kwargs)
-            return signatures[None].mixed_fn(self, index, *args, **kwargs)
+            if signature.mixed_fn is None:  # no adapters: every sample is "__base__"
+                return signature.fn(self, *args, **kwargs)
+            return signature.mixed_fn(self, index, *args, **kwargs)
         for name, value in zip(self._fxpeft_arg_names, args):
             if name in kwargs:
                 raise TypeError(f"forward() got multiple values for argument {name!r}")
@@ -207,13 +216,14 @@ class PeftGraphModule(GraphModule):
                 )
             signature = self._capture_signature(kwargs, key)
         flat_inputs = capture_mod.flatten_call(kwargs, signature.in_spec)
-        if adapter_names is None or signature.mixed_fn is None:  # no adapters: every sample is "__base__"
-            if adapter_names is not None:
-                self._adapter_index(adapter_names, next(v for v in kwargs.values() if isinstance(v, torch.Tensor)))
+        if adapter_names is None:
             flat = signature.fn(self, *flat_inputs)
         else:
             index = self._adapter_index(adapter_names, next(v for v in kwargs.values() if isinstance(v, torch.Tensor)))
-            flat = signature.mixed_fn(self, index, *flat_inputs)
+            if signature.mixed_fn is None:  # no adapters: every sample is "__base__"
+                flat = signature.fn(self, *flat_inputs)
+            else:
+                flat = signature.mixed_fn(self, index, *flat_inputs)
         return capture_mod.unflatten_output(list(flat), signature.out_spec)
 
     def _adapter_index(self, adapter_names, batch_input: torch.Tensor) -> torch.Tensor:
@@ -233,9 +243,7 @@ class PeftGraphModule(GraphModule):
         state = {k: v for k, v in self.__dict__.items() if k not in ("_graph", "_fxpeft_signatures")}
         result.__dict__.update(copy.deepcopy(state, memo))
         # canonical graphs are never mutated: share them; lowered graphs are rebuilt for the copy
-        result.__dict__["_fxpeft_signatures"] = {
-            key: dataclasses.replace(sig, graph=None, fn=None) for key, sig in self._fxpeft_signatures.items()
-        }
+        result.__dict__["_fxpeft_signatures"] = {key: sig.fresh() for key, sig in self._fxpeft_signatures.items()}
         result.__dict__["_graph"] = torch.fx.Graph()
         result.relower()
         return result
@@ -254,16 +262,9 @@ def build(model: nn.Module, example_inputs=None) -> PeftGraphModule:
     """Capture and canonicalize ``model``; the result has no adapters yet."""
     captured = capture_mod.capture(model, example_inputs)
     tree = clone_tree(model)
-    namespace = "_fxpeft_s0_"
-    canonical = canonicalize(captured.graph, captured.owner, tree, namespace)
-    register_extras(tree, canonical.extras)
-    for extra in canonical.extras.values():
-        if isinstance(extra, nn.Module):
-            extra.train(model.training)
+    signature = canonical_signature(captured, tree, tree, 0)
     key = None if captured.example is None else capture_mod.signature_key(captured.example)
-    arg_names = capture_mod.forward_arg_names(model)
-    signature = Signature(canonical.graph, captured.in_spec, captured.out_spec, captured.example)
-    return PeftGraphModule(tree, {key: signature}, key, tree, arg_names)
+    return PeftGraphModule(tree, {key: signature}, key, tree, capture_mod.forward_arg_names(model))
 
 
 def _device_of(module: nn.Module) -> torch.device:

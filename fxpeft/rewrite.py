@@ -23,7 +23,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from .canonical import Site, find_sites
+from .canonical import Site, find_sites, submodule
 
 aten = torch.ops.aten
 
@@ -69,10 +69,7 @@ class Lowering:
         return node
 
     def module(self, path: str) -> Optional[nn.Module]:
-        try:
-            return self.root.get_submodule(path)
-        except AttributeError:
-            return None
+        return submodule(self.root, path)
 
     # builders: every rewrite inserts through these, right after the site's current output
     def attr(self, fqn: str) -> torch.fx.Node:
@@ -147,6 +144,12 @@ METHODS: dict[type, Method] = {}
 def register_method(method: Method) -> Method:
     METHODS[method.config_type] = method
     return method
+
+
+def is_adapter_state(path: str) -> bool:
+    """Whether a module path lies inside some adapter's state (``...q_proj.lora_A.default``)."""
+    containers = {"modules_to_save", *(c for method in METHODS.values() for c in method.containers)}
+    return any(part in containers for part in path.split("."))
 
 
 def method_for(config) -> Method:

@@ -19,12 +19,15 @@ import math
 import torch
 from torch import nn
 
-from fxpeft.canonical import Site
+from fxpeft.canonical import Conv1D, Site, submodule
 from fxpeft.configs import DEFAULT_LORA_TARGETS, SEQ_CLS_HEAD_NAMES, LoraConfig
-from fxpeft.rewrite import Lowering, Method, register_method, register_rule, site_rule
+from fxpeft.rewrite import Lowering, Method, is_adapter_state, register_method, register_rule, site_rule
 from fxpeft.targets import is_targeted, pattern_value, unmatched_target_error
 
 aten = torch.ops.aten
+
+# child modules holding per-adapter state beside an adapted module (PEFT's names)
+CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_dropout", "lora_scaling")
 
 
 class AdapterScale(nn.Module):
@@ -142,18 +145,10 @@ def resolve_targets(gm, sites: list[Site], config: LoraConfig) -> LoraConfig:
         targets = list(DEFAULT_LORA_TARGETS[model_type])
     elif isinstance(targets, str) and targets.lower() == "all-linear":
         heads = _output_head_paths(gm, config)
-        linear_types = tuple(t for t in (nn.Linear, _conv1d_type()) if t)
+        linear_types = (nn.Linear, Conv1D)
         targets = sorted({s.path for s in sites if s.kind == "linear"
                           and isinstance(gm.get_submodule(s.path), linear_types) and s.path not in heads})
     return dataclasses.replace(config, target_modules=targets)
-
-
-def _conv1d_type():
-    try:
-        from transformers.pytorch_utils import Conv1D
-        return Conv1D
-    except ImportError:  # pragma: no cover
-        return None
 
 
 def attach(gm, sites: list[Site], config: LoraConfig, adapter: str) -> list[str]:
@@ -161,10 +156,10 @@ def attach(gm, sites: list[Site], config: LoraConfig, adapter: str) -> list[str]
     by_path: dict[str, Site] = {}
     for site in sites:
         by_path.setdefault(site.path, site)
-    adaptable = {p: s for p, s in by_path.items() if _module_or_none(gm, p) is not None}
+    adaptable = {p: s for p, s in by_path.items() if submodule(gm, p) is not None}
     matched = [p for p in adaptable if is_targeted(config, p)]
     not_sites = [name for name, _ in gm.named_modules() if name and name not in by_path and is_targeted(config, name)
-                 and not _is_adapter_state(name)]
+                 and not is_adapter_state(name)]
     if not_sites and not matched:
         raise ValueError(
             f"target_modules {config.target_modules!r} matched {not_sites[:5]}, which are not linear, Conv1D, "
@@ -178,24 +173,8 @@ def attach(gm, sites: list[Site], config: LoraConfig, adapter: str) -> list[str]
     return matched
 
 
-def _is_adapter_state(name: str) -> bool:
-    return any(part in name.split(".") for part in ("lora_A", "lora_B", "lora_dropout", "lora_scaling",
-                                                     "modules_to_save", "lora_embedding_A", "lora_embedding_B"))
-
-
-def _module_or_none(gm, path):
-    try:
-        module = gm.get_submodule(path)
-    except AttributeError:
-        return None
-    return module
-
-
 # ----------------------------------------------------------------------------- rewrite
 
-
-def _has_lora(site: Site, module: nn.Module) -> bool:
-    return bool(module._modules.get("lora_A") or module._modules.get("lora_embedding_A"))
 
 
 def _single_delta(lw: Lowering, site: Site, module: nn.Module, adapter: str, gated: bool = True):
@@ -409,8 +388,7 @@ def gate(module: nn.Module, adapter: str) -> AdapterScale:
     return module.lora_scaling[adapter]
 
 
-register_rule(site_rule("lora", _has_lora, rewrite, phase=50))
-register_method(Method(config_type=LoraConfig, attach=attach, containers=("lora_A", "lora_B", "lora_embedding_A",
-                                                                         "lora_embedding_B", "lora_dropout", "lora_scaling"),
+register_rule(site_rule("lora", lambda site, module: bool(adapters_at(module)), rewrite, phase=50))
+register_method(Method(config_type=LoraConfig, attach=attach, containers=CONTAINERS,
                        adapters_at=adapters_at, gate=gate, delta_weight=delta_weight,
                        resolve_config=resolve_targets))

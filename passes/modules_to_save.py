@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from fxpeft.configs import SEQ_CLS_HEAD_NAMES
-from fxpeft.rewrite import Lowering, Rule, register_rule
+from fxpeft.rewrite import Lowering, Rule, is_adapter_state, register_rule
 from fxpeft.targets import saved_module_paths
 
 
@@ -30,7 +30,7 @@ def attach(gm, config, adapter: str) -> list[str]:
     if not names:
         return []
     paths = [p for p in saved_module_paths(names, (n for n, _ in gm.named_modules()))
-             if "modules_to_save" not in p.split(".") and not _inside_adapter_state(p)]
+             if not is_adapter_state(p)]
     explicit = list(getattr(config, "modules_to_save", None) or [])
     missing = [n for n in explicit if not any(p.endswith(n) for p in paths) and n not in SEQ_CLS_HEAD_NAMES]
     if missing:
@@ -41,10 +41,7 @@ def attach(gm, config, adapter: str) -> list[str]:
         if holder is None:
             holder = nn.ModuleDict()
         originals = {k: v for k, v in module._modules.items() if k != "modules_to_save"}
-        clone = copy.deepcopy(_without_children(module, originals))
-        for param in clone.parameters():
-            param.requires_grad_(not getattr(config, "inference_mode", False))
-        holder[adapter] = clone
+        holder[adapter] = copy.deepcopy(_without_children(module, originals))  # trainability: set by the caller
         module.add_module("modules_to_save", holder)
     return paths
 
@@ -54,11 +51,6 @@ def _without_children(module: nn.Module, keep: dict) -> nn.Module:
     shallow = copy.copy(module)
     shallow._modules = dict(keep)
     return shallow
-
-
-def _inside_adapter_state(path: str) -> bool:
-    parts = path.split(".")
-    return any(p.startswith("lora_") for p in parts)
 
 
 def _saved_copies(root: nn.Module) -> dict[str, list[str]]:
