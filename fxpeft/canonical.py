@@ -19,7 +19,7 @@ A table maps each source op to its canonical rewrite; add a row to support anoth
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 import torch.fx
@@ -48,6 +48,24 @@ class ModeSwitch(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{getattr(self.op, '__name__', self.op)}, {self.name}={self.train_value} in train mode"
+
+
+class WeightSpec(NamedTuple):
+    """A site weight's logical shape, dtype and device (quantized layers store packed data)."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+
+
+def site_weight(root: nn.Module, site: "Site") -> WeightSpec:
+    """The weight a site computes with, as the float layer had it: a quantized module reports
+    its ``weight_spec``, any other site its weight parameter."""
+    spec = getattr(submodule(root, site.path), "weight_spec", None)
+    if spec is not None:
+        return spec
+    weight = _resolve(root, site.weight)
+    return WeightSpec(weight.shape, weight.dtype, weight.device)
 
 
 @dataclass
@@ -148,10 +166,28 @@ def site_path(node: torch.fx.Node, weight_fqn: str, root: nn.Module) -> str:
     return weight_fqn[: -len(".weight")] if weight_fqn.endswith(".weight") else weight_fqn
 
 
+# Module types that count as linear layers ("all-linear" targets): passes add theirs.
+LINEAR_LAYER_TYPES: list[type] = [nn.Linear] + ([Conv1D] if isinstance(Conv1D, type) else [])
+
+# Ops whose behaviour depends on the module's mode, by the keyword that says so (True in train
+# mode): canonicalize routes them through a ModeSwitch, as export baked the mode in. Passes add rows.
+MODE_KEYWORDS: dict[Any, str] = {}
+
+
+def _site_op(node: torch.fx.Node, root: nn.Module):
+    """The op a site rule is keyed on: a call_function's target, or the op a ModeSwitch calls."""
+    if node.op == "call_function":
+        return node.target
+    if node.op == "call_module":
+        switch = submodule(root, node.target)
+        return switch.op if isinstance(switch, ModeSwitch) else None
+    return None
+
+
 def find_sites(graph: torch.fx.Graph, root: nn.Module) -> list[Site]:
     sites = []
     for node in graph.nodes:
-        rule = SITE_RULES.get(node.target) if node.op == "call_function" else None
+        rule = SITE_RULES.get(_site_op(node, root))
         found = rule(node, root) if rule else None
         if found is not None:
             sites.append(Site(node=node, path=site_path(node, found["weight"], root), **found))
@@ -299,6 +335,17 @@ def canonicalize(graph: torch.fx.Graph, owner: nn.Module, source: nn.Module, nam
             continue
         if node.target in SITE_RULES and "fxpeft_module" not in node.meta:
             node.meta["fxpeft_module"] = _innermost_module(node)
+        if node.target in MODE_KEYWORDS:
+            name = f"{namespace}mode_{counter}"
+            counter += 1
+            extras[name] = ModeSwitch(node.target, MODE_KEYWORDS[node.target], True, False)
+            kwargs = {k: v for k, v in node.kwargs.items() if k != MODE_KEYWORDS[node.target]}
+            with graph.inserting_before(node):
+                replacement = graph.call_module(name, node.args, kwargs)
+            replacement.meta = dict(node.meta)
+            node.replace_all_uses_with(replacement)
+            graph.erase_node(node)
+            continue
         p, sdpa_p = _dropout_probability(node), _sdpa_dropout(node)
         if p is None and sdpa_p is None:
             if node.target in (aten.dropout.default, F.dropout):  # inactive dropout: identity

@@ -133,3 +133,60 @@ class LoraConfig(PeftConfigBase):
             )
         if self.use_dora:
             raise NotImplementedError("DoRA (use_dora=True) is not implemented in fxpeft yet.")
+
+
+_COMPUTE_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+                   "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+@dataclass
+class BnbConfig:
+    """bitsandbytes quantization of the frozen base, with ``transformers.BitsAndBytesConfig``'s
+    field names and defaults. Not an adapter: a pass that runs before the adapter passes
+    (``fxpeft.transform(model, [BnbConfig(load_in_4bit=True), LoraConfig(...)])``).
+    ``BnbConfig.from_transformers(BitsAndBytesConfig(...))`` converts transformers' config."""
+
+    load_in_8bit: bool = False
+    load_in_4bit: bool = False
+    llm_int8_threshold: float = 6.0
+    llm_int8_skip_modules: Optional[list[str]] = None
+    llm_int8_has_fp16_weight: bool = False
+    bnb_4bit_compute_dtype: Any = None  # torch dtype or its name; None: float32 (as transformers)
+    bnb_4bit_quant_type: str = "fp4"
+    bnb_4bit_use_double_quant: bool = False
+    bnb_4bit_quant_storage: Any = None  # only uint8 (the default) is supported
+
+    def __post_init__(self):
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("BnbConfig: load_in_4bit and load_in_8bit are both True; choose one.")
+        if not (self.load_in_4bit or self.load_in_8bit):
+            raise ValueError("BnbConfig: set load_in_4bit=True or load_in_8bit=True.")
+        if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
+            raise ValueError(f"BnbConfig.bnb_4bit_quant_type must be 'nf4' or 'fp4', got {self.bnb_4bit_quant_type!r}.")
+        dtype = self.bnb_4bit_compute_dtype
+        name = "float32" if dtype is None else _COMPUTE_DTYPES.get(str(dtype).replace("torch.", ""))
+        if name is None:
+            raise ValueError(
+                f"BnbConfig.bnb_4bit_compute_dtype={dtype!r} is not a dtype bitsandbytes computes in; "
+                "use torch.float32, torch.float16 or torch.bfloat16."
+            )
+        self.bnb_4bit_compute_dtype = name
+        if self.bnb_4bit_quant_storage not in (None, "uint8") and str(self.bnb_4bit_quant_storage) != "torch.uint8":
+            raise NotImplementedError("BnbConfig.bnb_4bit_quant_storage: only uint8 storage is supported.")
+        if self.llm_int8_has_fp16_weight:
+            raise NotImplementedError("BnbConfig.llm_int8_has_fp16_weight=True (trainable 8-bit weights) is not supported.")
+        if float(self.llm_int8_threshold) < 0:
+            raise ValueError(f"BnbConfig.llm_int8_threshold must be >= 0, got {self.llm_int8_threshold!r}.")
+        if self.llm_int8_skip_modules is not None:
+            self.llm_int8_skip_modules = [self.llm_int8_skip_modules] if isinstance(
+                self.llm_int8_skip_modules, str) else list(self.llm_int8_skip_modules)
+
+    @classmethod
+    def from_transformers(cls, config) -> "BnbConfig":
+        """A ``transformers.BitsAndBytesConfig`` (or its ``to_dict()``) as a BnbConfig."""
+        values = config if isinstance(config, dict) else config.to_dict()
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

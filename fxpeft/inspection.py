@@ -43,8 +43,9 @@ class Report:
                     params += param.numel()
                     if "lora_A" in name or "lora_embedding_A" in name:
                         ranks.add(f"r={param.shape[0]}")
-            weight = getattr(module, "weight", None)
+            weight = getattr(module, "weight_spec", None) or getattr(module, "weight", None)  # quantized: logical
             shape = "x".join(map(str, weight.shape)) if weight is not None else "-"
+            shape += f" {module.storage}" if hasattr(module, "storage") else ""
             rows.append(SiteRow(path, rule, sorted(adapters), f"{shape} {' '.join(sorted(ranks))}".strip(), params))
         return rows
 
@@ -55,8 +56,9 @@ class Report:
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in table]
         lines.insert(1, "  ".join("-" * w for w in widths))
         inserted = sum(1 for n in self.graph.nodes if "fxpeft_rule" in n.meta)
-        trainable = sum(p.numel() for p in self.gm.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.gm.parameters())
+        from .lifecycle import trainable_parameters
+
+        trainable, total = trainable_parameters(self.gm)
         lines.append(f"{len(self.rows)} rewritten sites, {inserted} inserted nodes, "
                      f"{trainable:,d} trainable of {total:,d} parameters")
         return "\n".join(lines)

@@ -56,6 +56,11 @@ def _attach(gm: PeftGraphModule, config, adapter_name: str) -> None:
             "choose another adapter_name or delete it first."
         )
     method = method_for(config)
+    if method.attach is None:
+        raise ValueError(
+            f"{type(config).__name__} is not an adapter: it changes the base model, so it is applied by "
+            f"fxpeft.transform(model, [{type(config).__name__}(...), LoraConfig(...)]), not to a transformed module."
+        )
     sites = find_sites(gm._fxpeft_signatures[gm._fxpeft_primary].canonical, gm)
     if method.resolve_config is not None:  # stored and saved as PEFT does: "all-linear" / None resolved
         config = method.resolve_config(gm, sites, config)
@@ -92,11 +97,12 @@ def transform(
     for item in configs:
         method_for(item)  # unknown config types fail before any work
     with _restore_on_error(model):
-        gm = build(model, example_inputs)
+        gm = build(model, example_inputs, configs)
         for param in gm.parameters():
             param.requires_grad_(False)
         for item in configs:
-            _attach(gm, item, adapter_name)
+            if method_for(item).attach is not None:  # the others (quantization) ran as tree passes in build
+                _attach(gm, item, adapter_name)
         gm.relower()
         gm.train(model.training)
     return gm
@@ -142,12 +148,16 @@ def add_adapter(gm: PeftGraphModule, config: PeftConfigBase, adapter_name: str) 
 
 
 def trainable_parameters(gm: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, as PEFT's get_nb_trainable_parameters."""
+    """(trainable, total) parameter counts, as PEFT's get_nb_trainable_parameters (a quantized
+    layer's weight counts as its logical out x in parameters, stored packed as a buffer)."""
     trainable = total = 0
     for _, param in gm.named_parameters():
         total += param.numel()
         if param.requires_grad:
             trainable += param.numel()
+    for module in gm.modules():
+        spec = getattr(module, "weight_spec", None)
+        total += spec.shape.numel() if spec is not None else 0
     return trainable, total
 
 

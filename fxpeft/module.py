@@ -24,7 +24,7 @@ from torch.fx.graph_module import GraphModule, _forward_from_src
 
 from . import capture as capture_mod
 from .canonical import canonicalize
-from .rewrite import lower
+from .rewrite import TREE_PASSES, lower
 
 # fxpeft graphs never return a KV cache: a caller's use_cache is replaced by use_cache=False
 IGNORED_KWARGS = frozenset({"use_cache"})
@@ -258,10 +258,13 @@ class PeftGraphModule(GraphModule):
         )
 
 
-def build(model: nn.Module, example_inputs=None) -> PeftGraphModule:
-    """Capture and canonicalize ``model``; the result has no adapters yet."""
-    captured = capture_mod.capture(model, example_inputs)
+def build(model: nn.Module, example_inputs=None, configs=()) -> PeftGraphModule:
+    """Capture and canonicalize ``model``; the result has no adapters yet. Tree passes
+    (quantization) first change fxpeft's copy of the tree, which is then captured."""
     tree = clone_tree(model)
+    for tree_pass in TREE_PASSES:
+        tree_pass(tree, configs)
+    captured = capture_mod.capture(tree, example_inputs)
     signature = canonical_signature(captured, tree, tree, 0)
     key = None if captured.example is None else capture_mod.signature_key(captured.example)
     return PeftGraphModule(tree, {key: signature}, key, tree, capture_mod.forward_arg_names(model))

@@ -130,7 +130,8 @@ class Method:
     """
 
     config_type: type
-    attach: Callable[..., list[str]]  # (gm, sites, config, adapter_name) -> adapted paths
+    attach: Optional[Callable[..., list[str]]] = None  # (gm, sites, config, adapter_name) -> adapted paths;
+    # None: not an adapter (quantization), its work is a tree pass
     containers: tuple[str, ...] = ()
     adapters_at: Optional[Callable] = None
     gate: Optional[Callable] = None
@@ -144,6 +145,12 @@ METHODS: dict[type, Method] = {}
 def register_method(method: Method) -> Method:
     METHODS[method.config_type] = method
     return method
+
+
+# Passes over the module tree, run by ``build`` on fxpeft's copy of the tree before capture:
+# ``(tree, configs) -> None``. For what changes the base layers the graph reads (quantization),
+# which a later capture must see too.
+TREE_PASSES: list[Callable] = []
 
 
 def is_adapter_state(path: str) -> bool:

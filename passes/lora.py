@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from fxpeft.canonical import Conv1D, Site, submodule
+from fxpeft.canonical import LINEAR_LAYER_TYPES, Site, site_weight, submodule
 from fxpeft.configs import DEFAULT_LORA_TARGETS, SEQ_CLS_HEAD_NAMES, LoraConfig
 from fxpeft.rewrite import Lowering, Method, is_adapter_state, register_method, register_rule, site_rule
 from fxpeft.targets import is_targeted, pattern_value, unmatched_target_error
@@ -77,7 +77,7 @@ def _new_lora_weights(site: Site, weight: torch.Tensor, r: int, init):
         a, b = nn.Linear(in_f, r, bias=False), nn.Linear(r, out_f, bias=False)
     else:
         stride, padding, _, groups = _conv_geometry(site)
-        conv = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}[weight.dim()]
+        conv = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}[len(weight.shape)]
         kernel = tuple(weight.shape[2:])
         ones = (1,) * len(kernel)
         a = conv(weight.shape[1] * groups, r, kernel, stride, padding, bias=False)
@@ -97,7 +97,7 @@ def _child_dict(module: nn.Module, name: str, kind=nn.ModuleDict):
     return module._modules[name]
 
 
-def add_lora(module: nn.Module, site: Site, weight: torch.Tensor, config: LoraConfig, adapter: str) -> None:
+def add_lora(module: nn.Module, site: Site, weight, config: LoraConfig, adapter: str) -> None:
     r = pattern_value(config.rank_pattern, site.path, config.r)
     alpha = pattern_value(config.alpha_pattern, site.path, config.lora_alpha)
     scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
@@ -145,9 +145,8 @@ def resolve_targets(gm, sites: list[Site], config: LoraConfig) -> LoraConfig:
         targets = list(DEFAULT_LORA_TARGETS[model_type])
     elif isinstance(targets, str) and targets.lower() == "all-linear":
         heads = _output_head_paths(gm, config)
-        linear_types = (nn.Linear, Conv1D)
         targets = sorted({s.path for s in sites if s.kind == "linear"
-                          and isinstance(gm.get_submodule(s.path), linear_types) and s.path not in heads})
+                          and isinstance(gm.get_submodule(s.path), tuple(LINEAR_LAYER_TYPES)) and s.path not in heads})
     return dataclasses.replace(config, target_modules=targets)
 
 
@@ -169,7 +168,7 @@ def attach(gm, sites: list[Site], config: LoraConfig, adapter: str) -> list[str]
         raise unmatched_target_error(config, list(adaptable))
     for path in matched:
         site = adaptable[path]
-        add_lora(gm.get_submodule(path), site, gm.get_parameter(site.weight), config, adapter)
+        add_lora(gm.get_submodule(path), site, site_weight(gm, site), config, adapter)
     return matched
 
 
@@ -181,7 +180,7 @@ def _single_delta(lw: Lowering, site: Site, module: nn.Module, adapter: str, gat
     """One adapter's ``s * B(A(dropout(x)))`` at a linear or conv site, times its gate in dense
     graphs: the plain LoRA subgraph, used where stacking adapters would only add work."""
     path = site.path
-    base_dtype = lw.root.get_parameter(site.weight).dtype
+    base_dtype = site_weight(lw.root, site).dtype
     adapter_dtype = module.lora_A[adapter].weight.dtype
     x = lw.cast(site.input, adapter_dtype, base_dtype)
     if not isinstance(module.lora_dropout[adapter], nn.Identity):
@@ -213,8 +212,8 @@ def rewrite(lw: Lowering, site: Site):
     module = lw.module(site.path)
     if site.kind == "conv" or (site.kind == "linear" and not lw.mixed and len(adapters_at(module)) == 1):
         return _rewrite_per_adapter(lw, site, module)
-    base_dtype = lw.root.get_parameter(site.weight).dtype
-    adapter_dtype = _adapter_dtype(lw.root.get_parameter(site.weight))
+    base_dtype = site_weight(lw.root, site).dtype
+    adapter_dtype = _adapter_dtype(site_weight(lw.root, site))
     a_stack, b_stack = _stacks(lw, site, module)
     index = lw.sample_index if lw.mixed else lw.slots()
     if site.kind == "embedding":
