@@ -176,13 +176,15 @@ def save_pretrained(gm: PeftGraphModule, directory: str, adapter_names=None, saf
 
 
 def from_pretrained(model: nn.Module, directory: str, adapter_name: str = "default", is_trainable: bool = False,
-                    example_inputs=None) -> PeftGraphModule:
-    """Transform ``model`` with the adapter stored in ``directory`` (written by PEFT or fxpeft)."""
+                    example_inputs=None, quantization_config=None) -> PeftGraphModule:
+    """Transform ``model`` with the adapter stored in ``directory`` (written by PEFT or fxpeft),
+    quantizing the base first when a ``quantization_config`` (BnbConfig) is given (QLoRA)."""
     config = _checkpoint.load_config(directory)
     weights = _checkpoint.load_weights(directory, _device_of(model))
     config.inference_mode = not is_trainable
+    configs = [config] if quantization_config is None else [quantization_config, config]
     with _restore_on_error(model):
-        gm = transform(model, config, example_inputs=example_inputs, adapter_name=adapter_name)
+        gm = transform(model, configs, example_inputs=example_inputs, adapter_name=adapter_name)
         _checkpoint.check_and_copy(gm, adapter_name, weights)
     return gm
 

@@ -9,13 +9,14 @@ exactly the base model's keys.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Iterable, Optional
 
 import torch
 from torch import nn
 
 from .canonical import find_sites
-from .module import PeftGraphModule, clone_tree
+from .module import PeftGraphModule, build, clone_tree
 from .rewrite import method_for
 
 ADAPTER_CHILDREN = ("modules_to_save",)
@@ -45,40 +46,64 @@ def _check_names(gm, names) -> list[str]:
     return names
 
 
-def merge_adapter(gm: PeftGraphModule, adapter_names=None, safe_merge: bool = False) -> None:
-    names = _check_names(gm, adapter_names)
-    updates = []  # (weight, delta, gate) computed before any weight changes
-    for site, module, method, name in _adapter_states(gm, names):
-        gate = method.gate(module, name)
-        if gate.merged:
-            continue
-        weight = gm.get_parameter(site.weight)
-        delta = method.delta_weight(gm, site, module, name).to(weight.dtype)
-        if safe_merge and not torch.isfinite(weight + delta).all():
-            raise ValueError(
-                f"NaNs or infs found while merging adapter {name!r} into {site.path}; the adapter seems "
-                "broken. No weight was changed."
-            )
-        updates.append((weight, delta, gate))
+def _is_quantized(module) -> bool:
+    return hasattr(module, "requantize_")  # passes/quantize.py's layers: packed weight, float on demand
+
+
+def _base_weight(gm, site, module) -> torch.Tensor:
+    """The site's float weight: the parameter, or a quantized layer's dequantized weight."""
+    return module.dequantize() if _is_quantized(module) else gm.get_parameter(site.weight)
+
+
+def _store_weight(gm, site, module, weight: torch.Tensor) -> None:
+    """Write ``weight`` back in place: a quantized layer quantizes it again (rounding, as PEFT)."""
+    if _is_quantized(module):
+        module.requantize_(weight)
+    else:
+        gm.get_parameter(site.weight).copy_(weight)
+
+
+def _fold(gm, names, sign: int, safe_merge: bool = False) -> None:
+    """Add (sign 1) or subtract (-1) the deltas of the named adapters not yet (still) merged."""
+    updates = []  # (site, module, new weight, gate), all computed before any weight changes
+    current: dict[str, torch.Tensor] = {}  # a site adapted by several adapters accumulates
+    quantized = set()
     with torch.no_grad():
-        for weight, delta, gate in updates:
-            weight.add_(delta)
-            gate.merged = True
+        for site, module, method, name in _adapter_states(gm, names):
+            gate = method.gate(module, name)
+            if gate.merged == (sign > 0):
+                continue
+            weight = current.get(site.path)
+            weight = _base_weight(gm, site, module).detach().clone() if weight is None else weight
+            delta = method.delta_weight(gm, site, module, name).to(weight.dtype)
+            weight = weight + sign * delta
+            if safe_merge and not torch.isfinite(weight).all():
+                raise ValueError(
+                    f"NaNs or infs found while merging adapter {name!r} into {site.path}; the adapter seems "
+                    "broken. No weight was changed."
+                )
+            current[site.path] = weight
+            updates.append((site, module, gate))
+            if _is_quantized(module):
+                quantized.add(site.path)
+        if quantized:
+            warnings.warn(f"Merging into {len(quantized)} quantized layers rounds the merged weights to their "
+                          "quantized format; outputs change slightly (merge_and_unload() returns float weights).")
+        done = set()
+        for site, module, gate in updates:
+            if site.path not in done:
+                _store_weight(gm, site, module, current[site.path])
+                done.add(site.path)
+            gate.merged = sign > 0
             gate.refresh()
+
+
+def merge_adapter(gm: PeftGraphModule, adapter_names=None, safe_merge: bool = False) -> None:
+    _fold(gm, _check_names(gm, adapter_names), 1, safe_merge)
 
 
 def unmerge_adapter(gm: PeftGraphModule) -> None:
-    updates = []
-    for site, module, method, name in _adapter_states(gm, list(gm.peft_config)):
-        gate = method.gate(module, name)
-        if gate.merged:
-            weight = gm.get_parameter(site.weight)
-            updates.append((weight, method.delta_weight(gm, site, module, name).to(weight.dtype), gate))
-    with torch.no_grad():
-        for weight, delta, gate in updates:
-            weight.sub_(delta)
-            gate.merged = False
-            gate.refresh()
+    _fold(gm, list(gm.peft_config), -1)
 
 
 def merged_adapters(gm) -> list[str]:
@@ -89,11 +114,16 @@ def merged_adapters(gm) -> list[str]:
     return found
 
 
-def _base_module(gm: PeftGraphModule, merged_weights: dict[str, torch.Tensor], use_saved_copies: bool) -> PeftGraphModule:
-    """A new module over ``gm``'s canonical graphs with every adapter removed."""
+def _base_module(gm: PeftGraphModule, merged_weights: dict[str, torch.Tensor], use_saved_copies: bool,
+                 dequantize: bool = False) -> PeftGraphModule:
+    """A new module over ``gm``'s canonical graphs with every adapter removed. With
+    ``dequantize``, quantized layers become the float layers they replaced (merged weights where
+    given) and the new tree is captured again (its graph has no quantized nodes)."""
     tree = clone_tree(gm._fxpeft_source)  # the model's own class over gm's modules, re-created
     containers = {c for config in gm.peft_config.values() for c in method_for(config).containers}
     active = set(gm._fxpeft_active)
+    merged_weights = dict(merged_weights)
+    replaced = 0
     for path, module in list(tree.named_modules()):
         saved = module._modules.get("modules_to_save")
         if saved is not None and use_saved_copies:
@@ -104,32 +134,52 @@ def _base_module(gm: PeftGraphModule, merged_weights: dict[str, torch.Tensor], u
         for child in list(module._modules):
             if child in containers or child in ADAPTER_CHILDREN:
                 del module._modules[child]
+            elif dequantize and _is_quantized(module._modules[child]):
+                child_path = f"{path}.{child}" if path else child
+                float_layer = module._modules[child].float_module(merged_weights.pop(f"{child_path}.weight", None))
+                module._modules[child] = float_layer
+                replaced += 1
     for fqn, tensor in merged_weights.items():
         owner_path, _, name = fqn.rpartition(".")
         tree.get_submodule(owner_path)._parameters[name] = nn.Parameter(tensor, requires_grad=False)
-    signatures = {key: sig.fresh() for key, sig in gm._fxpeft_signatures.items()}
-    result = PeftGraphModule(tree, signatures, gm._fxpeft_primary, tree, gm._fxpeft_arg_names)
+    if replaced:  # the canonical graphs read quantized nodes: capture the float tree
+        result = build(tree, gm._fxpeft_signatures[gm._fxpeft_primary].example)
+    else:
+        signatures = {key: sig.fresh() for key, sig in gm._fxpeft_signatures.items()}
+        result = PeftGraphModule(tree, signatures, gm._fxpeft_primary, tree, gm._fxpeft_arg_names)
     result.train(gm.training)
     return result
 
 
 def merged_weights(gm, adapter_names=None) -> dict[str, torch.Tensor]:
-    """New tensors W + sum of deltas for every site touched by the (active) adapters."""
+    """New tensors W + sum of deltas for every site touched by the (active) adapters (W of a
+    quantized layer: its dequantized weight), keyed by the weight's name."""
     names = _check_names(gm, adapter_names)
     totals: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for site, module, method, name in _adapter_states(gm, names):
             if method.gate(module, name).merged:
                 continue
-            weight = gm.get_parameter(site.weight)
-            base = totals.get(site.weight, weight.detach())
-            totals[site.weight] = base + method.delta_weight(gm, site, module, name).to(weight.dtype)
+            base = totals.get(site.weight)
+            base = _base_weight(gm, site, module).detach() if base is None else base
+            totals[site.weight] = base + method.delta_weight(gm, site, module, name).to(base.dtype)
     return totals
 
 
-def merge_and_unload(gm: PeftGraphModule, adapter_names=None, safe_merge: bool = False) -> PeftGraphModule:
+def merge_and_unload(gm: PeftGraphModule, adapter_names=None, safe_merge: bool = False,
+                     requantize: bool = False) -> PeftGraphModule:
     """Fold the active adapters into the base weights (in place, as PEFT does) and return the
-    base graph over them: no adapter nodes, exactly the base model's state_dict keys."""
+    base graph over them: no adapter nodes, exactly the base model's state_dict keys.
+
+    A quantized model gives float weights under the base keys (dequantized + merged deltas,
+    ``gm`` unchanged); ``requantize=True`` instead merges into the quantized layers in place
+    (rounding, as PEFT does) and keeps them quantized."""
+    if not requantize and any(_is_quantized(m) for m in gm.modules()):
+        weights = merged_weights(gm, adapter_names)
+        broken = [fqn for fqn, w in weights.items() if not torch.isfinite(w).all()]
+        if safe_merge and broken:
+            raise ValueError(f"NaNs or infs found while merging into {broken[:3]}; the adapter seems broken.")
+        return _base_module(gm, weights, use_saved_copies=True, dequantize=True)
     merge_adapter(gm, adapter_names, safe_merge=safe_merge)
     return _base_module(gm, {}, use_saved_copies=True)
 
@@ -153,7 +203,7 @@ def export_merged(gm: PeftGraphModule, directory: str, example_inputs=None) -> d
     from . import capture as capture_mod
     from .checkpoint import _unshared, atomic_write
 
-    merged = _base_module(gm, merged_weights(gm), use_saved_copies=True).eval()
+    merged = _base_module(gm, merged_weights(gm), use_saved_copies=True, dequantize=True).eval()
     if example_inputs is None:
         primary = gm._fxpeft_signatures[gm._fxpeft_primary]
         if primary.example is None:

@@ -90,16 +90,19 @@ def _(x, weight, absmax, bias, shape, blocksize, quant_type, compute_dtype, nest
 
 
 def _setup_4bit(ctx, inputs, output):
-    x, weight, absmax, bias, shape, blocksize, quant_type, _, nested_absmax, nested_code, nested_offset = inputs
+    x, weight, absmax, bias, shape, blocksize, quant_type, compute_dtype, nested_absmax, nested_code, nested_offset = inputs
     ctx.save_for_backward(weight, absmax, nested_absmax, nested_code, nested_offset)
-    ctx.layout = (shape, blocksize, quant_type, x.dtype)
+    ctx.layout = (shape, blocksize, quant_type, compute_dtype, x.dtype)
 
 
 def _backward_4bit(ctx, grad):
+    """bitsandbytes' MatMul4Bit.backward: the input gradient from the dequantized weight, in
+    the compute dtype (only the packed weight was kept)."""
     weight, absmax, nested_absmax, nested_code, nested_offset = ctx.saved_tensors
-    shape, blocksize, quant_type, x_dtype = ctx.layout
+    shape, blocksize, quant_type, compute_dtype, x_dtype = ctx.layout
+    grad = grad.to(compute_dtype)
     scales = _block_scales(absmax, nested_absmax, nested_code, nested_offset)
-    dense = torch.ops.bitsandbytes.dequantize_4bit.default(weight, scales, blocksize, quant_type, shape, grad.dtype)
+    dense = torch.ops.bitsandbytes.dequantize_4bit.default(weight, scales, blocksize, quant_type, shape, compute_dtype)
     grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[3] else None
     return (grad @ dense).to(x_dtype), None, None, grad_bias, None, None, None, None, None, None, None
 
@@ -113,7 +116,7 @@ def _int8_dense(weight: Tensor, scb: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 @torch.library.custom_op("fxpeft::linear_8bit", mutates_args=())
-def linear_8bit(x: Tensor, weight: Tensor, scb: Tensor, bias: Optional[Tensor], threshold: float,
+def linear_8bit(x: Tensor, weight: Tensor, scb: Tensor, bias: Optional[Tensor], threshold: float, *,
                 training: bool = True) -> Tensor:
     """``bitsandbytes.nn.Linear8bitLt.forward`` with frozen int8 weights: on CPU/XPU in train mode
     a float matmul of the dequantized weight (bnb's MatMul8bitFp), otherwise LLM.int8() (int8
@@ -134,11 +137,11 @@ def linear_8bit(x: Tensor, weight: Tensor, scb: Tensor, bias: Optional[Tensor], 
 
 
 @linear_8bit.register_fake
-def _(x, weight, scb, bias, threshold, training=True):
+def _(x, weight, scb, bias, threshold, *, training=True):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def _setup_8bit(ctx, inputs, output):
+def _setup_8bit(ctx, inputs, keyword_only_inputs, output):
     x, weight, scb = inputs[:3]
     ctx.save_for_backward(weight, scb)
     ctx.x_dtype = x.dtype
@@ -148,7 +151,7 @@ def _backward_8bit(ctx, grad):
     weight, scb = ctx.saved_tensors
     grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[3] else None
     grad_x = grad.to(ctx.x_dtype) @ _int8_dense(weight, scb, ctx.x_dtype)
-    return grad_x, None, None, grad_bias, None, None
+    return grad_x, None, None, grad_bias, None
 
 
 linear_8bit.register_autograd(_backward_8bit, setup_context=_setup_8bit)
@@ -172,21 +175,18 @@ class _Quantized(nn.Module):
     def weight_spec(self) -> WeightSpec:
         return WeightSpec(torch.Size((self.out_features, self.in_features)), self.weight_dtype, self.weight.device)
 
-    def float_module(self, delta: Optional[Tensor] = None) -> nn.Module:
-        """The float layer this one replaced (dequantized weight, plus ``delta`` in (out, in))."""
-        weight = self.dequantize()
-        if delta is not None:
-            weight = weight + delta.to(weight.dtype)
-        has_bias = self.bias is not None
+    def float_module(self, weight: Optional[Tensor] = None) -> nn.Module:
+        """The float layer this one replaced, with ``weight`` (out, in) or the dequantized one."""
+        weight = self.dequantize() if weight is None else weight
         if self.transposed:
             layer = Conv1D(self.out_features, self.in_features)
             layer.weight = nn.Parameter(weight.T.contiguous(), requires_grad=False)
         else:
-            layer = nn.Linear(self.in_features, self.out_features, bias=has_bias, device="meta")
+            layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
             layer.weight = nn.Parameter(weight, requires_grad=False)
-        if has_bias:
+        if self.bias is not None:
             layer.bias = self.bias
-        return layer
+        return layer.train(self.training)
 
 
 class Linear4bit(_Quantized):
@@ -239,7 +239,7 @@ class Linear4bit(_Quantized):
             offset=self.nested_offset, state2=state2)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.fxpeft.linear_4bit(
+        return torch.ops.fxpeft.linear_4bit.default(  # the overload: what both capture routes record
             x, self.weight, self.absmax, self.bias, [self.out_features, self.in_features], self.blocksize,
             self.quant_type, self.compute_dtype, self.nested_absmax, self.nested_quant_map, self.nested_offset)
 
@@ -267,6 +267,9 @@ class Linear4bit(_Quantized):
                                       error_msgs)
         stats = {key[len(prefix) + len("weight."):]: value for key, value in state_dict.items()
                  if key.startswith(prefix + "weight.")}
+        for key in stats:  # torch takes dotted names below a buffer for unknown submodules
+            if prefix + "weight." + key in unexpected_keys:
+                unexpected_keys.remove(prefix + "weight." + key)
         if stats:
             self._set_stats(_bnb().functional.QuantState.from_dict(stats, self.weight.device))
         elif strict:
@@ -309,7 +312,7 @@ class Linear8bit(_Quantized):
         return cls(int8_weight, row_scales, bias, config.llm_int8_threshold, weight.dtype, transposed)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.fxpeft.linear_8bit(x, self.weight, self.SCB, self.bias, self.threshold,
+        return torch.ops.fxpeft.linear_8bit.default(x, self.weight, self.SCB, self.bias, self.threshold,
                                             training=self.training)
 
     def dequantize(self) -> Tensor:
