@@ -1,12 +1,13 @@
-"""QLoRA: peak memory and step time of a training step, fxpeft vs PEFT, on the Llama-shaped model
-(hidden 512, 4 layers, vocab 8000; nf4 4-bit base, LoRA r=16 on all seven projections, batch 4 x 128).
+"""QLoRA: memory and step time of a training step, fxpeft vs PEFT, on the Llama-shaped model
+(hidden 512, 4 layers, vocab 8000; nf4 4-bit base with double-quantized statistics, LoRA r=16
+on all seven projections, batch 4 x 128), with LoRA on the float32 base for reference.
 
-Memory: each contender runs in a fresh subprocess (peak RSS is per process). After setup
-(model built and quantized, the float copy dropped, freed memory trimmed) the peak-RSS mark is
-reset (Linux ``/proc/self/clear_refs``) and a few training steps run; reported are the
-resident memory after setup and the peak during the steps. On a GPU the same figures come
-from ``torch.cuda.max_memory_allocated``. Time: the QLoRA contenders interleaved in one
-process, medians, as a ratio. Graph breaks: ``torch._dynamo.explain``.
+Memory, side by side in one process: bytes the allocator holds for live tensors (CPU: glibc's
+``mallinfo2`` in-use bytes, sampled after every op by a dispatch mode so the peak inside
+backward is seen; GPU: ``torch.cuda.max_memory_allocated``), relative to before the contender
+was built. "resident" is after setup (the float model it came from dropped), "peak" the
+highest point during the training steps (weights, activations, gradients, optimizer state).
+Time: the QLoRA contenders interleaved, medians, as a ratio. Graph breaks: ``torch._dynamo.explain``.
 
 Run: python benchmarks/bench_qlora.py [--steps N] [--device cpu|cuda]
 """
@@ -15,13 +16,12 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import json
 import os
-import subprocess
 import sys
 import tempfile
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_lora import TARGETS, interleaved, llama_512, train_step  # noqa: E402
@@ -38,6 +38,14 @@ def make_inputs(device):
             "attention_mask": torch.ones(4, 128, dtype=torch.long, device=device)}
 
 
+def _in_memory(model):
+    """Copy every tensor out of the memory-mapped checkpoint file, so the allocator counts it."""
+    with torch.no_grad():
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            tensor.data = tensor.data.clone()
+    return model
+
+
 def build(name: str, float_dir: str, device: str):
     """A contender's model, its float original already dropped."""
     import peft
@@ -46,42 +54,66 @@ def build(name: str, float_dir: str, device: str):
     lora = dict(r=16, lora_alpha=32, target_modules=TARGETS)
     torch.manual_seed(0)
     if name.startswith("fxpeft"):
-        model = LlamaForCausalLM.from_pretrained(float_dir).to(device)
+        model = _in_memory(LlamaForCausalLM.from_pretrained(float_dir).to(device))
         configs = [fxpeft.BnbConfig(**BNB)] if name.endswith("qlora") else []
         return fxpeft.transform(model, configs + [fxpeft.LoraConfig(**lora)]).train()
     if name.endswith("qlora"):
-        model = LlamaForCausalLM.from_pretrained(float_dir, quantization_config=BitsAndBytesConfig(**BNB),
-                                                 device_map=device)
+        model = _in_memory(LlamaForCausalLM.from_pretrained(float_dir, quantization_config=BitsAndBytesConfig(**BNB),
+                                                            device_map=device))
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
-        model = LlamaForCausalLM.from_pretrained(float_dir).to(device)
+        model = _in_memory(LlamaForCausalLM.from_pretrained(float_dir).to(device))
     return peft.get_peft_model(model, peft.LoraConfig(**lora)).train()
 
 
-def _rss(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
+class _MallInfo(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+
+_LIBC = ctypes.CDLL("libc.so.6")
+_LIBC.mallinfo2.restype = _MallInfo
+
+
+def allocated(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.memory_allocated()
+    info = _LIBC.mallinfo2()
+    return info.uordblks + info.hblkhd  # heap chunks in use + mmapped (large tensors)
+
+
+class PeakMemory(TorchDispatchMode):
+    """The highest allocated bytes seen after any op (CPU has no allocator peak counter)."""
+
+    def __init__(self, device: str):
+        super().__init__()
+        self.device, self.peak = device, allocated(device)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, allocated(self.device))
+        return out
 
 
 def measure(name: str, float_dir: str, device: str, steps: int) -> dict:
+    gc.collect()
+    before = allocated(device)
     model = build(name, float_dir, device)
     step = train_step(model, make_inputs(device))
     gc.collect()
+    resident = allocated(device) - before
     if device == "cuda":
-        torch.cuda.synchronize()
-        resident = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
+        for _ in range(steps):
+            step()
+        peak = torch.cuda.max_memory_allocated() - before
     else:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # return freed float weights to the OS
-        resident = _rss("VmRSS")
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")  # reset the peak-RSS mark
-    for _ in range(steps):
-        step()
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _rss("VmHWM")
+        with PeakMemory(device) as tracker:
+            for _ in range(steps):
+                step()
+        peak = tracker.peak - before
+    del model, step
+    gc.collect()
     return {"resident": resident, "peak": peak}
 
 
@@ -90,24 +122,13 @@ def main():
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--contender", help=argparse.SUPPRESS)
-    parser.add_argument("--float-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.contender:  # child process: one contender's memory
-        print(json.dumps(measure(args.contender, args.float_dir, args.device, args.steps)))
-        return
 
     with tempfile.TemporaryDirectory() as float_dir:
         torch.manual_seed(0)
         llama_512().save_pretrained(float_dir)
-        memory = {}
-        for name in CONTENDERS:
-            out = subprocess.run([sys.executable, __file__, "--contender", name, "--float-dir", float_dir,
-                                  "--device", args.device, "--steps", str(args.steps)],
-                                 capture_output=True, text=True, check=True)
-            memory[name] = json.loads(out.stdout.strip().splitlines()[-1])
-        unit = "GPU allocated" if args.device == "cuda" else "RSS"
-        print(f"memory ({unit}, MiB)        resident after setup   peak during {args.steps} train steps")
+        memory = {name: measure(name, float_dir, args.device, args.steps) for name in CONTENDERS}
+        print(f"memory (MiB allocated)   resident after setup   peak during {args.steps} train steps")
         for name, figures in memory.items():
             print(f"  {name:22s} {figures['resident'] / 2**20:10.1f}   {figures['peak'] / 2**20:10.1f}")
         fx, pf, fp32 = memory["fxpeft-qlora"], memory["peft-qlora"], memory["fxpeft-lora-fp32"]
