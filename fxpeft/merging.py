@@ -45,8 +45,16 @@ def _check_names(gm, names) -> list[str]:
     return names
 
 
+def _check_mergeable(gm, names) -> None:
+    prompt = [n for n in names if method_for(gm.peft_config[n]).prompt_learning]
+    if prompt:
+        raise ValueError(f"Adapter(s) {prompt} are prompt-learning adapters: they add virtual tokens or key/value "
+                         "prefixes, not weight deltas, so there is nothing to merge. Use fxpeft.unload for the base model.")
+
+
 def merge_adapter(gm: PeftGraphModule, adapter_names=None, safe_merge: bool = False) -> None:
     names = _check_names(gm, adapter_names)
+    _check_mergeable(gm, names)
     updates = []  # (weight, delta, gate) computed before any weight changes
     for site, module, method, name in _adapter_states(gm, names):
         gate = method.gate(module, name)
@@ -116,6 +124,7 @@ def _base_module(gm: PeftGraphModule, merged_weights: dict[str, torch.Tensor], u
 def merged_weights(gm, adapter_names=None) -> dict[str, torch.Tensor]:
     """New tensors W + sum of deltas for every site touched by the (active) adapters."""
     names = _check_names(gm, adapter_names)
+    _check_mergeable(gm, names)
     totals: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for site, module, method, name in _adapter_states(gm, names):
