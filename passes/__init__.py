@@ -1,2 +1,2 @@
 """Rewrite passes, one file per method. Importing a pass registers its rules and method."""
-from . import lora, modules_to_save, prompt  # noqa: F401
+from . import lora, modules_to_save, prefix, prompt  # noqa: F401
