@@ -123,6 +123,11 @@ def attention_layout(graph: torch.fx.Graph, root: nn.Module) -> tuple[list[torch
 def resolve_prefix_config(gm, sites, config: PrefixTuningConfig) -> PrefixTuningConfig:
     """The layout read from the graph (PEFT's numbers for transformers models, GQA included); a
     config that states another layout (a checkpoint for another model) is an error."""
+    if getattr(getattr(gm._fxpeft_source, "config", None), "is_encoder_decoder", False):
+        raise NotImplementedError(
+            "Prefix tuning on transformers encoder-decoder models (T5, BART) is not supported yet: PEFT puts the "
+            "prefixes in the decoder's self-attention only, where T5's relative position bias must also cover them. "
+            "Use PromptTuningConfig for these models.")
     attentions, heads, head_dim = attention_layout(_primary_lowering(gm).graph, gm)
     found = {"num_layers": len(attentions), "num_attention_heads": heads, "token_dim": heads * head_dim}
     stated = {k: getattr(config, k) for k in found if getattr(config, k) is not None}
