@@ -282,6 +282,10 @@ def adapter_indices(gm: PeftGraphModule, adapter_names: Sequence[str], batch_siz
     if unknown:
         raise ValueError(f"adapter_names contains unknown adapter(s) {unknown}; existing: {order} "
                          f"(use {BASE_ADAPTER!r} for no adapter).")
+    prompt = [n for n, config in gm.peft_config.items() if method_for(config).prompt_learning]
+    if prompt:
+        raise NotImplementedError(f"Mixed batches (adapter_names=...) are not supported with prompt-learning adapter "
+                                  f"{prompt[0]!r}: it changes every sample's sequence length.")
     from .merging import merged_adapters
     if merged_adapters(gm):
         raise ValueError("Cannot use adapter_names while adapters are merged; call fxpeft.unmerge_adapter first.")

@@ -144,6 +144,8 @@ def test_disabling_runs_the_base_model_and_merging_is_refused():
         with fxpeft.disable_adapters(gm):
             torch.testing.assert_close(gm(**inputs).logits, model(**inputs).logits)
         torch.testing.assert_close(gm(**inputs).logits, prompted)
+    with pytest.raises(NotImplementedError, match="Mixed batches"):
+        gm(**inputs, adapter_names=["default", "__base__"])
     with pytest.raises(ValueError, match="nothing to merge"):
         fxpeft.merge_adapter(gm)
     with pytest.raises(ValueError, match="only adapter"):
