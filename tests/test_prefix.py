@@ -28,7 +28,8 @@ def test_peft_checkpoint_loads_with_equal_outputs_and_losses(name, tmp_path):
     reference.save_pretrained(tmp_path / "peft")
     gm = fxpeft.from_pretrained(model, str(tmp_path / "peft"))
     full = models.hf_inputs(name, batch=2, seq=7)  # left padding on the first row
-    for inputs in (full, {"input_ids": full["input_ids"][:, :5]}):  # with and without an attention mask
+    with_positions = dict(full, position_ids=(full["attention_mask"].cumsum(-1) - 1).clamp(min=0))  # PEFT adds n
+    for inputs in (full, {"input_ids": full["input_ids"][:, :5]}, with_positions):  # with and without a mask
         labels = models.hf_labels(name, inputs)
         with torch.no_grad():
             expected, got = reference(**inputs, labels=labels), gm(**inputs, labels=labels)
