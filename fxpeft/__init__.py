@@ -6,7 +6,8 @@ This file is the public API; see docs/ARCHITECTURE.md for how the pieces fit.
 """
 from .canonical import Site, find_sites
 from .capture import CaptureError
-from .configs import BnbConfig, LoraConfig, TaskType
+from .configs import (BnbConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig,
+                      PromptTuningInit, TaskType)
 from .inspection import Report, inspect
 from .lifecycle import (active_adapters, adapter_indices, add_adapter, delete_adapter, disable_adapters,
                         from_pretrained, load_adapter, print_trainable_parameters, save_pretrained, set_adapter,
@@ -22,5 +23,6 @@ __all__ = [
     "set_adapter", "active_adapters", "disable_adapters", "adapter_indices", "add_weighted_adapter",
     "merge_adapter", "unmerge_adapter", "merge_and_unload", "unload", "export_merged", "inspect", "Report",
     "trainable_parameters", "print_trainable_parameters",
-    "LoraConfig", "BnbConfig", "TaskType", "PeftGraphModule", "CaptureError", "find_sites", "Site",
+    "LoraConfig", "PromptTuningConfig", "PromptTuningInit", "PromptEncoderConfig", "PrefixTuningConfig",
+    "BnbConfig", "TaskType", "PeftGraphModule", "CaptureError", "find_sites", "Site",
 ]

@@ -149,10 +149,26 @@ def export_program(module: nn.Module, kwargs: dict[str, Any], convert_output=Non
                                    dynamic_shapes=dynamic, strict=False)
 
 
+def _unaliased(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Export turns inputs that share memory into one graph input: captured with
+    ``labels=input_ids``, the graph would read its tokens from ``labels`` on every later call.
+    Each input gets its own copy."""
+    seen, out = set(), {}
+    for name, value in kwargs.items():
+        if isinstance(value, torch.Tensor) and value.numel():
+            storage = (value.untyped_storage().data_ptr(), value.device)
+            if storage in seen:
+                value = value.clone()
+            seen.add(storage)
+        out[name] = value
+    return out
+
+
 def export_call(model: nn.Module, kwargs: dict[str, Any], widen: bool = False) -> Captured:
     """Capture one keyword signature with torch.export."""
     if widen:
         kwargs = {name: _widen(value) for name, value in kwargs.items()}
+    kwargs = _unaliased(kwargs)
     try:
         with _tracing_state(model):
             program = export_program(model, kwargs)

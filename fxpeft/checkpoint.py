@@ -20,15 +20,18 @@ from typing import Any, Optional
 
 import torch
 
-from .configs import LoraConfig
-from .rewrite import method_for
+from .rewrite import METHODS, method_for
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
-PREFIX = "base_model.model."
 
-CONFIG_TYPES = {"LORA": LoraConfig}
+
+def config_types() -> dict[str, type]:
+    """peft_type -> config class, for every registered adapter method."""
+    return {method.config_type.peft_type: method.config_type for method in METHODS.values()
+            if method.attach is not None}
+
 
 # PEFT options we know and do not implement: loading a config that sets one fails, naming it.
 UNSUPPORTED_OPTIONS = (
@@ -58,7 +61,10 @@ def adapter_key_map(gm, adapter: str, state: dict[str, torch.Tensor]) -> dict[st
     """PEFT checkpoint key -> fxpeft state_dict name, for one adapter (``state`` is ``gm``'s
     ``state_dict(keep_vars=True)``)."""
     config = gm.peft_config[adapter]
-    containers = set(method_for(config).containers)
+    method = method_for(config)
+    prefix = method.checkpoint_prefix
+    # a method that saves computed tensors (prompt learning) saves none of its containers' own
+    containers = set() if method.saved_tensors else set(method.containers)
     mapping: dict[str, str] = {}
     saved_roots = []
     for name in state:
@@ -67,9 +73,9 @@ def adapter_key_map(gm, adapter: str, state: dict[str, torch.Tensor]) -> dict[st
             if parts[i + 1] != adapter:
                 continue
             if parts[i] in containers:
-                mapping[PREFIX + ".".join(parts[: i + 1] + parts[i + 2:])] = name
+                mapping[prefix + ".".join(parts[: i + 1] + parts[i + 2:])] = name
             elif parts[i] == "modules_to_save":
-                mapping[PREFIX + ".".join(parts[:i] + parts[i + 2:])] = name
+                mapping[prefix + ".".join(parts[:i] + parts[i + 2:])] = name
                 saved_roots.append(".".join(parts[:i]) + ".")
             else:
                 continue
@@ -91,7 +97,7 @@ def adapter_key_map(gm, adapter: str, state: dict[str, torch.Tensor]) -> dict[st
                 wrapper = "modules_to_save." + rest[len(copy_prefix):] if rest.startswith(copy_prefix) \
                     else None if rest.startswith("modules_to_save.") else "original_module." + rest
                 if wrapper is not None:
-                    mapping[PREFIX + root + wrapper] = name
+                    mapping[prefix + root + wrapper] = name
                 continue
             if root is not None or name in mapped:
                 continue
@@ -100,7 +106,7 @@ def adapter_key_map(gm, adapter: str, state: dict[str, torch.Tensor]) -> dict[st
             if bias_mode == "lora_only" and path not in adapted_here:
                 continue
             key = f"{path}.base_layer.bias" if path in wrapped else name
-            mapping[PREFIX + key] = name
+            mapping[prefix + key] = name
     return mapping
 
 
@@ -143,6 +149,9 @@ def save_adapter(gm, directory: str, adapter: str, safe_serialization: bool = Tr
 
     state = gm.state_dict(keep_vars=True)
     tensors = _unshared({key: state[name] for key, name in adapter_key_map(gm, adapter, state).items()})
+    method = method_for(gm.peft_config[adapter])
+    if method.saved_tensors is not None:
+        tensors.update(_unshared(method.saved_tensors(gm, adapter)))
     config = _config_dict(gm.peft_config[adapter])
 
     def write_config(path):
@@ -176,11 +185,12 @@ def load_config(directory: str):
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON ({error}); the checkpoint is corrupted.") from error
     peft_type = data.get("peft_type")
-    if peft_type not in CONFIG_TYPES:
+    known = config_types()
+    if peft_type not in known:
         raise NotImplementedError(
-            f"{path}: peft_type {peft_type!r} is not supported by fxpeft (supported: {sorted(CONFIG_TYPES)})."
+            f"{path}: peft_type {peft_type!r} is not supported by fxpeft (supported: {sorted(known)})."
         )
-    config_type = CONFIG_TYPES[peft_type]
+    config_type = known[peft_type]
     fields = {f.name for f in dataclasses.fields(config_type)}
     unsupported = [k for k in UNSUPPORTED_OPTIONS if data.get(k) not in (None, False, {}, [], "")]
     init = data.get("init_lora_weights", True)
@@ -216,8 +226,11 @@ def check_and_copy(gm, adapter: str, weights: dict[str, torch.Tensor]) -> None:
     so a failure changes nothing."""
     state = gm.state_dict(keep_vars=True)
     mapping = adapter_key_map(gm, adapter, state)
-    unexpected = sorted(set(weights) - set(mapping))
-    missing = sorted(set(mapping) - set(weights))
+    method = method_for(gm.peft_config[adapter])
+    computed = method.saved_tensors(gm, adapter) if method.saved_tensors is not None else {}
+    expected = {**{key: state[name] for key, name in mapping.items()}, **computed}
+    unexpected = sorted(set(weights) - set(expected))
+    missing = sorted(set(expected) - set(weights))
     if unexpected or missing:
         raise ValueError(
             f"Checkpoint does not fit adapter {adapter!r}: "
@@ -226,12 +239,14 @@ def check_and_copy(gm, adapter: str, weights: dict[str, torch.Tensor]) -> None:
             + "was it saved for another model or config?"
         )
     for key, value in weights.items():
-        target = state[mapping[key]]
+        target = expected[key]
         if tuple(value.shape) != tuple(target.shape):
             raise ValueError(
                 f"Checkpoint tensor {key!r} has shape {tuple(value.shape)} but the model expects "
-                f"{tuple(target.shape)} for {mapping[key]!r}; the checkpoint is for another model or rank."
+                f"{tuple(target.shape)} for {mapping.get(key, key)!r}; the checkpoint is for another model or config."
             )
+    if computed:
+        method.load_saved(gm, adapter, {key: weights[key] for key in computed})
     with torch.no_grad():
-        for key, value in weights.items():
-            state[mapping[key]].copy_(value)
+        for key in mapping:
+            state[mapping[key]].copy_(weights[key])

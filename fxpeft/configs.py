@@ -190,3 +190,111 @@ class BnbConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+# --------------------------------------------------------------------------- prompt learning
+
+
+@dataclass
+class PromptLearningConfig(PeftConfigBase):
+    """Fields PEFT's prompt-learning configs share. ``token_dim``, ``num_layers``,
+    ``num_attention_heads`` and ``num_transformer_submodules`` are filled in when the adapter is
+    attached (read from the graph, or from a transformers config as PEFT does) and saved."""
+
+    num_virtual_tokens: Optional[int] = None
+    token_dim: Optional[int] = None
+    num_transformer_submodules: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    num_layers: Optional[int] = None
+    modules_to_save: Optional[list[str]] = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        name = type(self).__name__
+        if not isinstance(self.num_virtual_tokens, int) or isinstance(self.num_virtual_tokens, bool) \
+                or self.num_virtual_tokens <= 0:
+            raise ValueError(f"{name}.num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}.")
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self.modules_to_save)
+
+
+class PromptTuningInit(str, enum.Enum):
+    TEXT = "TEXT"
+    SAMPLE_VOCAB = "SAMPLE_VOCAB"
+    RANDOM = "RANDOM"
+
+
+@dataclass
+class PromptTuningConfig(PromptLearningConfig):
+    """Prompt tuning: ``num_virtual_tokens`` learned embeddings prepended to the token embeddings.
+
+    ``prompt_tuning_init="TEXT"`` initialises them from the embeddings of
+    ``prompt_tuning_init_text``, tokenized by ``tokenizer_name_or_path`` (a path or a tokenizer
+    object; an object is saved as its ``name_or_path``)."""
+
+    prompt_tuning_init: Union[str, PromptTuningInit] = "RANDOM"
+    prompt_tuning_init_text: Optional[str] = None
+    tokenizer_name_or_path: Optional[Any] = None
+    tokenizer_kwargs: Optional[dict] = None
+
+    peft_type = "PROMPT_TUNING"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.prompt_tuning_init, PromptTuningInit):
+            self.prompt_tuning_init = self.prompt_tuning_init.value
+        if self.prompt_tuning_init not in PromptTuningInit._value2member_map_:
+            raise ValueError(f"PromptTuningConfig.prompt_tuning_init must be one of "
+                             f"{sorted(PromptTuningInit._value2member_map_)}, got {self.prompt_tuning_init!r}.")
+        if self.prompt_tuning_init == "TEXT" and (not self.tokenizer_name_or_path or self.prompt_tuning_init_text is None):
+            raise ValueError("prompt_tuning_init='TEXT' needs prompt_tuning_init_text and tokenizer_name_or_path "
+                             "(a tokenizer object or the path of one).")
+        if self.tokenizer_kwargs and self.prompt_tuning_init != "TEXT":
+            raise ValueError("tokenizer_kwargs only applies with prompt_tuning_init='TEXT'.")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        tokenizer = out["tokenizer_name_or_path"]
+        if tokenizer is not None and not isinstance(tokenizer, str):  # a tokenizer object: save where it came from
+            out["tokenizer_name_or_path"] = getattr(tokenizer, "name_or_path", None) or None
+        return out
+
+
+@dataclass
+class PromptEncoderConfig(PromptLearningConfig):
+    """P-tuning: the virtual-token embeddings come out of a small encoder (an MLP, or an LSTM
+    followed by an MLP) over learned inputs; ``encoder_hidden_size`` defaults to ``token_dim``."""
+
+    encoder_reparameterization_type: str = "MLP"
+    encoder_hidden_size: Optional[int] = None
+    encoder_num_layers: int = 2
+    encoder_dropout: float = 0.0
+
+    peft_type = "P_TUNING"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.encoder_reparameterization_type, enum.Enum):
+            self.encoder_reparameterization_type = self.encoder_reparameterization_type.value
+        if self.encoder_reparameterization_type not in ("MLP", "LSTM"):
+            raise ValueError("PromptEncoderConfig.encoder_reparameterization_type must be 'MLP' or 'LSTM', "
+                             f"got {self.encoder_reparameterization_type!r}.")
+        if not 0.0 <= float(self.encoder_dropout) < 1.0:
+            raise ValueError(f"PromptEncoderConfig.encoder_dropout must be in [0, 1), got {self.encoder_dropout!r}.")
+
+
+@dataclass
+class PrefixTuningConfig(PromptLearningConfig):
+    """Prefix tuning: learned keys and values prepended at every attention. With
+    ``prefix_projection`` they are the output of a two-layer MLP (hidden ``encoder_hidden_size``)."""
+
+    encoder_hidden_size: Optional[int] = None
+    prefix_projection: bool = False
+    init_weights: Optional[str] = None
+
+    peft_type = "PREFIX_TUNING"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.init_weights not in (None, "zero"):
+            raise ValueError(f"PrefixTuningConfig.init_weights must be None or 'zero', got {self.init_weights!r}.")

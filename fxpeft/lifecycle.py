@@ -55,6 +55,12 @@ def _attach(gm: PeftGraphModule, config, adapter_name: str) -> None:
             f"An adapter named {adapter_name!r} already exists (adapters: {sorted(gm.peft_config)}); "
             "choose another adapter_name or delete it first."
         )
+    prompt = [name for name, existing in gm.peft_config.items() if method_for(existing).prompt_learning]
+    if prompt:
+        raise ValueError(
+            f"Cannot add adapter {adapter_name!r}: prompt-learning adapter {prompt[0]!r} changes the sequence the "
+            "model sees, so it must be the model's only adapter (as in PEFT). Transform a fresh model instead."
+        )
     method = method_for(config)
     if method.attach is None:
         raise ValueError(
@@ -221,7 +227,7 @@ def set_adapter(gm: PeftGraphModule, adapter_name: Union[str, Sequence[str]]) ->
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
     _check_known(gm, names)
     gm._fxpeft_active[:] = names
-    gm.sync_gates()
+    _sync_activity(gm)
 
 
 @contextlib.contextmanager
@@ -231,11 +237,20 @@ def disable_adapters(gm: PeftGraphModule):
     _require_transformed(gm)
     previous = list(gm._fxpeft_active)
     gm._fxpeft_active[:] = []
-    gm.sync_gates()
+    _sync_activity(gm)
     try:
         yield gm
     finally:
         gm._fxpeft_active[:] = previous
+        _sync_activity(gm)
+
+
+def _sync_activity(gm: PeftGraphModule) -> None:
+    """Which adapters act is buffer data, except for prompt learning: an inactive prompt shortens
+    the sequence, which only another graph can express."""
+    if any(method_for(config).prompt_learning for config in gm.peft_config.values()):
+        gm.relower()
+    else:
         gm.sync_gates()
 
 
@@ -279,6 +294,10 @@ def adapter_indices(gm: PeftGraphModule, adapter_names: Sequence[str], batch_siz
     if unknown:
         raise ValueError(f"adapter_names contains unknown adapter(s) {unknown}; existing: {order} "
                          f"(use {BASE_ADAPTER!r} for no adapter).")
+    prompt = [n for n, config in gm.peft_config.items() if method_for(config).prompt_learning]
+    if prompt:
+        raise NotImplementedError(f"Mixed batches (adapter_names=...) are not supported with prompt-learning adapter "
+                                  f"{prompt[0]!r}: it changes every sample's sequence length.")
     from .merging import merged_adapters
     if merged_adapters(gm):
         raise ValueError("Cannot use adapter_names while adapters are merged; call fxpeft.unmerge_adapter first.")

@@ -46,6 +46,13 @@ def _check_names(gm, names) -> list[str]:
     return names
 
 
+def _check_mergeable(gm, names) -> None:
+    prompt = [n for n in names if method_for(gm.peft_config[n]).prompt_learning]
+    if prompt:
+        raise ValueError(f"Adapter(s) {prompt} are prompt-learning adapters: they add virtual tokens or key/value "
+                         "prefixes, not weight deltas, so there is nothing to merge. Use fxpeft.unload for the base model.")
+
+
 def _is_quantized(module) -> bool:
     return hasattr(module, "requantize_")  # passes/quantize.py's layers: packed weight, float on demand
 
@@ -99,7 +106,9 @@ def _fold(gm, names, sign: int, safe_merge: bool = False) -> None:
 
 
 def merge_adapter(gm: PeftGraphModule, adapter_names=None, safe_merge: bool = False) -> None:
-    _fold(gm, _check_names(gm, adapter_names), 1, safe_merge)
+    names = _check_names(gm, adapter_names)
+    _check_mergeable(gm, names)
+    _fold(gm, names, 1, safe_merge)
 
 
 def unmerge_adapter(gm: PeftGraphModule) -> None:
@@ -155,6 +164,7 @@ def merged_weights(gm, adapter_names=None) -> dict[str, torch.Tensor]:
     """New tensors W + sum of deltas for every site touched by the (active) adapters (W of a
     quantized layer: its dequantized weight), keyed by the weight's name."""
     names = _check_names(gm, adapter_names)
+    _check_mergeable(gm, names)
     totals: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for site, module, method, name in _adapter_states(gm, names):

@@ -137,6 +137,15 @@ class Method:
     gate: Optional[Callable] = None
     delta_weight: Optional[Callable] = None
     resolve_config: Optional[Callable] = None  # (gm, sites, config) -> config as stored (PEFT resolves targets)
+    # Prompt learning (prompt / prefix tuning) edits the sequence itself, so: its adapter is the
+    # model's only one, its rules read which adapters act at lowering time (an inactive prompt
+    # changes the sequence length, which data cannot express), and its checkpoint holds tensors the
+    # method computes (``saved_tensors(gm, adapter) -> {key: tensor}``, read back by
+    # ``load_saved(gm, adapter, {key: tensor})``) under ``checkpoint_prefix``.
+    prompt_learning: bool = False
+    saved_tensors: Optional[Callable] = None
+    load_saved: Optional[Callable] = None
+    checkpoint_prefix: str = "base_model.model."
 
 
 METHODS: dict[type, Method] = {}

@@ -1,0 +1,242 @@
+"""Prefix tuning: learned keys and values in front of every attention's own.
+
+State (PEFT's names, at the root): ``prompt_encoder.<adapter>.embedding.weight``, shape
+(n, layers·2·kv_heads·head_dim), plus ``.transform.*`` with ``prefix_projection`` (a two-layer
+MLP from (n, kv_heads·head_dim)). Layer l's key prefix is slice 2l, its value prefix 2l+1, as in
+PEFT's ``past_key_values``.
+
+Rewrite (phase 20), while the adapter is active, at every ``scaled_dot_product_attention``
+(layers in graph order; key heads and head size read from the graph, before any grouped-query
+repeat of the keys, so GQA prefixes have the key/value head count and are repeated like the keys):
+    key, value     -> cat(prefix, key / value) along the sequence
+    attn_mask      -> the prefix columns visible to every query, in front of the mask
+    is_causal=True -> an explicit mask: prefix visible, causal among the real tokens
+    positions      -> + n where the model computes them (rotary embeddings, learned absolute
+                      position embeddings), as PEFT's cache of n past tokens makes them.
+Checkpoint: ``prompt_embeddings``, the (projected) prefixes (PEFT's format).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxpeft.canonical import ModeSwitch
+from fxpeft.configs import PrefixTuningConfig
+from fxpeft.passes.prompt import (CONTAINERS, PromptEmbedding, _primary_lowering, active_prompt_adapter, check_alone,
+                                  load_prompt_embeddings, prompt_embeddings)
+from fxpeft.rewrite import Lowering, Method, Rule, register_method, register_rule
+
+aten = torch.ops.aten
+
+SDPA_OPS = (aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention)
+# ops between a key projection and attention that only rearrange or repeat heads (repeat_kv)
+HEAD_REARRANGING = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default,
+                    aten.unsqueeze.default, aten.slice.Tensor, aten.clone.default, aten.contiguous.default}
+# learned absolute position embeddings (GPT-2, BERT, OPT-like names); rotary modules are found by class
+POSITION_EMBEDDINGS = ("wpe", "position_embeddings", "embed_positions")
+ROTARY_CLASS = "RotaryEmbedding"
+
+
+class PrefixEncoder(nn.Module):
+    """PEFT's prefix encoder when training with ``prefix_projection``: embedding -> MLP."""
+
+    def __init__(self, count: int, token_dim: int, hidden: int, width: int, zero: bool):
+        super().__init__()
+        self.embedding = nn.Embedding(count, token_dim)
+        self.transform = nn.Sequential(nn.Linear(token_dim, hidden), nn.Tanh(), nn.Linear(hidden, width))
+        if zero:
+            nn.init.zeros_(self.transform[-1].weight)
+            nn.init.zeros_(self.transform[-1].bias)
+
+    def forward(self) -> torch.Tensor:
+        return self.transform(self.embedding.weight)
+
+
+# ----------------------------------------------------------------------------- attention in the graph
+
+
+def _is_attention(node: torch.fx.Node, root: nn.Module) -> bool:
+    if node.op == "call_function":
+        return node.target in SDPA_OPS
+    if node.op == "call_module":  # canonical form of an attention with dropout
+        module = root.get_submodule(node.target)
+        return isinstance(module, ModeSwitch) and module.op is F.scaled_dot_product_attention
+    return False
+
+
+def _arg(node: torch.fx.Node, index: int, name: str, default=None):
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def _set_arg(node: torch.fx.Node, index: int, name: str, value) -> None:
+    if len(node.args) > index:
+        node.args = (*node.args[:index], value, *node.args[index + 1:])
+    else:
+        node.kwargs = {**node.kwargs, name: value}
+
+
+def _shape(node) -> Optional[tuple]:
+    value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def _key_heads(key: torch.fx.Node) -> tuple[int, int]:
+    """(key/value heads, head size) of an attention's keys, before any repeat for grouped queries."""
+    heads, head_dim = _shape(key)[1], _shape(key)[-1]
+    node = key
+    while isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in HEAD_REARRANGING:
+        node = node.args[0]
+        shape = _shape(node)
+        if shape is not None and len(shape) == 4 and shape[-1] == head_dim and isinstance(shape[1], int) \
+                and heads % shape[1] == 0:
+            heads = min(heads, shape[1])
+    return heads, head_dim
+
+
+def attention_layout(graph: torch.fx.Graph, root: nn.Module) -> tuple[list[torch.fx.Node], int, int]:
+    """(attention nodes in layer order, key/value heads, head size), or a ValueError saying why not."""
+    attentions = [n for n in graph.nodes if _is_attention(n, root)]
+    if not attentions:
+        softmaxes = sum(1 for n in graph.nodes if n.op == "call_function" and "softmax" in str(n.target))
+        written_out = (f" It has {softmaxes} softmax op(s): attention written out as matmul + softmax (e.g. T5's) "
+                       "is not supported yet." if softmaxes else "")
+        raise ValueError("Prefix tuning needs attention, and this model's graph has no scaled_dot_product_attention."
+                         + written_out + " Use prompt tuning (fxpeft.PromptTuningConfig) instead.")
+    keys = [_arg(n, 1, "key") for n in attentions]
+    if any(_shape(k) is None or len(_shape(k)) != 4 for k in keys):
+        raise ValueError("Prefix tuning reads heads and head size from the graph's tensor shapes, which a "
+                         "symbolic trace does not record: pass example_inputs=... to fxpeft.transform.")
+    layouts = {_key_heads(k) for k in keys}
+    if len(layouts) != 1:
+        raise ValueError(f"Prefix tuning needs one key layout (heads, head size) across attentions; found {layouts}.")
+    heads, head_dim = layouts.pop()
+    return attentions, heads, head_dim
+
+
+# ----------------------------------------------------------------------------- attach
+
+
+def resolve_prefix_config(gm, sites, config: PrefixTuningConfig) -> PrefixTuningConfig:
+    """The layout read from the graph (PEFT's numbers for transformers models, GQA included); a
+    config that states another layout (a checkpoint for another model) is an error."""
+    if getattr(getattr(gm._fxpeft_source, "config", None), "is_encoder_decoder", False):
+        raise NotImplementedError(
+            "Prefix tuning on transformers encoder-decoder models (T5, BART) is not supported yet: PEFT puts the "
+            "prefixes in the decoder's self-attention only, where T5's relative position bias must also cover them. "
+            "Use PromptTuningConfig for these models.")
+    attentions, heads, head_dim = attention_layout(_primary_lowering(gm).graph, gm)
+    found = {"num_layers": len(attentions), "num_attention_heads": heads, "token_dim": heads * head_dim}
+    stated = {k: getattr(config, k) for k in found if getattr(config, k) is not None}
+    wrong = {k: (v, found[k]) for k, v in stated.items() if v != found[k]}
+    if wrong:
+        raise ValueError("PrefixTuningConfig does not fit this model (stated, found in the graph): "
+                         + ", ".join(f"{k}={v}" for k, v in wrong.items())
+                         + ". Was the config or checkpoint made for another model?")
+    return dataclasses.replace(config, **found, num_transformer_submodules=config.num_transformer_submodules or 1,
+                               encoder_hidden_size=config.encoder_hidden_size or found["token_dim"])
+
+
+def attach(gm, sites, config: PrefixTuningConfig, adapter: str) -> list[str]:
+    """``config`` arrives resolved (``resolve_prefix_config``)."""
+    check_alone(gm, config, adapter)
+    width = config.num_layers * 2 * config.token_dim
+    if config.prefix_projection and not config.inference_mode:
+        encoder = PrefixEncoder(config.num_virtual_tokens, config.token_dim, config.encoder_hidden_size, width,
+                                zero=config.init_weights == "zero")
+    else:
+        encoder = PromptEmbedding(config.num_virtual_tokens, width)
+        if config.init_weights == "zero":
+            nn.init.zeros_(encoder.embedding.weight)
+    device = next(gm.parameters()).device
+    if "prompt_encoder" not in gm._modules:
+        gm.add_module("prompt_encoder", nn.ModuleDict())
+    gm.prompt_encoder[adapter] = encoder.to(device).train(gm.training)
+    return []
+
+
+# ----------------------------------------------------------------------------- rewrite (helpers the graph calls)
+
+
+def prefix_layers(prefixes: torch.Tensor, layers: int, heads: int, head_dim: int):
+    """(n, layers·2·heads·head_dim) -> (layers·2, heads, n, head_dim): PEFT's past_key_values order."""
+    return prefixes.view(prefixes.shape[0], layers * 2, heads, head_dim).permute(1, 2, 0, 3)
+
+
+def with_prefix(layers: torch.Tensor, index: int, states: torch.Tensor):
+    """Keys or values (batch, heads, S, head_dim) with layer slice ``index`` in front; prefixes of
+    fewer (grouped) heads are repeated as the model repeated its keys."""
+    prefix = layers[index].to(states.dtype)
+    repeat = states.shape[1] // prefix.shape[0]
+    if repeat > 1:
+        prefix = prefix.repeat_interleave(repeat, dim=0)
+    return torch.cat([prefix.unsqueeze(0).expand(states.shape[0], -1, -1, -1), states], dim=2)
+
+
+def prefix_mask(mask: Optional[torch.Tensor], query: torch.Tensor, key: torch.Tensor, count: int):
+    """The mask over prefix + keys: the prefix visible to every query. No mask means SDPA's causal
+    one (top-left aligned), made explicit since the keys are now longer than the queries."""
+    if mask is None:
+        mask = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
+    visible = True if mask.dtype == torch.bool else 0.0
+    return torch.cat([mask.new_full((*mask.shape[:-1], count), visible), mask], dim=-1)
+
+
+def shifted_positions(positions: torch.Tensor, count: int):
+    return positions + count
+
+
+def _position_inputs(lw: Lowering) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
+    """(consumer, position-index input) pairs: learned position embeddings' indices, and the
+    integer inputs of rotary-embedding regions."""
+    found = [(s.node, s.input) for s in lw.sites
+             if s.kind == "embedding" and s.path.rsplit(".", 1)[-1] in POSITION_EMBEDDINGS]
+    rotary = {n for n in lw.graph.nodes if ROTARY_CLASS in str(list((n.meta.get("nn_module_stack") or {None: ("", "")})
+                                                                   .values())[-1][1])}
+    for node in rotary:
+        for arg in node.all_input_nodes:
+            value = arg.meta.get("val")
+            if arg not in rotary and isinstance(value, torch.Tensor) and not value.is_floating_point():
+                found.append((node, arg))
+    return found
+
+
+def match(lw: Lowering):
+    adapter = active_prompt_adapter(lw, PrefixTuningConfig)
+    if adapter is not None:
+        yield adapter
+
+
+def rewrite(lw: Lowering, adapter: str) -> None:
+    config = lw.root.peft_config[adapter]
+    count = config.num_virtual_tokens
+    attentions, heads, head_dim = attention_layout(lw.graph, lw.root)
+    if len(attentions) != config.num_layers:
+        raise ValueError(f"Adapter {adapter!r} has prefixes for {config.num_layers} attention layers but this call's "
+                         f"graph has {len(attentions)}.")
+    for consumer, positions in _position_inputs(lw):
+        with lw.graph.inserting_before(consumer):
+            consumer.replace_input_with(positions, lw.call(shifted_positions, positions, count))
+    with lw.graph.inserting_before(attentions[0]):
+        prefixes = lw.call_module(f"prompt_encoder.{adapter}")
+        layers = lw.call(prefix_layers, prefixes, config.num_layers, heads, head_dim)
+    for layer, node in enumerate(attentions):
+        lw.tag["fxpeft_site"] = f"attention.{layer}"
+        query, key, value = _arg(node, 0, "query"), _arg(node, 1, "key"), _arg(node, 2, "value")
+        mask, causal = _arg(node, 3, "attn_mask"), _arg(node, 5, "is_causal", False)
+        with lw.graph.inserting_before(node):
+            _set_arg(node, 1, "key", lw.call(with_prefix, layers, 2 * layer, key))
+            _set_arg(node, 2, "value", lw.call(with_prefix, layers, 2 * layer + 1, value))
+            if mask is not None or causal:
+                _set_arg(node, 3, "attn_mask", lw.call(prefix_mask, mask, query, key, count))
+                _set_arg(node, 5, "is_causal", False)
+
+
+register_rule(Rule(name="prefix_tuning", match=match, rewrite=rewrite, phase=20))
+register_method(Method(config_type=PrefixTuningConfig, attach=attach, containers=CONTAINERS,
+                       resolve_config=resolve_prefix_config, prompt_learning=True,
+                       saved_tensors=prompt_embeddings, load_saved=load_prompt_embeddings,
+                       checkpoint_prefix="base_model."))

@@ -1,0 +1,150 @@
+"""Prefix tuning: against PEFT's checkpoints and the method's formula."""
+from __future__ import annotations
+
+import copy
+
+import peft
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import fxpeft
+import models
+
+TASKS = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS"}
+
+
+def _reference(name, **extra):
+    model = models.HF_MODELS[name]().eval()
+    reference = peft.get_peft_model(copy.deepcopy(model), peft.PrefixTuningConfig(
+        task_type=TASKS[name], num_virtual_tokens=3, **extra)).eval()
+    return model, reference
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_peft_checkpoint_loads_with_equal_outputs_and_losses(name, tmp_path):
+    model, reference = _reference(name)
+    reference.save_pretrained(tmp_path / "peft")
+    gm = fxpeft.from_pretrained(model, str(tmp_path / "peft"))
+    full = models.hf_inputs(name, batch=2, seq=7)  # left padding on the first row
+    with_positions = dict(full, position_ids=(full["attention_mask"].cumsum(-1) - 1).clamp(min=0))  # PEFT adds n
+    for inputs in (full, {"input_ids": full["input_ids"][:, :5]}, with_positions):  # with and without a mask
+        labels = models.hf_labels(name, inputs)
+        with torch.no_grad():
+            expected, got = reference(**inputs, labels=labels), gm(**inputs, labels=labels)
+            base = model(**inputs).logits
+        torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.loss, expected.loss, rtol=1e-5, atol=1e-5)
+        assert (got.logits - base).abs().max() > 1e-3  # the prefixes act
+
+    fxpeft.save_pretrained(gm, str(tmp_path / "fx"))
+    theirs = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    ours = load_file(tmp_path / "fx" / "adapter_model.safetensors")
+    assert set(ours) == set(theirs)
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key])
+
+
+def test_projected_gqa_prefixes_train_like_peft_and_save_for_peft(tmp_path):
+    model, reference = _reference("llama", prefix_projection=True, encoder_hidden_size=16)
+    config = fxpeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=True,
+                                       encoder_hidden_size=16)
+    gm = fxpeft.transform(model, config)
+    stored = gm.peft_config["default"]  # llama: 4 query heads, 2 key/value heads of size 8 (read from the graph)
+    assert (stored.num_layers, stored.num_attention_heads, stored.token_dim) == (2, 2, 16)
+    assert (stored.num_layers, stored.num_attention_heads, stored.token_dim) == (
+        reference.peft_config["default"].num_layers, reference.peft_config["default"].num_attention_heads,
+        reference.peft_config["default"].token_dim)
+    assert fxpeft.trainable_parameters(gm) == reference.get_nb_trainable_parameters()
+    with torch.no_grad():
+        for param in reference.prompt_encoder.parameters():
+            param.normal_(std=0.5)
+    gm.prompt_encoder.load_state_dict(reference.prompt_encoder.state_dict())
+    gm.eval()
+    inputs = models.hf_inputs("llama", batch=3, seq=6)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(**inputs).logits, reference(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+    fxpeft.save_pretrained(gm, str(tmp_path))
+    assert load_file(tmp_path / "adapter_model.safetensors")["prompt_embeddings"].shape == (3, 2 * 2 * 16)
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, gm(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+
+def _decoder_with_prefixes(model, prefixes, ids, count):
+    """TinyDecoder's forward written out with a key/value prefix at each attention (the formula)."""
+    x = model.embed(ids)
+    layers = prefixes.view(count, len(model.blocks) * 2, 4, 8).permute(1, 2, 0, 3)  # (L·2, heads, n, head_dim)
+    for index, block in enumerate(model.blocks):
+        b, s, d = x.shape
+        q, k, v = block.qkv(block.norm1(x)).chunk(3, dim=-1)
+        q, k, v = (t.reshape(b, s, 4, 8).transpose(1, 2) for t in (q, k, v))
+        k = torch.cat([layers[2 * index].expand(b, -1, -1, -1), k], dim=2)
+        v = torch.cat([layers[2 * index + 1].expand(b, -1, -1, -1), v], dim=2)
+        visible = torch.cat([torch.ones(s, count, dtype=torch.bool), torch.ones(s, s, dtype=torch.bool).tril()], 1)
+        attention = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+        x = x + block.proj(attention.transpose(1, 2).reshape(b, s, d))
+        x = x + block.down(F.gelu(block.up(block.norm2(x))))
+    return model.lm_head(model.norm(x))
+
+
+def test_custom_decoder_formula_causality_and_training():
+    model = models.TinyDecoder().eval()
+    ids = torch.randint(0, models.VOCAB, (2, 9))
+    gm = fxpeft.transform(model, fxpeft.PrefixTuningConfig(num_virtual_tokens=4), example_inputs=(ids,))
+    stored = gm.peft_config["default"]
+    assert (stored.num_layers, stored.num_attention_heads, stored.token_dim) == (2, 4, 32)  # read from the graph
+    out = gm(ids)
+    assert out.shape == ids.shape + (models.VOCAB,)
+    torch.testing.assert_close(out, _decoder_with_prefixes(model, gm.prompt_encoder.default(), ids, 4))
+    changed = ids.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % models.VOCAB
+    later = gm(changed)
+    torch.testing.assert_close(later[:, :-1], out[:, :-1], rtol=0, atol=0)  # is_causal stays causal
+    assert (later[:, -1] - out[:, -1]).abs().max() > 1e-4
+    other = torch.randint(0, models.VOCAB, (3, 5))
+    torch.testing.assert_close(gm(other), _decoder_with_prefixes(model, gm.prompt_encoder.default(), other, 4))
+
+    gm.train()
+    gm(ids).logsumexp(-1).mean().backward()
+    trained = {n for n, p in gm.named_parameters() if p.grad is not None}
+    assert trained == {"prompt_encoder.default.embedding.weight"}
+
+
+def test_zero_init_leaves_real_tokens_attending_to_zero_values():
+    model = models.TinyDecoder().eval()
+    ids = torch.randint(0, models.VOCAB, (2, 6))
+    gm = fxpeft.transform(model, fxpeft.PrefixTuningConfig(num_virtual_tokens=2, init_weights="zero"),
+                          example_inputs=(ids,))
+    assert not gm.prompt_encoder.default.embedding.weight.any()
+    torch.testing.assert_close(gm(ids), _decoder_with_prefixes(model, torch.zeros(2, 2 * 2 * 32), ids, 2))
+
+
+def test_bad_input_gets_clear_errors():
+    with pytest.raises(ValueError, match="num_virtual_tokens must be a positive integer"):
+        fxpeft.PrefixTuningConfig(num_virtual_tokens=0)
+    mlp = models.MLP()
+    with pytest.raises(ValueError, match="no scaled_dot_product_attention"):
+        fxpeft.transform(mlp, fxpeft.PrefixTuningConfig(num_virtual_tokens=2), example_inputs=(torch.randn(2, 12),))
+    assert all(p.requires_grad for p in mlp.parameters())
+    with pytest.raises(ValueError, match="pass example_inputs"):
+        fxpeft.transform(models.TinyDecoder(), fxpeft.PrefixTuningConfig(num_virtual_tokens=2))
+    with pytest.raises(ValueError, match="does not fit this model"):
+        fxpeft.transform(models.llama(), fxpeft.PrefixTuningConfig(num_virtual_tokens=2, num_layers=5))
+    with pytest.raises(NotImplementedError, match="encoder-decoder"):
+        fxpeft.transform(models.t5(), fxpeft.PrefixTuningConfig(num_virtual_tokens=2, task_type="SEQ_2_SEQ_LM"))
+
+
+def test_compiled_prefix_decoder_matches_eager_across_shapes():
+    torch._dynamo.reset()
+    model = models.TinyDecoder().eval()
+    ids = torch.randint(0, models.VOCAB, (2, 9))
+    gm = fxpeft.transform(model, fxpeft.PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True,
+                                                           encoder_hidden_size=8), example_inputs=(ids,))
+    compiled = torch.compile(gm, fullgraph=True, dynamic=True)
+    for batch, seq in [(2, 9), (4, 13)]:
+        ids = torch.randint(0, models.VOCAB, (batch, seq))
+        torch.testing.assert_close(compiled(ids), gm(ids), rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()

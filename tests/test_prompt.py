@@ -1,0 +1,205 @@
+"""Prompt tuning and p-tuning: against PEFT's checkpoints and the method's formula."""
+from __future__ import annotations
+
+import copy
+import json
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fxpeft
+import models
+
+TASKS = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS", "t5": "SEQ_2_SEQ_LM"}
+CASES = [  # (model, PEFT config class, fxpeft config class, extra config)
+    ("llama", peft.PromptTuningConfig, fxpeft.PromptTuningConfig, {}),
+    ("gpt2", peft.PromptTuningConfig, fxpeft.PromptTuningConfig, {}),
+    ("bert", peft.PromptTuningConfig, fxpeft.PromptTuningConfig, {}),
+    ("t5", peft.PromptTuningConfig, fxpeft.PromptTuningConfig, {}),
+    ("llama", peft.PromptEncoderConfig, fxpeft.PromptEncoderConfig, {"encoder_hidden_size": 16}),
+    ("gpt2", peft.PromptEncoderConfig, fxpeft.PromptEncoderConfig,
+     {"encoder_hidden_size": 8, "encoder_reparameterization_type": "LSTM"}),
+]
+IDS = [f"{name}-{fx.__name__}-{extra.get('encoder_reparameterization_type', '')}" for name, _, fx, extra in CASES]
+
+
+def _reference(name, peft_config_type, extra):
+    model = models.HF_MODELS[name]().eval()
+    reference = peft.get_peft_model(copy.deepcopy(model), peft_config_type(
+        task_type=TASKS[name], num_virtual_tokens=3, **extra)).eval()
+    return model, reference
+
+
+@pytest.mark.parametrize("name,peft_type,fx_type,extra", CASES, ids=IDS)
+def test_peft_checkpoint_loads_with_equal_outputs_and_losses(name, peft_type, fx_type, extra, tmp_path):
+    model, reference = _reference(name, peft_type, extra)
+    reference.save_pretrained(tmp_path / "peft")
+    gm = fxpeft.from_pretrained(model, str(tmp_path / "peft"))
+    assert isinstance(gm.peft_config["default"], fx_type)
+    inputs = models.hf_inputs(name, batch=2, seq=7)
+    if name == "bert":  # PEFT prepends zeros to token_type_ids for SEQ_CLS
+        inputs["token_type_ids"] = torch.randint(0, 2, inputs["input_ids"].shape)
+    if name == "llama":  # PEFT ignores position ids under prompt methods
+        inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    labels = models.hf_labels(name, inputs)
+    with torch.no_grad():
+        expected, got = reference(**inputs, labels=labels), gm(**inputs, labels=labels)
+        base = model(**inputs).logits
+    assert got.logits.shape == expected.logits.shape  # causal LMs: logits include the virtual positions
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.loss, expected.loss, rtol=1e-5, atol=1e-5)
+    real = got.logits[:, -base.shape[1]:] if name in ("llama", "gpt2") else got.logits
+    assert (real - base).abs().max() > 1e-3  # the prompt acts
+
+    fxpeft.save_pretrained(gm, str(tmp_path / "fx"))
+    theirs = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    ours = load_file(tmp_path / "fx" / "adapter_model.safetensors")
+    assert set(ours) == set(theirs)
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key])
+    saved = json.loads((tmp_path / "fx" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == fx_type.peft_type and saved["num_virtual_tokens"] == 3
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "fx")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, got.logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,peft_type,fx_type,extra", [CASES[2], CASES[4]], ids=[IDS[2], IDS[4]])
+def test_training_form_matches_peft_with_the_same_weights(name, peft_type, fx_type, extra):
+    model, reference = _reference(name, peft_type, extra)
+    gm = fxpeft.transform(model, fx_type(task_type=TASKS[name], num_virtual_tokens=3, **extra)).eval()
+    assert {n for n, p in gm.named_parameters() if p.requires_grad} == {
+        n.removeprefix("base_model.") for n, p in reference.named_parameters() if p.requires_grad}
+    assert fxpeft.trainable_parameters(gm) == reference.get_nb_trainable_parameters()
+    gm.prompt_encoder.load_state_dict(reference.prompt_encoder.state_dict())
+    if name == "bert":
+        gm.classifier.modules_to_save.load_state_dict(reference.base_model.classifier.modules_to_save.state_dict())
+    inputs = models.hf_inputs(name, batch=3, seq=6)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(**inputs).logits, reference(**inputs).logits, rtol=1e-5, atol=1e-5)
+    saved_by_peft = reference.get_prompt_embedding_to_save("default")
+    from fxpeft.passes.prompt import prompt_embeddings
+    torch.testing.assert_close(prompt_embeddings(gm, "default")["prompt_embeddings"], saved_by_peft)
+
+
+def _decoder_with_prompt(model, prompt, ids):
+    """TinyDecoder's forward written out, with the prompt in front of the token embeddings."""
+    x = torch.cat([prompt.unsqueeze(0).expand(ids.shape[0], -1, -1), model.embed(ids)], dim=1)
+    for block in model.blocks:
+        x = block(x)
+    return model.lm_head(model.norm(x))
+
+
+@pytest.mark.parametrize("config", [fxpeft.PromptTuningConfig(num_virtual_tokens=4),
+                                    fxpeft.PromptEncoderConfig(num_virtual_tokens=4, encoder_hidden_size=8)],
+                         ids=["prompt", "p-tuning"])
+def test_custom_decoder_formula_causality_and_training(config):
+    model = models.TinyDecoder().eval()
+    gm = fxpeft.transform(model, config)  # symbolic trace: no example inputs
+    ids = torch.randint(0, models.VOCAB, (2, 9))
+    out = gm(ids)
+    assert out.shape == (2, 13, models.VOCAB)
+    torch.testing.assert_close(out, _decoder_with_prompt(model, gm.prompt_encoder.default(), ids))
+    changed = ids.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % models.VOCAB
+    later = gm(changed)
+    torch.testing.assert_close(later[:, :-1], out[:, :-1], rtol=0, atol=0)  # no earlier position sees the last token
+    assert (later[:, -1] - out[:, -1]).abs().max() > 1e-4
+    assert gm(torch.randint(0, models.VOCAB, (3, 5))).shape == (3, 9, models.VOCAB)
+
+    gm.train()
+    gm(ids).logsumexp(-1).mean().backward()
+    trained = {n for n, p in gm.named_parameters() if p.grad is not None}
+    assert trained and all(n.startswith("prompt_encoder.default.") for n in trained)
+    assert all(not p.requires_grad for n, p in gm.named_parameters() if not n.startswith("prompt_encoder."))
+
+
+def test_initialisation_from_vocabulary_and_text():
+    model = models.TinyDecoder().eval()
+    table = model.embed.weight
+    sampled = fxpeft.transform(model, fxpeft.PromptTuningConfig(num_virtual_tokens=5, prompt_tuning_init="SAMPLE_VOCAB"))
+    rows = sampled.prompt_encoder.default.embedding.weight
+    assert all(((table - row).abs().sum(-1) == 0).any() for row in rows)
+
+    class Tokenizer:  # any tokenizer object: called on the text, returns input_ids
+        name_or_path = "my-tokenizer"
+
+        def __call__(self, text):
+            return {"input_ids": [ord(c) % models.VOCAB for c in text]}
+
+    config = fxpeft.PromptTuningConfig(num_virtual_tokens=5, prompt_tuning_init="TEXT", prompt_tuning_init_text="abc",
+                                       tokenizer_name_or_path=Tokenizer())
+    gm = fxpeft.transform(model, config)
+    expected = table[torch.tensor([ord(c) % models.VOCAB for c in "abcab"])]
+    torch.testing.assert_close(gm.prompt_encoder.default.embedding.weight, expected)
+    assert gm.peft_config["default"].to_dict()["tokenizer_name_or_path"] == "my-tokenizer"
+
+
+def test_disabling_runs_the_base_model_and_merging_is_refused():
+    model = models.llama().eval()
+    gm = fxpeft.transform(model, fxpeft.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
+    inputs = models.hf_inputs("llama")
+    with torch.no_grad():
+        prompted = gm(**inputs).logits
+        with fxpeft.disable_adapters(gm):
+            torch.testing.assert_close(gm(**inputs).logits, model(**inputs).logits)
+        torch.testing.assert_close(gm(**inputs).logits, prompted)
+    with pytest.raises(NotImplementedError, match="Mixed batches"):
+        gm(**inputs, adapter_names=["default", "__base__"])
+    with pytest.raises(ValueError, match="nothing to merge"):
+        fxpeft.merge_adapter(gm)
+    with pytest.raises(ValueError, match="only adapter"):
+        fxpeft.add_adapter(gm, fxpeft.LoraConfig(target_modules=["q_proj"]), "lora")
+    assert list(gm.peft_config) == ["default"]
+    base = fxpeft.unload(gm)
+    with torch.no_grad():
+        torch.testing.assert_close(base(**inputs).logits, model(**inputs).logits)
+
+
+def test_bad_input_gets_clear_errors(tmp_path):
+    for count in (0, -2, None):
+        with pytest.raises(ValueError, match="num_virtual_tokens must be a positive integer"):
+            fxpeft.PromptTuningConfig(num_virtual_tokens=count)
+    with pytest.raises(ValueError, match="tokenizer_name_or_path"):
+        fxpeft.PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="TEXT", prompt_tuning_init_text="hi")
+    mlp = models.MLP()
+    before = {k: v.clone() for k, v in mlp.state_dict().items()}
+    with pytest.raises(ValueError, match=r"no token embedding|none was found.*model inputs: \['x'\]"):
+        fxpeft.transform(mlp, fxpeft.PromptTuningConfig(num_virtual_tokens=2))
+    assert all(torch.equal(before[k], v) for k, v in mlp.state_dict().items())
+    assert all(p.requires_grad for p in mlp.parameters())
+
+    model = models.llama().eval()
+    peft.get_peft_model(copy.deepcopy(model), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+                        ).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="inference only"):
+        fxpeft.from_pretrained(model, str(tmp_path), is_trainable=True)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.fixture
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_compiled_prompt_tuned_llama_matches_eager_and_trains(_fresh_dynamo):
+    model = models.llama().eval()
+    gm = fxpeft.transform(model, fxpeft.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
+    compiled = torch.compile(gm, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for batch, seq in [(2, 7), (3, 11)]:
+            inputs = models.hf_inputs("llama", batch=batch, seq=seq)
+            torch.testing.assert_close(compiled(**inputs).logits, gm(**inputs).logits, rtol=1e-5, atol=1e-5)
+    inputs = models.hf_inputs("llama", batch=2, seq=8)
+    eager = gm(**inputs, labels=inputs["input_ids"]).loss  # captures the labels signature
+    eager.backward()
+    eager_grad = gm.prompt_encoder.default.embedding.weight.grad.clone()
+    gm.zero_grad()
+    loss = compiled(**inputs, labels=inputs["input_ids"]).loss
+    loss.backward()
+    torch.testing.assert_close(loss, eager)
+    torch.testing.assert_close(gm.prompt_encoder.default.embedding.weight.grad, eager_grad)
