@@ -34,7 +34,7 @@ class TwoLayers(nn.Module):
         return self.fc2(torch.relu(self.fc1(x)))
 
 
-def _bnb_reference(model: TwoLayers, kwargs: dict) -> nn.Module:
+def _bnb_reference(model: TwoLayers, kwargs: dict, device: str = "cpu") -> nn.Module:
     """The same model with bitsandbytes' own layers, quantized from the same weights."""
     def layer(linear: nn.Linear):
         has_bias = linear.bias is not None
@@ -46,8 +46,8 @@ def _bnb_reference(model: TwoLayers, kwargs: dict) -> nn.Module:
         else:
             q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False,
                                     threshold=kwargs.get("llm_int8_threshold", 6.0))
-        q.load_state_dict(linear.state_dict())
-        return q.to("cpu")  # bitsandbytes quantizes here
+        q.load_state_dict({k: v.cpu() for k, v in linear.state_dict().items()})
+        return q.to(device)  # bitsandbytes quantizes here
     reference = TwoLayers()
     reference.fc1, reference.fc2 = layer(model.fc1), layer(model.fc2)
     return reference
@@ -59,16 +59,20 @@ def _inputs_with_outliers():
     return x
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # the devices this machine has
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_layers_compute_what_bitsandbytes_computes(name, mode):
+def test_layers_compute_what_bitsandbytes_computes(name, mode, device):
     kwargs = CONFIGS[name]
-    model = TwoLayers()
+    model = TwoLayers().to(device)
     gm = fxpeft.transform(model, [fxpeft.BnbConfig(**kwargs)])
-    reference = _bnb_reference(model, kwargs)
+    reference = _bnb_reference(model, kwargs, device)
     assert torch.equal(gm.fc1.weight, reference.fc1.weight.data)  # the same packed bytes
-    x = _inputs_with_outliers()
-    if kwargs.get("load_in_4bit") and mode == "eval":
+    x = _inputs_with_outliers().to(device)
+    if kwargs.get("load_in_4bit") and mode == "eval" and device == "cpu":
         # bitsandbytes' eval path on CPUs with AVX512-BF16 repacks the weight and computes in
         # bfloat16; fxpeft computes in the compute dtype in both modes: compare with its train path
         reference.train()
