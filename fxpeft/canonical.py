@@ -58,6 +58,12 @@ class WeightSpec(NamedTuple):
     device: torch.device
 
 
+def is_quantized(module: nn.Module) -> bool:
+    """A quantized layer (passes/quantize.py): it stores a packed weight and offers its logical
+    ``weight_spec``, ``dequantize()``, ``requantize_(weight)`` and ``float_module(weight)``."""
+    return hasattr(type(module), "weight_spec")
+
+
 def site_weight(root: nn.Module, site: "Site") -> WeightSpec:
     """The weight a site computes with, as the float layer had it: a quantized module reports
     its ``weight_spec``, any other site its weight parameter."""
@@ -261,6 +267,25 @@ def _sdpa_dropout(node) -> Optional[float]:
     return None
 
 
+def _mode_module(node: torch.fx.Node):
+    """(module, args, kwargs) of the call_module that replaces a mode-dependent op, or None:
+    active dropout, SDPA with dropout, and the ops passes list in MODE_KEYWORDS."""
+    if node.target in MODE_KEYWORDS:
+        keyword = MODE_KEYWORDS[node.target]
+        kwargs = {k: v for k, v in node.kwargs.items() if k != keyword}
+        return ModeSwitch(node.target, keyword, True, False), node.args, kwargs
+    p = _dropout_probability(node)
+    if p is not None:
+        return nn.Dropout(p), (node.args[0] if node.args else node.kwargs["input"],), {}
+    sdpa_p = _sdpa_dropout(node)
+    if sdpa_p is not None:
+        kwargs = {k: v for k, v in node.kwargs.items() if k != "dropout_p"}
+        if len(node.args) > 5:
+            kwargs["is_causal"] = node.args[5]
+        return ModeSwitch(F.scaled_dot_product_attention, "dropout_p", sdpa_p, 0.0), node.args[:4], kwargs
+    return None
+
+
 def _inline_region(node: torch.fx.Node, graph: torch.fx.Graph, owner: nn.Module, extras: dict, namespace: str) -> bool:
     """Copy a higher-order region's body into the parent graph."""
     name = node.target.name()
@@ -335,35 +360,15 @@ def canonicalize(graph: torch.fx.Graph, owner: nn.Module, source: nn.Module, nam
             continue
         if node.target in SITE_RULES and "fxpeft_module" not in node.meta:
             node.meta["fxpeft_module"] = _innermost_module(node)
-        if node.target in MODE_KEYWORDS:
-            name = f"{namespace}mode_{counter}"
-            counter += 1
-            extras[name] = ModeSwitch(node.target, MODE_KEYWORDS[node.target], True, False)
-            kwargs = {k: v for k, v in node.kwargs.items() if k != MODE_KEYWORDS[node.target]}
-            with graph.inserting_before(node):
-                replacement = graph.call_module(name, node.args, kwargs)
-            replacement.meta = dict(node.meta)
-            node.replace_all_uses_with(replacement)
-            graph.erase_node(node)
-            continue
-        p, sdpa_p = _dropout_probability(node), _sdpa_dropout(node)
-        if p is None and sdpa_p is None:
+        replaced = _mode_module(node)
+        if replaced is None:
             if node.target in (aten.dropout.default, F.dropout):  # inactive dropout: identity
                 node.replace_all_uses_with(node.args[0] if node.args else node.kwargs["input"])
                 graph.erase_node(node)
             continue
         name = f"{namespace}mode_{counter}"
         counter += 1
-        if p is not None:
-            extras[name] = nn.Dropout(p)
-            args = (node.args[0] if node.args else node.kwargs["input"],)
-            kwargs = {}
-        else:
-            extras[name] = ModeSwitch(F.scaled_dot_product_attention, "dropout_p", sdpa_p, 0.0)
-            args = node.args[:4]
-            kwargs = {k: v for k, v in node.kwargs.items() if k != "dropout_p"}
-            if len(node.args) > 5:
-                kwargs["is_causal"] = node.args[5]
+        extras[name], args, kwargs = replaced
         with graph.inserting_before(node):
             replacement = graph.call_module(name, args, kwargs)
         replacement.meta = dict(node.meta)

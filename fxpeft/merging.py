@@ -15,7 +15,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from .canonical import find_sites
+from .canonical import find_sites, is_quantized
 from .module import PeftGraphModule, build, clone_tree
 from .rewrite import method_for
 
@@ -53,18 +53,14 @@ def _check_mergeable(gm, names) -> None:
                          "prefixes, not weight deltas, so there is nothing to merge. Use fxpeft.unload for the base model.")
 
 
-def _is_quantized(module) -> bool:
-    return hasattr(module, "requantize_")  # passes/quantize.py's layers: packed weight, float on demand
-
-
 def _base_weight(gm, site, module) -> torch.Tensor:
     """The site's float weight: the parameter, or a quantized layer's dequantized weight."""
-    return module.dequantize() if _is_quantized(module) else gm.get_parameter(site.weight)
+    return module.dequantize() if is_quantized(module) else gm.get_parameter(site.weight)
 
 
 def _store_weight(gm, site, module, weight: torch.Tensor) -> None:
     """Write ``weight`` back in place: a quantized layer quantizes it again (rounding, as PEFT)."""
-    if _is_quantized(module):
+    if is_quantized(module):
         module.requantize_(weight)
     else:
         gm.get_parameter(site.weight).copy_(weight)
@@ -72,7 +68,7 @@ def _store_weight(gm, site, module, weight: torch.Tensor) -> None:
 
 def _fold(gm, names, sign: int, safe_merge: bool = False) -> None:
     """Add (sign 1) or subtract (-1) the deltas of the named adapters not yet (still) merged."""
-    updates = []  # (site, module, new weight, gate), all computed before any weight changes
+    updates = []  # (site, module, gate); every new weight is computed before any weight changes
     current: dict[str, torch.Tensor] = {}  # a site adapted by several adapters accumulates
     quantized = set()
     with torch.no_grad():
@@ -91,7 +87,7 @@ def _fold(gm, names, sign: int, safe_merge: bool = False) -> None:
                 )
             current[site.path] = weight
             updates.append((site, module, gate))
-            if _is_quantized(module):
+            if is_quantized(module):
                 quantized.add(site.path)
         if quantized:
             warnings.warn(f"Merging into {len(quantized)} quantized layers rounds the merged weights to their "
@@ -143,7 +139,7 @@ def _base_module(gm: PeftGraphModule, merged_weights: dict[str, torch.Tensor], u
         for child in list(module._modules):
             if child in containers or child in ADAPTER_CHILDREN:
                 del module._modules[child]
-            elif dequantize and _is_quantized(module._modules[child]):
+            elif dequantize and is_quantized(module._modules[child]):
                 child_path = f"{path}.{child}" if path else child
                 float_layer = module._modules[child].float_module(merged_weights.pop(f"{child_path}.weight", None))
                 module._modules[child] = float_layer
@@ -184,7 +180,7 @@ def merge_and_unload(gm: PeftGraphModule, adapter_names=None, safe_merge: bool =
     A quantized model gives float weights under the base keys (dequantized + merged deltas,
     ``gm`` unchanged); ``requantize=True`` instead merges into the quantized layers in place
     (rounding, as PEFT does) and keeps them quantized."""
-    if not requantize and any(_is_quantized(m) for m in gm.modules()):
+    if not requantize and any(is_quantized(m) for m in gm.modules()):
         weights = merged_weights(gm, adapter_names)
         broken = [fqn for fqn, w in weights.items() if not torch.isfinite(w).all()]
         if safe_merge and broken:

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fxpeft.canonical import LINEAR_LAYER_TYPES, MODE_KEYWORDS, SITE_RULES, Conv1D, WeightSpec, _attr_target
+from fxpeft.canonical import (LINEAR_LAYER_TYPES, MODE_KEYWORDS, SITE_RULES, Conv1D, WeightSpec, _attr_target,
+                              is_quantized)
 from fxpeft.configs import BnbConfig
 from fxpeft.rewrite import TREE_PASSES, Method, register_method
 
@@ -339,10 +340,6 @@ class Linear8bit(_Quantized):
 
 
 QUANTIZED_TYPES = (Linear4bit, Linear8bit)
-
-
-def is_quantized(module: nn.Module) -> bool:
-    return isinstance(module, QUANTIZED_TYPES)
 
 
 # ----------------------------------------------------------------------------- the tree pass

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import peft
 import torch
@@ -35,3 +36,13 @@ def adapted_paths(peft_wrapped) -> set[str]:
 
 def fx_adapted_paths(gm) -> set[str]:
     return {name for name, m in gm.named_modules() if "lora_A" in m._modules or "lora_embedding_A" in m._modules}
+
+
+def assert_same_saved_tensors(peft_dir, fx_dir) -> None:
+    """The adapter files PEFT and fxpeft wrote hold the same keys and the same tensors."""
+    from safetensors.torch import load_file
+    theirs = load_file(os.path.join(peft_dir, "adapter_model.safetensors"))
+    ours = load_file(os.path.join(fx_dir, "adapter_model.safetensors"))
+    assert set(ours) == set(theirs)
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key])

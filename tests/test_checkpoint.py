@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import fxpeft
 import models
-from peft_oracle import peft_model
+from peft_oracle import assert_same_saved_tensors, peft_model
 
 
 def _task(name):
@@ -59,11 +59,7 @@ def test_key_sets_match_peft_for_bias_modes_embeddings_and_saved_modules(bias, t
     reference.save_pretrained(tmp_path / "peft")
     gm = fxpeft.from_pretrained(copy.deepcopy(model), str(tmp_path / "peft"), is_trainable=True)
     fxpeft.save_pretrained(gm, str(tmp_path / "fx"))
-    theirs = load_file(tmp_path / "peft" / "adapter_model.safetensors")
-    ours = load_file(tmp_path / "fx" / "adapter_model.safetensors")
-    assert set(ours) == set(theirs)
-    for key in theirs:
-        torch.testing.assert_close(ours[key], theirs[key])
+    assert_same_saved_tensors(tmp_path / "peft", tmp_path / "fx")
     inputs = models.hf_inputs("bert")
     with torch.no_grad():
         torch.testing.assert_close(gm(**inputs).logits, reference(**inputs).logits, rtol=1e-5, atol=1e-5)

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 import fxpeft
 import models
+from peft_oracle import assert_same_saved_tensors
 
 TASKS = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS"}
 
@@ -39,11 +40,7 @@ def test_peft_checkpoint_loads_with_equal_outputs_and_losses(name, tmp_path):
         assert (got.logits - base).abs().max() > 1e-3  # the prefixes act
 
     fxpeft.save_pretrained(gm, str(tmp_path / "fx"))
-    theirs = load_file(tmp_path / "peft" / "adapter_model.safetensors")
-    ours = load_file(tmp_path / "fx" / "adapter_model.safetensors")
-    assert set(ours) == set(theirs)
-    for key in theirs:
-        torch.testing.assert_close(ours[key], theirs[key])
+    assert_same_saved_tensors(tmp_path / "peft", tmp_path / "fx")
 
 
 def test_projected_gqa_prefixes_train_like_peft_and_save_for_peft(tmp_path):

@@ -7,10 +7,10 @@ import json
 import peft
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import fxpeft
 import models
+from peft_oracle import assert_same_saved_tensors
 
 TASKS = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS", "t5": "SEQ_2_SEQ_LM"}
 CASES = [  # (model, PEFT config class, fxpeft config class, extra config)
@@ -54,11 +54,7 @@ def test_peft_checkpoint_loads_with_equal_outputs_and_losses(name, peft_type, fx
     assert (real - base).abs().max() > 1e-3  # the prompt acts
 
     fxpeft.save_pretrained(gm, str(tmp_path / "fx"))
-    theirs = load_file(tmp_path / "peft" / "adapter_model.safetensors")
-    ours = load_file(tmp_path / "fx" / "adapter_model.safetensors")
-    assert set(ours) == set(theirs)
-    for key in theirs:
-        torch.testing.assert_close(ours[key], theirs[key])
+    assert_same_saved_tensors(tmp_path / "peft", tmp_path / "fx")
     saved = json.loads((tmp_path / "fx" / "adapter_config.json").read_text())
     assert saved["peft_type"] == fx_type.peft_type and saved["num_virtual_tokens"] == 3
     reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "fx")).eval()
