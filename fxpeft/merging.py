@@ -27,14 +27,24 @@ def _sites_by_path(gm):
     return {site.path: site for site in reversed(find_sites(canonical, gm))}
 
 
+def _adapter_modules(gm, adapter_names: Iterable[str]):
+    """(path, module, method, adapter) for every module holding one of the named adapters, in
+    one walk over the tree."""
+    wanted = list(adapter_names)
+    methods = [m for m in dict.fromkeys(method_for(gm.peft_config[name]) for name in wanted) if m.adapters_at]
+    for path, module in gm.named_modules():
+        for method in methods:
+            present = method.adapters_at(module)
+            for name in wanted if present else ():
+                if name in present:
+                    yield path, module, method, name
+
+
 def _adapter_states(gm, adapter_names: Iterable[str]):
     """(site, module, method, adapter) for every adapted site of the named adapters."""
     sites = _sites_by_path(gm)
-    for name in adapter_names:
-        method = method_for(gm.peft_config[name])
-        for path, module in gm.named_modules():
-            if method.adapters_at and name in method.adapters_at(module):
-                yield sites[path], module, method, name
+    for path, module, method, name in _adapter_modules(gm, adapter_names):
+        yield sites[path], module, method, name
 
 
 def _check_names(gm, names) -> list[str]:
@@ -113,7 +123,7 @@ def unmerge_adapter(gm: PeftGraphModule) -> None:
 
 def merged_adapters(gm) -> list[str]:
     found = []
-    for _, module, method, name in _adapter_states(gm, list(gm.peft_config)):
+    for _, module, method, name in _adapter_modules(gm, list(gm.peft_config)):
         if method.gate(module, name).merged and name not in found:
             found.append(name)
     return found

@@ -228,8 +228,11 @@ class PeftGraphModule(GraphModule):
 
     def _adapter_index(self, adapter_names, batch_input: torch.Tensor) -> torch.Tensor:
         """Per-sample adapter indices into ``peft_config`` order (its length means: no adapter)."""
-        if isinstance(adapter_names, torch.Tensor):
-            return adapter_names  # from fxpeft.adapter_indices: no Python values for torch.compile to specialise on
+        if isinstance(adapter_names, torch.Tensor):  # from fxpeft.adapter_indices: no Python values to specialise on
+            if adapter_names.shape != (batch_input.shape[0],):
+                raise ValueError(f"adapter_names has shape {tuple(adapter_names.shape)} but the batch has "
+                                 f"{batch_input.shape[0]} samples: build it with fxpeft.adapter_indices(gm, names).")
+            return adapter_names
         from .lifecycle import adapter_indices
         return adapter_indices(self, adapter_names, batch_size=batch_input.shape[0], device=batch_input.device)
 

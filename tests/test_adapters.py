@@ -151,6 +151,8 @@ def test_mixed_batch_bad_input_fails_before_compute():
         gm(**inputs, adapter_names=["default", "default", "default"])
     with pytest.raises(ValueError, match="unknown adapter.*nope"):
         gm(**inputs, adapter_names=["default", "nope"])
+    with pytest.raises(ValueError, match=r"shape \(3,\) but the batch has 2"):
+        gm(**inputs, adapter_names=fxpeft.adapter_indices(gm, ["default"] * 3))
     fxpeft.merge_adapter(gm)
     with pytest.raises(ValueError, match="merged"):
         gm(**inputs, adapter_names=["default", "default"])
