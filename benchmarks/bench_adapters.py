@@ -1,22 +1,24 @@
 """Many adapters: mixed-adapter batches and adapter switching, fxpeft vs PEFT in one process.
 
-Llama-shaped CPU model (hidden 512, 4 layers), 8 LoRA adapters (r=16, all seven projections).
-- mixed batch of 32 sequences x --seq tokens (default 64), each sample naming its adapter (eager, no_grad);
-- switching: set_adapter then the next call of a torch.compile'd model (PEFT recompiles;
-  PEFT's hotswap_adapter is shown too).
-Run: python benchmarks/bench_adapters.py [--repeats N] [--skip-switch]
+Llama-shaped model (hidden 512, 4 layers), 8 LoRA adapters (r=16, all seven projections).
+- mixed batch of 32 sequences x S tokens (--seq, default "1,64": a decode step and a prompt),
+  each sample naming its adapter, no_grad: fxpeft's torch.compile'd graph (adapter_names given
+  as an index tensor) and its eager graph against PEFT's adapter_names, eager and compiled;
+  plus fxpeft's compiled graph on the same batch with one adapter for everyone;
+- switching: set_adapter to each adapter not used before, then the next call of a torch.compile'd
+  model (PEFT recompiles; PEFT's hotswap_adapter is shown too).
+Run: python benchmarks/bench_adapters.py [--repeats N] [--seq 1,64] [--device cuda] [--skip-switch]
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import tempfile
-import time
 
 import torch
 
 import fxpeft
-from bench_lora import TARGETS, interleaved, llama_512
+from bench_lora import TARGETS, interleaved, llama_512, timed
 
 N_ADAPTERS = 8
 
@@ -39,24 +41,33 @@ def build(base):
     return names, reference.eval(), gm.eval()
 
 
-def mixed_batch(names, reference, gm, repeats, seq):
-    batch = {"input_ids": torch.randint(0, 8000, (32, seq)), "attention_mask": torch.ones(32, seq, dtype=torch.long)}
+def mixed_batch(names, reference, gm, repeats, seq, device):
+    batch = {"input_ids": torch.randint(0, 8000, (32, seq), device=device),
+             "attention_mask": torch.ones(32, seq, dtype=torch.long, device=device)}
     per_sample = [names[i % len(names)] for i in range(32)]
+    index = fxpeft.adapter_indices(gm, per_sample, device=device)
+    torch._dynamo.reset()
+    ours, theirs = torch.compile(gm, fullgraph=True), torch.compile(reference)
     with torch.no_grad():
-        torch.testing.assert_close(gm(**batch, adapter_names=per_sample).logits,
-                                   reference(**batch, adapter_names=per_sample).logits, rtol=1e-4, atol=1e-4)
+        expected = reference(**batch, adapter_names=per_sample).logits
+        for got in (gm(**batch, adapter_names=per_sample), ours(**batch, adapter_names=index)):
+            torch.testing.assert_close(got.logits, expected, rtol=1e-4, atol=1e-4)
         fxpeft.set_adapter(gm, names[0])
         return interleaved({
-            "fxpeft mixed": lambda: gm(**batch, adapter_names=per_sample),
+            "fxpeft compiled mixed": lambda: ours(**batch, adapter_names=index),
+            "fxpeft compiled single": lambda: ours(**batch),
+            "fxpeft eager mixed": lambda: gm(**batch, adapter_names=per_sample),
             "peft mixed": lambda: reference(**batch, adapter_names=per_sample),
-            "fxpeft single": lambda: gm(**batch),
+            "peft compiled mixed": lambda: theirs(**batch, adapter_names=per_sample),
         }, repeats)
 
 
-def switching(names, reference, gm, repeats):
+def switching(names, reference, gm, repeats, device):
     from peft.utils.hotswap import hotswap_adapter
 
-    inputs = {"input_ids": torch.randint(0, 8000, (1, 32)), "attention_mask": torch.ones(1, 32, dtype=torch.long)}
+    inputs = {"input_ids": torch.randint(0, 8000, (1, 32), device=device),
+              "attention_mask": torch.ones(1, 32, dtype=torch.long, device=device)}
+    torch._dynamo.reset()
     ours = torch.compile(gm, fullgraph=True)
     theirs = torch.compile(reference)
     saved = tempfile.mkdtemp()
@@ -65,23 +76,16 @@ def switching(names, reference, gm, repeats):
         ours(**inputs)
         theirs(**inputs)
         samples = {"fxpeft set_adapter": [], "peft set_adapter": [], "peft hotswap": []}
-        for step in range(repeats):
-            name = names[step % 2 + 1]
-            start = time.perf_counter()
-            fxpeft.set_adapter(gm, name)
-            ours(**inputs)
-            samples["fxpeft set_adapter"].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            reference.set_adapter(name)
-            theirs(**inputs)
-            samples["peft set_adapter"].append(time.perf_counter() - start)
+        # every switch goes to an adapter not used before: that is what costs PEFT a recompile
+        # (dynamo caches one graph per active adapter, up to its recompile_limit of 8)
+        for name in names[1:]:
+            samples["fxpeft set_adapter"].append(timed(lambda: (fxpeft.set_adapter(gm, name), ours(**inputs))))
+            samples["peft set_adapter"].append(timed(lambda: (reference.set_adapter(name), theirs(**inputs))))
         reference.set_adapter(names[0])
         theirs(**inputs)
         for _ in range(repeats):
-            start = time.perf_counter()
-            hotswap_adapter(reference, f"{saved}/{names[1]}", adapter_name=names[0])
-            theirs(**inputs)
-            samples["peft hotswap"].append(time.perf_counter() - start)
+            samples["peft hotswap"].append(timed(lambda: (
+                hotswap_adapter(reference, f"{saved}/{names[1]}", adapter_name=names[0]), theirs(**inputs))))
     return {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
 
 
@@ -89,18 +93,24 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-switch", action="store_true")
-    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--seq", default="1,64", help="comma-separated sequence lengths of the mixed batch")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.manual_seed(0)
     names, reference, gm = build(llama_512().eval())
-    times = mixed_batch(names, reference, gm, args.repeats, args.seq)
-    print(f"mixed batch (32 x {args.seq} tokens, {N_ADAPTERS} adapters), median seconds:")
-    for key, value in times.items():
-        print(f"  {key:<16}{value:.4f}")
-    print(f"  throughput fxpeft / PEFT        : {times['peft mixed'] / times['fxpeft mixed']:.2f}x")
-    print(f"  fxpeft mixed / fxpeft single    : {times['fxpeft mixed'] / times['fxpeft single']:.2f}x")
+    reference, gm = reference.to(args.device), gm.to(args.device)
+    for seq in map(int, args.seq.split(",")):
+        times = mixed_batch(names, reference, gm, args.repeats, seq, args.device)
+        print(f"mixed batch (32 x {seq} tokens, {N_ADAPTERS} adapters, {args.device}), median seconds:")
+        for key, value in times.items():
+            print(f"  {key:<24}{value:.4f}")
+        ours = times["fxpeft compiled mixed"]
+        print(f"  throughput fxpeft compiled / PEFT eager     : {times['peft mixed'] / ours:.2f}x")
+        print(f"  throughput fxpeft compiled / PEFT compiled  : {times['peft compiled mixed'] / ours:.2f}x")
+        print(f"  throughput fxpeft eager / PEFT eager        : {times['peft mixed'] / times['fxpeft eager mixed']:.2f}x")
+        print(f"  fxpeft compiled mixed / single adapter      : {ours / times['fxpeft compiled single']:.2f}x")
     if not args.skip_switch:
-        switch = switching(names, reference, gm, args.repeats)
+        switch = switching(names, reference, gm, args.repeats, args.device)
         print("switch adapter + next compiled call (batch 1 x 32), median seconds:")
         for key, value in switch.items():
             print(f"  {key:<20}{value:.4f}")

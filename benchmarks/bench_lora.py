@@ -26,8 +26,11 @@ def llama_512():
 
 
 def timed(fn) -> float:
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
+    sync()
     start = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - start
 
 
