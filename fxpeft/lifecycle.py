@@ -301,16 +301,8 @@ def adapter_indices(gm: PeftGraphModule, adapter_names: Sequence[str], batch_siz
     from .merging import merged_adapters
     if merged_adapters(gm):
         raise ValueError("Cannot use adapter_names while adapters are merged; call fxpeft.unmerge_adapter first.")
-    saved, dropout = set(), False  # one walk: this runs on every mixed call
-    for module in gm.modules():
-        if "modules_to_save" in module._modules:
-            saved.update(module.modules_to_save.keys())
-        if gm.training and "lora_dropout" in module._modules:
-            dropout = dropout or any(isinstance(d, nn.Dropout) for d in module.lora_dropout.values())
-    if saved & set(names):
-        raise NotImplementedError(
-            f"Mixed batches with modules_to_save copies (adapters {sorted(saved & set(names))}) are not supported.")
-    if dropout:
+    if gm.training and any(isinstance(d, nn.Dropout) for m in gm.modules() if "lora_dropout" in m._modules
+                           for d in m.lora_dropout.values()):
         raise ValueError("Mixed batches skip LoRA dropout: use them in eval mode (gm.eval()).")
     index = [len(order) if n == BASE_ADAPTER else order.index(n) for n in names]
     return torch.tensor(index, dtype=torch.long, device=device)

@@ -2,7 +2,9 @@
 
 State: ``<path>.modules_to_save.<adapter>`` is a deep copy of the module at ``<path>``; the
 original keeps its keys and stays frozen. Rewrite (phase 10): every ``get_attr`` of a tensor
-under ``<path>`` reads the copy instead. Any config with a ``modules_to_save`` field gets this
+under ``<path>`` reads the copy of the active adapter instead. In the mixed graph (one adapter
+per sample) the module's nodes are instead repeated once per copy, and each sample keeps the
+outputs of its adapter's copy. Any config with a ``modules_to_save`` field gets this
 (called by the driver after the method's own attach); SEQ_CLS tasks add PEFT's head names
 ("classifier", "score"; whichever exists).
 """
@@ -65,21 +67,26 @@ def _saved_copies(root: nn.Module) -> dict[str, list[str]]:
 
 def match(lw: Lowering):
     copies = _saved_copies(lw.root)
-    if not copies:
+    if lw.mixed:
+        yield from (("region", path, adapters) for path, adapters in copies.items())
         return
-    for node in list(lw.graph.nodes):
+    for node in list(lw.graph.nodes) if copies else ():
         if node.op != "get_attr":
             continue
         for path, adapters in copies.items():
             if node.target.startswith(path + ".") and ".modules_to_save." not in node.target:
-                yield node, path, adapters
+                yield "tensor", node, path, adapters
                 break
 
 
 def rewrite(lw: Lowering, candidate) -> None:
+    kind, *rest = candidate
+    (_read_active_copy if kind == "tensor" else _per_sample_copies)(lw, *rest)
+
+
+def _read_active_copy(lw: Lowering, node: torch.fx.Node, path: str, adapters: list[str]) -> None:
     """Read the copy of the active adapter (the last active one holding a copy), else the
     original: a chain of ``where`` on the gates, so switching adapters is data, not structure."""
-    node, path, adapters = candidate
     lw.tag["fxpeft_site"] = path
     rest = node.target[len(path) + 1:]
     users = list(node.users)
@@ -91,6 +98,57 @@ def rewrite(lw: Lowering, candidate) -> None:
             value = lw.call(torch.ops.aten.where.self, active, copy_value, value)
     for user in users:
         user.replace_input_with(node, value)
+
+
+def _in_module(node: torch.fx.Node, path: str) -> bool:
+    stack = node.meta.get("nn_module_stack") or {}
+    return node.op in ("call_function", "call_module") and any(
+        p == path or (isinstance(p, str) and p.startswith(path + ".")) for p, _ in stack.values())
+
+
+def _per_sample_copies(lw: Lowering, path: str, adapters: list[str]) -> None:
+    """Repeat the module's nodes for each adapter's copy (reading the copy's tensors) and let
+    every sample keep its own adapter's outputs: each copy runs on the whole batch, which costs
+    little for the heads and embeddings modules_to_save usually holds."""
+    lw.tag["fxpeft_site"] = path
+    region = [n for n in lw.graph.nodes if _in_module(n, path)]
+    if not region:
+        return
+    inside = set(region)
+    outside_users = {n: [u for u in n.users if u not in inside] for n in region}
+    outputs = [n for n in region if outside_users[n]]
+    if any(u < region[-1] for users in outside_users.values() for u in users):
+        raise NotImplementedError(f"Mixed batches: module {path!r} (modules_to_save) runs more than once or "
+                                  "interleaved with other code in this graph, which per-sample copies do not support.")
+    picked = dict(zip(outputs, outputs))
+    with lw.graph.inserting_before(region[-1].next):
+        for adapter in [a for a in lw.adapter_order if a in adapters]:
+            copies: dict[torch.fx.Node, torch.fx.Node] = {}
+            prefix = f"{path}.modules_to_save.{adapter}."
+
+            def read(arg: torch.fx.Node) -> torch.fx.Node:
+                if arg not in copies and arg.op == "get_attr" and arg.target.startswith(path + ".") \
+                        and ".modules_to_save." not in arg.target:
+                    copies[arg] = lw.attr(prefix + arg.target[len(path) + 1:])
+                return copies.get(arg, arg)
+
+            for node in region:
+                copies[node] = lw._tagged(lw.graph.node_copy(node, read))
+            slot = lw.adapter_order.index(adapter)
+            for out in outputs:
+                picked[out] = lw.call(keep_samples, lw.sample_index, slot, copies[out], picked[out])
+    for out in outputs:
+        for user in outside_users[out]:
+            user.replace_input_with(out, picked[out])
+
+
+def keep_samples(index: torch.Tensor, slot: int, chosen: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``chosen`` for the samples whose adapter is ``slot``, else ``other`` (rows may be the batch
+    flattened with another dimension)."""
+    keep = index == slot
+    if chosen.shape[0] != keep.shape[0]:
+        keep = keep.repeat_interleave(chosen.shape[0] // keep.shape[0])
+    return torch.where(keep.view(-1, *([1] * (chosen.dim() - 1))), chosen, other)
 
 
 register_rule(Rule(name="modules_to_save", match=match, rewrite=rewrite, phase=10))

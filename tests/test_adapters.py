@@ -187,3 +187,29 @@ def test_no_recompiles_when_switching_disabling_and_mixing():
         finally:
             torch._dynamo.config.error_on_recompile = False
             torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name, saved", [("bert", None), ("llama", ["lm_head", "embed_tokens"])])
+def test_mixed_batch_with_modules_to_save_matches_peft(name, saved):
+    """Each sample runs its own adapter's copy of the saved modules (BERT: the SEQ_CLS head)."""
+    model = models.HF_MODELS[name]().eval()
+    task = dict(task_type="SEQ_CLS") if name == "bert" else dict(modules_to_save=saved)
+    targets = ["query", "value"] if name == "bert" else ["q_proj", "v_proj"]
+    configs = {n: dict(r=r, lora_alpha=4, target_modules=targets, init_lora_weights=False, **task)
+               for n, r in (("a", 2), ("b", 3))}
+    reference, gm = _pair(model, configs)
+    torch.manual_seed(0)
+    copies = dict(gm.named_parameters())
+    with torch.no_grad():  # copies that differ from the original and from each other
+        for key, param in reference.named_parameters():
+            if "modules_to_save" in key:
+                param.add_(torch.randn_like(param))
+                copies[key.removeprefix("base_model.model.")].copy_(param)
+    inputs = models.hf_inputs(name, batch=5, seq=6)
+    names = ["b", "__base__", "a", "a", "b"]
+    with torch.no_grad():
+        expected = reference(**inputs, adapter_names=names).logits
+        torch.testing.assert_close(gm(**inputs, adapter_names=names).logits, expected, rtol=1e-5, atol=1e-5)
+        reference.set_adapter("a")
+        single = reference(**inputs).logits  # the dense graph still reads the active copy
+        torch.testing.assert_close(gm(**inputs).logits, single, rtol=1e-5, atol=1e-5)
