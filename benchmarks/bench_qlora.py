@@ -5,7 +5,8 @@ on all seven projections, batch 4 x 128), with LoRA on the float32 base for refe
 Memory, side by side in one process: bytes the allocator holds for live tensors (CPU: glibc's
 ``mallinfo2`` in-use bytes, sampled after every op by a dispatch mode so the peak inside
 backward is seen; GPU: ``torch.cuda.max_memory_allocated``), relative to before the contender
-was built. "resident" is after setup (the float model it came from dropped), "peak" the
+was built, after one throwaway build and step of the same contender (so one-time process state,
+e.g. torch.export's first-use caches, is not counted). "resident" is after setup (the float model it came from dropped), "peak" the
 highest point during the training steps (weights, activations, gradients, optimizer state).
 Time: the QLoRA contenders interleaved, medians, as a ratio. Graph breaks: ``torch._dynamo.explain``.
 
@@ -96,6 +97,7 @@ class PeakMemory(TorchDispatchMode):
 
 
 def measure(name: str, float_dir: str, device: str, steps: int) -> dict:
+    train_step(build(name, float_dir, device), make_inputs(device))()  # warm-up: one-time process state
     gc.collect()
     before = allocated(device)
     model = build(name, float_dir, device)
