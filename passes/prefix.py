@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxpeft.canonical import ModeSwitch
+from fxpeft.canonical import ModeSwitch, innermost_module
 from fxpeft.configs import PrefixTuningConfig
 from fxpeft.passes.prompt import (CONTAINERS, PromptEmbedding, _primary_lowering, active_prompt_adapter, check_alone,
                                   load_prompt_embeddings, prompt_embeddings)
@@ -224,7 +224,7 @@ def rewrite(lw: Lowering, adapter: str) -> None:
         prefixes = lw.call_module(f"prompt_encoder.{adapter}")
         layers = lw.call(prefix_layers, prefixes, config.num_layers, heads, head_dim)
     for layer, node in enumerate(attentions):
-        lw.tag["fxpeft_site"] = f"attention.{layer}"
+        lw.tag["fxpeft_site"] = innermost_module(node) or ""  # the attention module (inspection reads it)
         query, key, value = _arg(node, 0, "query"), _arg(node, 1, "key"), _arg(node, 2, "value")
         mask, causal = _arg(node, 3, "attn_mask"), _arg(node, 5, "is_causal", False)
         with lw.graph.inserting_before(node):

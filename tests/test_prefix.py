@@ -54,6 +54,7 @@ def test_projected_gqa_prefixes_train_like_peft_and_save_for_peft(tmp_path):
         reference.peft_config["default"].num_layers, reference.peft_config["default"].num_attention_heads,
         reference.peft_config["default"].token_dim)
     assert fxpeft.trainable_parameters(gm) == reference.get_nb_trainable_parameters()
+    assert {row.path for row in fxpeft.inspect(gm).rows} == {f"model.layers.{i}.self_attn" for i in range(2)}
     with torch.no_grad():
         for param in reference.prompt_encoder.parameters():
             param.normal_(std=0.5)
