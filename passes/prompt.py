@@ -21,6 +21,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fxpeft.configs import PromptEncoderConfig, PromptLearningConfig, PromptTuningConfig
@@ -50,6 +51,41 @@ class PromptEmbedding(nn.Module):
         return self.embedding.weight
 
 
+class BidirectionalLSTM(nn.Module):
+    """``nn.LSTM(bidirectional=True)`` over one sequence (steps, features) with nn.LSTM's parameters
+    (names, shapes, initialisation) and its forward written out in tensor ops: torch.compile cannot
+    trace an nn.LSTM module (not even its attributes), so p-tuning's encoder would break fullgraph."""
+
+    def __init__(self, features: int, hidden: int, layers: int, dropout: float):
+        super().__init__()
+        lstm = nn.LSTM(features, hidden, num_layers=layers, dropout=dropout, bidirectional=True)
+        for name, param in lstm.named_parameters():  # weight_ih_l0, ..., bias_hh_l1_reverse
+            self.register_parameter(name, param)
+        self.layers, self.dropout = layers, dropout
+
+    def _direction(self, inputs: torch.Tensor, suffix: str, reverse: bool) -> torch.Tensor:
+        w_hh = getattr(self, f"weight_hh{suffix}")
+        # input terms for every step at once; gates in nn.LSTM's order: input, forget, cell, output
+        gates_in = inputs @ getattr(self, f"weight_ih{suffix}").T + getattr(self, f"bias_ih{suffix}") \
+            + getattr(self, f"bias_hh{suffix}")
+        h = c = inputs.new_zeros(w_hh.shape[1])
+        outputs = []
+        for step in (reversed(range(inputs.shape[0])) if reverse else range(inputs.shape[0])):
+            i, f, g, o = (gates_in[step] + w_hh @ h).chunk(4)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            outputs.append(h)
+        return torch.stack(outputs[::-1] if reverse else outputs)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        for layer in range(self.layers):
+            if layer:  # nn.LSTM's dropout: between layers, in training
+                inputs = F.dropout(inputs, self.dropout, self.training)
+            inputs = torch.cat([self._direction(inputs, f"_l{layer}", False),
+                                self._direction(inputs, f"_l{layer}_reverse", True)], dim=-1)
+        return inputs
+
+
 class PromptEncoder(nn.Module):
     """P-tuning's encoder, PEFT's layout: learned inputs through an MLP, or a bidirectional LSTM and an MLP."""
 
@@ -59,8 +95,7 @@ class PromptEncoder(nn.Module):
         self.lstm = config.encoder_reparameterization_type == "LSTM"
         self.embedding = nn.Embedding(total_tokens, dim)
         if self.lstm:
-            self.lstm_head = nn.LSTM(dim, hidden, num_layers=config.encoder_num_layers, dropout=config.encoder_dropout,
-                                     bidirectional=True, batch_first=True)
+            self.lstm_head = BidirectionalLSTM(dim, hidden, config.encoder_num_layers, config.encoder_dropout)
             self.mlp_head = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, dim))
         else:
             self.mlp_head = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
@@ -69,7 +104,7 @@ class PromptEncoder(nn.Module):
     def forward(self) -> torch.Tensor:
         inputs = self.embedding.weight
         if self.lstm:
-            return self.mlp_head(self.lstm_head(inputs.unsqueeze(0))[0])[0]
+            return self.mlp_head(self.lstm_head(inputs))
         return self.mlp_head(inputs)
 
 

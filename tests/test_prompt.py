@@ -62,7 +62,7 @@ def test_peft_checkpoint_loads_with_equal_outputs_and_losses(name, peft_type, fx
         torch.testing.assert_close(reloaded(**inputs).logits, got.logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name,peft_type,fx_type,extra", [CASES[2], CASES[4]], ids=[IDS[2], IDS[4]])
+@pytest.mark.parametrize("name,peft_type,fx_type,extra", [CASES[2], CASES[4], CASES[5]], ids=[IDS[2], IDS[4], IDS[5]])
 def test_training_form_matches_peft_with_the_same_weights(name, peft_type, fx_type, extra):
     model, reference = _reference(name, peft_type, extra)
     gm = fxpeft.transform(model, fx_type(task_type=TASKS[name], num_virtual_tokens=3, **extra)).eval()
@@ -199,3 +199,21 @@ def test_compiled_prompt_tuned_llama_matches_eager_and_trains(_fresh_dynamo):
     loss.backward()
     torch.testing.assert_close(loss, eager)
     torch.testing.assert_close(gm.prompt_encoder.default.embedding.weight.grad, eager_grad)
+
+
+def test_compiled_lstm_p_tuning_matches_eager_and_trains(_fresh_dynamo):
+    """torch.compile cannot trace nn.LSTM: p-tuning's LSTM encoder must still compile with fullgraph."""
+    model = models.TinyDecoder().eval()
+    gm = fxpeft.transform(model, fxpeft.PromptEncoderConfig(num_virtual_tokens=3, encoder_hidden_size=8,
+                                                            encoder_reparameterization_type="LSTM"))
+    compiled = torch.compile(gm, fullgraph=True, dynamic=True)
+    for batch, seq in [(2, 7), (3, 11)]:
+        ids = torch.randint(0, models.VOCAB, (batch, seq))
+        torch.testing.assert_close(compiled(ids), gm(ids), rtol=1e-5, atol=1e-5)
+    gm(ids).logsumexp(-1).mean().backward()
+    eager_grads = {n: p.grad.clone() for n, p in gm.named_parameters() if p.grad is not None}
+    gm.zero_grad()
+    compiled(ids).logsumexp(-1).mean().backward()
+    assert any("lstm_head" in n for n in eager_grads)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(gm.get_parameter(name).grad, grad, rtol=1e-5, atol=1e-6)
