@@ -153,6 +153,9 @@ class Method:
     saved_tensors: Optional[Callable] = None
     load_saved: Optional[Callable] = None
     checkpoint_prefix: str = "base_model.model."
+    # ``dropped_inputs(config) -> frozenset`` of input names the model is called without while the
+    # adapter acts (PEFT's prompt methods drop some): the dispatcher leaves them out of the call.
+    dropped_inputs: Optional[Callable] = None
 
 
 METHODS: dict[type, Method] = {}

@@ -18,6 +18,7 @@ and are repeated like the keys:
     is_causal=True -> an explicit mask: prefix visible, causal among the real tokens
     positions      -> + n where the model computes them (rotary embeddings, learned absolute
                       position embeddings), as PEFT's cache of n past tokens makes them.
+Generative tasks are called without ``token_type_ids``, as PEFT calls them (``dropped_inputs``).
 Checkpoint: ``prompt_embeddings``, the (projected) prefixes (PEFT's format).
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ from torch import nn
 from fxpeft.canonical import ModeSwitch, innermost_module
 from fxpeft.configs import PrefixTuningConfig
 from fxpeft.passes.prompt import (CONTAINERS, PromptEmbedding, _primary_lowering, active_prompt_adapter, check_alone,
-                                  load_prompt_embeddings, model_dims, prompt_embeddings)
+                                  dropped_token_types, load_prompt_embeddings, model_dims, prompt_embeddings)
 from fxpeft.rewrite import Lowering, Method, Rule, register_method, register_rule
 
 aten = torch.ops.aten
@@ -369,4 +370,4 @@ register_rule(Rule(name="prefix_tuning", match=match, rewrite=rewrite, phase=20)
 register_method(Method(config_type=PrefixTuningConfig, attach=attach, containers=CONTAINERS,
                        resolve_config=resolve_prefix_config, prompt_learning=True,
                        saved_tensors=prompt_embeddings, load_saved=load_prompt_embeddings,
-                       checkpoint_prefix="base_model."))
+                       checkpoint_prefix="base_model.", dropped_inputs=dropped_token_types))

@@ -9,9 +9,10 @@ Rewrite (phase 20), once per graph, while the adapter is active:
       (positions, masks, cache positions) counts the virtual tokens;
     - the token embedding's output: its first rows replaced by the prompt (the encoder's output);
     - inputs along the sequence, by name (PEFT's choices): ``attention_mask`` gets ones,
-      ``token_type_ids`` zeros, causal-LM ``labels`` -100, and ``position_ids`` are replaced by
-      0..n+S-1 (PEFT ignores them for prompt methods).
+      ``token_type_ids`` zeros, causal-LM ``labels`` -100.
     Outputs keep the virtual positions, as PEFT's do (causal-LM logits are n+S long).
+Inputs PEFT drops (``dropped_inputs``; the dispatcher calls the model without them): ``position_ids``,
+and ``token_type_ids`` for generative tasks.
 Checkpoint: ``prompt_embeddings``, the encoder's output (PEFT's format).
 """
 from __future__ import annotations
@@ -227,12 +228,6 @@ def with_virtual_positions(value: torch.Tensor, count: int, fill):
     return torch.cat([value.new_full((value.shape[0], count, *value.shape[2:]), fill), value], dim=1)
 
 
-def restarted_positions(position_ids: torch.Tensor, count: int):
-    """PEFT drops given position ids under prompt methods: the model's default 0..n+S-1."""
-    positions = torch.arange(position_ids.shape[-1] + count, device=position_ids.device, dtype=position_ids.dtype)
-    return positions.expand(position_ids.shape[0], -1)
-
-
 def with_prompt(embeds: torch.Tensor, prompt: torch.Tensor, count: int):
     """The embeddings of the extended ids with the virtual positions replaced by the prompt."""
     prompt = prompt[:count].to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
@@ -244,8 +239,20 @@ SEQUENCE_INPUTS = {
     "attention_mask": lambda task: (with_virtual_positions, 1),
     "token_type_ids": lambda task: (with_virtual_positions, 0),
     "labels": lambda task: (with_virtual_positions, -100) if task == "CAUSAL_LM" else None,
-    "position_ids": lambda task: (restarted_positions,),
 }
+
+# PEFT's ``_adjust_prompt_learning_kwargs``: generative tasks are called without token_type_ids under
+# every prompt method (classification-like tasks keep them, extended above); prompt tuning and
+# p-tuning also without position_ids (the model computes its own, over the virtual tokens too).
+TOKEN_TYPES_DROPPED_FOR = ("CAUSAL_LM", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION")
+
+
+def dropped_token_types(config) -> frozenset:
+    return frozenset({"token_type_ids"} if config.task_type in TOKEN_TYPES_DROPPED_FOR else ())
+
+
+def dropped_inputs(config) -> frozenset:
+    return dropped_token_types(config) | {"position_ids"}
 
 
 def active_prompt_adapter(lw: Lowering, config_types) -> Optional[str]:
@@ -321,4 +328,4 @@ for _config_type in (PromptTuningConfig, PromptEncoderConfig):
     register_method(Method(config_type=_config_type, attach=attach, containers=CONTAINERS,
                            resolve_config=resolve_prompt_config, prompt_learning=True,
                            saved_tensors=prompt_embeddings, load_saved=load_prompt_embeddings,
-                           checkpoint_prefix="base_model."))
+                           checkpoint_prefix="base_model.", dropped_inputs=dropped_inputs))

@@ -80,6 +80,30 @@ def test_training_form_matches_peft_with_the_same_weights(name, peft_type, fx_ty
     torch.testing.assert_close(prompt_embeddings(gm, "default")["prompt_embeddings"], saved_by_peft)
 
 
+@pytest.mark.parametrize("name,peft_type,dropped", [
+    ("gpt2", peft.PromptTuningConfig, "token_type_ids"),
+    ("gpt2", peft.PrefixTuningConfig, "token_type_ids"),
+    ("opt", peft.PromptTuningConfig, "position_ids"),  # OPT's own positions count from the mask
+], ids=["gpt2-prompt", "gpt2-prefix", "opt-prompt"])
+def test_inputs_peft_drops_are_dropped_while_the_prompt_acts(name, peft_type, dropped, tmp_path):
+    """PEFT calls causal LMs without token_type_ids under every prompt method, and without position_ids
+    under prompt tuning; a disabled adapter gets them back, as the base model does."""
+    model = models.HF_MODELS[name]().eval()
+    peft.get_peft_model(copy.deepcopy(model), peft_type(task_type="CAUSAL_LM", num_virtual_tokens=3)
+                        ).save_pretrained(tmp_path)
+    reference = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path)).eval()
+    gm = fxpeft.from_pretrained(model, str(tmp_path))
+    inputs = models.hf_inputs(name)  # left padding on the first row
+    extra = {"token_type_ids": torch.randint(0, 2, inputs["input_ids"].shape),
+             "position_ids": torch.arange(inputs["input_ids"].shape[1]).expand(2, -1)}[dropped]
+    with torch.no_grad():
+        assert (model(**inputs, **{dropped: extra}).logits - model(**inputs).logits).abs().max() > 1e-3  # it matters
+        torch.testing.assert_close(gm(**inputs, **{dropped: extra}).logits,
+                                   reference(**inputs, **{dropped: extra}).logits, rtol=1e-5, atol=1e-5)
+        with fxpeft.disable_adapters(gm):
+            torch.testing.assert_close(gm(**inputs, **{dropped: extra}).logits, model(**inputs, **{dropped: extra}).logits)
+
+
 def _decoder_with_prompt(model, prompt, ids):
     """TinyDecoder's forward written out, with the prompt in front of the token embeddings."""
     x = torch.cat([prompt.unsqueeze(0).expand(ids.shape[0], -1, -1), model.embed(ids)], dim=1)
