@@ -94,14 +94,14 @@ def test_inputs_peft_drops_are_dropped_while_the_prompt_acts(name, peft_type, dr
     reference = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path)).eval()
     gm = fxpeft.from_pretrained(model, str(tmp_path))
     inputs = models.hf_inputs(name)  # left padding on the first row
-    extra = {"token_type_ids": torch.randint(0, 2, inputs["input_ids"].shape),
-             "position_ids": torch.arange(inputs["input_ids"].shape[1]).expand(2, -1)}[dropped]
+    values = {"token_type_ids": torch.randint(0, 2, inputs["input_ids"].shape),
+              "position_ids": torch.arange(inputs["input_ids"].shape[1]).expand(2, -1)}
+    call = dict(inputs, **{dropped: values[dropped]})
     with torch.no_grad():
-        assert (model(**inputs, **{dropped: extra}).logits - model(**inputs).logits).abs().max() > 1e-3  # it matters
-        torch.testing.assert_close(gm(**inputs, **{dropped: extra}).logits,
-                                   reference(**inputs, **{dropped: extra}).logits, rtol=1e-5, atol=1e-5)
+        assert (model(**call).logits - model(**inputs).logits).abs().max() > 1e-3  # the input matters
+        torch.testing.assert_close(gm(**call).logits, reference(**call).logits, rtol=1e-5, atol=1e-5)
         with fxpeft.disable_adapters(gm):
-            torch.testing.assert_close(gm(**inputs, **{dropped: extra}).logits, model(**inputs, **{dropped: extra}).logits)
+            torch.testing.assert_close(gm(**call).logits, model(**call).logits)
 
 
 def _decoder_with_prompt(model, prompt, ids):
