@@ -183,8 +183,7 @@ def prefix_layout(lw: Lowering) -> tuple[list[torch.fx.Node], int, int, int]:
 def resolve_prefix_config(gm, sites, config: PrefixTuningConfig) -> PrefixTuningConfig:
     """The layout read from the graph (PEFT's numbers for transformers models, GQA included); a
     config that states another layout (a checkpoint for another model) is an error."""
-    lowering = _primary_lowering(gm)
-    _, layers, heads, head_dim = prefix_layout(lowering)
+    _, layers, heads, head_dim = prefix_layout(_primary_lowering(gm))
     found = {"num_layers": layers, "num_attention_heads": heads, "token_dim": heads * head_dim}
     if _decoder_path(gm) is not None:  # PEFT's seq2seq cache: self- and cross-attention parts
         found["num_transformer_submodules"] = 2
