@@ -105,7 +105,7 @@ def _transposed_attr(node) -> Optional[str]:
     return None
 
 
-def _innermost_module(node: torch.fx.Node) -> Optional[str]:
+def innermost_module(node: torch.fx.Node) -> Optional[str]:
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return None
@@ -359,7 +359,7 @@ def canonicalize(graph: torch.fx.Graph, owner: nn.Module, source: nn.Module, nam
         if node.op != "call_function":
             continue
         if node.target in SITE_RULES and "fxpeft_module" not in node.meta:
-            node.meta["fxpeft_module"] = _innermost_module(node)
+            node.meta["fxpeft_module"] = innermost_module(node)
         replaced = _mode_module(node)
         if replaced is None:
             if node.target in (aten.dropout.default, F.dropout):  # inactive dropout: identity

@@ -24,7 +24,7 @@ from torch.fx.graph_module import GraphModule, _forward_from_src
 
 from . import capture as capture_mod
 from .canonical import canonicalize
-from .rewrite import TREE_PASSES, lower
+from .rewrite import TREE_PASSES, lower, method_for
 
 # fxpeft graphs never return a KV cache: a caller's use_cache is replaced by use_cache=False
 IGNORED_KWARGS = frozenset({"use_cache"})
@@ -119,6 +119,7 @@ class PeftGraphModule(GraphModule):
     def relower(self) -> None:
         """Re-derive every signature's graph from its canonical graph and the current adapter state."""
         self.sync_gates()
+        self.__dict__["_fxpeft_dropped"] = self._dropped_inputs()
         for signature in self._fxpeft_signatures.values():
             self._lower_signature(signature)
         self.graph = self._fxpeft_signatures[self._fxpeft_primary].graph
@@ -131,6 +132,15 @@ class PeftGraphModule(GraphModule):
             signature.mixed_fn = compile_graph(signature.mixed_graph)
         else:
             signature.mixed_graph = signature.mixed_fn = None
+
+    def _dropped_inputs(self) -> frozenset:
+        """The inputs the active adapters' methods call the model without."""
+        dropped = set()
+        for name in self._fxpeft_active:
+            config = self.peft_config.get(name)
+            if config is not None and method_for(config).dropped_inputs is not None:
+                dropped |= method_for(config).dropped_inputs(config)
+        return frozenset(dropped)
 
     def sync_gates(self) -> None:
         """The graph reads which adapters act from two buffers, updated in place (no recompile):
@@ -202,7 +212,8 @@ class PeftGraphModule(GraphModule):
                 raise TypeError(f"forward() got multiple values for argument {name!r}")
             kwargs[name] = value
         adapter_names = kwargs.pop("adapter_names", None)
-        kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in IGNORED_KWARGS}
+        kwargs = {k: v for k, v in kwargs.items()
+                  if v is not None and k not in IGNORED_KWARGS and k not in self._fxpeft_dropped}
         if self._fxpeft_no_cache:
             kwargs["use_cache"] = False
         key = capture_mod.signature_key(kwargs)

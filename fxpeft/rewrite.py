@@ -81,6 +81,13 @@ class Lowering:
     def call_module(self, fqn: str, *args) -> torch.fx.Node:
         return self._tagged(self.graph.call_module(fqn, args))
 
+    def copy(self, node: torch.fx.Node, values: dict) -> torch.fx.Node:
+        """A copy of ``node`` that reads ``values[a]`` for each input ``a`` found there: the model's own
+        code replayed on other values (its recorded shapes no longer hold, so they are dropped)."""
+        copied = self.graph.node_copy(node, lambda arg: values.get(arg, arg))
+        copied.meta.pop("val", None)
+        return self._tagged(copied)
+
     def cast(self, node: torch.fx.Node, dtype: torch.dtype, from_dtype: torch.dtype) -> torch.fx.Node:
         return node if dtype == from_dtype else self.call(aten._to_copy.default, node, dtype=dtype)
 
@@ -146,6 +153,9 @@ class Method:
     saved_tensors: Optional[Callable] = None
     load_saved: Optional[Callable] = None
     checkpoint_prefix: str = "base_model.model."
+    # ``dropped_inputs(config) -> frozenset`` of input names the model is called without while the
+    # adapter acts (PEFT's prompt methods drop some): the dispatcher leaves them out of the call.
+    dropped_inputs: Optional[Callable] = None
 
 
 METHODS: dict[type, Method] = {}

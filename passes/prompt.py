@@ -9,9 +9,10 @@ Rewrite (phase 20), once per graph, while the adapter is active:
       (positions, masks, cache positions) counts the virtual tokens;
     - the token embedding's output: its first rows replaced by the prompt (the encoder's output);
     - inputs along the sequence, by name (PEFT's choices): ``attention_mask`` gets ones,
-      ``token_type_ids`` zeros, causal-LM ``labels`` -100, and ``position_ids`` are replaced by
-      0..n+S-1 (PEFT ignores them for prompt methods).
+      ``token_type_ids`` zeros, causal-LM ``labels`` -100.
     Outputs keep the virtual positions, as PEFT's do (causal-LM logits are n+S long).
+Inputs PEFT drops (``dropped_inputs``; the dispatcher calls the model without them): ``position_ids``,
+and ``token_type_ids`` for generative tasks.
 Checkpoint: ``prompt_embeddings``, the encoder's output (PEFT's format).
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fxpeft.configs import PromptEncoderConfig, PromptLearningConfig, PromptTuningConfig
@@ -50,6 +52,41 @@ class PromptEmbedding(nn.Module):
         return self.embedding.weight
 
 
+class BidirectionalLSTM(nn.Module):
+    """``nn.LSTM(bidirectional=True)`` over one sequence (steps, features) with nn.LSTM's parameters
+    (names, shapes, initialisation) and its forward written out in tensor ops: torch.compile cannot
+    trace an nn.LSTM module (not even its attributes), so p-tuning's encoder would break fullgraph."""
+
+    def __init__(self, features: int, hidden: int, layers: int, dropout: float):
+        super().__init__()
+        lstm = nn.LSTM(features, hidden, num_layers=layers, dropout=dropout, bidirectional=True)
+        for name, param in lstm.named_parameters():  # weight_ih_l0, ..., bias_hh_l1_reverse
+            self.register_parameter(name, param)
+        self.layers, self.dropout = layers, dropout
+
+    def _direction(self, inputs: torch.Tensor, suffix: str, reverse: bool) -> torch.Tensor:
+        w_hh = getattr(self, f"weight_hh{suffix}")
+        # input terms for every step at once; gates in nn.LSTM's order: input, forget, cell, output
+        gates_in = inputs @ getattr(self, f"weight_ih{suffix}").T + getattr(self, f"bias_ih{suffix}") \
+            + getattr(self, f"bias_hh{suffix}")
+        h = c = inputs.new_zeros(w_hh.shape[1])
+        outputs = []
+        for step in (reversed(range(inputs.shape[0])) if reverse else range(inputs.shape[0])):
+            i, f, g, o = (gates_in[step] + w_hh @ h).chunk(4)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            outputs.append(h)
+        return torch.stack(outputs[::-1] if reverse else outputs)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        for layer in range(self.layers):
+            if layer:  # nn.LSTM's dropout: between layers, in training
+                inputs = F.dropout(inputs, self.dropout, self.training)
+            inputs = torch.cat([self._direction(inputs, f"_l{layer}", False),
+                                self._direction(inputs, f"_l{layer}_reverse", True)], dim=-1)
+        return inputs
+
+
 class PromptEncoder(nn.Module):
     """P-tuning's encoder, PEFT's layout: learned inputs through an MLP, or a bidirectional LSTM and an MLP."""
 
@@ -59,8 +96,7 @@ class PromptEncoder(nn.Module):
         self.lstm = config.encoder_reparameterization_type == "LSTM"
         self.embedding = nn.Embedding(total_tokens, dim)
         if self.lstm:
-            self.lstm_head = nn.LSTM(dim, hidden, num_layers=config.encoder_num_layers, dropout=config.encoder_dropout,
-                                     bidirectional=True, batch_first=True)
+            self.lstm_head = BidirectionalLSTM(dim, hidden, config.encoder_num_layers, config.encoder_dropout)
             self.mlp_head = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, dim))
         else:
             self.mlp_head = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
@@ -69,7 +105,7 @@ class PromptEncoder(nn.Module):
     def forward(self) -> torch.Tensor:
         inputs = self.embedding.weight
         if self.lstm:
-            return self.mlp_head(self.lstm_head(inputs.unsqueeze(0))[0])[0]
+            return self.mlp_head(self.lstm_head(inputs))
         return self.mlp_head(inputs)
 
 
@@ -192,12 +228,6 @@ def with_virtual_positions(value: torch.Tensor, count: int, fill):
     return torch.cat([value.new_full((value.shape[0], count, *value.shape[2:]), fill), value], dim=1)
 
 
-def restarted_positions(position_ids: torch.Tensor, count: int):
-    """PEFT drops given position ids under prompt methods: the model's default 0..n+S-1."""
-    positions = torch.arange(position_ids.shape[-1] + count, device=position_ids.device, dtype=position_ids.dtype)
-    return positions.expand(position_ids.shape[0], -1)
-
-
 def with_prompt(embeds: torch.Tensor, prompt: torch.Tensor, count: int):
     """The embeddings of the extended ids with the virtual positions replaced by the prompt."""
     prompt = prompt[:count].to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
@@ -209,8 +239,20 @@ SEQUENCE_INPUTS = {
     "attention_mask": lambda task: (with_virtual_positions, 1),
     "token_type_ids": lambda task: (with_virtual_positions, 0),
     "labels": lambda task: (with_virtual_positions, -100) if task == "CAUSAL_LM" else None,
-    "position_ids": lambda task: (restarted_positions,),
 }
+
+# PEFT's ``_adjust_prompt_learning_kwargs``: generative tasks are called without token_type_ids under
+# every prompt method (classification-like tasks keep them, extended above); prompt tuning and
+# p-tuning also without position_ids (the model computes its own, over the virtual tokens too).
+TOKEN_TYPES_DROPPED_FOR = ("CAUSAL_LM", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION")
+
+
+def dropped_token_types(config) -> frozenset:
+    return frozenset({"token_type_ids"} if config.task_type in TOKEN_TYPES_DROPPED_FOR else ())
+
+
+def dropped_inputs(config) -> frozenset:
+    return dropped_token_types(config) | {"position_ids"}
 
 
 def active_prompt_adapter(lw: Lowering, config_types) -> Optional[str]:
@@ -286,4 +328,4 @@ for _config_type in (PromptTuningConfig, PromptEncoderConfig):
     register_method(Method(config_type=_config_type, attach=attach, containers=CONTAINERS,
                            resolve_config=resolve_prompt_config, prompt_learning=True,
                            saved_tensors=prompt_embeddings, load_saved=load_prompt_embeddings,
-                           checkpoint_prefix="base_model."))
+                           checkpoint_prefix="base_model.", dropped_inputs=dropped_inputs))

@@ -54,6 +54,7 @@ def test_projected_gqa_prefixes_train_like_peft_and_save_for_peft(tmp_path):
         reference.peft_config["default"].num_layers, reference.peft_config["default"].num_attention_heads,
         reference.peft_config["default"].token_dim)
     assert fxpeft.trainable_parameters(gm) == reference.get_nb_trainable_parameters()
+    assert {row.path for row in fxpeft.inspect(gm).rows} == {f"model.layers.{i}.self_attn" for i in range(2)}
     with torch.no_grad():
         for param in reference.prompt_encoder.parameters():
             param.normal_(std=0.5)
@@ -130,8 +131,21 @@ def test_bad_input_gets_clear_errors():
         fxpeft.transform(models.TinyDecoder(), fxpeft.PrefixTuningConfig(num_virtual_tokens=2))
     with pytest.raises(ValueError, match="does not fit this model"):
         fxpeft.transform(models.llama(), fxpeft.PrefixTuningConfig(num_virtual_tokens=2, num_layers=5))
-    with pytest.raises(NotImplementedError, match="encoder-decoder"):
-        fxpeft.transform(models.t5(), fxpeft.PrefixTuningConfig(num_virtual_tokens=2, task_type="SEQ_2_SEQ_LM"))
+
+    t5 = models.t5()
+    with pytest.raises(ValueError, match=r"does not fit this model.*num_layers=\(5, 2\), num_transformer_submodules="
+                                         r"\(1, 2\)"):  # a decoder-only layout
+        fxpeft.transform(t5, fxpeft.PrefixTuningConfig(num_virtual_tokens=2, task_type="SEQ_2_SEQ_LM", num_layers=5,
+                                                       num_transformer_submodules=1))
+    deeper_decoder = models.t5()
+    deeper_decoder.config.num_layers = 1  # PEFT sizes the table by config.num_layers: 1 layer for 2 decoder layers
+    with pytest.raises(ValueError, match="decoder has 2 self-attentions"):
+        fxpeft.transform(deeper_decoder, fxpeft.PrefixTuningConfig(num_virtual_tokens=2, task_type="SEQ_2_SEQ_LM"))
+    eager = models.t5()
+    eager.set_attn_implementation("eager")  # attention written out as matmul + softmax
+    with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
+        fxpeft.transform(eager, fxpeft.PrefixTuningConfig(num_virtual_tokens=2, task_type="SEQ_2_SEQ_LM"))
+    assert all(p.requires_grad for model in (t5, deeper_decoder, eager) for p in model.parameters())
 
 
 def test_compiled_prefix_decoder_matches_eager_across_shapes():
@@ -144,4 +158,96 @@ def test_compiled_prefix_decoder_matches_eager_across_shapes():
     for batch, seq in [(2, 9), (4, 13)]:
         ids = torch.randint(0, models.VOCAB, (batch, seq))
         torch.testing.assert_close(compiled(ids), gm(ids), rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------- encoder-decoder models
+
+SEQ2SEQ = {"t5": models.t5, "bart": models.bart}
+
+
+def _seq2seq_calls():
+    """How seq2seq models get called: with padded encoder and decoder masks, with no mask, with the
+    decoder inputs made from the labels."""
+    inputs = models.hf_inputs("t5", batch=2, seq=7)
+    inputs["attention_mask"][0, :2] = 0
+    labels = models.hf_labels("t5", inputs)
+    decoder_mask = torch.ones_like(inputs["decoder_input_ids"])
+    decoder_mask[0, -2:] = 0
+    return [dict(inputs, decoder_attention_mask=decoder_mask, labels=labels),
+            {"input_ids": inputs["input_ids"], "decoder_input_ids": inputs["decoder_input_ids"], "labels": labels},
+            {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "labels": labels}]
+
+
+def _seq2seq_reference(model, **extra):
+    return peft.get_peft_model(copy.deepcopy(model), peft.PrefixTuningConfig(
+        task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3, **extra))
+
+
+@pytest.mark.parametrize("name,count,self_attention", [  # each call signature costs an export: BART's one call
+    ("t5", 3, "decoder.block.{}.layer.0.SelfAttention"), ("bart", 1, "model.decoder.layers.{}.self_attn")])
+def test_seq2seq_peft_checkpoint_loads_with_equal_outputs_and_saves_back(name, count, self_attention, tmp_path):
+    model = SEQ2SEQ[name]().eval()
+    reference = _seq2seq_reference(model).eval()
+    reference.save_pretrained(tmp_path / "peft")
+    calls = _seq2seq_calls()[:count]
+    gm = fxpeft.from_pretrained(model, str(tmp_path / "peft"), example_inputs=calls[0])  # saves one capture
+    stored, theirs = gm.peft_config["default"], reference.peft_config["default"]
+    assert (stored.num_layers, stored.num_transformer_submodules, stored.num_attention_heads, stored.token_dim) == (
+        theirs.num_layers, theirs.num_transformer_submodules, theirs.num_attention_heads, theirs.token_dim)
+    # only the decoder's self-attentions take prefixes: not the encoder's, not cross-attention
+    assert {row.path for row in fxpeft.inspect(gm).rows} == {self_attention.format(i) for i in range(2)}
+    for call in calls:
+        with torch.no_grad():
+            expected, got = reference(**call), gm(**call)
+        torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.loss, expected.loss, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert (gm(**call).logits - model(**call).logits).abs().max() > 1e-3  # the prefixes act
+
+    fxpeft.save_pretrained(gm, str(tmp_path / "fx"))
+    assert_same_saved_tensors(tmp_path / "peft", tmp_path / "fx")
+    # PEFT saves one prefix table row per virtual token, (n, num_layers·2·token_dim)
+    saved = load_file(tmp_path / "fx" / "adapter_model.safetensors")["prompt_embeddings"]
+    assert saved.shape == (3, theirs.num_layers * 2 * theirs.token_dim)
+
+
+def test_t5_projected_prefixes_train_like_peft_and_save_for_peft(tmp_path):
+    """Three layers: PEFT deals a seq2seq table's slices out as 4l, 4l+1 (mod 6), not 2l, 2l+1."""
+    model = models.t5(layers=3).eval()
+    extra = {"prefix_projection": True, "encoder_hidden_size": 16}
+    reference = _seq2seq_reference(model, **extra).eval()
+    call = _seq2seq_calls()[0]
+    gm = fxpeft.transform(model, fxpeft.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3, **extra),
+                          example_inputs=call)
+    assert fxpeft.trainable_parameters(gm) == reference.get_nb_trainable_parameters()
+    with torch.no_grad():
+        for param in reference.prompt_encoder.parameters():
+            param.normal_(std=0.5)
+    gm.prompt_encoder.load_state_dict(reference.prompt_encoder.state_dict())
+    gm.eval()
+    ours, theirs = gm(**call), reference(**call)
+    torch.testing.assert_close(ours.logits, theirs.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-5, atol=1e-5)
+    ours.loss.backward()
+    theirs.loss.backward()
+    expected_grads = dict(reference.prompt_encoder.default.named_parameters())
+    for name, param in gm.prompt_encoder.default.named_parameters():
+        torch.testing.assert_close(param.grad, expected_grads[name].grad, rtol=1e-4, atol=1e-6)
+
+    fxpeft.save_pretrained(gm, str(tmp_path))  # the projected table, which PEFT loads for inference
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**call).logits, gm(**call).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_prefix_t5_matches_eager_across_shapes():
+    torch._dynamo.reset()
+    gm = fxpeft.transform(models.t5().eval(), fxpeft.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM",
+                                                                       num_virtual_tokens=3)).eval()
+    compiled = torch.compile(gm, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for batch, seq in [(2, 7), (3, 11)]:
+            inputs = models.hf_inputs("t5", batch=batch, seq=seq)
+            torch.testing.assert_close(compiled(**inputs).logits, gm(**inputs).logits, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()

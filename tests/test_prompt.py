@@ -62,7 +62,7 @@ def test_peft_checkpoint_loads_with_equal_outputs_and_losses(name, peft_type, fx
         torch.testing.assert_close(reloaded(**inputs).logits, got.logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name,peft_type,fx_type,extra", [CASES[2], CASES[4]], ids=[IDS[2], IDS[4]])
+@pytest.mark.parametrize("name,peft_type,fx_type,extra", [CASES[2], CASES[4], CASES[5]], ids=[IDS[2], IDS[4], IDS[5]])
 def test_training_form_matches_peft_with_the_same_weights(name, peft_type, fx_type, extra):
     model, reference = _reference(name, peft_type, extra)
     gm = fxpeft.transform(model, fx_type(task_type=TASKS[name], num_virtual_tokens=3, **extra)).eval()
@@ -78,6 +78,30 @@ def test_training_form_matches_peft_with_the_same_weights(name, peft_type, fx_ty
     saved_by_peft = reference.get_prompt_embedding_to_save("default")
     from fxpeft.passes.prompt import prompt_embeddings
     torch.testing.assert_close(prompt_embeddings(gm, "default")["prompt_embeddings"], saved_by_peft)
+
+
+@pytest.mark.parametrize("name,peft_type,dropped", [
+    ("gpt2", peft.PromptTuningConfig, "token_type_ids"),
+    ("gpt2", peft.PrefixTuningConfig, "token_type_ids"),
+    ("opt", peft.PromptTuningConfig, "position_ids"),  # OPT's own positions count from the mask
+], ids=["gpt2-prompt", "gpt2-prefix", "opt-prompt"])
+def test_inputs_peft_drops_are_dropped_while_the_prompt_acts(name, peft_type, dropped, tmp_path):
+    """PEFT calls causal LMs without token_type_ids under every prompt method, and without position_ids
+    under prompt tuning; a disabled adapter gets them back, as the base model does."""
+    model = models.HF_MODELS[name]().eval()
+    peft.get_peft_model(copy.deepcopy(model), peft_type(task_type="CAUSAL_LM", num_virtual_tokens=3)
+                        ).save_pretrained(tmp_path)
+    reference = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path)).eval()
+    gm = fxpeft.from_pretrained(model, str(tmp_path))
+    inputs = models.hf_inputs(name)  # left padding on the first row
+    values = {"token_type_ids": torch.randint(0, 2, inputs["input_ids"].shape),
+              "position_ids": torch.arange(inputs["input_ids"].shape[1]).expand(2, -1)}
+    call = dict(inputs, **{dropped: values[dropped]})
+    with torch.no_grad():
+        assert (model(**call).logits - model(**inputs).logits).abs().max() > 1e-3  # the input matters
+        torch.testing.assert_close(gm(**call).logits, reference(**call).logits, rtol=1e-5, atol=1e-5)
+        with fxpeft.disable_adapters(gm):
+            torch.testing.assert_close(gm(**call).logits, model(**call).logits)
 
 
 def _decoder_with_prompt(model, prompt, ids):
@@ -199,3 +223,21 @@ def test_compiled_prompt_tuned_llama_matches_eager_and_trains(_fresh_dynamo):
     loss.backward()
     torch.testing.assert_close(loss, eager)
     torch.testing.assert_close(gm.prompt_encoder.default.embedding.weight.grad, eager_grad)
+
+
+def test_compiled_lstm_p_tuning_matches_eager_and_trains(_fresh_dynamo):
+    """torch.compile cannot trace nn.LSTM: p-tuning's LSTM encoder must still compile with fullgraph."""
+    model = models.TinyDecoder().eval()
+    gm = fxpeft.transform(model, fxpeft.PromptEncoderConfig(num_virtual_tokens=3, encoder_hidden_size=8,
+                                                            encoder_reparameterization_type="LSTM"))
+    compiled = torch.compile(gm, fullgraph=True, dynamic=True)
+    for batch, seq in [(2, 7), (3, 11)]:
+        ids = torch.randint(0, models.VOCAB, (batch, seq))
+        torch.testing.assert_close(compiled(ids), gm(ids), rtol=1e-5, atol=1e-5)
+    gm(ids).logsumexp(-1).mean().backward()
+    eager_grads = {n: p.grad.clone() for n, p in gm.named_parameters() if p.grad is not None}
+    gm.zero_grad()
+    compiled(ids).logsumexp(-1).mean().backward()
+    assert any("lstm_head" in n for n in eager_grads)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(gm.get_parameter(name).grad, grad, rtol=1e-5, atol=1e-6)
