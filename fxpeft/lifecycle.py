@@ -282,7 +282,9 @@ BASE_ADAPTER = "__base__"
 
 def adapter_indices(gm: PeftGraphModule, adapter_names: Sequence[str], batch_size=None, device=None) -> torch.Tensor:
     """The per-sample index tensor a mixed batch uses (``"__base__"``: no adapter). Pass it as
-    ``adapter_names=`` to a compiled module so that no Python list is specialised on."""
+    ``adapter_names=`` to a compiled module so that no Python list is specialised on. The tensor
+    is checked here, not when passed (only its shape is): build it again after adding, deleting
+    or merging adapters."""
     _require_transformed(gm)
     if isinstance(adapter_names, str):
         raise ValueError("adapter_names must be a list with one adapter name per sample, not a string.")

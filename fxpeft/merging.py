@@ -30,12 +30,14 @@ def _sites_by_path(gm):
 def _adapter_modules(gm, adapter_names: Iterable[str]):
     """(path, module, method, adapter) for every module holding one of the named adapters, in
     one walk over the tree."""
-    wanted = list(adapter_names)
-    methods = [m for m in dict.fromkeys(method_for(gm.peft_config[name]) for name in wanted) if m.adapters_at]
+    names_by_method: dict = {}
+    for name in adapter_names:
+        names_by_method.setdefault(method_for(gm.peft_config[name]), []).append(name)
+    names_by_method = {m: names for m, names in names_by_method.items() if m.adapters_at}
     for path, module in gm.named_modules():
-        for method in methods:
+        for method, names in names_by_method.items():
             present = method.adapters_at(module)
-            for name in wanted if present else ():
+            for name in names if present else ():
                 if name in present:
                     yield path, module, method, name
 

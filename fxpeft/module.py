@@ -40,6 +40,7 @@ class Signature:
     fn: Optional[Callable] = None  # compiled lowered graph, called as fn(module, *flat_inputs)
     mixed_graph: Optional[torch.fx.Graph] = None  # lowered for per-sample adapters (adapter_names=...)
     mixed_fn: Optional[Callable] = None  # called as mixed_fn(module, adapter_index, *flat_inputs)
+    mixed_error: Optional[Exception] = None  # why no mixed graph could be lowered (raised on adapter_names=)
 
     def fresh(self) -> "Signature":
         """The same canonical graph (never mutated, so shared), not yet lowered."""
@@ -127,11 +128,13 @@ class PeftGraphModule(GraphModule):
     def _lower_signature(self, signature: Signature) -> None:
         signature.graph = lower(signature.canonical, self, mixed=False)
         signature.fn = compile_graph(signature.graph)
+        signature.mixed_graph = signature.mixed_fn = signature.mixed_error = None
         if self.peft_config:
-            signature.mixed_graph = lower(signature.canonical, self, mixed=True)
-            signature.mixed_fn = compile_graph(signature.mixed_graph)
-        else:
-            signature.mixed_graph = signature.mixed_fn = None
+            try:
+                signature.mixed_graph = lower(signature.canonical, self, mixed=True)
+                signature.mixed_fn = compile_graph(signature.mixed_graph)
+            except NotImplementedError as error:  # only calls with adapter_names= need this graph
+                signature.mixed_error = error
 
     def _dropped_inputs(self) -> frozenset:
         """The inputs the active adapters' methods call the model without."""
@@ -204,9 +207,10 @@ class PeftGraphModule(GraphModule):
             if adapter_names is None:
                 return signature.fn(self, *args, **kwargs)
             index = self._adapter_index(adapter_names, args[0] if args else next(iter(kwargs.values())))
-            if signature.mixed_fn is None:  # no adapters: every sample is "__base__"
+            mixed_fn = self._mixed_fn(signature)
+            if mixed_fn is None:  # no adapters: every sample is "__base__"
                 return signature.fn(self, *args, **kwargs)
-            return signature.mixed_fn(self, index, *args, **kwargs)
+            return mixed_fn(self, index, *args, **kwargs)
         for name, value in zip(self._fxpeft_arg_names, args):
             if name in kwargs:
                 raise TypeError(f"forward() got multiple values for argument {name!r}")
@@ -231,15 +235,25 @@ class PeftGraphModule(GraphModule):
             flat = signature.fn(self, *flat_inputs)
         else:
             index = self._adapter_index(adapter_names, next(v for v in kwargs.values() if isinstance(v, torch.Tensor)))
-            if signature.mixed_fn is None:  # no adapters: every sample is "__base__"
+            mixed_fn = self._mixed_fn(signature)
+            if mixed_fn is None:  # no adapters: every sample is "__base__"
                 flat = signature.fn(self, *flat_inputs)
             else:
-                flat = signature.mixed_fn(self, index, *flat_inputs)
+                flat = mixed_fn(self, index, *flat_inputs)
         return capture_mod.unflatten_output(list(flat), signature.out_spec)
+
+    @staticmethod
+    def _mixed_fn(signature: Signature) -> Optional[Callable]:
+        if signature.mixed_error is not None:
+            raise NotImplementedError(str(signature.mixed_error)) from signature.mixed_error
+        return signature.mixed_fn
 
     def _adapter_index(self, adapter_names, batch_input: torch.Tensor) -> torch.Tensor:
         """Per-sample adapter indices into ``peft_config`` order (its length means: no adapter)."""
         if isinstance(adapter_names, torch.Tensor):  # from fxpeft.adapter_indices: no Python values to specialise on
+            if adapter_names.dtype != torch.long:
+                raise ValueError(f"adapter_names as a tensor must be int64 indices from fxpeft.adapter_indices, "
+                                 f"got {adapter_names.dtype}.")
             if adapter_names.shape != (batch_input.shape[0],):
                 raise ValueError(f"adapter_names has shape {tuple(adapter_names.shape)} but the batch has "
                                  f"{batch_input.shape[0]} samples: build it with fxpeft.adapter_indices(gm, names).")

@@ -123,23 +123,21 @@ def _per_sample_copies(lw: Lowering, path: str, adapters: list[str]) -> None:
     picked = dict(zip(outputs, outputs))
     with lw.graph.inserting_before(region[-1].next):
         for adapter in [a for a in lw.adapter_order if a in adapters]:
-            copies: dict[torch.fx.Node, torch.fx.Node] = {}
             prefix = f"{path}.modules_to_save.{adapter}."
-
-            def read(arg: torch.fx.Node) -> torch.fx.Node:
-                if arg not in copies and arg.op == "get_attr" and arg.target.startswith(path + ".") \
-                        and ".modules_to_save." not in arg.target:
-                    copies[arg] = lw.attr(prefix + arg.target[len(path) + 1:])
-                return copies.get(arg, arg)
-
-            for node in region:
-                copies[node] = lw._tagged(lw.graph.node_copy(node, read))
+            copies = {arg: lw.attr(prefix + arg.target[len(path) + 1:])  # the copy's tensors ...
+                      for node in region for arg in node.all_input_nodes
+                      if arg.op == "get_attr" and arg.target.startswith(path + ".")}
+            for node in region:  # ... read by the module's nodes, copied in order
+                copies[node] = lw.copy(node, copies)
             slot = lw.adapter_order.index(adapter)
             for out in outputs:
                 picked[out] = lw.call(keep_samples, lw.sample_index, slot, copies[out], picked[out])
     for out in outputs:
         for user in outside_users[out]:
             user.replace_input_with(out, picked[out])
+    for site in lw.sites:  # later site rewrites (LoRA after the saved module) read what their op reads
+        if site.node not in inside and site.input in picked:
+            site.input = picked[site.input]
 
 
 def keep_samples(index: torch.Tensor, slot: int, chosen: torch.Tensor, other: torch.Tensor) -> torch.Tensor:

@@ -186,6 +186,11 @@ def resolve_prefix_config(gm, sites, config: PrefixTuningConfig) -> PrefixTuning
     _, layers, heads, head_dim = prefix_layout(_primary_lowering(gm))
     found = {"num_layers": layers, "num_attention_heads": heads, "token_dim": heads * head_dim}
     if _decoder_path(gm) is not None:  # PEFT's seq2seq cache: self- and cross-attention parts
+        if config.task_type != "SEQ_2_SEQ_LM":  # PEFT lays other tasks' tables out differently
+            raise NotImplementedError(
+                f"Prefix tuning on encoder-decoder models needs task_type='SEQ_2_SEQ_LM' (PEFT's seq2seq table "
+                f"layout), got {config.task_type!r}: other task types lay the table out differently and are not "
+                "implemented. Set task_type='SEQ_2_SEQ_LM', or use PromptTuningConfig.")
         found["num_transformer_submodules"] = 2
     stated = {k: getattr(config, k) for k in found if getattr(config, k) is not None}
     wrong = {k: (v, found[k]) for k, v in stated.items() if v != found[k]}

@@ -9,7 +9,8 @@ Rewrite (phase 20), once per graph, while the adapter is active:
       (positions, masks, cache positions) counts the virtual tokens;
     - the token embedding's output: its first rows replaced by the prompt (the encoder's output);
     - inputs along the sequence, by name (PEFT's choices): ``attention_mask`` gets ones,
-      ``token_type_ids`` zeros, causal-LM ``labels`` -100.
+      ``token_type_ids`` zeros, causal-LM ``labels`` -100, and ``position_ids`` become 0..n+S-1
+      (reached only in graphs that cannot be called without them: symbolic traces).
     Outputs keep the virtual positions, as PEFT's do (causal-LM logits are n+S long).
 Inputs PEFT drops (``dropped_inputs``; the dispatcher calls the model without them): ``position_ids``,
 and ``token_type_ids`` for generative tasks.
@@ -228,6 +229,13 @@ def with_virtual_positions(value: torch.Tensor, count: int, fill):
     return torch.cat([value.new_full((value.shape[0], count, *value.shape[2:]), fill), value], dim=1)
 
 
+def restarted_positions(position_ids: torch.Tensor, count: int):
+    """Positions 0..n+S-1 over the virtual and real tokens: for graphs that take position ids as
+    an input they cannot be called without (symbolic traces of custom models)."""
+    positions = torch.arange(position_ids.shape[-1] + count, device=position_ids.device, dtype=position_ids.dtype)
+    return positions.expand(position_ids.shape[0], -1)
+
+
 def with_prompt(embeds: torch.Tensor, prompt: torch.Tensor, count: int):
     """The embeddings of the extended ids with the virtual positions replaced by the prompt."""
     prompt = prompt[:count].to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
@@ -239,6 +247,7 @@ SEQUENCE_INPUTS = {
     "attention_mask": lambda task: (with_virtual_positions, 1),
     "token_type_ids": lambda task: (with_virtual_positions, 0),
     "labels": lambda task: (with_virtual_positions, -100) if task == "CAUSAL_LM" else None,
+    "position_ids": lambda task: (restarted_positions,),  # reached only where the dispatcher cannot drop them
 }
 
 # PEFT's ``_adjust_prompt_learning_kwargs``: generative tasks are called without token_type_ids under

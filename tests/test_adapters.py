@@ -210,6 +210,41 @@ def test_mixed_batch_with_modules_to_save_matches_peft(name, saved):
     with torch.no_grad():
         expected = reference(**inputs, adapter_names=names).logits
         torch.testing.assert_close(gm(**inputs, adapter_names=names).logits, expected, rtol=1e-5, atol=1e-5)
-        reference.set_adapter("a")
+        reference.set_adapter("b")
+        fxpeft.set_adapter(gm, "b")
         single = reference(**inputs).logits  # the dense graph still reads the active copy
         torch.testing.assert_close(gm(**inputs).logits, single, rtol=1e-5, atol=1e-5)
+
+
+class _SavedThenAdapted(torch.nn.Module):
+    """A saved module (``norm``) whose output feeds a LoRA site (``fc``); ``shared`` runs twice,
+    with other code between."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.norm, self.fc, self.out = (torch.nn.Linear(8, 8) for _ in range(4))
+        self.shared = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.out(self.fc(self.norm(self.shared(self.inp(self.shared(x))))))
+
+
+def test_mixed_batch_lora_after_a_saved_module_and_a_module_called_twice():
+    model = _SavedThenAdapted().eval()
+    configs = {n: dict(r=2, lora_alpha=4, target_modules=["fc"], modules_to_save=["norm"], init_lora_weights=False)
+               for n in ("a", "b")}
+    reference, gm = _pair(model, configs)
+    copies = dict(gm.named_parameters())
+    with torch.no_grad():
+        for key, param in reference.named_parameters():
+            if "modules_to_save" in key:
+                param.add_(torch.randn_like(param))
+                copies[key.removeprefix("base_model.model.")].copy_(param)
+        x = torch.randn(4, 8)
+        names = ["a", "b", "__base__", "a"]
+        torch.testing.assert_close(gm(x, adapter_names=names), reference(x, adapter_names=names))
+    # a saved module called twice: no mixed graph, but the model still transforms and runs
+    twice = fxpeft.transform(model, fxpeft.LoraConfig(r=2, target_modules=["fc"], modules_to_save=["shared"]))
+    assert twice(x).shape == (4, 8)
+    with pytest.raises(NotImplementedError, match="'shared'.*runs more than once"):
+        twice(x, adapter_names=["default"] * 4)

@@ -137,6 +137,8 @@ def test_bad_input_gets_clear_errors():
                                          r"\(1, 2\)"):  # a decoder-only layout
         fxpeft.transform(t5, fxpeft.PrefixTuningConfig(num_virtual_tokens=2, task_type="SEQ_2_SEQ_LM", num_layers=5,
                                                        num_transformer_submodules=1))
+    with pytest.raises(NotImplementedError, match="needs task_type='SEQ_2_SEQ_LM'"):
+        fxpeft.transform(t5, fxpeft.PrefixTuningConfig(num_virtual_tokens=2, task_type="FEATURE_EXTRACTION"))
     deeper_decoder = models.t5()
     deeper_decoder.config.num_layers = 1  # PEFT sizes the table by config.num_layers: 1 layer for 2 decoder layers
     with pytest.raises(ValueError, match="decoder has 2 self-attentions"):

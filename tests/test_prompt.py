@@ -136,6 +136,26 @@ def test_custom_decoder_formula_causality_and_training(config):
     assert all(not p.requires_grad for n, p in gm.named_parameters() if not n.startswith("prompt_encoder."))
 
 
+class _PositionsAsInput(torch.nn.Module):
+    """A custom model that cannot be called without position ids."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.pos, self.out = torch.nn.Embedding(20, 8), torch.nn.Embedding(32, 8), torch.nn.Linear(8, 20)
+
+    def forward(self, input_ids, position_ids):
+        return self.out(self.embed(input_ids) + self.pos(position_ids))
+
+
+def test_custom_model_with_position_ids_input_gets_positions_over_the_virtual_tokens():
+    model = _PositionsAsInput()
+    gm = fxpeft.transform(model, fxpeft.PromptTuningConfig(num_virtual_tokens=3))
+    ids = torch.randint(0, 20, (2, 5))
+    embeds = torch.cat([gm.prompt_encoder.default().unsqueeze(0).expand(2, -1, -1), model.embed(ids)], dim=1)
+    expected = model.out(embeds + model.pos(torch.arange(8)))
+    torch.testing.assert_close(gm(ids, torch.arange(5).expand(2, -1)), expected)
+
+
 def test_initialisation_from_vocabulary_and_text():
     model = models.TinyDecoder().eval()
     table = model.embed.weight
