@@ -120,6 +120,22 @@ def test_zero_init_leaves_real_tokens_attending_to_zero_values():
     torch.testing.assert_close(gm(ids), _decoder_with_prefixes(model, torch.zeros(2, 2 * 2 * 32), ids, 2))
 
 
+def test_opt_real_tokens_match_peft():
+    """OPT derives positions from the mask: real tokens equal PEFT's; left-padded positions differ
+    (PEFT keeps them at -1, fxpeft shifts every position — README, "Not yet")."""
+    model = models.opt().eval()
+    reference = peft.get_peft_model(copy.deepcopy(model), peft.PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=3)).eval()
+    gm = fxpeft.transform(model, fxpeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)).eval()
+    inputs = models.hf_inputs("opt", batch=2, seq=7)  # left padding on the first row
+    real = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        gm.prompt_encoder.default.embedding.weight.copy_(reference.prompt_encoder.default.embedding.weight)
+        got, expected = gm(**inputs).logits, reference(**inputs).logits
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
+    assert (got[real] - model(**inputs).logits[real]).abs().max() > 1e-3  # the prefixes act
+
+
 def test_bad_input_gets_clear_errors():
     with pytest.raises(ValueError, match="num_virtual_tokens must be a positive integer"):
         fxpeft.PrefixTuningConfig(num_virtual_tokens=0)
