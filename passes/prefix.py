@@ -17,7 +17,9 @@ and are repeated like the keys:
                       positions there, computed by replaying the model's own bias code
     is_causal=True -> an explicit mask: prefix visible, causal among the real tokens
     positions      -> + n where the model computes them (rotary embeddings, learned absolute
-                      position embeddings), as PEFT's cache of n past tokens makes them.
+                      position embeddings), as PEFT's cache of n past tokens makes them; positions
+                      derived from the attention mask (OPT) move only where the mask is 1, as
+                      they do from PEFT's mask with n ones in front.
 Generative tasks are called without ``token_type_ids``, as PEFT calls them (``dropped_inputs``).
 Checkpoint: ``prompt_embeddings``, the (projected) prefixes (PEFT's format).
 """
@@ -47,6 +49,7 @@ PROJECTION_LAYOUT = HEAD_REARRANGING | {aten.transpose.int, aten.permute.default
 # learned absolute position embeddings (GPT-2, BERT, OPT-like names); rotary modules are found by class
 POSITION_EMBEDDINGS = ("wpe", "position_embeddings", "embed_positions")
 ROTARY_CLASS = "RotaryEmbedding"
+MASK_INPUTS = ("attention_mask", "decoder_attention_mask")  # positions derived from these skip padding
 # A relative position bias (T5's) is an embedding looked up at buckets of (key − query) positions,
 # then laid out as (…, heads, queries, keys): the subtraction and the layout ops after the lookup.
 RELATIVE_POSITIONS = aten.sub.Tensor
@@ -272,6 +275,12 @@ def shifted_positions(positions: torch.Tensor, count: int):
     return positions + count
 
 
+def shifted_real_positions(positions: torch.Tensor, mask: torch.Tensor, count: int):
+    """Positions the model derives from the attention mask (OPT's cumsum), as it derives them from
+    PEFT's mask with n ones in front: real tokens move by n, padding keeps its position."""
+    return positions + count * (mask != 0).to(positions.dtype)
+
+
 def _ancestors(node: torch.fx.Node, sizes: bool = True) -> set:
     """The nodes ``node`` is computed from; ``sizes=False`` leaves out those only its sizes come from
     (masks take their shape from the token embeddings' output in some models)."""
@@ -349,9 +358,14 @@ def rewrite(lw: Lowering, adapter: str) -> None:
     if layers != config.num_layers:
         raise ValueError(f"Adapter {adapter!r} has prefixes for {config.num_layers} attention layers but this call's "
                          f"graph has {layers}.")
+    masks = [n for n in lw.graph.nodes if n.op == "placeholder" and n.target in MASK_INPUTS]
     for consumer, positions in _position_inputs(lw):
+        above = _ancestors(positions, sizes=False)
+        mask = next((m for m in masks if m in above and _shape(m) == _shape(positions)), None)
         with lw.graph.inserting_before(consumer):
-            consumer.replace_input_with(positions, lw.call(shifted_positions, positions, count))
+            shifted = (lw.call(shifted_positions, positions, count) if mask is None
+                       else lw.call(shifted_real_positions, positions, mask, count))
+            consumer.replace_input_with(positions, shifted)
     with lw.graph.inserting_before(attentions[0]):
         prefixes = lw.call_module(f"prompt_encoder.{adapter}")
         table = lw.call(prefix_layers, prefixes, layers, heads, head_dim)

@@ -120,20 +120,19 @@ def test_zero_init_leaves_real_tokens_attending_to_zero_values():
     torch.testing.assert_close(gm(ids), _decoder_with_prefixes(model, torch.zeros(2, 2 * 2 * 32), ids, 2))
 
 
-def test_opt_real_tokens_match_peft():
-    """OPT derives positions from the mask: real tokens equal PEFT's; left-padded positions differ
-    (PEFT keeps them at -1, fxpeft shifts every position — README, "Not yet")."""
+def test_opt_positions_from_the_mask_match_peft():
+    """OPT derives positions from the mask: PEFT's mask with n ones in front moves real tokens by n
+    and leaves left padding where it was."""
     model = models.opt().eval()
     reference = peft.get_peft_model(copy.deepcopy(model), peft.PrefixTuningConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=3)).eval()
     gm = fxpeft.transform(model, fxpeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)).eval()
     inputs = models.hf_inputs("opt", batch=2, seq=7)  # left padding on the first row
-    real = inputs["attention_mask"].bool()
     with torch.no_grad():
         gm.prompt_encoder.default.embedding.weight.copy_(reference.prompt_encoder.default.embedding.weight)
         got, expected = gm(**inputs).logits, reference(**inputs).logits
-    torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
-    assert (got[real] - model(**inputs).logits[real]).abs().max() > 1e-3  # the prefixes act
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (got - model(**inputs).logits).abs().max() > 1e-3  # the prefixes act
 
 
 def test_bad_input_gets_clear_errors():
