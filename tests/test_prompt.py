@@ -261,3 +261,22 @@ def test_compiled_lstm_p_tuning_matches_eager_and_trains(_fresh_dynamo):
     assert any("lstm_head" in n for n in eager_grads)
     for name, grad in eager_grads.items():
         torch.testing.assert_close(gm.get_parameter(name).grad, grad, rtol=1e-5, atol=1e-6)
+
+
+def test_written_out_lstm_equals_nn_lstm_over_layers_with_gradients():
+    from fxpeft.passes.prompt import BidirectionalLSTM
+
+    torch.manual_seed(0)
+    ours = BidirectionalLSTM(6, 5, layers=3, dropout=0.0)
+    reference = torch.nn.LSTM(6, 5, num_layers=3, bidirectional=True, batch_first=True)
+    reference.load_state_dict(ours.state_dict())  # nn.LSTM's own parameter names
+    steps = torch.randn(7, 6, requires_grad=True)
+    got, expected = ours(steps), reference(steps.unsqueeze(0))[0][0]
+    torch.testing.assert_close(got, expected)
+    got.square().sum().backward()
+    ours_grads = {n: p.grad.clone() for n, p in ours.named_parameters()} | {"input": steps.grad.clone()}
+    steps.grad = None
+    expected.square().sum().backward()
+    expected_grads = {n: p.grad for n, p in reference.named_parameters()} | {"input": steps.grad}
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(ours_grads[name], grad, msg=name)
