@@ -141,8 +141,9 @@ class PeftGraphModule(GraphModule):
         dropped = set()
         for name in self._fxpeft_active:
             config = self.peft_config.get(name)
-            if config is not None and method_for(config).dropped_inputs is not None:
-                dropped |= method_for(config).dropped_inputs(config)
+            method = method_for(config) if config is not None else None
+            if method is not None and method.dropped_inputs is not None:
+                dropped |= method.dropped_inputs(config)
         return frozenset(dropped)
 
     def sync_gates(self) -> None:
@@ -203,14 +204,8 @@ class PeftGraphModule(GraphModule):
         signatures = self._fxpeft_signatures
         if self._fxpeft_primary is None:  # symbolic trace: the graph takes the original arguments
             adapter_names = kwargs.pop("adapter_names", None)
-            signature = signatures[None]
-            if adapter_names is None:
-                return signature.fn(self, *args, **kwargs)
-            index = self._adapter_index(adapter_names, args[0] if args else next(iter(kwargs.values())))
-            mixed_fn = self._mixed_fn(signature)
-            if mixed_fn is None:  # no adapters: every sample is "__base__"
-                return signature.fn(self, *args, **kwargs)
-            return mixed_fn(self, index, *args, **kwargs)
+            batch_input = None if adapter_names is None else (args[0] if args else next(iter(kwargs.values())))
+            return self._run(signatures[None], adapter_names, batch_input, *args, **kwargs)
         for name, value in zip(self._fxpeft_arg_names, args):
             if name in kwargs:
                 raise TypeError(f"forward() got multiple values for argument {name!r}")
@@ -230,23 +225,20 @@ class PeftGraphModule(GraphModule):
                     "example_inputs to fxpeft.transform), then compile."
                 )
             signature = self._capture_signature(kwargs, key)
-        flat_inputs = capture_mod.flatten_call(kwargs, signature.in_spec)
-        if adapter_names is None:
-            flat = signature.fn(self, *flat_inputs)
-        else:
-            index = self._adapter_index(adapter_names, next(v for v in kwargs.values() if isinstance(v, torch.Tensor)))
-            mixed_fn = self._mixed_fn(signature)
-            if mixed_fn is None:  # no adapters: every sample is "__base__"
-                flat = signature.fn(self, *flat_inputs)
-            else:
-                flat = mixed_fn(self, index, *flat_inputs)
+        batch_input = None if adapter_names is None else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+        flat = self._run(signature, adapter_names, batch_input, *capture_mod.flatten_call(kwargs, signature.in_spec))
         return capture_mod.unflatten_output(list(flat), signature.out_spec)
 
-    @staticmethod
-    def _mixed_fn(signature: Signature) -> Optional[Callable]:
+    def _run(self, signature: Signature, adapter_names, batch_input, *args, **kwargs):
+        """The signature's dense graph, or its mixed graph with per-sample adapter indices."""
+        if adapter_names is None:
+            return signature.fn(self, *args, **kwargs)
+        index = self._adapter_index(adapter_names, batch_input)
         if signature.mixed_error is not None:
             raise NotImplementedError(str(signature.mixed_error)) from signature.mixed_error
-        return signature.mixed_fn
+        if signature.mixed_fn is None:  # no adapters: every sample is "__base__"
+            return signature.fn(self, *args, **kwargs)
+        return signature.mixed_fn(self, index, *args, **kwargs)
 
     def _adapter_index(self, adapter_names, batch_input: torch.Tensor) -> torch.Tensor:
         """Per-sample adapter indices into ``peft_config`` order (its length means: no adapter)."""
