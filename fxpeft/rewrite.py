@@ -172,6 +172,15 @@ def register_method(method: Method) -> Method:
 TREE_PASSES: list[Callable] = []
 
 
+def samples_of(index: torch.Tensor, slot: int, like: torch.Tensor) -> torch.Tensor:
+    """Mixed graphs: a bool mask, broadcastable to ``like``, of the rows whose sample's adapter is
+    ``slot`` (rows may be the batch flattened with a later dimension, batch first)."""
+    keep = index == slot
+    if like.shape[0] != keep.shape[0]:
+        keep = keep.repeat_interleave(like.shape[0] // keep.shape[0])
+    return keep.view(-1, *([1] * (like.dim() - 1)))
+
+
 def is_adapter_state(path: str) -> bool:
     """Whether a module path lies inside some adapter's state (``...q_proj.lora_A.default``)."""
     containers = {"modules_to_save", *(c for method in METHODS.values() for c in method.containers)}

@@ -21,7 +21,8 @@ from torch import nn
 
 from fxpeft.canonical import LINEAR_LAYER_TYPES, Site, site_weight, submodule
 from fxpeft.configs import DEFAULT_LORA_TARGETS, SEQ_CLS_HEAD_NAMES, LoraConfig
-from fxpeft.rewrite import Lowering, Method, is_adapter_state, register_method, register_rule, site_rule
+from fxpeft.rewrite import (Lowering, Method, is_adapter_state, register_method, register_rule, samples_of,
+                            site_rule)
 from fxpeft.targets import is_targeted, pattern_value, unmatched_target_error
 
 aten = torch.ops.aten
@@ -316,11 +317,7 @@ def lora_mixed_embedding(ids, index, a_stack, b_t_stack, padding_idx: int = -1):
 
 def lora_mixed_masked(delta, index, slot: int):
     """Conv sites: an adapter's full delta, kept only for the samples that asked for it."""
-    keep = (index == slot).to(delta.dtype)
-    rows = delta.shape[0]
-    if rows != keep.shape[0]:
-        keep = keep.repeat_interleave(rows // keep.shape[0])
-    return delta * keep.view(rows, *([1] * (delta.dim() - 1)))
+    return delta * samples_of(index, slot, delta).to(delta.dtype)
 
 
 def _stacks(lw: Lowering, site: Site, module: nn.Module):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fxpeft.configs import SEQ_CLS_HEAD_NAMES
-from fxpeft.rewrite import Lowering, Rule, is_adapter_state, register_rule
+from fxpeft.rewrite import Lowering, Rule, is_adapter_state, register_rule, samples_of
 from fxpeft.targets import saved_module_paths
 
 
@@ -141,12 +141,8 @@ def _per_sample_copies(lw: Lowering, path: str, adapters: list[str]) -> None:
 
 
 def keep_samples(index: torch.Tensor, slot: int, chosen: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """``chosen`` for the samples whose adapter is ``slot``, else ``other`` (rows may be the batch
-    flattened with another dimension)."""
-    keep = index == slot
-    if chosen.shape[0] != keep.shape[0]:
-        keep = keep.repeat_interleave(chosen.shape[0] // keep.shape[0])
-    return torch.where(keep.view(-1, *([1] * (chosen.dim() - 1))), chosen, other)
+    """``chosen`` for the samples whose adapter is ``slot``, else ``other``."""
+    return torch.where(samples_of(index, slot, chosen), chosen, other)
 
 
 register_rule(Rule(name="modules_to_save", match=match, rewrite=rewrite, phase=10))
