@@ -1,6 +1,7 @@
 """QLoRA with fxpeft: quantize the frozen base to 4 bits (nf4, double-quantized statistics),
 train LoRA adapters on top, compile the whole graph without graph breaks, save the adapter
 in PEFT's format and fold it into float weights for deployment. Offline, CPU, under a minute.
+Needs the bnb extra: pip install -e ".[bnb]".
 """
 import tempfile
 

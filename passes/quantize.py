@@ -50,10 +50,13 @@ except ImportError:  # pragma: no cover - transformers is a dependency
 
 
 def _bnb():
+    # an optional dependency (43 MB that most users never need): the `bnb` extra installs it
     try:
         import bitsandbytes
-    except ImportError as error:  # pragma: no cover - bitsandbytes is a dependency
-        raise ImportError("BnbConfig needs bitsandbytes: pip install 'bitsandbytes>=0.45'.") from error
+    except ImportError as error:
+        raise ImportError("Quantization (BnbConfig, or a model quantized by bitsandbytes) needs the bitsandbytes "
+                          "package, which fxpeft installs only with its bnb extra: pip install 'fxpeft[bnb]' "
+                          "(or pip install 'bitsandbytes>=0.45').") from error
     return bitsandbytes
 
 
@@ -418,6 +421,8 @@ def quantize_tree(tree: nn.Module, configs) -> None:
                    for c in configs if isinstance(c, CONFIG_TYPES)]
     if len(bnb_configs) > 1:
         raise ValueError("Several BnbConfigs given; a model is quantized once: pass one.")
+    if bnb_configs:
+        _bnb()  # missing: say so before any work
     adopted = 0
     if any(type(m).__module__.startswith("bitsandbytes") for m in tree.modules()):
         adopted = _replace_children(tree, lambda path, child: _adopt(child))

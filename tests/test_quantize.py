@@ -3,6 +3,7 @@ layers and PEFT's QLoRA (prepare_model_for_kbit_training + get_peft_model on a m
 transformers quantized)."""
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import bitsandbytes as bnb
@@ -274,8 +275,22 @@ def test_bitsandbytes_missing_says_how_to_install(monkeypatch):
     model = TwoLayers()
     config = fxpeft.BnbConfig(load_in_4bit=True)
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
-    with pytest.raises(ImportError, match="pip install"):
+    with pytest.raises(ImportError, match=r"pip install 'fxpeft\[bnb\]'"):
         fxpeft.transform(model, [config])
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_fxpeft_imports_and_adapts_without_bitsandbytes():
+    """bitsandbytes is the optional `bnb` extra: nothing but quantization may need it."""
+    code = ("import sys; sys.modules['bitsandbytes'] = None\n"
+            "import torch, fxpeft\n"
+            "model = torch.nn.Sequential(torch.nn.Linear(4, 4))\n"
+            "gm = fxpeft.transform(model, fxpeft.LoraConfig(target_modules=['0']))\n"
+            "assert 'bitsandbytes' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+            "print(gm(torch.randn(2, 4)).shape)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "torch.Size([2, 4])" in done.stdout
 
 
 def test_quantization_is_not_an_adapter():
