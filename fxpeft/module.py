@@ -7,13 +7,22 @@
   adapter parameters sit beside the module they adapt;
 - one :class:`Signature` per call signature (a set of keyword names): its canonical graph
   and its lowered graph. ``self.graph`` is the first signature's lowered graph;
-- ``forward``, a small dispatcher: it binds the call to keyword names, picks the signature's
-  compiled graph (capturing it on first use: a causal LM called with ``labels``, say), and
-  unflattens the output into the original output type.
+- ``forward``, a small dispatcher with the model's own signature: it binds the call to keyword
+  names, picks the signature's compiled graph (capturing it on first use: a causal LM called
+  with ``labels``, say), and unflattens the output into the original output type.
+
+Each result has a class of its own (:func:`result_class`): PeftGraphModule, then, for a
+transformers model, that model's class, so tools that read the class (Trainer's label and
+column detection, ``save_pretrained`` dispatch, accelerate's ``_no_split_modules``) treat the
+result as they treat the model. PEFT's methods (``save_pretrained``, ``merge_and_unload`` …)
+come first, from :class:`~fxpeft.peft_methods.PeftModelMethods`.
 """
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -24,6 +33,7 @@ from torch.fx.graph_module import GraphModule, _forward_from_src
 
 from . import capture as capture_mod
 from .canonical import canonicalize
+from .peft_methods import PeftModelMethods
 from .rewrite import TREE_PASSES, lower, method_for
 
 # fxpeft graphs never return a KV cache: a caller's use_cache is replaced by use_cache=False
@@ -92,12 +102,57 @@ def register_extras(root: nn.Module, extras: dict) -> None:
             setattr(root, name, value)
 
 
-class PeftGraphModule(GraphModule):
+def _signed_forward(source: type) -> Callable:
+    """The result's forward: the dispatcher behind the source class's forward signature (names,
+    defaults, annotations), plus PEFT's ``adapter_names`` where the model takes no ``**kwargs``."""
+
+    def forward(self, *args, **kwargs):
+        return self._dispatch(*args, **kwargs)
+
+    signature = inspect.signature(source.forward)
+    params = list(signature.parameters.values())
+    if "adapter_names" not in signature.parameters and not any(p.kind is p.VAR_KEYWORD for p in params):
+        params.append(inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None))
+    forward.__signature__ = signature.replace(parameters=params)
+    forward.__doc__ = source.forward.__doc__
+    return forward
+
+
+@functools.lru_cache(maxsize=None)
+def _model_class(source: type) -> type:
+    """``source`` (a transformers model class) without its ``__init__``: a base that lends the
+    result its class attributes and methods while the result's state stays its own."""
+    return type(source.__name__, (source,), {"__init__": lambda self, *args, **kwargs: nn.Module.__init__(self),
+                                             "__module__": source.__module__})
+
+
+def result_class(tree: nn.Module) -> type:
+    """The class of one result: PeftGraphModule behind the model's forward signature and, for a
+    transformers model, in front of the model's own class."""
+    source = type(tree)
+    bases = (PeftGraphModule,) + ((_model_class(source),) if capture_mod.is_transformers_model(tree) else ())
+    forward = _signed_forward(source)
+    return type(f"Fxpeft{source.__name__}", bases, {"forward": forward, "_fxpeft_forward": forward,
+                                                    "_fxpeft_result_class": True})
+
+
+class PeftGraphModule(PeftModelMethods, GraphModule):
     """A GraphModule whose forward accepts every call the original model accepted."""
+
+    def __new__(cls, *args, **kwargs):
+        # GraphModule makes a class per instance (recompile sets class attributes); ours also carries
+        # the model's signature and class. A copy (deepcopy) shares its original's result class.
+        if "_fxpeft_result_class" in vars(cls):
+            return object.__new__(cls)
+        tree = args[0] if args else kwargs["tree"]
+        return object.__new__(result_class(tree))
 
     def __init__(self, tree: nn.Module, signatures: dict, primary_key, source: nn.Module, arg_names: list[str]):
         primary = signatures[primary_key]
-        GraphModule.__init__(self, tree, copy.deepcopy(primary.canonical))
+        GraphModule.__init__(self, tree, copy.deepcopy(primary.canonical), class_name=type(self).__name__)
+        # what the model holds besides modules and tensors (config, generation_config, name_or_path …)
+        for name, value in tree.__dict__.items():
+            self.__dict__.setdefault(name, value)
         # take the whole tree, not only what the first graph references (frozen copies, all adapters)
         self._modules = tree._modules
         self._parameters = tree._parameters
@@ -112,6 +167,9 @@ class PeftGraphModule(GraphModule):
         self.__dict__["_fxpeft_no_cache"] = "use_cache" in arg_names and primary_key is not None
         self.__dict__["peft_config"] = {}
         self.__dict__["_fxpeft_active"] = []
+        # capture swaps fake tensors into the modules it traces and flips their modes: one at a time,
+        # and on a clone of the tree, so that calls running in other threads never see either
+        self.__dict__["_fxpeft_capture_lock"] = threading.Lock()
         self.train(tree.training)
         self.relower()
 
@@ -169,11 +227,40 @@ class PeftGraphModule(GraphModule):
 
     def recompile(self):
         python_code = super().recompile()
-        type(self).forward = PeftGraphModule._dispatch  # the generated code serves self.code / print only
+        cls = type(self)
+        cls.forward = cls._fxpeft_forward  # the generated code serves self.code / print only
+        cls.__call__ = PeftGraphModule.__call__  # GraphModule.recompile installs its own
         return python_code
 
+    @torch.compiler.disable(recursive=False)
+    def __call__(self, *args, **kwargs):
+        """Captures a call signature seen for the first time eagerly, before a compiled forward
+        traces the dispatcher: torch.compile(gm) then works from the very first call."""
+        self._ensure_signature(args, kwargs)
+        return nn.Module.__call__(self, *args, **kwargs)
+
+    @torch.compiler.disable(reason="fxpeft captures a call signature it has not seen yet (torch.export); call "
+                                   "the module once with these arguments before compiling code that calls it")
+    def _ensure_signature(self, args, kwargs) -> None:
+        if self._fxpeft_primary is not None:
+            call, _ = self._bind(args, dict(kwargs))
+            self._signature(call)
+
+    def _signature(self, call: dict) -> Signature:
+        key = capture_mod.signature_key(call)
+        signature = self._fxpeft_signatures.get(key)
+        if signature is None:
+            if torch.compiler.is_compiling():
+                raise RuntimeError(
+                    f"This module has no graph yet for a call with {list(key)}, and torch.compile cannot capture "
+                    "one inside a compiled region: call the compiled module itself (torch.compile(gm)), or call "
+                    "the module once with these arguments before compiling.")
+            with self._fxpeft_capture_lock:
+                signature = self._fxpeft_signatures.get(key) or self._capture_signature(call, key)
+        return signature
+
     def _capture_signature(self, kwargs: dict, key, index: Optional[int] = None, widen: bool = True) -> Signature:
-        captured = capture_mod.export_call(self._fxpeft_source, kwargs, widen=widen)
+        captured = capture_mod.export_call(clone_tree(self._fxpeft_source), kwargs, widen=widen)
         index = len(self._fxpeft_signatures) if index is None else index
         signature = canonical_signature(captured, self._fxpeft_source, self, index)
         self._lower_signature(signature)
@@ -200,12 +287,8 @@ class PeftGraphModule(GraphModule):
         return (next(iter(devices)) if len(devices) == 1 else tuple(sorted(map(str, devices))),
                 next(iter(dtypes)) if len(dtypes) == 1 else tuple(sorted(map(str, dtypes))))
 
-    def _dispatch(self, *args, **kwargs):
-        signatures = self._fxpeft_signatures
-        if self._fxpeft_primary is None:  # symbolic trace: the graph takes the original arguments
-            adapter_names = kwargs.pop("adapter_names", None)
-            batch_input = None if adapter_names is None else (args[0] if args else next(iter(kwargs.values())))
-            return self._run(signatures[None], adapter_names, batch_input, *args, **kwargs)
+    def _bind(self, args, kwargs: dict) -> tuple[dict, Any]:
+        """An exported graph's call as the keyword inputs it takes, and ``adapter_names``."""
         for name, value in zip(self._fxpeft_arg_names, args):
             if name in kwargs:
                 raise TypeError(f"forward() got multiple values for argument {name!r}")
@@ -215,16 +298,15 @@ class PeftGraphModule(GraphModule):
                   if v is not None and k not in IGNORED_KWARGS and k not in self._fxpeft_dropped}
         if self._fxpeft_no_cache:
             kwargs["use_cache"] = False
-        key = capture_mod.signature_key(kwargs)
-        signature = signatures.get(key)
-        if signature is None:
-            if torch.compiler.is_compiling():
-                raise RuntimeError(
-                    f"This module has no graph yet for a call with {list(key)}; torch.compile cannot capture one. "
-                    "Call the module once without torch.compile with these arguments (or pass them as "
-                    "example_inputs to fxpeft.transform), then compile."
-                )
-            signature = self._capture_signature(kwargs, key)
+        return kwargs, adapter_names
+
+    def _dispatch(self, *args, **kwargs):
+        if self._fxpeft_primary is None:  # symbolic trace: the graph takes the original arguments
+            adapter_names = kwargs.pop("adapter_names", None)
+            batch_input = None if adapter_names is None else (args[0] if args else next(iter(kwargs.values())))
+            return self._run(self._fxpeft_signatures[None], adapter_names, batch_input, *args, **kwargs)
+        kwargs, adapter_names = self._bind(args, kwargs)
+        signature = self._signature(kwargs)
         batch_input = None if adapter_names is None else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
         flat = self._run(signature, adapter_names, batch_input, *capture_mod.flatten_call(kwargs, signature.in_spec))
         return capture_mod.unflatten_output(list(flat), signature.out_spec)
@@ -249,19 +331,24 @@ class PeftGraphModule(GraphModule):
             if adapter_names.shape != (batch_input.shape[0],):
                 raise ValueError(f"adapter_names has shape {tuple(adapter_names.shape)} but the batch has "
                                  f"{batch_input.shape[0]} samples: build it with fxpeft.adapter_indices(gm, names).")
+            if not torch.compiler.is_compiling():  # a value check would break the compiled graph
+                count = len(self.peft_config)
+                if adapter_names.numel() and not 0 <= int(adapter_names.min()) <= int(adapter_names.max()) <= count:
+                    raise ValueError(f"adapter_names holds indices outside 0..{count} (the module has {count} "
+                                     "adapters): build it again with fxpeft.adapter_indices(gm, names).")
             return adapter_names
         from .lifecycle import adapter_indices
         return adapter_indices(self, adapter_names, batch_size=batch_input.shape[0], device=batch_input.device)
-
-    forward = _dispatch
 
     # ------------------------------------------------------------------ copying
 
     def __deepcopy__(self, memo):
         result = type(self).__new__(type(self))
         memo[id(self)] = result
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_graph", "_fxpeft_signatures")}
+        state = {k: v for k, v in self.__dict__.items()
+                 if k not in ("_graph", "_fxpeft_signatures", "_fxpeft_capture_lock")}
         result.__dict__.update(copy.deepcopy(state, memo))
+        result.__dict__["_fxpeft_capture_lock"] = threading.Lock()
         # canonical graphs are never mutated: share them; lowered graphs are rebuilt for the copy
         result.__dict__["_fxpeft_signatures"] = {key: sig.fresh() for key, sig in self._fxpeft_signatures.items()}
         result.__dict__["_graph"] = torch.fx.Graph()
@@ -281,6 +368,10 @@ class PeftGraphModule(GraphModule):
 def build(model: nn.Module, example_inputs=None, configs=()) -> PeftGraphModule:
     """Capture and canonicalize ``model``; the result has no adapters yet. Tree passes
     (quantization) first change fxpeft's copy of the tree, which is then captured."""
+    if isinstance(model, PeftGraphModule):
+        raise TypeError("This module is already the result of fxpeft.transform: add another adapter with "
+                        "gm.add_adapter(adapter_name, config) (or fxpeft.add_adapter(gm, config, adapter_name)) "
+                        "instead of transforming it again.")
     tree = clone_tree(model)
     for tree_pass in TREE_PASSES:
         tree_pass(tree, configs)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounter
 
 import fxpeft
 import models
@@ -44,10 +45,51 @@ def test_compiled_custom_decoder_across_shapes():
         torch.testing.assert_close(compiled(ids), gm(ids), rtol=1e-5, atol=1e-5)
 
 
-def test_new_signature_inside_compile_gets_clear_error():
+def _compiled_run(module, calls):
+    """Compile ``module`` before its first call, run ``calls`` ((mode, inputs) pairs), and return the
+    losses / logits and how many graphs dynamo compiled (recompiles and graph breaks included; the
+    counting backend runs them eagerly, which keeps this test fast)."""
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(module, dynamic=True, backend=counter)
+    results = []
+    for mode, inputs in calls:
+        module.train(mode == "train")
+        out = compiled(**inputs)
+        results.append(out.loss if "labels" in inputs else out.logits)
+    return results, counter.frame_count
+
+
+def test_first_call_compiled_with_labels_trains_evaluates_and_recompiles_no_more_than_peft():
+    """torch.compile(gm) before any eager call, with labels, in train then eval mode, two lengths."""
+    from peft_oracle import peft_model
+
+    model = models.llama()
+    config = dict(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    gm = fxpeft.transform(model, fxpeft.LoraConfig(**config))
+    reference = peft_model(model, **config)
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            if param.requires_grad:
+                gm.get_parameter(name.removeprefix("base_model.model.")).copy_(param)
+    calls = []
+    for seq in (8, 11):
+        inputs = models.hf_inputs("llama", batch=2, seq=seq)
+        calls.append(("train", dict(inputs, labels=inputs["input_ids"])))
+    calls += [("eval", models.hf_inputs("llama", batch=2, seq=seq)) for seq in (8, 11)]
+    ours, our_frames = _compiled_run(gm, calls)
+    theirs, their_frames = _compiled_run(reference, calls)
+    for got, expected in zip(ours, theirs):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    ours[0].backward()
+    assert gm.model.layers[0].self_attn.q_proj.lora_A.default.weight.grad is not None
+    assert our_frames <= their_frames, (our_frames, their_frames)
+
+
+def test_new_signature_inside_a_compiled_function_gets_clear_error():
+    """Only a compiled *function* that calls the module cannot capture: the message says what to do."""
     model = models.llama().eval()
     gm = fxpeft.transform(model, fxpeft.LoraConfig(r=2, target_modules=["q_proj"]))
-    compiled = torch.compile(gm, fullgraph=True)
-    inputs = models.hf_inputs("llama")
-    with pytest.raises(Exception, match="Call the module once without torch.compile"):
-        compiled(**inputs, labels=inputs["input_ids"])
+    step = torch.compile(lambda batch: gm(**batch, labels=batch["input_ids"]).loss, fullgraph=True)
+    with pytest.raises(Exception, match="call the module once with these arguments before compiling"):
+        step(models.hf_inputs("llama"))

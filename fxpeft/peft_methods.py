@@ -1,0 +1,168 @@
+"""PEFT's ``PeftModel`` methods on fxpeft's result, so that a script written for
+``get_peft_model`` runs unchanged on ``fxpeft.transform``.
+
+Each method is the ``fxpeft`` function of the same name with PEFT's argument order and defaults
+(``add_adapter(adapter_name, peft_config)``, ``save_pretrained(save_directory, …)``); they import
+lazily because the functions live in modules that import the result class.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Sequence, Union
+
+
+class PeftModelMethods:
+    """Mixed into :class:`~fxpeft.module.PeftGraphModule` ahead of the model's own class, so these
+    win over transformers' ``PeftAdapterMixin`` and ``PreTrainedModel.save_pretrained``."""
+
+    # --------------------------------------------------------------- adapters
+
+    def add_adapter(self, adapter_name: str, peft_config, low_cpu_mem_usage: bool = False) -> None:
+        """Add an adapter (PEFT's order: name, then config); it is trainable and not yet active."""
+        from .configs import PeftConfigBase
+        from .lifecycle import add_adapter
+
+        if not isinstance(adapter_name, str) or not isinstance(peft_config, PeftConfigBase):
+            raise TypeError("add_adapter takes (adapter_name, peft_config), PEFT's order; got "
+                            f"({type(adapter_name).__name__}, {type(peft_config).__name__}).")
+        add_adapter(self, peft_config, adapter_name)
+
+    def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False, **kwargs) -> None:
+        """Load a PEFT-format adapter folder under ``adapter_name``. An existing adapter of that name
+        gets the folder's weights in place (what Trainer does to resume from a checkpoint), so an
+        optimizer holding its parameters keeps working."""
+        from .lifecycle import load_adapter
+
+        if adapter_name in self.peft_config:
+            _replace_adapter_weights(self, model_id, adapter_name, is_trainable)
+        else:
+            load_adapter(self, model_id, adapter_name, is_trainable=is_trainable)
+
+    def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
+        from .lifecycle import set_adapter
+
+        set_adapter(self, adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        from .lifecycle import delete_adapter
+
+        delete_adapter(self, adapter_name)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._fxpeft_active)
+
+    @property
+    def active_adapter(self) -> Union[str, list[str]]:
+        """PEFT's: the active adapter's name, or the list when several are active."""
+        active = self.active_adapters
+        return active[0] if len(active) == 1 else active
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """``with model.disable_adapter():`` runs the base model (PEFT's context manager)."""
+        from .lifecycle import disable_adapters
+
+        with disable_adapters(self):
+            yield
+
+    # --------------------------------------------------------------- folding
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        from .merging import merge_adapter
+
+        merge_adapter(self, adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        from .merging import unmerge_adapter
+
+        unmerge_adapter(self)
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Optional[list[str]] = None):
+        from .merging import merge_and_unload
+
+        return merge_and_unload(self, adapter_names, safe_merge=safe_merge)
+
+    def unload(self):
+        from .merging import unload
+
+        return unload(self)
+
+    # --------------------------------------------------------------- saving, counting
+
+    def save_pretrained(self, save_directory: str, safe_serialization: bool = True,
+                        selected_adapters: Optional[list[str]] = None, is_main_process: bool = True,
+                        state_dict: Optional[dict] = None, **kwargs) -> None:
+        """Write the adapters in PEFT's format, never the frozen base: this is also what
+        ``transformers.Trainer`` calls for its checkpoints and ``save_model()``."""
+        from .lifecycle import save_pretrained
+
+        if not is_main_process:
+            return
+        if state_dict is not None:
+            _check_own_tensors(self, state_dict)
+        save_pretrained(self, save_directory, adapter_names=selected_adapters, safe_serialization=safe_serialization)
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        from .lifecycle import trainable_parameters
+
+        return trainable_parameters(self)
+
+    def print_trainable_parameters(self) -> None:
+        from .lifecycle import print_trainable_parameters
+
+        print_trainable_parameters(self)
+
+    # --------------------------------------------------------------- training helpers
+
+    def enable_input_require_grads(self) -> None:
+        """PEFT users call this before reentrant gradient checkpointing with frozen embeddings. fxpeft
+        computes gradients of every adapter without it, so there is nothing to do."""
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None, **kwargs) -> None:
+        raise NotImplementedError(
+            "Gradient checkpointing recomputes the model's blocks (decoder layers) in backward, and this fxpeft "
+            "module is one flat graph without blocks yet, so it cannot. Train without gradient_checkpointing "
+            "(TrainingArguments(gradient_checkpointing=False)) or with a smaller batch.")
+
+    activation_checkpointing_enable = gradient_checkpointing_enable  # transformers 5.24's name
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Nothing to disable: see gradient_checkpointing_enable."""
+
+    activation_checkpointing_disable = gradient_checkpointing_disable
+
+    def generate(self, *args, **kwargs):
+        raise NotImplementedError(
+            "fxpeft modules cannot generate yet (their graphs run without a KV cache). To generate with the "
+            "adapted weights, write them into the original class: fxpeft.export_merged(gm, dir) gives "
+            "model.safetensors, which YourModelClass(config).load_state_dict(...) loads strictly.")
+
+
+def _replace_adapter_weights(gm, directory: str, adapter_name: str, is_trainable: bool) -> None:
+    """The folder's weights into an existing adapter, in place; its trainability stays as it was
+    (fixed when the adapter was added: flipping it would make torch.compile recompile)."""
+    from . import checkpoint
+
+    config = checkpoint.load_config(directory)
+    ours = gm.peft_config[adapter_name]
+    if type(config) is not type(ours):
+        raise ValueError(f"{directory} holds a {type(config).__name__} adapter but {adapter_name!r} is a "
+                         f"{type(ours).__name__}: load it under another name.")
+    weights = checkpoint.load_weights(directory, next(gm.parameters()).device)
+    checkpoint.check_and_copy(gm, adapter_name, weights)
+
+
+def _check_own_tensors(gm, state_dict: dict) -> None:
+    """Trainer passes ``state_dict`` when it gathered sharded weights; fxpeft writes the module's
+    own adapter tensors, which is only right when they are those same values."""
+    import torch
+
+    own = gm.state_dict()
+    for name, value in state_dict.items():
+        mine = own.get(name)
+        if mine is None or mine.shape != value.shape or not torch.equal(mine.cpu(), value.cpu()):
+            raise NotImplementedError(
+                f"save_pretrained(state_dict=...) with tensors that differ from the module's own ({name!r}) is not "
+                "supported yet: save from a module that holds the full weights.")
