@@ -113,9 +113,23 @@ def adapter_key_map(gm, adapter: str, state: dict[str, torch.Tensor]) -> dict[st
 # --------------------------------------------------------------------------- writing
 
 
-def _config_dict(config) -> dict[str, Any]:
+def _config_dict(gm, config) -> dict[str, Any]:
+    """The config as PEFT's ``save_pretrained`` writes it, filling what PEFT fills at save time."""
+    from .passes.modules_to_save import requested_names
+
     data = config.to_dict()
     data["inference_mode"] = True
+    base = gm._fxpeft_source  # fxpeft's copy of the caller's model: same class and attributes
+    if data["base_model_name_or_path"] is None:
+        # AutoPeftModel loads the base from here; transformers' from-config models hold "", no path (PEFT: None)
+        data["base_model_name_or_path"] = base.__dict__.get("name_or_path") or None
+    if "modules_to_save" in data:
+        # PEFT writes the heads a SEQ_CLS task adds; fxpeft adds them when attaching (the same list, without
+        # the duplicates PEFT appends on every wrap), so the file says which copies it holds
+        data["modules_to_save"] = requested_names(config) or data["modules_to_save"]
+    # without a task type, AutoPeftModel finds the base class here (PEFT writes null otherwise)
+    data["auto_mapping"] = None if config.task_type is not None else {
+        "base_model_class": type(base).__name__, "parent_library": type(base).__module__}
     return data
 
 
@@ -152,7 +166,7 @@ def save_adapter(gm, directory: str, adapter: str, safe_serialization: bool = Tr
     method = method_for(gm.peft_config[adapter])
     if method.saved_tensors is not None:
         tensors.update(_unshared(method.saved_tensors(gm, adapter)))
-    config = _config_dict(gm.peft_config[adapter])
+    config = _config_dict(gm, gm.peft_config[adapter])
 
     def write_config(path):
         with open(path, "w") as handle:
