@@ -147,6 +147,8 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def atomic_write(directory: str, writers: dict[str, Any]) -> None:
     """Write every file into a temporary folder beside the target, then move each into place
     (the config last, so a directory with a config always has its weights)."""
+    if os.path.isfile(directory):
+        raise NotADirectoryError(f"Cannot save a checkpoint to {directory!r}: it is a file, not a folder.")
     os.makedirs(directory, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".fxpeft-tmp-", dir=directory)
     try:
@@ -158,9 +160,20 @@ def atomic_write(directory: str, writers: dict[str, Any]) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _check_folder_name(adapter: str) -> None:
+    """Adapters other than "default" are saved in a subfolder named after them: the name must be
+    one plain folder name, or the write would land outside the checkpoint folder."""
+    separators = {"/", os.sep, os.altsep} - {None}
+    if (not adapter or adapter in (".", "..") or any(s in adapter for s in separators) or "\0" in adapter
+            or os.path.isabs(adapter) or os.path.splitdrive(adapter)[0]):
+        raise ValueError(f"Cannot save adapter {adapter!r}: its name becomes a subfolder of the checkpoint folder, "
+                         "so it must be one plain folder name (no path separator, not '.' or '..', not absolute).")
+
+
 def save_adapter(gm, directory: str, adapter: str, safe_serialization: bool = True) -> None:
     from safetensors.torch import save_file
 
+    _check_folder_name(adapter)
     state = gm.state_dict(keep_vars=True)
     tensors = _unshared({key: state[name] for key, name in adapter_key_map(gm, adapter, state).items()})
     method = method_for(gm.peft_config[adapter])
@@ -189,6 +202,10 @@ def adapter_dir(directory: str, adapter: str) -> str:
 
 def load_config(directory: str):
     path = os.path.join(directory, CONFIG_NAME)
+    if os.path.isfile(directory):
+        raise NotADirectoryError(
+            f"{directory!r} is a file, not a checkpoint folder: pass the folder that holds {CONFIG_NAME} and the "
+            f"adapter weights (here maybe {os.path.dirname(os.path.abspath(directory))!r}).")
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"Adapter directory {directory!r} does not exist.")
     if not os.path.isfile(path):
@@ -198,6 +215,10 @@ def load_config(directory: str):
             data = json.load(handle)
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON ({error}); the checkpoint is corrupted.") from error
+    if not isinstance(data, dict):
+        kind = {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(data), "number")
+        raise ValueError(f"{path} holds a JSON {kind}, but an adapter config is a JSON object "
+                         '({"peft_type": ..., ...}); the checkpoint is corrupted or not a PEFT adapter.')
     peft_type = data.get("peft_type")
     known = config_types()
     if peft_type not in known:

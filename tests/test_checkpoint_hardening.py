@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 
 import peft
 import pytest
@@ -91,3 +92,36 @@ def test_auto_peft_model_loads_fxpeft_checkpoint_with_its_local_base(auto_class,
     inputs = models.hf_inputs(name)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, gm(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def test_bad_paths_and_files_say_what_is_wrong(tmp_path):
+    gm = fxpeft.transform(models.MLP(), fxpeft.LoraConfig(r=2, target_modules=["fc1"]))
+    fxpeft.save_pretrained(gm, str(tmp_path / "good"))
+    config_file = tmp_path / "good" / "adapter_config.json"
+    with pytest.raises(NotADirectoryError, match="is a file, not a checkpoint folder"):
+        fxpeft.from_pretrained(models.MLP(), str(config_file))
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
+        fxpeft.save_pretrained(gm, str(config_file))
+
+    for content in ("[1, 2]", "null", '"LORA"'):
+        bad = tmp_path / "bad"
+        bad.mkdir(exist_ok=True)
+        (bad / "adapter_config.json").write_text(content)
+        with pytest.raises(ValueError, match=r"bad/adapter_config.json holds a JSON .*, but an adapter config is a "
+                                             r"JSON object"):
+            fxpeft.from_pretrained(models.MLP(), str(bad))
+
+    (tmp_path / "good" / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="No adapter_model.safetensors or adapter_model.bin"):
+        fxpeft.from_pretrained(models.MLP(), str(tmp_path / "good"))
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", ".", "", "/tmp/fxpeft-outside", "a\\b" if os.sep == "\\" else "a/../b"])
+def test_adapter_names_that_are_paths_are_refused_when_saving(name, tmp_path):
+    gm = fxpeft.transform(models.MLP(), fxpeft.LoraConfig(r=2, target_modules=["fc1"]))
+    with pytest.raises(ValueError, match="one plain folder name"):
+        checkpoint.save_adapter(gm, checkpoint.adapter_dir(str(tmp_path / "ckpt"), name), name)
+    assert list(tmp_path.iterdir()) == [] and not os.path.exists("/tmp/fxpeft-outside")
