@@ -6,6 +6,9 @@ import copy
 import dataclasses
 import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import peft
 import pytest
@@ -125,3 +128,181 @@ def test_adapter_names_that_are_paths_are_refused_when_saving(name, tmp_path):
     with pytest.raises(ValueError, match="one plain folder name"):
         checkpoint.save_adapter(gm, checkpoint.adapter_dir(str(tmp_path / "ckpt"), name), name)
     assert list(tmp_path.iterdir()) == [] and not os.path.exists("/tmp/fxpeft-outside")
+
+
+# --------------------------------------------------------------------------- replacing a checkpoint as a unit
+
+
+UNIT = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+def _unit(folder) -> dict[str, bytes]:
+    return {name: (folder / name).read_bytes() for name in UNIT if (folder / name).exists()}
+
+
+def _mlp_with_two_adapters():
+    torch.manual_seed(0)
+    gm = fxpeft.transform(models.MLP(), fxpeft.LoraConfig(r=2, target_modules=["fc1"], init_lora_weights=False))
+    fxpeft.add_adapter(gm, fxpeft.LoraConfig(r=3, target_modules=["fc2"], init_lora_weights=False), "other")
+    return gm
+
+
+def _user_files(folder) -> None:
+    """What a user keeps beside a checkpoint: PEFT's save_pretrained writes into the folder and leaves them."""
+    (folder / "notes.txt").write_text("mine")
+    (folder / "data").mkdir()
+    (folder / "data" / "rows.csv").write_text("1,2")
+    os.symlink("notes.txt", folder / "link")
+
+
+def _assert_user_files(folder) -> None:
+    assert (folder / "notes.txt").read_text() == "mine"
+    assert (folder / "data" / "rows.csv").read_text() == "1,2"
+    assert os.readlink(folder / "link") == "notes.txt"
+
+
+class _Probe:
+    """Before every call that changes the disk during a save, checks that the checkpoint folder
+    holds exactly the old or exactly the new checkpoint, so a crash at any point leaves one of them."""
+
+    def __init__(self, monkeypatch, folder, allowed):
+        self.folder, self.allowed, self.calls = folder, allowed, 0
+        for owner, name in ((os, "rename"), (os, "replace"), (os, "remove"), (os, "link"), (os, "mkdir"),
+                            (os, "symlink"), (os, "fsync"), (os, "chmod"), (checkpoint, "_exchange")):
+            monkeypatch.setattr(owner, name, self._wrap(getattr(owner, name)))
+
+    def _wrap(self, real):
+        def call(*args, **kwargs):
+            self.check()
+            return real(*args, **kwargs)
+        return call
+
+    def check(self):
+        self.calls += 1
+        state = _unit(self.folder)
+        assert any(state == allowed for allowed in self.allowed), f"mixed checkpoint: {sorted(state)}"
+        _assert_user_files(self.folder)
+
+
+def _old_and_new(tmp_path, **first_save):
+    """A saved checkpoint with user files beside it, the module changed since, and the files of the
+    default adapter's checkpoint before and after."""
+    gm = _mlp_with_two_adapters()
+    folder = tmp_path / "ckpt"
+    fxpeft.save_pretrained(gm, str(folder), **first_save)
+    _user_files(folder)
+    old = _unit(folder)
+    with torch.no_grad():
+        gm.fc1.lora_B.default.weight.add_(1)
+    fxpeft.save_pretrained(gm, str(tmp_path / "expected"), adapter_names=["default"])
+    return gm, folder, old, _unit(tmp_path / "expected")
+
+
+def test_overwrite_holds_old_or_new_checkpoint_at_every_step(tmp_path, monkeypatch):
+    gm, folder, old, new = _old_and_new(tmp_path, safe_serialization=False)  # the new one changes format too
+    old_other = _unit(folder / "other")
+    probe = _Probe(monkeypatch, folder, [old, new])
+    fxpeft.save_pretrained(gm, str(folder), adapter_names=["default"])
+    probe.check()
+    assert probe.calls > 5
+    assert _unit(folder) == new  # the stale .bin of the old checkpoint went with it
+    assert _unit(folder / "other") == old_other  # another adapter's subfolder survives
+    _assert_user_files(folder)
+    assert [p.name for p in tmp_path.iterdir() if "fxpeft-staging" in p.name] == []
+
+
+def test_files_written_into_the_folder_during_a_save_are_kept(tmp_path, monkeypatch):
+    gm = _mlp_with_two_adapters()
+    fxpeft.save_pretrained(gm, str(tmp_path / "ckpt"))
+    real = checkpoint._exchange
+
+    def exchange_after_another_writer(staging, target):  # after the folder was linked, before the swap
+        (tmp_path / "ckpt" / "late.txt").write_text("late")
+        (tmp_path / "ckpt" / "other" / "late.txt").write_text("late too")
+        return real(staging, target)
+    monkeypatch.setattr(checkpoint, "_exchange", exchange_after_another_writer)
+    fxpeft.save_pretrained(gm, str(tmp_path / "ckpt"), adapter_names=["default"])
+    assert (tmp_path / "ckpt" / "late.txt").read_text() == "late"
+    assert (tmp_path / "ckpt" / "other" / "late.txt").read_text() == "late too"
+
+
+@pytest.mark.parametrize("why", ["no folder exchange", "mount point"])
+def test_in_place_fallback_never_pairs_old_and_new_files(why, tmp_path, monkeypatch):
+    """Where folders cannot be swapped (no renameat2 or a filesystem without it; a mount point,
+    which cannot be renamed) files are replaced one by one: the folder holds the old checkpoint,
+    the new one, or no config (not a checkpoint), never a mix."""
+    gm, folder, old, new = _old_and_new(tmp_path)
+    if why == "mount point":  # staged inside the folder
+        monkeypatch.setattr(os.path, "ismount", lambda path: path == str(folder))
+    else:
+        monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False)
+    without_config = [{k: v for k, v in state.items() if k != "adapter_config.json"} for state in (old, new)]
+    probe = _Probe(monkeypatch, folder, [old, new, *without_config, {}])
+    fxpeft.save_pretrained(gm, str(folder), adapter_names=["default"])
+    probe.check()
+    assert _unit(folder) == new
+    _assert_user_files(folder)
+    assert [p.name for p in folder.iterdir() if "fxpeft-staging" in p.name] == []
+
+
+def test_failed_write_leaves_old_checkpoint_that_loads(tmp_path, monkeypatch):
+    gm = _mlp_with_two_adapters()
+    fxpeft.save_pretrained(gm, str(tmp_path), adapter_names=["default"])
+    expected = gm.fc1.lora_B.default.weight.detach().clone()
+    with torch.no_grad():
+        gm.fc1.lora_B.default.weight.add_(1)
+
+    def crash(*args):
+        raise OSError("disk full")
+    monkeypatch.setattr(checkpoint, "_exchange", crash)
+    with pytest.raises(OSError, match="disk full"):
+        fxpeft.save_pretrained(gm, str(tmp_path), adapter_names=["default"])
+    monkeypatch.undo()
+    loaded = fxpeft.from_pretrained(models.MLP(), str(tmp_path))
+    torch.testing.assert_close(loaded.fc1.lora_B.default.weight, expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_staging_left_by_a_killed_writer_is_removed_by_the_next_save(tmp_path):
+    """A process killed mid-save (here just before the swap) leaves its staging folder and the old
+    checkpoint; the next save removes the leftover."""
+    folder = tmp_path / "ckpt"
+    script = textwrap.dedent(f"""
+        import os, sys, torch
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import fxpeft, models
+        from fxpeft import checkpoint
+        torch.manual_seed(0)
+        gm = fxpeft.transform(models.MLP(), fxpeft.LoraConfig(r=2, target_modules=["fc1"], init_lora_weights=False))
+        fxpeft.save_pretrained(gm, {str(folder)!r})
+        checkpoint._exchange = lambda a, b: os._exit(3)
+        with torch.no_grad():
+            gm.fc1.lora_B.default.weight.add_(1)
+        fxpeft.save_pretrained(gm, {str(folder)!r})
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 3, result.stderr
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt.fxpeft-staging-")]
+    assert len(leftovers) == 1 and (leftovers[0] / "adapter_model.safetensors").exists()
+
+    torch.manual_seed(0)
+    model = models.MLP()
+    old = fxpeft.from_pretrained(model, str(folder))  # the folder still is the old checkpoint
+    torch.manual_seed(0)
+    fresh = fxpeft.transform(models.MLP(), fxpeft.LoraConfig(r=2, target_modules=["fc1"], init_lora_weights=False))
+    torch.testing.assert_close(old.fc1.lora_B.default.weight, fresh.fc1.lora_B.default.weight)
+
+    fxpeft.save_pretrained(old, str(folder))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_save_into_the_working_directory_follows_the_new_folder(tmp_path, monkeypatch):
+    gm = _mlp_with_two_adapters()
+    monkeypatch.chdir(tmp_path)
+    fxpeft.save_pretrained(gm, ".", adapter_names=["default"])
+    with torch.no_grad():
+        gm.fc1.lora_B.default.weight.add_(1)
+    fxpeft.save_pretrained(gm, ".", adapter_names=["default"])
+    assert os.getcwd() == str(tmp_path.resolve())  # still a live folder, the checkpoint's
+    loaded = fxpeft.from_pretrained(models.MLP(), ".")
+    torch.testing.assert_close(loaded.fc1.lora_B.default.weight, gm.fc1.lora_B.default.weight)
