@@ -10,11 +10,16 @@ rename computed from the module itself (:func:`adapter_key_map`), used both ways
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import stat
+import sys
 import warnings
 from typing import Any, Optional
 
@@ -113,9 +118,23 @@ def adapter_key_map(gm, adapter: str, state: dict[str, torch.Tensor]) -> dict[st
 # --------------------------------------------------------------------------- writing
 
 
-def _config_dict(config) -> dict[str, Any]:
+def _config_dict(gm, config) -> dict[str, Any]:
+    """The config as PEFT's ``save_pretrained`` writes it, filling what PEFT fills at save time."""
+    from .passes.modules_to_save import requested_names
+
     data = config.to_dict()
     data["inference_mode"] = True
+    base = gm._fxpeft_source  # fxpeft's copy of the caller's model: same class and attributes
+    if data["base_model_name_or_path"] is None:
+        # AutoPeftModel loads the base from here; transformers' from-config models hold "", no path (PEFT: None)
+        data["base_model_name_or_path"] = base.__dict__.get("name_or_path") or None
+    if "modules_to_save" in data:
+        # PEFT writes the heads a SEQ_CLS task adds; fxpeft adds them when attaching (the same list, without
+        # the duplicates PEFT appends on every wrap), so the file says which copies it holds
+        data["modules_to_save"] = requested_names(config) or data["modules_to_save"]
+    # without a task type, AutoPeftModel finds the base class here (PEFT writes null otherwise)
+    data["auto_mapping"] = None if config.task_type is not None else {
+        "base_model_class": type(base).__name__, "parent_library": type(base).__module__}
     return data
 
 
@@ -130,29 +149,182 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def atomic_write(directory: str, writers: dict[str, Any]) -> None:
-    """Write every file into a temporary folder beside the target, then move each into place
-    (the config last, so a directory with a config always has its weights)."""
-    os.makedirs(directory, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".fxpeft-tmp-", dir=directory)
+STAGING_MARK = ".fxpeft-staging-"
+
+
+def _staging_pattern(name: str) -> re.Pattern:
+    return re.compile(rf"\.{re.escape(name)}{re.escape(STAGING_MARK)}(\d+)-[0-9a-f]+")
+
+
+def _alive(pid: int) -> bool:
+    if os.name != "posix":  # os.kill(pid, 0) would end the process on Windows: keep every leftover there
+        return True
     try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _remove_stale_staging(home: str, name: str) -> None:
+    """Remove staging folders of writes to ``name`` whose process died before cleaning up. None is
+    needed: a swapped write's target is complete at every instant, and an in-place write stopped
+    between its renames left a folder without config, which nothing loads."""
+    pattern = _staging_pattern(name)
+    for entry in os.listdir(home):
+        match = pattern.fullmatch(entry)
+        if match and not _alive(int(match.group(1))):
+            shutil.rmtree(os.path.join(home, entry), ignore_errors=True)
+
+
+def _fsync(path: str) -> None:
+    """Flush a file, or a folder's entries, to disk: a rename is only as durable as what it names."""
+    folder = os.path.isdir(path)
+    if folder and os.name != "posix":  # folders cannot be opened on Windows
+        return
+    fd = os.open(path, os.O_RDONLY if folder else os.O_RDWR)  # Windows flushes only files open for writing
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the OS or the
+    filesystem cannot, and nothing moved."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) if sys.platform == "linux" else None
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBUSY, errno.EXDEV):  # EBUSY, EXDEV: a mount
+        return False
+    raise OSError(error, os.strerror(error), a, None, b)
+
+
+def _link_others(target: str, staging: str, unit: set[str]) -> None:
+    """Hard-link everything in ``target`` that is not part of the checkpoint (the user's files, other
+    adapters' subfolders) into ``staging``, so they are there before and after the swap."""
+    for entry in os.listdir(target):
+        if entry in unit:
+            continue
+        source, copy = os.path.join(target, entry), os.path.join(staging, entry)
+        if os.path.isdir(source) and not os.path.islink(source):
+            shutil.copytree(source, copy, symlinks=True, copy_function=os.link)
+        elif os.path.islink(source):
+            os.symlink(os.readlink(source), copy)
+        else:
+            os.link(source, copy)
+
+
+def _keep_late_entries(old: str, new: str, unit: set[str]) -> None:
+    """Move into ``new`` what appeared in the old folder (or its subfolders) after it was linked,
+    rather than delete it."""
+    for entry in os.listdir(old):
+        source, kept = os.path.join(old, entry), os.path.join(new, entry)
+        if entry in unit:
+            continue
+        if not os.path.lexists(kept):
+            os.rename(source, kept)
+        elif all(os.path.isdir(p) and not os.path.islink(p) for p in (source, kept)):
+            _keep_late_entries(source, kept, set())
+
+
+def _cwd_inside(folder: str) -> Optional[str]:
+    try:
+        cwd = os.getcwd()
+    except FileNotFoundError:  # the process stands in a deleted folder: nothing to follow
+        return None
+    return cwd if cwd == folder or cwd.startswith(folder + os.sep) else None
+
+
+def _swap_in(staging: str, target: str, unit: set[str]) -> bool:
+    """Exchange the staged folder with the target in one step; afterwards ``staging`` holds the old
+    folder. False where folders cannot be exchanged here (nothing moved)."""
+    cwd = _cwd_inside(target)
+    if not _exchange(staging, target):
+        return False
+    _keep_late_entries(staging, target, unit)
+    _fsync(os.path.dirname(target))
+    if cwd is not None:
+        os.chdir(cwd)  # the process stood in the old folder: step into the new one, same path
+    return True
+
+
+def _replace_in_place(staging: str, target: str, unit: set[str], new: list[str]) -> None:
+    """File by file, where folders cannot be swapped (a mount point, a parent we may not write,
+    no ``renameat2``): every old file of the unit goes before any new one comes, the config
+    leaving first and arriving last, so the folder never pairs old and new files; a crash
+    between leaves no config, which loaders report as no checkpoint."""
+    for filename in sorted(unit, key=lambda f: f != CONFIG_NAME):
+        if os.path.lexists(os.path.join(target, filename)):
+            os.remove(os.path.join(target, filename))
+    _fsync(target)
+    for filename in sorted(new, key=lambda f: f == CONFIG_NAME):
+        os.replace(os.path.join(staging, filename), os.path.join(target, filename))
+    _fsync(target)
+
+
+def atomic_write(directory: str, writers: dict[str, Any], unit: tuple[str, ...] = ()) -> None:
+    """Replace the checkpoint in ``directory`` (the files of ``writers``, and any old file named in
+    ``unit``) as a whole, keeping every other file and subfolder there.
+
+    The new folder is staged beside the target (``.<name>.fxpeft-staging-<pid>-<hex>``: other files
+    hard-linked, new files written and flushed) and swapped with it in one rename, so the path
+    holds the complete old or the complete new checkpoint at every instant; the old folder is then
+    deleted. Staging folders of crashed writes are deleted by the next write."""
+    if os.path.isfile(directory):
+        raise NotADirectoryError(f"Cannot save a checkpoint to {directory!r}: it is a file, not a folder.")
+    target = os.path.realpath(directory)  # a symlinked folder: swap the real one, the link keeps pointing at it
+    os.makedirs(target, exist_ok=True)
+    parent, name = os.path.split(target)
+    unit = set(unit) | set(writers)
+    swap = sys.platform == "linux" and not os.path.ismount(target) and os.access(parent, os.W_OK)
+    home = parent if swap else target
+    _remove_stale_staging(home, name)
+    staging = os.path.join(home, f".{name}{STAGING_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+    os.mkdir(staging)
+    try:
+        if swap:
+            os.chmod(staging, stat.S_IMODE(os.stat(target).st_mode))
+            try:
+                _link_others(target, staging, unit)
+            except OSError:  # no hard links here (or one we may not make): copying could be huge, go in place
+                swap = False
         for filename, write in writers.items():
             write(os.path.join(staging, filename))
-        for filename in sorted(writers, key=lambda f: f == CONFIG_NAME):
-            os.replace(os.path.join(staging, filename), os.path.join(directory, filename))
+            _fsync(os.path.join(staging, filename))
+        _fsync(staging)
+        if not (swap and _swap_in(staging, target, unit)):
+            _replace_in_place(staging, target, unit, list(writers))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_folder_name(adapter: str) -> None:
+    """Adapters other than "default" are saved in a subfolder named after them: the name must be
+    one plain folder name, or the write would land outside the checkpoint folder."""
+    separators = {"/", os.sep, os.altsep} - {None}
+    if (not adapter or adapter in (".", "..") or any(s in adapter for s in separators) or "\0" in adapter
+            or os.path.isabs(adapter) or os.path.splitdrive(adapter)[0]):
+        raise ValueError(f"Cannot save adapter {adapter!r}: its name becomes a subfolder of the checkpoint folder, "
+                         "so it must be one plain folder name (no path separator, not '.' or '..', not absolute).")
 
 
 def save_adapter(gm, directory: str, adapter: str, safe_serialization: bool = True) -> None:
     from safetensors.torch import save_file
 
+    _check_folder_name(adapter)
     state = gm.state_dict(keep_vars=True)
     tensors = _unshared({key: state[name] for key, name in adapter_key_map(gm, adapter, state).items()})
     method = method_for(gm.peft_config[adapter])
     if method.saved_tensors is not None:
         tensors.update(_unshared(method.saved_tensors(gm, adapter)))
-    config = _config_dict(gm.peft_config[adapter])
+    config = _config_dict(gm, gm.peft_config[adapter])
 
     def write_config(path):
         with open(path, "w") as handle:
@@ -163,7 +335,9 @@ def save_adapter(gm, directory: str, adapter: str, safe_serialization: bool = Tr
     else:
         writers = {BIN_NAME: lambda path: torch.save(tensors, path)}
     writers[CONFIG_NAME] = write_config
-    atomic_write(directory, writers)
+    # the other format's weights file belongs to the old checkpoint: left there, it would be loaded (safetensors
+    # first) with the new config
+    atomic_write(directory, writers, unit=(CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME))
 
 
 # --------------------------------------------------------------------------- reading
@@ -175,6 +349,10 @@ def adapter_dir(directory: str, adapter: str) -> str:
 
 def load_config(directory: str):
     path = os.path.join(directory, CONFIG_NAME)
+    if os.path.isfile(directory):
+        raise NotADirectoryError(
+            f"{directory!r} is a file, not a checkpoint folder: pass the folder that holds {CONFIG_NAME} and the "
+            f"adapter weights (here maybe {os.path.dirname(os.path.abspath(directory))!r}).")
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"Adapter directory {directory!r} does not exist.")
     if not os.path.isfile(path):
@@ -184,6 +362,10 @@ def load_config(directory: str):
             data = json.load(handle)
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON ({error}); the checkpoint is corrupted.") from error
+    if not isinstance(data, dict):
+        kind = {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(data), "number")
+        raise ValueError(f"{path} holds a JSON {kind}, but an adapter config is a JSON object "
+                         '({"peft_type": ..., ...}); the checkpoint is corrupted or not a PEFT adapter.')
     peft_type = data.get("peft_type")
     known = config_types()
     if peft_type not in known:
