@@ -232,15 +232,15 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         cls.__call__ = PeftGraphModule.__call__  # GraphModule.recompile installs its own
         return python_code
 
-    @torch.compiler.disable(recursive=False)
     def __call__(self, *args, **kwargs):
-        """Captures a call signature seen for the first time eagerly, before a compiled forward
-        traces the dispatcher: torch.compile(gm) then works from the very first call."""
-        self._ensure_signature(args, kwargs)
+        """Captures a call signature seen for the first time before the forward runs: eagerly, also
+        when ``torch.compile(gm)`` calls this (dynamo skips this frame, see below and
+        ``_skip_call_frame``), so a compiled module works from its very first call."""
+        if not torch.compiler.is_compiling():
+            self._ensure_signature(args, kwargs)
         return nn.Module.__call__(self, *args, **kwargs)
 
-    @torch.compiler.disable(reason="fxpeft captures a call signature it has not seen yet (torch.export); call "
-                                   "the module once with these arguments before compiling code that calls it")
+    @torch.compiler.disable  # under a compiled __call__ frame, capture (torch.export) must run untraced
     def _ensure_signature(self, args, kwargs) -> None:
         if self._fxpeft_primary is not None:
             call, _ = self._bind(args, dict(kwargs))
@@ -363,6 +363,19 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
             "A PeftGraphModule cannot be pickled (torch.save(module)). Save the adapter with "
             "fxpeft.save_pretrained, or the weights with module.state_dict()."
         )
+
+
+def _skip_call_frame() -> None:
+    """torch.compile(gm) starts tracing at ``gm.__call__``: dynamo runs that frame eagerly (where a
+    new signature can be captured) and compiles from ``nn.Module.__call__`` on. Not
+    ``torch.compiler.disable(recursive=False)``: its wrapper refuses to run while any thread exports.
+    Inlined into a compiled caller, ``__call__`` is traced as usual."""
+    from torch._dynamo.eval_frame import skip_code
+
+    skip_code(PeftGraphModule.__call__.__code__)
+
+
+_skip_call_frame()
 
 
 def build(model: nn.Module, example_inputs=None, configs=()) -> PeftGraphModule:
