@@ -27,6 +27,8 @@ Gradient checkpointing's input-grad hook is not needed: fxpeft graphs do not che
 """
 from __future__ import annotations
 
+import copy
+
 from typing import Optional
 
 import torch
@@ -353,12 +355,17 @@ def _adopt(module: nn.Module) -> Optional[nn.Module]:
     bnb = _bnb()
     if isinstance(module, bnb.nn.Linear4bit):
         state = getattr(module.weight, "quant_state", None) or module.quant_state
-        if state is None or getattr(state, "packing_format_for_cpu", False):
+        if state is None:
             raise ValueError(
-                f"The bitsandbytes Linear4bit layer {type(module).__name__} is not quantized yet (or holds bnb's "
-                "CPU inference packing); move the model to its device before fxpeft.transform.")
+                f"The bitsandbytes Linear4bit layer {type(module).__name__} holds no quantized weight yet; move the "
+                "model to its device (which quantizes it) before fxpeft.transform.")
+        weight = module.weight.data
+        if getattr(state, "packing_format_for_cpu", False):
+            # bitsandbytes repacked it for its CPU inference kernel (after an eval call under no_grad on an
+            # AVX512-BF16 CPU): unpack a copy, as bnb's own state_dict does in place, and leave the caller's
+            weight, state = bnb.functional._convert_weight_packed_for_cpu_inverse(weight.clone(), copy.deepcopy(state))
         compute = module.compute_dtype or torch.float32
-        return Linear4bit(module.weight.data, state, module.bias, compute)
+        return Linear4bit(weight, state, module.bias, compute)
     if isinstance(module, bnb.nn.Linear8bitLt):
         state = module.state
         int8_weight = state.CB if state.CB is not None else module.weight.data

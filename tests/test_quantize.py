@@ -307,3 +307,24 @@ def test_failed_quantizing_transform_leaves_the_model_alone():
         fxpeft.transform(model, [fxpeft.BnbConfig(load_in_4bit=True, llm_int8_skip_modules=["fc1", "fc2"])])
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     assert isinstance(model.fc1, nn.Linear) and all(p.requires_grad for p in model.parameters())
+
+
+def test_transformers_model_repacked_for_bnb_cpu_inference_is_adopted(tmp_path):
+    """bitsandbytes repacks a 4-bit weight for its CPU kernel the first time the layer runs in eval
+    under no_grad (on AVX512-BF16 CPUs; done here directly, as its forward does): fxpeft unpacks a
+    copy, computes what the unpacked layers compute, and leaves the caller's layers packed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    quantized = _quantized_by_transformers(model, tmp_path, CONFIGS["nf4"])
+    lora = fxpeft.LoraConfig(r=2, target_modules="all-linear")
+    unpacked = fxpeft.transform(quantized, lora)
+    layers = [m for m in quantized.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.weight.data, layer.weight.quant_state = bnb.functional._convert_weight_packed_for_cpu(
+            layer.weight.data, layer.weight.quant_state)
+    repacked = fxpeft.transform(quantized, lora)
+    repacked.load_state_dict(unpacked.state_dict())
+    inputs = hf_inputs("llama")
+    torch.testing.assert_close(repacked(**inputs).logits, unpacked(**inputs).logits, atol=0, rtol=0)
+    assert all(layer.weight.quant_state.packing_format_for_cpu for layer in layers)
