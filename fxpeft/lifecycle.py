@@ -7,6 +7,7 @@ trainability and graphs are restored as they were.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterable, Sequence, Union
 
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 from . import checkpoint as _checkpoint
 from .canonical import find_sites
 from .configs import PeftConfigBase
+from .merging import merged_adapters, unmerge_adapter
 from .module import PeftGraphModule, _device_of, build
 from .rewrite import method_for
 
@@ -222,10 +224,14 @@ def active_adapters(gm: PeftGraphModule) -> list[str]:
 
 def set_adapter(gm: PeftGraphModule, adapter_name: Union[str, Sequence[str]]) -> None:
     """Make these adapters the active ones (several add up, as in PEFT). Only a buffer the graph
-    reads changes: no recompile, and no parameter's ``requires_grad`` changes."""
+    reads changes: no recompile, and no parameter's ``requires_grad`` changes. Merged adapters are
+    unmerged first, with PEFT's warning: their deltas would otherwise stay in the base weights."""
     _require_transformed(gm)
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
     _check_known(gm, names)
+    if merged_adapters(gm):
+        warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
+        unmerge_adapter(gm)
     gm._fxpeft_active[:] = names
     _sync_activity(gm)
 
@@ -233,8 +239,12 @@ def set_adapter(gm: PeftGraphModule, adapter_name: Union[str, Sequence[str]]) ->
 @contextlib.contextmanager
 def disable_adapters(gm: PeftGraphModule):
     """Run the base model inside the block; the previous active adapters come back on exit,
-    whatever happens inside."""
+    whatever happens inside. Merged adapters are unmerged on entry (their deltas sit in the base
+    weights) and stay unmerged after the block, as in PEFT (which unmerges at the layers' next
+    forward inside the block and never merges again)."""
     _require_transformed(gm)
+    if merged_adapters(gm):
+        unmerge_adapter(gm)
     previous = list(gm._fxpeft_active)
     gm._fxpeft_active[:] = []
     _sync_activity(gm)
@@ -260,6 +270,9 @@ def delete_adapter(gm: PeftGraphModule, adapter_name: str) -> None:
     no adapter left the module computes the base model."""
     _require_transformed(gm)
     _check_known(gm, [adapter_name])
+    if adapter_name in merged_adapters(gm):  # its delta would stay in the shared base weights for good
+        raise ValueError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them "
+                         "first (fxpeft.unmerge_adapter(gm)), as in PEFT.")
     method = method_for(gm.peft_config[adapter_name])
     with _transaction(gm):
         for module in gm.modules():
@@ -300,7 +313,6 @@ def adapter_indices(gm: PeftGraphModule, adapter_names: Sequence[str], batch_siz
     if prompt:
         raise NotImplementedError(f"Mixed batches (adapter_names=...) are not supported with prompt-learning adapter "
                                   f"{prompt[0]!r}: it changes every sample's sequence length.")
-    from .merging import merged_adapters
     if merged_adapters(gm):
         raise ValueError("Cannot use adapter_names while adapters are merged; call fxpeft.unmerge_adapter first.")
     if gm.training and any(isinstance(d, nn.Dropout) for m in gm.modules() if "lora_dropout" in m._modules

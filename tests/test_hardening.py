@@ -1,0 +1,126 @@
+"""Silent wrong outputs (hardening issue, points 5-9), each checked against the real PEFT package:
+merged state, adapter names, unsupported targets, tensors made in forward, the caller's RNG."""
+from __future__ import annotations
+
+import copy
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+import fxpeft
+import models
+from fxpeft import merging
+from fxpeft.merging import merged_adapters
+from peft_oracle import copy_adapter_weights, lora_pair
+
+LORA = dict(r=2, lora_alpha=4, target_modules=["fc1", "fc2"], init_lora_weights=False)
+X = torch.randn(4, 12, generator=torch.Generator().manual_seed(3))
+
+
+def _pair(configs):
+    """An MLP with the same adapters in PEFT and fxpeft."""
+    model = models.MLP().eval()
+    return (model, *lora_pair(model, configs))
+
+
+def _base_weights(module):
+    return {k: v.clone() for k, v in module.state_dict().items() if "lora_" not in k}
+
+
+def _assert_same_base(module, expected):
+    ours = {k.removeprefix("base_model.model.").replace(".base_layer", ""): v for k, v in module.state_dict().items()}
+    for key, value in expected.items():
+        torch.testing.assert_close(ours[key], value, rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- 5. merged state
+
+
+def test_deleting_a_merged_adapter_raises_like_peft():
+    model, reference, gm = _pair({"default": LORA})
+    before = _base_weights(model)
+    reference.merge_adapter()
+    fxpeft.merge_adapter(gm)
+    with pytest.raises(ValueError, match=r"Cannot delete adapter\(s\) \['default'\] while they are merged"):
+        reference.delete_adapter("default")
+    with pytest.raises(ValueError, match=r"Cannot delete adapter\(s\) \['default'\] while they are merged"):
+        fxpeft.delete_adapter(gm, "default")
+    assert list(gm.peft_config) == ["default"] and merged_adapters(gm) == ["default"]
+    fxpeft.unmerge_adapter(gm)
+    fxpeft.delete_adapter(gm, "default")
+    _assert_same_base(model, before)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(X), model(X))
+
+
+def test_disabling_a_merged_model_unmerges_and_stays_unmerged_like_peft():
+    model, reference, gm = _pair({"default": LORA})
+    base_weights = _base_weights(model)
+    with torch.no_grad():
+        base, adapted = model(X), gm(X)
+        reference.merge_adapter()
+        fxpeft.merge_adapter(gm)
+        with reference.disable_adapter():
+            torch.testing.assert_close(reference(X), base)
+        with fxpeft.disable_adapters(gm):
+            torch.testing.assert_close(gm(X), base)
+        # PEFT unmerged inside the block and does not merge again on exit: adapted output, base weights
+        assert not any(m.merged for m in reference.modules() if isinstance(m, peft.tuners.lora.LoraLayer))
+        assert merged_adapters(gm) == []
+        _assert_same_base(reference, base_weights)
+        _assert_same_base(gm, base_weights)
+        torch.testing.assert_close(reference(X), adapted, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gm(X), adapted, rtol=1e-5, atol=1e-6)
+
+
+def test_setting_an_adapter_on_a_merged_model_unmerges_first_like_peft():
+    model, reference, gm = _pair({"default": LORA, "b": dict(LORA, r=3)})
+    base_weights = _base_weights(model)
+    reference.merge_adapter()
+    fxpeft.merge_adapter(gm)
+    with pytest.warns(UserWarning, match="Adapter cannot be set when the model is merged. Unmerging the model first."):
+        reference.set_adapter("b")
+    with pytest.warns(UserWarning, match="Adapter cannot be set when the model is merged. Unmerging the model first."):
+        fxpeft.set_adapter(gm, "b")
+    assert merged_adapters(gm) == []
+    _assert_same_base(gm, base_weights)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(X), reference(X), rtol=1e-5, atol=1e-6)
+
+
+def _merge_state(gm):
+    gates = {n: b.clone() for n, b in gm.named_buffers() if "lora_scaling" in n}
+    return {k: v.clone() for k, v in gm.state_dict().items()}, gates, merged_adapters(gm)
+
+
+@pytest.mark.parametrize("where", ["storing the second weight", "building the base module"])
+def test_merge_and_unload_failure_rolls_back(monkeypatch, where):
+    model, _, gm = _pair({"default": dict(LORA, target_modules=["fc1", "fc2"])})
+    with torch.no_grad():
+        adapted = gm(X)
+    weights, gates, merged = _merge_state(gm)
+    calls = []
+
+    def failing(real):
+        def call(*args, **kwargs):
+            calls.append(1)
+            if where == "building the base module" or len(calls) == 2:
+                raise RuntimeError("simulated failure")
+            return real(*args, **kwargs)
+        return call
+
+    target = "_store_weight" if where == "storing the second weight" else "_base_module"
+    monkeypatch.setattr(merging, target, failing(getattr(merging, target)))
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        fxpeft.merge_and_unload(gm)
+    monkeypatch.undo()
+    after_weights, after_gates, after_merged = _merge_state(gm)
+    assert after_merged == merged == []
+    assert all(torch.equal(after_weights[k], v) for k, v in weights.items())
+    assert all(torch.equal(after_gates[k], v) for k, v in gates.items())
+    with torch.no_grad():
+        torch.testing.assert_close(gm(X), adapted)
+        merged_model = fxpeft.merge_and_unload(gm)  # and it still works afterwards
+        torch.testing.assert_close(merged_model(X), adapted, rtol=1e-5, atol=1e-6)
