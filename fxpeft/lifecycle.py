@@ -7,6 +7,7 @@ trainability and graphs are restored as they were.
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from typing import Iterable, Sequence, Union
 
@@ -19,6 +20,28 @@ from .configs import PeftConfigBase
 from .merging import merged_adapters, unmerge_adapter
 from .module import PeftGraphModule, _device_of, build
 from .rewrite import method_for
+
+BASE_ADAPTER = "__base__"  # the name that selects no adapter in mixed batches (adapter_names=)
+
+
+def check_adapter_name(name) -> None:
+    """An adapter name becomes a key of the ModuleDicts beside each adapted module (so part of
+    parameter paths) and a checkpoint subfolder name: reject what breaks either."""
+    fix = "Choose a plain name such as 'default' or 'task_a'."
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"adapter_name must be a non-empty string, got {name!r}. {fix}")
+    if name == BASE_ADAPTER:
+        raise ValueError(f"adapter_name {name!r} is reserved: it selects no adapter in mixed batches "
+                         f"(adapter_names=[...]). {fix}")
+    if name in (".", "..") or "/" in name or "\\" in name or os.sep in name or os.path.isabs(name):
+        raise ValueError(f"adapter_name {name!r} is a path or contains a path separator; non-default adapters are "
+                         f"saved in a subfolder named after the adapter. {fix}")
+    if "." in name:
+        raise ValueError(f"adapter_name {name!r} contains '.', which separates the parts of a parameter's path "
+                         f"(torch's ModuleDict rejects it). {fix}")
+    if any(hasattr(container, name) for container in (nn.ModuleDict(), nn.ParameterDict())):
+        raise ValueError(f"adapter_name {name!r} is an attribute of torch's ModuleDict/ParameterDict, which hold "
+                         f"adapters by name, so it cannot be a key there. {fix}")
 
 
 @contextlib.contextmanager
@@ -52,6 +75,7 @@ def _set_bias_trainable(gm: PeftGraphModule, config, adapted_paths: Sequence[str
 
 
 def _attach(gm: PeftGraphModule, config, adapter_name: str) -> None:
+    check_adapter_name(adapter_name)
     if adapter_name in gm.peft_config:
         raise ValueError(
             f"An adapter named {adapter_name!r} already exists (adapters: {sorted(gm.peft_config)}); "
@@ -102,6 +126,7 @@ def transform(
     error ``model`` is left exactly as it was.
     """
     configs = [config] if isinstance(config, PeftConfigBase) or not isinstance(config, (list, tuple)) else list(config)
+    check_adapter_name(adapter_name)  # before the capture's work
     for item in configs:
         method_for(item)  # unknown config types fail before any work
     with _restore_on_error(model):
@@ -187,6 +212,7 @@ def from_pretrained(model: nn.Module, directory: str, adapter_name: str = "defau
                     example_inputs=None, quantization_config=None) -> PeftGraphModule:
     """Transform ``model`` with the adapter stored in ``directory`` (written by PEFT or fxpeft),
     quantizing the base first when a ``quantization_config`` (BnbConfig) is given (QLoRA)."""
+    check_adapter_name(adapter_name)  # before reading files
     config = _checkpoint.load_config(directory)
     weights = _checkpoint.load_weights(directory, _device_of(model))
     config.inference_mode = not is_trainable
@@ -200,6 +226,7 @@ def from_pretrained(model: nn.Module, directory: str, adapter_name: str = "defau
 def load_adapter(gm: PeftGraphModule, directory: str, adapter_name: str, is_trainable: bool = False) -> None:
     """Add the adapter stored in ``directory`` to a transformed module under ``adapter_name``."""
     _require_transformed(gm)
+    check_adapter_name(adapter_name)  # before reading files
     config = _checkpoint.load_config(directory)
     weights = _checkpoint.load_weights(directory, _device_of(gm))
     config.inference_mode = not is_trainable
@@ -288,9 +315,6 @@ def delete_adapter(gm: PeftGraphModule, adapter_name: str) -> None:
             remaining = [next(iter(gm.peft_config))]
         gm._fxpeft_active[:] = remaining
         gm.relower()
-
-
-BASE_ADAPTER = "__base__"
 
 
 def adapter_indices(gm: PeftGraphModule, adapter_names: Sequence[str], batch_size=None, device=None) -> torch.Tensor:

@@ -124,3 +124,74 @@ def test_merge_and_unload_failure_rolls_back(monkeypatch, where):
         torch.testing.assert_close(gm(X), adapted)
         merged_model = fxpeft.merge_and_unload(gm)  # and it still works afterwards
         torch.testing.assert_close(merged_model(X), adapted, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- 6. names
+
+
+def test_an_adapter_named_slots_reads_its_own_gate_like_peft():
+    """The dense graph caches the slot-index node apart from the per-adapter gates: an adapter
+    named "slots" once read the index tensor as its gate."""
+    model = models.TinyDecoder().eval()
+    configs = {"slots": dict(r=2, target_modules=["embed", "qkv"], init_lora_weights=False),
+               "other": dict(r=2, target_modules=["embed"], init_lora_weights=False)}
+    reference = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**configs["slots"]), adapter_name="slots")
+    reference.add_adapter("other", peft.LoraConfig(**configs["other"]))
+    gm = fxpeft.transform(model, fxpeft.LoraConfig(**configs["slots"]), adapter_name="slots")
+    fxpeft.add_adapter(gm, fxpeft.LoraConfig(**configs["other"]), "other")
+    reference.base_model.set_adapter(["slots", "other"])
+    with torch.no_grad():
+        for key, param in reference.named_parameters():
+            if "lora_embedding" in key:
+                param.normal_()
+    copy_adapter_weights(reference, gm)
+    fxpeft.set_adapter(gm, ["slots", "other"])
+    ids = torch.randint(0, models.VOCAB, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(gm.eval()(ids), reference.eval()(ids), rtol=1e-5, atol=1e-5)
+        fxpeft.set_adapter(gm, ["other"])
+        reference.base_model.set_adapter(["other"])
+        torch.testing.assert_close(gm(ids), reference(ids), rtol=1e-5, atol=1e-5)
+
+
+BAD_NAMES = {
+    "": "non-empty string",
+    3: "non-empty string",
+    "__base__": "reserved",
+    "a/b": "path separator",
+    "a\\b": "path separator",
+    "/abs": "path separator",
+    "..": "path separator",
+    ".": "path separator",
+    "a.b": "contains '.'",
+    "training": "attribute of torch's ModuleDict",
+    "keys": "attribute of torch's ModuleDict",
+}
+
+
+def test_peft_and_torch_reject_a_dotted_adapter_name():
+    """What the "." rule stands for: torch refuses it as a ModuleDict key, so PEFT fails too."""
+    with pytest.raises(KeyError, match="contain \"\.\""):
+        peft.get_peft_model(models.MLP(), peft.LoraConfig(**LORA), adapter_name="a.b")
+
+
+@pytest.mark.parametrize("name", list(BAD_NAMES), ids=repr)
+def test_bad_adapter_names_are_rejected_everywhere(tmp_path, name):
+    rule = BAD_NAMES[name]
+    config = fxpeft.LoraConfig(**LORA)
+    model = models.MLP()
+    with pytest.raises(ValueError, match=rule):
+        fxpeft.transform(model, config, adapter_name=name)
+    assert not any("lora" in n for n, _ in model.named_modules())
+    gm = fxpeft.transform(model, config, adapter_name="good")
+    fxpeft.save_pretrained(gm, str(tmp_path), adapter_names=["good"])
+    saved = tmp_path / "good"
+    state = {k: v.clone() for k, v in gm.state_dict().items()}
+    for add in (lambda: fxpeft.add_adapter(gm, config, name),
+                lambda: fxpeft.load_adapter(gm, str(saved), name),
+                lambda: fxpeft.add_weighted_adapter(gm, ["good"], [1.0], name, combination_type="linear")):
+        with pytest.raises(ValueError, match=rule):
+            add()
+    with pytest.raises(ValueError, match=rule):
+        fxpeft.from_pretrained(models.MLP(), str(saved), adapter_name=name)
+    assert list(gm.peft_config) == ["good"] and set(gm.state_dict()) == set(state)
