@@ -195,3 +195,50 @@ def test_bad_adapter_names_are_rejected_everywhere(tmp_path, name):
     with pytest.raises(ValueError, match=rule):
         fxpeft.from_pretrained(models.MLP(), str(saved), adapter_name=name)
     assert list(gm.peft_config) == ["good"] and set(gm.state_dict()) == set(state)
+
+
+# --------------------------------------------------------------------------- 7. unsupported targets
+
+
+class Mixed(nn.Module):
+    """A linear, a transposed convolution, an attention module and a norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+        self.qkv = nn.Linear(8, 8)
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
+
+    def forward(self, x):
+        h = self.qkv(self.norm(x))
+        h, _ = self.mha(h, h, h, need_weights=False)
+        b, s, d = h.shape
+        return self.up(h.transpose(1, 2).reshape(b, d, s, 1))
+
+
+def _unchanged_after_error(error, match, target_modules):
+    model = Mixed()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=match):
+        fxpeft.transform(model, fxpeft.LoraConfig(target_modules=target_modules))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_unsupported_layer_in_a_target_list_raises_like_peft():
+    with pytest.raises(ValueError, match="Target module ConvTranspose2d.* is not supported"):
+        peft.get_peft_model(Mixed(), peft.LoraConfig(target_modules=["qkv", "up"]))
+    _unchanged_after_error(ValueError, r"'up' \(ConvTranspose2d\) is not supported", ["qkv", "up"])
+
+
+def test_multihead_attention_target_is_not_implemented_yet():
+    peft.get_peft_model(Mixed(), peft.LoraConfig(target_modules=["qkv", "mha"]))  # PEFT adapts it
+    _unchanged_after_error(NotImplementedError, r"'mha' \(MultiheadAttention\).*fxpeft does not yet", ["qkv", "mha"])
+    _unchanged_after_error(NotImplementedError, r"'mha.out_proj'.*in the nn.MultiheadAttention 'mha'", r".*(qkv|proj)")
+
+
+def test_a_regex_matching_a_layernorm_and_a_linear_raises_like_peft():
+    with pytest.raises(ValueError, match="Target module LayerNorm.* is not supported"):
+        peft.get_peft_model(Mixed(), peft.LoraConfig(target_modules=r"(norm|qkv)"))
+    _unchanged_after_error(ValueError, r"'norm' \(LayerNorm\) is not supported", r"(norm|qkv)")
