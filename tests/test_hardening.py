@@ -242,3 +242,39 @@ def test_a_regex_matching_a_layernorm_and_a_linear_raises_like_peft():
     with pytest.raises(ValueError, match="Target module LayerNorm.* is not supported"):
         peft.get_peft_model(Mixed(), peft.LoraConfig(target_modules=r"(norm|qkv)"))
     _unchanged_after_error(ValueError, r"'norm' \(LayerNorm\) is not supported", r"(norm|qkv)")
+
+
+# --------------------------------------------------------------------------- 8. tensors made in forward
+
+
+class Conv2dGroups2(nn.Module):
+    """Like PEFT's "Conv2d Groups2" test model: forward builds its input with torch.arange."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv2d = nn.Conv2d(16, 32, 3, padding=1, groups=2)
+        self.relu = nn.ReLU()
+        self.flat = nn.Flatten()
+        self.lin0 = nn.Linear(32 * 5 * 5, 2)
+        self.sm = nn.LogSoftmax(dim=-1)
+
+    def forward(self, X):
+        X = torch.arange(9 * 16 * 5 * 5).view([9, 16, 5, 5]).to(self.conv2d.weight.device)
+        X = X.to(torch.float32) / 100  # the real input is ignored, as in PEFT's model
+        return self.sm(self.lin0(self.flat(self.relu(self.conv2d(X)))))
+
+
+@pytest.mark.parametrize("capture", ["symbolic_trace", "export"])
+def test_tensor_built_in_forward_survives_capture_like_peft(capture):
+    model = Conv2dGroups2().eval()
+    kwargs = dict(r=4, lora_alpha=8, target_modules=["conv2d", "lin0"], init_lora_weights=False)
+    reference = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**kwargs)).eval()
+    x = torch.zeros(9, 1)
+    example = {"example_inputs": (x,)} if capture == "export" else {}
+    gm = fxpeft.transform(model, fxpeft.LoraConfig(**kwargs), **example).eval()
+    copy_adapter_weights(reference, gm)
+    with torch.no_grad():
+        expected = reference(x)
+        assert not torch.allclose(expected, model(x))
+        torch.testing.assert_close(gm(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(copy.deepcopy(gm)(x), expected, rtol=1e-5, atol=1e-5)
