@@ -179,13 +179,14 @@ def _check_unadaptable(gm, config: LoraConfig, adaptable: dict) -> None:
 
 
 def attach(gm, sites: list[Site], config: LoraConfig, adapter: str) -> list[str]:
-    """``config`` arrives with its targets resolved (``Method.resolve_config``)."""
+    """``config`` arrives with its targets resolved (``Method.resolve_config``). Adapters are created
+    in module order, as PEFT does, so the same seed gives PEFT's initial weights."""
     adaptable: dict[str, Site] = {}
     for site in sites:
         if submodule(gm, site.path) is not None:
             adaptable.setdefault(site.path, site)
     _check_unadaptable(gm, config, adaptable)
-    matched = [p for p in adaptable if is_targeted(config, p)]
+    matched = [name for name, _ in gm.named_modules() if name in adaptable and is_targeted(config, name)]
     if not matched:
         raise unmatched_target_error(config, list(adaptable))
     for path in matched:

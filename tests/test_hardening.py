@@ -278,3 +278,46 @@ def test_tensor_built_in_forward_survives_capture_like_peft(capture):
         assert not torch.allclose(expected, model(x))
         torch.testing.assert_close(gm(x), expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(copy.deepcopy(gm)(x), expected, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- 9. the caller's RNG
+
+
+def test_same_seed_gives_peft_initial_weights_and_rng_state():
+    model = models.llama()
+    config = dict(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    torch.manual_seed(1234)
+    reference = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**config))
+    peft_state = torch.get_rng_state()
+    torch.manual_seed(1234)
+    gm = fxpeft.transform(model, fxpeft.LoraConfig(**config))
+    assert torch.equal(torch.get_rng_state(), peft_state)
+    theirs = {k.removeprefix("base_model.model."): v for k, v in reference.named_parameters() if "lora_A" in k}
+    ours = {k: v for k, v in gm.named_parameters() if "lora_A" in k}
+    assert set(ours) == set(theirs) and len(ours) == 14
+    for key, value in theirs.items():
+        assert torch.equal(ours[key], value), key
+
+
+class CalledOutOfOrder(nn.Module):
+    """forward calls its layers in another order than they are defined (and so listed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.last = nn.Linear(16, 4)
+        self.first = nn.Linear(8, 16)
+
+    def forward(self, x):
+        return self.last(torch.relu(self.first(x)))
+
+
+def test_adapters_are_initialised_in_module_order_like_peft():
+    model = CalledOutOfOrder()
+    config = dict(r=2, target_modules=["first", "last"])
+    torch.manual_seed(7)
+    reference = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**config))
+    torch.manual_seed(7)
+    gm = fxpeft.transform(model, fxpeft.LoraConfig(**config))
+    for path in ("first", "last"):
+        theirs = reference.base_model.model.get_submodule(path).lora_A.default.weight
+        assert torch.equal(gm.get_submodule(path).lora_A.default.weight, theirs), path
