@@ -126,6 +126,29 @@ def test_merge_and_unload_failure_rolls_back(monkeypatch, where):
         torch.testing.assert_close(merged_model(X), adapted, rtol=1e-5, atol=1e-6)
 
 
+def test_merge_and_unload_failure_restores_quantized_layers_exactly(monkeypatch):
+    """requantize=True merges into the packed 4-bit weights in place; a failure after that puts the
+    packed weights and statistics back bit for bit."""
+    gm = fxpeft.transform(models.llama().eval(), [fxpeft.BnbConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+                                                 fxpeft.LoraConfig(**dict(LORA, target_modules=["q_proj", "v_proj"]))])
+    inputs = models.hf_inputs("llama")
+    with torch.no_grad():
+        adapted = gm(**inputs).logits
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(merging, "_base_module", failing)
+    with pytest.raises(RuntimeError, match="simulated failure"), pytest.warns(UserWarning, match="rounds"):
+        fxpeft.merge_and_unload(gm, requantize=True)
+    after = gm.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    assert merged_adapters(gm) == []
+    with torch.no_grad():
+        torch.testing.assert_close(gm(**inputs).logits, adapted, rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------- 6. names
 
 
