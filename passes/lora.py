@@ -161,8 +161,8 @@ def _check_unadaptable(gm, config: LoraConfig, adaptable: dict) -> None:
     ConvTranspose2d, a container) raises as PEFT does, instead of leaving it silently unadapted."""
     attention = [name for name, m in gm.named_modules() if isinstance(m, nn.MultiheadAttention)]
     for name, module in gm.named_modules():
-        if (not name or name in adaptable or name.startswith("_fxpeft") or is_adapter_state(name)
-                or not is_targeted(config, name)):
+        if (not name or name in adaptable or name.startswith("_fxpeft")  # fxpeft's own: mode switches, slots
+                or is_adapter_state(name) or not is_targeted(config, name)):
             continue
         inside = next((a for a in attention if name == a or name.startswith(a + ".")), None)
         if inside is not None:
