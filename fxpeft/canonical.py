@@ -377,7 +377,7 @@ def canonicalize(graph: torch.fx.Graph, owner: nn.Module, source: nn.Module, nam
 
     # constants the capture lifted (not parameters or buffers of the source): register them ourselves
     for node in graph.nodes:
-        if node.op == "get_attr" and node.target not in extras and _resolve(source, node.target) is None:
+        if node.op == "get_attr" and node.target not in extras and not _carried(source, node.target):
             local = f"{namespace}{node.target}".replace(".", "_")
             extras[local] = _resolve(owner, node.target)
             node.target = local
@@ -394,6 +394,17 @@ def submodule(root: nn.Module, path: str) -> Optional[nn.Module]:
         return root.get_submodule(path)
     except AttributeError:
         return None
+
+
+def _carried(root: nn.Module, fqn: str) -> bool:
+    """Whether ``fqn`` is a module, parameter or buffer of ``root``: what the result's module tree
+    carries. A plain tensor attribute is not, and symbolic_trace's tracer stores every tensor it
+    meets in forward (a ``torch.arange`` there) as such an attribute on the traced module."""
+    if submodule(root, fqn) is not None:
+        return True
+    module_path, _, name = fqn.rpartition(".")
+    owner = submodule(root, module_path)
+    return owner is not None and (name in owner._parameters or name in owner._buffers)
 
 
 def _resolve(root: nn.Module, fqn: str):

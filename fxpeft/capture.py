@@ -58,25 +58,28 @@ def forward_arg_names(model: nn.Module) -> list[str]:
 
 
 def synthesize_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Example inputs for a transformers model, from its config and forward signature."""
+    """Example inputs for a transformers model, from its config and forward signature. Drawn from
+    a private generator: the caller's random stream (which then initialises the adapters, as after
+    PEFT's get_peft_model) must not move."""
     config = model.config
+    generator = torch.Generator().manual_seed(0)  # on the CPU, whatever the model's device (tiny tensors)
     names = set(forward_arg_names(model))
     device = next(model.parameters()).device
     batch, seq = 2, 8
     inputs: dict[str, torch.Tensor] = {}
     if "input_ids" in names:
         vocab = getattr(config, "vocab_size", None) or 2
-        inputs["input_ids"] = torch.randint(0, vocab, (batch, seq), device=device)
+        inputs["input_ids"] = torch.randint(0, vocab, (batch, seq), generator=generator).to(device)
         if "attention_mask" in names:
             inputs["attention_mask"] = torch.ones(batch, seq, dtype=torch.long, device=device)
         if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in names:
-            inputs["decoder_input_ids"] = torch.randint(0, vocab, (batch, seq - 2), device=device)
+            inputs["decoder_input_ids"] = torch.randint(0, vocab, (batch, seq - 2), generator=generator).to(device)
     elif "pixel_values" in names:
         size = getattr(config, "image_size", 224)
         size = (size, size) if isinstance(size, int) else tuple(size)
         channels = getattr(config, "num_channels", 3)
         dtype = next(model.parameters()).dtype
-        inputs["pixel_values"] = torch.randn(batch, channels, *size, device=device, dtype=dtype)
+        inputs["pixel_values"] = torch.randn(batch, channels, *size, generator=generator).to(device, dtype)
     else:
         raise CaptureError(
             f"Cannot synthesise example inputs for {type(model).__name__}: its forward takes neither "

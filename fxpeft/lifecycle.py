@@ -7,6 +7,8 @@ trainability and graphs are restored as they were.
 from __future__ import annotations
 
 import contextlib
+import os
+import warnings
 from typing import Iterable, Sequence, Union
 
 import torch
@@ -15,8 +17,31 @@ from torch import nn
 from . import checkpoint as _checkpoint
 from .canonical import find_sites
 from .configs import PeftConfigBase
+from .merging import merged_adapters, unmerge_adapter
 from .module import PeftGraphModule, _device_of, build
 from .rewrite import method_for
+
+BASE_ADAPTER = "__base__"  # the name that selects no adapter in mixed batches (adapter_names=)
+
+
+def check_adapter_name(name) -> None:
+    """An adapter name becomes a key of the ModuleDicts beside each adapted module (so part of
+    parameter paths) and a checkpoint subfolder name: reject what breaks either."""
+    fix = "Choose a plain name such as 'default' or 'task_a'."
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"adapter_name must be a non-empty string, got {name!r}. {fix}")
+    if name == BASE_ADAPTER:
+        raise ValueError(f"adapter_name {name!r} is reserved: it selects no adapter in mixed batches "
+                         f"(adapter_names=[...]). {fix}")
+    if name in (".", "..") or "/" in name or "\\" in name or os.sep in name or os.path.isabs(name):
+        raise ValueError(f"adapter_name {name!r} is a path or contains a path separator; non-default adapters are "
+                         f"saved in a subfolder named after the adapter. {fix}")
+    if "." in name:
+        raise ValueError(f"adapter_name {name!r} contains '.', which separates the parts of a parameter's path "
+                         f"(torch's ModuleDict rejects it). {fix}")
+    if any(hasattr(container, name) for container in (nn.ModuleDict(), nn.ParameterDict())):
+        raise ValueError(f"adapter_name {name!r} is an attribute of torch's ModuleDict/ParameterDict, which hold "
+                         f"adapters by name, so it cannot be a key there. {fix}")
 
 
 @contextlib.contextmanager
@@ -50,6 +75,7 @@ def _set_bias_trainable(gm: PeftGraphModule, config, adapted_paths: Sequence[str
 
 
 def _attach(gm: PeftGraphModule, config, adapter_name: str) -> None:
+    check_adapter_name(adapter_name)
     if adapter_name in gm.peft_config:
         raise ValueError(
             f"An adapter named {adapter_name!r} already exists (adapters: {sorted(gm.peft_config)}); "
@@ -100,6 +126,7 @@ def transform(
     error ``model`` is left exactly as it was.
     """
     configs = [config] if isinstance(config, PeftConfigBase) or not isinstance(config, (list, tuple)) else list(config)
+    check_adapter_name(adapter_name)  # before the capture's work
     for item in configs:
         method_for(item)  # unknown config types fail before any work
     with _restore_on_error(model):
@@ -185,6 +212,7 @@ def from_pretrained(model: nn.Module, directory: str, adapter_name: str = "defau
                     example_inputs=None, quantization_config=None) -> PeftGraphModule:
     """Transform ``model`` with the adapter stored in ``directory`` (written by PEFT or fxpeft),
     quantizing the base first when a ``quantization_config`` (BnbConfig) is given (QLoRA)."""
+    check_adapter_name(adapter_name)  # before reading files
     config = _checkpoint.load_config(directory)
     weights = _checkpoint.load_weights(directory, _device_of(model))
     config.inference_mode = not is_trainable
@@ -198,6 +226,7 @@ def from_pretrained(model: nn.Module, directory: str, adapter_name: str = "defau
 def load_adapter(gm: PeftGraphModule, directory: str, adapter_name: str, is_trainable: bool = False) -> None:
     """Add the adapter stored in ``directory`` to a transformed module under ``adapter_name``."""
     _require_transformed(gm)
+    check_adapter_name(adapter_name)  # before reading files
     config = _checkpoint.load_config(directory)
     weights = _checkpoint.load_weights(directory, _device_of(gm))
     config.inference_mode = not is_trainable
@@ -222,10 +251,14 @@ def active_adapters(gm: PeftGraphModule) -> list[str]:
 
 def set_adapter(gm: PeftGraphModule, adapter_name: Union[str, Sequence[str]]) -> None:
     """Make these adapters the active ones (several add up, as in PEFT). Only a buffer the graph
-    reads changes: no recompile, and no parameter's ``requires_grad`` changes."""
+    reads changes: no recompile, and no parameter's ``requires_grad`` changes. Merged adapters are
+    unmerged first, with PEFT's warning: their deltas would otherwise stay in the base weights."""
     _require_transformed(gm)
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
     _check_known(gm, names)
+    if merged_adapters(gm):
+        warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
+        unmerge_adapter(gm)
     gm._fxpeft_active[:] = names
     _sync_activity(gm)
 
@@ -233,8 +266,12 @@ def set_adapter(gm: PeftGraphModule, adapter_name: Union[str, Sequence[str]]) ->
 @contextlib.contextmanager
 def disable_adapters(gm: PeftGraphModule):
     """Run the base model inside the block; the previous active adapters come back on exit,
-    whatever happens inside."""
+    whatever happens inside. Merged adapters are unmerged on entry (their deltas sit in the base
+    weights) and stay unmerged after the block, as in PEFT (which unmerges at the layers' next
+    forward inside the block and never merges again)."""
     _require_transformed(gm)
+    if merged_adapters(gm):
+        unmerge_adapter(gm)
     previous = list(gm._fxpeft_active)
     gm._fxpeft_active[:] = []
     _sync_activity(gm)
@@ -260,6 +297,9 @@ def delete_adapter(gm: PeftGraphModule, adapter_name: str) -> None:
     no adapter left the module computes the base model."""
     _require_transformed(gm)
     _check_known(gm, [adapter_name])
+    if adapter_name in merged_adapters(gm):  # its delta would stay in the shared base weights for good
+        raise ValueError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them "
+                         "first (fxpeft.unmerge_adapter(gm)), as in PEFT.")
     method = method_for(gm.peft_config[adapter_name])
     with _transaction(gm):
         for module in gm.modules():
@@ -275,9 +315,6 @@ def delete_adapter(gm: PeftGraphModule, adapter_name: str) -> None:
             remaining = [next(iter(gm.peft_config))]
         gm._fxpeft_active[:] = remaining
         gm.relower()
-
-
-BASE_ADAPTER = "__base__"
 
 
 def adapter_indices(gm: PeftGraphModule, adapter_names: Sequence[str], batch_size=None, device=None) -> torch.Tensor:
@@ -300,7 +337,6 @@ def adapter_indices(gm: PeftGraphModule, adapter_names: Sequence[str], batch_siz
     if prompt:
         raise NotImplementedError(f"Mixed batches (adapter_names=...) are not supported with prompt-learning adapter "
                                   f"{prompt[0]!r}: it changes every sample's sequence length.")
-    from .merging import merged_adapters
     if merged_adapters(gm):
         raise ValueError("Cannot use adapter_names while adapters are merged; call fxpeft.unmerge_adapter first.")
     if gm.training and any(isinstance(d, nn.Dropout) for m in gm.modules() if "lora_dropout" in m._modules

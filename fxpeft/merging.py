@@ -70,16 +70,36 @@ def _base_weight(gm, site, module) -> torch.Tensor:
     return module.dequantize() if is_quantized(module) else gm.get_parameter(site.weight)
 
 
-def _store_weight(gm, site, module, weight: torch.Tensor) -> None:
-    """Write ``weight`` back in place: a quantized layer quantizes it again (rounding, as PEFT)."""
-    if is_quantized(module):
+def _store_weight(gm, site, module, weight: torch.Tensor):
+    """Write ``weight`` back in place (a quantized layer quantizes it again: rounding, as PEFT) and
+    return what :func:`_restore_weight` needs to put the previous weight back exactly."""
+    if is_quantized(module):  # requantize_ writes some packed tensors in place and replaces others
+        saved = {name: (t, None if t is None else t.detach().clone())
+                 for name, t in (*module._parameters.items(), *module._buffers.items())}
         module.requantize_(weight)
-    else:
-        gm.get_parameter(site.weight).copy_(weight)
+        return saved
+    param = gm.get_parameter(site.weight)
+    previous = param.detach().clone()
+    param.copy_(weight)
+    return previous
 
 
-def _fold(gm, names, sign: int, safe_merge: bool = False) -> None:
-    """Add (sign 1) or subtract (-1) the deltas of the named adapters not yet (still) merged."""
+def _restore_weight(gm, site, module, saved) -> None:
+    if not is_quantized(module):
+        gm.get_parameter(site.weight).copy_(saved)
+        return
+    for name, (tensor, value) in saved.items():
+        (module._parameters if name in module._parameters else module._buffers)[name] = tensor
+        if tensor is not None:
+            tensor.copy_(value)
+
+
+def _fold(gm, names, sign: int, safe_merge: bool = False) -> tuple:
+    """Add (sign 1) or subtract (-1) the deltas of the named adapters not yet (still) merged.
+
+    All or nothing: on error every weight and gate is as before. Returns the record
+    :func:`_unfold` takes to undo the fold exactly (the previous weights: as much memory as the
+    new weights this fold computed anyway)."""
     updates = []  # (site, module, gate); every new weight is computed before any weight changes
     current: dict[str, torch.Tensor] = {}  # a site adapted by several adapters accumulates
     quantized = set()
@@ -104,12 +124,28 @@ def _fold(gm, names, sign: int, safe_merge: bool = False) -> None:
         if quantized:
             warnings.warn(f"Merging into {len(quantized)} quantized layers rounds the merged weights to their "
                           "quantized format; outputs change slightly (merge_and_unload() returns float weights).")
-        done = set()
-        for site, module, gate in updates:
-            if site.path not in done:
-                _store_weight(gm, site, module, current[site.path])
-                done.add(site.path)
-            gate.merged = sign > 0
+        gates = [(gate, gate.merged) for _, _, gate in updates]
+        stored = []  # (site, module, what restores its previous weight)
+        try:
+            for site, module, gate in updates:
+                if site.path in current:  # popped once stored: the new weight's memory is freed
+                    stored.append((site, module, _store_weight(gm, site, module, current.pop(site.path))))
+                gate.merged = sign > 0
+                gate.refresh()
+        except BaseException:
+            _unfold(gm, (gates, stored))
+            raise
+    return gates, stored
+
+
+def _unfold(gm, record: tuple) -> None:
+    """Undo a :func:`_fold` exactly: the previous weights and gates back."""
+    gates, stored = record
+    with torch.no_grad():
+        for site, module, saved in reversed(stored):  # last stored first: tied weights end at the oldest value
+            _restore_weight(gm, site, module, saved)
+        for gate, merged in gates:
+            gate.merged = merged
             gate.refresh()
 
 
@@ -198,8 +234,14 @@ def merge_and_unload(gm: PeftGraphModule, adapter_names=None, safe_merge: bool =
         if safe_merge and broken:
             raise ValueError(f"NaNs or infs found while merging into {broken[:3]}; the adapter seems broken.")
         return _base_module(gm, weights, use_saved_copies=True, dequantize=True)
-    merge_adapter(gm, adapter_names, safe_merge=safe_merge)
-    return _base_module(gm, {}, use_saved_copies=True)
+    names = _check_names(gm, adapter_names)
+    _check_mergeable(gm, names)
+    record = _fold(gm, names, 1, safe_merge)
+    try:
+        return _base_module(gm, {}, use_saved_copies=True)
+    except BaseException:  # gm stays usable: its weights and gates as before the call
+        _unfold(gm, record)
+        raise
 
 
 def unload(gm: PeftGraphModule) -> PeftGraphModule:

@@ -43,15 +43,16 @@ class Lowering:
             with graph.inserting_before(next(iter(graph.nodes))):
                 self.sample_index = graph.placeholder("fxpeft_adapter_index")
         self._start = next(iter(graph.nodes))  # gates are read at the top, before any use
-        self._gates: dict[str, torch.fx.Node] = {}
+        self._gates: dict[str, torch.fx.Node] = {}  # keyed by adapter name: any string is a valid name
+        self._slots: Optional[torch.fx.Node] = None
 
     def slots(self) -> torch.fx.Node:
         """The indices of the active adapters (``len(adapter_order)``: an empty slot)."""
-        if "slots" not in self._gates:
+        if self._slots is None:
             with self.graph.inserting_before(self._start):
-                self._gates["slots"] = self.graph.get_attr("_fxpeft_slots")
-            self._gates["slots"].meta["fxpeft_rule"] = "adapter_gates"
-        return self._gates["slots"]
+                self._slots = self.graph.get_attr("_fxpeft_slots")
+            self._slots.meta["fxpeft_rule"] = "adapter_gates"
+        return self._slots
 
     def gate(self, adapter: str) -> torch.fx.Node:
         """A 0-dim node: 1.0 while ``adapter`` is active, else 0.0 (read from the gates buffer)."""

@@ -151,20 +151,42 @@ def resolve_targets(gm, sites: list[Site], config: LoraConfig) -> LoraConfig:
     return dataclasses.replace(config, target_modules=targets)
 
 
+# Layer types LoRA adapts (PEFT's list, less nn.MultiheadAttention): a targeted module of another
+# type is an error, as in PEFT, never skipped.
+ADAPTABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+
+
+def _check_unadaptable(gm, config: LoraConfig, adaptable: dict) -> None:
+    """Targeted modules that are no site: an unsupported type (a LayerNorm a regex also matched, a
+    ConvTranspose2d, a container) raises as PEFT does, instead of leaving it silently unadapted."""
+    attention = [name for name, m in gm.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    for name, module in gm.named_modules():
+        if (not name or name in adaptable or name.startswith("_fxpeft")  # fxpeft's own: mode switches, slots
+                or is_adapter_state(name) or not is_targeted(config, name)):
+            continue
+        inside = next((a for a in attention if name == a or name.startswith(a + ".")), None)
+        if inside is not None:
+            raise NotImplementedError(
+                f"target_modules {config.target_modules!r} matched {name!r} ({type(module).__name__}) in the "
+                f"nn.MultiheadAttention {inside!r}: PEFT adapts nn.MultiheadAttention, fxpeft does not yet. "
+                "Leave it out of target_modules (or exclude_modules=[...] it).")
+        if not isinstance(module, (*LINEAR_LAYER_TYPES, *ADAPTABLE_TYPES)):
+            raise ValueError(
+                f"Target module {name!r} ({type(module).__name__}) is not supported: target_modules "
+                f"{config.target_modules!r} matched it, but it is not a linear, Conv1D, conv or embedding layer, so "
+                "LoRA cannot adapt it (PEFT raises too). Narrow target_modules to the layers inside it, or "
+                "exclude_modules=[...] it.")
+
+
 def attach(gm, sites: list[Site], config: LoraConfig, adapter: str) -> list[str]:
-    """``config`` arrives with its targets resolved (``Method.resolve_config``)."""
-    by_path: dict[str, Site] = {}
+    """``config`` arrives with its targets resolved (``Method.resolve_config``). Adapters are created
+    in module order, as PEFT does, so the same seed gives PEFT's initial weights."""
+    adaptable: dict[str, Site] = {}
     for site in sites:
-        by_path.setdefault(site.path, site)
-    adaptable = {p: s for p, s in by_path.items() if submodule(gm, p) is not None}
-    matched = [p for p in adaptable if is_targeted(config, p)]
-    not_sites = [name for name, _ in gm.named_modules() if name and name not in by_path and is_targeted(config, name)
-                 and not is_adapter_state(name)]
-    if not_sites and not matched:
-        raise ValueError(
-            f"target_modules {config.target_modules!r} matched {not_sites[:5]}, which are not linear, Conv1D, "
-            "conv or embedding layers, so LoRA cannot adapt them. Target their linear sub-layers instead."
-        )
+        if submodule(gm, site.path) is not None:
+            adaptable.setdefault(site.path, site)
+    _check_unadaptable(gm, config, adaptable)
+    matched = [name for name, _ in gm.named_modules() if name in adaptable and is_targeted(config, name)]
     if not matched:
         raise unmatched_target_error(config, list(adaptable))
     for path in matched:

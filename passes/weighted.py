@@ -126,8 +126,8 @@ def _check(gm, adapters, weights, adapter_name, combination_type, svd_rank, svd_
     import fxpeft
     if not isinstance(gm, fxpeft.PeftGraphModule):
         raise TypeError(f"Expected the module returned by fxpeft.transform, got {type(gm).__name__}.")
-    if not isinstance(adapter_name, str) or not adapter_name:
-        raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}.")
+    from fxpeft.lifecycle import check_adapter_name
+    check_adapter_name(adapter_name)
     if adapter_name in gm.peft_config:
         raise ValueError(f"An adapter named {adapter_name!r} already exists (adapters: {sorted(gm.peft_config)}); "
                          "choose another adapter_name or delete it first.")

@@ -7,6 +7,8 @@ import os
 import peft
 import torch
 
+import fxpeft
+
 
 def peft_model(model, **lora_kwargs):
     """PEFT's LoRA model on a deep copy of ``model``."""
@@ -46,3 +48,25 @@ def assert_same_saved_tensors(peft_dir, fx_dir) -> None:
     assert set(ours) == set(theirs)
     for key in theirs:
         torch.testing.assert_close(ours[key], theirs[key])
+
+
+def lora_pair(model, configs: dict):
+    """The same LoRA adapters (``{name: LoraConfig kwargs}``) in PEFT and fxpeft, fxpeft holding
+    PEFT's tensors (embedding ones drawn at random); the first adapter active. Both in eval mode."""
+    names = list(configs)
+    reference = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**configs[names[0]]), adapter_name=names[0])
+    gm = fxpeft.transform(model, fxpeft.LoraConfig(**configs[names[0]]), adapter_name=names[0])
+    for name in names[1:]:
+        reference.add_adapter(name, peft.LoraConfig(**configs[name]))
+        fxpeft.add_adapter(gm, fxpeft.LoraConfig(**configs[name]), name)
+    with torch.no_grad():
+        for key, param in reference.named_parameters():
+            if "lora_embedding" in key:
+                param.normal_()
+    for name in names:
+        ours = dict(gm.named_parameters())
+        for key, value in reference.named_parameters():
+            if f".{name}" in key and "lora_" in key:
+                with torch.no_grad():
+                    ours[key.removeprefix("base_model.model.")].copy_(value)
+    return reference.eval(), gm.eval()

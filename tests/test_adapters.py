@@ -1,15 +1,12 @@
 """Many adapters in one graph: switching, disabling, deleting, mixed batches — against PEFT."""
 from __future__ import annotations
 
-import copy
-
-import peft
 import pytest
 import torch
 
 import fxpeft
 import models
-from peft_oracle import copy_adapter_weights
+from peft_oracle import lora_pair
 
 CONFIGS = {
     "default": dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
@@ -18,30 +15,9 @@ CONFIGS = {
 }
 
 
-def _pair(model, configs=CONFIGS):
-    """The same adapters in PEFT and fxpeft (fxpeft gets PEFT's tensors)."""
-    names = list(configs)
-    reference = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**configs[names[0]]), adapter_name=names[0])
-    gm = fxpeft.transform(model, fxpeft.LoraConfig(**configs[names[0]]), adapter_name=names[0])
-    for name in names[1:]:
-        reference.add_adapter(name, peft.LoraConfig(**configs[name]))
-        fxpeft.add_adapter(gm, fxpeft.LoraConfig(**configs[name]), name)
-    with torch.no_grad():
-        for key, param in reference.named_parameters():
-            if "lora_embedding" in key:
-                param.normal_()
-    for name in names:
-        ours = dict(gm.named_parameters())
-        for key, value in reference.named_parameters():
-            if f".{name}" in key and "lora_" in key:
-                with torch.no_grad():
-                    ours[key.removeprefix("base_model.model.")].copy_(value)
-    return reference.eval(), gm.eval()
-
-
 def test_set_adapter_disable_and_combinations_match_peft():
     model = models.llama().eval()
-    reference, gm = _pair(model)
+    reference, gm = lora_pair(model, CONFIGS)
     inputs = models.hf_inputs("llama")
     flags = {n: p.requires_grad for n, p in gm.named_parameters()}
     with torch.no_grad():
@@ -81,7 +57,7 @@ def test_adding_and_loading_keeps_others_trainability(tmp_path):
 
 def test_delete_adapter_states():
     model = models.llama().eval()
-    reference, gm = _pair(model)
+    reference, gm = lora_pair(model, CONFIGS)
     inputs = models.hf_inputs("llama")
     fxpeft.set_adapter(gm, ["default", "mlp"])
     fxpeft.delete_adapter(gm, "mlp")  # an active one: the other active adapter stays
@@ -111,7 +87,7 @@ def test_mixed_batch_matches_peft(name):
         "b": dict(r=5, lora_alpha=5, target_modules="all-linear", init_lora_weights=False),
         "c": dict(r=3, lora_alpha=9, target_modules="all-linear", init_lora_weights=False),
     }
-    reference, gm = _pair(model, configs)
+    reference, gm = lora_pair(model, configs)
     inputs = models.hf_inputs(name, batch=6, seq=7)
     names = ["a", "__base__", "c", "b", "a", "c"]
     with torch.no_grad():
@@ -135,7 +111,7 @@ def test_mixed_batch_embedding_and_conv_sites_match_peft(name):
     targets = {"decoder": ["embed", "qkv", "down"], "convnet": ["conv1", "conv2", "head"]}[name]
     configs = {"x": dict(r=2, target_modules=targets, init_lora_weights=False),
                "y": dict(r=3, lora_alpha=6, target_modules=targets, init_lora_weights=False)}
-    reference, gm = _pair(model, configs)
+    reference, gm = lora_pair(model, configs)
     (x,) = make_inputs()
     x = torch.cat([x, x])[:4]
     names = ["y", "x", "__base__", "y"]
@@ -161,7 +137,7 @@ def test_mixed_batch_bad_input_fails_before_compute():
 def test_no_recompiles_when_switching_disabling_and_mixing():
     torch._dynamo.reset()
     model = models.llama().eval()
-    reference, gm = _pair(model)
+    reference, gm = lora_pair(model, CONFIGS)
     inputs = models.hf_inputs("llama")
     # two adapters were once active together: the module keeps two slots for active adapters
     # (growing the slot count is the one change that recompiles)
@@ -197,7 +173,7 @@ def test_mixed_batch_with_modules_to_save_matches_peft(name, saved):
     targets = ["query", "value"] if name == "bert" else ["q_proj", "v_proj"]
     configs = {n: dict(r=r, lora_alpha=4, target_modules=targets, init_lora_weights=False, **task)
                for n, r in (("a", 2), ("b", 3))}
-    reference, gm = _pair(model, configs)
+    reference, gm = lora_pair(model, configs)
     torch.manual_seed(0)
     copies = dict(gm.named_parameters())
     with torch.no_grad():  # copies that differ from the original and from each other
@@ -233,7 +209,7 @@ def test_mixed_batch_lora_after_a_saved_module_and_a_module_called_twice():
     model = _SavedThenAdapted().eval()
     configs = {n: dict(r=2, lora_alpha=4, target_modules=["fc"], modules_to_save=["norm"], init_lora_weights=False)
                for n in ("a", "b")}
-    reference, gm = _pair(model, configs)
+    reference, gm = lora_pair(model, configs)
     copies = dict(gm.named_parameters())
     with torch.no_grad():
         for key, param in reference.named_parameters():
