@@ -199,7 +199,8 @@ def _base_module(gm: PeftGraphModule, merged_weights: dict[str, torch.Tensor], u
         result = build(tree, gm._fxpeft_signatures[gm._fxpeft_primary].example)
     else:
         signatures = {key: sig.fresh() for key, sig in gm._fxpeft_signatures.items()}
-        result = PeftGraphModule(tree, signatures, gm._fxpeft_primary, tree, gm._fxpeft_arg_names)
+        result = PeftGraphModule(tree, signatures, gm._fxpeft_primary, tree, gm._fxpeft_arg_names,
+                                 gm._fxpeft_block_paths)
     result.train(gm.training)
     return result
 

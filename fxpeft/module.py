@@ -24,7 +24,7 @@ import functools
 import inspect
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.fx
@@ -32,6 +32,7 @@ from torch import nn
 from torch.fx.graph_module import GraphModule, _forward_from_src
 
 from . import capture as capture_mod
+from .blocks import Outlined, blocks_of, find_block_paths, install_blocks, outline
 from .canonical import canonicalize
 from .peft_methods import PeftModelMethods
 from .rewrite import TREE_PASSES, lower, method_for
@@ -51,10 +52,11 @@ class Signature:
     mixed_graph: Optional[torch.fx.Graph] = None  # lowered for per-sample adapters (adapter_names=...)
     mixed_fn: Optional[Callable] = None  # called as mixed_fn(module, adapter_index, *flat_inputs)
     mixed_error: Optional[Exception] = None  # why no mixed graph could be lowered (raised on adapter_names=)
+    outlined: Optional[Outlined] = None  # the canonical graph split into a top graph and block graphs
 
     def fresh(self) -> "Signature":
-        """The same canonical graph (never mutated, so shared), not yet lowered."""
-        return Signature(self.canonical, self.in_spec, self.out_spec, self.example)
+        """The same canonical graphs (never mutated, so shared), not yet lowered."""
+        return Signature(self.canonical, self.in_spec, self.out_spec, self.example, outlined=self.outlined)
 
 
 def canonical_signature(captured, source: nn.Module, root: nn.Module, index: int) -> Signature:
@@ -147,17 +149,20 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         tree = args[0] if args else kwargs["tree"]
         return object.__new__(result_class(tree))
 
-    def __init__(self, tree: nn.Module, signatures: dict, primary_key, source: nn.Module, arg_names: list[str]):
+    def __init__(self, tree: nn.Module, signatures: dict, primary_key, source: nn.Module, arg_names: list[str],
+                 block_paths: Sequence[str] = ()):
         primary = signatures[primary_key]
-        GraphModule.__init__(self, tree, copy.deepcopy(primary.canonical), class_name=type(self).__name__)
+        root = install_blocks(tree, list(block_paths)) if block_paths else tree
+        GraphModule.__init__(self, root, copy.deepcopy(primary.canonical), class_name=type(self).__name__)
         # what the model holds besides modules and tensors (config, generation_config, name_or_path …)
         for name, value in tree.__dict__.items():
             self.__dict__.setdefault(name, value)
         # take the whole tree, not only what the first graph references (frozen copies, all adapters)
-        self._modules = tree._modules
-        self._parameters = tree._parameters
-        self._buffers = tree._buffers
-        self._non_persistent_buffers_set = tree._non_persistent_buffers_set
+        self._modules = root._modules
+        self._parameters = root._parameters
+        self._buffers = root._buffers
+        self._non_persistent_buffers_set = root._non_persistent_buffers_set
+        self.__dict__["_fxpeft_block_paths"] = list(block_paths)
         self.__dict__["_fxpeft_signatures"] = signatures
         self.__dict__["_fxpeft_primary"] = primary_key
         # tracing template for signatures seen later: the original model's class over *our* module
@@ -179,20 +184,55 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         """Re-derive every signature's graph from its canonical graph and the current adapter state."""
         self.sync_gates()
         self.__dict__["_fxpeft_dropped"] = self._dropped_inputs()
+        lowered_blocks: dict = {}
         for signature in self._fxpeft_signatures.values():
-            self._lower_signature(signature)
+            self._lower_signature(signature, lowered_blocks)
         self.graph = self._fxpeft_signatures[self._fxpeft_primary].graph
 
-    def _lower_signature(self, signature: Signature) -> None:
-        signature.graph = lower(signature.canonical, self, mixed=False)
+    def _lower_signature(self, signature: Signature, lowered_blocks: Optional[dict] = None) -> None:
+        """Lower the signature's graphs: with blocks, the top graph here and each block's graph on
+        the block (blocks of equal structure and adapter state share one lowering, kept in
+        ``lowered_blocks`` across the signatures of one relower)."""
+        top, mixed_error = signature.canonical, None
+        if self._fxpeft_block_paths:
+            if signature.outlined is None:
+                signature.outlined = outline(signature.canonical, self, self._fxpeft_block_paths)
+            if signature.outlined is not None:
+                top = signature.outlined.top
+                mixed_error = self._lower_blocks(signature.outlined, {} if lowered_blocks is None else lowered_blocks)
+        signature.graph = lower(top, self, mixed=False)
         signature.fn = compile_graph(signature.graph)
-        signature.mixed_graph = signature.mixed_fn = signature.mixed_error = None
-        if self.peft_config:
+        signature.mixed_graph = signature.mixed_fn = None
+        signature.mixed_error = mixed_error
+        if self.peft_config and mixed_error is None:
             try:
-                signature.mixed_graph = lower(signature.canonical, self, mixed=True)
+                signature.mixed_graph = lower(top, self, mixed=True)
                 signature.mixed_fn = compile_graph(signature.mixed_graph)
             except NotImplementedError as error:  # only calls with adapter_names= need this graph
                 signature.mixed_error = error
+
+    def _lower_blocks(self, outlined: Outlined, lowered: dict) -> Optional[Exception]:
+        """Give each block the lowered code for its graph; the first reason a block has no mixed graph."""
+        order = list(self.peft_config)
+        mixed_error = None
+        for path, block_graph in outlined.blocks.items():
+            block = self.get_submodule(path)
+            register_extras(block, block_graph.extras)
+            key = (block_graph.key, _adapter_state(block))
+            if key not in lowered:
+                dense = lower(block_graph.graph, block, mixed=False, adapter_order=order)
+                mixed, error = None, None
+                if order:
+                    try:
+                        mixed = compile_graph(lower(block_graph.graph, block, mixed=True, adapter_order=order))
+                    except NotImplementedError as caught:
+                        error = caught
+                lowered[key] = (compile_graph(dense), mixed, dense, error)
+            dense_fn, mixed_fn, dense, error = lowered[key]
+            block.variants[block_graph.key] = (dense_fn, mixed_fn)
+            block.graphs[block_graph.key] = dense
+            mixed_error = mixed_error or error
+        return mixed_error
 
     def _dropped_inputs(self) -> frozenset:
         """The inputs the active adapters' methods call the model without."""
@@ -224,6 +264,8 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         else:
             device = current.device if current is not None else _device_of(self)
             self.register_buffer(name, values.to(device), persistent=False)
+        for block in blocks_of(self).values():  # block graphs read the same tensor as their own buffer
+            block.register_buffer(name, self._buffers[name], persistent=False)
 
     def recompile(self):
         python_code = super().recompile()
@@ -278,6 +320,8 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
                 example = {k: _convert(v, device, dtype) for k, v in signature.example.items()}
                 self._capture_signature(example, key, index=index, widen=False)
             self.graph = self._fxpeft_signatures[self._fxpeft_primary].graph
+        if "_fxpeft_gates" in self._buffers:
+            self.sync_gates()  # .to() gave each block its own copy of the gates: share one again
         return result
 
     def _placement(self):
@@ -391,7 +435,18 @@ def build(model: nn.Module, example_inputs=None, configs=()) -> PeftGraphModule:
     captured = capture_mod.capture(tree, example_inputs)
     signature = canonical_signature(captured, tree, tree, 0)
     key = None if captured.example is None else capture_mod.signature_key(captured.example)
-    return PeftGraphModule(tree, {key: signature}, key, tree, capture_mod.forward_arg_names(model))
+    flat = any(method_for(config).whole_graph for config in configs)
+    block_paths = [] if flat else find_block_paths(tree)
+    return PeftGraphModule(tree, {key: signature}, key, tree, capture_mod.forward_arg_names(model), block_paths)
+
+
+def _adapter_state(block: nn.Module) -> tuple:
+    """What lowering reads of a block besides its graph: the types, parameter shapes and dtypes of
+    everything in it (adapters included). Blocks equal in this and in structure lower alike."""
+    return tuple((path, type(module).__name__,
+                  tuple((name, tuple(p.shape), p.dtype) for name, p in module._parameters.items() if p is not None),
+                  tuple(sorted(module._buffers)))
+                 for path, module in block.named_modules())
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -8,6 +8,7 @@ lazily because the functions live in modules that import the result class.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Optional, Sequence, Union
 
 
@@ -120,16 +121,37 @@ class PeftModelMethods:
         """PEFT users call this before reentrant gradient checkpointing with frozen embeddings. fxpeft
         computes gradients of every adapter without it, so there is nothing to do."""
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None, **kwargs) -> None:
-        raise NotImplementedError(
-            "Gradient checkpointing recomputes the model's blocks (decoder layers) in backward, and this fxpeft "
-            "module is one flat graph without blocks yet, so it cannot. Train without gradient_checkpointing "
-            "(TrainingArguments(gradient_checkpointing=False)) or with a smaller batch.")
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None,
+                                      every_n_layers: int = 1, offload: bool = False) -> None:
+        """Recompute the model's blocks in backward (``torch.utils.checkpoint``, non-reentrant) instead
+        of keeping their activations: every block, or every ``every_n_layers``-th; with ``offload``
+        what each block keeps for the recompute lives in host memory (transformers' arguments)."""
+        from .blocks import blocks_of
 
-    activation_checkpointing_enable = gradient_checkpointing_enable  # transformers 5.24's name
+        blocks = list(blocks_of(self).values())
+        if not blocks:
+            raise NotImplementedError(
+                "Gradient checkpointing recomputes the model's repeated blocks in backward, and fxpeft found none in "
+                "this model (no ModuleList of same-class blocks), or the method keeps the graph flat (prefix tuning). "
+                "Train without gradient checkpointing, or with a smaller batch.")
+        options = dict(gradient_checkpointing_kwargs or {})
+        if options.pop("use_reentrant", False):
+            warnings.warn("fxpeft checkpoints blocks non-reentrantly: the reentrant variant loses the adapters' "
+                          "gradients when a block's inputs do not require grad.", stacklevel=2)
+        for index, block in enumerate(blocks):
+            block.gradient_checkpointing = index % every_n_layers == 0
+            block.checkpoint_options = dict(options, offload=offload)
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Optional[dict] = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """transformers 5.24's name for gradient_checkpointing_enable (what Trainer calls)."""
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)
 
     def gradient_checkpointing_disable(self) -> None:
-        """Nothing to disable: see gradient_checkpointing_enable."""
+        from .blocks import blocks_of
+
+        for block in blocks_of(self).values():
+            block.gradient_checkpointing = False
 
     activation_checkpointing_disable = gradient_checkpointing_disable
 

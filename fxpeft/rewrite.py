@@ -31,12 +31,13 @@ aten = torch.ops.aten
 class Lowering:
     """One graph being lowered: the graph, the module tree it reads from, and its sites."""
 
-    def __init__(self, graph: torch.fx.Graph, root: nn.Module, mixed: bool = False):
+    def __init__(self, graph: torch.fx.Graph, root: nn.Module, mixed: bool = False,
+                 adapter_order: Optional[list[str]] = None):
         self.graph = graph
-        self.root = root
+        self.root = root  # the module the graph reads: the result, or one of its blocks
         self.sites = find_sites(graph, root)
         self.tag: dict[str, str] = {}  # stamped on every inserted node's meta (for inspection)
-        self.adapter_order = list(getattr(root, "peft_config", {}))
+        self.adapter_order = list(getattr(root, "peft_config", {}) if adapter_order is None else adapter_order)
         self.mixed = mixed  # per-sample adapters: the graph takes an index tensor as first input
         self.sample_index = None
         if mixed:
@@ -157,6 +158,9 @@ class Method:
     # ``dropped_inputs(config) -> frozenset`` of input names the model is called without while the
     # adapter acts (PEFT's prompt methods drop some): the dispatcher leaves them out of the call.
     dropped_inputs: Optional[Callable] = None
+    # Its rules must see the whole model in one graph (one prefix per attention, dealt in model
+    # order): a result made with it keeps the flat graph instead of one graph per block.
+    whole_graph: bool = False
 
 
 METHODS: dict[type, Method] = {}
@@ -217,9 +221,16 @@ def _apply_site_rewrite(lowering: Lowering, rule: Rule, site: Site) -> None:
     site.output = new_output
 
 
-def lower(canonical: torch.fx.Graph, root: nn.Module, mixed: bool = False) -> torch.fx.Graph:
+def lower(canonical: torch.fx.Graph, root: nn.Module, mixed: bool = False,
+          adapter_order: Optional[list[str]] = None) -> torch.fx.Graph:
+    """The executable graph: ``canonical`` with every rule applied, reading ``root``'s adapter
+    state. In a mixed graph, calls of blocks (fxpeft/blocks.py) pass the per-sample index on."""
     graph = copy_graph(canonical)
-    lowering = Lowering(graph, root, mixed)
+    lowering = Lowering(graph, root, mixed, adapter_order)
+    if mixed:
+        for node in graph.nodes:
+            if node.meta.get("fxpeft_block"):
+                node.update_kwarg("adapter_index", lowering.sample_index)
     for rule in RULES:
         for candidate in list(rule.match(lowering)):
             lowering.tag = {"fxpeft_rule": rule.name}

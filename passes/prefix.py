@@ -388,4 +388,4 @@ register_rule(Rule(name="prefix_tuning", match=match, rewrite=rewrite, phase=20)
 register_method(Method(config_type=PrefixTuningConfig, attach=attach, containers=CONTAINERS,
                        resolve_config=resolve_prefix_config, prompt_learning=True,
                        saved_tensors=prompt_embeddings, load_saved=load_prompt_embeddings,
-                       checkpoint_prefix="base_model.", dropped_inputs=dropped_token_types))
+                       checkpoint_prefix="base_model.", dropped_inputs=dropped_token_types, whole_graph=True))

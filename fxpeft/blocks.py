@@ -1,0 +1,288 @@
+"""Block structure: the model's repeated blocks (decoder layers, encoder layers, vision blocks)
+as modules of their own in the result, each running a graph.
+
+A captured graph is flat: every parameter is read from the root. Training tools work per block:
+FSDP2 all-gathers a block's parameters in that block's forward hooks, activation checkpointing
+recomputes a block, regional compilation compiles one. So the result keeps each block as a
+``call_module`` target under its original path:
+
+- :func:`find_block_paths`: the children of a ``ModuleList`` whose modules all share one class
+  (at least two, each with children of its own), outermost lists only;
+- :func:`outline`: the flat canonical graph split into a top graph that calls the blocks and one
+  canonical graph per block that reads the block module with relative names. A node belongs to
+  the block its ``nn_module_stack`` (or, for ``get_attr``, its target) names; a node with neither
+  belongs to the block all its users are in. Blocks whose nodes are not one convex region (some
+  outside node both reads from and feeds the block) make the whole graph stay flat;
+- :class:`Block`: the module installed at a block's path. It shares the original block's
+  parameters, buffers and children (state_dict keys do not move) and runs one lowered graph per
+  structure: blocks whose canonical graphs have the same structure share the lowered code.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import heapq
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.fx
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .canonical import _resolve, submodule
+
+
+def find_block_paths(tree: nn.Module) -> list[str]:
+    """Paths of the model's repeated blocks (``model.layers.0`` …)."""
+    found: list[str] = []
+    for path, module in tree.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) < 2:
+            continue
+        if any(path.startswith(block + ".") for block in found):
+            continue  # a list inside a block: the outer block is the unit
+        children = list(module)
+        if len({type(child) for child in children}) == 1 and len(children[0]._modules) > 0:
+            found += [f"{path}.{name}" if path else name for name in module._modules]
+    return found
+
+
+@dataclass
+class BlockGraph:
+    """One block's canonical graph: inputs are placeholders, outputs one tuple, names relative."""
+
+    graph: torch.fx.Graph
+    key: str  # structure: blocks with equal keys have equal graphs
+    extras: dict[str, Any] = field(default_factory=dict)  # local name -> module / tensor it reads
+
+
+@dataclass
+class Outlined:
+    top: torch.fx.Graph  # calls each block: call_module(path, inputs, {"variant": key})
+    blocks: dict[str, BlockGraph]
+
+
+def _owner_block(node: torch.fx.Node, blocks: list[str]) -> Optional[str]:
+    def block_of(path) -> Optional[str]:
+        if not isinstance(path, str):
+            return None
+        return next((b for b in blocks if path == b or path.startswith(b + ".")), None)
+
+    if node.op == "get_attr":
+        return block_of(node.target)
+    if node.op in ("call_function", "call_method", "call_module"):
+        for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+            found = block_of(path)
+            if found is not None:
+                return found
+    return None
+
+
+def _homeless(node: torch.fx.Node) -> bool:
+    """A node no module claims: a size or helper op export recorded outside any module, or a
+    constant canonicalize registered on the root (a name without a module path)."""
+    if node.op == "get_attr":
+        return "." not in node.target
+    if node.op not in ("call_function", "call_method", "call_module"):
+        return False
+    paths = [p for p, _ in (node.meta.get("nn_module_stack") or {}).values()]
+    return not any(isinstance(p, str) and p and not p.startswith("_empty") for p in paths)
+
+
+def _assign(graph: torch.fx.Graph, blocks: list[str]) -> dict[torch.fx.Node, Optional[str]]:
+    owner = {node: _owner_block(node, blocks) for node in graph.nodes}
+    for node in reversed(list(graph.nodes)):  # homeless helpers go with their users' block
+        if owner[node] is None and _homeless(node) and node.users:
+            user_blocks = {owner[user] for user in node.users}
+            if len(user_blocks) == 1 and None not in user_blocks:
+                owner[node] = user_blocks.pop()
+    return owner
+
+
+def _convex(graph: torch.fx.Graph, owner: dict, block: str) -> bool:
+    """No node outside ``block`` reads from it and also feeds it."""
+    downstream: set = set()  # outside nodes that depend on the block
+    for node in graph.nodes:
+        if owner[node] == block:
+            if any(arg in downstream for arg in node.all_input_nodes):
+                return False
+        elif any(owner[arg] == block or arg in downstream for arg in node.all_input_nodes):
+            downstream.add(node)
+    return True
+
+
+def _relative(path: str, block: str) -> str:
+    return path[len(block) + 1:]
+
+
+def _block_graph(graph: torch.fx.Graph, owner: dict, block: str, root: nn.Module):
+    """(BlockGraph, inputs, outputs): the block's nodes copied into a graph of their own."""
+    nodes = [n for n in graph.nodes if owner[n] == block]
+    inside = set(nodes)
+    inputs: list[torch.fx.Node] = []
+    for node in nodes:
+        for arg in node.all_input_nodes:
+            if arg not in inside and arg not in inputs:
+                inputs.append(arg)
+    outputs = [n for n in nodes if any(user not in inside for user in n.users)]
+    new = torch.fx.Graph()
+    values = {arg: new.placeholder(f"input_{i}") for i, arg in enumerate(inputs)}
+    extras: dict[str, Any] = {}
+    local_names: dict[str, str] = {}
+    for node in nodes:
+        copied = new.node_copy(node, lambda arg: values[arg])
+        if node.op in ("get_attr", "call_module"):
+            if node.target.startswith(block + "."):
+                copied.target = _relative(node.target, block)
+            else:  # something canonicalize registered on the root (a mode switch, a constant)
+                if node.target not in local_names:
+                    local_names[node.target] = f"_fxpeft_local_{len(local_names)}"
+                    extras[local_names[node.target]] = _resolve(root, node.target)
+                copied.target = local_names[node.target]
+        if "fxpeft_module" in copied.meta and isinstance(copied.meta["fxpeft_module"], str) \
+                and copied.meta["fxpeft_module"].startswith(block + "."):
+            copied.meta["fxpeft_module"] = _relative(copied.meta["fxpeft_module"], block)
+        stack = copied.meta.get("nn_module_stack")
+        if stack:  # relative paths inside the block, what lies outside dropped
+            copied.meta["nn_module_stack"] = {k: (_relative(p, block), t) for k, (p, t) in stack.items()
+                                              if isinstance(p, str) and p.startswith(block + ".")}
+        values[node] = copied
+    new.output(tuple(values[n] for n in outputs))
+    return BlockGraph(new, _structure_key(new), extras), inputs, outputs
+
+
+def _structure_key(graph: torch.fx.Graph) -> str:
+    """Equal for graphs that do the same thing on their own module (names aside)."""
+    index = {node: i for i, node in enumerate(graph.nodes)}
+    parts = []
+    for node in graph.nodes:
+        args = torch.fx.map_arg((node.args, node.kwargs), lambda n: f"%{index[n]}")
+        target = node.target if isinstance(node.target, str) else getattr(node.target, "__qualname__", str(node.target))
+        parts.append(f"{node.op}|{target}|{args!r}")
+    return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def outline(graph: torch.fx.Graph, root: nn.Module, blocks: list[str]) -> Optional[Outlined]:
+    """Split a flat canonical graph into a top graph calling ``blocks`` and one graph per block;
+    None when some block is not one convex region (the graph then stays flat)."""
+    owner = _assign(graph, blocks)
+    present = [b for b in blocks if any(owner[n] == b and n.op != "get_attr" for n in graph.nodes)]
+    if not present or not all(_convex(graph, owner, b) for b in present):
+        return None
+    block_graphs, calls = {}, {}
+    for block in present:
+        block_graphs[block], inputs, outputs = _block_graph(graph, owner, block, root)
+        calls[block] = (inputs, outputs)
+    return Outlined(_top_graph(graph, owner, calls, block_graphs), block_graphs)
+
+
+def _top_graph(graph: torch.fx.Graph, owner: dict, calls: dict, block_graphs: dict) -> torch.fx.Graph:
+    """The outside nodes and one call per block, in an order close to the original (a topological
+    sort keyed by original position; a block call sits where the block's first node was)."""
+    position = {node: i for i, node in enumerate(graph.nodes)}
+    first = {block: min(position[n] for n in graph.nodes if owner[n] == block) for block in calls}
+    units: list[Any] = [n for n in graph.nodes if owner[n] is None or owner[n] not in calls] + list(calls)
+    unit_of = {n: (owner[n] if owner[n] in calls else n) for n in graph.nodes}
+    deps: dict[Any, set] = {}
+    for unit in units:
+        sources = calls[unit][0] if isinstance(unit, str) else unit.all_input_nodes
+        deps[unit] = {unit_of[arg] for arg in sources} - {unit}
+    users: dict[Any, list] = {unit: [] for unit in units}
+    for unit, needs in deps.items():
+        for need in needs:
+            users[need].append(unit)
+    key = lambda unit: first[unit] if isinstance(unit, str) else position[unit]  # noqa: E731
+    ready = [(key(u), i, u) for i, u in enumerate(units) if not deps[u]]
+    heapq.heapify(ready)
+    waiting = {u: len(deps[u]) for u in units}
+    new = torch.fx.Graph()
+    values: dict[torch.fx.Node, torch.fx.Node] = {}
+    counter = len(units)
+    while ready:
+        _, _, unit = heapq.heappop(ready)
+        if isinstance(unit, str):
+            inputs, outputs = calls[unit]
+            call = new.call_module(unit, tuple(values[arg] for arg in inputs),
+                                   {"variant": block_graphs[unit].key})
+            call.meta["fxpeft_block"] = unit
+            for i, out in enumerate(outputs):
+                values[out] = new.call_function(operator.getitem, (call, i))
+                values[out].meta = dict(out.meta)
+        else:
+            values[unit] = new.node_copy(unit, lambda arg: values[arg])
+        for user in users[unit]:
+            waiting[user] -= 1
+            if not waiting[user]:
+                heapq.heappush(ready, (key(user), counter, user))
+                counter += 1
+    new._codegen = graph._codegen
+    new.lint()
+    return new
+
+
+class Block(nn.Module):
+    """A repeated block of the model, run as a lowered graph. It shares the original block's
+    parameters and buffers (and its children), so state_dict keys and per-block hooks are the
+    model's own; ``variants`` maps a structure key to (dense fn, mixed fn) shared by every block of
+    that structure."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self._parameters = original._parameters  # shared: .to() and FSDP2 act on both
+        self._buffers = original._buffers
+        self._non_persistent_buffers_set = original._non_persistent_buffers_set
+        self._modules = dict(original._modules)  # own: block-local extras are registered here
+        self.__dict__["block_class"] = type(original).__name__
+        self.__dict__["variants"] = {}
+        self.__dict__["graphs"] = {}  # structure key -> the dense lowered graph (for reading)
+        self.gradient_checkpointing = False  # the attribute transformers' tools read
+        self.checkpoint_options: dict = {}  # torch.utils.checkpoint's keywords, and offload
+
+    def forward(self, *inputs, variant: str, adapter_index: Optional[torch.Tensor] = None):
+        dense, mixed = self.variants[variant]
+        fn, args = (dense, inputs) if adapter_index is None else (mixed, (adapter_index, *inputs))
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            options = dict(self.checkpoint_options)
+            offload = options.pop("offload", False)
+            with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) if offload \
+                    else contextlib.nullcontext():
+                # non-reentrant: adapter parameters inside get gradients although the inputs need none
+                return checkpoint(fn, self, *args, use_reentrant=False, **options)
+        return fn(self, *args)
+
+    def extra_repr(self) -> str:
+        return f"fxpeft block of {self.block_class}"
+
+
+def install_blocks(tree: nn.Module, block_paths: list[str]) -> nn.Module:
+    """A root for the result: ``tree``'s modules, with a :class:`Block` at each block path and new
+    objects for the modules above them (the source tree keeps its own, to capture again)."""
+    root = _shallow(tree)
+    for path in block_paths:
+        parent = root
+        parts = path.split(".")
+        for name in parts[:-1]:
+            child = parent._modules[name]
+            if not getattr(child, "_fxpeft_fresh", False):
+                child = _shallow(child)
+                parent._modules[name] = child
+            parent = child
+        parent._modules[parts[-1]] = Block(submodule(tree, path))
+    for module in root.modules():
+        module.__dict__.pop("_fxpeft_fresh", None)
+    return root
+
+
+def _shallow(module: nn.Module) -> nn.Module:
+    import copy
+
+    new = copy.copy(module)
+    new._modules = dict(module._modules)  # tensors shared, children dict its own
+    new.__dict__["_fxpeft_fresh"] = True
+    return new
+
+
+def blocks_of(root: nn.Module) -> dict[str, Block]:
+    return {path: module for path, module in root.named_modules() if isinstance(module, Block)}
+
