@@ -2,7 +2,9 @@
 
     gm = fxpeft.transform(model, fxpeft.LoraConfig(r=16, target_modules="all-linear"))
 
-This file is the public API; see docs/ARCHITECTURE.md for how the pieces fit.
+This file is the public API; see docs/ARCHITECTURE.md for how the pieces fit. For
+transformers.Trainer with resume_from_checkpoint: ``from fxpeft.integrations import Trainer``
+(not imported here: importing transformers.Trainer is slow).
 """
 from .canonical import Site, find_sites
 from .capture import CaptureError

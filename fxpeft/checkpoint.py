@@ -315,13 +315,29 @@ def _check_folder_name(adapter: str) -> None:
                          "so it must be one plain folder name (no path separator, not '.' or '..', not absolute).")
 
 
-def save_adapter(gm, directory: str, adapter: str, safe_serialization: bool = True) -> None:
+def save_adapter(gm, directory: str, adapter: str, safe_serialization: bool = True,
+                 state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """Write one adapter. ``state_dict`` (keys as ``gm.state_dict()``'s) supplies the values instead
+    of the module: Trainer passes the full weights it gathered under FSDP or DeepSpeed, where the
+    module itself holds only shards."""
     from safetensors.torch import save_file
 
     _check_folder_name(adapter)
     state = gm.state_dict(keep_vars=True)
-    tensors = _unshared({key: state[name] for key, name in adapter_key_map(gm, adapter, state).items()})
+    mapping = adapter_key_map(gm, adapter, state)
     method = method_for(gm.peft_config[adapter])
+    if state_dict is not None:
+        if method.saved_tensors is not None:
+            # what these methods save is computed by running the module (the prompt encoder), not read from a dict
+            raise NotImplementedError(
+                f"save_pretrained(state_dict=...) is not supported for {type(gm.peft_config[adapter]).__name__} "
+                "adapters: they save prompt embeddings computed by the module. Save without state_dict.")
+        missing = sorted(name for name in mapping.values() if name not in state_dict)
+        if missing:
+            raise ValueError(f"state_dict lacks tensors of adapter {adapter!r}: {missing[:8]}"
+                             f"{' ...' if len(missing) > 8 else ''}; pass the module's full state_dict().")
+        state = state_dict
+    tensors = _unshared({key: state[name] for key, name in mapping.items()})
     if method.saved_tensors is not None:
         tensors.update(_unshared(method.saved_tensors(gm, adapter)))
     config = _config_dict(gm, gm.peft_config[adapter])

@@ -96,14 +96,19 @@ class PeftModelMethods:
                         selected_adapters: Optional[list[str]] = None, is_main_process: bool = True,
                         state_dict: Optional[dict] = None, **kwargs) -> None:
         """Write the adapters in PEFT's format, never the frozen base: this is also what
-        ``transformers.Trainer`` calls for its checkpoints and ``save_model()``."""
-        from .lifecycle import save_pretrained
+        ``transformers.Trainer`` calls for its checkpoints and ``save_model()``. A ``state_dict``
+        (the module's keys; Trainer passes the weights it gathered under FSDP or DeepSpeed)
+        supplies the adapter values instead of the module."""
+        from . import checkpoint
+        from .lifecycle import _check_known
 
         if not is_main_process:
             return
-        if state_dict is not None:
-            _check_own_tensors(self, state_dict)
-        save_pretrained(self, save_directory, adapter_names=selected_adapters, safe_serialization=safe_serialization)
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        _check_known(self, names)
+        for name in names:
+            checkpoint.save_adapter(self, checkpoint.adapter_dir(save_directory, name), name, safe_serialization,
+                                    state_dict=state_dict)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         from .lifecycle import trainable_parameters
@@ -175,16 +180,3 @@ def _replace_adapter_weights(gm, directory: str, adapter_name: str, is_trainable
     weights = checkpoint.load_weights(directory, next(gm.parameters()).device)
     checkpoint.check_and_copy(gm, adapter_name, weights)
 
-
-def _check_own_tensors(gm, state_dict: dict) -> None:
-    """Trainer passes ``state_dict`` when it gathered sharded weights; fxpeft writes the module's
-    own adapter tensors, which is only right when they are those same values."""
-    import torch
-
-    own = gm.state_dict()
-    for name, value in state_dict.items():
-        mine = own.get(name)
-        if mine is None or mine.shape != value.shape or not torch.equal(mine.cpu(), value.cpu()):
-            raise NotImplementedError(
-                f"save_pretrained(state_dict=...) with tensors that differ from the module's own ({name!r}) is not "
-                "supported yet: save from a module that holds the full weights.")
