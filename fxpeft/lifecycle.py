@@ -199,13 +199,16 @@ def print_trainable_parameters(gm: nn.Module) -> None:
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
 
-def save_pretrained(gm: PeftGraphModule, directory: str, adapter_names=None, safe_serialization: bool = True) -> None:
-    """Write PEFT's checkpoint layout: "default" at ``directory``, other adapters in subfolders."""
+def save_pretrained(gm: PeftGraphModule, directory: str, adapter_names=None, safe_serialization: bool = True,
+                    state_dict=None) -> None:
+    """Write PEFT's checkpoint layout: "default" at ``directory``, other adapters in subfolders.
+    A ``state_dict`` (the module's keys) supplies the adapter values instead of the module."""
     _require_transformed(gm)
     names = list(gm.peft_config) if adapter_names is None else list(adapter_names)
     _check_known(gm, names)
     for name in names:
-        _checkpoint.save_adapter(gm, _checkpoint.adapter_dir(directory, name), name, safe_serialization)
+        _checkpoint.save_adapter(gm, _checkpoint.adapter_dir(directory, name), name, safe_serialization,
+                                 state_dict=state_dict)
 
 
 def from_pretrained(model: nn.Module, directory: str, adapter_name: str = "default", is_trainable: bool = False,

@@ -99,16 +99,10 @@ class PeftModelMethods:
         ``transformers.Trainer`` calls for its checkpoints and ``save_model()``. A ``state_dict``
         (the module's keys; Trainer passes the weights it gathered under FSDP or DeepSpeed)
         supplies the adapter values instead of the module."""
-        from . import checkpoint
-        from .lifecycle import _check_known
+        from .lifecycle import save_pretrained
 
-        if not is_main_process:
-            return
-        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
-        _check_known(self, names)
-        for name in names:
-            checkpoint.save_adapter(self, checkpoint.adapter_dir(save_directory, name), name, safe_serialization,
-                                    state_dict=state_dict)
+        if is_main_process:
+            save_pretrained(self, save_directory, selected_adapters, safe_serialization, state_dict=state_dict)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         from .lifecycle import trainable_parameters
