@@ -220,6 +220,7 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
             register_extras(block, block_graph.extras)
             key = (block_graph.key, _adapter_state(block))
             if key not in lowered:
+                before = set(block._modules)
                 dense = lower(block_graph.graph, block, mixed=False, adapter_order=order)
                 mixed, error = None, None
                 if order:
@@ -227,8 +228,11 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
                         mixed = compile_graph(lower(block_graph.graph, block, mixed=True, adapter_order=order))
                     except NotImplementedError as caught:
                         error = caught
-                lowered[key] = (compile_graph(dense), mixed, dense, error)
-            dense_fn, mixed_fn, dense, error = lowered[key]
+                # helper modules rules registered while lowering (stateless): every block sharing the code reads them
+                helpers = {name: block._modules[name] for name in set(block._modules) - before}
+                lowered[key] = (compile_graph(dense), mixed, dense, error, helpers)
+            dense_fn, mixed_fn, dense, error, helpers = lowered[key]
+            register_extras(block, {name: m for name, m in helpers.items() if name not in block._modules})
             block.variants[block_graph.key] = (dense_fn, mixed_fn)
             block.graphs[block_graph.key] = dense
             mixed_error = mixed_error or error
