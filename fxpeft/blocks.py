@@ -245,10 +245,20 @@ class Block(nn.Module):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             options = dict(self.checkpoint_options)
             offload = options.pop("offload", False)
+            # only inputs that need gradients go through checkpoint; the others (masks, rotary tables,
+            # sizes) are read by the recompute as they are, as transformers' checkpointed layers do
+            differentiable = [i for i, arg in enumerate(args) if isinstance(arg, torch.Tensor) and arg.requires_grad]
+
+            def recompute(*values):
+                full = list(args)
+                for i, value in zip(differentiable, values):
+                    full[i] = value
+                return fn(self, *full)
+
             with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) if offload \
                     else contextlib.nullcontext():
                 # non-reentrant: adapter parameters inside get gradients although the inputs need none
-                return checkpoint(fn, self, *args, use_reentrant=False, **options)
+                return checkpoint(recompute, *(args[i] for i in differentiable), use_reentrant=False, **options)
         return fn(self, *args)
 
     def extra_repr(self) -> str:

@@ -1,7 +1,9 @@
 """What a pass did to a graph: a per-site table, Graphviz DOT, networkx, and a before/after diff.
 
 Every node a rule inserts carries ``meta["fxpeft_rule"]`` (and ``meta["fxpeft_site"]`` for site
-rules), stamped by the driver, so the report reads the graph itself rather than bookkeeping.
+rules), stamped by the driver, so the report reads the graph itself rather than bookkeeping. It
+reads the whole model as one graph with full module paths: the flat canonical graph lowered with
+the module's adapter state, which is what the top graph and its blocks (fxpeft/blocks.py) run.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from dataclasses import dataclass
 import torch.fx
 from torch import nn
 
-from .rewrite import is_adapter_state
+from .rewrite import is_adapter_state, lower
 
 
 @dataclass
@@ -26,8 +28,8 @@ class SiteRow:
 class Report:
     def __init__(self, gm):
         self.gm = gm
-        self.graph = gm.graph
         self.canonical = gm._fxpeft_signatures[gm._fxpeft_primary].canonical
+        self.graph = lower(self.canonical, gm) if gm._fxpeft_block_paths else gm.graph
         self.rows = self._rows()
 
     def _rows(self) -> list[SiteRow]:

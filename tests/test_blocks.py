@@ -1,0 +1,111 @@
+"""Block structure: the model's repeated blocks are modules of the result, each running a graph."""
+from __future__ import annotations
+
+import copy
+
+import peft
+import pytest
+import torch
+
+import fxpeft
+import models
+from fxpeft.blocks import Block, blocks_of
+
+BLOCKS = {
+    "llama": ["model.layers.0", "model.layers.1"],
+    "gpt2": ["transformer.h.0", "transformer.h.1"],
+    "bert": ["bert.encoder.layer.0", "bert.encoder.layer.1"],
+    "t5": ["encoder.block.0", "encoder.block.1", "decoder.block.0", "decoder.block.1"],
+    "vit": ["vit.layers.0", "vit.layers.1"],
+}
+TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"], "t5": ["q", "v"],
+           "vit": ["q_proj", "v_proj"]}
+
+
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_blocks_are_modules_under_their_paths_with_keys_hooks_and_outputs_of_the_model(name):
+    model = models.HF_MODELS[name]().eval()
+    config = dict(r=2, target_modules=TARGETS[name], init_lora_weights=False)
+    gm = fxpeft.transform(model, fxpeft.LoraConfig(**config)).eval()
+    assert sorted(blocks_of(gm)) == sorted(BLOCKS[name])
+    assert {n.target for n in gm.graph.nodes if n.op == "call_module" and n.meta.get("fxpeft_block")} == set(BLOCKS[name])
+    reference = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**config)).eval()
+    for key, value in reference.named_parameters():
+        if value.requires_grad:
+            gm.get_parameter(key.removeprefix("base_model.model.")).data.copy_(value)
+    base_keys = set(model.state_dict())
+    adapter_keys = {k for k in gm.state_dict() if ".lora_" in k}
+    assert set(gm.state_dict()) == base_keys | adapter_keys and adapter_keys
+    calls = []
+    for path in BLOCKS[name]:  # per-block hooks fire: what FSDP2 and checkpointing rely on
+        gm.get_submodule(path).register_forward_hook(lambda module, args, out, path=path: calls.append(path))
+    inputs = models.hf_inputs(name)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(**inputs).logits, reference(**inputs).logits, rtol=1e-5, atol=1e-5)
+    assert sorted(calls) == sorted(BLOCKS[name])
+
+
+def test_blocks_of_one_structure_share_one_lowering():
+    gm = fxpeft.transform(models.t5(layers=3), fxpeft.LoraConfig(r=2, target_modules=["q", "v"]))
+    code = {path: tuple(block.variants.values())[0][0] for path, block in blocks_of(gm).items()}
+    # block 0 of each stack holds the relative position bias: a structure of its own
+    assert code["encoder.block.1"] is code["encoder.block.2"]
+    assert code["decoder.block.1"] is code["decoder.block.2"]
+    assert code["encoder.block.0"] is not code["encoder.block.1"]
+
+
+def test_custom_model_blocks_and_flat_results():
+    decoder = fxpeft.transform(models.TinyDecoder(), fxpeft.LoraConfig(r=2, target_modules=["qkv"]))
+    assert sorted(blocks_of(decoder)) == ["blocks.0", "blocks.1"]
+    assert all(isinstance(decoder.get_submodule(p), Block) for p in ("blocks.0", "blocks.1"))
+    mlp = fxpeft.transform(models.MLP(), fxpeft.LoraConfig(r=2, target_modules=["fc1"]))
+    prefix = fxpeft.transform(models.llama(), fxpeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    for flat in (mlp, prefix):  # no repeated blocks; prefix tuning deals one prefix per attention over the whole graph
+        assert not blocks_of(flat)
+        with pytest.raises(NotImplementedError, match="found none in this model"):
+            flat.gradient_checkpointing_enable()
+
+
+def _saved_activation_bytes(module, inputs):
+    """Bytes of the activations autograd keeps for backward (parameters excluded, storages counted once)."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = module(**inputs, labels=inputs["input_ids"]).loss
+    loss.backward()
+    return sum(seen.values())
+
+
+def test_gradient_checkpointing_recomputes_blocks_with_equal_gradients_and_less_memory_than_peft():
+    model = models.llama()
+    config = dict(r=4, target_modules="all-linear", init_lora_weights=False, lora_dropout=0.1)
+    gm = fxpeft.transform(model, fxpeft.LoraConfig(**config)).train()
+    reference = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**config)).train()
+    reference.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    inputs = models.hf_inputs("llama", batch=4, seq=32)
+
+    torch.manual_seed(1)
+    plain = _saved_activation_bytes(gm, inputs)
+    grads = {n: p.grad.clone() for n, p in gm.named_parameters() if p.requires_grad}
+    gm.zero_grad()
+    gm.gradient_checkpointing_enable()
+    assert gm.is_gradient_checkpointing
+    torch.manual_seed(1)  # dropout draws the same masks, in the forward and in the recompute
+    checkpointed = _saved_activation_bytes(gm, inputs)
+    for name, param in gm.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, grads[name], rtol=1e-6, atol=1e-6)
+    theirs = _saved_activation_bytes(reference, inputs)
+    assert checkpointed < plain / 2
+    assert checkpointed <= theirs, (checkpointed, theirs)
+
+    gm.gradient_checkpointing_disable()
+    gm.zero_grad()
+    assert _saved_activation_bytes(gm, inputs) == plain
