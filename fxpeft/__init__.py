@@ -6,6 +6,7 @@ This file is the public API; see docs/ARCHITECTURE.md for how the pieces fit. Fo
 transformers.Trainer with resume_from_checkpoint: ``from fxpeft.integrations import Trainer``
 (not imported here: importing transformers.Trainer is slow).
 """
+from .blocks import compile_blocks
 from .canonical import Site, find_sites
 from .capture import CaptureError
 from .configs import (BnbConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig,
@@ -23,7 +24,7 @@ from .passes.weighted import add_weighted_adapter  # noqa: E402
 __all__ = [
     "transform", "add_adapter", "load_adapter", "from_pretrained", "save_pretrained", "delete_adapter",
     "set_adapter", "active_adapters", "disable_adapters", "adapter_indices", "add_weighted_adapter",
-    "merge_adapter", "unmerge_adapter", "merge_and_unload", "unload", "export_merged", "inspect", "Report",
+    "compile_blocks", "merge_adapter", "unmerge_adapter", "merge_and_unload", "unload", "export_merged", "inspect", "Report",
     "trainable_parameters", "print_trainable_parameters",
     "LoraConfig", "PromptTuningConfig", "PromptTuningInit", "PromptEncoderConfig", "PrefixTuningConfig",
     "BnbConfig", "TaskType", "PeftGraphModule", "CaptureError", "find_sites", "Site",

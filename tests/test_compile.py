@@ -93,3 +93,17 @@ def test_new_signature_inside_a_compiled_function_gets_clear_error():
     step = torch.compile(lambda batch: gm(**batch, labels=batch["input_ids"]).loss, fullgraph=True)
     with pytest.raises(Exception, match="call the module once with these arguments before compiling"):
         step(models.hf_inputs("llama"))
+
+
+def test_regional_compilation_compiles_each_block_structure_once():
+    gm = fxpeft.transform(models.llama(), fxpeft.LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False)).eval()
+    inputs = models.hf_inputs("llama")
+    with torch.no_grad():
+        expected = gm(**inputs).logits
+        counter = CompileCounter()
+        assert fxpeft.compile_blocks(gm, backend=counter, dynamic=True) == ["model.layers.0", "model.layers.1"]
+        torch.testing.assert_close(gm(**inputs).logits, expected)
+        gm(**models.hf_inputs("llama", seq=11))
+    assert counter.frame_count == 1  # one structure, no grad: one graph for every block and length
+    with pytest.raises(ValueError, match="use torch.compile"):
+        fxpeft.compile_blocks(fxpeft.transform(models.MLP(), fxpeft.LoraConfig(target_modules=["fc1"])))
