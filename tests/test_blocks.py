@@ -109,3 +109,31 @@ def test_gradient_checkpointing_recomputes_blocks_with_equal_gradients_and_less_
     gm.gradient_checkpointing_disable()
     gm.zero_grad()
     assert _saved_activation_bytes(gm, inputs) == plain
+
+
+def _adapter_grads(gm, inputs, run=None):
+    gm.zero_grad()
+    (gm if run is None else run)(**inputs, labels=inputs["input_ids"]).loss.backward()
+    return {n: p.grad.clone() for n, p in gm.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("variant", ["qlora", "two_adapters", "compiled"])
+def test_gradient_checkpointing_composes_with_qlora_several_adapters_and_compile(variant):
+    lora = fxpeft.LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False)
+    configs = [fxpeft.BnbConfig(load_in_4bit=True), lora] if variant == "qlora" else lora
+    gm = fxpeft.transform(models.llama(), configs).train()
+    if variant == "two_adapters":
+        gm.add_adapter("other", fxpeft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+        gm.set_adapter(["default", "other"])
+    inputs = models.hf_inputs("llama")
+    expected = _adapter_grads(gm, inputs)
+    gm.gradient_checkpointing_enable()
+    run = gm
+    if variant == "compiled":
+        torch._dynamo.reset()
+        from torch._dynamo.testing import CompileCounter
+        run = torch.compile(gm, backend=CompileCounter(), fullgraph=True)
+    got = _adapter_grads(gm, inputs, run)
+    assert set(got) == set(expected) and (variant != "two_adapters" or any(".other." in n for n in got))
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
