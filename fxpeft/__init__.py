@@ -9,6 +9,7 @@ transformers.Trainer with resume_from_checkpoint: ``from fxpeft.integrations imp
 from .blocks import compile_blocks
 from .canonical import Site, find_sites
 from .capture import CaptureError
+from .distributed import full_adapter_state_dict, shard
 from .configs import (BnbConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig,
                       PromptTuningInit, TaskType)
 from .inspection import Report, inspect
@@ -26,6 +27,7 @@ __all__ = [
     "set_adapter", "active_adapters", "disable_adapters", "adapter_indices", "add_weighted_adapter",
     "compile_blocks", "merge_adapter", "unmerge_adapter", "merge_and_unload", "unload", "export_merged", "inspect", "Report",
     "trainable_parameters", "print_trainable_parameters",
+    "shard", "full_adapter_state_dict",
     "LoraConfig", "PromptTuningConfig", "PromptTuningInit", "PromptEncoderConfig", "PrefixTuningConfig",
     "BnbConfig", "TaskType", "PeftGraphModule", "CaptureError", "find_sites", "Site",
 ]
