@@ -306,6 +306,10 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         return signature
 
     def _capture_signature(self, kwargs: dict, key, index: Optional[int] = None, widen: bool = True) -> Signature:
+        if any(type(p).__name__ == "DTensor" for p in self.parameters()):
+            raise RuntimeError(
+                f"This module was sharded (FSDP2) before a call with {sorted(kwargs)} was captured, and capture traces "
+                "the full weights: call it once with these keywords before fully_shard / fxpeft.shard.")
         captured = capture_mod.export_call(clone_tree(self._fxpeft_source), kwargs, widen=widen)
         index = len(self._fxpeft_signatures) if index is None else index
         signature = canonical_signature(captured, self._fxpeft_source, self, index)
@@ -362,7 +366,13 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
     def _run(self, signature: Signature, adapter_names, batch_input, *args, **kwargs):
         """The signature's dense graph, or its mixed graph with per-sample adapter indices."""
         if adapter_names is None:
-            return signature.fn(self, *args, **kwargs)
+            try:
+                return signature.fn(self, *args, **kwargs)
+            except RuntimeError as error:
+                if "DTensor" in str(error) and signature.outlined is None:
+                    from .distributed import called_blocks
+                    called_blocks(self)  # raises, saying why per-module sharding cannot work on a flat graph
+                raise
         index = self._adapter_index(adapter_names, batch_input)
         if signature.mixed_error is not None:
             raise NotImplementedError(str(signature.mixed_error)) from signature.mixed_error

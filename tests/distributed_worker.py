@@ -144,6 +144,20 @@ def main(out_path: str) -> None:
     # (b') FSDP2 through fxpeft.shard, then save the gathered adapter from rank 0
     gm, report["fsdp_shard"] = run_sharded(tpl, reference, "fxpeft.shard", fxpeft.shard, 1e-5)
     trained_out = probe(gm)
+    try:  # a keyword set first seen after sharding cannot be captured from sharded weights: say so
+        gm(input_ids=PROBE, attention_mask=torch.ones_like(PROBE), token_type_ids=torch.zeros_like(PROBE))
+        raise AssertionError("a new call signature after sharding did not raise")
+    except RuntimeError as error:
+        assert "call it once with these keywords before fully_shard" in str(error), error
+    flat = fxpeft.transform(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)),
+                            fxpeft.LoraConfig(target_modules=["0"]))
+    fully_shard(flat.get_submodule("0"))  # a flat graph reads every parameter from the root: per-module sharding cannot work
+    fully_shard(flat)
+    try:
+        flat(torch.randn(2, 8))
+        raise AssertionError("per-module sharding of a flat result did not raise")
+    except ValueError as error:
+        assert "has none" in str(error) and "DistributedDataParallel" in str(error), error
     full = get_model_state_dict(gm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     adapters_only = full_adapter_state_dict(gm)
     directory = tempfile.mkdtemp(prefix="fxpeft-fsdp-") if rank == 0 else None

@@ -45,8 +45,8 @@ TRAIN, EVAL = rows(48, seed=0), rows(8, seed=1)
 
 def arguments(output_dir, **overrides) -> transformers.TrainingArguments:
     """Default TrainingArguments but for what the test needs to say."""
-    return transformers.TrainingArguments(output_dir=str(output_dir), max_steps=STEPS, save_steps=SAVE_STEPS,
-                                          report_to=[], use_cpu=True, **overrides)
+    settings = dict(max_steps=STEPS, save_steps=SAVE_STEPS, report_to=[], use_cpu=True)
+    return transformers.TrainingArguments(output_dir=str(output_dir), **{**settings, **overrides})
 
 
 def adapter_state(module) -> dict[str, torch.Tensor]:
@@ -163,11 +163,20 @@ def test_integration_refuses_a_model_without_adapters(run, tmp_path, model):
         FxTrainer(model=module, args=arguments(tmp_path), train_dataset=TRAIN)
 
 
-def test_gradient_checkpointing_says_it_is_not_supported(run, tmp_path):
-    trainer = transformers.Trainer(model=fresh_module(run.base), args=arguments(tmp_path, gradient_checkpointing=True),
-                                   train_dataset=TRAIN)
-    with pytest.raises(NotImplementedError, match="Gradient checkpointing"):
+def test_gradient_checkpointing_through_trainer_trains_like_without(run, tmp_path):
+    """TrainingArguments(gradient_checkpointing=True) reaches fxpeft's blocks (Trainer calls
+    activation_checkpointing_enable); the adapter after two steps is the one without it."""
+    finals = []
+    for checkpointing in (False, True):
+        torch.manual_seed(3)
+        module = fresh_module(run.base)
+        trainer = transformers.Trainer(model=module, train_dataset=TRAIN, args=arguments(
+            tmp_path / str(checkpointing), max_steps=2, gradient_checkpointing=checkpointing))
         trainer.train()
+        assert module.is_gradient_checkpointing == checkpointing
+        finals.append(adapter_state(module))
+    for name, value in finals[0].items():
+        torch.testing.assert_close(finals[1][name], value, rtol=1e-5, atol=1e-6)
 
 
 def test_save_with_a_gathered_state_dict(run, tmp_path):
