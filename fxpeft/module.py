@@ -163,6 +163,8 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         self._buffers = root._buffers
         self._non_persistent_buffers_set = root._non_persistent_buffers_set
         self.__dict__["_fxpeft_block_paths"] = list(block_paths)
+        if block_paths:  # what accelerate wraps (FSDP) or keeps on one device: the blocks are Block modules now
+            self.__dict__["_no_split_modules"] = {"Block"}
         self.__dict__["_fxpeft_signatures"] = signatures
         self.__dict__["_fxpeft_primary"] = primary_key
         # tracing template for signatures seen later: the original model's class over *our* module
