@@ -86,8 +86,12 @@ def test_merge_and_unload_loads_strict_into_original_class(name):
         merged = fxpeft.merge_and_unload(gm)
         expected = reference.merge_and_unload()(**inputs).logits
     assert not any("fxpeft_rule" in n.meta for n in merged.graph.nodes)
-    canonical = merged._fxpeft_signatures[merged._fxpeft_primary].canonical
-    assert [(n.op, n.target) for n in merged.graph.nodes] == [(n.op, n.target) for n in canonical.nodes]
+    ops = lambda graph: [(n.op, n.target) for n in graph.nodes]  # noqa: E731
+    signature = merged._fxpeft_signatures[merged._fxpeft_primary]  # the base graph: top and every block
+    assert signature.outlined is not None
+    assert ops(merged.graph) == ops(signature.outlined.top)
+    for path, block_graph in signature.outlined.blocks.items():
+        assert ops(merged.get_submodule(path).graphs[block_graph.key]) == ops(block_graph.graph)
     assert set(merged.state_dict()) == set(model.state_dict())
     fresh = type(model)(model.config).eval()
     fresh.load_state_dict(merged.state_dict(), strict=True)
