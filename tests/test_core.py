@@ -145,11 +145,16 @@ def test_targeting_rules_match_peft():
         dict(target_modules=["self_attn.q_proj", "mlp.up_proj"]),
         dict(target_modules=None),
     ]
-    for kwargs in cases:
-        gm = fxpeft.transform(model, fxpeft.LoraConfig(r=2, **kwargs))
+    gm = fxpeft.transform(model, [])  # one capture; each case is an adapter of its own
+    for index, kwargs in enumerate(cases):
+        name = f"case{index}"
+        fxpeft.add_adapter(gm, fxpeft.LoraConfig(r=2, **kwargs), name)
         reference = peft_model(model, r=2, **kwargs)
-        assert fx_adapted_paths(gm) == adapted_paths(reference), kwargs
-        assert fxpeft.trainable_parameters(gm) == reference.get_nb_trainable_parameters(), kwargs
+        ours = {path for path, m in gm.named_modules()
+                if any(name in m._modules.get(c, {}) for c in ("lora_A", "lora_embedding_A"))}
+        assert ours == adapted_paths(reference), kwargs
+        count = sum(p.numel() for n, p in gm.named_parameters() if f".{name}." in n or n.endswith(f".{name}"))
+        assert count == reference.get_nb_trainable_parameters()[0], kwargs
 
 
 def test_rank_and_alpha_patterns_match_peft():
