@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 from typing import Iterable, Optional, Sequence
@@ -70,6 +71,17 @@ def saved_module_paths(names: Iterable[str], module_paths: Iterable[str]) -> lis
 
 
 def unmatched_target_error(config, candidate_paths: Sequence[str], kind: str = "target_modules") -> ValueError:
+    layers = getattr(config, "layers_to_transform", None)
+    if layers not in (None, []):  # the names may match, and the layer filter exclude them all
+        unfiltered = dataclasses.replace(config, layers_to_transform=None)
+        named = [path for path in candidate_paths if is_targeted(unfiltered, path)]
+        indices = sorted({i for i in (_layer_index(p, getattr(config, "layers_pattern", None)) for p in named)
+                          if i is not None})
+        if named:
+            return ValueError(
+                f"target_modules {config.target_modules!r} matched {len(named)} modules, but layers_to_transform="
+                f"{layers!r} selects none of them: their layer indices are {indices or 'not found in their paths'}. "
+                "Fix layers_to_transform (or layers_pattern).")
     spec = config.target_modules
     wanted = [spec] if isinstance(spec, str) else list(spec)
     short_names = sorted({path.rsplit(".", 1)[-1] for path in candidate_paths})

@@ -344,3 +344,12 @@ def test_adapters_are_initialised_in_module_order_like_peft():
     for path in ("first", "last"):
         theirs = reference.base_model.model.get_submodule(path).lora_A.default.weight
         assert torch.equal(gm.get_submodule(path).lora_A.default.weight, theirs), path
+
+
+def test_out_of_range_layers_to_transform_blames_the_layer_filter():
+    model = models.llama()
+    with pytest.raises(ValueError, match=r"layers_to_transform=\[5\] selects none of them: their layer indices are "
+                                         r"\[0, 1\]"):
+        fxpeft.transform(model, fxpeft.LoraConfig(target_modules=["q_proj"], layers_to_transform=[5]))
+    with pytest.raises(ValueError, match="matched no adaptable module"):  # a wrong name still says so
+        fxpeft.transform(model, fxpeft.LoraConfig(target_modules=["qproj"], layers_to_transform=[0]))
