@@ -415,3 +415,46 @@ def _resolve(root: nn.Module, fqn: str):
     module_path, _, name = fqn.rpartition(".")
     owner = submodule(root, module_path)
     return getattr(owner, name, None) if owner is not None else None
+
+
+def annotate_shapes(graph: torch.fx.Graph, root: nn.Module) -> bool:
+    """Give a symbolic trace's nodes the ``meta["val"]`` (meta tensors) that export records: passes
+    reading shapes (prefix tuning reads heads and head size) then need no example inputs. The graph
+    runs once on fake tensors with small inputs guessed from what consumes each input: token ids
+    for an embedding, features for a linear layer. False (nothing annotated) where no guess fits."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    consumers = {site.input: site for site in find_sites(graph, root)}
+    inputs = []
+    for node in graph.nodes:
+        if node.op != "placeholder":
+            continue
+        site = consumers.get(node)
+        if site is None or site.kind not in ("embedding", "linear"):
+            return False
+        spec = site_weight(root, site)
+        if site.kind == "embedding":
+            inputs.append(torch.zeros(2, 4, dtype=torch.long, device=spec.device))
+        else:
+            features = spec.shape[0] if site.fan_in_fan_out else spec.shape[1]
+            inputs.append(torch.zeros(2, 4, features, dtype=spec.dtype, device=spec.device))
+    copy = torch.fx.Graph()
+    copy.output(copy.graph_copy(graph, {}))
+    module = torch.fx.GraphModule(root, copy)
+    values: list = []
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, node):
+            result = super().run_node(node)
+            values.append(result)
+            return result
+
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            Recorder(module).run(*(mode.from_tensor(t) for t in inputs))
+    except Exception:  # a guess the model rejects: leave the graph as it was
+        return False
+    for node, value in zip(graph.nodes, values):
+        if isinstance(value, torch.Tensor):
+            node.meta["val"] = torch.empty(value.shape, dtype=value.dtype, device="meta")
+    return True

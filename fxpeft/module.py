@@ -33,7 +33,7 @@ from torch.fx.graph_module import GraphModule, _forward_from_src
 
 from . import capture as capture_mod
 from .blocks import Outlined, blocks_of, find_block_paths, install_blocks, outline
-from .canonical import canonicalize
+from .canonical import annotate_shapes, canonicalize
 from .peft_methods import PeftModelMethods
 from .rewrite import TREE_PASSES, lower, method_for
 
@@ -450,6 +450,8 @@ def build(model: nn.Module, example_inputs=None, configs=()) -> PeftGraphModule:
         tree_pass(tree, configs)
     captured = capture_mod.capture(tree, example_inputs)
     signature = canonical_signature(captured, tree, tree, 0)
+    if captured.example is None:  # a symbolic trace: shapes from one run on fake tensors, where inputs can be guessed
+        annotate_shapes(signature.canonical, tree)
     key = None if captured.example is None else capture_mod.signature_key(captured.example)
     flat = any(method_for(config).whole_graph for config in configs)
     block_paths = [] if flat else find_block_paths(tree)

@@ -164,6 +164,31 @@ def test_custom_decoder_formula_causality_and_training():
     assert trained == {"prompt_encoder.default.embedding.weight"}
 
 
+class ScaledInputDecoder(torch.nn.Module):
+    """Attention over its input times two: nothing tells what the input's shape should be."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(8, 24)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x * 2).chunk(3, -1)
+        q, k, v = q.unflatten(-1, (2, 4)).transpose(1, 2), k.unflatten(-1, (2, 4)).transpose(1, 2), \
+            v.unflatten(-1, (2, 4)).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def test_custom_decoder_needs_no_example_inputs():
+    """A symbolic trace has no shapes; fxpeft gets them from one run on fake tensors, with token ids
+    guessed for the input that feeds the embedding."""
+    model = models.TinyDecoder().eval()
+    gm = fxpeft.transform(model, fxpeft.PrefixTuningConfig(num_virtual_tokens=3))
+    stored = gm.peft_config["default"]
+    assert (stored.num_layers, stored.num_attention_heads, stored.token_dim) == (2, 4, 32)
+    ids = torch.randint(0, models.VOCAB, (3, 7))
+    torch.testing.assert_close(gm(ids), _decoder_with_prefixes(model, gm.prompt_encoder.default(), ids, 3))
+
+
 def test_zero_init_leaves_real_tokens_attending_to_zero_values():
     model = models.TinyDecoder().eval()
     ids = torch.randint(0, models.VOCAB, (2, 6))
@@ -195,8 +220,8 @@ def test_bad_input_gets_clear_errors():
     with pytest.raises(ValueError, match="no scaled_dot_product_attention"):
         fxpeft.transform(mlp, fxpeft.PrefixTuningConfig(num_virtual_tokens=2), example_inputs=(torch.randn(2, 12),))
     assert all(p.requires_grad for p in mlp.parameters())
-    with pytest.raises(ValueError, match="pass example_inputs"):
-        fxpeft.transform(models.TinyDecoder(), fxpeft.PrefixTuningConfig(num_virtual_tokens=2))
+    with pytest.raises(ValueError, match="pass example_inputs"):  # an input fxpeft cannot guess: scaled first
+        fxpeft.transform(ScaledInputDecoder(), fxpeft.PrefixTuningConfig(num_virtual_tokens=2))
     with pytest.raises(ValueError, match="does not fit this model"):
         fxpeft.transform(models.llama(), fxpeft.PrefixTuningConfig(num_virtual_tokens=2, num_layers=5))
 
