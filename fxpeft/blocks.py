@@ -55,6 +55,7 @@ class BlockGraph:
     graph: torch.fx.Graph
     key: str  # structure: blocks with equal keys have equal graphs
     extras: dict[str, Any] = field(default_factory=dict)  # local name -> module / tensor it reads
+    origins: dict[str, str] = field(default_factory=dict)  # local name -> the root name it came from
 
 
 @dataclass
@@ -149,7 +150,8 @@ def _block_graph(graph: torch.fx.Graph, owner: dict, block: str, root: nn.Module
                                               if isinstance(p, str) and p.startswith(block + ".")}
         values[node] = copied
     new.output(tuple(values[n] for n in outputs))
-    return BlockGraph(new, _structure_key(new), extras), inputs, outputs
+    origins = {local: original for original, local in local_names.items()}
+    return BlockGraph(new, _structure_key(new), extras, origins), inputs, outputs
 
 
 def _structure_key(graph: torch.fx.Graph) -> str:
@@ -312,3 +314,126 @@ def compile_blocks(gm: nn.Module, **compile_kwargs) -> list[str]:
     for block in blocks.values():
         block.compile(**compile_kwargs)
     return list(blocks)
+
+
+# ----------------------------------------------------------------------------- capturing few blocks
+#
+# Exporting a 32-layer model traces 32 copies of one layer. When a list's blocks from the second on
+# are alike, fxpeft exports the model with the first two only, then calls the second block's graph
+# for every later block (with that block's own module) and rebuilds the flat graph from the result.
+
+
+def _fingerprint(module: nn.Module) -> tuple:
+    """What makes two blocks compute alike: classes, tensor shapes and dtypes, plain settings (a layer
+    index aside, which only a KV cache reads)."""
+    parts = []
+    for path, sub in module.named_modules():
+        settings = tuple(sorted((k, v) for k, v in vars(sub).items() if not k.startswith("_") and "idx" not in k
+                                and isinstance(v, (int, float, str, bool, type(None)))))
+        tensors = tuple((n, tuple(t.shape), t.dtype) for n, t in [*sub._parameters.items(), *sub._buffers.items()]
+                        if t is not None)
+        parts.append((path, type(sub).__name__, settings, tensors))
+    return tuple(parts)
+
+
+def repeated_lists(tree: nn.Module, block_paths: list[str]) -> dict[str, int]:
+    """ModuleList path -> block count, for lists of at least three blocks whose blocks from the second
+    on are alike (the first may differ: T5's first block holds the position bias)."""
+    lists: dict[str, list[str]] = {}
+    for path in block_paths:
+        lists.setdefault(path.rpartition(".")[0], []).append(path)
+    found = {}
+    for path, members in lists.items():
+        if len(members) >= 3 and len({_fingerprint(submodule(tree, m)) for m in members[1:]}) == 1:
+            found[path] = len(members)
+    return found
+
+
+def truncated(tree: nn.Module, lists: dict[str, int]) -> nn.Module:
+    """A copy of the tree (tensors shared) whose repeated lists hold their first two blocks."""
+    from .module import clone_tree
+
+    small = clone_tree(tree)
+    for path in lists:
+        holder = small.get_submodule(path)
+        holder._modules = dict(list(holder._modules.items())[:2])
+    return small
+
+
+def extend(outlined: Outlined, lists: dict[str, int]) -> Optional[Outlined]:
+    """The top graph of a two-block capture with every later block called as the second one is; None
+    where the graph does not show one block simply feeding the next (then export the whole model)."""
+    top = outlined.top
+    blocks = dict(outlined.blocks)
+    for path, count in lists.items():
+        calls = {n.meta.get("fxpeft_block"): n for n in top.nodes if n.meta.get("fxpeft_block")}
+        first, second = calls.get(f"{path}.0"), calls.get(f"{path}.1")
+        if first is None or second is None:
+            return None
+        outs = [{u.args[1]: u for u in call.users if u.target is operator.getitem and len(u.args) == 2}
+                for call in (first, second)]
+        if len(outs[0]) != len(first.users) or len(outs[1]) != len(second.users):
+            return None
+        fed = {node: index for index, node in outs[0].items()}
+        if any(user is not second for node in fed for user in node.users):
+            return None  # the first block's outputs reach more than the second block (hidden-state lists …)
+        if any(arg in fed and fed[arg] not in outs[1] for arg in second.args):
+            return None  # the second block passes an input of the first on without computing it
+        later_users = {index: [u for u in node.users] for index, node in outs[1].items()}
+        previous, anchor = outs[1], max(outs[1].values(), key=lambda n: list(top.nodes).index(n), default=second)
+        for i in range(2, count):
+            args = tuple(previous[fed[arg]] if arg in fed else arg for arg in second.args)
+            with top.inserting_after(anchor):
+                call = top.call_module(f"{path}.{i}", args, dict(second.kwargs))
+            call.meta = dict(second.meta, fxpeft_block=f"{path}.{i}")
+            current, anchor = {}, call
+            for index in sorted(outs[1]):
+                with top.inserting_after(anchor):
+                    current[index] = anchor = top.call_function(operator.getitem, (call, index))
+                current[index].meta = dict(outs[1][index].meta)
+            blocks[f"{path}.{i}"] = blocks[f"{path}.1"]
+            previous = current
+        for index, users in later_users.items():
+            for user in users:
+                user.replace_input_with(outs[1][index], previous[index])
+    top.lint()
+    return Outlined(top, blocks)
+
+
+def inline(outlined: Outlined) -> torch.fx.Graph:
+    """The flat graph an outlined one stands for: each block call replaced by its block's nodes, with
+    full paths (what site discovery, merging and inspection read)."""
+    flat = torch.fx.Graph()
+    values: dict = {}
+    for node in outlined.top.nodes:
+        path = node.meta.get("fxpeft_block")
+        if path is None:
+            if node.op == "call_function" and node.target is operator.getitem and node.args[0] in values \
+                    and isinstance(values[node.args[0]], tuple):
+                values[node] = values[node.args[0]][node.args[1]]
+            else:
+                values[node] = flat.node_copy(node, lambda arg: values[arg])
+            continue
+        block = outlined.blocks[path]
+        inner_values = {}
+        placeholders = [n for n in block.graph.nodes if n.op == "placeholder"]
+        for placeholder, arg in zip(placeholders, node.args):
+            inner_values[placeholder] = values[arg]
+        for inner in block.graph.nodes:
+            if inner.op == "placeholder":
+                continue
+            if inner.op == "output":
+                values[node] = tuple(inner_values[n] for n in inner.args[0])
+                break
+            copied = flat.node_copy(inner, lambda arg: inner_values[arg])
+            if inner.op in ("get_attr", "call_module"):
+                copied.target = block.origins.get(inner.target, f"{path}.{inner.target}")
+            if isinstance(copied.meta.get("fxpeft_module"), str):
+                copied.meta["fxpeft_module"] = f"{path}.{copied.meta['fxpeft_module']}"
+            stack = copied.meta.get("nn_module_stack")
+            if stack:
+                copied.meta["nn_module_stack"] = {k: (f"{path}.{p}", t) for k, (p, t) in stack.items()}
+            inner_values[inner] = copied
+    flat._codegen = outlined.top._codegen
+    flat.lint()
+    return flat

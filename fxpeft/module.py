@@ -32,7 +32,8 @@ from torch import nn
 from torch.fx.graph_module import GraphModule, _forward_from_src
 
 from . import capture as capture_mod
-from .blocks import Outlined, blocks_of, find_block_paths, install_blocks, outline
+from .blocks import (Outlined, blocks_of, extend, find_block_paths, inline, install_blocks, outline,
+                     repeated_lists, truncated)
 from .canonical import annotate_shapes, canonicalize
 from .peft_methods import PeftModelMethods
 from .rewrite import TREE_PASSES, lower, method_for
@@ -68,6 +69,24 @@ def canonical_signature(captured, source: nn.Module, root: nn.Module, index: int
         if isinstance(extra, nn.Module):
             extra.train(root.training)
     return Signature(canonical.graph, captured.in_spec, captured.out_spec, captured.example)
+
+
+def capture_canonical(source: nn.Module, root: nn.Module, index: int, block_paths: Sequence[str],
+                      capture: Callable) -> Signature:
+    """``capture(model) -> Captured`` on a copy of ``source``, canonicalized into a signature whose
+    graph reads ``root``. Where a list of blocks repeats (``blocks.repeated_lists``), only its first two
+    blocks are captured and the rest are called like the second: a 32-layer model exports like a
+    2-layer one. Anything the two-block graph cannot vouch for captures the whole model."""
+    lists = repeated_lists(source, list(block_paths)) if block_paths else {}
+    if lists:
+        small = truncated(source, lists)
+        signature = canonical_signature(capture(small), small, root, index)
+        outlined = outline(signature.canonical, root, list(block_paths))
+        extended = extend(outlined, lists) if outlined is not None else None
+        if extended is not None:
+            signature.canonical, signature.outlined = inline(extended), extended
+            return signature
+    return canonical_signature(capture(clone_tree(source)), source, root, index)
 
 
 def clone_tree(module: nn.Module, memo: Optional[dict] = None) -> nn.Module:
@@ -312,9 +331,9 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
             raise RuntimeError(
                 f"This module was sharded (FSDP2) before a call with {sorted(kwargs)} was captured, and capture traces "
                 "the full weights: call it once with these keywords before fully_shard / fxpeft.shard.")
-        captured = capture_mod.export_call(clone_tree(self._fxpeft_source), kwargs, widen=widen)
         index = len(self._fxpeft_signatures) if index is None else index
-        signature = canonical_signature(captured, self._fxpeft_source, self, index)
+        signature = capture_canonical(self._fxpeft_source, self, index, self._fxpeft_block_paths,
+                                      lambda model: capture_mod.export_call(model, kwargs, widen=widen))
         self._lower_signature(signature)
         self._fxpeft_signatures[key] = signature
         return signature
@@ -448,13 +467,14 @@ def build(model: nn.Module, example_inputs=None, configs=()) -> PeftGraphModule:
     tree = clone_tree(model)
     for tree_pass in TREE_PASSES:
         tree_pass(tree, configs)
-    captured = capture_mod.capture(tree, example_inputs)
-    signature = canonical_signature(captured, tree, tree, 0)
-    if captured.example is None:  # a symbolic trace: shapes from one run on fake tensors, where inputs can be guessed
-        annotate_shapes(signature.canonical, tree)
-    key = None if captured.example is None else capture_mod.signature_key(captured.example)
     flat = any(method_for(config).whole_graph for config in configs)
     block_paths = [] if flat else find_block_paths(tree)
+    exported = example_inputs is not None or capture_mod.is_transformers_model(tree)
+    signature = capture_canonical(tree, tree, 0, block_paths if exported else (),
+                                  lambda source: capture_mod.capture(source, example_inputs))
+    if signature.example is None:  # a symbolic trace: shapes from one run on fake tensors, where inputs can be guessed
+        annotate_shapes(signature.canonical, tree)
+    key = None if signature.example is None else capture_mod.signature_key(signature.example)
     return PeftGraphModule(tree, {key: signature}, key, tree, capture_mod.forward_arg_names(model), block_paths)
 
 
