@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
+from typing import Optional
 
 import torch
 from torch import nn
@@ -227,28 +229,40 @@ def _single_delta(lw: Lowering, site: Site, module: nn.Module, adapter: str, gat
 
 
 def rewrite(lw: Lowering, site: Site):
-    """Linear and embedding sites with several adapters (or in the mixed graph): every adapter of
-    the module is stacked once per call and the active ones (dense graph: the module's
-    ``_fxpeft_slots``) or each sample's own (mixed graph) are gathered, so the cost does not grow
-    with the number of adapters loaded. A linear site with one adapter gets the plain gated LoRA
-    subgraph; conv sites get one gated delta per adapter."""
+    """Linear and embedding sites with several adapters (or in the mixed graph): one node reads the
+    site's adapters through the site module and picks those the index names (dense graph: the
+    module's ``_fxpeft_slots``; mixed graph: each sample's adapter), so a call costs what the
+    adapters it uses cost, however many are loaded (``select_adapters``). A linear site with one
+    adapter gets the plain gated LoRA subgraph; conv sites get one gated delta per adapter."""
     module = lw.module(site.path)
     if site.kind == "conv" or (site.kind == "linear" and not lw.mixed and len(adapters_at(module)) == 1):
         return _rewrite_per_adapter(lw, site, module)
     base_dtype = site_weight(lw.root, site).dtype
     adapter_dtype = _adapter_dtype(site_weight(lw.root, site))
-    a_stack, b_stack = _stacks(lw, site, module)
-    index = lw.sample_index if lw.mixed else lw.slots()
-    if site.kind == "embedding":
+    present = adapters_at(module)
+    names, positions = tuple(present), tuple(lw.adapter_order.index(a) for a in present)
+    rank = max(_adapter_tensors(module, a, site.kind == "embedding")[0].shape[0] for a in present)
+    owner = lw.attr(site.path)  # the site module: its adapters are read there, only those in use
+    embedding = site.kind == "embedding"
+    if lw.mixed:
+        picked = lw.call(select_adapters, owner, names, positions, rank, lw.sample_index, embedding, True)
+        stacks = [lw.call(operator.getitem, picked, i) for i in range(3)]
+        if embedding:
+            padding_idx = site.node.args[2] if len(site.node.args) > 2 else -1
+            delta = lw.call(lora_mixed_embedding, site.input, *stacks, padding_idx)
+        else:
+            x = lw.cast(site.input, adapter_dtype, base_dtype)
+            delta = lw.call(lora_mixed_linear, x, *stacks)
+    elif embedding:
         padding_idx = site.node.args[2] if len(site.node.args) > 2 else -1
-        helper = lora_mixed_embedding if lw.mixed else lora_slots_embedding
-        delta = lw.call(helper, site.input, index, a_stack, b_stack, padding_idx)
-    elif lw.mixed:
-        delta = lw.call(lora_mixed_linear, lw.cast(site.input, adapter_dtype, base_dtype), index, a_stack, b_stack)
+        picked = lw.call(select_adapters, owner, names, positions, rank, lw.slots(), True, False)
+        a, b_t = lw.call(operator.getitem, picked, 0), lw.call(operator.getitem, picked, 1)
+        delta = lw.call(lora_slots_embedding, site.input, a, b_t, padding_idx)
     else:
         _ensure_slots_module(lw.root)
+        dropout = any(module.lora_scaling[a].dropout > 0 for a in present)
         x = lw.cast(site.input, adapter_dtype, base_dtype)
-        delta = lw.call_module(SLOTS_MODULE, x, index, a_stack, b_stack, _dropout_stack(lw, site, module))
+        delta = lw.call_module(SLOTS_MODULE, x, owner, names, positions, rank, lw.slots(), dropout)
     return lw.call(aten.add.Tensor, site.output, lw.cast(delta, base_dtype, adapter_dtype))
 
 
@@ -263,28 +277,163 @@ def _rewrite_per_adapter(lw: Lowering, site: Site, module: nn.Module):
     return output
 
 
+# ----------------------------------------------------------------------------- picking adapters
+#
+# A site's adapters are picked by an index tensor (graph data, so switching never recompiles).
+# Eager, the index is read on the host and only the adapters it names are touched: the
+# parameters themselves, through autograd as usual (an adapter no entry names gets no
+# gradient, as in PEFT, where inactive adapters are frozen). Under torch.compile the same work
+# is one opaque custom op over all the site's tensors (``fxpeft::lora_select``), so the traced
+# graph holds no data-dependent Python and no version guard, and nothing is cached: every call
+# reads the parameters as they are (an optimizer's in-place step is seen by the next call).
+# Its backward gives every trainable adapter of the site a gradient (zeros where unused).
+
+
+def _adapter_tensors(site: nn.Module, name: str, embedding: bool):
+    if embedding:
+        return site.lora_embedding_A[name], site.lora_embedding_B[name], site.lora_scaling[name].value
+    return site.lora_A[name].weight, site.lora_B[name].weight, site.lora_scaling[name].value
+
+
+def _host_list(index: torch.Tensor) -> list[int]:
+    """``index`` on the host. Off the CPU the last few reads are remembered by the tensor object
+    itself (held here, so neither it nor its memory can be reused) and its version counter (every
+    in-place write bumps it): the slots buffer, read at every site, costs one copy per change."""
+    if index.device.type == "cpu":
+        return index.tolist()
+    key = (id(index), index.data_ptr(), index._version)
+    hit = _HOST_LISTS.get(key)
+    if hit is None:
+        if len(_HOST_LISTS) >= 8:
+            _HOST_LISTS.pop(next(iter(_HOST_LISTS)))
+        hit = _HOST_LISTS[key] = (index, index.tolist())
+    return hit[1]
+
+
+_HOST_LISTS: dict = {}
+
+
+def _pick(host: list[int], positions, fetch, rank: int, dedupe: bool, slots: Optional[int] = None):
+    """The stacks for ``host`` (global adapter indices): A (S, R, n) and s·B^T (S, R, m), padded to the
+    site's largest rank R with zeros, an adapter the site lacks (or the empty index) reading zeros;
+    the slot each entry reads (K,); and the local adapter each slot holds (S,), -1 for none.
+
+    ``dedupe=False`` (dense graph): slot k is entry k. ``dedupe=True`` (mixed graph): one slot per
+    distinct adapter the entries use, then a zero slot if any entry needs one, then zero slots up to
+    ``slots`` (the compiled op's fixed count; never read). ``fetch(j)`` gives local adapter j's
+    (A, B, scale): only the adapters in use are read.
+    """
+    local = {p: j for j, p in enumerate(positions)}
+    wanted = [local.get(g, -1) for g in host]
+    if dedupe:
+        owners = list(dict.fromkeys(j for j in wanted if j >= 0))
+        if -1 in wanted or not owners:
+            owners.append(-1)
+        where = {j: s for s, j in enumerate(owners)}
+        entry_slot = [where[j] for j in wanted]
+    else:
+        owners, entry_slot = wanted, list(range(len(wanted)))
+    if slots is not None and len(owners) < slots:
+        owners = owners + [-1] * (slots - len(owners))
+    tensors = {j: fetch(j) for j in owners if j >= 0}
+    a0, b0, _ = next(iter(tensors.values())) if tensors else fetch(0)
+    zero_a, zero_b = a0.new_zeros(rank, a0.shape[1]), b0.new_zeros(rank, b0.shape[0])
+    a_rows, b_rows = [], []
+    for j in owners:
+        if j < 0:
+            a_rows.append(zero_a)
+            b_rows.append(zero_b)
+            continue
+        a, b, scale = tensors[j]
+        b_t = (b * scale).t()
+        pad = rank - a.shape[0]
+        a_rows.append(torch.nn.functional.pad(a, (0, 0, 0, pad)) if pad else a)
+        b_rows.append(torch.nn.functional.pad(b_t, (0, 0, 0, pad)) if pad else b_t)
+    device = a0.device
+    return (torch.stack(a_rows), torch.stack(b_rows), torch.tensor(entry_slot, dtype=torch.long, device=device),
+            torch.tensor(owners, dtype=torch.long, device=device))
+
+
+def select_adapters(site: nn.Module, names: tuple, positions: tuple, rank: int, index: torch.Tensor,
+                    embedding: bool, dedupe: bool):
+    """(A stack, s·B^T stack, slot of each index entry, local adapter of each slot) for the adapters
+    ``index`` names at ``site`` (see ``_pick``): eager reads only those; compiled, one custom op over
+    all of them."""
+    if torch.compiler.is_compiling():
+        a, b, s = (list(t) for t in zip(*(_adapter_tensors(site, n, embedding) for n in names)))
+        return torch.ops.fxpeft.lora_select(a, b, s, list(positions), rank, index, dedupe)
+    fetch = lambda j: _adapter_tensors(site, names[j], embedding)  # noqa: E731
+    return _pick(_host_list(index), positions, fetch, rank, dedupe)
+
+
+@torch.library.custom_op("fxpeft::lora_select", mutates_args=())
+def _lora_select(a: list[torch.Tensor], b: list[torch.Tensor], scale: list[torch.Tensor], positions: list[int],
+                 rank: int, index: torch.Tensor, dedupe: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                      torch.Tensor]:
+    """``_pick`` as one opaque op (compiled graphs): outputs never alias the parameters."""
+    slots = _select_slots(index.shape[0], len(a), dedupe)
+    a_stack, b_stack, entry_slot, owners = _pick(_host_list(index), positions, lambda j: (a[j], b[j], scale[j]),
+                                                 rank, dedupe, slots)
+    return a_stack.clone(), b_stack.clone(), entry_slot, owners
+
+
+def _select_slots(entries, adapters: int, dedupe: bool):
+    return torch.sym_min(entries, adapters) + 1 if dedupe else entries
+
+
+@_lora_select.register_fake
+def _(a, b, scale, positions, rank, index, dedupe):
+    slots = _select_slots(index.shape[0], len(a), dedupe)
+    return (a[0].new_empty(slots, rank, a[0].shape[1]), b[0].new_empty(slots, rank, b[0].shape[0]),
+            index.new_empty(index.shape[0], dtype=torch.long), index.new_empty(slots, dtype=torch.long))
+
+
+def _select_setup(ctx, inputs, output):
+    a, b, scale = inputs[0], inputs[1], inputs[2]
+    ctx.ranks = [t.shape[0] for t in a]
+    ctx.needs = [(x.requires_grad, y.requires_grad) for x, y in zip(a, b)]
+    ctx.save_for_backward(output[3], *scale)
+
+
+def _select_backward(ctx, grad_a, grad_b, _slot, _owner):
+    """Each adapter's gradient: the sum over the slots it holds (zeros where it holds none)."""
+    owners, *scale = ctx.saved_tensors
+    count = len(ctx.ranks)
+    mine = (owners.unsqueeze(0) == torch.arange(count, device=owners.device).unsqueeze(1))  # (P, S)
+    grads_a, grads_b = [], []
+    per_a = torch.einsum("ps,srn->prn", mine.to(grad_a.dtype), grad_a) if grad_a is not None else None
+    per_b = torch.einsum("ps,srm->prm", mine.to(grad_b.dtype), grad_b) if grad_b is not None else None
+    for j, (rank, (need_a, need_b)) in enumerate(zip(ctx.ranks, ctx.needs)):
+        grads_a.append(per_a[j, :rank] if need_a and per_a is not None else None)
+        grads_b.append((per_b[j, :rank] * scale[j]).t() if need_b and per_b is not None else None)
+    return grads_a, grads_b, [None] * len(scale), None, None, None, None
+
+
+_lora_select.register_autograd(_select_backward, setup_context=_select_setup)
+
+
 SLOTS_MODULE = "_fxpeft_lora_slots"
 
 
 class LoraSlots(nn.Module):
-    """The active adapters of a linear site in one computation: ``x [A_s1^T|A_s2^T|…] [B_s1^T; …]``.
+    """The active adapters of a linear site in one computation: ``x [A_s1^T|A_s2^T|…] [s1·B_s1^T; …]``.
 
-    A module (stateless) only so that it can follow ``.train()/.eval()`` for LoRA dropout,
-    whose probability per adapter is data (``p_stack``).
+    A module (stateless) only so that it can follow ``.train()/.eval()`` for LoRA dropout, whose
+    probability per adapter is data (``<path>.lora_scaling.<adapter>.p``).
     """
 
-    def forward(self, x, slots, a_t_stack, b_t_stack, p_stack=None):
-        a = a_t_stack.index_select(0, slots)  # (S, in, r)
-        b = b_t_stack.index_select(0, slots)  # (S, r, out)
-        if self.training and p_stack is not None:  # each active adapter sees its own dropout of x
-            p = p_stack.index_select(0, slots)
+    def forward(self, x, site, names, positions, rank, slots, dropout: bool = False):
+        a, b_t, _, owners = select_adapters(site, names, positions, rank, slots, False, False)  # (S, R, in/out)
+        if self.training and dropout:  # each active adapter sees its own dropout of x
+            p = [site.lora_scaling[n].p for n in names]
+            p = torch.stack(p + [torch.zeros_like(p[0])]).index_select(0, owners % (len(names) + 1))  # -1: none
             out = None
             for slot in range(a.shape[0]):
                 kept = x * (torch.rand_like(x) >= p[slot]).to(x.dtype) / (1 - p[slot])
-                term = (kept @ a[slot]) @ b[slot]
+                term = (kept @ a[slot].t()) @ b_t[slot]
                 out = term if out is None else out + term
             return out
-        return (x @ a.permute(1, 0, 2).reshape(a.shape[1], -1)) @ b.reshape(-1, b.shape[-1])
+        return (x @ a.reshape(-1, a.shape[-1]).t()) @ b_t.reshape(-1, b_t.shape[-1])
 
 
 def _ensure_slots_module(root: nn.Module) -> None:
@@ -292,90 +441,42 @@ def _ensure_slots_module(root: nn.Module) -> None:
         root.add_module(SLOTS_MODULE, LoraSlots().train(root.training))
 
 
-def lora_slots_embedding(ids, slots, a_stack, b_t_stack, padding_idx: int = -1):
-    """Embedding sites, the active adapters: one lookup in the concatenated A tables."""
-    a = a_stack.index_select(0, slots)  # (S, r, num)
+def lora_slots_embedding(ids, a, b_t, padding_idx: int = -1):
+    """Embedding sites, the active adapters (``a`` (S, R, num), ``b_t`` (S, R, dim)): one lookup in
+    the concatenated A tables."""
     table = a.permute(2, 0, 1).reshape(a.shape[2], -1)
     hidden = torch.nn.functional.embedding(ids, table, padding_idx if padding_idx >= 0 else None)
-    return hidden @ b_t_stack.index_select(0, slots).reshape(-1, b_t_stack.shape[-1])
-
-
-def _dropout_stack(lw: Lowering, site: Site, module: nn.Module):
-    """Per-adapter dropout probabilities (None when no adapter of the site uses dropout)."""
-    present = adapters_at(module)
-    if not any(module.lora_scaling[a].dropout > 0 for a in present):
-        return None
-    probabilities = {a: lw.attr(f"{site.path}.lora_scaling.{a}.p") for a in present}
-    zero = lw.call(aten.zeros_like.default, next(iter(probabilities.values())))
-    return lw.call(aten.stack.default, [probabilities.get(a, zero) for a in lw.adapter_order] + [zero])
+    return hidden @ b_t.reshape(-1, b_t.shape[-1])
 
 
 # per-sample adapters (adapter_names=[...]): one gathered computation for the whole batch
 
 
-def lora_mixed_linear(x, index, a_t_stack, b_t_stack):
-    """Row b of the batch gets ``x_b A_{index[b]}^T B_{index[b]}^T``. The stacks hold every
-    adapter's A^T (in, r) and B^T (r, out), padded to one rank, scaling folded into B, plus a
-    zero slot for "no adapter"; gathering per sample and two batched matmuls replace a loop
-    over adapters."""
-    batch = index.shape[0]
+def lora_mixed_linear(x, a, b_t, entry_slot):
+    """Row b of the batch gets ``x_b A_j^T s_j B_j^T``, j its adapter: the stacks hold the adapters
+    the batch uses (A (S, R, in), s·B^T (S, R, out)) and a zero slot for "no adapter"; gathering per
+    sample and two batched matmuls replace a loop over adapters."""
+    batch = entry_slot.shape[0]
     rows = x.reshape(batch, -1, x.shape[-1])
-    hidden = torch.bmm(rows, a_t_stack.index_select(0, index))
-    delta = torch.bmm(hidden, b_t_stack.index_select(0, index))
+    hidden = torch.bmm(rows, a.index_select(0, entry_slot).transpose(1, 2))
+    delta = torch.bmm(hidden, b_t.index_select(0, entry_slot))
     return delta.reshape(*x.shape[:-1], delta.shape[-1])
 
 
-def lora_mixed_embedding(ids, index, a_stack, b_t_stack, padding_idx: int = -1):
-    """Embedding sites: look up every adapter's A rows at once, keep each sample's own."""
-    slots, rank, num = a_stack.shape
-    table = a_stack.permute(2, 0, 1).reshape(num, slots * rank)
-    hidden = torch.nn.functional.embedding(ids, table, padding_idx if padding_idx >= 0 else None)
-    hidden = hidden.reshape(ids.shape[0], -1, slots, rank)
-    pick = index.view(-1, 1, 1, 1).expand(-1, hidden.shape[1], 1, rank)
-    hidden = hidden.gather(2, pick).squeeze(2)
-    delta = torch.bmm(hidden, b_t_stack.index_select(0, index))
+def lora_mixed_embedding(ids, a, b_t, entry_slot, padding_idx: int = -1):
+    """Embedding sites: each token reads its own sample's adapter's A column, no table copied."""
+    batch = entry_slot.shape[0]
+    flat = ids.reshape(batch, -1)
+    hidden = a[entry_slot.unsqueeze(1), :, flat]  # (batch, T, R)
+    if padding_idx >= 0:  # as F.embedding's padding_idx: that row takes no gradient
+        hidden = torch.where((flat == padding_idx).unsqueeze(-1), hidden.detach(), hidden)
+    delta = torch.bmm(hidden, b_t.index_select(0, entry_slot))
     return delta.reshape(*ids.shape, delta.shape[-1])
 
 
 def lora_mixed_masked(delta, index, slot: int):
     """Conv sites: an adapter's full delta, kept only for the samples that asked for it."""
     return delta * samples_of(index, slot, delta).to(delta.dtype)
-
-
-def _stacks(lw: Lowering, site: Site, module: nn.Module):
-    """(A stack, B^T stack) nodes: one slot per adapter of the module (zeros where this site has
-    none), padded to the largest rank, scaling folded into B, then a zero slot. Linear sites
-    stack A^T so both batched matmuls read contiguous operands."""
-    embedding = site.kind == "embedding"
-    present = adapters_at(module)
-    ranks = {a: (module.lora_embedding_A[a] if embedding else module.lora_A[a].weight).shape[0] for a in present}
-    rank = max(ranks.values())
-    a_slots, b_slots = [], []
-    template_a = template_b = None
-    for adapter in lw.adapter_order:
-        if adapter not in present:
-            a_slots.append(None)
-            b_slots.append(None)
-            continue
-        a_name = f"{site.path}.lora_embedding_A.{adapter}" if embedding else f"{site.path}.lora_A.{adapter}.weight"
-        b_name = f"{site.path}.lora_embedding_B.{adapter}" if embedding else f"{site.path}.lora_B.{adapter}.weight"
-        a, b = lw.attr(a_name), lw.attr(b_name)
-        b = lw.call(aten.mul.Tensor, b, lw.attr(f"{site.path}.lora_scaling.{adapter}.value"))
-        pad = rank - ranks[adapter]
-        if pad:
-            a = lw.call(aten.constant_pad_nd.default, a, [0, 0, 0, pad])
-            b = lw.call(aten.constant_pad_nd.default, b, [0, pad])
-        if not embedding:
-            a = lw.call(aten.t.default, a)
-        b = lw.call(aten.t.default, b)
-        a_slots.append(a)
-        b_slots.append(b)
-        template_a, template_b = template_a or a, template_b or b
-    zero_a = lw.call(aten.zeros_like.default, template_a)
-    zero_b = lw.call(aten.zeros_like.default, template_b)
-    a_stack = lw.call(aten.stack.default, [s or zero_a for s in a_slots] + [zero_a])
-    b_stack = lw.call(aten.stack.default, [s or zero_b for s in b_slots] + [zero_b])
-    return a_stack, b_stack
 
 
 # ----------------------------------------------------------------------------- folding

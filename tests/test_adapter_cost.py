@@ -1,0 +1,186 @@
+"""Many adapters loaded, few in use: a call reads only the adapters it uses, matches PEFT, and sees
+in-place parameter updates (eager and under torch.compile). Speed lives in
+benchmarks/bench_adapters.py (``--loaded``); these tests check what a call touches."""
+from __future__ import annotations
+
+import copy
+
+import peft
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fxpeft
+import models
+from peft_oracle import lora_pair
+
+LOADED = 30
+TARGETS = ["embed", "qkv", "down"]  # embedding and linear sites
+
+
+def _configs(count=LOADED):
+    return {f"t{i}": dict(r=2 + i % 3, lora_alpha=4 + i % 5, target_modules=TARGETS, init_lora_weights=False)
+            for i in range(count)}
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    torch.manual_seed(0)
+    model = models.TinyDecoder().eval()
+    reference, gm = lora_pair(model, _configs())
+    return model, reference, gm
+
+
+class _Reads(TorchDispatchMode):
+    """The storages every aten op of a call reads (allocation-like ops excluded)."""
+
+    SKIP = {torch.ops.aten.new_zeros.default, torch.ops.aten.new_empty.default, torch.ops.aten.zeros_like.default}
+
+    def __init__(self):
+        super().__init__()
+        self.pointers = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func not in self.SKIP:
+            for arg in torch.utils._pytree.tree_leaves((args, kwargs or {})):
+                if isinstance(arg, torch.Tensor):
+                    self.pointers.add(arg.untyped_storage().data_ptr())
+        return func(*args, **(kwargs or {}))
+
+
+def _adapters_read(gm, call) -> set[str]:
+    owner = {}
+    for name, param in gm.named_parameters():
+        if ".lora_" in name:
+            owner[param.untyped_storage().data_ptr()] = name.rsplit(".", 2)[-2] if name.endswith(".weight") \
+                else name.rsplit(".", 1)[-1]
+    with torch.no_grad(), _Reads() as reads:
+        call()
+    return {owner[p] for p in reads.pointers if p in owner}
+
+
+def test_a_call_reads_only_the_adapters_it_uses(loaded):
+    """Failed before: every call stacked all 30 adapters at every site."""
+    _model, _reference, gm = loaded
+    x = torch.randint(0, models.VOCAB, (2, 5))
+    try:
+        for active in (["t7"], ["t3", "t20"]):
+            fxpeft.set_adapter(gm, active if len(active) > 1 else active[0])
+            assert _adapters_read(gm, lambda: gm(x)) == set(active)
+        fxpeft.set_adapter(gm, "t7")
+        with fxpeft.disable_adapters(gm):
+            assert _adapters_read(gm, lambda: gm(x)) == set()
+        names = ["t7", "__base__", "t12", "t7"]
+        assert _adapters_read(gm, lambda: gm(torch.cat([x, x]), adapter_names=names)) == {"t7", "t12"}
+    finally:
+        fxpeft.set_adapter(gm, "t0")
+
+
+def test_thirty_adapters_loaded_match_peft(loaded):
+    _model, reference, gm = loaded
+    x = torch.randint(0, models.VOCAB, (6, 5))
+    try:
+        with torch.no_grad():
+            for active in (["t0"], ["t29"], ["t4", "t17"], ["t1", "t2", "t28"]):
+                reference.base_model.set_adapter(active)
+                fxpeft.set_adapter(gm, active if len(active) > 1 else active[0])
+                torch.testing.assert_close(gm(x), reference(x), rtol=1e-5, atol=1e-5)
+            names = ["t29", "__base__", "t3", "t4", "t29", "t11"]
+            torch.testing.assert_close(gm(x, adapter_names=names), reference(x, adapter_names=names),
+                                       rtol=1e-5, atol=1e-5)
+    finally:
+        reference.base_model.set_adapter("t0")
+        fxpeft.set_adapter(gm, "t0")
+
+
+def test_training_step_matches_peft_and_the_next_call_sees_it():
+    """Gradients reach only the active adapter's own parameters (PEFT's names, no stacked copy);
+    an optimizer's in-place step shows in the very next call."""
+    torch.manual_seed(0)
+    model = models.TinyDecoder().eval()
+    reference, gm = lora_pair(model, _configs(6))
+    reference.base_model.set_adapter("t4")  # PEFT: the active adapter trainable, the others frozen
+    fxpeft.set_adapter(gm, "t4")  # fxpeft: trainability unchanged (no recompile): others get no gradient
+    x = torch.randint(0, models.VOCAB, (2, 5))
+    ours = dict(gm.named_parameters())
+    trainable = {k: p for k, p in reference.named_parameters() if p.requires_grad}
+    theirs = torch.optim.SGD(trainable.values(), lr=0.5)
+    mine = torch.optim.SGD([p for p in gm.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(2):
+        reference(x).square().mean().backward()
+        gm(x).square().mean().backward()
+        for key, param in trainable.items():
+            torch.testing.assert_close(ours[key.removeprefix("base_model.model.")].grad, param.grad,
+                                       rtol=1e-5, atol=1e-6)
+        others = {n for n, p in gm.named_parameters() if p.grad is not None and ".t4" not in n}
+        assert not others
+        theirs.step()
+        mine.step()
+        theirs.zero_grad(set_to_none=True)
+        mine.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            torch.testing.assert_close(gm(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_reads_parameters_as_they_are_and_trains():
+    """Under torch.compile the pick is one custom op: in-place updates show without a recompile,
+    mixed batches and switching too; its backward gives the active adapter eager's gradient (eval
+    mode: the MLP's own dropout would draw differently)."""
+    torch.manual_seed(0)
+    model = models.MLP().eval()
+    configs = {n: dict(r=r, lora_alpha=4, target_modules=["fc1", "fc2"], init_lora_weights=False)
+               for n, r in (("a", 2), ("b", 3), ("c", 4))}
+    _reference, gm = lora_pair(model, configs)
+    eager = copy.deepcopy(gm)
+    x = torch.randn(4, 12)
+    torch._dynamo.reset()
+    compiled = torch.compile(gm, fullgraph=True)
+    index = fxpeft.adapter_indices(gm, ["c", "a", "__base__", "c"])
+    with torch.no_grad():
+        compiled(x)
+        compiled(x, adapter_names=index)
+    try:
+        torch._dynamo.config.error_on_recompile = True
+        with torch.no_grad():
+            for name in ("b", "c"):
+                fxpeft.set_adapter(gm, name)
+                fxpeft.set_adapter(eager, name)
+                torch.testing.assert_close(compiled(x), eager(x))
+            before = compiled(x)
+            for module in (gm, eager):  # an optimizer-like in-place step on the active adapter
+                module.get_submodule("fc1.lora_B.c").weight.add_(0.5)
+            after = compiled(x)
+            assert not torch.allclose(before, after)
+            torch.testing.assert_close(after, eager(x))
+            torch.testing.assert_close(compiled(x, adapter_names=index), eager(x, adapter_names=index))
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+    compiled(x).square().sum().backward()
+    eager(x).square().sum().backward()
+    grads = {n: p.grad for n, p in eager.named_parameters() if p.grad is not None}
+    assert grads and all(".c." in n for n in grads)
+    for name, param in gm.named_parameters():
+        if name in grads:
+            torch.testing.assert_close(param.grad, grads[name], rtol=1e-5, atol=1e-6)
+        elif param.grad is not None:  # compiled: the site's other trainable adapters get zeros
+            assert not param.grad.any()
+    torch._dynamo.reset()
+
+
+def test_lora_select_op_registration():
+    """The custom op's fake kernel and autograd agree with its kernel (dense and mixed forms)."""
+    torch.manual_seed(0)
+    a = [torch.randn(r, 6, requires_grad=True) for r in (2, 3)]
+    b = [torch.randn(5, r, requires_grad=True) for r in (2, 3)]
+    scale = [torch.tensor(2.0), torch.tensor(0.5)]
+    for index, dedupe in ((torch.tensor([4, 1]), False), (torch.tensor([1, 3, 4, 1, 3]), True)):
+        torch.library.opcheck(torch.ops.fxpeft.lora_select.default, (a, b, scale, [1, 3], 3, index, dedupe))
+        a_stack, b_stack, slot, _ = torch.ops.fxpeft.lora_select(a, b, scale, [1, 3], 3, index, dedupe)
+        for entry, g in enumerate(index.tolist()):
+            picked_a, picked_b = a_stack[slot[entry]], b_stack[slot[entry]]
+            if g not in (1, 3):
+                assert not picked_a.any() and not picked_b.any()
+                continue
+            j = [1, 3].index(g)
+            torch.testing.assert_close(picked_a[:a[j].shape[0]], a[j].detach())
+            torch.testing.assert_close(picked_b[:a[j].shape[0]], (b[j] * scale[j]).t().detach())
