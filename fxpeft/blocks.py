@@ -343,9 +343,28 @@ def repeated_lists(tree: nn.Module, block_paths: list[str]) -> dict[str, int]:
     for path in block_paths:
         lists.setdefault(path.rpartition(".")[0], []).append(path)
     found = {}
+    per_layer = _per_layer_settings(tree)
     for path, members in lists.items():
-        if len(members) >= 3 and len({_fingerprint(submodule(tree, m)) for m in members[1:]}) == 1:
+        if len(members) >= 3 and len({_fingerprint(submodule(tree, m)) for m in members[1:]}) == 1 \
+                and not any(len(values) == len(members) and len(set(map(repr, values[1:]))) > 1
+                            for values in per_layer):
             found[path] = len(members)
+    return found
+
+
+def _per_layer_settings(tree: nn.Module) -> list[list]:
+    """List-valued settings of a transformers config (``layer_types`` …): code between the blocks
+    may read them by layer index, which a two-block capture would not see."""
+    config = getattr(tree, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return []
+    found, pending = [], [config.to_dict()]
+    while pending:
+        for value in pending.pop().values():
+            if isinstance(value, dict):
+                pending.append(value)
+            elif isinstance(value, (list, tuple)):
+                found.append(list(value))
     return found
 
 

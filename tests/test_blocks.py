@@ -10,6 +10,7 @@ import torch
 import fxpeft
 import models
 from fxpeft.blocks import Block, blocks_of
+from peft_oracle import copy_adapter_weights
 
 BLOCKS = {
     "llama": ["model.layers.0", "model.layers.1"],
@@ -137,3 +138,63 @@ def test_gradient_checkpointing_composes_with_qlora_several_adapters_and_compile
     assert set(got) == set(expected) and (variant != "two_adapters" or any(".other." in n for n in got))
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
+def _exported_block_counts(monkeypatch):
+    """How many decoder layers each torch.export in fxpeft saw."""
+    from fxpeft import capture
+
+    seen, original = [], capture.export_call
+
+    def spy(model, kwargs, widen=False):
+        seen.append(len(model.get_submodule("model.layers")))
+        return original(model, kwargs, widen)
+
+    monkeypatch.setattr(capture, "export_call", spy)
+    return seen
+
+
+def test_deep_models_capture_two_blocks_and_equal_peft(monkeypatch, tmp_path):
+    """Five alike layers: exported with two, the rest called like the second; everything PEFT-equal."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    seen = _exported_block_counts(monkeypatch)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=models.VOCAB, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2)).eval()
+    config = dict(r=2, target_modules="all-linear", init_lora_weights=False)
+    gm = fxpeft.transform(model, fxpeft.LoraConfig(**config)).eval()
+    reference = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**config)).eval()
+    assert copy_adapter_weights(reference, gm) == 5 * 7 * 2
+    inputs = models.hf_inputs("llama")
+    with torch.no_grad():
+        torch.testing.assert_close(gm(**inputs).logits, reference(**inputs).logits, rtol=1e-5, atol=1e-5)
+        labelled = dict(inputs, labels=inputs["input_ids"])  # a second signature, captured the same way
+        torch.testing.assert_close(gm(**labelled).loss, reference(**labelled).loss, rtol=1e-5, atol=1e-5)
+    assert seen == [2, 2]
+    assert len(fxpeft.inspect(gm).rows) == 5 * 7
+    merged = fxpeft.merge_and_unload(gm)
+    fresh = type(model)(model.config).eval()
+    fresh.load_state_dict(merged.state_dict(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**inputs).logits, reference.merge_and_unload()(**inputs).logits,
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_layers_that_differ_by_config_are_all_captured(monkeypatch):
+    """Qwen2 with sliding-window and full-attention layers: the code between the layers picks each
+    layer's mask by its index, which two layers cannot show, so the whole model is exported."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    seen = _exported_block_counts(monkeypatch)
+    types = ["full_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=models.VOCAB, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                         use_sliding_window=True, sliding_window=3, layer_types=types)).eval()
+    config = dict(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    gm = fxpeft.transform(model, fxpeft.LoraConfig(**config)).eval()
+    reference = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**config)).eval()
+    copy_adapter_weights(reference, gm)
+    assert seen == [4]
+    inputs = models.hf_inputs("llama", seq=9)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(**inputs).logits, reference(**inputs).logits, rtol=1e-5, atol=1e-5)
