@@ -1,4 +1,7 @@
-"""The examples a user would copy must run as shipped."""
+"""The examples a user would copy must run as shipped.
+
+They start together (one subprocess each, sharing the cores) and each test waits for its own:
+most of an example's time is imports and compilation, which overlap well."""
 from __future__ import annotations
 
 import os
@@ -8,10 +11,21 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = sorted(f for f in os.listdir(os.path.join(ROOT, "examples")) if f.endswith(".py"))
 
 
-@pytest.mark.parametrize("script", sorted(f for f in os.listdir(os.path.join(ROOT, "examples")) if f.endswith(".py")))
-def test_example_runs(script):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "examples", script)], capture_output=True, text=True,
-                            cwd=ROOT, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+@pytest.fixture(scope="module")
+def running():
+    processes = {script: subprocess.Popen([sys.executable, os.path.join(ROOT, "examples", script)], cwd=ROOT,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for script in SCRIPTS}
+    yield processes
+    for process in processes.values():
+        if process.poll() is None:
+            process.kill()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_example_runs(script, running):
+    _, stderr = running[script].communicate(timeout=900)
+    assert running[script].returncode == 0, stderr[-3000:]
