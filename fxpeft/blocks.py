@@ -299,6 +299,15 @@ def blocks_of(root: nn.Module) -> dict[str, Block]:
     return {path: module for path, module in root.named_modules() if isinstance(module, Block)}
 
 
+def running_blocks(gm: nn.Module) -> dict[str, Block]:
+    """The blocks every captured graph calls; none where some graph stayed flat (its blocks would be
+    installed but never run, so checkpointing, regional compilation or sharding them would do nothing)."""
+    signatures = getattr(gm, "_fxpeft_signatures", {})
+    if any(signature.outlined is None for signature in signatures.values()):
+        return {}
+    return blocks_of(gm)
+
+
 
 def compile_blocks(gm: nn.Module, **compile_kwargs) -> list[str]:
     """Regional compilation: ``torch.compile`` each block (``Block.compile``) instead of the whole
@@ -306,7 +315,7 @@ def compile_blocks(gm: nn.Module, **compile_kwargs) -> list[str]:
     for the others (once more where a block's inputs first require grad: after the frozen
     embeddings). Much faster to compile than the whole model; the glue between blocks runs eagerly.
     Returns the compiled blocks' paths."""
-    blocks = blocks_of(gm)
+    blocks = running_blocks(gm)
     if not blocks:
         raise ValueError("compile_blocks compiles the model's repeated blocks, and this fxpeft module has none "
                          "(no ModuleList of same-class blocks, or a method that keeps the graph flat): use "

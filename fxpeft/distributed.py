@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .blocks import blocks_of
+from .blocks import running_blocks
 
 
 def shard(gm: nn.Module, **fully_shard_kwargs) -> nn.Module:
@@ -53,12 +53,10 @@ def shard(gm: nn.Module, **fully_shard_kwargs) -> nn.Module:
 
 def called_blocks(gm: nn.Module) -> dict[str, nn.Module]:
     """The blocks every captured graph calls (paths to modules); a clear error when there are none."""
-    blocks = blocks_of(gm)
-    signatures = getattr(gm, "_fxpeft_signatures", None)
-    if signatures is None:
+    if getattr(gm, "_fxpeft_signatures", None) is None:
         raise TypeError(f"fxpeft.shard takes the result of fxpeft.transform, got {type(gm).__name__}.")
-    flat = [key for key, sig in signatures.items() if sig.outlined is None]
-    if not blocks or flat:
+    blocks = running_blocks(gm)
+    if not blocks:
         raise ValueError(
             f"fxpeft.shard shards each of the model's repeated blocks, and this result has none: {_why_flat(gm)}. "
             "FSDP2 all-gathers a module's parameters only when that module is called, and here the graph reads "

@@ -32,7 +32,7 @@ from torch import nn
 from torch.fx.graph_module import GraphModule, _forward_from_src
 
 from . import capture as capture_mod
-from .blocks import (Outlined, blocks_of, extend, find_block_paths, inline, install_blocks, outline,
+from .blocks import (Outlined, extend, find_block_paths, inline, install_blocks, outline,
                      repeated_lists, truncated)
 from .canonical import annotate_shapes, canonicalize
 from .peft_methods import PeftModelMethods
@@ -289,8 +289,8 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         else:
             device = current.device if current is not None else _device_of(self)
             self.register_buffer(name, values.to(device), persistent=False)
-        for block in blocks_of(self).values():  # block graphs read the same tensor as their own buffer
-            block.register_buffer(name, self._buffers[name], persistent=False)
+        for path in self._fxpeft_block_paths:  # block graphs read the same tensor as their own buffer
+            self.get_submodule(path).register_buffer(name, self._buffers[name], persistent=False)
 
     def recompile(self):
         python_code = super().recompile()

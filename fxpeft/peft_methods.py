@@ -125,9 +125,9 @@ class PeftModelMethods:
         """Recompute the model's blocks in backward (``torch.utils.checkpoint``, non-reentrant) instead
         of keeping their activations: every block, or every ``every_n_layers``-th; with ``offload``
         what each block keeps for the recompute lives in host memory (transformers' arguments)."""
-        from .blocks import blocks_of
+        from .blocks import running_blocks
 
-        blocks = list(blocks_of(self).values())
+        blocks = list(running_blocks(self).values())
         if not blocks:
             raise NotImplementedError(
                 "Gradient checkpointing recomputes the model's repeated blocks in backward, and fxpeft found none in "
