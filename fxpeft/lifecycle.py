@@ -88,6 +88,10 @@ def _attach(gm: PeftGraphModule, config, adapter_name: str) -> None:
             "model sees, so it must be the model's only adapter (as in PEFT). Transform a fresh model instead."
         )
     method = method_for(config)
+    if method.whole_graph and gm._fxpeft_block_paths:
+        raise ValueError(
+            f"{type(config).__name__} rewrites the whole model as one graph, and this module was built with one graph "
+            "per block: pass the config to fxpeft.transform (or fxpeft.from_pretrained) on the original model instead.")
     if method.attach is None:
         raise ValueError(
             f"{type(config).__name__} is not an adapter: it changes the base model, so it is applied by "

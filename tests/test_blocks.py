@@ -198,3 +198,10 @@ def test_layers_that_differ_by_config_are_all_captured(monkeypatch):
     inputs = models.hf_inputs("llama", seq=9)
     with torch.no_grad():
         torch.testing.assert_close(gm(**inputs).logits, reference(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_whole_graph_method_cannot_be_added_to_a_block_structured_module():
+    gm = fxpeft.transform(models.llama(), fxpeft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="pass the config to fxpeft.transform"):
+        gm.add_adapter("prefix", fxpeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    assert list(gm.peft_config) == ["default"]
