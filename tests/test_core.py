@@ -35,14 +35,46 @@ def hf_case(request):
 
 
 def test_zero_init_lora_leaves_outputs_unchanged_on_hf_models(hf_case):
-    name, model, _ = hf_case
-    gm = fxpeft.transform(model, fxpeft.LoraConfig(r=4, target_modules="all-linear", task_type=_task(name)))
-    for batch, seq in [(2, 7), (1, 3), (4, 12)]:
-        inputs = models.hf_inputs(name, batch=batch, seq=seq)
-        with torch.no_grad():
-            expected, got = model(**inputs), gm(**inputs)
-        assert type(got) is type(expected)
-        torch.testing.assert_close(_logits(got), _logits(expected), rtol=0, atol=1e-6)
+    name, model, gm = hf_case
+    gm.add_adapter("zero", fxpeft.LoraConfig(r=4, target_modules="all-linear", task_type=_task(name)))
+    gm.set_adapter("zero")  # the module's default adapter is random: this one is PEFT's zero init
+    try:
+        for batch, seq in [(2, 7), (1, 3), (4, 12)]:
+            inputs = models.hf_inputs(name, batch=batch, seq=seq)
+            with torch.no_grad():
+                expected, got = model(**inputs), gm(**inputs)
+            assert type(got) is type(expected)
+            torch.testing.assert_close(_logits(got), _logits(expected), rtol=0, atol=1e-6)
+    finally:
+        gm.set_adapter("default")
+        gm.delete_adapter("zero")
+
+
+BLOCKS = {"llama": "model.layers", "qwen2": "model.layers", "gpt2": "transformer.h", "opt": "model.decoder.layers",
+          "bert": "bert.encoder.layer", "t5": ("encoder.block", "decoder.block"), "vit": "vit.layers"}
+
+
+def test_blocks_are_modules_under_their_paths_with_the_models_keys_and_hooks(hf_case):
+    """The repeated layers are Block modules the top graph calls (fxpeft/blocks.py): the model's
+    state_dict keys plus the adapters', and each block's forward hooks fire once per call."""
+    from fxpeft.blocks import Block, blocks_of
+
+    name, model, gm = hf_case
+    lists = BLOCKS[name] if isinstance(BLOCKS[name], tuple) else (BLOCKS[name],)
+    expected = sorted(f"{path}.{i}" for path in lists for i in range(2))
+    assert sorted(blocks_of(gm)) == expected
+    assert all(isinstance(gm.get_submodule(path), Block) for path in expected)
+    assert sorted(n.target for n in gm.graph.nodes if n.meta.get("fxpeft_block")) == expected
+    adapter_keys = {k for k in gm.state_dict() if ".lora_" in k or ".modules_to_save." in k}
+    assert adapter_keys and set(gm.state_dict()) == set(model.state_dict()) | adapter_keys
+    calls = []
+    handles = [gm.get_submodule(path).register_forward_hook(lambda *_, path=path: calls.append(path))
+               for path in expected]
+    with torch.no_grad():
+        gm(**models.hf_inputs(name))
+    for handle in handles:
+        handle.remove()
+    assert sorted(calls) == expected
 
 
 def test_outputs_and_counts_match_peft(hf_case):
