@@ -27,11 +27,12 @@ for step in range(10):
 # 3. what was rewritten: every adapted site, then the nodes the LoRA pass inserted at one of them
 gm.eval()
 print()
-print(fxpeft.inspect(gm))
+report = fxpeft.inspect(gm)
+print(report)
 site = "model.layers.0.self_attn.q_proj"
-print(f"\nnodes inserted at {site}:")
-for node in gm.graph.nodes:
+print(f"\nwhat the LoRA pass inserted at {site} (the layer runs as its block's graph, gm.model.layers[0]):")
+for node in report.graph.nodes:
     if node.meta.get("fxpeft_site") == site:
-        print(f"  {node.format_node()}")
+        print(f"  {node.op:<14}{node.target}")
 with torch.no_grad():
     print("\nlogits:", gm(input_ids=batch[:1, :8]).logits.shape)
