@@ -154,3 +154,9 @@ CUSTOM_MODELS = {
     "convnet": (ConvNet, lambda: (torch.randn(2, 3, 8, 8),)),
     "decoder": (TinyDecoder, lambda: (torch.randint(0, VOCAB, (2, 9)),)),
 }
+
+
+# torch.compile in tests: dynamo, functionalization and AOT autograd as inductor sees them (graph
+# breaks, recompiles, custom ops' fake kernels and gradients) without inductor's C++ codegen, the slow
+# part on a CPU; test_compile's custom decoder and the examples run inductor itself.
+COMPILE_BACKEND = "aot_eager"

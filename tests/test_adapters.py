@@ -143,7 +143,7 @@ def test_no_recompiles_when_switching_disabling_and_mixing():
     # (growing the slot count is the one change that recompiles)
     fxpeft.set_adapter(gm, ["default", "wide"])
     fxpeft.set_adapter(gm, "default")
-    compiled = torch.compile(gm, fullgraph=True)
+    compiled = torch.compile(gm, fullgraph=True, backend=models.COMPILE_BACKEND)
     index = fxpeft.adapter_indices(gm, ["wide", "__base__"])
     with torch.no_grad():
         compiled(**inputs)

@@ -19,9 +19,7 @@ def _fresh_dynamo():
 def test_compiled_llama_matches_eager_across_shapes_and_trains():
     model = models.llama().eval()
     gm = fxpeft.transform(model, fxpeft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
-    # dynamo, functionalization and AOT autograd as inductor sees them, without inductor's C++ codegen (the
-    # slow part on CPU; the custom decoder below and the examples run inductor itself)
-    compiled = torch.compile(gm, fullgraph=True, dynamic=True, backend="aot_eager")
+    compiled = torch.compile(gm, fullgraph=True, dynamic=True, backend=models.COMPILE_BACKEND)
     with torch.no_grad():
         for batch, seq in [(2, 10), (3, 17)]:
             inputs = models.hf_inputs("llama", batch=batch, seq=seq)

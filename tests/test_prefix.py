@@ -249,7 +249,7 @@ def test_compiled_prefix_decoder_matches_eager_across_shapes():
     ids = torch.randint(0, models.VOCAB, (2, 9))
     gm = fxpeft.transform(model, fxpeft.PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True,
                                                            encoder_hidden_size=8), example_inputs=(ids,))
-    compiled = torch.compile(gm, fullgraph=True, dynamic=True)
+    compiled = torch.compile(gm, fullgraph=True, dynamic=True, backend=models.COMPILE_BACKEND)
     for batch, seq in [(2, 9), (4, 13)]:
         ids = torch.randint(0, models.VOCAB, (batch, seq))
         torch.testing.assert_close(compiled(ids), gm(ids), rtol=1e-5, atol=1e-5)
@@ -340,7 +340,7 @@ def test_compiled_prefix_t5_matches_eager_across_shapes():
     torch._dynamo.reset()
     gm = fxpeft.transform(models.t5().eval(), fxpeft.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM",
                                                                        num_virtual_tokens=3)).eval()
-    compiled = torch.compile(gm, fullgraph=True, dynamic=True)
+    compiled = torch.compile(gm, fullgraph=True, dynamic=True, backend=models.COMPILE_BACKEND)
     with torch.no_grad():
         for batch, seq in [(2, 7), (3, 11)]:
             inputs = models.hf_inputs("t5", batch=batch, seq=seq)

@@ -229,7 +229,7 @@ def _fresh_dynamo():
 def test_compiled_prompt_tuned_llama_matches_eager_and_trains(_fresh_dynamo):
     model = models.llama().eval()
     gm = fxpeft.transform(model, fxpeft.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
-    compiled = torch.compile(gm, fullgraph=True, dynamic=True)
+    compiled = torch.compile(gm, fullgraph=True, dynamic=True, backend=models.COMPILE_BACKEND)
     with torch.no_grad():
         for batch, seq in [(2, 7), (3, 11)]:
             inputs = models.hf_inputs("llama", batch=batch, seq=seq)
@@ -250,7 +250,7 @@ def test_compiled_lstm_p_tuning_matches_eager_and_trains(_fresh_dynamo):
     model = models.TinyDecoder().eval()
     gm = fxpeft.transform(model, fxpeft.PromptEncoderConfig(num_virtual_tokens=3, encoder_hidden_size=8,
                                                             encoder_reparameterization_type="LSTM"))
-    compiled = torch.compile(gm, fullgraph=True, dynamic=True)
+    compiled = torch.compile(gm, fullgraph=True, dynamic=True, backend=models.COMPILE_BACKEND)
     for batch, seq in [(2, 7), (3, 11)]:
         ids = torch.randint(0, models.VOCAB, (batch, seq))
         torch.testing.assert_close(compiled(ids), gm(ids), rtol=1e-5, atol=1e-5)
