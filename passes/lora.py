@@ -282,11 +282,10 @@ def _rewrite_per_adapter(lw: Lowering, site: Site, module: nn.Module):
 # A site's adapters are picked by an index tensor (graph data, so switching never recompiles).
 # Eager, the index is read on the host and only the adapters it names are touched: the
 # parameters themselves, through autograd as usual (an adapter no entry names gets no
-# gradient, as in PEFT, where inactive adapters are frozen). Under torch.compile the same work
-# is one opaque custom op over all the site's tensors (``fxpeft::lora_select``), so the traced
-# graph holds no data-dependent Python and no version guard, and nothing is cached: every call
-# reads the parameters as they are (an optimizer's in-place step is seen by the next call).
-# Its backward gives every trainable adapter of the site a gradient (zeros where unused).
+# gradient, as in PEFT, where inactive adapters are frozen). Under torch.compile all the site's
+# adapters are stacked and gathered on the device (``_stacked``): no data-dependent Python, no
+# host read, and nothing is cached either way, so every call reads the parameters as they are
+# (an optimizer's in-place step is seen by the next call); unused adapters get zero gradients.
 
 
 def _adapter_tensors(site: nn.Module, name: str, embedding: bool):
@@ -357,59 +356,36 @@ def _pick(host: list[int], positions, fetch, rank: int, dedupe: bool, slots: Opt
 def select_adapters(site: nn.Module, names: tuple, positions: tuple, rank: int, index: torch.Tensor,
                     embedding: bool, dedupe: bool):
     """(A stack, s·B^T stack, slot of each index entry, local adapter of each slot) for the adapters
-    ``index`` names at ``site`` (see ``_pick``): eager reads only those; compiled, one custom op over
-    all of them."""
+    ``index`` names at ``site`` (see ``_pick``): eager reads only those; compiled, see ``_stacked``."""
     if torch.compiler.is_compiling():
-        a, b, s = (list(t) for t in zip(*(_adapter_tensors(site, n, embedding) for n in names)))
-        return torch.ops.fxpeft.lora_select(a, b, s, list(positions), rank, index, dedupe)
+        return _stacked(site, names, positions, rank, index, embedding, dedupe)
     fetch = lambda j: _adapter_tensors(site, names[j], embedding)  # noqa: E731
     return _pick(_host_list(index), positions, fetch, rank, dedupe)
 
 
-@torch.library.custom_op("fxpeft::lora_select", mutates_args=())
-def _lora_select(a: list[torch.Tensor], b: list[torch.Tensor], scale: list[torch.Tensor], positions: list[int],
-                 rank: int, index: torch.Tensor, dedupe: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                      torch.Tensor]:
-    """``_pick`` as one opaque op (compiled graphs): outputs never alias the parameters."""
-    slots = _select_slots(index.shape[0], len(a), dedupe)
-    a_stack, b_stack, entry_slot, owners = _pick(_host_list(index), positions, lambda j: (a[j], b[j], scale[j]),
-                                                 rank, dedupe, slots)
-    return a_stack.clone(), b_stack.clone(), entry_slot, owners
-
-
-def _select_slots(entries, adapters: int, dedupe: bool):
-    return torch.sym_min(entries, adapters) + 1 if dedupe else entries
-
-
-@_lora_select.register_fake
-def _(a, b, scale, positions, rank, index, dedupe):
-    slots = _select_slots(index.shape[0], len(a), dedupe)
-    return (a[0].new_empty(slots, rank, a[0].shape[1]), b[0].new_empty(slots, rank, b[0].shape[0]),
-            index.new_empty(index.shape[0], dtype=torch.long), index.new_empty(slots, dtype=torch.long))
-
-
-def _select_setup(ctx, inputs, output):
-    a, b, scale = inputs[0], inputs[1], inputs[2]
-    ctx.ranks = [t.shape[0] for t in a]
-    ctx.needs = [(x.requires_grad, y.requires_grad) for x, y in zip(a, b)]
-    ctx.save_for_backward(output[3], *scale)
-
-
-def _select_backward(ctx, grad_a, grad_b, _slot, _owner):
-    """Each adapter's gradient: the sum over the slots it holds (zeros where it holds none)."""
-    owners, *scale = ctx.saved_tensors
-    count = len(ctx.ranks)
-    mine = (owners.unsqueeze(0) == torch.arange(count, device=owners.device).unsqueeze(1))  # (P, S)
-    grads_a, grads_b = [], []
-    per_a = torch.einsum("ps,srn->prn", mine.to(grad_a.dtype), grad_a) if grad_a is not None else None
-    per_b = torch.einsum("ps,srm->prm", mine.to(grad_b.dtype), grad_b) if grad_b is not None else None
-    for j, (rank, (need_a, need_b)) in enumerate(zip(ctx.ranks, ctx.needs)):
-        grads_a.append(per_a[j, :rank] if need_a and per_a is not None else None)
-        grads_b.append((per_b[j, :rank] * scale[j]).t() if need_b and per_b is not None else None)
-    return grads_a, grads_b, [None] * len(scale), None, None, None, None
-
-
-_lora_select.register_autograd(_select_backward, setup_context=_select_setup)
+def _stacked(site: nn.Module, names: tuple, positions: tuple, rank: int, index: torch.Tensor, embedding: bool,
+             dedupe: bool):
+    """``_pick`` in tensor ops for compiled graphs: every adapter of the site stacked (plus a zero slot)
+    and gathered by the index on the device — no host read (which would sync a GPU at every site) and
+    nothing opaque to the compiler, at the cost of stacking the site's adapters on every call."""
+    a_rows, b_rows = [], []
+    for name in names:
+        a, b, scale = _adapter_tensors(site, name, embedding)
+        pad = rank - a.shape[0]
+        a_rows.append(torch.nn.functional.pad(a, (0, 0, 0, pad)))
+        b_rows.append(torch.nn.functional.pad((b * scale).t(), (0, 0, 0, pad)))
+    a_rows.append(torch.zeros_like(a_rows[0]))
+    b_rows.append(torch.zeros_like(b_rows[0]))
+    a_stack, b_stack = torch.stack(a_rows), torch.stack(b_rows)  # (P + 1, R, n), (P + 1, R, m)
+    none = len(names)
+    lookup = torch.full((max(positions) + 2,), none, dtype=torch.long, device=index.device)  # global -> local
+    lookup[list(positions)] = torch.arange(none, device=index.device)
+    local = lookup[index.clamp(max=lookup.shape[0] - 1)]
+    if dedupe:  # every slot stays; each entry reads its adapter's
+        owners = torch.arange(none + 1, device=index.device)
+        return a_stack, b_stack, local, torch.where(owners == none, -1, owners)
+    return (a_stack.index_select(0, local), b_stack.index_select(0, local),
+            torch.arange(index.shape[0], device=index.device), torch.where(local == none, -1, local))
 
 
 SLOTS_MODULE = "_fxpeft_lora_slots"

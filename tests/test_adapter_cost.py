@@ -123,7 +123,7 @@ def test_training_step_matches_peft_and_the_next_call_sees_it():
 
 
 def test_compiled_reads_parameters_as_they_are_and_trains():
-    """Under torch.compile the pick is one custom op: in-place updates show without a recompile,
+    """Under torch.compile the pick is tensor ops on the device: in-place updates show without a recompile,
     mixed batches and switching too; its backward gives the active adapter eager's gradient (eval
     mode: the MLP's own dropout would draw differently)."""
     torch.manual_seed(0)
@@ -165,22 +165,3 @@ def test_compiled_reads_parameters_as_they_are_and_trains():
         elif param.grad is not None:  # compiled: the site's other trainable adapters get zeros
             assert not param.grad.any()
     torch._dynamo.reset()
-
-
-def test_lora_select_op_registration():
-    """The custom op's fake kernel and autograd agree with its kernel (dense and mixed forms)."""
-    torch.manual_seed(0)
-    a = [torch.randn(r, 6, requires_grad=True) for r in (2, 3)]
-    b = [torch.randn(5, r, requires_grad=True) for r in (2, 3)]
-    scale = [torch.tensor(2.0), torch.tensor(0.5)]
-    for index, dedupe in ((torch.tensor([4, 1]), False), (torch.tensor([1, 3, 4, 1, 3]), True)):
-        torch.library.opcheck(torch.ops.fxpeft.lora_select.default, (a, b, scale, [1, 3], 3, index, dedupe))
-        a_stack, b_stack, slot, _ = torch.ops.fxpeft.lora_select(a, b, scale, [1, 3], 3, index, dedupe)
-        for entry, g in enumerate(index.tolist()):
-            picked_a, picked_b = a_stack[slot[entry]], b_stack[slot[entry]]
-            if g not in (1, 3):
-                assert not picked_a.any() and not picked_b.any()
-                continue
-            j = [1, 3].index(g)
-            torch.testing.assert_close(picked_a[:a[j].shape[0]], a[j].detach())
-            torch.testing.assert_close(picked_b[:a[j].shape[0]], (b[j] * scale[j]).t().detach())
