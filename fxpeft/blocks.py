@@ -332,9 +332,10 @@ def compile_blocks(gm: nn.Module, **compile_kwargs) -> list[str]:
 # for every later block (with that block's own module) and rebuilds the flat graph from the result.
 
 
-def _fingerprint(module: nn.Module) -> tuple:
+def fingerprint(module: nn.Module) -> tuple:
     """What makes two blocks compute alike: classes, tensor shapes and dtypes, plain settings (a layer
-    index aside, which only a KV cache reads)."""
+    index aside, which only a KV cache reads). Equal blocks capture alike and, with their adapters
+    attached, lower alike."""
     parts = []
     for path, sub in module.named_modules():
         settings = tuple(sorted((k, v) for k, v in vars(sub).items() if not k.startswith("_") and "idx" not in k
@@ -354,7 +355,7 @@ def repeated_lists(tree: nn.Module, block_paths: list[str]) -> dict[str, int]:
     found = {}
     per_layer = _per_layer_settings(tree)
     for path, members in lists.items():
-        if len(members) >= 3 and len({_fingerprint(submodule(tree, m)) for m in members[1:]}) == 1 \
+        if len(members) >= 3 and len({fingerprint(submodule(tree, m)) for m in members[1:]}) == 1 \
                 and not any(len(values) == len(members) and len(set(map(repr, values[1:]))) > 1
                             for values in per_layer):
             found[path] = len(members)

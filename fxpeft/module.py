@@ -32,7 +32,7 @@ from torch import nn
 from torch.fx.graph_module import GraphModule, _forward_from_src
 
 from . import capture as capture_mod
-from .blocks import (Outlined, extend, find_block_paths, inline, install_blocks, outline,
+from .blocks import (Outlined, extend, find_block_paths, fingerprint, inline, install_blocks, outline,
                      repeated_lists, truncated)
 from .canonical import annotate_shapes, canonicalize
 from .peft_methods import PeftModelMethods
@@ -239,7 +239,7 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         for path, block_graph in outlined.blocks.items():
             block = self.get_submodule(path)
             register_extras(block, block_graph.extras)
-            key = (block_graph.key, _adapter_state(block))
+            key = (block_graph.key, fingerprint(block))  # what lowering reads of the block, adapters included
             if key not in lowered:
                 before = set(block._modules)
                 dense = lower(block_graph.graph, block, mixed=False, adapter_order=order)
@@ -476,15 +476,6 @@ def build(model: nn.Module, example_inputs=None, configs=()) -> PeftGraphModule:
         annotate_shapes(signature.canonical, tree)
     key = None if signature.example is None else capture_mod.signature_key(signature.example)
     return PeftGraphModule(tree, {key: signature}, key, tree, capture_mod.forward_arg_names(model), block_paths)
-
-
-def _adapter_state(block: nn.Module) -> tuple:
-    """What lowering reads of a block besides its graph: the types, parameter shapes and dtypes of
-    everything in it (adapters included). Blocks equal in this and in structure lower alike."""
-    return tuple((path, type(module).__name__,
-                  tuple((name, tuple(p.shape), p.dtype) for name, p in module._parameters.items() if p is not None),
-                  tuple(sorted(module._buffers)))
-                 for path, module in block.named_modules())
 
 
 def _device_of(module: nn.Module) -> torch.device:
