@@ -6,6 +6,7 @@ This file is the public API; see docs/ARCHITECTURE.md for how the pieces fit. Fo
 transformers.Trainer with resume_from_checkpoint: ``from fxpeft.integrations import Trainer``
 (not imported here: importing transformers.Trainer is slow).
 """
+from . import forms, registry
 from .blocks import compile_blocks
 from .canonical import Site, find_sites
 from .capture import CaptureError
@@ -18,8 +19,10 @@ from .lifecycle import (active_adapters, adapter_indices, add_adapter, delete_ad
                         trainable_parameters, transform)
 from .merging import export_merged, merge_adapter, merge_and_unload, unload, unmerge_adapter
 from .module import PeftGraphModule
+from .registry import Method, Registry, register_method
 
 from . import passes as _passes  # noqa: E402,F401  (the top-level passes/ folder; registers every pass)
+from .passes.ia3 import IA3Config  # noqa: E402
 from .passes.weighted import add_weighted_adapter  # noqa: E402
 
 __all__ = [
@@ -29,5 +32,6 @@ __all__ = [
     "trainable_parameters", "print_trainable_parameters",
     "shard", "full_adapter_state_dict",
     "LoraConfig", "PromptTuningConfig", "PromptTuningInit", "PromptEncoderConfig", "PrefixTuningConfig",
-    "BnbConfig", "TaskType", "PeftGraphModule", "CaptureError", "find_sites", "Site",
+    "BnbConfig", "IA3Config", "TaskType", "PeftGraphModule", "CaptureError", "find_sites", "Site",
+    "registry", "forms", "Registry", "Method", "register_method",
 ]

@@ -91,6 +91,12 @@ class Site:
         if self.output is None:
             self.output = self.node
 
+    @property
+    def weight_node(self) -> Optional[torch.fx.Node]:
+        """The op's weight operand: the ``get_attr`` of the weight (or the ``aten.t`` of it, Conv1D)."""
+        return next((arg for arg in self.node.all_input_nodes
+                     if self.weight in (_attr_target(arg), _transposed_attr(arg))), None)
+
 
 # --------------------------------------------------------------------------- helpers
 
@@ -148,7 +154,7 @@ def _embedding_site(node, root):
     return dict(kind="embedding", input=node.args[1], weight=weight, bias=None)
 
 
-SITE_RULES: dict[Any, Callable] = {
+BASE_SITE_OPS: dict[Any, Callable] = {  # op -> describe(node, root); registries add more
     aten.linear.default: _linear_site,
     aten.addmm.default: _addmm_site,
     torch.addmm: _addmm_site,  # transformers' Conv1D under symbolic_trace
@@ -172,12 +178,8 @@ def site_path(node: torch.fx.Node, weight_fqn: str, root: nn.Module) -> str:
     return weight_fqn[: -len(".weight")] if weight_fqn.endswith(".weight") else weight_fqn
 
 
-# Module types that count as linear layers ("all-linear" targets): passes add theirs.
-LINEAR_LAYER_TYPES: list[type] = [nn.Linear] + ([Conv1D] if isinstance(Conv1D, type) else [])
-
-# Ops whose behaviour depends on the module's mode, by the keyword that says so (True in train
-# mode): canonicalize routes them through a ModeSwitch, as export baked the mode in. Passes add rows.
-MODE_KEYWORDS: dict[Any, str] = {}
+# Module types that count as linear layers ("all-linear" targets); registries add more.
+BASE_LINEAR_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if isinstance(Conv1D, type) else ())
 
 
 def _site_op(node: torch.fx.Node, root: nn.Module):
@@ -190,10 +192,14 @@ def _site_op(node: torch.fx.Node, root: nn.Module):
     return None
 
 
-def find_sites(graph: torch.fx.Graph, root: nn.Module) -> list[Site]:
+def find_sites(graph: torch.fx.Graph, root: nn.Module, registry=None) -> list[Site]:
+    """The sites of ``graph``: nodes whose op ``registry.site_ops`` describes (default: fxpeft's
+    registry, which knows the quantized ops of passes/quantize.py)."""
+    if registry is None:
+        from .registry import DEFAULT as registry
     sites = []
     for node in graph.nodes:
-        rule = SITE_RULES.get(_site_op(node, root))
+        rule = registry.site_ops.get(_site_op(node, root))
         found = rule(node, root) if rule else None
         if found is not None:
             sites.append(Site(node=node, path=site_path(node, found["weight"], root), **found))
@@ -267,11 +273,11 @@ def _sdpa_dropout(node) -> Optional[float]:
     return None
 
 
-def _mode_module(node: torch.fx.Node):
+def _mode_module(node: torch.fx.Node, mode_keywords: dict):
     """(module, args, kwargs) of the call_module that replaces a mode-dependent op, or None:
-    active dropout, SDPA with dropout, and the ops passes list in MODE_KEYWORDS."""
-    if node.target in MODE_KEYWORDS:
-        keyword = MODE_KEYWORDS[node.target]
+    active dropout, SDPA with dropout, and the ops a registry lists in ``mode_keywords``."""
+    if node.target in mode_keywords:
+        keyword = mode_keywords[node.target]
         kwargs = {k: v for k, v in node.kwargs.items() if k != keyword}
         return ModeSwitch(node.target, keyword, True, False), node.args, kwargs
     p = _dropout_probability(node)
@@ -326,7 +332,7 @@ def _inline_region(node: torch.fx.Node, graph: torch.fx.Graph, owner: nn.Module,
 _DROPPED_OPS = {aten._assert_tensor_metadata.default}
 
 
-def canonicalize(graph: torch.fx.Graph, owner: nn.Module, source: nn.Module, namespace: str) -> Canonical:
+def canonicalize(graph: torch.fx.Graph, owner: nn.Module, source: nn.Module, namespace: str, registry) -> Canonical:
     """Rewrite ``graph`` (in place) into the canonical form. ``namespace`` keeps names of
     modules/constants it creates unique across the graphs of one result."""
     extras: dict[str, Any] = {}
@@ -358,9 +364,9 @@ def canonicalize(graph: torch.fx.Graph, owner: nn.Module, source: nn.Module, nam
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
-        if node.target in SITE_RULES and "fxpeft_module" not in node.meta:
+        if node.target in registry.site_ops and "fxpeft_module" not in node.meta:
             node.meta["fxpeft_module"] = innermost_module(node)
-        replaced = _mode_module(node)
+        replaced = _mode_module(node, registry.mode_keywords)
         if replaced is None:
             if node.target in (aten.dropout.default, F.dropout):  # inactive dropout: identity
                 node.replace_all_uses_with(node.args[0] if node.args else node.kwargs["input"])
@@ -417,14 +423,14 @@ def _resolve(root: nn.Module, fqn: str):
     return getattr(owner, name, None) if owner is not None else None
 
 
-def annotate_shapes(graph: torch.fx.Graph, root: nn.Module) -> bool:
+def annotate_shapes(graph: torch.fx.Graph, root: nn.Module, registry) -> bool:
     """Give a symbolic trace's nodes the ``meta["val"]`` (meta tensors) that export records: passes
     reading shapes (prefix tuning reads heads and head size) then need no example inputs. The graph
     runs once on fake tensors with small inputs guessed from what consumes each input: token ids
     for an embedding, features for a linear layer. False (nothing annotated) where no guess fits."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    consumers = {site.input: site for site in find_sites(graph, root)}
+    consumers = {site.input: site for site in find_sites(graph, root, registry)}
     inputs = []
     for node in graph.nodes:
         if node.op != "placeholder":

@@ -25,48 +25,32 @@ from typing import Any, Optional
 
 import torch
 
-from .rewrite import METHODS, method_for
+from .registry import DEFAULT, registry_of
+from .state import method_of
+from .targets import requested_names
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 
-
-def config_types() -> dict[str, type]:
-    """peft_type -> config class, for every registered adapter method."""
-    return {method.config_type.peft_type: method.config_type for method in METHODS.values()
-            if method.attach is not None}
-
-
-# PEFT options we know and do not implement: loading a config that sets one fails, naming it.
-UNSUPPORTED_OPTIONS = (
-    "use_dora", "lora_bias", "layer_replication", "megatron_config", "use_qalora", "trainable_token_indices",
-    "alora_invocation_tokens", "arrow_config", "target_parameters", "use_bdlora", "kasa_config", "lora_ga_config",
-    "monteclora_config", "velora_config", "corda_config", "eva_config", "loftq_config",
-)
 # PEFT bookkeeping with no effect on the computation.
-IGNORED_FIELDS = ("peft_version", "auto_mapping", "megatron_core", "qalora_group_size", "ensure_weight_tying",
-                  "peft_type")
+IGNORED_FIELDS = ("peft_version", "auto_mapping", "peft_type")
 
 
 # --------------------------------------------------------------------------- key mapping
 
 
 def _adapted_paths(gm) -> set[str]:
-    paths = set()
-    for path, module in gm.named_modules():
-        for config in gm.peft_config.values():
-            method = method_for(config)
-            if method.adapters_at and method.adapters_at(module):
-                paths.add(path)
-    return paths
+    methods = {method_of(gm, name) for name in gm.peft_config}
+    return {path for path, module in gm.named_modules()
+            if any(m.adapters_at and m.adapters_at(module) for m in methods)}
 
 
 def adapter_key_map(gm, adapter: str, state: dict[str, torch.Tensor]) -> dict[str, str]:
     """PEFT checkpoint key -> fxpeft state_dict name, for one adapter (``state`` is ``gm``'s
     ``state_dict(keep_vars=True)``)."""
     config = gm.peft_config[adapter]
-    method = method_for(config)
+    method = method_of(gm, adapter)
     prefix = method.checkpoint_prefix
     # a method that saves computed tensors (prompt learning) saves none of its containers' own
     containers = set() if method.saved_tensors else set(method.containers)
@@ -85,9 +69,11 @@ def adapter_key_map(gm, adapter: str, state: dict[str, torch.Tensor]) -> dict[st
             else:
                 continue
             break
+    for ours, theirs in method.checkpoint_renames:
+        mapping = {(key[: -len(ours)] + theirs if key.endswith(ours) else key): name for key, name in mapping.items()}
     bias_mode = getattr(config, "bias", "none")
     if bias_mode != "none":
-        adapted_here = {p for p, m in gm.named_modules() if adapter in (method_for(config).adapters_at(m) or [])}
+        adapted_here = {p for p, m in gm.named_modules() if adapter in (method.adapters_at(m) or [])}
         wrapped = _adapted_paths(gm)
         mapped = set(mapping.values())
         for name in state:
@@ -108,7 +94,7 @@ def adapter_key_map(gm, adapter: str, state: dict[str, torch.Tensor]) -> dict[st
                 continue
             if any(f".{c}." in f".{name}" for c in containers) or ".modules_to_save." in name:
                 continue
-            if bias_mode == "lora_only" and path not in adapted_here:
+            if bias_mode.endswith("_only") and path not in adapted_here:
                 continue
             key = f"{path}.base_layer.bias" if path in wrapped else name
             mapping[prefix + key] = name
@@ -120,8 +106,6 @@ def adapter_key_map(gm, adapter: str, state: dict[str, torch.Tensor]) -> dict[st
 
 def _config_dict(gm, config) -> dict[str, Any]:
     """The config as PEFT's ``save_pretrained`` writes it, filling what PEFT fills at save time."""
-    from .passes.modules_to_save import requested_names
-
     data = config.to_dict()
     data["inference_mode"] = True
     base = gm._fxpeft_source  # fxpeft's copy of the caller's model: same class and attributes
@@ -325,7 +309,7 @@ def save_adapter(gm, directory: str, adapter: str, safe_serialization: bool = Tr
     _check_folder_name(adapter)
     state = gm.state_dict(keep_vars=True)
     mapping = adapter_key_map(gm, adapter, state)
-    method = method_for(gm.peft_config[adapter])
+    method = method_of(gm, adapter)
     if state_dict is not None:
         if method.saved_tensors is not None:
             # what these methods save is computed by running the module (the prompt encoder), not read from a dict
@@ -363,7 +347,7 @@ def adapter_dir(directory: str, adapter: str) -> str:
     return directory if adapter == "default" else os.path.join(directory, adapter)
 
 
-def load_config(directory: str):
+def load_config(directory: str, registry=DEFAULT):
     path = os.path.join(directory, CONFIG_NAME)
     if os.path.isfile(directory):
         raise NotADirectoryError(
@@ -383,20 +367,18 @@ def load_config(directory: str):
         raise ValueError(f"{path} holds a JSON {kind}, but an adapter config is a JSON object "
                          '({"peft_type": ..., ...}); the checkpoint is corrupted or not a PEFT adapter.')
     peft_type = data.get("peft_type")
-    known = config_types()
+    known = registry.config_types()
     if peft_type not in known:
         raise NotImplementedError(
             f"{path}: peft_type {peft_type!r} is not supported by fxpeft (supported: {sorted(known)})."
         )
     config_type = known[peft_type]
     fields = {f.name for f in dataclasses.fields(config_type)}
-    unsupported = [k for k in UNSUPPORTED_OPTIONS if data.get(k) not in (None, False, {}, [], "")]
-    init = data.get("init_lora_weights", True)
-    if init not in (True, False, "gaussian"):
-        unsupported.append(f"init_lora_weights={init!r}")
+    unsupported = config_type.unsupported(data)
     if unsupported:
         raise NotImplementedError(f"{path} uses PEFT options fxpeft does not implement: {', '.join(unsupported)}.")
-    unknown = sorted(k for k in data if k not in fields and k not in UNSUPPORTED_OPTIONS and k not in IGNORED_FIELDS)
+    unknown = sorted(k for k in data if k not in fields and k not in IGNORED_FIELDS
+                     and k not in config_type.known_fields())
     if unknown:
         warnings.warn(f"{path}: ignoring fields unknown to fxpeft: {', '.join(unknown)}", stacklevel=3)
     return config_type(**{k: v for k, v in data.items() if k in fields})
@@ -424,7 +406,7 @@ def check_and_copy(gm, adapter: str, weights: dict[str, torch.Tensor]) -> None:
     so a failure changes nothing."""
     state = gm.state_dict(keep_vars=True)
     mapping = adapter_key_map(gm, adapter, state)
-    method = method_for(gm.peft_config[adapter])
+    method = method_of(gm, adapter)
     computed = method.saved_tensors(gm, adapter) if method.saved_tensors is not None else {}
     expected = {**{key: state[name] for key, name in mapping.items()}, **computed}
     unexpected = sorted(set(weights) - set(expected))

@@ -73,6 +73,21 @@ class PeftConfigBase:
                 f"Unknown task_type {self.task_type!r}; use one of {sorted(TaskType._value2member_map_)}."
             )
 
+    # PEFT fields of this config type that fxpeft does not implement: a checkpoint setting one is
+    # refused, naming it. PEFT bookkeeping this config ignores (no effect on the computation).
+    UNSUPPORTED = ()  # class attributes (not annotated: no dataclass fields)
+    IGNORED = ()
+
+    @classmethod
+    def unsupported(cls, data: dict) -> list[str]:
+        """What a saved config (PEFT's JSON) asks for that fxpeft does not implement."""
+        return [k for k in cls.UNSUPPORTED if data.get(k) not in (None, False, {}, [], "")]
+
+    @classmethod
+    def known_fields(cls) -> set[str]:
+        """Saved fields this config knows but does not store (refused or ignored)."""
+        return {*cls.UNSUPPORTED, *cls.IGNORED}
+
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["peft_type"] = self.peft_type
@@ -103,6 +118,19 @@ class LoraConfig(PeftConfigBase):
     use_dora: bool = False
 
     peft_type = "LORA"
+    UNSUPPORTED = (
+        "lora_bias", "layer_replication", "megatron_config", "use_qalora", "trainable_token_indices",
+        "alora_invocation_tokens", "arrow_config", "target_parameters", "use_bdlora", "kasa_config", "lora_ga_config",
+        "monteclora_config", "velora_config", "corda_config", "eva_config", "loftq_config",
+    )
+    IGNORED = ("megatron_core", "qalora_group_size", "ensure_weight_tying")
+    INITS = (True, False, "gaussian")
+
+    @classmethod
+    def unsupported(cls, data: dict) -> list[str]:
+        found = super().unsupported(data)
+        init = data.get("init_lora_weights", True)
+        return found + ([f"init_lora_weights={init!r}"] if init not in cls.INITS else [])
 
     def __post_init__(self):
         super().__post_init__()
@@ -131,8 +159,6 @@ class LoraConfig(PeftConfigBase):
                 "LoraConfig.layers_to_transform cannot be combined with a regex target_modules; "
                 "encode the layer indices in the regex instead."
             )
-        if self.use_dora:
-            raise NotImplementedError("DoRA (use_dora=True) is not implemented in fxpeft yet.")
 
 
 _COMPUTE_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",

@@ -68,9 +68,9 @@ def called_blocks(gm: nn.Module) -> dict[str, nn.Module]:
 
 
 def _why_flat(gm) -> str:
-    from .rewrite import method_for
+    from .state import method_of
 
-    whole = [name for name, config in gm.peft_config.items() if method_for(config).whole_graph]
+    whole = [name for name in gm.peft_config if method_of(gm, name).whole_graph]
     if whole:
         return (f"adapter {whole[0]!r} ({type(gm.peft_config[whole[0]]).__name__}) rewrites the whole graph, so the "
                 "result keeps one flat graph")

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import torch.fx
 from torch import nn
 
-from .rewrite import is_adapter_state, lower
+from .registry import registry_of
+from .rewrite import lower
+from .state import adapter_modules
 
 
 @dataclass
@@ -29,22 +31,23 @@ class Report:
     def __init__(self, gm):
         self.gm = gm
         self.canonical = gm._fxpeft_signatures[gm._fxpeft_primary].canonical
-        self.graph = lower(self.canonical, gm) if gm._fxpeft_block_paths else gm.graph
+        self.graph = lower(self.canonical, gm, registry_of(gm)) if gm._fxpeft_block_paths else gm.graph
         self.rows = self._rows()
 
     def _rows(self) -> list[SiteRow]:
         rewritten = {(n.meta["fxpeft_site"], n.meta["fxpeft_rule"]) for n in self.graph.nodes if n.meta.get("fxpeft_site")}
+        is_adapter_state = registry_of(self.gm).is_adapter_state
+        described = {}  # path -> what the methods say of their adapters there ("r=8")
+        for path, module, method, adapter in adapter_modules(self.gm, list(self.gm.peft_config)):
+            if method.describe is not None:
+                described.setdefault(path, set()).add(method.describe(module, adapter))
         rows = []
         for path, rule in sorted(rewritten):
             module = self.gm.get_submodule(path)
             adapters = {key for name, child in module.named_children() if is_adapter_state(name)
                         and isinstance(child, (nn.ModuleDict, nn.ParameterDict)) for key in child.keys()}
-            params, ranks = 0, set()
-            for name, param in module.named_parameters():
-                if is_adapter_state(name):
-                    params += param.numel()
-                    if "lora_A" in name or "lora_embedding_A" in name:
-                        ranks.add(f"r={param.shape[0]}")
+            params = sum(p.numel() for name, p in module.named_parameters() if is_adapter_state(name))
+            ranks = described.get(path, set())
             weight = getattr(module, "weight_spec", None) or getattr(module, "weight", None)  # quantized: logical
             shape = "x".join(map(str, weight.shape)) if weight is not None else "-"
             shape += f" {module.storage}" if hasattr(module, "storage") else ""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -17,11 +17,12 @@ from torch import nn
 from . import checkpoint as _checkpoint
 from .canonical import find_sites
 from .configs import PeftConfigBase
-from .merging import merged_adapters, unmerge_adapter
+from .merging import unmerge_adapter
 from .module import PeftGraphModule, _device_of, build
-from .rewrite import method_for
+from .registry import DEFAULT, Registry, registry_of
+from .state import BASE_ADAPTER, adapter_indices, check_known, merged_adapters, method_of
 
-BASE_ADAPTER = "__base__"  # the name that selects no adapter in mixed batches (adapter_names=)
+__all__ = ["adapter_indices"]  # re-exported: the public API imports it from here
 
 
 def check_adapter_name(name) -> None:
@@ -60,6 +61,7 @@ def _restore_on_error(*modules: nn.Module):
 
 
 def _set_bias_trainable(gm: PeftGraphModule, config, adapted_paths: Sequence[str]) -> None:
+    """PEFT's ``bias``: "all" trains every bias, "<method>_only" ("lora_only" …) those of adapted layers."""
     bias_mode = getattr(config, "bias", "none")
     if bias_mode == "all":
         saved = [path + "." for path, m in gm.named_modules() if path and "modules_to_save" in m._modules]
@@ -67,7 +69,7 @@ def _set_bias_trainable(gm: PeftGraphModule, config, adapted_paths: Sequence[str
             frozen_original = any(name.startswith(p) and ".modules_to_save." not in name for p in saved)
             if name.rsplit(".", 1)[-1] == "bias" and not frozen_original:
                 param.requires_grad_(True)
-    elif bias_mode == "lora_only":
+    elif bias_mode.endswith("_only"):
         for path in adapted_paths:
             bias = getattr(gm.get_submodule(path), "bias", None)
             if isinstance(bias, nn.Parameter):
@@ -81,30 +83,31 @@ def _attach(gm: PeftGraphModule, config, adapter_name: str) -> None:
             f"An adapter named {adapter_name!r} already exists (adapters: {sorted(gm.peft_config)}); "
             "choose another adapter_name or delete it first."
         )
-    prompt = [name for name, existing in gm.peft_config.items() if method_for(existing).prompt_learning]
-    if prompt:
+    registry = registry_of(gm)
+    alone = [name for name in gm.peft_config if method_of(gm, name).exclusive]
+    if alone:
         raise ValueError(
-            f"Cannot add adapter {adapter_name!r}: prompt-learning adapter {prompt[0]!r} changes the sequence the "
-            "model sees, so it must be the model's only adapter (as in PEFT). Transform a fresh model instead."
+            f"Cannot add adapter {adapter_name!r}: {method_of(gm, alone[0]).name} adapter {alone[0]!r} changes the "
+            "sequence the model sees, so it must be the model's only adapter (as in PEFT). Transform a fresh model "
+            "instead."
         )
-    method = method_for(config)
+    method = registry.method_for(config)
     if method.whole_graph and gm._fxpeft_block_paths:
         raise ValueError(
             f"{type(config).__name__} rewrites the whole model as one graph, and this module was built with one graph "
             "per block: pass the config to fxpeft.transform (or fxpeft.from_pretrained) on the original model instead.")
-    if method.attach is None:
+    if not method.is_adapter:
         raise ValueError(
             f"{type(config).__name__} is not an adapter: it changes the base model, so it is applied by "
             f"fxpeft.transform(model, [{type(config).__name__}(...), LoraConfig(...)]), not to a transformed module."
         )
-    sites = find_sites(gm._fxpeft_signatures[gm._fxpeft_primary].canonical, gm)
+    sites = find_sites(gm._fxpeft_signatures[gm._fxpeft_primary].canonical, gm, registry)
     if method.resolve_config is not None:  # stored and saved as PEFT does: "all-linear" / None resolved
         config = method.resolve_config(gm, sites, config)
     before = {id(p) for p in gm.parameters()}
     adapted = method.attach(gm, sites, config, adapter_name)
-    from .passes import modules_to_save
-
-    modules_to_save.attach(gm, config, adapter_name)
+    for hook in registry.attach_hooks:  # what every config may ask for besides its method (modules_to_save)
+        hook(gm, config, adapter_name)
     trainable = not getattr(config, "inference_mode", False)
     for param in gm.parameters():
         if id(param) not in before:
@@ -122,23 +125,26 @@ def transform(
     *,
     example_inputs=None,
     adapter_name: str = "default",
+    registry: Optional[Registry] = None,
 ) -> PeftGraphModule:
     """Capture ``model`` into an FX graph, apply the passes for ``config`` (one or a list, in
-    order) and return a GraphModule called exactly like ``model``.
+    order) and return a GraphModule called exactly like ``model``. ``registry`` holds the methods
+    (default: fxpeft's own, fxpeft/registry.py); the result keeps it for later edits.
 
     The base parameters are shared with ``model`` (no copy) and frozen, as PEFT does; on any
     error ``model`` is left exactly as it was.
     """
     configs = [config] if isinstance(config, PeftConfigBase) or not isinstance(config, (list, tuple)) else list(config)
     check_adapter_name(adapter_name)  # before the capture's work
+    registry = registry or DEFAULT
     for item in configs:
-        method_for(item)  # unknown config types fail before any work
+        registry.method_for(item)  # unknown config types fail before any work
     with _restore_on_error(model):
-        gm = build(model, example_inputs, configs)
+        gm = build(model, example_inputs, configs, registry)
         for param in gm.parameters():
             param.requires_grad_(False)
         for item in configs:
-            if method_for(item).attach is not None:  # the others (quantization) ran as tree passes in build
+            if registry.method_for(item).is_adapter:  # the others (quantization) ran as tree passes in build
                 _attach(gm, item, adapter_name)
         gm.relower()
         gm.train(model.training)
@@ -146,7 +152,7 @@ def transform(
 
 
 @contextlib.contextmanager
-def _transaction(gm: PeftGraphModule):
+def transaction(gm: PeftGraphModule):
     """All-or-nothing edits of a transformed module: on error its adapters (children, parameters
     and buffers of every module, ParameterDict entries included), trainability and graphs are
     restored as they were."""
@@ -179,7 +185,7 @@ def _require_transformed(gm) -> PeftGraphModule:
 def add_adapter(gm: PeftGraphModule, config: PeftConfigBase, adapter_name: str) -> None:
     """Add another adapter to a transformed module; the others keep their weights and trainability."""
     _require_transformed(gm)
-    with _transaction(gm):
+    with transaction(gm):
         _attach(gm, config, adapter_name)
         gm.relower()
 
@@ -209,23 +215,24 @@ def save_pretrained(gm: PeftGraphModule, directory: str, adapter_names=None, saf
     A ``state_dict`` (the module's keys) supplies the adapter values instead of the module."""
     _require_transformed(gm)
     names = list(gm.peft_config) if adapter_names is None else list(adapter_names)
-    _check_known(gm, names)
+    check_known(gm, names)
     for name in names:
         _checkpoint.save_adapter(gm, _checkpoint.adapter_dir(directory, name), name, safe_serialization,
                                  state_dict=state_dict)
 
 
 def from_pretrained(model: nn.Module, directory: str, adapter_name: str = "default", is_trainable: bool = False,
-                    example_inputs=None, quantization_config=None) -> PeftGraphModule:
+                    example_inputs=None, quantization_config=None, registry: Optional[Registry] = None
+                    ) -> PeftGraphModule:
     """Transform ``model`` with the adapter stored in ``directory`` (written by PEFT or fxpeft),
     quantizing the base first when a ``quantization_config`` (BnbConfig) is given (QLoRA)."""
     check_adapter_name(adapter_name)  # before reading files
-    config = _checkpoint.load_config(directory)
+    config = _checkpoint.load_config(directory, registry or DEFAULT)
     weights = _checkpoint.load_weights(directory, _device_of(model))
     config.inference_mode = not is_trainable
     configs = [config] if quantization_config is None else [quantization_config, config]
     with _restore_on_error(model):
-        gm = transform(model, configs, example_inputs=example_inputs, adapter_name=adapter_name)
+        gm = transform(model, configs, example_inputs=example_inputs, adapter_name=adapter_name, registry=registry)
         _checkpoint.check_and_copy(gm, adapter_name, weights)
     return gm
 
@@ -234,22 +241,16 @@ def load_adapter(gm: PeftGraphModule, directory: str, adapter_name: str, is_trai
     """Add the adapter stored in ``directory`` to a transformed module under ``adapter_name``."""
     _require_transformed(gm)
     check_adapter_name(adapter_name)  # before reading files
-    config = _checkpoint.load_config(directory)
+    config = _checkpoint.load_config(directory, registry_of(gm))
     weights = _checkpoint.load_weights(directory, _device_of(gm))
     config.inference_mode = not is_trainable
-    with _transaction(gm):
+    with transaction(gm):
         _attach(gm, config, adapter_name)
         _checkpoint.check_and_copy(gm, adapter_name, weights)
         gm.relower()
 
 
 # --------------------------------------------------------------------------- which adapters act
-
-
-def _check_known(gm: PeftGraphModule, names: Sequence[str]) -> None:
-    unknown = [n for n in names if n not in gm.peft_config]
-    if unknown:
-        raise KeyError(f"Unknown adapter(s) {unknown}; existing adapters: {sorted(gm.peft_config)}.")
 
 
 def active_adapters(gm: PeftGraphModule) -> list[str]:
@@ -262,7 +263,7 @@ def set_adapter(gm: PeftGraphModule, adapter_name: Union[str, Sequence[str]]) ->
     unmerged first, with PEFT's warning: their deltas would otherwise stay in the base weights."""
     _require_transformed(gm)
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-    _check_known(gm, names)
+    check_known(gm, names)
     if merged_adapters(gm):
         warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
         unmerge_adapter(gm)
@@ -290,9 +291,9 @@ def disable_adapters(gm: PeftGraphModule):
 
 
 def _sync_activity(gm: PeftGraphModule) -> None:
-    """Which adapters act is buffer data, except for prompt learning: an inactive prompt shortens
-    the sequence, which only another graph can express."""
-    if any(method_for(config).prompt_learning for config in gm.peft_config.values()):
+    """Which adapters act is buffer data, except for methods where it changes the graph (an
+    inactive prompt shortens the sequence, which only another graph can express)."""
+    if any(method_of(gm, name).activity_in_graph for name in gm.peft_config):
         gm.relower()
     else:
         gm.sync_gates()
@@ -303,14 +304,14 @@ def delete_adapter(gm: PeftGraphModule, adapter_name: str) -> None:
     active; if none is left, the first remaining adapter becomes active (PEFT's choice), and with
     no adapter left the module computes the base model."""
     _require_transformed(gm)
-    _check_known(gm, [adapter_name])
+    check_known(gm, [adapter_name])
     if adapter_name in merged_adapters(gm):  # its delta would stay in the shared base weights for good
         raise ValueError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them "
                          "first (fxpeft.unmerge_adapter(gm)), as in PEFT.")
-    method = method_for(gm.peft_config[adapter_name])
-    with _transaction(gm):
+    method = method_of(gm, adapter_name)
+    with transaction(gm):
         for module in gm.modules():
-            for container in (*method.containers, "modules_to_save"):
+            for container in (*method.containers, *registry_of(gm).hook_containers):
                 holder = module._modules.get(container)
                 if holder is not None and adapter_name in holder:
                     del holder[adapter_name]
@@ -322,32 +323,3 @@ def delete_adapter(gm: PeftGraphModule, adapter_name: str) -> None:
             remaining = [next(iter(gm.peft_config))]
         gm._fxpeft_active[:] = remaining
         gm.relower()
-
-
-def adapter_indices(gm: PeftGraphModule, adapter_names: Sequence[str], batch_size=None, device=None) -> torch.Tensor:
-    """The per-sample index tensor a mixed batch uses (``"__base__"``: no adapter). Pass it as
-    ``adapter_names=`` to a compiled module so that no Python list is specialised on. The tensor
-    is checked here, not when passed (only its shape is): build it again after adding, deleting
-    or merging adapters."""
-    _require_transformed(gm)
-    if isinstance(adapter_names, str):
-        raise ValueError("adapter_names must be a list with one adapter name per sample, not a string.")
-    order = list(gm.peft_config)
-    names = list(adapter_names)
-    if batch_size is not None and len(names) != batch_size:
-        raise ValueError(f"adapter_names has {len(names)} entries but the batch has {batch_size} samples.")
-    unknown = sorted({n for n in names if n != BASE_ADAPTER and n not in gm.peft_config})
-    if unknown:
-        raise ValueError(f"adapter_names contains unknown adapter(s) {unknown}; existing: {order} "
-                         f"(use {BASE_ADAPTER!r} for no adapter).")
-    prompt = [n for n, config in gm.peft_config.items() if method_for(config).prompt_learning]
-    if prompt:
-        raise NotImplementedError(f"Mixed batches (adapter_names=...) are not supported with prompt-learning adapter "
-                                  f"{prompt[0]!r}: it changes every sample's sequence length.")
-    if merged_adapters(gm):
-        raise ValueError("Cannot use adapter_names while adapters are merged; call fxpeft.unmerge_adapter first.")
-    if gm.training and any(isinstance(d, nn.Dropout) for m in gm.modules() if "lora_dropout" in m._modules
-                           for d in m.lora_dropout.values()):
-        raise ValueError("Mixed batches skip LoRA dropout: use them in eval mode (gm.eval()).")
-    index = [len(order) if n == BASE_ADAPTER else order.index(n) for n in names]
-    return torch.tensor(index, dtype=torch.long, device=device)

@@ -10,59 +10,32 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
-from .canonical import find_sites, is_quantized
+from .canonical import is_quantized
 from .module import PeftGraphModule, build, clone_tree
-from .rewrite import method_for
+from .registry import registry_of
+from .state import adapter_states, check_known, merged_adapters, method_of
 
 ADAPTER_CHILDREN = ("modules_to_save",)
 
 
-def _sites_by_path(gm):
-    canonical = gm._fxpeft_signatures[gm._fxpeft_primary].canonical
-    return {site.path: site for site in reversed(find_sites(canonical, gm))}
-
-
-def _adapter_modules(gm, adapter_names: Iterable[str]):
-    """(path, module, method, adapter) for every module holding one of the named adapters, in
-    one walk over the tree."""
-    names_by_method: dict = {}
-    for name in adapter_names:
-        names_by_method.setdefault(method_for(gm.peft_config[name]), []).append(name)
-    names_by_method = {m: names for m, names in names_by_method.items() if m.adapters_at}
-    for path, module in gm.named_modules():
-        for method, names in names_by_method.items():
-            present = method.adapters_at(module)
-            for name in names if present else ():
-                if name in present:
-                    yield path, module, method, name
-
-
-def _adapter_states(gm, adapter_names: Iterable[str]):
-    """(site, module, method, adapter) for every adapted site of the named adapters."""
-    sites = _sites_by_path(gm)
-    for path, module, method, name in _adapter_modules(gm, adapter_names):
-        yield sites[path], module, method, name
-
-
 def _check_names(gm, names) -> list[str]:
     """The named adapters (default: the active ones), all known."""
-    from .lifecycle import _check_known
-
     names = list(gm._fxpeft_active if names is None else ([names] if isinstance(names, str) else names))
-    _check_known(gm, names)
+    check_known(gm, names)
     return names
 
 
 def _check_mergeable(gm, names) -> None:
-    prompt = [n for n in names if method_for(gm.peft_config[n]).prompt_learning]
-    if prompt:
-        raise ValueError(f"Adapter(s) {prompt} are prompt-learning adapters: they add virtual tokens or key/value "
-                         "prefixes, not weight deltas, so there is nothing to merge. Use fxpeft.unload for the base model.")
+    unmergeable = [n for n in names if method_of(gm, n).fold is None]
+    if unmergeable:
+        raise ValueError(f"Adapter(s) {unmergeable} ({method_of(gm, unmergeable[0]).name}) change the model in a way "
+                         "that is no change of its weights (virtual tokens, key/value prefixes), so there is nothing "
+                         "to merge. Use fxpeft.unload for the base model.")
 
 
 def _base_weight(gm, site, module) -> torch.Tensor:
@@ -94,56 +67,75 @@ def _restore_weight(gm, site, module, saved) -> None:
             tensor.copy_(value)
 
 
+def _bias(gm, site) -> Optional[torch.Tensor]:
+    return None if site.bias is None else gm.get_submodule(site.bias.rpartition(".")[0])._parameters.get(
+        site.bias.rpartition(".")[2])
+
+
+def _folded(gm, names, sign: int, safe_merge: bool = False):
+    """{site path: (site, module, new weight, new bias or None if unchanged)} and the gates
+    involved, for folding (sign 1) or unfolding (-1) the named adapters not yet (still) merged;
+    nothing is written. A site's adapters fold in adapter order and unfold in reverse (weight maps
+    need not commute)."""
+    states = [s for s in adapter_states(gm, names)]
+    results: dict[str, list] = {}
+    gates = []
+    for site, module, method, name in states if sign > 0 else reversed(states):
+        gate = method.gate(module, name)
+        if gate.merged == (sign > 0):
+            continue
+        if site.path not in results:
+            bias = _bias(gm, site)
+            results[site.path] = [site, module, _base_weight(gm, site, module).detach().clone(), bias, bias]
+        entry = results[site.path]
+        entry[2], entry[3] = method.fold(gm, site, module, name, entry[2], entry[3], sign)
+        if safe_merge and not (torch.isfinite(entry[2]).all() and (entry[3] is None or torch.isfinite(entry[3]).all())):
+            raise ValueError(f"NaNs or infs found while merging adapter {name!r} into {site.path}; the adapter seems "
+                             "broken. No weight was changed.")
+        gates.append(gate)
+    return {path: (site, module, weight, None if bias is original else bias)
+            for path, (site, module, weight, bias, original) in results.items()}, gates
+
+
 def _fold(gm, names, sign: int, safe_merge: bool = False) -> tuple:
-    """Add (sign 1) or subtract (-1) the deltas of the named adapters not yet (still) merged.
+    """Fold (sign 1) or unfold (-1) the named adapters into the site weights (and biases, where a
+    method changes them), with :meth:`Method.fold`.
 
     All or nothing: on error every weight and gate is as before. Returns the record
     :func:`_unfold` takes to undo the fold exactly (the previous weights: as much memory as the
     new weights this fold computed anyway)."""
-    updates = []  # (site, module, gate); every new weight is computed before any weight changes
-    current: dict[str, torch.Tensor] = {}  # a site adapted by several adapters accumulates
-    quantized = set()
     with torch.no_grad():
-        for site, module, method, name in _adapter_states(gm, names):
-            gate = method.gate(module, name)
-            if gate.merged == (sign > 0):
-                continue
-            weight = current.get(site.path)
-            weight = _base_weight(gm, site, module).detach().clone() if weight is None else weight
-            delta = method.delta_weight(gm, site, module, name).to(weight.dtype)
-            weight = weight + sign * delta
-            if safe_merge and not torch.isfinite(weight).all():
-                raise ValueError(
-                    f"NaNs or infs found while merging adapter {name!r} into {site.path}; the adapter seems "
-                    "broken. No weight was changed."
-                )
-            current[site.path] = weight
-            updates.append((site, module, gate))
-            if is_quantized(module):
-                quantized.add(site.path)
+        results, gates = _folded(gm, names, sign, safe_merge)
+        quantized = [path for path, (_, module, _, _) in results.items() if is_quantized(module)]
         if quantized:
             warnings.warn(f"Merging into {len(quantized)} quantized layers rounds the merged weights to their "
                           "quantized format; outputs change slightly (merge_and_unload() returns float weights).")
-        gates = [(gate, gate.merged) for _, _, gate in updates]
-        stored = []  # (site, module, what restores its previous weight)
+        record = ([(gate, gate.merged) for gate in gates], [])
         try:
-            for site, module, gate in updates:
-                if site.path in current:  # popped once stored: the new weight's memory is freed
-                    stored.append((site, module, _store_weight(gm, site, module, current.pop(site.path))))
+            for path in list(results):
+                site, module, weight, bias = results.pop(path)  # popped once stored: the new weight's memory is freed
+                previous_bias = None
+                if bias is not None:
+                    previous_bias = _bias(gm, site).detach().clone()
+                    _bias(gm, site).copy_(bias)
+                record[1].append((site, module, _store_weight(gm, site, module, weight), previous_bias))
+            for gate in gates:
                 gate.merged = sign > 0
                 gate.refresh()
         except BaseException:
-            _unfold(gm, (gates, stored))
+            _unfold(gm, record)
             raise
-    return gates, stored
+    return record
 
 
 def _unfold(gm, record: tuple) -> None:
     """Undo a :func:`_fold` exactly: the previous weights and gates back."""
     gates, stored = record
     with torch.no_grad():
-        for site, module, saved in reversed(stored):  # last stored first: tied weights end at the oldest value
+        for site, module, saved, bias in reversed(stored):  # last stored first: tied weights end at the oldest value
             _restore_weight(gm, site, module, saved)
+            if bias is not None:
+                _bias(gm, site).copy_(bias)
         for gate, merged in gates:
             gate.merged = merged
             gate.refresh()
@@ -159,21 +151,13 @@ def unmerge_adapter(gm: PeftGraphModule) -> None:
     _fold(gm, list(gm.peft_config), -1)
 
 
-def merged_adapters(gm) -> list[str]:
-    found = []
-    for _, module, method, name in _adapter_modules(gm, list(gm.peft_config)):
-        if method.gate(module, name).merged and name not in found:
-            found.append(name)
-    return found
-
-
 def _base_module(gm: PeftGraphModule, merged_weights: dict[str, torch.Tensor], use_saved_copies: bool,
                  dequantize: bool = False) -> PeftGraphModule:
     """A new module over ``gm``'s canonical graphs with every adapter removed. With
     ``dequantize``, quantized layers become the float layers they replaced (merged weights where
     given) and the new tree is captured again (its graph has no quantized nodes)."""
     tree = clone_tree(gm._fxpeft_source)  # the model's own class over gm's modules, re-created
-    containers = {c for config in gm.peft_config.values() for c in method_for(config).containers}
+    containers = {c for name in gm.peft_config for c in method_of(gm, name).containers}
     active = set(gm._fxpeft_active)
     merged_weights = dict(merged_weights)
     replaced = 0
@@ -196,28 +180,27 @@ def _base_module(gm: PeftGraphModule, merged_weights: dict[str, torch.Tensor], u
         owner_path, _, name = fqn.rpartition(".")
         tree.get_submodule(owner_path)._parameters[name] = nn.Parameter(tensor, requires_grad=False)
     if replaced:  # the canonical graphs read quantized nodes: capture the float tree
-        result = build(tree, gm._fxpeft_signatures[gm._fxpeft_primary].example)
+        result = build(tree, gm._fxpeft_signatures[gm._fxpeft_primary].example, registry=registry_of(gm))
     else:
         signatures = {key: sig.fresh() for key, sig in gm._fxpeft_signatures.items()}
         result = PeftGraphModule(tree, signatures, gm._fxpeft_primary, tree, gm._fxpeft_arg_names,
-                                 gm._fxpeft_block_paths)
+                                 gm._fxpeft_block_paths, registry_of(gm))
     result.train(gm.training)
     return result
 
 
 def merged_weights(gm, adapter_names=None) -> dict[str, torch.Tensor]:
-    """New tensors W + sum of deltas for every site touched by the (active) adapters (W of a
-    quantized layer: its dequantized weight), keyed by the weight's name."""
+    """New tensors for every site weight (and bias) the (active) adapters change, folded into W
+    (of a quantized layer: its dequantized weight), keyed by the tensor's name; ``gm`` unchanged."""
     names = _check_names(gm, adapter_names)
     _check_mergeable(gm, names)
     totals: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for site, module, method, name in _adapter_states(gm, names):
-            if method.gate(module, name).merged:
-                continue
-            base = totals.get(site.weight)
-            base = _base_weight(gm, site, module).detach() if base is None else base
-            totals[site.weight] = base + method.delta_weight(gm, site, module, name).to(base.dtype)
+        results, _ = _folded(gm, names, 1)
+        for site, _, weight, bias in results.values():
+            totals[site.weight] = weight
+            if bias is not None:
+                totals[site.bias] = bias
     return totals
 
 

@@ -36,7 +36,8 @@ from .blocks import (Outlined, extend, find_block_paths, fingerprint, inline, in
                      repeated_lists, truncated)
 from .canonical import annotate_shapes, canonicalize
 from .peft_methods import PeftModelMethods
-from .rewrite import TREE_PASSES, lower, method_for
+from .registry import DEFAULT, Registry
+from .rewrite import lower
 
 # fxpeft graphs never return a KV cache: a caller's use_cache is replaced by use_cache=False
 IGNORED_KWARGS = frozenset({"use_cache"})
@@ -60,10 +61,10 @@ class Signature:
         return Signature(self.canonical, self.in_spec, self.out_spec, self.example, outlined=self.outlined)
 
 
-def canonical_signature(captured, source: nn.Module, root: nn.Module, index: int) -> Signature:
+def canonical_signature(captured, source: nn.Module, root: nn.Module, index: int, registry: Registry) -> Signature:
     """Canonicalize a capture into a signature whose graph reads ``root``; the modules and
     constants canonicalize creates are registered on ``root`` (modules in ``root``'s mode)."""
-    canonical = canonicalize(captured.graph, captured.owner, source, f"_fxpeft_s{index}_")
+    canonical = canonicalize(captured.graph, captured.owner, source, f"_fxpeft_s{index}_", registry)
     register_extras(root, canonical.extras)
     for extra in canonical.extras.values():
         if isinstance(extra, nn.Module):
@@ -72,7 +73,7 @@ def canonical_signature(captured, source: nn.Module, root: nn.Module, index: int
 
 
 def capture_canonical(source: nn.Module, root: nn.Module, index: int, block_paths: Sequence[str],
-                      capture: Callable) -> Signature:
+                      capture: Callable, registry: Registry) -> Signature:
     """``capture(model) -> Captured`` on a copy of ``source``, canonicalized into a signature whose
     graph reads ``root``. Where a list of blocks repeats (``blocks.repeated_lists``), only its first two
     blocks are captured and the rest are called like the second: a 32-layer model exports like a
@@ -80,13 +81,13 @@ def capture_canonical(source: nn.Module, root: nn.Module, index: int, block_path
     lists = repeated_lists(source, list(block_paths)) if block_paths else {}
     if lists:
         small = truncated(source, lists)
-        signature = canonical_signature(capture(small), small, root, index)
+        signature = canonical_signature(capture(small), small, root, index, registry)
         outlined = outline(signature.canonical, root, list(block_paths))
         extended = extend(outlined, lists) if outlined is not None else None
         if extended is not None:
             signature.canonical, signature.outlined = inline(extended), extended
             return signature
-    return canonical_signature(capture(clone_tree(source)), source, root, index)
+    return canonical_signature(capture(clone_tree(source)), source, root, index, registry)
 
 
 def clone_tree(module: nn.Module, memo: Optional[dict] = None) -> nn.Module:
@@ -169,7 +170,7 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         return object.__new__(result_class(tree))
 
     def __init__(self, tree: nn.Module, signatures: dict, primary_key, source: nn.Module, arg_names: list[str],
-                 block_paths: Sequence[str] = ()):
+                 block_paths: Sequence[str] = (), registry: Registry = DEFAULT):
         primary = signatures[primary_key]
         root = install_blocks(tree, list(block_paths)) if block_paths else tree
         GraphModule.__init__(self, root, copy.deepcopy(primary.canonical), class_name=type(self).__name__)
@@ -182,6 +183,7 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         self._buffers = root._buffers
         self._non_persistent_buffers_set = root._non_persistent_buffers_set
         self.__dict__["_fxpeft_block_paths"] = list(block_paths)
+        self.__dict__["_fxpeft_registry"] = registry  # the methods and rules its adapters use
         if block_paths:  # what accelerate wraps (FSDP) or keeps on one device: the blocks are Block modules now
             self.__dict__["_no_split_modules"] = {"Block"}
         self.__dict__["_fxpeft_signatures"] = signatures
@@ -221,13 +223,13 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
             if signature.outlined is not None:
                 top = signature.outlined.top
                 mixed_error = self._lower_blocks(signature.outlined, {} if lowered_blocks is None else lowered_blocks)
-        signature.graph = lower(top, self, mixed=False)
+        signature.graph = lower(top, self, self._fxpeft_registry, mixed=False)
         signature.fn = compile_graph(signature.graph)
         signature.mixed_graph = signature.mixed_fn = None
         signature.mixed_error = mixed_error
         if self.peft_config and mixed_error is None:
             try:
-                signature.mixed_graph = lower(top, self, mixed=True)
+                signature.mixed_graph = lower(top, self, self._fxpeft_registry, mixed=True)
                 signature.mixed_fn = compile_graph(signature.mixed_graph)
             except NotImplementedError as error:  # only calls with adapter_names= need this graph
                 signature.mixed_error = error
@@ -242,11 +244,12 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
             key = (block_graph.key, fingerprint(block))  # what lowering reads of the block, adapters included
             if key not in lowered:
                 before = set(block._modules)
-                dense = lower(block_graph.graph, block, mixed=False, adapter_order=order)
+                dense = lower(block_graph.graph, block, self._fxpeft_registry, mixed=False, adapter_order=order)
                 mixed, error = None, None
                 if order:
                     try:
-                        mixed = compile_graph(lower(block_graph.graph, block, mixed=True, adapter_order=order))
+                        mixed = compile_graph(lower(block_graph.graph, block, self._fxpeft_registry, mixed=True,
+                                                    adapter_order=order))
                     except NotImplementedError as caught:
                         error = caught
                 # helper modules rules registered while lowering (stateless): every block sharing the code reads them
@@ -264,7 +267,7 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         dropped = set()
         for name in self._fxpeft_active:
             config = self.peft_config.get(name)
-            method = method_for(config) if config is not None else None
+            method = self._fxpeft_registry.method_for(config) if config is not None else None
             if method is not None and method.dropped_inputs is not None:
                 dropped |= method.dropped_inputs(config)
         return frozenset(dropped)
@@ -333,7 +336,8 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
                 "the full weights: call it once with these keywords before fully_shard / fxpeft.shard.")
         index = len(self._fxpeft_signatures) if index is None else index
         signature = capture_canonical(self._fxpeft_source, self, index, self._fxpeft_block_paths,
-                                      lambda model: capture_mod.export_call(model, kwargs, widen=widen))
+                                      lambda model: capture_mod.export_call(model, kwargs, widen=widen),
+                                      self._fxpeft_registry)
         self._lower_signature(signature)
         self._fxpeft_signatures[key] = signature
         return signature
@@ -416,7 +420,7 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
                     raise ValueError(f"adapter_names holds indices outside 0..{count} (the module has {count} "
                                      "adapters): build it again with fxpeft.adapter_indices(gm, names).")
             return adapter_names
-        from .lifecycle import adapter_indices
+        from .state import adapter_indices
         return adapter_indices(self, adapter_names, batch_size=batch_input.shape[0], device=batch_input.device)
 
     # ------------------------------------------------------------------ copying
@@ -425,9 +429,10 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         result = type(self).__new__(type(self))
         memo[id(self)] = result
         state = {k: v for k, v in self.__dict__.items()
-                 if k not in ("_graph", "_fxpeft_signatures", "_fxpeft_capture_lock")}
+                 if k not in ("_graph", "_fxpeft_signatures", "_fxpeft_capture_lock", "_fxpeft_registry")}
         result.__dict__.update(copy.deepcopy(state, memo))
         result.__dict__["_fxpeft_capture_lock"] = threading.Lock()
+        result.__dict__["_fxpeft_registry"] = self._fxpeft_registry  # shared, as the methods are
         # canonical graphs are never mutated: share them; lowered graphs are rebuilt for the copy
         result.__dict__["_fxpeft_signatures"] = {key: sig.fresh() for key, sig in self._fxpeft_signatures.items()}
         result.__dict__["_graph"] = torch.fx.Graph()
@@ -457,7 +462,7 @@ def _skip_call_frame() -> None:
 _skip_call_frame()
 
 
-def build(model: nn.Module, example_inputs=None, configs=()) -> PeftGraphModule:
+def build(model: nn.Module, example_inputs=None, configs=(), registry: Registry = DEFAULT) -> PeftGraphModule:
     """Capture and canonicalize ``model``; the result has no adapters yet. Tree passes
     (quantization) first change fxpeft's copy of the tree, which is then captured."""
     if isinstance(model, PeftGraphModule):
@@ -465,17 +470,18 @@ def build(model: nn.Module, example_inputs=None, configs=()) -> PeftGraphModule:
                         "gm.add_adapter(adapter_name, config) (or fxpeft.add_adapter(gm, config, adapter_name)) "
                         "instead of transforming it again.")
     tree = clone_tree(model)
-    for tree_pass in TREE_PASSES:
+    for tree_pass in registry.tree_passes:
         tree_pass(tree, configs)
-    flat = any(method_for(config).whole_graph for config in configs)
+    flat = any(registry.method_for(config).whole_graph for config in configs)
     block_paths = [] if flat else find_block_paths(tree)
     exported = example_inputs is not None or capture_mod.is_transformers_model(tree)
     signature = capture_canonical(tree, tree, 0, block_paths if exported else (),
-                                  lambda source: capture_mod.capture(source, example_inputs))
+                                  lambda source: capture_mod.capture(source, example_inputs), registry)
     if signature.example is None:  # a symbolic trace: shapes from one run on fake tensors, where inputs can be guessed
-        annotate_shapes(signature.canonical, tree)
+        annotate_shapes(signature.canonical, tree, registry)
     key = None if signature.example is None else capture_mod.signature_key(signature.example)
-    return PeftGraphModule(tree, {key: signature}, key, tree, capture_mod.forward_arg_names(model), block_paths)
+    return PeftGraphModule(tree, {key: signature}, key, tree, capture_mod.forward_arg_names(model), block_paths,
+                           registry)
 
 
 def _device_of(module: nn.Module) -> torch.device:

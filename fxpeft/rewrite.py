@@ -1,13 +1,9 @@
-"""The rewrite driver: rules are data, one function applies them all.
+"""The rewrite driver: rules are data (fxpeft/registry.py), one function applies them all.
 
-A method (a file in ``passes/``) registers:
-
-- a :class:`Method` for its config type: ``attach(gm, sites, config, adapter_name)`` creates the
-  adapter's parameters beside the module they adapt (``<path>.lora_A.<adapter>.weight``);
-- :class:`Rule` objects: ``match`` finds places in a canonical graph (sites, or any node
-  pattern), ``constraint`` filters them by the state attached to the module tree, and
-  ``rewrite`` inserts the nodes. Rules run by ``phase`` (replace base ops, then transform
-  inputs, then add deltas), so methods stack without knowing of each other.
+A rule's ``match`` finds places in a canonical graph (sites, or any node pattern) and its
+``rewrite`` inserts nodes through the :class:`Lowering` builders. Rules run by ``phase`` (whole
+modules swapped, then the sequence, then site inputs and weights, then output deltas, then
+output scales), so methods stack without knowing of each other.
 
 :func:`lower` turns a canonical graph plus the adapter state in the module tree into the
 executable graph. Any change of adapter state re-lowers from the canonical graph, so a graph
@@ -16,8 +12,7 @@ which are active (activity is buffer data the graph reads).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional
+from typing import Optional
 
 import torch
 import torch.fx
@@ -31,11 +26,12 @@ aten = torch.ops.aten
 class Lowering:
     """One graph being lowered: the graph, the module tree it reads from, and its sites."""
 
-    def __init__(self, graph: torch.fx.Graph, root: nn.Module, mixed: bool = False,
+    def __init__(self, graph: torch.fx.Graph, root: nn.Module, registry, mixed: bool = False,
                  adapter_order: Optional[list[str]] = None):
         self.graph = graph
         self.root = root  # the module the graph reads: the result, or one of its blocks
-        self.sites = find_sites(graph, root)
+        self.registry = registry
+        self.sites = find_sites(graph, root, registry)
         self.tag: dict[str, str] = {}  # stamped on every inserted node's meta (for inspection)
         self.adapter_order = list(getattr(root, "peft_config", {}) if adapter_order is None else adapter_order)
         self.mixed = mixed  # per-sample adapters: the graph takes an index tensor as first input
@@ -93,88 +89,27 @@ class Lowering:
     def cast(self, node: torch.fx.Node, dtype: torch.dtype, from_dtype: torch.dtype) -> torch.fx.Node:
         return node if dtype == from_dtype else self.call(aten._to_copy.default, node, dtype=dtype)
 
-
-@dataclass(frozen=True)
-class Rule:
-    """``match(lowering)`` yields candidates; ``rewrite(lowering, candidate)`` edits the graph.
-
-    For site rules (made with :func:`site_rule`) the driver inserts at the site's current output
-    and re-points the output's original users at what ``rewrite`` returns.
-    """
-
-    name: str
-    match: Callable[[Lowering], Iterable[Any]]
-    rewrite: Callable[[Lowering, Any], Any]
-    phase: int = 50
-    on_sites: bool = False
-
-
-def site_rule(name: str, constraint: Callable[[Site, nn.Module], bool], rewrite, phase: int = 50) -> Rule:
-    def match(lowering: Lowering):
-        for site in lowering.sites:
-            module = lowering.module(site.path)
-            if module is not None and constraint(site, module):
-                yield site
-    return Rule(name=name, match=match, rewrite=rewrite, phase=phase, on_sites=True)
-
-
-RULES: list[Rule] = []
-
-
-def register_rule(rule: Rule) -> Rule:
-    RULES.append(rule)
-    RULES.sort(key=lambda r: r.phase)
-    return rule
-
-
-@dataclass(frozen=True)
-class Method:
-    """How one config type attaches, describes and folds adapter state on a transformed module.
-
-    ``containers`` are the child-module names holding per-adapter state beside an adapted
-    module (``lora_A`` …): checkpoints drop the adapter name after them, deletion removes the
-    adapter's entry from them. ``adapters_at(module)`` lists the adapters on a module;
-    ``gate(module, adapter)`` is its :class:`AdapterScale`-like switch (``active``, ``merged``,
-    ``refresh()``); ``delta_weight(gm, site, module, adapter)`` is what merging adds to the weight.
-    """
-
-    config_type: type
-    attach: Optional[Callable[..., list[str]]] = None  # (gm, sites, config, adapter_name) -> adapted paths;
-    # None: not an adapter (quantization), its work is a tree pass
-    containers: tuple[str, ...] = ()
-    adapters_at: Optional[Callable] = None
-    gate: Optional[Callable] = None
-    delta_weight: Optional[Callable] = None
-    resolve_config: Optional[Callable] = None  # (gm, sites, config) -> config as stored (PEFT resolves targets)
-    # Prompt learning (prompt / prefix tuning) edits the sequence itself, so: its adapter is the
-    # model's only one, its rules read which adapters act at lowering time (an inactive prompt
-    # changes the sequence length, which data cannot express), and its checkpoint holds tensors the
-    # method computes (``saved_tensors(gm, adapter) -> {key: tensor}``, read back by
-    # ``load_saved(gm, adapter, {key: tensor})``) under ``checkpoint_prefix``.
-    prompt_learning: bool = False
-    saved_tensors: Optional[Callable] = None
-    load_saved: Optional[Callable] = None
-    checkpoint_prefix: str = "base_model.model."
-    # ``dropped_inputs(config) -> frozenset`` of input names the model is called without while the
-    # adapter acts (PEFT's prompt methods drop some): the dispatcher leaves them out of the call.
-    dropped_inputs: Optional[Callable] = None
-    # Its rules must see the whole model in one graph (one prefix per attention, dealt in model
-    # order): a result made with it keeps the flat graph instead of one graph per block.
-    whole_graph: bool = False
-
-
-METHODS: dict[type, Method] = {}
-
-
-def register_method(method: Method) -> Method:
-    METHODS[method.config_type] = method
-    return method
-
-
-# Passes over the module tree, run by ``build`` on fxpeft's copy of the tree before capture:
-# ``(tree, configs) -> None``. For what changes the base layers the graph reads (quantization),
-# which a later capture must see too.
-TREE_PASSES: list[Callable] = []
+    def replace_op(self, site: Site, **args: torch.fx.Node) -> torch.fx.Node:
+        """Run the site's op on other operands (``input=``, ``weight=``, by the site's field names)
+        in place of the original: its users read the new node, the old one is gone. For rules that
+        change what the op computes with (scaled inputs, mapped weights), before any rule added to
+        its output."""
+        if site.output is not site.node:
+            raise RuntimeError(f"{self.tag.get('fxpeft_rule')}: the op at {site.path} was already extended; "
+                               "rules replacing a site's op must run in an earlier phase than rules adding to it.")
+        values = {}
+        if "input" in args:
+            values[site.input] = args["input"]
+        if "weight" in args:
+            values[site.weight_node] = args["weight"]
+        new = self.copy(site.node, values)
+        new.meta.update({k: v for k, v in site.node.meta.items() if k.startswith("fxpeft_module")})
+        site.node.replace_all_uses_with(new)
+        self.graph.erase_node(site.node)
+        site.node = site.output = new
+        if "input" in args:
+            site.input = args["input"]
+        return new
 
 
 def samples_of(index: torch.Tensor, slot: int, like: torch.Tensor) -> torch.Tensor:
@@ -186,18 +121,11 @@ def samples_of(index: torch.Tensor, slot: int, like: torch.Tensor) -> torch.Tens
     return keep.view(-1, *([1] * (like.dim() - 1)))
 
 
-def is_adapter_state(path: str) -> bool:
-    """Whether a module path lies inside some adapter's state (``...q_proj.lora_A.default``)."""
-    containers = {"modules_to_save", *(c for method in METHODS.values() for c in method.containers)}
-    return any(part in containers for part in path.split("."))
-
-
-def method_for(config) -> Method:
-    for config_type in type(config).__mro__:
-        if config_type in METHODS:
-            return METHODS[config_type]
-    known = ", ".join(sorted(t.__name__ for t in METHODS))
-    raise TypeError(f"No fxpeft pass handles {type(config).__name__}; supported configs: {known}.")
+def primary_lowering(gm) -> Lowering:
+    """A lowering of a copy of ``gm``'s first canonical graph (whole model, no rule applied): for
+    methods that read the model's structure when attaching (the token embedding, the attentions)."""
+    from .registry import registry_of
+    return Lowering(copy_graph(gm._fxpeft_signatures[gm._fxpeft_primary].canonical), gm, registry_of(gm))
 
 
 def copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
@@ -208,30 +136,32 @@ def copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
     return new
 
 
-def _apply_site_rewrite(lowering: Lowering, rule: Rule, site: Site) -> None:
+def _apply_site_rewrite(lowering: Lowering, rule, site: Site) -> None:
     old_output = site.output
     original_users = list(old_output.users)
     anchor = old_output.next
     with lowering.graph.inserting_before(anchor):
         new_output = rule.rewrite(lowering, site)
-    if new_output is None or new_output is old_output:
+    current = site.output  # the op itself, if the rule replaced it (Lowering.replace_op)
+    if new_output is None or new_output is current:
         return
     for user in original_users:
-        user.replace_input_with(old_output, new_output)
+        user.replace_input_with(current, new_output)
     site.output = new_output
 
 
-def lower(canonical: torch.fx.Graph, root: nn.Module, mixed: bool = False,
+def lower(canonical: torch.fx.Graph, root: nn.Module, registry, mixed: bool = False,
           adapter_order: Optional[list[str]] = None) -> torch.fx.Graph:
-    """The executable graph: ``canonical`` with every rule applied, reading ``root``'s adapter
-    state. In a mixed graph, calls of blocks (fxpeft/blocks.py) pass the per-sample index on."""
+    """The executable graph: ``canonical`` with every rule of ``registry`` applied, reading
+    ``root``'s adapter state. In a mixed graph, calls of blocks (fxpeft/blocks.py) pass the
+    per-sample index on."""
     graph = copy_graph(canonical)
-    lowering = Lowering(graph, root, mixed, adapter_order)
+    lowering = Lowering(graph, root, registry, mixed, adapter_order)
     if mixed:
         for node in graph.nodes:
             if node.meta.get("fxpeft_block"):
                 node.update_kwarg("adapter_index", lowering.sample_index)
-    for rule in RULES:
+    for rule in registry.rules:
         for candidate in list(rule.match(lowering)):
             lowering.tag = {"fxpeft_rule": rule.name}
             if rule.on_sites:

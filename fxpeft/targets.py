@@ -13,6 +13,8 @@ import difflib
 import re
 from typing import Iterable, Optional, Sequence
 
+from .configs import SEQ_CLS_HEAD_NAMES
+
 
 def _matches_list_or_regex(spec, path: str) -> bool:
     if isinstance(spec, str):
@@ -95,3 +97,11 @@ def unmatched_target_error(config, candidate_paths: Sequence[str], kind: str = "
         + (" ..." if len(short_names) > 30 else "")
         + ". Fix target_modules to name one of them."
     )
+
+
+def requested_names(config) -> list[str]:
+    """The modules_to_save names a config asks for; SEQ_CLS tasks add PEFT's head names."""
+    names = list(getattr(config, "modules_to_save", None) or [])
+    if getattr(config, "task_type", None) == "SEQ_CLS":
+        names += [n for n in SEQ_CLS_HEAD_NAMES if n not in names]
+    return names

@@ -21,43 +21,17 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fxpeft.canonical import LINEAR_LAYER_TYPES, Site, site_weight, submodule
+from fxpeft.canonical import Site, site_weight
 from fxpeft.configs import DEFAULT_LORA_TARGETS, SEQ_CLS_HEAD_NAMES, LoraConfig
-from fxpeft.rewrite import (Lowering, Method, is_adapter_state, register_method, register_rule, samples_of,
-                            site_rule)
-from fxpeft.targets import is_targeted, pattern_value, unmatched_target_error
+from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict
+from fxpeft.registry import register_method
+from fxpeft.rewrite import Lowering
+from fxpeft.targets import pattern_value
 
 aten = torch.ops.aten
 
 # child modules holding per-adapter state beside an adapted module (PEFT's names)
 CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_dropout", "lora_scaling")
-
-
-class AdapterScale(nn.Module):
-    """A scalar the graph reads as data: the adapter's scaling, or 0 once merged into the base
-    weight. (Whether an adapter is active is the module-wide ``_fxpeft_gates`` buffer.) Changing
-    either never changes the graph, so a compiled module does not recompile.
-    """
-
-    def __init__(self, scale: float, dropout: float = 0.0):
-        super().__init__()
-        self.scale = float(scale)
-        self.merged = False
-        self.register_buffer("value", torch.tensor(self.scale), persistent=False)
-        self.dropout = float(dropout)
-        self.register_buffer("p", torch.tensor(self.dropout), persistent=False)  # LoRA dropout, as data
-
-    def refresh(self) -> None:
-        with torch.no_grad():
-            self.value.fill_(0.0 if self.merged else self.scale)
-
-    def extra_repr(self) -> str:
-        return f"scale={self.scale}, merged={self.merged}"
-
-
-def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    # PEFT's autocast_adapter_dtype: half-precision bases get float32 adapters
-    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
 
 
 def _conv_geometry(site: Site):
@@ -94,152 +68,52 @@ def _new_lora_weights(site: Site, weight: torch.Tensor, r: int, init):
     return a, b
 
 
-def _child_dict(module: nn.Module, name: str, kind=nn.ModuleDict):
-    if name not in module._modules:
-        module.add_module(name, kind())
-    return module._modules[name]
-
-
 def add_lora(module: nn.Module, site: Site, weight, config: LoraConfig, adapter: str) -> None:
     r = pattern_value(config.rank_pattern, site.path, config.r)
     alpha = pattern_value(config.alpha_pattern, site.path, config.lora_alpha)
     scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
     a, b = _new_lora_weights(site, weight, r, config.init_lora_weights)
-    dtype, device = _adapter_dtype(weight), weight.device
+    dtype, device = adapter_dtype(weight), weight.device
     if site.kind == "embedding":
-        _child_dict(module, "lora_embedding_A", nn.ParameterDict)[adapter] = nn.Parameter(a.data.to(device, dtype))
-        _child_dict(module, "lora_embedding_B", nn.ParameterDict)[adapter] = nn.Parameter(b.data.to(device, dtype))
+        child_dict(module, "lora_embedding_A", nn.ParameterDict)[adapter] = nn.Parameter(a.data.to(device, dtype))
+        child_dict(module, "lora_embedding_B", nn.ParameterDict)[adapter] = nn.Parameter(b.data.to(device, dtype))
     else:
-        _child_dict(module, "lora_A")[adapter] = a.to(device, dtype)
-        _child_dict(module, "lora_B")[adapter] = b.to(device, dtype)
+        child_dict(module, "lora_A")[adapter] = a.to(device, dtype)
+        child_dict(module, "lora_B")[adapter] = b.to(device, dtype)
     dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
-    _child_dict(module, "lora_dropout")[adapter] = dropout
-    _child_dict(module, "lora_scaling")[adapter] = AdapterScale(scale, config.lora_dropout).to(device)
-
-
-def _output_head_paths(gm, config) -> set[str]:
-    """What "all-linear" leaves out: the output embedding, or a SEQ_CLS head."""
-    source = gm._fxpeft_source
-    heads = set()
-    get_output = getattr(source, "get_output_embeddings", None)
-    output = get_output() if callable(get_output) else None
-    names = {id(m): n for n, m in source.named_modules()}
-    if output is not None:
-        heads.add(names[id(output)])
-    elif config.task_type == "SEQ_CLS":
-        for name in SEQ_CLS_HEAD_NAMES:
-            head = getattr(source, name, None)
-            if head is not None:
-                heads.add(names[id(head)])
-                break
-    return heads
-
-
-def resolve_targets(gm, sites: list[Site], config: LoraConfig) -> LoraConfig:
-    """PEFT's defaults for target_modules: a per-architecture table, and "all-linear"."""
-    targets = config.target_modules
-    if targets is None:
-        model_type = getattr(getattr(gm._fxpeft_source, "config", None), "model_type", None)
-        if model_type not in DEFAULT_LORA_TARGETS:
-            raise ValueError(
-                f"target_modules is None and fxpeft has no default targets for model type {model_type!r}; "
-                "set LoraConfig(target_modules=[...]) (e.g. 'all-linear')."
-            )
-        targets = list(DEFAULT_LORA_TARGETS[model_type])
-    elif isinstance(targets, str) and targets.lower() == "all-linear":
-        heads = _output_head_paths(gm, config)
-        targets = sorted({s.path for s in sites if s.kind == "linear"
-                          and isinstance(gm.get_submodule(s.path), tuple(LINEAR_LAYER_TYPES)) and s.path not in heads})
-    return dataclasses.replace(config, target_modules=targets)
-
-
-# Layer types LoRA adapts (PEFT's list, less nn.MultiheadAttention): a targeted module of another
-# type is an error, as in PEFT, never skipped.
-ADAPTABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
-
-
-def _check_unadaptable(gm, config: LoraConfig, adaptable: dict) -> None:
-    """Targeted modules that are no site: an unsupported type (a LayerNorm a regex also matched, a
-    ConvTranspose2d, a container) raises as PEFT does, instead of leaving it silently unadapted."""
-    attention = [name for name, m in gm.named_modules() if isinstance(m, nn.MultiheadAttention)]
-    for name, module in gm.named_modules():
-        if (not name or name in adaptable or name.startswith("_fxpeft")  # fxpeft's own: mode switches, slots
-                or is_adapter_state(name) or not is_targeted(config, name)):
-            continue
-        inside = next((a for a in attention if name == a or name.startswith(a + ".")), None)
-        if inside is not None:
-            raise NotImplementedError(
-                f"target_modules {config.target_modules!r} matched {name!r} ({type(module).__name__}) in the "
-                f"nn.MultiheadAttention {inside!r}: PEFT adapts nn.MultiheadAttention, fxpeft does not yet. "
-                "Leave it out of target_modules (or exclude_modules=[...] it).")
-        if not isinstance(module, (*LINEAR_LAYER_TYPES, *ADAPTABLE_TYPES)):
-            raise ValueError(
-                f"Target module {name!r} ({type(module).__name__}) is not supported: target_modules "
-                f"{config.target_modules!r} matched it, but it is not a linear, Conv1D, conv or embedding layer, so "
-                "LoRA cannot adapt it (PEFT raises too). Narrow target_modules to the layers inside it, or "
-                "exclude_modules=[...] it.")
-
-
-def attach(gm, sites: list[Site], config: LoraConfig, adapter: str) -> list[str]:
-    """``config`` arrives with its targets resolved (``Method.resolve_config``). Adapters are created
-    in module order, as PEFT does, so the same seed gives PEFT's initial weights."""
-    adaptable: dict[str, Site] = {}
-    for site in sites:
-        if submodule(gm, site.path) is not None:
-            adaptable.setdefault(site.path, site)
-    _check_unadaptable(gm, config, adaptable)
-    matched = [name for name, _ in gm.named_modules() if name in adaptable and is_targeted(config, name)]
-    if not matched:
-        raise unmatched_target_error(config, list(adaptable))
-    for path in matched:
-        site = adaptable[path]
-        add_lora(gm.get_submodule(path), site, site_weight(gm, site), config, adapter)
-    return matched
+    child_dict(module, "lora_dropout")[adapter] = dropout
+    child_dict(module, "lora_scaling")[adapter] = AdapterGate(scale, config.lora_dropout).to(device)
 
 
 # ----------------------------------------------------------------------------- rewrite
 
 
 
-def _single_delta(lw: Lowering, site: Site, module: nn.Module, adapter: str, gated: bool = True):
-    """One adapter's ``s * B(A(dropout(x)))`` at a linear or conv site, times its gate in dense
-    graphs: the plain LoRA subgraph, used where stacking adapters would only add work."""
+def delta(lw: Lowering, site: Site, module: nn.Module, adapter: str, x):
+    """``B(A(x))`` at a linear or conv site (the form scales, gates and adds it)."""
     path = site.path
-    base_dtype = site_weight(lw.root, site).dtype
-    adapter_dtype = module.lora_A[adapter].weight.dtype
-    x = lw.cast(site.input, adapter_dtype, base_dtype)
-    if not isinstance(module.lora_dropout[adapter], nn.Identity):
-        x = lw.call_module(f"{path}.lora_dropout.{adapter}", x)
     a_weight, b_weight = lw.attr(f"{path}.lora_A.{adapter}.weight"), lw.attr(f"{path}.lora_B.{adapter}.weight")
     if site.kind == "linear":
-        delta = lw.call(aten.linear.default, lw.call(aten.linear.default, x, a_weight), b_weight)
-    else:
-        a_conv, b_conv = module.lora_A[adapter], module.lora_B[adapter]
-        op = {1: aten.conv1d, 2: aten.conv2d, 3: aten.conv3d}[a_conv.weight.dim() - 2]
-        a_op = op.padding if isinstance(a_conv.padding, str) else op.default
-        a_padding = a_conv.padding if isinstance(a_conv.padding, str) else list(a_conv.padding)
-        hidden = lw.call(a_op, x, a_weight, None, list(a_conv.stride), a_padding)
-        ones = [1] * len(b_conv.stride)
-        delta = lw.call(op.default, hidden, b_weight, None, ones, [0] * len(ones), ones, b_conv.groups)
-    coefficient = lw.attr(f"{path}.lora_scaling.{adapter}.value")
-    if gated:  # scalar work first: one elementwise pass over the delta, as an ungated adapter costs
-        coefficient = lw.call(aten.mul.Tensor, coefficient, lw.gate(adapter))
-    delta = lw.call(aten.mul.Tensor, delta, coefficient)
-    return lw.cast(delta, base_dtype, adapter_dtype)
+        return lw.call(aten.linear.default, lw.call(aten.linear.default, x, a_weight), b_weight)
+    a_conv, b_conv = module.lora_A[adapter], module.lora_B[adapter]
+    op = {1: aten.conv1d, 2: aten.conv2d, 3: aten.conv3d}[a_conv.weight.dim() - 2]
+    a_op = op.padding if isinstance(a_conv.padding, str) else op.default
+    a_padding = a_conv.padding if isinstance(a_conv.padding, str) else list(a_conv.padding)
+    hidden = lw.call(a_op, x, a_weight, None, list(a_conv.stride), a_padding)
+    ones = [1] * len(b_conv.stride)
+    return lw.call(op.default, hidden, b_weight, None, ones, [0] * len(ones), ones, b_conv.groups)
 
 
-def rewrite(lw: Lowering, site: Site):
+def lower_site(lw: Lowering, site: Site, module: nn.Module, present: list[str]):
     """Linear and embedding sites with several adapters (or in the mixed graph): one node reads the
     site's adapters through the site module and picks those the index names (dense graph: the
     module's ``_fxpeft_slots``; mixed graph: each sample's adapter), so a call costs what the
-    adapters it uses cost, however many are loaded (``select_adapters``). A linear site with one
-    adapter gets the plain gated LoRA subgraph; conv sites get one gated delta per adapter."""
-    module = lw.module(site.path)
-    if site.kind == "conv" or (site.kind == "linear" and not lw.mixed and len(adapters_at(module)) == 1):
-        return _rewrite_per_adapter(lw, site, module)
+    adapters it uses cost, however many are loaded (``select_adapters``). Conv sites and linear
+    sites with one adapter in the dense graph keep the form's plain gated delta (None)."""
+    if site.kind == "conv" or (site.kind == "linear" and not lw.mixed and len(present) == 1):
+        return None
     base_dtype = site_weight(lw.root, site).dtype
-    adapter_dtype = _adapter_dtype(site_weight(lw.root, site))
-    present = adapters_at(module)
+    dtype = adapter_dtype(site_weight(lw.root, site))
     names, positions = tuple(present), tuple(lw.adapter_order.index(a) for a in present)
     rank = max(_adapter_tensors(module, a, site.kind == "embedding")[0].shape[0] for a in present)
     owner = lw.attr(site.path)  # the site module: its adapters are read there, only those in use
@@ -251,7 +125,7 @@ def rewrite(lw: Lowering, site: Site):
             padding_idx = site.node.args[2] if len(site.node.args) > 2 else -1
             delta = lw.call(lora_mixed_embedding, site.input, *stacks, padding_idx)
         else:
-            x = lw.cast(site.input, adapter_dtype, base_dtype)
+            x = lw.cast(site.input, dtype, base_dtype)
             delta = lw.call(lora_mixed_linear, x, *stacks)
     elif embedding:
         padding_idx = site.node.args[2] if len(site.node.args) > 2 else -1
@@ -261,20 +135,9 @@ def rewrite(lw: Lowering, site: Site):
     else:
         _ensure_slots_module(lw.root)
         dropout = any(module.lora_scaling[a].dropout > 0 for a in present)
-        x = lw.cast(site.input, adapter_dtype, base_dtype)
+        x = lw.cast(site.input, dtype, base_dtype)
         delta = lw.call_module(SLOTS_MODULE, x, owner, names, positions, rank, lw.slots(), dropout)
-    return lw.call(aten.add.Tensor, site.output, lw.cast(delta, base_dtype, adapter_dtype))
-
-
-def _rewrite_per_adapter(lw: Lowering, site: Site, module: nn.Module):
-    """Conv sites, and linear sites with a single adapter in the dense graph."""
-    output = site.output
-    for adapter in adapters_at(module):
-        delta = _single_delta(lw, site, module, adapter, gated=not lw.mixed)
-        if lw.mixed:
-            delta = lw.call(lora_mixed_masked, delta, lw.sample_index, lw.adapter_order.index(adapter))
-        output = lw.call(aten.add.Tensor, output, delta)
-    return output
+    return lw.call(aten.add.Tensor, site.output, lw.cast(delta, base_dtype, dtype))
 
 
 # ----------------------------------------------------------------------------- picking adapters
@@ -450,11 +313,6 @@ def lora_mixed_embedding(ids, a, b_t, entry_slot, padding_idx: int = -1):
     return delta.reshape(*ids.shape, delta.shape[-1])
 
 
-def lora_mixed_masked(delta, index, slot: int):
-    """Conv sites: an adapter's full delta, kept only for the samples that asked for it."""
-    return delta * samples_of(index, slot, delta).to(delta.dtype)
-
-
 # ----------------------------------------------------------------------------- folding
 
 
@@ -474,16 +332,42 @@ def delta_weight(gm, site: Site, module: nn.Module, adapter: str) -> torch.Tenso
     return conv(a.transpose(0, 1), b).transpose(0, 1) * scale
 
 
-def adapters_at(module: nn.Module) -> list[str]:
+def _heads(gm, config) -> set[str]:
+    """What "all-linear" leaves out: the output embedding, or a SEQ_CLS head."""
+    source = gm._fxpeft_source
+    heads = set()
+    get_output = getattr(source, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    names = {id(m): n for n, m in source.named_modules()}
+    if output is not None:
+        heads.add(names[id(output)])
+    elif config.task_type == "SEQ_CLS":
+        for name in SEQ_CLS_HEAD_NAMES:
+            head = getattr(source, name, None)
+            if head is not None:
+                heads.add(names[id(head)])
+                break
+    return heads
+
+
+def _rank(module: nn.Module, adapter: str) -> str:
+    a = module.lora_A[adapter].weight if "lora_A" in module._modules and adapter in module.lora_A \
+        else module.lora_embedding_A[adapter]
+    return f"r={a.shape[0]}"
+
+
+def _lora_adapters(module: nn.Module) -> list[str]:
+    """The module's plain LoRA adapters (DoRA adapters, passes/dora.py, share LoRA's state)."""
     scales = module._modules.get("lora_scaling")
-    return list(scales.keys()) if scales is not None else []
+    if scales is None:
+        return []
+    dora = module._modules.get("lora_magnitude_vector") or {}
+    return [name for name in scales.keys() if name not in dora]
 
 
-def gate(module: nn.Module, adapter: str) -> AdapterScale:
-    return module.lora_scaling[adapter]
-
-
-register_rule(site_rule("lora", lambda site, module: bool(adapters_at(module)), rewrite, phase=50))
-register_method(Method(config_type=LoraConfig, attach=attach, containers=CONTAINERS,
-                       adapters_at=adapters_at, gate=gate, delta_weight=delta_weight,
-                       resolve_config=resolve_targets))
+METHOD = register_method(additive(
+    name="lora", config_type=LoraConfig, create=add_lora, delta=delta, delta_weight=delta_weight,
+    containers=CONTAINERS, gates="lora_scaling", dropouts="lora_dropout",
+    dtype_of=lambda module, adapter: module.lora_A[adapter].weight.dtype,
+    default_targets=DEFAULT_LORA_TARGETS, heads=_heads, lower_site=lower_site, adapters_at=_lora_adapters,
+    describe=_rank))

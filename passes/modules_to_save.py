@@ -5,7 +5,7 @@ original keeps its keys and stays frozen. Rewrite (phase 10): every ``get_attr``
 under ``<path>`` reads the copy of the active adapter instead. In the mixed graph (one adapter
 per sample) the module's nodes are instead repeated once per copy, and each sample keeps the
 outputs of its adapter's copy. Any config with a ``modules_to_save`` field gets this
-(called by the driver after the method's own attach); SEQ_CLS tasks add PEFT's head names
+(an attach hook: the driver calls it after the method's own attach); SEQ_CLS tasks add PEFT's head names
 ("classifier", "score"; whichever exists).
 """
 from __future__ import annotations
@@ -16,15 +16,9 @@ import torch
 from torch import nn
 
 from fxpeft.configs import SEQ_CLS_HEAD_NAMES
-from fxpeft.rewrite import Lowering, Rule, is_adapter_state, register_rule, samples_of
-from fxpeft.targets import saved_module_paths
-
-
-def requested_names(config) -> list[str]:
-    names = list(getattr(config, "modules_to_save", None) or [])
-    if getattr(config, "task_type", None) == "SEQ_CLS":
-        names += [n for n in SEQ_CLS_HEAD_NAMES if n not in names]
-    return names
+from fxpeft.registry import DEFAULT, Rule, registry_of
+from fxpeft.rewrite import Lowering, samples_of
+from fxpeft.targets import requested_names, saved_module_paths
 
 
 def attach(gm, config, adapter: str) -> list[str]:
@@ -32,7 +26,7 @@ def attach(gm, config, adapter: str) -> list[str]:
     if not names:
         return []
     paths = [p for p in saved_module_paths(names, (n for n, _ in gm.named_modules()))
-             if not is_adapter_state(p)]
+             if not registry_of(gm).is_adapter_state(p)]
     explicit = list(getattr(config, "modules_to_save", None) or [])
     missing = [n for n in explicit if not any(p.endswith(n) for p in paths) and n not in SEQ_CLS_HEAD_NAMES]
     if missing:
@@ -145,4 +139,5 @@ def keep_samples(index: torch.Tensor, slot: int, chosen: torch.Tensor, other: to
     return torch.where(samples_of(index, slot, chosen), chosen, other)
 
 
-register_rule(Rule(name="modules_to_save", match=match, rewrite=rewrite, phase=10))
+DEFAULT.add_rule(Rule(name="modules_to_save", match=match, rewrite=rewrite, phase=10))
+DEFAULT.add_attach_hook(attach, "modules_to_save")

@@ -34,9 +34,10 @@ from torch import nn
 
 from fxpeft.canonical import ModeSwitch, innermost_module
 from fxpeft.configs import PrefixTuningConfig
-from fxpeft.passes.prompt import (CONTAINERS, PromptEmbedding, _primary_lowering, active_prompt_adapter, check_alone,
+from fxpeft.passes.prompt import (CONTAINERS, PromptEmbedding, active_prompt_adapter, check_alone,
                                   dropped_token_types, load_prompt_embeddings, model_dims, prompt_embeddings)
-from fxpeft.rewrite import Lowering, Method, Rule, register_method, register_rule
+from fxpeft.registry import Method, Rule, register_method
+from fxpeft.rewrite import Lowering, primary_lowering
 
 aten = torch.ops.aten
 
@@ -186,7 +187,7 @@ def prefix_layout(lw: Lowering) -> tuple[list[torch.fx.Node], int, int, int]:
 def resolve_prefix_config(gm, sites, config: PrefixTuningConfig) -> PrefixTuningConfig:
     """The layout read from the graph (PEFT's numbers for transformers models, GQA included); a
     config that states another layout (a checkpoint for another model) is an error."""
-    _, layers, heads, head_dim = prefix_layout(_primary_lowering(gm))
+    _, layers, heads, head_dim = prefix_layout(primary_lowering(gm))
     found = {"num_layers": layers, "num_attention_heads": heads, "token_dim": heads * head_dim}
     if _decoder_path(gm) is not None:  # PEFT's seq2seq cache: self- and cross-attention parts
         if config.task_type != "SEQ_2_SEQ_LM":  # PEFT lays other tasks' tables out differently
@@ -384,8 +385,8 @@ def rewrite(lw: Lowering, adapter: str) -> None:
                 _set_arg(node, 5, "is_causal", False)
 
 
-register_rule(Rule(name="prefix_tuning", match=match, rewrite=rewrite, phase=20))
-register_method(Method(config_type=PrefixTuningConfig, attach=attach, containers=CONTAINERS,
-                       resolve_config=resolve_prefix_config, prompt_learning=True,
-                       saved_tensors=prompt_embeddings, load_saved=load_prompt_embeddings,
+register_method(Method(name="prefix_tuning", config_type=PrefixTuningConfig, attach=attach, containers=CONTAINERS,
+                       rules=(Rule(name="prefix_tuning", match=match, rewrite=rewrite, phase=20),),
+                       resolve_config=resolve_prefix_config, exclusive=True, activity_in_graph=True,
+                       mixed_batches=False, saved_tensors=prompt_embeddings, load_saved=load_prompt_embeddings,
                        checkpoint_prefix="base_model.", dropped_inputs=dropped_token_types, whole_graph=True))

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxpeft.configs import PromptEncoderConfig, PromptLearningConfig, PromptTuningConfig
-from fxpeft.rewrite import Lowering, Method, Rule, register_method, register_rule
+from fxpeft.registry import DEFAULT, Method, Rule, register_method
+from fxpeft.rewrite import Lowering, primary_lowering
 
 aten = torch.ops.aten
 
@@ -139,11 +140,6 @@ def token_embedding(lowering: Lowering):
         f"which holds the tokens. Name the token-id input {IDS_INPUT!r}.")
 
 
-def _primary_lowering(gm) -> Lowering:
-    from fxpeft.rewrite import copy_graph
-    return Lowering(copy_graph(gm._fxpeft_signatures[gm._fxpeft_primary].canonical), gm)
-
-
 # ----------------------------------------------------------------------------- attach
 
 
@@ -172,7 +168,7 @@ def check_alone(gm, config, adapter: str) -> None:
 
 
 def resolve_prompt_config(gm, sites, config: PromptLearningConfig) -> PromptLearningConfig:
-    site, _ = token_embedding(_primary_lowering(gm))
+    site, _ = token_embedding(primary_lowering(gm))
     dims = model_dims(gm)
     values = {"token_dim": config.token_dim or gm.get_parameter(site.weight).shape[1],
               "num_layers": config.num_layers or dims.get("num_layers"),
@@ -204,7 +200,7 @@ def _init_ids(config: PromptTuningConfig, total: int, vocab: int) -> Optional[to
 def attach(gm, sites, config: PromptLearningConfig, adapter: str) -> list[str]:
     """``config`` arrives resolved (``resolve_prompt_config``)."""
     check_alone(gm, config, adapter)
-    site, _ = token_embedding(_primary_lowering(gm))
+    site, _ = token_embedding(primary_lowering(gm))
     word_embeddings = gm.get_parameter(site.weight)
     total = config.num_virtual_tokens * config.num_transformer_submodules
     if config.inference_mode or isinstance(config, PromptTuningConfig):
@@ -332,9 +328,9 @@ def load_prompt_embeddings(gm, adapter: str, weights: dict[str, torch.Tensor]) -
         encoder.embedding.weight.copy_(weights["prompt_embeddings"])
 
 
-register_rule(Rule(name="prompt_tuning", match=match, rewrite=rewrite, phase=20))
-for _config_type in (PromptTuningConfig, PromptEncoderConfig):
-    register_method(Method(config_type=_config_type, attach=attach, containers=CONTAINERS,
-                           resolve_config=resolve_prompt_config, prompt_learning=True,
-                           saved_tensors=prompt_embeddings, load_saved=load_prompt_embeddings,
+DEFAULT.add_rule(Rule(name="prompt_tuning", match=match, rewrite=rewrite, phase=20))  # both methods' prompts
+for _name, _config_type in (("prompt_tuning", PromptTuningConfig), ("p_tuning", PromptEncoderConfig)):
+    register_method(Method(name=_name, config_type=_config_type, attach=attach, containers=CONTAINERS,
+                           resolve_config=resolve_prompt_config, exclusive=True, activity_in_graph=True,
+                           mixed_batches=False, saved_tensors=prompt_embeddings, load_saved=load_prompt_embeddings,
                            checkpoint_prefix="base_model.", dropped_inputs=dropped_inputs))

@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fxpeft.canonical import (LINEAR_LAYER_TYPES, MODE_KEYWORDS, SITE_RULES, Conv1D, WeightSpec, _attr_target,
+from fxpeft.canonical import (Conv1D, WeightSpec, _attr_target,
                               is_quantized)
 from fxpeft.configs import BnbConfig
-from fxpeft.rewrite import TREE_PASSES, Method, register_method
+from fxpeft.registry import DEFAULT, Method, register_method
 
 NESTED_BLOCKSIZE = 256  # bitsandbytes' blocksize for double-quantized statistics (gemm_4bit requires it)
 BLOCKSIZE = 64  # Params4bit's default
@@ -465,10 +465,9 @@ def _quantized_site(node, root):
     return dict(kind="linear", input=node.args[0], weight=weight, bias=bias)
 
 
-SITE_RULES[torch.ops.fxpeft.linear_4bit.default] = _quantized_site
-SITE_RULES[torch.ops.fxpeft.linear_8bit.default] = _quantized_site
-MODE_KEYWORDS[torch.ops.fxpeft.linear_8bit.default] = "training"
-LINEAR_LAYER_TYPES.extend(QUANTIZED_TYPES)
-TREE_PASSES.append(quantize_tree)
+DEFAULT.add_site_op(torch.ops.fxpeft.linear_4bit.default, _quantized_site)
+DEFAULT.add_site_op(torch.ops.fxpeft.linear_8bit.default, _quantized_site, mode_keyword="training")
+DEFAULT.linear_types.extend(QUANTIZED_TYPES)
+DEFAULT.tree_passes.append(quantize_tree)
 for config_type in CONFIG_TYPES:
-    register_method(Method(config_type=config_type))
+    register_method(Method(name=f"quantize_{config_type.__name__}", config_type=config_type))

@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from fxpeft.merging import _sites_by_path
+from fxpeft.state import sites_by_path
 
 COMBINATION_TYPES = (
     "svd", "linear", "cat", "ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd",
@@ -140,8 +140,9 @@ def _check(gm, adapters, weights, adapter_name, combination_type, svd_rank, svd_
     if missing:
         raise KeyError(f"Adapter(s) {missing} do not exist; existing adapters: {sorted(gm.peft_config)}.")
     not_lora = [a for a in adapters if not isinstance(gm.peft_config[a], fxpeft.LoraConfig)]
-    if not_lora:
-        raise ValueError(f"add_weighted_adapter combines LoRA adapters only; {not_lora} are not LoRA adapters.")
+    if not_lora and len(not_lora) < len(adapters):
+        raise ValueError(f"add_weighted_adapter combines adapters of one method; {not_lora} are not LoRA adapters "
+                         f"but {sorted(set(adapters) - set(not_lora))} are.")
     if len(weights) != len(adapters):
         raise ValueError(f"Got {len(weights)} weights for {len(adapters)} adapters; give one weight per adapter.")
     for w in weights:
@@ -211,7 +212,7 @@ def _plan(gm, adapters, weights, combination_type, svd_rank, svd_driver):
              if name and any(_lora_pair(module, a) is not None for a in adapters)]
     if not paths:
         raise ValueError(f"Found no LoRA layers of the adapters {adapters}.")
-    sites = _sites_by_path(gm)
+    sites = sites_by_path(gm)
     lost = [p for p in paths if p not in sites]
     if lost:
         raise ValueError(f"The adapted modules {lost[:5]} are no longer layers of the captured graph.")
@@ -342,7 +343,9 @@ def add_weighted_adapter(
     majority_sign_method: str = "total",
 ) -> None:
     """Add ``adapter_name``, a combination of the LoRA ``adapters`` with ``weights``, to ``gm``
-    (PEFT's ``add_weighted_adapter``; see the module docstring for the combination types).
+    (PEFT's ``add_weighted_adapter``; see the module docstring for the combination types). IA3
+    adapters combine as PEFT combines them: their vectors summed with the weights (the
+    combination options do not apply).
 
     ``density`` (fraction of values kept, in [0, 1]) is needed by the ties / dare /
     magnitude_prune types; ``majority_sign_method`` ("total" or "frequency") by the ties types;
@@ -351,14 +354,20 @@ def add_weighted_adapter(
     ``adapter_name`` or incompatible adapters raise ValueError. On any error ``gm`` is unchanged.
     """
     import fxpeft
-    from fxpeft.lifecycle import _transaction
+    from fxpeft.lifecycle import transaction
 
     adapters, weights, combination_type = _check(gm, adapters, weights, adapter_name, combination_type, svd_rank,
                                                  svd_clamp, svd_driver, density, majority_sign_method)
+    if not isinstance(gm.peft_config[adapters[0]], fxpeft.LoraConfig):  # (IA)³ vectors: a weighted sum
+        from fxpeft.passes import ia3
+        if not isinstance(gm.peft_config[adapters[0]], ia3.IA3Config):
+            raise ValueError(f"add_weighted_adapter combines LoRA or IA3 adapters; {adapters[0]!r} is a "
+                             f"{type(gm.peft_config[adapters[0]]).__name__}.")
+        return ia3.add_weighted_adapter(gm, adapters, weights, adapter_name)
     new_rank, paths, sites, inject, stored = _plan(gm, adapters, weights, combination_type, svd_rank, svd_driver)
 
     active = list(gm._fxpeft_active)
-    with _transaction(gm):
+    with transaction(gm):
         # The adapter is created first, as PEFT does: creating LoRA layers draws from the random
         # generator, so the dare masks drawn afterwards match PEFT's for the same seed.
         fxpeft.add_adapter(gm, inject, adapter_name)

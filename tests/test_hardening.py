@@ -12,7 +12,7 @@ from torch import nn
 import fxpeft
 import models
 from fxpeft import merging
-from fxpeft.merging import merged_adapters
+from fxpeft.state import merged_adapters
 from peft_oracle import copy_adapter_weights, lora_pair
 
 LORA = dict(r=2, lora_alpha=4, target_modules=["fc1", "fc2"], init_lora_weights=False)

@@ -1,0 +1,378 @@
+"""Method forms: the few shapes PEFT's site methods take, each a factory returning a :class:`Method`.
+
+A method file in ``passes/`` supplies its math; the form supplies the rest: which modules it
+attaches to (PEFT's targeting rules), the graph splicing, gates (active / merged as data the
+graph reads), dtype casts around half-precision and quantized bases, mixed-batch support and
+merging.
+
+- :func:`additive`: ``y + Σ g_a Δ_a(x)`` (LoRA, LoHa, LoKr, VeRA, AdaLoRA …); merging adds
+  ``ΔW_a`` to the weight and unmerging subtracts it.
+- :func:`scaling`: a learned vector multiplies the site's input or output (IA3); merging
+  multiplies the weight (and, for outputs, the bias) and refuses a near-zero scale, since
+  unmerging divides by it.
+- :func:`weight_map`: the site computes with ``map(W)`` instead of ``W`` (DoRA, OFT …);
+  merging folds the map into the weight, unmerging unfolds it.
+
+The sequence methods (prompt, prefix tuning) edit the token sequence, not sites: they are
+plain :class:`Method` values with node rules (passes/prompt.py, passes/prefix.py).
+
+Every site method keeps, beside each adapted module, a ``<gates>.<adapter>`` :class:`AdapterGate`
+(non-persistent: not in any checkpoint) whose ``value`` the graph reads: the adapter's scale
+while unmerged, 0 once merged. Whether an adapter is active is the module-wide gates buffer.
+Neither ever changes the graph, so a compiled module does not recompile.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .canonical import Site, site_weight, submodule
+from .registry import Method, registry_of, site_rule
+from .rewrite import Lowering, samples_of
+from .targets import is_targeted, unmatched_target_error
+
+aten = torch.ops.aten
+
+KIND_NAMES = {"linear": "linear (nn.Linear, Conv1D)", "conv": "convolution", "embedding": "embedding"}
+# module types a site of each kind may be (a targeted module of another type is an error, as in PEFT)
+KIND_TYPES = {"conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d), "embedding": (nn.Embedding,)}
+
+
+class AdapterGate(nn.Module):
+    """The scalar the graph multiplies one adapter's contribution at one site by: its scale while
+    unmerged, 0 once merged into the base weight. ``p`` is the adapter's dropout probability, as
+    data (0 without dropout). ``stash`` holds what unmerging needs that the weights no longer say
+    (weight maps)."""
+
+    def __init__(self, scale: float = 1.0, dropout: float = 0.0):
+        super().__init__()
+        self.scale = float(scale)
+        self.merged = False
+        self.stash = None
+        self.register_buffer("value", torch.tensor(self.scale), persistent=False)
+        self.dropout = float(dropout)
+        self.register_buffer("p", torch.tensor(self.dropout), persistent=False)
+
+    def refresh(self) -> None:
+        with torch.no_grad():
+            self.value.fill_(0.0 if self.merged else self.scale)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}, merged={self.merged}"
+
+
+def adapter_dtype(weight) -> torch.dtype:
+    """PEFT's autocast_adapter_dtype: half-precision bases get float32 adapters."""
+    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+
+
+def child_dict(module: nn.Module, name: str, kind=nn.ModuleDict):
+    """``module.<name>``, a ModuleDict / ParameterDict keyed by adapter, created on first use."""
+    if name not in module._modules:
+        module.add_module(name, kind())
+    return module._modules[name]
+
+
+# ----------------------------------------------------------------------------- targeting
+
+
+def resolve_targets(gm, sites: list[Site], config, default_targets: dict, heads: Callable = None):
+    """PEFT's defaults for ``target_modules``: a per-architecture table when None, and "all-linear"
+    (every linear site but the output head, ``heads(gm, config)``)."""
+    targets = config.target_modules
+    if targets is None:
+        model_type = getattr(getattr(gm._fxpeft_source, "config", None), "model_type", None)
+        if model_type not in default_targets:
+            raise ValueError(
+                f"target_modules is None and fxpeft has no default targets for model type {model_type!r}; "
+                f"set {type(config).__name__}(target_modules=[...]) (e.g. 'all-linear').")
+        targets = list(default_targets[model_type])
+    elif isinstance(targets, str) and targets.lower() == "all-linear":
+        skip = heads(gm, config) if heads is not None else set()
+        linear = tuple(registry_of(gm).linear_types)
+        targets = sorted({s.path for s in sites if s.kind == "linear"
+                          and isinstance(gm.get_submodule(s.path), linear) and s.path not in skip})
+    return dataclasses.replace(config, target_modules=targets)
+
+
+def _check_unadaptable(gm, config, adaptable: dict, method_name: str, kinds) -> None:
+    """Targeted modules that are no site of a supported kind raise, as PEFT does, instead of being
+    left silently unadapted (a LayerNorm a regex also matched, a ConvTranspose2d, a container)."""
+    registry = registry_of(gm)
+    allowed = tuple(registry.linear_types) if "linear" in kinds else ()
+    allowed += tuple(t for kind in kinds for t in KIND_TYPES.get(kind, ()))
+    attention = [name for name, m in gm.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    for name, module in gm.named_modules():
+        if (not name or name in adaptable or name.startswith("_fxpeft")  # fxpeft's own: mode switches, slots
+                or registry.is_adapter_state(name) or not is_targeted(config, name)):
+            continue
+        inside = next((a for a in attention if name == a or name.startswith(a + ".")), None)
+        if inside is not None:
+            raise NotImplementedError(
+                f"target_modules {config.target_modules!r} matched {name!r} ({type(module).__name__}) in the "
+                f"nn.MultiheadAttention {inside!r}: PEFT adapts nn.MultiheadAttention, fxpeft does not yet. "
+                "Leave it out of target_modules (or exclude_modules=[...] it).")
+        if not isinstance(module, allowed):
+            raise ValueError(
+                f"Target module {name!r} ({type(module).__name__}) is not supported: target_modules "
+                f"{config.target_modules!r} matched it, but {method_name} adapts only "
+                f"{', '.join(KIND_NAMES[k] for k in kinds)} layers (PEFT raises too). Narrow target_modules to the "
+                "layers inside it, or exclude_modules=[...] it.")
+
+
+def attach_sites(gm, sites: list[Site], config, adapter: str, *, create: Callable, kinds, method_name: str
+                 ) -> list[str]:
+    """Create the adapter at every targeted site, in module order as PEFT does (so the same seed
+    gives PEFT's initial weights): ``create(module, site, weight_spec, config, adapter)``."""
+    adaptable: dict[str, Site] = {}
+    for site in sites:
+        if submodule(gm, site.path) is not None:
+            adaptable.setdefault(site.path, site)
+    _check_unadaptable(gm, config, adaptable, method_name, kinds)
+    matched = [name for name, _ in gm.named_modules() if name in adaptable and is_targeted(config, name)]
+    if not matched:
+        raise unmatched_target_error(config, list(adaptable))
+    for path in matched:
+        site = adaptable[path]
+        if site.kind not in kinds:
+            raise ValueError(f"{method_name} does not support {KIND_NAMES[site.kind]} layers such as {path!r} "
+                             f"({type(gm.get_submodule(path)).__name__}); leave it out of target_modules.")
+        create(gm.get_submodule(path), site, site_weight(gm, site), config, adapter)
+    return matched
+
+
+def _gates_of(gates: str):
+    def adapters_at(module: nn.Module) -> list[str]:
+        holder = module._modules.get(gates)
+        return list(holder.keys()) if holder is not None else []
+
+    def gate(module: nn.Module, adapter: str) -> AdapterGate:
+        return module._modules[gates][adapter]
+
+    return adapters_at, gate
+
+
+def _site_method(*, name, config_type, create, kinds, containers, gates, default_targets, heads, adapters_at,
+                 rules, fold, **fields) -> Method:
+    attach = lambda gm, sites, config, adapter: attach_sites(  # noqa: E731
+        gm, sites, config, adapter, create=create, kinds=kinds, method_name=name)
+    resolve = fields.pop("resolve_config", None) or (  # a method with more to resolve than targets passes its own
+        lambda gm, sites, config: resolve_targets(gm, sites, config, default_targets or {}, heads))
+    default_adapters_at, gate = _gates_of(gates)
+    return Method(name=name, config_type=config_type, attach=attach, resolve_config=resolve,
+                  containers=tuple(dict.fromkeys((*containers, gates))), adapters_at=adapters_at or default_adapters_at,
+                  gate=gate, fold=fold, rules=rules, **fields)
+
+
+def _input_of(lw: Lowering, site: Site, module: nn.Module, adapter: str, dtype: torch.dtype,
+              dropouts: Optional[str]):
+    """The site's input in the adapter's dtype, through the adapter's dropout module if it has one
+    (``module.<dropouts>.<adapter>``)."""
+    x = lw.cast(site.input, dtype, site_weight(lw.root, site).dtype)
+    holder = module._modules.get(dropouts) if dropouts else None
+    if holder is not None and adapter in holder and not isinstance(holder[adapter], nn.Identity):
+        x = lw.call_module(f"{site.path}.{dropouts}.{adapter}", x)
+    return x
+
+
+# ----------------------------------------------------------------------------- additive
+
+
+def additive(*, name: str, config_type: type, create: Callable, delta: Callable, delta_weight: Callable,
+             containers: tuple[str, ...], gates: str, dtype_of: Callable, dropouts: Optional[str] = None,
+             kinds=("linear", "conv", "embedding"),
+             default_targets: Optional[dict] = None, heads: Optional[Callable] = None,
+             lower_site: Optional[Callable] = None, adapters_at: Optional[Callable] = None, phase: int = 50,
+             **fields) -> Method:
+    """A method adding ``g Δ(x)`` to a site's output.
+
+    ``create(module, site, weight_spec, config, adapter)`` makes the adapter's state beside the
+    module (an :class:`AdapterGate` under ``module.<gates>.<adapter>`` included);
+    ``delta(lw, site, module, adapter, x)`` inserts ``Δ(x)`` (before scaling: the gate's ``value``
+    holds the scale) for ``x`` already in the adapter's dtype, ``dtype_of(module, adapter)``, and
+    through its dropout module ``module.<dropouts>.<adapter>`` (embedding sites: the token ids);
+    ``delta_weight(gm, site, module, adapter)`` is the scaled ``ΔW`` in the layout of the site's
+    weight. ``lower_site(lw, site, module, adapters)`` may replace the default lowering (one gated
+    delta per adapter) with a faster one for some sites; it returns None to keep the default.
+    """
+    site_adapters = adapters_at or _gates_of(gates)[0]
+
+    def one_delta(lw: Lowering, site: Site, module: nn.Module, adapter: str):
+        base_dtype = site_weight(lw.root, site).dtype
+        dtype = dtype_of(module, adapter)
+        x = site.input if site.kind == "embedding" else _input_of(lw, site, module, adapter, dtype, dropouts)
+        value = delta(lw, site, module, adapter, x)
+        coefficient = lw.attr(f"{site.path}.{gates}.{adapter}.value")
+        if lw.mixed:  # only the samples that chose this adapter
+            value = lw.call(masked_samples, lw.call(aten.mul.Tensor, value, coefficient), lw.sample_index,
+                            lw.adapter_order.index(adapter))
+        else:  # scalar work first: one elementwise pass over the delta, as an ungated adapter costs
+            value = lw.call(aten.mul.Tensor, value, lw.call(aten.mul.Tensor, coefficient, lw.gate(adapter)))
+        return lw.cast(value, base_dtype, dtype)
+
+    def rewrite(lw: Lowering, site: Site):
+        module = lw.module(site.path)
+        present = site_adapters(module)
+        if lower_site is not None:
+            fast = lower_site(lw, site, module, present)
+            if fast is not None:
+                return fast
+        output = site.output
+        for adapter in present:
+            output = lw.call(aten.add.Tensor, output, one_delta(lw, site, module, adapter))
+        return output
+
+    def fold(gm, site, module, adapter, weight, bias, sign):
+        return weight + sign * delta_weight(gm, site, module, adapter).to(weight.dtype), bias
+
+    rule = site_rule(name, lambda site, module: bool(site_adapters(module)), rewrite, phase=phase)
+    return _site_method(name=name, config_type=config_type, create=create, kinds=kinds, containers=containers,
+                        gates=gates, default_targets=default_targets, heads=heads, adapters_at=adapters_at,
+                        rules=(rule,), fold=fold, **fields)
+
+
+def masked_samples(delta: torch.Tensor, index: torch.Tensor, slot: int) -> torch.Tensor:
+    """Mixed batches: an adapter's delta, kept only for the samples that asked for it."""
+    return delta * samples_of(index, slot, delta).to(delta.dtype)
+
+
+# ----------------------------------------------------------------------------- scaling
+
+
+def scaling(*, name: str, config_type: type, create: Callable, vector: Callable, scales_input: Callable,
+            containers: tuple[str, ...], gates: str, kinds=("linear", "conv"), default_targets: Optional[dict] = None,
+            heads: Optional[Callable] = None, min_scale: float = 1e-6, **fields) -> Method:
+    """A method multiplying a site's input or output by a learned vector, ``v`` per feature.
+
+    ``vector(module, adapter)`` is the adapter's parameter (any shape holding one value per input
+    or output feature); ``scales_input(module, adapter)`` says which side it scales. Several
+    active adapters multiply; an inactive or merged one scales by 1 (``1 + g (v - 1)``, ``g`` its
+    gate). Merging multiplies the weight's input or output axis (and an output-scaled site's
+    bias); a vector entry below ``min_scale`` in magnitude refuses to merge, since unmerging
+    divides by it.
+    """
+    adapters_at, _ = _gates_of(gates)
+
+    def per_feature(lw: Lowering, site: Site, module: nn.Module, adapters: list[str], dtype):
+        """The product of the adapters' gated vectors: (features,) in dense graphs, (batch, features)
+        in mixed ones."""
+        total = None
+        for adapter in adapters:
+            v = lw.call(aten.reshape.default, lw.attr(_param_path(site, module, adapter)), [-1])
+            v = lw.cast(v, dtype, vector(module, adapter).dtype)
+            g = lw.attr(f"{site.path}.{gates}.{adapter}.value")
+            if lw.mixed:
+                g = lw.call(aten.mul.Tensor, g, lw.call(sample_mask, lw.sample_index, lw.adapter_order.index(adapter)))
+                g = lw.call(aten.unsqueeze.default, g, 1)  # (batch, 1)
+            else:
+                g = lw.call(aten.mul.Tensor, g, lw.gate(adapter))
+            gated = lw.call(aten.add.Tensor, lw.call(aten.mul.Tensor, lw.call(aten.sub.Tensor, v, 1), g), 1)
+            total = gated if total is None else lw.call(aten.mul.Tensor, total, gated)
+        return total
+
+    def _param_path(site: Site, module: nn.Module, adapter: str) -> str:
+        param = vector(module, adapter)
+        return next(f"{site.path}.{n}" for n, p in module.named_parameters() if p is param)
+
+    def scale(lw: Lowering, value, factors, channels_dim: int):
+        """``value * factors`` with factors along ``channels_dim`` (last for linear, 1 for conv)."""
+        if lw.mixed:  # (batch, F) -> broadcast over the middle dims
+            return lw.call(aten.mul.Tensor, value, lw.call(broadcast_per_sample, factors, value, channels_dim))
+        if channels_dim != -1:
+            factors = lw.call(channel_view, factors, value, channels_dim)
+        return lw.call(aten.mul.Tensor, value, factors)
+
+    def rewrite_inputs(lw: Lowering, site: Site):
+        module = lw.module(site.path)
+        adapters = [a for a in adapters_at(module) if scales_input(module, a)]
+        dtype = site_weight(lw.root, site).dtype
+        channels = 1 if site.kind == "conv" else -1
+        scaled = scale(lw, site.input, per_feature(lw, site, module, adapters, dtype), channels)
+        return lw.replace_op(site, input=scaled)
+
+    def rewrite_outputs(lw: Lowering, site: Site):
+        module = lw.module(site.path)
+        adapters = [a for a in adapters_at(module) if not scales_input(module, a)]
+        dtype = site_weight(lw.root, site).dtype
+        channels = 1 if site.kind == "conv" else -1
+        return scale(lw, site.output, per_feature(lw, site, module, adapters, dtype), channels)
+
+    def fold(gm, site, module, adapter, weight, bias, sign):
+        v = vector(module, adapter).detach().reshape(-1).to(weight.dtype)
+        if sign > 0 and bool((v.abs() < min_scale).any()):
+            raise ValueError(f"Cannot merge {name} adapter {adapter!r} into {site.path}: its scaling vector has entries "
+                             f"below {min_scale} in magnitude, and unmerging divides by them. Keep it unmerged.")
+        factor = v if sign > 0 else 1.0 / v
+        inputs = scales_input(module, adapter)
+        axis = _weight_axis(site, inputs)
+        shape = [1] * weight.dim()
+        shape[axis] = -1
+        weight = weight * factor.view(shape)
+        if not inputs and bias is not None:
+            bias = bias * factor.to(bias.dtype)
+        return weight, bias
+
+    rules = (site_rule(f"{name}_input", lambda s, m: any(scales_input(m, a) for a in adapters_at(m)),
+                       rewrite_inputs, phase=30),
+             site_rule(f"{name}_output", lambda s, m: any(not scales_input(m, a) for a in adapters_at(m)),
+                       rewrite_outputs, phase=60))
+    return _site_method(name=name, config_type=config_type, create=create, kinds=kinds, containers=containers,
+                        gates=gates, default_targets=default_targets, heads=heads, adapters_at=None,
+                        rules=rules, fold=fold, **fields)
+
+
+def _weight_axis(site: Site, inputs: bool) -> int:
+    """The axis of the site's stored weight holding its input (or output) features."""
+    if site.kind == "linear" and site.fan_in_fan_out:  # Conv1D stores (in, out)
+        return 0 if inputs else 1
+    return 1 if inputs else 0
+
+
+def sample_mask(index: torch.Tensor, slot: int) -> torch.Tensor:
+    return (index == slot).to(torch.get_default_dtype())
+
+
+def channel_view(factors: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
+    """``factors`` (C,) shaped to multiply ``like`` along ``dim``."""
+    shape = [1] * like.dim()
+    shape[dim] = -1
+    return factors.reshape(shape)
+
+
+def broadcast_per_sample(factors: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
+    """Per-sample ``factors`` (B, C) shaped to multiply ``like`` (B, …) along ``dim``: rows may be the
+    batch flattened with a later dimension, batch first (as :func:`samples_of`)."""
+    if like.shape[0] != factors.shape[0]:
+        factors = factors.repeat_interleave(like.shape[0] // factors.shape[0], dim=0)
+    shape = [1] * like.dim()
+    shape[0] = factors.shape[0]
+    shape[dim] = factors.shape[1]
+    return factors.reshape(shape).to(like.dtype)
+
+
+# ----------------------------------------------------------------------------- weight map
+
+
+def weight_map(*, name: str, config_type: type, create: Callable, lower_site: Callable, fold: Callable,
+               containers: tuple[str, ...], gates: str, kinds=("linear",), default_targets: Optional[dict] = None,
+               heads: Optional[Callable] = None, adapters_at: Optional[Callable] = None, phase: int = 40,
+               **fields) -> Method:
+    """A method whose site computes with a function of its weight.
+
+    ``lower_site(lw, site, module, adapters)`` inserts the site's new output (it may call
+    ``lw.replace_op(site, weight=...)`` to run the op on the mapped weight, or compute the same
+    thing cheaper); ``fold(gm, site, module, adapter, weight, bias, sign)`` folds the map into the
+    float weight (sign 1) or unfolds it (-1), keeping on the gate's ``stash`` what unfolding needs.
+    """
+    site_adapters = adapters_at or _gates_of(gates)[0]
+
+    def rewrite(lw: Lowering, site: Site):
+        return lower_site(lw, site, lw.module(site.path), site_adapters(lw.module(site.path)))
+
+    rule = site_rule(name, lambda site, module: bool(site_adapters(module)), rewrite, phase=phase)
+    return _site_method(name=name, config_type=config_type, create=create, kinds=kinds, containers=containers,
+                        gates=gates, default_targets=default_targets, heads=heads, adapters_at=adapters_at,
+                        rules=(rule,), fold=fold, **fields)

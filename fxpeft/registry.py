@@ -1,0 +1,192 @@
+"""The registry: everything fxpeft knows how to do, as one value the core is given.
+
+A :class:`Registry` holds
+
+- ``methods``: what attaches, folds and saves adapter state for a config (a :class:`Method`,
+  usually built by one of the forms in fxpeft/forms.py);
+- ``rules``: graph rewrites (:class:`Rule`), run by phase on every lowering;
+- ``tree_passes``: edits of fxpeft's copy of the module tree before capture (quantization);
+- ``site_ops``: op -> function describing the site it computes (linear, conv, embedding, a
+  quantized linear …), used by capture and by :func:`fxpeft.canonical.find_sites`;
+- ``mode_keywords``: ops whose behaviour follows ``.train()/.eval()``, by the keyword that says so;
+- ``linear_types``: module types that count as linear layers ("all-linear");
+- ``attach_hooks``: what any config may ask for besides its method's adapter (modules_to_save),
+  run after every attach, with the child-module names they keep state in (``hook_containers``).
+
+fxpeft's passes register into :data:`DEFAULT`. To add a method without changing fxpeft's own
+registry, extend a copy and pass it to ``fxpeft.transform(model, config, registry=mine)``::
+
+    mine = fxpeft.registry.DEFAULT.copy()
+    mine.add_method(fxpeft.forms.additive(name="toy", config_type=ToyConfig, ...))
+
+A transformed module keeps the registry it was made with; every later edit reads that one.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
+
+from torch import nn
+
+from .canonical import BASE_LINEAR_TYPES, BASE_SITE_OPS, Site
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``match(lowering)`` yields candidates; ``rewrite(lowering, candidate)`` edits the graph.
+
+    For site rules (made with :func:`site_rule`) the driver inserts at the site's current output
+    and re-points the output's original users at what ``rewrite`` returns.
+    """
+
+    name: str
+    match: Callable[[Any], Iterable[Any]]
+    rewrite: Callable[[Any, Any], Any]
+    phase: int = 50
+    on_sites: bool = False
+
+
+def site_rule(name: str, constraint: Callable[[Site, nn.Module], bool], rewrite, phase: int = 50) -> Rule:
+    """A rule on the sites whose module satisfies ``constraint(site, module)``."""
+
+    def match(lowering):
+        for site in lowering.sites:
+            module = lowering.module(site.path)
+            if module is not None and constraint(site, module):
+                yield site
+
+    return Rule(name=name, match=match, rewrite=rewrite, phase=phase, on_sites=True)
+
+
+@dataclass(frozen=True)
+class Method:
+    """How one kind of adapter attaches to, changes, folds into and is saved from a transformed module.
+
+    The forms (fxpeft/forms.py) fill most fields from a method's math; a method that fits no form
+    fills them itself. Only ``name`` and ``config_type`` are required: a method with no ``attach``
+    is a base change done by a tree pass (quantization).
+    """
+
+    name: str  # shown in inspection and errors; unique in a registry
+    config_type: type
+    # Several methods may serve one config type; a config goes to the last registered whose
+    # ``applies(config)`` holds (DoRA: a LoraConfig with use_dora).
+    applies: Optional[Callable[[Any], bool]] = None
+    attach: Optional[Callable[..., list[str]]] = None  # (gm, sites, config, adapter) -> adapted module paths
+    resolve_config: Optional[Callable] = None  # (gm, sites, config) -> the config as stored and saved
+    # child-module names holding per-adapter state beside an adapted module (``lora_A`` …):
+    # checkpoints drop the adapter name after them, deletion removes the adapter's entry
+    containers: tuple[str, ...] = ()
+    adapters_at: Optional[Callable[[nn.Module], list[str]]] = None  # the adapters this method put on a module
+    gate: Optional[Callable] = None  # (module, adapter) -> its AdapterGate (``merged``, ``refresh()``)
+    # (gm, site, module, adapter, weight, bias, sign) -> (weight, bias): fold the adapter into the
+    # site's float weight and bias (sign 1) or take it out again (-1). None: it cannot be merged.
+    fold: Optional[Callable] = None
+    rules: tuple[Rule, ...] = ()
+    describe: Optional[Callable[[nn.Module, str], str]] = None  # (module, adapter) -> "r=8" for inspection
+    # What sequence methods (prompt, prefix tuning) need, each its own switch:
+    exclusive: bool = False  # its adapter must be the model's only one
+    activity_in_graph: bool = False  # whether it acts changes the graph (set_adapter re-lowers)
+    mixed_batches: bool = True  # adapter_names= may pick it per sample
+    whole_graph: bool = False  # its rules see the whole model as one graph (no per-block graphs)
+    # computed tensors its checkpoint holds (``saved_tensors(gm, adapter) -> {key: tensor}``, read
+    # back by ``load_saved(gm, adapter, {key: tensor})``) instead of its containers' own, under this prefix
+    saved_tensors: Optional[Callable] = None
+    load_saved: Optional[Callable] = None
+    checkpoint_prefix: str = "base_model.model."
+    # (suffix in fxpeft's key, suffix in PEFT's file) where PEFT saves a tensor under another name
+    checkpoint_renames: tuple[tuple[str, str], ...] = ()
+    # ``dropped_inputs(config) -> frozenset`` of input names the model is called without while it acts
+    dropped_inputs: Optional[Callable] = None
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.attach is not None
+
+
+class Registry:
+    """Methods, rules, tree passes and site tables: see the module docstring."""
+
+    def __init__(self):
+        self.methods: list[Method] = []
+        self.rules: list[Rule] = []
+        self.tree_passes: list[Callable] = []
+        self.site_ops: dict[Any, Callable] = dict(BASE_SITE_OPS)
+        self.mode_keywords: dict[Any, str] = {}
+        self.linear_types: list[type] = list(BASE_LINEAR_TYPES)
+        self.attach_hooks: list[Callable] = []
+        self.hook_containers: list[str] = []
+
+    def copy(self) -> "Registry":
+        """A registry with the same entries, extended independently."""
+        twin = copy.copy(self)
+        for name in ("methods", "rules", "tree_passes", "site_ops", "mode_keywords", "linear_types", "attach_hooks",
+                     "hook_containers"):
+            setattr(twin, name, copy.copy(getattr(self, name)))
+        return twin
+
+    def add_method(self, method: Method) -> Method:
+        """Register ``method`` and its rules. A name already registered is an error: register a
+        method once (or into a copy of the registry, to replace one there)."""
+        if any(m.name == method.name for m in self.methods):
+            raise ValueError(f"A method named {method.name!r} is already registered; each method is registered once "
+                             "(to change one, register into DEFAULT.copy() under another name).")
+        if any(m.config_type is method.config_type and m.applies is method.applies for m in self.methods):
+            raise ValueError(f"{method.config_type.__name__} already has a method ({method.name!r} would shadow it): "
+                             "give the new method its own config type, or an applies= test that tells them apart.")
+        self.methods.append(method)
+        for rule in method.rules:
+            self.add_rule(rule)
+        return method
+
+    def add_rule(self, rule: Rule) -> Rule:
+        self.rules.append(rule)
+        self.rules.sort(key=lambda r: r.phase)  # stable: rules of one phase run in registration order
+        return rule
+
+    def add_attach_hook(self, hook: Callable, container: str) -> None:
+        """``hook(gm, config, adapter)`` runs after every method's attach; it keeps per-adapter
+        state in ``module.<container>.<adapter>``."""
+        self.attach_hooks.append(hook)
+        self.hook_containers.append(container)
+
+    def add_site_op(self, op, describe: Callable, mode_keyword: Optional[str] = None) -> None:
+        """Let ``op`` be a site: ``describe(node, root)`` returns the site's fields (see canonical.py)."""
+        self.site_ops[op] = describe
+        if mode_keyword is not None:
+            self.mode_keywords[op] = mode_keyword
+
+    def method_for(self, config) -> Method:
+        for config_type in type(config).__mro__:
+            for method in reversed(self.methods):
+                if method.config_type is config_type and (method.applies is None or method.applies(config)):
+                    return method
+        known = ", ".join(sorted({m.config_type.__name__ for m in self.methods}))
+        raise TypeError(f"No fxpeft method handles {type(config).__name__}; supported configs: {known}. "
+                        "A custom method is registered with fxpeft.register_method (see fxpeft/registry.py).")
+
+    def config_types(self) -> dict[str, type]:
+        """peft_type -> config class, for every adapter method (what checkpoints may name)."""
+        return {m.config_type.peft_type: m.config_type for m in self.methods if m.is_adapter}
+
+    def containers(self) -> set[str]:
+        return {*self.hook_containers, *(c for m in self.methods for c in m.containers)}
+
+    def is_adapter_state(self, path: str) -> bool:
+        """Whether a module path lies inside some adapter's state (``...q_proj.lora_A.default``)."""
+        containers = self.containers()
+        return any(part in containers for part in path.split("."))
+
+
+DEFAULT = Registry()
+
+
+def register_method(method: Method, registry: Optional[Registry] = None) -> Method:
+    """Register a method (and its rules) in ``registry`` (default: fxpeft's own)."""
+    return (registry or DEFAULT).add_method(method)
+
+
+def registry_of(module) -> Registry:
+    """The registry a transformed module was made with (fxpeft's own for anything else)."""
+    return getattr(module, "_fxpeft_registry", None) or DEFAULT

@@ -1,0 +1,241 @@
+"""Conformance: every site method (a :func:`fxpeft.forms` method) passes the same checks, against
+the real PEFT package as the oracle, on every site kind PEFT supports it on.
+
+A method is one ``METHODS`` row (its fxpeft and PEFT configs, the options that give a random or
+an identity start, the site kinds it supports); a site kind is one ``SITES`` row (a tiny model
+whose targets are sites of that kind). A new method adds a row.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from typing import Callable
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+import fxpeft
+import models
+
+
+class Conv1dNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv1d(4, 8, 3, padding=1)
+        self.conv2 = nn.Conv1d(8, 6, 3, padding=1)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv2(torch.relu(self.conv1(x)))).mean(-1))
+
+
+@dataclasses.dataclass
+class SiteModel:
+    build: Callable
+    inputs: Callable  # a tuple of positional inputs, or a dict of keyword inputs
+    targets: list
+    feedforward: list  # for methods that tell feed-forward sites apart (IA3)
+
+
+SITES = {
+    "linear": SiteModel(models.MLP, lambda: (torch.randn(4, 12),), ["fc1", "fc2"], ["fc2"]),
+    "conv1d_gpt2": SiteModel(models.gpt2, lambda: models.hf_inputs("gpt2"), ["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+    "conv1d": SiteModel(Conv1dNet, lambda: (torch.randn(3, 4, 10),), ["conv1", "conv2"], ["conv2"]),
+    "conv2d": SiteModel(models.ConvNet, lambda: (torch.randn(3, 3, 8, 8),), ["conv1", "conv2"], ["conv2"]),
+    "embedding": SiteModel(models.TinyDecoder, lambda: (torch.randint(0, models.VOCAB, (3, 9)),),
+                           ["embed", "up"], ["up"]),
+}
+
+
+@dataclasses.dataclass
+class MethodSpec:
+    fx: type
+    peft: type
+    options: Callable  # (site model) -> config kwargs shared by both packages
+    random: dict  # what makes the initial adapter change the outputs
+    sites: tuple  # SITES rows PEFT supports the method on
+
+
+METHODS = {
+    "lora": MethodSpec(fxpeft.LoraConfig, peft.LoraConfig, lambda s: dict(r=4, lora_alpha=8, target_modules=s.targets),
+                       dict(init_lora_weights=False), tuple(SITES)),
+    "dora": MethodSpec(fxpeft.LoraConfig, peft.LoraConfig,
+                       lambda s: dict(r=4, lora_alpha=8, target_modules=s.targets, use_dora=True),
+                       dict(init_lora_weights=False), tuple(SITES)),
+    "ia3": MethodSpec(fxpeft.IA3Config, peft.IA3Config,
+                      lambda s: dict(target_modules=s.targets, feedforward_modules=s.feedforward),
+                      dict(init_ia3_weights=False), ("linear", "conv1d_gpt2", "conv2d")),
+}
+CASES = [(m, s) for m, spec in METHODS.items() for s in spec.sites]
+
+
+def run(module, inputs):
+    out = module(**inputs) if isinstance(inputs, dict) else module(*inputs)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def configs(method: str, site: str, **extra):
+    spec = METHODS[method]
+    kwargs = {**spec.options(SITES[site]), **extra}
+    return spec.fx(**kwargs), spec.peft(**kwargs)
+
+
+def trainable_state(module, prefix: str = "") -> dict:
+    return {name.removeprefix(prefix): p for name, p in module.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("method, site", CASES)
+def test_method_equals_peft(method, site, tmp_path):
+    """Identity start; PEFT's outputs, trainable counts and saved tensors; checkpoints both ways;
+    save/load and merge/unmerge round trips; merge_and_unload into the original class."""
+    spec, row = METHODS[method], SITES[site]
+    model = row.build().eval()
+    inputs = row.inputs()
+    with torch.no_grad():
+        base = run(model, inputs)
+
+    identity = fxpeft.transform(model, configs(method, site)[0]).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(run(identity, inputs), base, rtol=0, atol=1e-6)
+
+    fx_config, peft_config = configs(method, site, **spec.random)
+    reference = peft.get_peft_model(copy.deepcopy(model), peft_config).eval()
+    gm = fxpeft.transform(model, fx_config).eval()
+    ours, theirs = trainable_state(gm), trainable_state(reference, "base_model.model.")
+    assert set(ours) == set(theirs)
+    with torch.no_grad():
+        for name, param in ours.items():
+            param.copy_(theirs[name])
+        expected = run(reference, inputs)
+        assert (expected - base).abs().max() > 1e-4  # the adapter acts: the comparisons below can fail
+        torch.testing.assert_close(run(gm, inputs), expected, rtol=1e-5, atol=1e-5)
+    assert fxpeft.trainable_parameters(gm) == reference.get_nb_trainable_parameters()
+
+    # checkpoints: the same files, and each package loads the other's
+    reference.save_pretrained(tmp_path / "peft")
+    fxpeft.save_pretrained(gm, str(tmp_path / "fx"))
+    from peft_oracle import assert_same_saved_tensors
+    assert_same_saved_tensors(tmp_path / "peft", tmp_path / "fx")
+    loaded = fxpeft.from_pretrained(copy.deepcopy(model), str(tmp_path / "peft")).eval()
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "fx")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(run(loaded, inputs), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(run(back, inputs), expected, rtol=1e-5, atol=1e-5)
+
+    # merging: outputs kept, unmerging restores the weights, merge_and_unload is the original class's state
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        gm.merge_adapter()
+        torch.testing.assert_close(run(gm, inputs), expected, rtol=1e-5, atol=1e-5)
+        gm.unmerge_adapter()
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(value, weights[key], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(run(gm, inputs), expected, rtol=1e-5, atol=1e-5)
+        merged = gm.merge_and_unload()
+        fresh = row.build().eval()
+        fresh.load_state_dict(merged.state_dict(), strict=True)
+        torch.testing.assert_close(run(fresh, inputs), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method, site", CASES)
+def test_mixed_batch_and_training(method, site):
+    """A mixed batch equals per-sample calls; training lowers the loss and leaves the base bit-identical."""
+    spec, row = METHODS[method], SITES[site]
+    model = row.build().eval()
+    inputs = row.inputs()
+    gm = fxpeft.transform(model, configs(method, site, **spec.random)[0]).eval()
+    gm.add_adapter("other", configs(method, site, **spec.random)[0])
+    batch = next(iter(inputs.values())) if isinstance(inputs, dict) else inputs[0]
+    names = (["default", "other", "__base__"] * batch.shape[0])[: batch.shape[0]]
+
+    def sample(i):
+        return {k: v[i:i + 1] for k, v in inputs.items()} if isinstance(inputs, dict) else (inputs[0][i:i + 1],)
+
+    with torch.no_grad():
+        mixed = gm(**inputs, adapter_names=names) if isinstance(inputs, dict) else gm(*inputs, adapter_names=names)
+        mixed = mixed.logits if hasattr(mixed, "logits") else mixed
+        for i, name in enumerate(names):
+            if name == "__base__":
+                with fxpeft.disable_adapters(gm):
+                    single = run(gm, sample(i))
+            else:
+                gm.set_adapter(name)
+                single = run(gm, sample(i))
+            torch.testing.assert_close(mixed[i:i + 1], single, rtol=1e-5, atol=1e-5)
+
+    gm.set_adapter("default")
+    gm.train()
+    frozen = {k: v.detach().clone() for k, v in gm.named_parameters() if not v.requires_grad}
+    optimizer = torch.optim.Adam([p for p in gm.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(6):
+        loss = run(gm, inputs).float().pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for name, value in gm.named_parameters():
+        if name in frozen:
+            assert torch.equal(value, frozen[name]), name
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_switching_adapters_never_recompiles(method):
+    torch._dynamo.reset()
+    spec, row = METHODS[method], SITES["linear"]
+    gm = fxpeft.transform(row.build().eval(), configs(method, "linear", **spec.random)[0]).eval()
+    gm.add_adapter("other", configs(method, "linear", **spec.random)[0])
+    x = row.inputs()[0]
+    expected = {}
+    with torch.no_grad():
+        for name in ("default", "other"):
+            gm.set_adapter(name)
+            expected[name] = gm(x)
+        compiled = torch.compile(gm, fullgraph=True, backend=models.COMPILE_BACKEND)
+        compiled(x)
+        compiled(x, adapter_names=fxpeft.adapter_indices(gm, ["other", "default", "__base__", "other"]))
+        try:
+            torch._dynamo.config.error_on_recompile = True
+            for name in ("default", "other"):
+                gm.set_adapter(name)
+                torch.testing.assert_close(compiled(x), expected[name], rtol=1e-5, atol=1e-5)
+            with fxpeft.disable_adapters(gm):
+                compiled(x)
+            got = compiled(x, adapter_names=fxpeft.adapter_indices(gm, ["default", "other", "other", "default"]))
+            torch.testing.assert_close(got[1], expected["other"][1], rtol=1e-5, atol=1e-5)
+        finally:
+            torch._dynamo.config.error_on_recompile = False
+            torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_method_on_a_4bit_base_equals_peft(method, tmp_path):
+    from test_quantize import CONFIGS, _quantized_by_transformers
+
+    spec = METHODS[method]
+    model = models.llama()
+    targets = dict(target_modules=["q_proj", "v_proj", "down_proj"], **(
+        dict(feedforward_modules=["down_proj"]) if method == "ia3" else {}))
+    kwargs = {**targets, **spec.random, **(dict(r=4, lora_alpha=8) if method in ("lora", "dora") else {}),
+              **(dict(use_dora=True) if method == "dora" else {})}
+    quantized = _quantized_by_transformers(model, tmp_path, CONFIGS["nf4"])
+    reference = peft.get_peft_model(peft.prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=False),
+                                    spec.peft(**kwargs))
+    gm = fxpeft.transform(model, [fxpeft.BnbConfig(**CONFIGS["nf4"]), spec.fx(**kwargs)])
+    ours, theirs = trainable_state(gm), trainable_state(reference, "base_model.model.")
+    assert set(ours) == set(theirs)
+    with torch.no_grad():
+        for name, param in ours.items():
+            param.copy_(theirs[name])
+    inputs = models.hf_inputs("llama")
+    gm.train()
+    reference.train()  # bitsandbytes' CPU eval path repacks 4-bit weights; both modes compute the same
+    expected = reference(**inputs, labels=inputs["input_ids"])
+    got = gm(**inputs, labels=inputs["input_ids"])
+    torch.testing.assert_close(got.logits, expected.logits, atol=1e-4, rtol=0)
+    got.loss.backward()
+    assert {n for n, p in gm.named_parameters() if p.grad is not None} == set(ours)
