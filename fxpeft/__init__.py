@@ -23,11 +23,13 @@ from .registry import Method, Registry, register_method
 
 from . import passes as _passes  # noqa: E402,F401  (the top-level passes/ folder; registers every pass)
 from .passes.ia3 import IA3Config  # noqa: E402
+from .passes.loraplus import create_loraplus_optimizer  # noqa: E402
 from .passes.weighted import add_weighted_adapter  # noqa: E402
 
 __all__ = [
     "transform", "add_adapter", "load_adapter", "from_pretrained", "save_pretrained", "delete_adapter",
     "set_adapter", "active_adapters", "disable_adapters", "adapter_indices", "add_weighted_adapter",
+    "create_loraplus_optimizer",
     "compile_blocks", "merge_adapter", "unmerge_adapter", "merge_and_unload", "unload", "export_merged", "inspect", "Report",
     "trainable_parameters", "print_trainable_parameters",
     "shard", "full_adapter_state_dict",
