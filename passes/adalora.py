@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import torch
 from torch import Tensor
@@ -186,3 +186,210 @@ def create_adalora_parameters(r: int, in_features: int, out_features: int, init:
     cast = dict(device=device, dtype=dtype) if dtype is not None and dtype.is_floating_point else dict(device=device)
     return (torch.nn.Parameter(A.to(**cast)), torch.nn.Parameter(E.to(**cast)), torch.nn.Parameter(B.to(**cast)),
             torch.nn.Parameter(ranknum.to(**cast), requires_grad=False))
+
+
+# --------------------------------------------------------------------------- orthogonal regulariser
+
+
+def orth_regularization(pairs: Iterable[tuple[Tensor, Tensor]], orth_reg_weight: float = 1.0) -> Tensor:
+    """What PEFT's ``AdaLoraModel.forward`` adds to ``outputs.loss``:
+    ``orth_reg_weight * mean over matrices of ||P - I||_F`` (Frobenius norm, not squared), with
+    ``P = A @ A.T`` for each A and ``P = B.T @ B`` for each B; A and B count as two matrices.
+    Pairs in PEFT's parameter order (module order, A before B) give its sum bit for bit."""
+    if orth_reg_weight < 0:
+        raise ValueError("orth_reg_weight should be greater than or equal to 0. ")
+    regu_loss, num_param = 0, 0
+    for A, B in pairs:
+        for cov in (A @ A.T, B.T @ B):
+            eye = torch.eye(*cov.size(), out=torch.empty_like(cov))
+            regu_loss = regu_loss + torch.norm(cov - eye, p="fro")
+            num_param += 1
+    if num_param == 0:
+        return torch.tensor(0.0)
+    return orth_reg_weight * (regu_loss / num_param)
+
+
+# --------------------------------------------------------------------------- rank allocator
+
+
+class RankAllocator:
+    """PEFT's ``RankAllocator`` over an explicit ``{module_path: (A, E, B)}`` mapping.
+
+    Importance of a parameter entry is ``|p * grad|`` smoothed by an EMA (``beta1``) times an EMA of
+    its deviation from that (``beta2``); a triplet's score is its E entry plus the mean over A's row
+    plus the mean over B's column. ``sites`` fixes the initial budget (sum of the sites' ranks);
+    pass it here or on the first call. State is keyed by PEFT's parameter names
+    (``<path>.lora_A.<adapter>``...), so it can be compared with PEFT's allocator entry by entry.
+    """
+
+    def __init__(self, config: AdaLoraConfig, adapter_name: str = "default", sites: Optional[Sites] = None):
+        self.peft_config = config
+        self.adapter_name = adapter_name
+        self.beta1 = config.beta1
+        self.beta2 = config.beta2
+        if not (0 < self.beta1 < 1 and 0 < self.beta2 < 1):  # PEFT: assert
+            raise ValueError(f"AdaLoRA needs 0 < beta1, beta2 < 1, got beta1={self.beta1}, beta2={self.beta2}.")
+        self.init_bgt: Optional[int] = None
+        self.target_bgt: Optional[int] = None
+        self.reset_ipt()
+        if sites is not None:
+            self.set_budget(sites)
+
+    # ---- PEFT's naming
+    def name(self, path: str, kind: str) -> str:
+        """PEFT's parameter name (relative to the adapted model) of ``kind`` in {"lora_A", "lora_E", "lora_B"}."""
+        return f"{path}.{kind}.{self.adapter_name}"
+
+    def _named(self, sites: Sites) -> Iterable[tuple[str, str, Tensor]]:
+        for path, (A, E, B) in sites.items():
+            for kind, p in (("lora_A", A), ("lora_B", B), ("lora_E", E)):
+                yield path, kind, p
+
+    # ---- schedule
+    def set_total_step(self, total_step: int) -> None:
+        self.peft_config.total_step = total_step
+
+    def reset_ipt(self) -> None:
+        self.ipt: dict[str, Tensor] = {}
+        self.exp_avg_ipt: dict[str, Tensor] = {}
+        self.exp_avg_unc: dict[str, Tensor] = {}
+
+    def set_budget(self, sites: Sites) -> None:
+        """PEFT's ``_set_budget_scheduler``: the budget starts at the sites' total rank and ends at
+        ``target_r`` per site."""
+        self.init_bgt = sum(A.size(0) for A, _, _ in sites.values())
+        self.target_bgt = self.peft_config.target_r * len(sites)
+
+    def _ensure_budget(self, sites: Optional[Sites]) -> None:
+        if self.init_bgt is None:
+            if sites is None:
+                raise RuntimeError("RankAllocator has no budget yet: pass the sites to the constructor or set_budget.")
+            self.set_budget(sites)
+
+    def budget_schedule(self, step: int) -> tuple[int, bool]:
+        """``(budget, mask_now)`` at ``step``: full budget up to ``tinit``, cubic decay to the target
+        until ``total_step - tfinal`` (masking every ``deltaT`` steps), then the target, masking."""
+        self._ensure_budget(None)
+        tinit, tfinal, total_step = self.peft_config.tinit, self.peft_config.tfinal, self.peft_config.total_step
+        if step <= tinit:
+            return self.init_bgt, False
+        if step > total_step - tfinal:
+            return self.target_bgt, True
+        mul_coeff = 1 - (step - tinit) / (total_step - tfinal - tinit)
+        budget = int((self.init_bgt - self.target_bgt) * (mul_coeff**3) + self.target_bgt)
+        return budget, step % self.peft_config.deltaT == 0
+
+    # ---- importance
+    def update_ipt(self, sites: Sites) -> None:
+        """Fold this step's ``|p * grad|`` of every A, E, B into the two EMAs."""
+        for path, kind, p in self._named(sites):
+            n = self.name(path, kind)
+            if p.grad is None:
+                raise RuntimeError(f"AdaLoRA rank allocation: {n} has no gradient; call it after backward() "
+                                   "and before zero_grad(), with every adapted site in the loss.")
+            if n not in self.ipt:
+                self.ipt[n] = torch.zeros_like(p)
+                self.exp_avg_ipt[n] = torch.zeros_like(p)
+                self.exp_avg_unc[n] = torch.zeros_like(p)
+            with torch.no_grad():
+                self.ipt[n] = (p * p.grad).abs().detach()
+                self.exp_avg_ipt[n] = self.beta1 * self.exp_avg_ipt[n] + (1 - self.beta1) * self.ipt[n]
+                self.exp_avg_unc[n] = (
+                    self.beta2 * self.exp_avg_unc[n] + (1 - self.beta2) * (self.ipt[n] - self.exp_avg_ipt[n]).abs())
+
+    def _element_score(self, n: str) -> Tensor:
+        return self.exp_avg_ipt[n] * self.exp_avg_unc[n]
+
+    def calculate_score(self, sites: Sites) -> dict[str, Tensor]:
+        """Each site's triplet scores, (r, 1), keyed by PEFT's E name."""
+        triplet_ipt = {}
+        for path in sites:
+            ipt_a = torch.mean(self._element_score(self.name(path, "lora_A")), dim=1, keepdim=True)
+            ipt_b = torch.mean(self._element_score(self.name(path, "lora_B")), dim=0, keepdim=False).view(-1, 1)
+            ipt_e = self._element_score(self.name(path, "lora_E"))
+            ipt_ab = torch.cat([ipt_a, ipt_b], dim=1).sum(dim=1, keepdim=False)
+            triplet_ipt[self.name(path, "lora_E")] = (ipt_e.view(-1) + ipt_ab.view(-1)).view(-1, 1)
+        return triplet_ipt
+
+    def mask_to_budget(self, sites: Sites, budget: int) -> dict[str, list[bool]]:
+        """Zero (in place) the E entries of every triplet scoring at or below the
+        ``(init_bgt - budget)``-th smallest score; return which entries survive, per site."""
+        self._ensure_budget(sites)
+        triplet_ipt = self.calculate_score(sites)
+        mask_threshold = torch.kthvalue(torch.cat([s.view(-1) for s in triplet_ipt.values()]),
+                                        k=self.init_bgt - budget)[0].item()
+        rank_pattern = {}
+        with torch.no_grad():
+            for path, (_, E, _) in sites.items():
+                n = self.name(path, "lora_E")
+                E.masked_fill_(triplet_ipt[n] <= mask_threshold, 0.0)
+                rank_pattern[n] = (~(triplet_ipt[n] <= mask_threshold)).view(-1).tolist()
+        return rank_pattern
+
+    def update_and_allocate(self, sites: Sites, global_step: int,
+                            force_mask: bool = False) -> tuple[int, Optional[dict[str, list[bool]]]]:
+        """PEFT's ``RankAllocator.update_and_allocate``: ``(budget, rank_pattern or None)``."""
+        self._ensure_budget(sites)
+        if global_step < self.peft_config.total_step - self.peft_config.tfinal:
+            self.update_ipt(sites)
+        budget, mask_ind = self.budget_schedule(global_step)
+        rank_pattern = self.mask_to_budget(sites, budget) if (mask_ind or force_mask) else None
+        return budget, rank_pattern
+
+    def mask_using_rank_pattern(self, sites: Sites, rank_pattern: Mapping[str, Any]) -> None:
+        """Zero the E entries ``rank_pattern`` drops. Keys with or without the adapter name
+        (``<path>.lora_E.<adapter>`` live, ``<path>.lora_E`` once saved), as PEFT accepts (PEFT
+        decides by looking for the adapter name in the first key; this looks up each site's key)."""
+        with torch.no_grad():
+            for path, (_, E, _) in sites.items():
+                key = rank_pattern_key(rank_pattern, path, self.adapter_name)
+                if key is None:
+                    raise KeyError(f"AdaLoRA rank_pattern has no entry for the adapted site {path!r} "
+                                   f"({self.name(path, 'lora_E')!r} or {path + '.lora_E'!r}).")
+                keep = torch.Tensor(rank_pattern[key]).unsqueeze(-1).to(E.device)
+                E.masked_fill_(~keep.bool(), 0.0)
+
+    def step(self, sites: Sites, global_step: int) -> Optional[dict[str, list[bool]]]:
+        """PEFT's ``AdaLoraModel.update_and_allocate``: call after ``optimizer.step()`` and before
+        ``zero_grad()`` every training step. Updates ``config.rank_pattern`` when it masks (the
+        final allocation at ``total_step - tfinal`` also resets the importance state); afterwards
+        re-applies the final pattern. Returns the new rank pattern, or None."""
+        config = self.peft_config
+        final = config.total_step - config.tfinal
+        if global_step < final:
+            _, rank_pattern = self.update_and_allocate(sites, global_step)
+            if rank_pattern:
+                config.rank_pattern = rank_pattern
+            return rank_pattern
+        if global_step == final:
+            _, rank_pattern = self.update_and_allocate(sites, global_step, force_mask=True)
+            config.rank_pattern = rank_pattern
+            self.reset_ipt()
+            return rank_pattern
+        if not config.rank_pattern:
+            raise RuntimeError(f"AdaLoRA step {global_step} is past the final allocation (step {final}) but the config "
+                               "has no rank_pattern: the steps before it were not run through this allocator.")
+        self.mask_using_rank_pattern(sites, config.rank_pattern)
+        return None
+
+
+# --------------------------------------------------------------------------- loading a rank pattern
+
+
+def rank_pattern_key(rank_pattern: Mapping[str, Any], path: str, adapter_name: str = "default") -> Optional[str]:
+    """The key of ``path``'s entry in a live (``<path>.lora_E.<adapter>``) or saved
+    (``<path>.lora_E``) rank pattern, or None."""
+    for key in (f"{path}.lora_E.{adapter_name}", f"{path}.lora_E"):
+        if key in rank_pattern:
+            return key
+    return None
+
+
+def resize_by_rank_pattern(A: Tensor, E: Tensor, B: Tensor, keep) -> Triplet:
+    """PEFT's ``resize_state_dict_by_rank_pattern`` for one site: keep the kept rows of A and E and
+    columns of B (saving writes these shapes; loading resizes the fresh site to them, keeping its
+    ``ranknum`` at ``init_r`` so the scale does not change)."""
+    keep = keep.view(-1).tolist() if isinstance(keep, Tensor) else list(keep)
+    rank = sum(keep)
+    return (A if rank == A.shape[0] else A[keep], E if rank == E.shape[0] else E[keep],
+            B if rank == B.shape[1] else B[:, keep])
