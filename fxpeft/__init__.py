@@ -22,6 +22,7 @@ from .module import PeftGraphModule
 from .registry import Method, Registry, register_method
 
 from . import passes as _passes  # noqa: E402,F401  (the top-level passes/ folder; registers every pass)
+from .passes.adalora import AdaLoraConfig, update_and_allocate  # noqa: E402
 from .passes.ia3 import IA3Config  # noqa: E402
 from .passes.loraplus import create_loraplus_optimizer  # noqa: E402
 from .passes.weighted import add_weighted_adapter  # noqa: E402
@@ -29,11 +30,11 @@ from .passes.weighted import add_weighted_adapter  # noqa: E402
 __all__ = [
     "transform", "add_adapter", "load_adapter", "from_pretrained", "save_pretrained", "delete_adapter",
     "set_adapter", "active_adapters", "disable_adapters", "adapter_indices", "add_weighted_adapter",
-    "create_loraplus_optimizer",
+    "create_loraplus_optimizer", "update_and_allocate",
     "compile_blocks", "merge_adapter", "unmerge_adapter", "merge_and_unload", "unload", "export_merged", "inspect", "Report",
     "trainable_parameters", "print_trainable_parameters",
     "shard", "full_adapter_state_dict",
     "LoraConfig", "PromptTuningConfig", "PromptTuningInit", "PromptEncoderConfig", "PrefixTuningConfig",
-    "BnbConfig", "IA3Config", "TaskType", "PeftGraphModule", "CaptureError", "find_sites", "Site",
+    "BnbConfig", "IA3Config", "AdaLoraConfig", "TaskType", "PeftGraphModule", "CaptureError", "find_sites", "Site",
     "registry", "forms", "Registry", "Method", "register_method",
 ]

@@ -53,7 +53,7 @@ def adapter_key_map(gm, adapter: str, state: dict[str, torch.Tensor]) -> dict[st
     method = method_of(gm, adapter)
     prefix = method.checkpoint_prefix
     # a method that saves computed tensors (prompt learning) saves none of its containers' own
-    containers = set() if method.saved_tensors else set(method.containers)
+    containers = set() if method.saved_tensors else set(method.containers) - set(method.unsaved_containers)
     mapping: dict[str, str] = {}
     saved_roots = []
     for name in state:
@@ -321,7 +321,10 @@ def save_adapter(gm, directory: str, adapter: str, safe_serialization: bool = Tr
             raise ValueError(f"state_dict lacks tensors of adapter {adapter!r}: {missing[:8]}"
                              f"{' ...' if len(missing) > 8 else ''}; pass the module's full state_dict().")
         state = state_dict
-    tensors = _unshared({key: state[name] for key, name in mapping.items()})
+    tensors = {key: state[name] for key, name in mapping.items()}
+    if method.saved_state is not None:
+        tensors = method.saved_state(gm, adapter, tensors)
+    tensors = _unshared(tensors)
     if method.saved_tensors is not None:
         tensors.update(_unshared(method.saved_tensors(gm, adapter)))
     config = _config_dict(gm, gm.peft_config[adapter])

@@ -186,7 +186,7 @@ def additive(*, name: str, config_type: type, create: Callable, delta: Callable,
              kinds=("linear", "conv", "embedding"),
              default_targets: Optional[dict] = None, heads: Optional[Callable] = None,
              lower_site: Optional[Callable] = None, adapters_at: Optional[Callable] = None, phase: int = 50,
-             **fields) -> Method:
+             scales_itself: bool = False, **fields) -> Method:
     """A method adding ``g Δ(x)`` to a site's output.
 
     ``create(module, site, weight_spec, config, adapter)`` makes the adapter's state beside the
@@ -196,7 +196,10 @@ def additive(*, name: str, config_type: type, create: Callable, delta: Callable,
     through its dropout module ``module.<dropouts>.<adapter>`` (embedding sites: the token ids);
     ``delta_weight(gm, site, module, adapter)`` is the scaled ``ΔW`` in the layout of the site's
     weight. ``lower_site(lw, site, module, adapters)`` may replace the default lowering (one gated
-    delta per adapter) with a faster one for some sites; it returns None to keep the default.
+    delta per adapter) with a faster one for some sites; it returns None to keep the default. With
+    ``scales_itself`` the form passes the coefficient (gate value times activity) to
+    ``delta(lw, site, module, adapter, x, coefficient)`` instead of multiplying by it, for methods
+    whose reference applies the scale at a particular point of their computation.
     """
     site_adapters = adapters_at or _gates_of(gates)[0]
 
@@ -204,13 +207,15 @@ def additive(*, name: str, config_type: type, create: Callable, delta: Callable,
         base_dtype = site_weight(lw.root, site).dtype
         dtype = dtype_of(module, adapter)
         x = site.input if site.kind == "embedding" else _input_of(lw, site, module, adapter, dtype, dropouts)
-        value = delta(lw, site, module, adapter, x)
         coefficient = lw.attr(f"{site.path}.{gates}.{adapter}.value")
+        if not lw.mixed:  # scalar work first: one elementwise pass over the delta, as an ungated adapter costs
+            coefficient = lw.call(aten.mul.Tensor, coefficient, lw.gate(adapter))
+        if scales_itself:
+            value = delta(lw, site, module, adapter, x, coefficient)
+        else:
+            value = lw.call(aten.mul.Tensor, delta(lw, site, module, adapter, x), coefficient)
         if lw.mixed:  # only the samples that chose this adapter
-            value = lw.call(masked_samples, lw.call(aten.mul.Tensor, value, coefficient), lw.sample_index,
-                            lw.adapter_order.index(adapter))
-        else:  # scalar work first: one elementwise pass over the delta, as an ungated adapter costs
-            value = lw.call(aten.mul.Tensor, value, lw.call(aten.mul.Tensor, coefficient, lw.gate(adapter)))
+            value = lw.call(masked_samples, value, lw.sample_index, lw.adapter_order.index(adapter))
         return lw.cast(value, base_dtype, dtype)
 
     def rewrite(lw: Lowering, site: Site):

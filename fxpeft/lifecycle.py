@@ -92,6 +92,10 @@ def _attach(gm: PeftGraphModule, config, adapter_name: str) -> None:
             "instead."
         )
     method = registry.method_for(config)
+    kinds = {type(existing).peft_type for existing in gm.peft_config.values()}
+    if kinds and config.peft_type not in kinds:
+        raise ValueError(f"Cannot combine adapters with different peft types ({sorted(kinds)[0]} and "
+                         f"{config.peft_type}), as in PEFT: transform another copy of the model for {adapter_name!r}.")
     if method.whole_graph and gm._fxpeft_block_paths:
         raise ValueError(
             f"{type(config).__name__} rewrites the whole model as one graph, and this module was built with one graph "
@@ -109,9 +113,10 @@ def _attach(gm: PeftGraphModule, config, adapter_name: str) -> None:
     for hook in registry.attach_hooks:  # what every config may ask for besides its method (modules_to_save)
         hook(gm, config, adapter_name)
     trainable = not getattr(config, "inference_mode", False)
-    for param in gm.parameters():
+    constant = set(method.unsaved_containers)  # derived state (AdaLoRA's ranknum) never trains
+    for name, param in gm.named_parameters():
         if id(param) not in before:
-            param.requires_grad_(trainable)
+            param.requires_grad_(trainable and constant.isdisjoint(name.split(".")))
     if trainable:
         _set_bias_trainable(gm, config, adapted)
     gm.peft_config[adapter_name] = config

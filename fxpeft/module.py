@@ -207,6 +207,8 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         """Re-derive every signature's graph from its canonical graph and the current adapter state."""
         self.sync_gates()
         self.__dict__["_fxpeft_dropped"] = self._dropped_inputs()
+        methods = [(self._fxpeft_registry.method_for(config), name) for name, config in self.peft_config.items()]
+        self.__dict__["_fxpeft_output_hooks"] = [(m, name) for m, name in methods if m.adjust_output is not None]
         lowered_blocks: dict = {}
         for signature in self._fxpeft_signatures.values():
             self._lower_signature(signature, lowered_blocks)
@@ -381,12 +383,30 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         if self._fxpeft_primary is None:  # symbolic trace: the graph takes the original arguments
             adapter_names = kwargs.pop("adapter_names", None)
             batch_input = None if adapter_names is None else (args[0] if args else next(iter(kwargs.values())))
-            return self._run(self._fxpeft_signatures[None], adapter_names, batch_input, *args, **kwargs)
-        kwargs, adapter_names = self._bind(args, kwargs)
-        signature = self._signature(kwargs)
-        batch_input = None if adapter_names is None else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
-        flat = self._run(signature, adapter_names, batch_input, *capture_mod.flatten_call(kwargs, signature.in_spec))
-        return capture_mod.unflatten_output(list(flat), signature.out_spec)
+            output = self._run(self._fxpeft_signatures[None], adapter_names, batch_input, *args, **kwargs)
+        else:
+            kwargs, adapter_names = self._bind(args, kwargs)
+            signature = self._signature(kwargs)
+            batch_input = None if adapter_names is None else next(
+                v for v in kwargs.values() if isinstance(v, torch.Tensor))
+            flat = self._run(signature, adapter_names, batch_input, *capture_mod.flatten_call(kwargs, signature.in_spec))
+            output = capture_mod.unflatten_output(list(flat), signature.out_spec)
+        for method, adapter in self._fxpeft_output_hooks:  # e.g. a regulariser added to the loss
+            output = method.adjust_output(self, adapter, output)
+        return output
+
+    def __getattr__(self, name: str):
+        """Attributes of the module tree, then the functions the adapters' methods offer as the
+        module's own (``Method.module_methods``: AdaLoRA's ``update_and_allocate``)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            registry, configs = self.__dict__.get("_fxpeft_registry"), self.__dict__.get("peft_config") or {}
+            for config in configs.values():
+                offered = dict(registry.method_for(config).module_methods)
+                if name in offered:
+                    return functools.partial(offered[name], self)
+            raise
 
     def _run(self, signature: Signature, adapter_names, batch_input, *args, **kwargs):
         """The signature's dense graph, or its mixed graph with per-sample adapter indices."""

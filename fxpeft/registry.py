@@ -97,6 +97,17 @@ class Method:
     checkpoint_prefix: str = "base_model.model."
     # (suffix in fxpeft's key, suffix in PEFT's file) where PEFT saves a tensor under another name
     checkpoint_renames: tuple[tuple[str, str], ...] = ()
+    # containers whose tensors PEFT does not save (derived or constant state)
+    unsaved_containers: tuple[str, ...] = ()
+    # ``saved_state(gm, adapter, {key: tensor}) -> {key: tensor}``: what a checkpoint holds, where it
+    # is not the module's tensors as they are (AdaLoRA saves its sites cut to their allocated rank)
+    saved_state: Optional[Callable] = None
+    # ``adjust_output(gm, adapter, output) -> output`` after every call while the adapter exists
+    # (AdaLoRA adds its regulariser to the loss)
+    adjust_output: Optional[Callable] = None
+    # functions a transformed module offers as its own methods while it holds such an adapter:
+    # ``{"update_and_allocate": fn}`` makes ``gm.update_and_allocate(...)`` call ``fn(gm, ...)``
+    module_methods: tuple[tuple[str, Callable], ...] = ()
     # ``dropped_inputs(config) -> frozenset`` of input names the model is called without while it acts
     dropped_inputs: Optional[Callable] = None
 

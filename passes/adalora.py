@@ -14,14 +14,19 @@ rather than on ``model.named_parameters()``; the names it reports are PEFT's
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from fxpeft.configs import PeftConfigBase, _as_list_or_str
+from fxpeft.configs import DEFAULT_LORA_TARGETS, LoraConfig, PeftConfigBase, _as_list_or_str
+from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict
+from fxpeft.registry import register_method
 
 Triplet = tuple[Tensor, Tensor, Tensor]  # (A, E, B) of one site
 Sites = Mapping[str, Triplet]  # module path -> its triplet
@@ -71,6 +76,7 @@ class AdaLoraConfig(PeftConfigBase):
     use_dora: bool = False
 
     peft_type = "ADALORA"
+    UNSUPPORTED, IGNORED = LoraConfig.UNSUPPORTED, LoraConfig.IGNORED  # PEFT saves every LoRA field with it
 
     def __post_init__(self):
         super().__post_init__()
@@ -115,6 +121,14 @@ class AdaLoraConfig(PeftConfigBase):
             if not isinstance(self.rank_pattern, dict):
                 raise ValueError(f"AdaLoraConfig.rank_pattern must be a dict or None, got {self.rank_pattern!r}.")
             self.rank_pattern = {name: _keep_list(name, keep) for name, keep in self.rank_pattern.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """As PEFT saves it: ``rank_pattern`` keyed ``<path>.lora_E`` (the adapter name dropped)."""
+        out = super().to_dict()
+        if self.rank_pattern:
+            out["rank_pattern"] = {(k.rsplit(".", 1)[0] if k.split(".")[-2:-1] == ["lora_E"] else k): v
+                                   for k, v in self.rank_pattern.items()}
+        return out
 
 
 def _keep_list(name: str, keep) -> list[bool]:
@@ -393,3 +407,150 @@ def resize_by_rank_pattern(A: Tensor, E: Tensor, B: Tensor, keep) -> Triplet:
     rank = sum(keep)
     return (A if rank == A.shape[0] else A[keep], E if rank == E.shape[0] else E[keep],
             B if rank == B.shape[1] else B[:, keep])
+
+
+# --------------------------------------------------------------------------- the method (additive form)
+#
+# State beside each adapted module, PEFT's names: ``lora_A.<adapter>`` (r, in), ``lora_E.<adapter>``
+# (r, 1), ``lora_B.<adapter>`` (out, r) parameters, ``ranknum.<adapter>`` (a frozen parameter PEFT
+# does not save), ``lora_dropout.<adapter>``, and the form's gate ``adalora_gate.<adapter>`` (value:
+# the scaling). Rank allocation zeroes E entries in place: data the graph reads, so a compiled
+# module never recompiles for it.
+
+CONTAINERS = ("lora_A", "lora_E", "lora_B", "ranknum", "lora_dropout")
+aten = torch.ops.aten
+
+
+def _adalora_adapters(module: nn.Module) -> list[str]:
+    gates = module._modules.get("adalora_gate")
+    return list(gates.keys()) if gates is not None else []
+
+
+def _site_sizes(module: nn.Module, site, weight) -> tuple[int, int]:
+    if site.kind == "conv":
+        if not isinstance(module, nn.Conv2d) or module.groups != 1:
+            raise ValueError(f"Target module {site.path!r} ({type(module).__name__}) is not supported by AdaLoRA: PEFT "
+                             "adapts nn.Linear, Conv1D and (ungrouped) nn.Conv2d. Leave it out of target_modules.")
+        return module.in_channels * module.kernel_size[0] * module.kernel_size[1], module.out_channels
+    out_f, in_f = weight.shape[::-1] if site.fan_in_fan_out else weight.shape
+    return in_f, out_f
+
+
+def add_adalora(module: nn.Module, site, weight, config: AdaLoraConfig, adapter: str) -> None:
+    in_f, out_f = _site_sizes(module, site, weight)
+    A, E, B, ranknum = create_adalora_parameters(config.init_r, in_f, out_f, config.init_lora_weights,
+                                                 device=weight.device, dtype=adapter_dtype(weight))
+    key = rank_pattern_key(config.rank_pattern or {}, site.path, adapter)
+    if key is not None:  # a saved adapter: its sites at their allocated ranks (ranknum stays init_r, as PEFT)
+        A, E, B = (nn.Parameter(t.detach().clone()) for t in resize_by_rank_pattern(A, E, B, config.rank_pattern[key]))
+        if A.shape[0] == 0:
+            ranknum.data.fill_(0.0)
+    for name, value in (("lora_A", A), ("lora_E", E), ("lora_B", B), ("ranknum", ranknum)):
+        child_dict(module, name, nn.ParameterDict)[adapter] = value
+    child_dict(module, "lora_dropout")[adapter] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 \
+        else nn.Identity()
+    child_dict(module, "adalora_gate")[adapter] = AdapterGate(adalora_scaling(config.lora_alpha, config.init_r),
+                                                              config.lora_dropout).to(weight.device)
+
+
+def delta(lw, site, module: nn.Module, adapter: str, x, coefficient):
+    """PEFT's ``(x @ (A * E).T @ B.T) * scaling / (ranknum + 1e-5)`` (conv: the same product as a
+    kernel), scaled in PEFT's order: ``coefficient`` is the scaling while the adapter acts."""
+    path = site.path
+    a, e, b = (lw.attr(f"{path}.{name}.{adapter}") for name in ("lora_A", "lora_E", "lora_B"))
+    ranknum = lw.call(aten.add.Tensor, lw.attr(f"{path}.ranknum.{adapter}"), RANKNUM_EPS)
+    ae = lw.call(aten.mul.Tensor, a, e)
+    if site.kind == "linear":
+        out = lw.call(aten.linear.default, lw.call(aten.linear.default, x, ae), b)
+        return lw.call(aten.div.Tensor, lw.call(aten.mul.Tensor, out, coefficient), ranknum)
+    kernel = lw.call(aten.div.Tensor, lw.call(aten.mul.Tensor, lw.call(aten.mm.default, b, ae), coefficient), ranknum)
+    kernel = lw.call(aten.reshape.default, kernel, list(module.weight.shape))
+    return lw.call(conv2d_like, x, kernel, module.stride, module.padding, module.dilation)
+
+
+def conv2d_like(x, kernel, stride, padding, dilation):
+    return F.conv2d(x, kernel, None, stride, padding, dilation)
+
+
+def delta_weight(gm, site, module: nn.Module, adapter: str) -> Tensor:
+    scaling = module.adalora_gate[adapter].scale
+    delta = adalora_delta_weight(module.lora_A[adapter], module.lora_E[adapter], module.lora_B[adapter], scaling,
+                                 module.ranknum[adapter], site.fan_in_fan_out)
+    return delta.reshape(module.weight.shape) if site.kind == "conv" else delta
+
+
+def trainable_adapter(gm) -> Optional[str]:
+    return next((name for name, config in gm.peft_config.items()
+                 if isinstance(config, AdaLoraConfig) and not config.inference_mode), None)
+
+
+def sites_of(gm, adapter: str) -> dict[str, Triplet]:
+    """{module path: (A, E, B)} of ``adapter``, in module order (PEFT's parameter order)."""
+    return {path: (m.lora_A[adapter], m.lora_E[adapter], m.lora_B[adapter])
+            for path, m in gm.named_modules() if adapter in _adalora_adapters(m)}
+
+
+def attach(gm, sites, config: AdaLoraConfig, adapter: str, site_attach) -> list[str]:
+    trained = trainable_adapter(gm)
+    if not config.inference_mode and trained is not None:
+        raise ValueError(f"AdaLoRA supports only 1 trainable adapter ({trained!r} is one), as in PEFT. When using "
+                         "multiple adapters, set inference_mode=True for all adapters except the one you want to train.")
+    return site_attach(gm, sites, config, adapter)
+
+
+def update_and_allocate(gm, global_step: int):
+    """PEFT's ``update_and_allocate``: call every training step after ``optimizer.step()`` and before
+    ``zero_grad()``. Scores the trainable adapter's triplets, zeroes the least important E entries
+    to follow the budget schedule and records ``rank_pattern`` in its config. Returns the new rank
+    pattern when it masked, else None."""
+    adapter = trainable_adapter(gm)
+    if adapter is None:
+        raise ValueError("update_and_allocate needs a trainable AdaLoRA adapter (inference_mode=False); this module "
+                         f"has {sorted(gm.peft_config) or 'no adapters'}.")
+    allocators = gm.__dict__.setdefault("_fxpeft_rank_allocators", {})
+    config = gm.peft_config[adapter]
+    if adapter not in allocators or allocators[adapter].peft_config is not config:
+        allocators[adapter] = RankAllocator(config, adapter)
+    return allocators[adapter].step(sites_of(gm, adapter), global_step)
+
+
+def add_orthogonal_regulariser(gm, adapter: str, output):
+    """PEFT adds ``orth_reg_weight`` times the mean ‖AAᵀ − I‖ / ‖BᵀB − I‖ of the trainable adapter
+    to a returned loss, for models with a task type (PEFT's wrapper calls the base model directly
+    otherwise)."""
+    config = gm.peft_config[adapter]
+    loss = getattr(output, "loss", None)
+    if config.inference_mode or config.task_type is None or not isinstance(loss, Tensor):
+        return output
+    pairs = [(a, b) for a, _, b in sites_of(gm, adapter).values()]
+    output.loss = loss + orth_regularization(pairs, config.orth_reg_weight)
+    return output
+
+
+def saved_state(gm, adapter: str, tensors: dict) -> dict:
+    """PEFT saves each site cut to its allocated rank (``rank_pattern``): kept rows of A and E,
+    kept columns of B."""
+    pattern = gm.peft_config[adapter].rank_pattern
+    if not pattern:
+        return tensors
+    prefix = "base_model.model."
+    tensors = dict(tensors)
+    for path in sites_of(gm, adapter):
+        key = rank_pattern_key(pattern, path, adapter)
+        names = [f"{prefix}{path}.{kind}" for kind in ("lora_A", "lora_E", "lora_B")]
+        if key is None or not all(n in tensors for n in names):
+            continue
+        resized = resize_by_rank_pattern(*(tensors[n] for n in names), pattern[key])
+        tensors.update(zip(names, resized))
+    return tensors
+
+
+_METHOD = additive(
+    name="adalora", config_type=AdaLoraConfig, create=add_adalora, delta=delta, delta_weight=delta_weight,
+    containers=CONTAINERS, gates="adalora_gate", dropouts="lora_dropout", scales_itself=True,
+    dtype_of=lambda module, adapter: module.lora_A[adapter].dtype, kinds=("linear", "conv"),
+    default_targets=DEFAULT_LORA_TARGETS, adapters_at=_adalora_adapters, unsaved_containers=("ranknum",),
+    saved_state=saved_state, adjust_output=add_orthogonal_regulariser,
+    module_methods=(("update_and_allocate", update_and_allocate),),
+    describe=lambda module, adapter: f"r={int((module.lora_E[adapter] != 0).sum())}/{module.lora_E[adapter].shape[0]}")
+METHOD = register_method(dataclasses.replace(_METHOD, attach=functools.partial(attach, site_attach=_METHOD.attach)))

@@ -65,6 +65,9 @@ METHODS = {
     "dora": MethodSpec(fxpeft.LoraConfig, peft.LoraConfig,
                        lambda s: dict(r=4, lora_alpha=8, target_modules=s.targets, use_dora=True),
                        dict(init_lora_weights=False), tuple(SITES)),
+    "adalora": MethodSpec(fxpeft.AdaLoraConfig, peft.AdaLoraConfig,
+                          lambda s: dict(init_r=4, target_r=2, lora_alpha=8, total_step=10, target_modules=s.targets),
+                          dict(init_lora_weights=False), ("linear", "conv1d_gpt2", "conv2d")),
     "ia3": MethodSpec(fxpeft.IA3Config, peft.IA3Config,
                       lambda s: dict(target_modules=s.targets, feedforward_modules=s.feedforward),
                       dict(init_ia3_weights=False), ("linear", "conv1d_gpt2", "conv2d")),
@@ -147,7 +150,7 @@ def test_mixed_batch_and_training(method, site):
     model = row.build().eval()
     inputs = row.inputs()
     gm = fxpeft.transform(model, configs(method, site, **spec.random)[0]).eval()
-    gm.add_adapter("other", configs(method, site, **spec.random)[0])
+    gm.add_adapter("other", configs(method, site, inference_mode=True, **spec.random)[0])  # AdaLoRA trains one
     batch = next(iter(inputs.values())) if isinstance(inputs, dict) else inputs[0]
     names = (["default", "other", "__base__"] * batch.shape[0])[: batch.shape[0]]
 
@@ -188,7 +191,7 @@ def test_switching_adapters_never_recompiles(method):
     torch._dynamo.reset()
     spec, row = METHODS[method], SITES["linear"]
     gm = fxpeft.transform(row.build().eval(), configs(method, "linear", **spec.random)[0]).eval()
-    gm.add_adapter("other", configs(method, "linear", **spec.random)[0])
+    gm.add_adapter("other", configs(method, "linear", inference_mode=True, **spec.random)[0])
     x = row.inputs()[0]
     expected = {}
     with torch.no_grad():
@@ -221,7 +224,8 @@ def test_method_on_a_4bit_base_equals_peft(method, tmp_path):
     targets = dict(target_modules=["q_proj", "v_proj", "down_proj"], **(
         dict(feedforward_modules=["down_proj"]) if method == "ia3" else {}))
     kwargs = {**targets, **spec.random, **(dict(r=4, lora_alpha=8) if method in ("lora", "dora") else {}),
-              **(dict(use_dora=True) if method == "dora" else {})}
+              **(dict(use_dora=True) if method == "dora" else {}),
+              **(dict(init_r=4, target_r=2, total_step=10) if method == "adalora" else {})}
     quantized = _quantized_by_transformers(model, tmp_path, CONFIGS["nf4"])
     reference = peft.get_peft_model(peft.prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=False),
                                     spec.peft(**kwargs))
