@@ -116,14 +116,35 @@ class LoraConfig(PeftConfigBase):
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_dora: bool = False
+    lora_bias: bool = False
+    # PEFT's other fields, at PEFT's defaults: accepted so that PEFT scripts and configs that leave
+    # them alone work; any other value raises NotImplementedError naming the field (UNSUPPORTED)
+    megatron_config: Optional[dict] = None
+    megatron_core: Optional[str] = "megatron.core"
+    trainable_token_indices: Optional[Union[list[int], dict]] = None
+    loftq_config: dict = field(default_factory=dict)
+    eva_config: Optional[Any] = None
+    corda_config: Optional[Any] = None
+    lora_ga_config: Optional[Any] = None
+    velora_config: Optional[Any] = None
+    alora_invocation_tokens: Optional[list[int]] = None
+    use_qalora: bool = False
+    qalora_group_size: int = 16
+    monteclora_config: Optional[Any] = None
+    layer_replication: Optional[list] = None
+    target_parameters: Optional[list[str]] = None
+    use_bdlora: Optional[Any] = None
+    arrow_config: Optional[Any] = None
+    kasa_config: Optional[Any] = None
+    ensure_weight_tying: bool = False
 
     peft_type = "LORA"
     UNSUPPORTED = (
-        "lora_bias", "layer_replication", "megatron_config", "use_qalora", "trainable_token_indices",
+        "layer_replication", "megatron_config", "use_qalora", "trainable_token_indices",
         "alora_invocation_tokens", "arrow_config", "target_parameters", "use_bdlora", "kasa_config", "lora_ga_config",
-        "monteclora_config", "velora_config", "corda_config", "eva_config", "loftq_config",
+        "monteclora_config", "velora_config", "corda_config", "eva_config", "loftq_config", "ensure_weight_tying",
     )
-    IGNORED = ("megatron_core", "qalora_group_size", "ensure_weight_tying")
+    IGNORED = ("runtime_config",)  # PEFT never saves it; qalora_group_size and megatron_core are fields, unused
     INITS = (True, False, "gaussian")
 
     @classmethod
@@ -134,6 +155,10 @@ class LoraConfig(PeftConfigBase):
 
     def __post_init__(self):
         super().__post_init__()
+        unsupported = PeftConfigBase.unsupported.__func__(type(self), self.to_dict())  # fields; inits checked below
+        if unsupported:
+            raise NotImplementedError(f"LoraConfig: {', '.join(unsupported)} is not implemented in fxpeft yet (the "
+                                      "README's table of PEFT options says which are); leave it at PEFT's default.")
         self.target_modules = _as_list_or_str(self.target_modules)
         self.exclude_modules = _as_list_or_str(self.exclude_modules)
         self.layers_pattern = _as_list_or_str(self.layers_pattern)
@@ -149,6 +174,11 @@ class LoraConfig(PeftConfigBase):
             raise ValueError(
                 f"LoraConfig.init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}."
             )
+        if self.lora_bias and self.init_lora_weights not in (True, False):
+            raise ValueError(f"The argument lora_bias=True is only supported with init_lora_weights=True or False, got "
+                             f"init_lora_weights={self.init_lora_weights!r} (as in PEFT).")
+        if self.lora_bias and self.use_dora:
+            raise ValueError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False.")
         for name, rank in self.rank_pattern.items():
             if not isinstance(rank, int) or rank <= 0:
                 raise ValueError(f"LoraConfig.rank_pattern[{name!r}] must be a positive integer, got {rank!r}.")

@@ -186,7 +186,7 @@ def additive(*, name: str, config_type: type, create: Callable, delta: Callable,
              kinds=("linear", "conv", "embedding"),
              default_targets: Optional[dict] = None, heads: Optional[Callable] = None,
              lower_site: Optional[Callable] = None, adapters_at: Optional[Callable] = None, phase: int = 50,
-             scales_itself: bool = False, **fields) -> Method:
+             scales_itself: bool = False, delta_bias: Optional[Callable] = None, **fields) -> Method:
     """A method adding ``g Δ(x)`` to a site's output.
 
     ``create(module, site, weight_spec, config, adapter)`` makes the adapter's state beside the
@@ -195,7 +195,8 @@ def additive(*, name: str, config_type: type, create: Callable, delta: Callable,
     holds the scale) for ``x`` already in the adapter's dtype, ``dtype_of(module, adapter)``, and
     through its dropout module ``module.<dropouts>.<adapter>`` (embedding sites: the token ids);
     ``delta_weight(gm, site, module, adapter)`` is the scaled ``ΔW`` in the layout of the site's
-    weight. ``lower_site(lw, site, module, adapters)`` may replace the default lowering (one gated
+    weight, and ``delta_bias`` (optional, same arguments) the scaled change of its bias, or None.
+    ``lower_site(lw, site, module, adapters)`` may replace the default lowering (one gated
     delta per adapter) with a faster one for some sites; it returns None to keep the default. With
     ``scales_itself`` the form passes the coefficient (gate value times activity) to
     ``delta(lw, site, module, adapter, x, coefficient)`` instead of multiplying by it, for methods
@@ -231,6 +232,12 @@ def additive(*, name: str, config_type: type, create: Callable, delta: Callable,
         return output
 
     def fold(gm, site, module, adapter, weight, bias, sign):
+        bias_change = delta_bias(gm, site, module, adapter) if delta_bias is not None else None
+        if bias_change is not None:
+            if bias is None:
+                raise RuntimeError(f"Cannot merge {name} adapter {adapter!r} into {site.path}: it changes the layer's bias "
+                                   "and the layer has none. Keep it unmerged.")
+            bias = bias + sign * bias_change.to(bias.dtype)
         return weight + sign * delta_weight(gm, site, module, adapter).to(weight.dtype), bias
 
     rule = site_rule(name, lambda site, module: bool(site_adapters(module)), rewrite, phase=phase)

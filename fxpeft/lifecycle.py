@@ -92,10 +92,6 @@ def _attach(gm: PeftGraphModule, config, adapter_name: str) -> None:
             "instead."
         )
     method = registry.method_for(config)
-    kinds = {type(existing).peft_type for existing in gm.peft_config.values()}
-    if kinds and config.peft_type not in kinds:
-        raise ValueError(f"Cannot combine adapters with different peft types ({sorted(kinds)[0]} and "
-                         f"{config.peft_type}), as in PEFT: transform another copy of the model for {adapter_name!r}.")
     if method.whole_graph and gm._fxpeft_block_paths:
         raise ValueError(
             f"{type(config).__name__} rewrites the whole model as one graph, and this module was built with one graph "
@@ -105,6 +101,10 @@ def _attach(gm: PeftGraphModule, config, adapter_name: str) -> None:
             f"{type(config).__name__} is not an adapter: it changes the base model, so it is applied by "
             f"fxpeft.transform(model, [{type(config).__name__}(...), LoraConfig(...)]), not to a transformed module."
         )
+    kinds = {type(existing).peft_type for existing in gm.peft_config.values()}
+    if kinds and config.peft_type not in kinds:
+        raise ValueError(f"Cannot combine adapters with different peft types ({sorted(kinds)[0]} and "
+                         f"{config.peft_type}), as in PEFT: transform another copy of the model for {adapter_name!r}.")
     sites = find_sites(gm._fxpeft_signatures[gm._fxpeft_primary].canonical, gm, registry)
     if method.resolve_config is not None:  # stored and saved as PEFT does: "all-linear" / None resolved
         config = method.resolve_config(gm, sites, config)

@@ -76,7 +76,9 @@ class AdaLoraConfig(PeftConfigBase):
     use_dora: bool = False
 
     peft_type = "ADALORA"
-    UNSUPPORTED, IGNORED = LoraConfig.UNSUPPORTED, LoraConfig.IGNORED  # PEFT saves every LoRA field with it
+    # PEFT saves every LoRA field with it: refused as LoRA refuses them, or without effect
+    UNSUPPORTED = (*LoraConfig.UNSUPPORTED, "lora_bias")
+    IGNORED = (*LoraConfig.IGNORED, "megatron_core", "qalora_group_size")
 
     def __post_init__(self):
         super().__post_init__()

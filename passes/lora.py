@@ -13,9 +13,9 @@ Folding: ``delta_weight`` is what merging adds to the base weight.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import operator
+import warnings
 from typing import Optional
 
 import torch
@@ -40,7 +40,7 @@ def _conv_geometry(site: Site):
     return stride, padding, dilation, groups
 
 
-def _new_lora_weights(site: Site, weight: torch.Tensor, r: int, init):
+def _new_lora_weights(site: Site, weight: torch.Tensor, r: int, init, bias: bool = False):
     """(A, B) parameter holders for one site, initialised as PEFT does."""
     if site.kind == "embedding":
         num, dim = weight.shape
@@ -51,20 +51,22 @@ def _new_lora_weights(site: Site, weight: torch.Tensor, r: int, init):
         return a, b
     if site.kind == "linear":
         out_f, in_f = weight.shape[::-1] if site.fan_in_fan_out else weight.shape
-        a, b = nn.Linear(in_f, r, bias=False), nn.Linear(r, out_f, bias=False)
+        a, b = nn.Linear(in_f, r, bias=False), nn.Linear(r, out_f, bias=bias)
     else:
         stride, padding, _, groups = _conv_geometry(site)
         conv = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}[len(weight.shape)]
         kernel = tuple(weight.shape[2:])
         ones = (1,) * len(kernel)
         a = conv(weight.shape[1] * groups, r, kernel, stride, padding, bias=False)
-        b = conv(r, weight.shape[0], ones, ones, groups=groups, bias=False)
+        b = conv(r, weight.shape[0], ones, ones, groups=groups, bias=bias)
     if init is True:
         nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
     elif init == "gaussian":
         nn.init.normal_(a.weight, std=1 / r)
     if init is not False:
         nn.init.zeros_(b.weight)
+        if b.bias is not None:
+            nn.init.zeros_(b.bias)
     return a, b
 
 
@@ -72,7 +74,12 @@ def add_lora(module: nn.Module, site: Site, weight, config: LoraConfig, adapter:
     r = pattern_value(config.rank_pattern, site.path, config.r)
     alpha = pattern_value(config.alpha_pattern, site.path, config.lora_alpha)
     scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
-    a, b = _new_lora_weights(site, weight, r, config.init_lora_weights)
+    if config.lora_bias and site.kind == "embedding":
+        raise ValueError(f"lora_bias=True is not supported for embedding layers such as {site.path!r} (as in PEFT).")
+    if config.lora_bias and site.bias is None:
+        warnings.warn(f"lora_bias=True was passed but the targeted layer {site.path!r} has no bias. This means that "
+                      "merging LoRA weights won't be possible.")
+    a, b = _new_lora_weights(site, weight, r, config.init_lora_weights, bias=config.lora_bias)
     dtype, device = adapter_dtype(weight), weight.device
     if site.kind == "embedding":
         child_dict(module, "lora_embedding_A", nn.ParameterDict)[adapter] = nn.Parameter(a.data.to(device, dtype))
@@ -93,15 +100,16 @@ def delta(lw: Lowering, site: Site, module: nn.Module, adapter: str, x):
     """``B(A(x))`` at a linear or conv site (the form scales, gates and adds it)."""
     path = site.path
     a_weight, b_weight = lw.attr(f"{path}.lora_A.{adapter}.weight"), lw.attr(f"{path}.lora_B.{adapter}.weight")
+    b_bias = lw.attr(f"{path}.lora_B.{adapter}.bias") if module.lora_B[adapter].bias is not None else None
     if site.kind == "linear":
-        return lw.call(aten.linear.default, lw.call(aten.linear.default, x, a_weight), b_weight)
+        return lw.call(aten.linear.default, lw.call(aten.linear.default, x, a_weight), b_weight, b_bias)
     a_conv, b_conv = module.lora_A[adapter], module.lora_B[adapter]
     op = {1: aten.conv1d, 2: aten.conv2d, 3: aten.conv3d}[a_conv.weight.dim() - 2]
     a_op = op.padding if isinstance(a_conv.padding, str) else op.default
     a_padding = a_conv.padding if isinstance(a_conv.padding, str) else list(a_conv.padding)
     hidden = lw.call(a_op, x, a_weight, None, list(a_conv.stride), a_padding)
     ones = [1] * len(b_conv.stride)
-    return lw.call(op.default, hidden, b_weight, None, ones, [0] * len(ones), ones, b_conv.groups)
+    return lw.call(op.default, hidden, b_weight, b_bias, ones, [0] * len(ones), ones, b_conv.groups)
 
 
 def lower_site(lw: Lowering, site: Site, module: nn.Module, present: list[str]):
@@ -110,7 +118,8 @@ def lower_site(lw: Lowering, site: Site, module: nn.Module, present: list[str]):
     module's ``_fxpeft_slots``; mixed graph: each sample's adapter), so a call costs what the
     adapters it uses cost, however many are loaded (``select_adapters``). Conv sites and linear
     sites with one adapter in the dense graph keep the form's plain gated delta (None)."""
-    if site.kind == "conv" or (site.kind == "linear" and not lw.mixed and len(present) == 1):
+    if site.kind == "conv" or (site.kind == "linear" and not lw.mixed and len(present) == 1) or any(
+            site.kind == "linear" and module.lora_B[a].bias is not None for a in present):  # lora_bias: plain deltas
         return None
     base_dtype = site_weight(lw.root, site).dtype
     dtype = adapter_dtype(site_weight(lw.root, site))
@@ -332,6 +341,12 @@ def delta_weight(gm, site: Site, module: nn.Module, adapter: str) -> torch.Tenso
     return conv(a.transpose(0, 1), b).transpose(0, 1) * scale
 
 
+def delta_bias(gm, site: Site, module: nn.Module, adapter: str) -> Optional[torch.Tensor]:
+    """lora_bias: s * (B's bias), what merging adds to the base bias."""
+    b = module.lora_B[adapter] if "lora_B" in module._modules and adapter in module.lora_B else None
+    return None if b is None or b.bias is None else b.bias * module.lora_scaling[adapter].scale
+
+
 def _heads(gm, config) -> set[str]:
     """What "all-linear" leaves out: the output embedding, or a SEQ_CLS head."""
     source = gm._fxpeft_source
@@ -366,7 +381,7 @@ def _lora_adapters(module: nn.Module) -> list[str]:
 
 
 METHOD = register_method(additive(
-    name="lora", config_type=LoraConfig, create=add_lora, delta=delta, delta_weight=delta_weight,
+    name="lora", config_type=LoraConfig, create=add_lora, delta=delta, delta_weight=delta_weight, delta_bias=delta_bias,
     containers=CONTAINERS, gates="lora_scaling", dropouts="lora_dropout",
     dtype_of=lambda module, adapter: module.lora_A[adapter].weight.dtype,
     default_targets=DEFAULT_LORA_TARGETS, heads=_heads, lower_site=lower_site, adapters_at=_lora_adapters,

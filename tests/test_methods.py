@@ -62,6 +62,9 @@ class MethodSpec:
 METHODS = {
     "lora": MethodSpec(fxpeft.LoraConfig, peft.LoraConfig, lambda s: dict(r=4, lora_alpha=8, target_modules=s.targets),
                        dict(init_lora_weights=False), tuple(SITES)),
+    "lora_bias": MethodSpec(fxpeft.LoraConfig, peft.LoraConfig,
+                            lambda s: dict(r=4, lora_alpha=8, target_modules=s.targets, lora_bias=True),
+                            dict(init_lora_weights=False), ("linear", "conv1d_gpt2", "conv1d", "conv2d")),
     "dora": MethodSpec(fxpeft.LoraConfig, peft.LoraConfig,
                        lambda s: dict(r=4, lora_alpha=8, target_modules=s.targets, use_dora=True),
                        dict(init_lora_weights=False), tuple(SITES)),
@@ -223,8 +226,8 @@ def test_method_on_a_4bit_base_equals_peft(method, tmp_path):
     model = models.llama()
     targets = dict(target_modules=["q_proj", "v_proj", "down_proj"], **(
         dict(feedforward_modules=["down_proj"]) if method == "ia3" else {}))
-    kwargs = {**targets, **spec.random, **(dict(r=4, lora_alpha=8) if method in ("lora", "dora") else {}),
-              **(dict(use_dora=True) if method == "dora" else {}),
+    kwargs = {**targets, **spec.random, **(dict(r=4, lora_alpha=8) if method in ("lora", "dora", "lora_bias") else {}),
+              **(dict(use_dora=True) if method == "dora" else {}), **(dict(lora_bias=True) if method == "lora_bias" else {}),
               **(dict(init_r=4, target_r=2, total_step=10) if method == "adalora" else {})}
     quantized = _quantized_by_transformers(model, tmp_path, CONFIGS["nf4"])
     reference = peft.get_peft_model(peft.prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=False),
