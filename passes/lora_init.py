@@ -24,6 +24,9 @@ of the weight, with ``B @ A`` (no scaling) approximating what quantization lost.
 CorDA needs per-layer statistics of the layer inputs first: accumulate them with
 ``corda_covariance`` over calibration forwards, finish with ``corda_covariance_mean``, turn them
 into ``corda_eigens`` and pass those as ``eigens=`` to ``init_weights("corda", ...)``.
+
+Saving such an adapter so that it applies to the *original* base (PEFT's ``save_pretrained(...,
+path_initial_model_for_weight_conversion=...)``): ``plain_lora_state`` and ``plain_lora_config``.
 """
 from __future__ import annotations
 
@@ -35,7 +38,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["LoftQConfig", "CordaEigens", "init_weights", "layer_init", "modifies_base", "corda_covariance",
-           "corda_covariance_mean", "corda_eigens", "nf4_round_trip", "int8_round_trip"]
+           "corda_covariance_mean", "corda_eigens", "nf4_round_trip", "int8_round_trip", "plain_lora_state",
+           "plain_lora_config"]
 
 _FLOAT_BASES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -315,3 +319,36 @@ def corda_eigens(weight: Tensor, covariance: Tensor, r: int, method: str = "ipm"
     if eigens.S_WC.size(0) != r:
         raise ValueError(f"rank mismatch: {eigens.S_WC.size(0)} vs. {r}")
     return eigens
+
+
+# ---- saving as plain LoRA: PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) ----
+
+def plain_lora_state(trained: dict[str, Tensor], initial: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The adapter that, on the *original* base, does what ``trained`` does on the modified base:
+    ΔW = B A − B₀ A₀ = [B | −B₀] [A ; A₀], so rank 2r (PEFT's ``subtract_mutated_init``).
+
+    Both dicts use the same keys. As in PEFT, only keys containing "lora_A" / "lora_B" survive:
+    embedding adapters (``lora_embedding_A/B``) and modules_to_save are left out of the file.
+    """
+    out = {}
+    for name, value in trained.items():
+        if "lora_A" in name:
+            out[name] = torch.cat([value, initial[name]], dim=0)
+        elif "lora_B" in name:
+            out[name] = torch.cat([value, -initial[name]], dim=1)
+    return out
+
+
+def plain_lora_config(init_lora_weights, r: int, lora_alpha: float, use_rslora: bool = False,
+                      rank_pattern: Optional[dict] = None, alpha_pattern: Optional[dict] = None) -> dict:
+    """The LoraConfig fields PEFT writes beside :func:`plain_lora_state` (the rest of the config is
+    saved unchanged): rank doubled, alpha adjusted so the scaling stays, ``init_lora_weights=True``."""
+    if use_rslora and (rank_pattern or alpha_pattern):
+        raise ValueError("Passing `path_initial_model_for_weight_conversion` to `save_pretrained` is not supported "
+                         "when using `rank_pattern` or `alpha_pattern` at the same time as `use_rslora=True`.")
+    if not str(init_lora_weights).lower().startswith(("pissa", "corda", "olora", "lora_ga", "true")):
+        warnings.warn("`path_initial_model_for_weight_conversion` only works for converting a "
+                      "PiSSA/CorDA/OLoRA/LoRA-GA adapter to a LoRA adapter")
+    return {"init_lora_weights": True, "r": 2 * r, "lora_alpha": lora_alpha * (2 ** 0.5 if use_rslora else 2),
+            "rank_pattern": {k: 2 * v for k, v in (rank_pattern or {}).items()},
+            "alpha_pattern": {k: 2 * v for k, v in (alpha_pattern or {}).items()}}

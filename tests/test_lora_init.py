@@ -386,3 +386,63 @@ def test_pissa_on_tiny_llama(rng_at_init):
     assert torch.allclose(wrapped(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
     layers = {n: wrapped.base_model.model.get_submodule(n) for n in base}
     assert len(list(_check("pissa_niter_4", layers, base, rng_at_init))) == 7
+
+
+# ---- saving as plain LoRA (path_initial_model_for_weight_conversion) ----
+
+class TinyConverted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(24, 40)
+        self.emb = nn.Embedding(10, 24)
+        self.head = nn.Linear(40, 6)
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.up(self.emb(ids))))
+
+
+@pytest.mark.parametrize("kind,use_rslora", [("pissa", False), ("olora", True)])
+def test_plain_lora_conversion_is_peft_save(kind, use_rslora, tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from fxpeft.passes.lora_init import plain_lora_config, plain_lora_state
+    torch.manual_seed(0)
+    original = TinyConverted()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["up", "emb"], init_lora_weights=kind,
+                             use_rslora=use_rslora, modules_to_save=["head"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(copy.deepcopy(original), config)
+        model.peft_config["default"].init_lora_weights = True  # PEFT's documented recipe
+        model.save_pretrained(tmp_path / "init")
+        model.peft_config["default"].init_lora_weights = kind
+        with torch.no_grad():  # "training"
+            for _, p in model.named_parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.1)
+        model.save_pretrained(tmp_path / "final", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    saved = load_file(tmp_path / "final" / "adapter_model.safetensors")
+    initial = load_file(tmp_path / "init" / "adapter_model.safetensors")
+    trained = peft.get_peft_model_state_dict(model)
+    ours = plain_lora_state(trained, initial)
+    assert ours.keys() == saved.keys() == {"base_model.model.up.lora_A.weight", "base_model.model.up.lora_B.weight"}
+    for key in ours:
+        assert torch.equal(ours[key], saved[key])
+    written = json.loads((tmp_path / "final" / "adapter_config.json").read_text())
+    for key, value in plain_lora_config(kind, 4, 8, use_rslora).items():
+        assert written[key] == value, key
+    # what it means: the converted delta on the original weight is the trained delta on the residual
+    up = model.base_model.model.up
+    trained_weight = up.base_layer.weight + up.scaling["default"] * up.lora_B["default"].weight @ up.lora_A["default"].weight
+    a, b = ours["base_model.model.up.lora_A.weight"], ours["base_model.model.up.lora_B.weight"]
+    assert torch.allclose(original.up.weight + up.scaling["default"] * b @ a, trained_weight, atol=1e-5)
+
+
+def test_plain_lora_config_rejects_rslora_patterns():
+    from fxpeft.passes.lora_init import plain_lora_config
+    with pytest.raises(ValueError, match="not supported"):
+        plain_lora_config("pissa", 4, 8, True, rank_pattern={"up": 2})
+    with pytest.warns(UserWarning, match="only works for converting"):
+        assert plain_lora_config("gaussian", 4, 8, rank_pattern={"up": 2})["rank_pattern"] == {"up": 4}
