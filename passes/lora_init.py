@@ -16,6 +16,9 @@ LoftQ, CorDA; pure tensor functions with PEFT 0.21.2's numerics, for LoRA's wiri
   (each drawing a kaiming init) before it initialises them: call this after doing the same to get
   PEFT's numbers from the same seed.
 - ``layer_init(kind, layer)`` says what PEFT does on embedding and conv sites (see there).
+- Conv1D: PiSSA and CorDA factor the nn.Linear-layout weight (correct); OLoRA and LoftQ factor the
+  stored (in × out) weight as PEFT does, which is only shape-consistent on square layers and even
+  there changes the layer's output: square layers get PEFT's tensors with a warning, others raise.
 
 Where PEFT changes the base, ``new_weight + scaling · B @ A`` equals the original weight up to
 float32 rounding (PiSSA, OLoRA, CorDA); LoftQ instead returns the quantize–dequantize round trip
