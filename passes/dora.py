@@ -131,49 +131,91 @@ def dora_embedding_delta(ids: torch.Tensor, a: torch.Tensor, b: torch.Tensor, pa
 
 
 def lower_site(lw: Lowering, site: Site, module: nn.Module, adapters: list[str]):
+    """Each adapter in turn on the output so far (PEFT's order: a later adapter's ``W x`` is the
+    output of the earlier ones, less the bias). Dense graphs without dropout take the form
+
+        y' = k ⊙ y + [v ⊙ B](A x) - (k - 1) ⊙ b,   k = 1 + (c - 1)·on,  v = c·s·on
+
+    with ``on`` the adapter's gate: per-feature vectors folded into B and the bias, so the
+    full-size output is touched once (``addcmul``) beyond LoRA's own work."""
     spec = site_weight(lw.root, site)
-    dtype = adapter_dtype(spec)
-    base_dtype = spec.dtype
+    dtype, base_dtype = adapter_dtype(spec), spec.dtype
     owner = lw.attr(site.path)
     weight_name = site.weight.rpartition(".")[2]
     bias = lw.attr(site.bias) if site.bias is not None else None
-    y = site.output
-    out = y
+    out = site.output
     for adapter in adapters:
         gate = module.lora_scaling[adapter]
         x = lw.cast(site.input, dtype, base_dtype) if site.kind != "embedding" else site.input
-        without_bias = lw.call(aten.sub.Tensor, y, _bias_view(lw, bias, site)) if bias is not None else y
-        without_bias = lw.cast(without_bias, dtype, base_dtype)
-        dropout = module.lora_dropout[adapter] if site.kind != "embedding" else nn.Identity()
-        if isinstance(dropout, nn.Identity):
-            dropped, base = x, without_bias
-        else:
-            dropped = lw.call_module(f"{site.path}.lora_dropout.{adapter}", x)
-            base = lw.call(dora_dropped_base, owner, adapter, weight_name, dropped, without_bias)
-        if site.kind == "embedding":
-            padding_idx = site.node.args[2] if len(site.node.args) > 2 else -1
-            delta = lw.call(dora_embedding_delta, x, lw.attr(f"{site.path}.lora_embedding_A.{adapter}"),
-                            lw.attr(f"{site.path}.lora_embedding_B.{adapter}"), padding_idx)
-        else:
-            delta = lora.delta(lw, site, module, adapter, dropped)
-        norm = lw.call(dora_norm, owner, adapter, weight_name, site.kind, site.fan_in_fan_out, gate.scale)
-        norm = lw.cast(norm, dtype, base_dtype)
+        y = lw.cast(out, dtype, base_dtype)
+        norm = lw.cast(lw.call(dora_norm, owner, adapter, weight_name, site.kind, site.fan_in_fan_out, gate.scale),
+                       dtype, base_dtype)
         magnitude = lw.call(aten.reshape.default, lw.attr(f"{site.path}.lora_magnitude_vector.{adapter}.weight"), [-1])
-        factor = lw.call(aten.div.Tensor, magnitude, norm)
-        factor = lw.call(aten.reshape.default, factor, [-1] + ([1] * (_rank(lw, site) - 2) if site.kind == "conv" else []))
+        factor = lw.call(aten.div.Tensor, magnitude, norm)  # c, (features,)
         # 1 while unmerged (the scale gate reads s, or 0 once merged), times whether the adapter acts
         on = lw.call(aten.mul.Tensor, lw.attr(f"{site.path}.lora_scaling.{adapter}.value"),
                      1.0 / gate.scale if gate.scale else 1.0)
-        term = lw.call(aten.add.Tensor,
-                       lw.call(aten.mul.Tensor, lw.call(aten.sub.Tensor, factor, 1), base),
-                       lw.call(aten.mul.Tensor, lw.call(aten.mul.Tensor, factor, gate.scale), delta))
-        if lw.mixed:
-            term = lw.call(masked_samples, lw.call(aten.mul.Tensor, term, on), lw.sample_index,
-                           lw.adapter_order.index(adapter))
+        dropout = module.lora_dropout[adapter] if site.kind != "embedding" else nn.Identity()
+        if lw.mixed or not isinstance(dropout, nn.Identity):
+            term = _general_term(lw, site, module, adapter, owner, weight_name, x, y, bias, factor, gate.scale)
+            if lw.mixed:
+                term = lw.call(masked_samples, lw.call(aten.mul.Tensor, term, on), lw.sample_index,
+                               lw.adapter_order.index(adapter))
+            else:
+                term = lw.call(aten.mul.Tensor, term, lw.call(aten.mul.Tensor, on, lw.gate(adapter)))
+            out = lw.call(aten.add.Tensor, out, lw.cast(term, base_dtype, dtype))
+            continue
+        on = lw.call(aten.mul.Tensor, on, lw.gate(adapter))
+        keep = lw.call(aten.add.Tensor, lw.call(aten.mul.Tensor, lw.call(aten.sub.Tensor, factor, 1), on), 1)
+        v = lw.call(aten.mul.Tensor, lw.call(aten.mul.Tensor, factor, gate.scale), on)
+        shift = None
+        if bias is not None:  # -(k - 1) ⊙ b
+            shift = lw.call(aten.neg.default, lw.call(aten.mul.Tensor, lw.call(aten.sub.Tensor, keep, 1),
+                                                       lw.cast(bias, dtype, base_dtype)))
+        if site.kind == "embedding":
+            b_scaled = lw.call(aten.mul.Tensor, lw.attr(f"{site.path}.lora_embedding_B.{adapter}"),
+                               lw.call(aten.unsqueeze.default, v, 1))
+            padding_idx = site.node.args[2] if len(site.node.args) > 2 else -1
+            delta = lw.call(dora_embedding_delta, x, lw.attr(f"{site.path}.lora_embedding_A.{adapter}"), b_scaled,
+                            padding_idx)
         else:
-            term = lw.call(aten.mul.Tensor, term, lw.call(aten.mul.Tensor, on, lw.gate(adapter)))
-        out = lw.call(aten.add.Tensor, out, lw.cast(term, base_dtype, dtype))
+            b_weight = lw.attr(f"{site.path}.lora_B.{adapter}.weight")
+            v_shape = [-1] + [1] * (len(module.lora_B[adapter].weight.shape) - 1)
+            b_scaled = lw.call(aten.mul.Tensor, b_weight, lw.call(aten.reshape.default, v, v_shape))
+            delta = lora.delta(lw, site, module, adapter, x, b_weight=b_scaled, b_bias=shift)
+            shift = None
+        keep = lw.call(aten.reshape.default, keep, _feature_shape(lw, site))
+        if shift is not None:
+            delta = lw.call(aten.add.Tensor, delta, shift)
+        out = lw.cast(lw.call(aten.addcmul.default, delta, keep, y), base_dtype, dtype)
     return out
+
+
+def _feature_shape(lw: Lowering, site: Site) -> list[int]:
+    """(features,) shaped to scale a site output: channels at dim 1 for conv, last otherwise."""
+    return [-1] + ([1] * (_rank(lw, site) - 2) if site.kind == "conv" else [])
+
+
+def _general_term(lw, site, module, adapter, owner, weight_name, x, y, bias, factor, scale):
+    """``(c - 1) ⊙ W x + c ⊙ s B A x`` for one adapter, ungated: mixed graphs, and LoRA dropout
+    (where ``W x`` is W on the dropped-out input in training, as PEFT computes it)."""
+    without_bias = lw.call(aten.sub.Tensor, y, _bias_view(lw, bias, site)) if bias is not None else y
+    dropout = module.lora_dropout[adapter] if site.kind != "embedding" else nn.Identity()
+    if isinstance(dropout, nn.Identity):
+        dropped, base = x, without_bias
+    else:
+        dropped = lw.call_module(f"{site.path}.lora_dropout.{adapter}", x)
+        base = lw.call(dora_dropped_base, owner, adapter, weight_name, dropped, without_bias)
+    if site.kind == "embedding":
+        padding_idx = site.node.args[2] if len(site.node.args) > 2 else -1
+        delta = lw.call(dora_embedding_delta, x, lw.attr(f"{site.path}.lora_embedding_A.{adapter}"),
+                        lw.attr(f"{site.path}.lora_embedding_B.{adapter}"), padding_idx)
+    else:
+        delta = lora.delta(lw, site, module, adapter, dropped)
+    factor = lw.call(aten.reshape.default, factor, _feature_shape(lw, site))
+    return lw.call(aten.add.Tensor,
+                   lw.call(aten.mul.Tensor, lw.call(aten.sub.Tensor, factor, 1), base),
+                   lw.call(aten.mul.Tensor, lw.call(aten.mul.Tensor, factor, scale), delta))
 
 
 def _rank(lw: Lowering, site: Site) -> int:

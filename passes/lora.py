@@ -96,11 +96,14 @@ def add_lora(module: nn.Module, site: Site, weight, config: LoraConfig, adapter:
 
 
 
-def delta(lw: Lowering, site: Site, module: nn.Module, adapter: str, x):
-    """``B(A(x))`` at a linear or conv site (the form scales, gates and adds it)."""
+def delta(lw: Lowering, site: Site, module: nn.Module, adapter: str, x, b_weight=None, b_bias=None):
+    """``B(A(x))`` at a linear or conv site (the form scales, gates and adds it). ``b_weight`` /
+    ``b_bias`` replace B's tensors (DoRA folds per-feature factors into them)."""
     path = site.path
-    a_weight, b_weight = lw.attr(f"{path}.lora_A.{adapter}.weight"), lw.attr(f"{path}.lora_B.{adapter}.weight")
-    b_bias = lw.attr(f"{path}.lora_B.{adapter}.bias") if module.lora_B[adapter].bias is not None else None
+    a_weight = lw.attr(f"{path}.lora_A.{adapter}.weight")
+    if b_weight is None:
+        b_weight = lw.attr(f"{path}.lora_B.{adapter}.weight")
+        b_bias = lw.attr(f"{path}.lora_B.{adapter}.bias") if module.lora_B[adapter].bias is not None else None
     if site.kind == "linear":
         return lw.call(aten.linear.default, lw.call(aten.linear.default, x, a_weight), b_weight, b_bias)
     a_conv, b_conv = module.lora_A[adapter], module.lora_B[adapter]

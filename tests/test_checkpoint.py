@@ -149,10 +149,10 @@ def test_bad_checkpoints_fail_cleanly(tmp_path):
     (tmp_path / "ia3" / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "VERA"}))
     with pytest.raises(NotImplementedError, match="VERA"):
         fxpeft.from_pretrained(model, str(tmp_path / "ia3"))
-    (tmp_path / "dora").mkdir()
-    (tmp_path / "dora" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
-    with pytest.raises(NotImplementedError, match="use_dora"):
-        fxpeft.from_pretrained(model, str(tmp_path / "dora"))
+    (tmp_path / "replicated").mkdir()
+    (tmp_path / "replicated" / "adapter_config.json").write_text(json.dumps({**config, "layer_replication": [[0, 1]]}))
+    with pytest.raises(NotImplementedError, match="layer_replication"):
+        fxpeft.from_pretrained(model, str(tmp_path / "replicated"))
     (tmp_path / "newer").mkdir()
     (tmp_path / "newer" / "adapter_config.json").write_text(json.dumps({**config, "some_future_field": 3}))
     (tmp_path / "newer" / "adapter_model.safetensors").write_bytes(weights.read_bytes())
