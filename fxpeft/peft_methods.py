@@ -155,10 +155,11 @@ class PeftModelMethods:
     activation_checkpointing_disable = gradient_checkpointing_disable
 
     def generate(self, *args, **kwargs):
-        raise NotImplementedError(
-            "fxpeft modules cannot generate yet (their graphs run without a KV cache). To generate with the "
-            "adapted weights, write them into the original class: fxpeft.export_merged(gm, dir) gives "
-            "model.safetensors, which YourModelClass(config).load_state_dict(...) loads strictly.")
+        """transformers' ``generate`` (the model's class's), each step one of fxpeft's graphs over a static
+        KV cache; PEFT's ``adapter_names=`` gives each sequence its adapter (``fxpeft.generation``)."""
+        from .generation import generate
+
+        return generate(self, getattr(super(), "generate", None), *args, **kwargs)
 
 
 def _replace_adapter_weights(gm, directory: str, adapter_name: str, is_trainable: bool) -> None:
