@@ -161,6 +161,12 @@ class PeftModelMethods:
 
         return generate(self, getattr(super(), "generate", None), *args, **kwargs)
 
+    def _validate_model_kwargs(self, model_kwargs: dict) -> None:
+        """transformers' check of generate's model keywords against the forward signature, which keeps the
+        model's own signature: ``adapter_names`` (the per-sequence index generate passes on) is ours."""
+        model_kwargs = {k: v for k, v in model_kwargs.items() if k != "adapter_names"}
+        super()._validate_model_kwargs(model_kwargs)
+
 
 def _replace_adapter_weights(gm, directory: str, adapter_name: str, is_trainable: bool) -> None:
     """The folder's weights into an existing adapter, in place; its trainability stays as it was
