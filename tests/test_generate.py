@@ -130,15 +130,20 @@ def test_adapter_names_per_sequence(llama_pair):
         gm.set_adapter("a")
 
 
-@pytest.mark.parametrize("method", ["dora", "ia3"])
+OTHER_METHODS = {
+    "dora": ("LoraConfig", dict(r=4, use_dora=True, **LORA)),
+    "ia3": ("IA3Config", dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
+                              init_ia3_weights=False)),
+    "adalora": ("AdaLoraConfig", dict(init_r=4, target_r=2, lora_alpha=8, total_step=10, init_lora_weights=False,
+                                      target_modules=["q_proj", "v_proj", "up_proj"])),
+}
+
+
+@pytest.mark.parametrize("method", list(OTHER_METHODS))
 def test_other_weight_adapting_methods_match_peft(method):
     model = models.qwen2().eval()
-    if method == "dora":
-        ours, theirs = fxpeft.LoraConfig(r=4, use_dora=True, **LORA), peft.LoraConfig(r=4, use_dora=True, **LORA)
-    else:
-        kwargs = dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
-                      init_ia3_weights=False)
-        ours, theirs = fxpeft.IA3Config(**kwargs), peft.IA3Config(**kwargs)
+    config_class, kwargs = OTHER_METHODS[method]
+    ours, theirs = getattr(fxpeft, config_class)(**kwargs), getattr(peft, config_class)(**kwargs)
     reference = peft.get_peft_model(copy.deepcopy(model), theirs).eval()
     gm = fxpeft.transform(model, ours).eval()
     assert copy_adapter_weights(reference, gm) > 0
