@@ -30,6 +30,7 @@ import torch
 import torch.fx
 from torch import nn
 from torch.fx.graph_module import GraphModule, _forward_from_src
+from torch.utils import _pytree as pytree
 
 from . import capture as capture_mod
 from . import generation
@@ -357,7 +358,8 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         if self._fxpeft_primary is not None and self._placement() != before:
             device, dtype = self._placement()
             for index, (key, signature) in enumerate(list(self._fxpeft_signatures.items())):
-                example = {k: _convert(v, device, dtype) for k, v in signature.example.items()}
+                example = {k: pytree.tree_map(lambda t: _convert(t, device, dtype), v)  # also a cache's tensors
+                           for k, v in signature.example.items()}
                 self._capture_signature(example, key, index=index, widen=False)
             self.graph = self._fxpeft_signatures[self._fxpeft_primary].graph
         if "_fxpeft_gates" in self._buffers:

@@ -187,3 +187,31 @@ def test_a_prompt_longer_than_the_cache_names_both_lengths(llama_pair):
         gm.generate(**inputs, max_new_tokens=2, pad_token_id=0, cache=cache)
     with pytest.raises(NotImplementedError, match="static cache"):
         gm.generate(**inputs, max_new_tokens=2, pad_token_id=0, cache=transformers.DynamicCache(config=gm.config))
+
+
+def test_a_forward_loop_with_a_static_cache_matches_peft(llama_pair):
+    """Called directly (a user's own decoding loop, 2-d masks, either cache keyword), the graph
+    writes the cache it is given and returns it, as the model does."""
+    reference, gm = llama_pair
+    inputs = models.hf_inputs("llama", batch=2)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    caches = [transformers.StaticCache(config=gm.config, max_cache_len=12) for _ in range(2)]
+    expected = reference(input_ids=ids, attention_mask=mask, position_ids=position, cache=caches[0], use_cache=True)
+    got = gm(input_ids=ids, attention_mask=mask, position_ids=position, cache=caches[1], use_cache=True)
+    assert got.cache is caches[1]
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    step = dict(input_ids=expected.logits[:, -1:].argmax(-1), attention_mask=torch.cat([mask, mask[:, -1:]], 1),
+                position_ids=position[:, -1:] + 1)
+    expected = reference(**step, cache=caches[0]).logits
+    torch.testing.assert_close(gm(**step, past_key_values=caches[1]).logits, expected, rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(caches[1].layers, caches[0].layers):
+        torch.testing.assert_close(ours.keys, theirs.keys, rtol=1e-5, atol=1e-5)
+
+
+def test_generate_after_a_dtype_change():
+    gm = fxpeft.transform(models.llama().eval(), fxpeft.LoraConfig(r=2, **LORA)).eval()
+    inputs = models.hf_inputs("llama", batch=2)
+    before = gm.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    gm.to(torch.float64)  # captures every signature again, the cache's included
+    assert torch.equal(gm.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0), before)
