@@ -146,10 +146,12 @@ def keyword_module(module: nn.Module, names: list[str], convert_output=None, con
 
 def export_program(module: nn.Module, kwargs: dict[str, Any], convert_output=None, convert_inputs=None):
     """torch.export of ``module(**kwargs)``, non-strict, every tensor dim ``Dim.AUTO`` (also of tensors
-    nested in lists and tuples) and duck sizing off, so that equal example sizes do not force equal
+    nested in lists, tuples and dicts) and duck sizing off, so that equal example sizes do not force equal
     dimensions."""
-    def auto(value):
-        return {d: torch.export.Dim.AUTO for d in range(value.ndim)} if isinstance(value, torch.Tensor) else None
+    def auto(value):  # sizes 1 would be specialised anyway (with a warning): left static
+        if not isinstance(value, torch.Tensor):
+            return None
+        return {d: torch.export.Dim.AUTO for d in range(value.ndim) if value.shape[d] != 1}
 
     dynamic = {name: pytree.tree_map(auto, value) if isinstance(value, (list, tuple, dict)) else auto(value)
                for name, value in kwargs.items()}
