@@ -116,9 +116,10 @@ def _widen(value):
     return value
 
 
-def keyword_module(module: nn.Module, names: list[str], convert_output=None) -> nn.Module:
+def keyword_module(module: nn.Module, names: list[str], convert_output=None, convert_inputs=None) -> nn.Module:
     """``module``'s namespace (the same parameter and buffer keys) behind a forward with explicit
-    keyword-only parameters ``names``, which calls ``module(**given)``.
+    keyword-only parameters ``names``, which calls ``module(**given)`` (``convert_inputs(given)``
+    first, where given: e.g. tensors into the cache object the model takes).
 
     torch.export cannot give dynamic shapes to inputs that reach a forward through ``**kwargs``
     (``return_dict`` in transformers 5, or any input of our dispatcher), and interprets a
@@ -133,7 +134,8 @@ def keyword_module(module: nn.Module, names: list[str], convert_output=None) -> 
             self.__dict__["_wrapped"] = module
 
         def forward(self, **given):
-            output = self._wrapped(**{k: v for k, v in given.items() if v is not None})
+            given = {k: v for k, v in given.items() if v is not None}
+            output = self._wrapped(**(convert_inputs(given) if convert_inputs is not None else given))
             return convert_output(output) if convert_output is not None else output
 
     P = inspect.Parameter
@@ -142,13 +144,19 @@ def keyword_module(module: nn.Module, names: list[str], convert_output=None) -> 
     return KeywordModule()
 
 
-def export_program(module: nn.Module, kwargs: dict[str, Any], convert_output=None):
-    """torch.export of ``module(**kwargs)``, non-strict, every tensor dim ``Dim.AUTO`` and duck
-    sizing off, so that equal example sizes do not force equal dimensions."""
-    dynamic = {name: ({d: torch.export.Dim.AUTO for d in range(value.ndim)} if isinstance(value, torch.Tensor)
-                      else None) for name, value in kwargs.items()}
+def export_program(module: nn.Module, kwargs: dict[str, Any], convert_output=None, convert_inputs=None):
+    """torch.export of ``module(**kwargs)``, non-strict, every tensor dim ``Dim.AUTO`` (also of tensors
+    nested in lists, tuples and dicts) and duck sizing off, so that equal example sizes do not force equal
+    dimensions."""
+    def auto(value):  # sizes 1 would be specialised anyway (with a warning): left static
+        if not isinstance(value, torch.Tensor):
+            return None
+        return {d: torch.export.Dim.AUTO for d in range(value.ndim) if value.shape[d] != 1}
+
+    dynamic = {name: pytree.tree_map(auto, value) if isinstance(value, (list, tuple, dict)) else auto(value)
+               for name, value in kwargs.items()}
     with torch.fx.experimental._config.patch(use_duck_shape=False):
-        return torch.export.export(keyword_module(module, list(kwargs), convert_output), (), kwargs,
+        return torch.export.export(keyword_module(module, list(kwargs), convert_output, convert_inputs), (), kwargs,
                                    dynamic_shapes=dynamic, strict=False)
 
 
@@ -167,14 +175,16 @@ def _unaliased(kwargs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def export_call(model: nn.Module, kwargs: dict[str, Any], widen: bool = False) -> Captured:
-    """Capture one keyword signature with torch.export."""
+def export_call(model: nn.Module, kwargs: dict[str, Any], widen: bool = False, convert_inputs=None,
+                convert_output=None) -> Captured:
+    """Capture one keyword signature with torch.export (``convert_inputs``/``convert_output``: see
+    :func:`keyword_module`)."""
     if widen:
         kwargs = {name: _widen(value) for name, value in kwargs.items()}
     kwargs = _unaliased(kwargs)
     try:
         with _tracing_state(model):
-            program = export_program(model, kwargs)
+            program = export_program(model, kwargs, convert_output, convert_inputs)
     except Exception as error:
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__} with inputs {sorted(kwargs)}: "
@@ -231,13 +241,17 @@ def capture(model: nn.Module, example_inputs=None) -> Captured:
     return export_call(model, kwargs)
 
 
-def signature_key(kwargs: dict[str, Any]) -> tuple:
-    """Calls with the same key share one graph: tensor inputs by name, other values by value."""
+def signature_key(kwargs: dict[str, Any], ranks: bool = False) -> tuple:
+    """Calls with the same key share one graph: tensor inputs by name (with their rank where
+    ``ranks``: a graph for a 4-d mask cannot take a 2-d one), lists and dicts of tensors by name
+    and structure, other values by value."""
     parts = []
     for name in sorted(kwargs):
         value = kwargs[name]
         if isinstance(value, torch.Tensor):
-            parts.append(name)
+            parts.append((name, value.ndim) if ranks else name)
+        elif isinstance(value, (list, tuple, dict)):
+            parts.append((name, str(pytree.tree_structure(value))))
         else:
             parts.append((name, value))
     return tuple(parts)

@@ -30,8 +30,10 @@ import torch
 import torch.fx
 from torch import nn
 from torch.fx.graph_module import GraphModule, _forward_from_src
+from torch.utils import _pytree as pytree
 
 from . import capture as capture_mod
+from . import generation
 from .blocks import (Outlined, extend, find_block_paths, fingerprint, inline, install_blocks, outline,
                      repeated_lists, truncated)
 from .canonical import annotate_shapes, canonicalize
@@ -319,7 +321,7 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
             self._signature(call)
 
     def _signature(self, call: dict) -> Signature:
-        key = capture_mod.signature_key(call)
+        key = capture_mod.signature_key(call, ranks=generation.cache_name_of(call) is not None)
         signature = self._fxpeft_signatures.get(key)
         if signature is None:
             if torch.compiler.is_compiling():
@@ -337,9 +339,13 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
                 f"This module was sharded (FSDP2) before a call with {sorted(kwargs)} was captured, and capture traces "
                 "the full weights: call it once with these keywords before fully_shard / fxpeft.shard.")
         index = len(self._fxpeft_signatures) if index is None else index
-        signature = capture_canonical(self._fxpeft_source, self, index, self._fxpeft_block_paths,
-                                      lambda model: capture_mod.export_call(model, kwargs, widen=widen),
-                                      self._fxpeft_registry)
+        cache_name = generation.cache_name_of(kwargs)
+        if cache_name is None:
+            block_paths, capture = self._fxpeft_block_paths, lambda model: capture_mod.export_call(model, kwargs,
+                                                                                                   widen=widen)
+        else:  # each layer reads its own cache input: the whole model is exported (no repeated-block shortcut)
+            block_paths, capture = (), lambda model: generation.capture_with_cache(model, kwargs, cache_name, widen)
+        signature = capture_canonical(self._fxpeft_source, self, index, block_paths, capture, self._fxpeft_registry)
         self._lower_signature(signature)
         self._fxpeft_signatures[key] = signature
         return signature
@@ -352,7 +358,8 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         if self._fxpeft_primary is not None and self._placement() != before:
             device, dtype = self._placement()
             for index, (key, signature) in enumerate(list(self._fxpeft_signatures.items())):
-                example = {k: _convert(v, device, dtype) for k, v in signature.example.items()}
+                example = {k: pytree.tree_map(lambda t: _convert(t, device, dtype), v)  # also a cache's tensors
+                           for k, v in signature.example.items()}
                 self._capture_signature(example, key, index=index, widen=False)
             self.graph = self._fxpeft_signatures[self._fxpeft_primary].graph
         if "_fxpeft_gates" in self._buffers:
@@ -367,7 +374,8 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
                 next(iter(dtypes)) if len(dtypes) == 1 else tuple(sorted(map(str, dtypes))))
 
     def _bind(self, args, kwargs: dict) -> tuple[dict, Any]:
-        """An exported graph's call as the keyword inputs it takes, and ``adapter_names``."""
+        """An exported graph's call as the keyword inputs it takes, and ``adapter_names``. A KV cache
+        object becomes its tensors (the graph writes into them)."""
         for name, value in zip(self._fxpeft_arg_names, args):
             if name in kwargs:
                 raise TypeError(f"forward() got multiple values for argument {name!r}")
@@ -375,6 +383,16 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         adapter_names = kwargs.pop("adapter_names", None)
         kwargs = {k: v for k, v in kwargs.items()
                   if v is not None and k not in IGNORED_KWARGS and k not in self._fxpeft_dropped}
+        cache_name = generation.cache_name_of(kwargs)
+        if cache_name is not None:
+            cache = kwargs.pop(cache_name)
+            if generation.is_cache(cache):
+                # the model's own name for it (transformers 5.24 calls it cache, earlier ones past_key_values)
+                name = "cache" if "cache" in self._fxpeft_arg_names else "past_key_values"
+                kwargs[name] = generation.cache_tensors(self, cache, kwargs.get("input_ids"))
+                kwargs["use_cache"] = True
+                return kwargs, adapter_names
+            kwargs[cache_name] = cache
         if self._fxpeft_no_cache:
             kwargs["use_cache"] = False
         return kwargs, adapter_names
@@ -385,12 +403,15 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
             batch_input = None if adapter_names is None else (args[0] if args else next(iter(kwargs.values())))
             output = self._run(self._fxpeft_signatures[None], adapter_names, batch_input, *args, **kwargs)
         else:
+            cache = next((kwargs[name] for name in generation.CACHE_NAMES if kwargs.get(name) is not None), None)
             kwargs, adapter_names = self._bind(args, kwargs)
             signature = self._signature(kwargs)
             batch_input = None if adapter_names is None else next(
                 v for v in kwargs.values() if isinstance(v, torch.Tensor))
             flat = self._run(signature, adapter_names, batch_input, *capture_mod.flatten_call(kwargs, signature.in_spec))
             output = capture_mod.unflatten_output(list(flat), signature.out_spec)
+            if generation.cache_name_of(kwargs) is not None and isinstance(output, dict):
+                output[generation.cache_name_of(kwargs)] = cache  # what the graph wrote into
         for method, adapter in self._fxpeft_output_hooks:  # e.g. a regulariser added to the loss
             output = method.adjust_output(self, adapter, output)
         return output

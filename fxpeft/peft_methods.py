@@ -155,10 +155,17 @@ class PeftModelMethods:
     activation_checkpointing_disable = gradient_checkpointing_disable
 
     def generate(self, *args, **kwargs):
-        raise NotImplementedError(
-            "fxpeft modules cannot generate yet (their graphs run without a KV cache). To generate with the "
-            "adapted weights, write them into the original class: fxpeft.export_merged(gm, dir) gives "
-            "model.safetensors, which YourModelClass(config).load_state_dict(...) loads strictly.")
+        """transformers' ``generate`` (the model's class's), each step one of fxpeft's graphs over a static
+        KV cache; PEFT's ``adapter_names=`` gives each sequence its adapter (``fxpeft.generation``)."""
+        from .generation import generate
+
+        return generate(self, getattr(super(), "generate", None), *args, **kwargs)
+
+    def _validate_model_kwargs(self, model_kwargs: dict) -> None:
+        """transformers' check of generate's model keywords against the forward signature, which keeps the
+        model's own signature: ``adapter_names`` (the per-sequence index generate passes on) is ours."""
+        model_kwargs = {k: v for k, v in model_kwargs.items() if k != "adapter_names"}
+        super()._validate_model_kwargs(model_kwargs)
 
 
 def _replace_adapter_weights(gm, directory: str, adapter_name: str, is_trainable: bool) -> None:

@@ -1,0 +1,205 @@
+"""Generation: transformers' ``generate`` over fxpeft's graphs, with a KV cache the graphs write in place.
+
+Decoding (greedy, sampling, beam search), logits processing, stopping and the output types are
+transformers' own: the result's class inherits the model's class, so ``GenerationMixin.generate``
+drives the loop. What fxpeft decides is how one forward step runs:
+
+- ``generate`` asks for transformers' static cache (``cache_implementation="static"``): per layer a
+  key and a value tensor (batch, kv_heads, max_len, head_dim) and a 0-d ``cumulative_length``,
+  allocated once per ``generate`` call and written in place.
+- A call with a cache passes those tensors to the graph as inputs (:func:`cache_tensors`). The
+  graph for such calls is captured once, around a cache object rebuilt over the traced tensors
+  (:func:`cache_shell`), so the writes it records (``index_copy_`` of the new keys and values,
+  ``add_`` on the length) land in the caller's cache. Prefill and decode share that graph (the
+  query length is a dynamic dim): a decode step reads one token and attends over the cache.
+- ``adapter_names=`` becomes a per-sequence index tensor passed as a model keyword, which
+  transformers repeats for beams and returned sequences like any per-sequence input; the
+  dispatcher runs the signature's mixed graph with it.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Optional
+
+import torch
+from torch.utils import _pytree as pytree
+
+from . import capture as capture_mod
+
+CACHE_NAMES = ("cache", "past_key_values")  # transformers 5.24 renamed past_key_values (deprecated until 5.40)
+
+
+def is_cache(value) -> bool:
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(value, Cache)
+
+
+def cache_tensors(gm, cache, input_ids: Optional[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
+    """The (keys, values, cumulative_length) of each layer of a static cache, allocated here if the
+    cache has not been used yet. Raises for caches the graphs cannot write, and for a prompt longer
+    than the cache."""
+    from transformers.cache_utils import StaticLayer
+
+    kinds = {type(layer).__name__ for layer in cache.layers if type(layer) is not StaticLayer}
+    if kinds:
+        raise NotImplementedError(
+            f"fxpeft graphs decode with transformers' static cache (StaticCache, one StaticLayer per layer); this "
+            f"{type(cache).__name__} holds {sorted(kinds)}. Call generate without a cache object (fxpeft picks the "
+            "static cache), or pass a transformers.StaticCache.")
+    if not all(layer.is_initialized for layer in cache.layers):
+        shape = gm._get_static_cache_init_shape()
+        if shape is None or input_ids is None:
+            raise NotImplementedError(f"Cannot allocate a static cache for {type(gm).__name__}: transformers gives no "
+                                      "head shapes for it (or the call has no input_ids).")
+        cache.early_initialization(input_ids.shape[0], *shape, dtype=gm.dtype, device=input_ids.device)
+    tensors = [(layer.keys, layer.values, layer.cumulative_length) for layer in cache.layers]
+    if input_ids is not None and input_ids.shape[-1] > 1:  # prefill: the only step that can overflow a cache generate sized
+        capacity, cached = tensors[0][0].shape[2], int(tensors[0][2])
+        if cached + input_ids.shape[-1] > capacity:
+            raise ValueError(
+                f"The prompt has {input_ids.shape[-1]} tokens" + (f" (after {cached} cached)" if cached else "")
+                + f" but the KV cache holds {capacity}: use a cache with max_cache_len >= "
+                f"{cached + input_ids.shape[-1]} plus the tokens to generate.")
+    return tensors
+
+
+def cache_shell(tensors):
+    """A transformers cache over the given (possibly traced) tensors; its length is the tensors' own
+    (a dynamic dim under export, not a baked-in constant)."""
+    from transformers.cache_utils import Cache, StaticLayer
+
+    layers = []
+    for keys, values, length in tensors:
+        layer = StaticLayer(max_cache_len=keys.shape[2])
+        layer.keys, layer.values, layer.cumulative_length = keys, values, length
+        layer.device = keys.device
+        layer.batch_size, layer.num_heads = keys.shape[:2]
+        layer.k_head_dim, layer.v_head_dim = keys.shape[-1], values.shape[-1]
+        layer.is_initialized = True
+        layers.append(layer)
+    return Cache(layers=layers)
+
+
+def _with_shell(given: dict) -> dict:
+    return {name: cache_shell(value) if name in CACHE_NAMES else value for name, value in given.items()}
+
+
+def _without_cache(output):
+    """The graph returns no cache object (the caller holds it; the graph wrote into its tensors)."""
+    if isinstance(output, dict):
+        return type(output)(**{k: v for k, v in output.items() if k not in CACHE_NAMES})
+    return output
+
+
+def _resized(tensor: torch.Tensor, shape) -> torch.Tensor:
+    """``tensor`` tiled or cut to ``shape``."""
+    reps = [-(-new // old) for new, old in zip(shape, tensor.shape)]
+    return tensor.repeat(reps)[tuple(slice(0, n) for n in shape)].clone()
+
+
+def small_example(call: dict, cache_name: str) -> dict:
+    """An example of a call with a cache for torch.export: batch and query length at least 2 (export
+    specialises sizes 1), a short cache (the example is kept, to capture again after ``.to()``)."""
+    keys = call[cache_name][0][0]
+    batch, length = keys.shape[0], keys.shape[2]
+    query = call["input_ids"].shape[-1] if "input_ids" in call else 2
+    new_batch, new_query = max(batch, 2), max(query, 2)
+    new_length = max(new_query, min(length, new_query + 2))
+
+    def resized(name, value):
+        if not isinstance(value, torch.Tensor) or value.ndim == 0:
+            return value
+        shape = list(value.shape)
+        if shape[0] == batch:
+            shape[0] = new_batch
+        if name == "attention_mask" and value.ndim == 4:  # (batch, 1, query, cache length)
+            shape[2:] = [new_query, new_length]
+        elif name == "attention_mask":  # (batch, cached + query)
+            shape[-1] = max(2, min(shape[-1], new_length))
+        elif name in ("input_ids", "position_ids", "token_type_ids"):
+            shape[-1] = new_query
+        elif name == "inputs_embeds":
+            shape[1] = new_query
+        return _resized(value, shape)
+
+    example = {}
+    for name, value in call.items():
+        if name == cache_name:
+            example[name] = [(_resized(k, (new_batch, k.shape[1], new_length, k.shape[3])),
+                              _resized(v, (new_batch, v.shape[1], new_length, v.shape[3])), n.clone())
+                             for k, v, n in value]
+        else:  # masks may come as a dict per attention kind (Qwen2: {"full_attention": mask})
+            example[name] = pytree.tree_map(lambda leaf, name=name: resized(name, leaf), value)
+    return example
+
+
+def capture_with_cache(model, call: dict, cache_name: str, widen: bool) -> capture_mod.Captured:
+    """Export ``model`` for a call whose ``cache_name`` input is a list of (keys, values, length)."""
+    example = small_example(call, cache_name) if widen else call
+    return capture_mod.export_call(model, example, convert_inputs=_with_shell, convert_output=_without_cache)
+
+
+def cache_name_of(call: dict) -> Optional[str]:
+    return next((name for name in CACHE_NAMES if name in call), None)
+
+
+# ---------------------------------------------------------------------------------------------- generate
+
+
+def generate(gm, mixin_generate: Optional[Callable], *args, adapter_names=None, **kwargs) -> Any:
+    """``gm.generate``: transformers' generate over fxpeft's graphs (see the module docstring)."""
+    source = type(gm._fxpeft_source).__name__
+    can = getattr(type(gm), "can_generate", None)
+    if mixin_generate is None or not capture_mod.is_transformers_model(gm) or not (can and can()):
+        raise TypeError(
+            f"{source} cannot generate: generate needs a transformers model with a language-model head "
+            "(a *ForCausalLM class); an encoder or a classifier has none.")
+    if getattr(gm.config, "is_encoder_decoder", False):
+        raise NotImplementedError(f"fxpeft cannot generate with encoder-decoder models ({source}) yet; "
+                                  "decoder-only causal LMs can.")
+    for name in gm._fxpeft_active:
+        method = gm._fxpeft_registry.method_for(gm.peft_config[name])
+        if method.exclusive:
+            raise NotImplementedError(f"fxpeft cannot generate with {method.name} adapters ({name!r}) yet; adapters "
+                                      "that change a layer's weights can.")
+    if adapter_names is not None:
+        kwargs["adapter_names"] = _adapter_index(gm, adapter_names, args, kwargs)
+    _use_static_cache(kwargs, gm.generation_config)
+    return mixin_generate(*args, **kwargs)
+
+
+def _adapter_index(gm, adapter_names, args, kwargs) -> torch.Tensor:
+    """The per-sequence index, checked against the batch before anything runs."""
+    from .state import adapter_indices
+
+    inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs", kwargs.get("inputs_embeds")))
+    if not isinstance(inputs, torch.Tensor):
+        raise ValueError("generate(adapter_names=...) needs the prompts as a tensor (input_ids).")
+    if isinstance(adapter_names, torch.Tensor):
+        return gm._adapter_index(adapter_names, inputs)
+    return adapter_indices(gm, adapter_names, batch_size=inputs.shape[0], device=inputs.device)
+
+
+def _use_static_cache(kwargs: dict, default_config) -> None:
+    """Ask transformers for its static cache, unless the caller chose a cache or none. Compilation
+    stays off unless asked for (transformers would compile a static-cache decode on GPUs)."""
+    given = kwargs.get("generation_config")
+    config = given if given is not None else default_config
+    chosen = (any(kwargs.get(name) is not None for name in CACHE_NAMES) or kwargs.get("use_cache") is False
+              or kwargs.get("cache_implementation") is not None
+              or (config is not None and (config.cache_implementation is not None or config.use_cache is False)))
+    compile_asked = kwargs.get("compile_config") is not None or (config is not None and config.compile_config is not None)
+    if given is not None:  # a copy: passing generation_config together with other generate arguments is deprecated
+        config = kwargs["generation_config"] = copy.deepcopy(config)
+        if not chosen:
+            config.cache_implementation = "static"
+        if not compile_asked:
+            config.disable_compile = True
+        return
+    if not chosen:
+        kwargs["cache_implementation"] = "static"
+    if not compile_asked and "disable_compile" not in kwargs:
+        kwargs["disable_compile"] = True

@@ -1,0 +1,217 @@
+"""gm.generate: transformers' decoding over fxpeft's graphs with a static KV cache, against PEFT's generate."""
+import copy
+
+import peft
+import pytest
+import torch
+import transformers
+
+import fxpeft
+import models
+from peft_oracle import copy_adapter_weights, lora_pair
+
+LORA = dict(init_lora_weights=False, target_modules="all-linear")
+NEW = 6
+
+
+@pytest.fixture(scope="module")
+def llama_pair():
+    """PEFT and fxpeft Llama with the same two LoRA adapters of different ranks, "a" active."""
+    torch.manual_seed(0)
+    return lora_pair(models.llama().eval(), {"a": dict(r=4, lora_alpha=8, **LORA), "b": dict(r=2, lora_alpha=4, **LORA)})
+
+
+def both(reference, gm, seed=1, **kwargs):
+    torch.manual_seed(seed)
+    expected = reference.generate(**kwargs)
+    torch.manual_seed(seed)
+    return expected, gm.generate(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2", "opt"])
+def test_greedy_with_left_padding_matches_peft(name):
+    model = getattr(models, name)().eval()
+    reference, gm = lora_pair(model, {"default": dict(r=4, lora_alpha=8, **LORA)})
+    inputs = models.hf_inputs(name, batch=2)  # row 0 left-padded
+    expected, got = both(reference, gm, **inputs, max_new_tokens=NEW, do_sample=False, pad_token_id=0,
+                         return_dict_in_generate=True, output_scores=True)
+    assert type(got) is type(expected)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert len(got.scores) == NEW
+    for ours, theirs in zip(got.scores, expected.scores):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [
+    dict(num_beams=3, num_return_sequences=2),
+    dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.9, num_return_sequences=2),
+    dict(min_new_tokens=4, eos_token_id=[5, 54, 57, 63]),
+], ids=["beams", "sampling", "min-eos"])
+def test_decoding_strategies_match_peft(llama_pair, options):
+    reference, gm = llama_pair
+    inputs = models.hf_inputs("llama", batch=2)
+    expected, got = both(reference, gm, **inputs, max_new_tokens=NEW, pad_token_id=0, **options)
+    assert torch.equal(got, expected)
+
+
+def test_generation_config_and_streamer(llama_pair):
+    reference, gm = llama_pair
+    inputs = models.hf_inputs("llama", batch=1)
+    config = transformers.GenerationConfig(max_new_tokens=4, do_sample=False, pad_token_id=0)
+
+    class Collect(transformers.generation.BaseStreamer):
+        def __init__(self):
+            self.tokens = []
+
+        def put(self, value):
+            self.tokens.append(value.flatten().tolist())
+
+        def end(self):
+            pass
+
+    streamer = Collect()
+    expected = reference.generate(**inputs, generation_config=config)
+    got = gm.generate(**inputs, generation_config=config, streamer=streamer)
+    assert torch.equal(got, expected)
+    assert sum(streamer.tokens, []) == got[0].tolist()
+    assert config.cache_implementation is None  # the caller's config is not changed
+
+
+def test_decode_steps_read_one_token_and_write_the_cache_in_place(llama_pair):
+    """The KV cache is real: after the prompt, every step's graph gets one token per sequence (so it
+    cannot recompute the context), all steps run one captured graph, and the cache tensors are
+    written in place to the prompt plus the generated tokens."""
+    _, gm = llama_pair
+    inputs = models.hf_inputs("llama", batch=2, seq=7)
+    seen = []
+    run = type(gm)._run
+
+    def recording(signature, adapter_names, batch_input, *args):
+        _, call = torch.utils._pytree.tree_unflatten(list(args), signature.in_spec)
+        seen.append((signature, tuple(call["input_ids"].shape)))
+        return run(gm, signature, adapter_names, batch_input, *args)
+
+    gm.__dict__["_run"] = recording
+    try:
+        out = gm.generate(**inputs, max_new_tokens=NEW, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    finally:
+        del gm.__dict__["_run"]
+    assert [shape for _, shape in seen] == [(2, 7)] + [(2, 1)] * (NEW - 1)
+    assert len({id(signature) for signature, _ in seen}) == 1
+    cache = out.past_key_values
+    assert isinstance(cache, transformers.StaticCache)
+    for layer in cache.layers:
+        assert int(layer.cumulative_length) == 7 + NEW - 1
+        written = layer.keys.abs().sum(dim=(0, 1, 3))
+        assert bool((written[: 7 + NEW - 1] > 0).all()) and bool((written[7 + NEW - 1:] == 0).all())
+
+
+def test_adapter_names_per_sequence(llama_pair):
+    """One adapter per sequence in one decode graph: equal to PEFT (beams repeat names per beam) and to
+    generating each sequence alone with its adapter."""
+    reference, gm = llama_pair
+    inputs = models.hf_inputs("llama", batch=3)
+    names = ["a", "__base__", "b"]
+    for options in (dict(do_sample=False), dict(num_beams=2)):
+        expected, got = both(reference, gm, **inputs, max_new_tokens=NEW, pad_token_id=0, adapter_names=names, **options)
+        assert torch.equal(got, expected)
+    mixed = gm.generate(**inputs, max_new_tokens=NEW, do_sample=False, pad_token_id=0, adapter_names=names)
+    try:
+        for row, name in enumerate(names):
+            alone = {k: v[row:row + 1] for k, v in inputs.items()}
+            if name == "__base__":
+                with gm.disable_adapter():
+                    single = gm.generate(**alone, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+            else:
+                gm.set_adapter(name)
+                single = gm.generate(**alone, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+            assert torch.equal(single[0], mixed[row]), name
+    finally:
+        gm.set_adapter("a")
+
+
+OTHER_METHODS = {
+    "dora": ("LoraConfig", dict(r=4, use_dora=True, **LORA)),
+    "ia3": ("IA3Config", dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
+                              init_ia3_weights=False)),
+    "adalora": ("AdaLoraConfig", dict(init_r=4, target_r=2, lora_alpha=8, total_step=10, init_lora_weights=False,
+                                      target_modules=["q_proj", "v_proj", "up_proj"])),
+}
+
+
+@pytest.mark.parametrize("method", list(OTHER_METHODS))
+def test_other_weight_adapting_methods_match_peft(method):
+    model = models.qwen2().eval()
+    config_class, kwargs = OTHER_METHODS[method]
+    ours, theirs = getattr(fxpeft, config_class)(**kwargs), getattr(peft, config_class)(**kwargs)
+    reference = peft.get_peft_model(copy.deepcopy(model), theirs).eval()
+    gm = fxpeft.transform(model, ours).eval()
+    assert copy_adapter_weights(reference, gm) > 0
+    inputs = models.hf_inputs("qwen2", batch=2)
+    expected, got = both(reference, gm, **inputs, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, expected)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def test_models_that_cannot_generate_say_so():
+    gm = fxpeft.transform(models.bert(), fxpeft.LoraConfig(r=2, target_modules=["query"]))
+    with pytest.raises(TypeError, match="BertForSequenceClassification cannot generate"):
+        gm.generate(**models.hf_inputs("bert"))
+    gm = fxpeft.transform(models.MLP(), fxpeft.LoraConfig(r=2, target_modules=["fc1"]))
+    with pytest.raises(TypeError, match="MLP cannot generate"):
+        gm.generate(torch.randn(2, 12))
+
+
+def test_bad_adapter_names_fail_before_any_compute(llama_pair):
+    _, gm = llama_pair
+    inputs = models.hf_inputs("llama", batch=2)
+    calls = []
+    gm.__dict__["_run"] = lambda *args: calls.append(args)
+    try:
+        with pytest.raises(ValueError, match="3 entries but the batch has 2"):
+            gm.generate(**inputs, max_new_tokens=2, adapter_names=["a", "b", "a"])
+        with pytest.raises(ValueError, match="unknown adapter"):
+            gm.generate(**inputs, max_new_tokens=2, adapter_names=["a", "nope"])
+    finally:
+        del gm.__dict__["_run"]
+    assert calls == []
+
+
+def test_a_prompt_longer_than_the_cache_names_both_lengths(llama_pair):
+    _, gm = llama_pair
+    inputs = models.hf_inputs("llama", batch=2, seq=7)
+    cache = transformers.StaticCache(config=gm.config, max_cache_len=5)
+    with pytest.raises(ValueError, match="prompt has 7 tokens but the KV cache holds 5"):
+        gm.generate(**inputs, max_new_tokens=2, pad_token_id=0, cache=cache)
+    with pytest.raises(NotImplementedError, match="static cache"):
+        gm.generate(**inputs, max_new_tokens=2, pad_token_id=0, cache=transformers.DynamicCache(config=gm.config))
+
+
+def test_a_forward_loop_with_a_static_cache_matches_peft(llama_pair):
+    """Called directly (a user's own decoding loop, 2-d masks, either cache keyword), the graph
+    writes the cache it is given and returns it, as the model does."""
+    reference, gm = llama_pair
+    inputs = models.hf_inputs("llama", batch=2)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    caches = [transformers.StaticCache(config=gm.config, max_cache_len=12) for _ in range(2)]
+    expected = reference(input_ids=ids, attention_mask=mask, position_ids=position, cache=caches[0], use_cache=True)
+    got = gm(input_ids=ids, attention_mask=mask, position_ids=position, cache=caches[1], use_cache=True)
+    assert got.cache is caches[1]
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    step = dict(input_ids=expected.logits[:, -1:].argmax(-1), attention_mask=torch.cat([mask, mask[:, -1:]], 1),
+                position_ids=position[:, -1:] + 1)
+    expected = reference(**step, cache=caches[0]).logits
+    torch.testing.assert_close(gm(**step, past_key_values=caches[1]).logits, expected, rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(caches[1].layers, caches[0].layers):
+        torch.testing.assert_close(ours.keys, theirs.keys, rtol=1e-5, atol=1e-5)
+
+
+def test_generate_after_a_dtype_change():
+    gm = fxpeft.transform(models.llama().eval(), fxpeft.LoraConfig(r=2, **LORA)).eval()
+    inputs = models.hf_inputs("llama", batch=2)
+    before = gm.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    gm.to(torch.float64)  # captures every signature again, the cache's included
+    assert torch.equal(gm.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0), before)
