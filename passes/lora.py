@@ -32,7 +32,8 @@ from fxpeft.registry import register_method
 from fxpeft.rewrite import Lowering
 from fxpeft.targets import pattern_value
 
-from .lora_init import LoftQConfig, check_init, init_weights, layer_init, modifies_base
+from .lora_init import (LoftQConfig, check_init, init_weights, layer_init, modifies_base, plain_lora_config,
+                        plain_lora_state)
 
 aten = torch.ops.aten
 
@@ -160,6 +161,35 @@ def _init_from_base(module: nn.Module, site: Site, kind: str, a: nn.Module, b: n
     if new_weight is not None:
         with torch.no_grad():
             base.copy_(new_weight.t() if site.fan_in_fan_out else new_weight)
+
+
+def initial_conversion(gm, adapter: str, tensors: dict, config: dict, initial_directory: str):
+    """PEFT's ``save_pretrained(path_initial_model_for_weight_conversion=initial_directory)``: the
+    trained adapter, which acts on base weights its init rewrote (PiSSA, OLoRA …), as a plain LoRA
+    adapter for the original base: ΔW = BA − B₀A₀ = [B | −B₀][A; A₀], rank 2r, A₀/B₀ read from the
+    folder saved right after the adapter was created (``plain_lora_state``: only lora_A / lora_B
+    keys, as PEFT); the config with r, lora_alpha and the patterns doubled and
+    ``init_lora_weights=True`` (``plain_lora_config``: rslora with patterns raises, other inits
+    warn, as PEFT). As PEFT, the initial folder's config is then rewritten: the adapter's config
+    with ``init_lora_weights=True`` (what PEFT reloads it with)."""
+    from fxpeft.checkpoint import load_weights, rewrite_config
+
+    source = gm.peft_config[adapter]
+    fields = plain_lora_config(source.init_lora_weights, source.r, source.lora_alpha, source.use_rslora,
+                               source.rank_pattern, source.alpha_pattern)
+    device = next(iter(tensors.values())).device if tensors else None
+    initial = load_weights(initial_directory, device)
+    wrong = [key for key, value in tensors.items() if ("lora_A" in key or "lora_B" in key)
+             and (key not in initial or initial[key].shape != value.shape)]
+    if wrong:
+        raise ValueError(f"{initial_directory!r} does not hold adapter {adapter!r} as it was created: "
+                         f"{', '.join(wrong[:4])}{' …' if len(wrong) > 4 else ''} missing or of another shape. "
+                         "path_initial_model_for_weight_conversion is the folder it was saved to right after "
+                         "fxpeft.transform / add_adapter, before training.")
+    converted = plain_lora_state(tensors, {key: value.to(tensors[key].dtype) for key, value in initial.items()
+                                           if key in tensors})
+    rewrite_config(initial_directory, {**config, "init_lora_weights": True})
+    return converted, {**config, **fields}
 
 
 # ----------------------------------------------------------------------------- rewrite
@@ -458,4 +488,4 @@ METHOD = register_method(additive(
     containers=CONTAINERS, gates="lora_scaling", dropouts="lora_dropout",
     dtype_of=lambda module, adapter: module.lora_A[adapter].weight.dtype,
     default_targets=DEFAULT_LORA_TARGETS, heads=_heads, lower_site=lower_site, adapters_at=_lora_adapters,
-    describe=_rank, check_site=check_site))
+    describe=_rank, check_site=check_site, initial_conversion=initial_conversion))

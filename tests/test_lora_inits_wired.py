@@ -21,7 +21,7 @@ import models
 
 
 def _peft_name(key: str) -> str:
-    return key.removeprefix("base_model.model.").replace(".base_layer.", ".")
+    return key.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(".original_module.", ".")
 
 
 def _compare(model, inputs, seed: int = 1, **config):
@@ -42,7 +42,7 @@ def _compare(model, inputs, seed: int = 1, **config):
         assert torch.equal(ours[name], value), name
         if ".lora_" in name:
             adapters += 1
-        else:
+        elif ".modules_to_save." not in name:
             assert torch.equal(caller[name], value), name  # the caller's model was changed as PEFT's was
     theirs.eval()
     gm.eval()
@@ -204,3 +204,99 @@ def test_saved_configs_load_and_refuse_as_documented(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
     with pytest.raises(NotImplementedError, match="init_lora_weights='eva' .*initialize_lora_eva_weights"):
         fxpeft.from_pretrained(models.MLP(), str(tmp_path))
+
+
+# ---- save_pretrained(path_initial_model_for_weight_conversion=...): plain LoRA for the original base
+
+
+class Converted(nn.Module):
+    """A linear and a Conv1D to convert, an embedding (left out of the file, as PEFT) and a saved head."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 24)
+        self.up = nn.Linear(24, 40)
+        self.gpt = Conv1D(16, 40)
+        self.head = nn.Linear(16, 6)
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.gpt(torch.relu(self.up(self.emb(ids))))))
+
+
+def _normal(config: dict) -> dict:
+    # PEFT holds target_modules as a set; its version is PEFT's, not fxpeft's; PEFT sets the config's
+    # fan_in_fan_out when it wraps a Conv1D (fxpeft reads the layout from the graph and saves the field as given)
+    return {k: sorted(v) if k == "target_modules" else v for k, v in config.items()
+            if k not in ("peft_version", "fan_in_fan_out")}
+
+
+@pytest.mark.parametrize("init,use_rslora", [("pissa", False), ("olora", True)])
+def test_converted_save_is_peft_save_and_loads_on_the_original_base(init, use_rslora, tmp_path):
+    from safetensors.torch import load_file
+    original = Converted()
+    targets = ["up", "emb"] + (["gpt"] if init == "pissa" else [])  # PEFT's OLoRA breaks non-square Conv1D
+    # no modules_to_save: PEFT's converted file leaves them out while its config still names them, so
+    # PEFT cannot load its own converted adapter (KeyError); fxpeft writes the same file
+    config = dict(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=init, use_rslora=use_rslora,
+                  rank_pattern={"up": 3} if not use_rslora else {})
+    ids = torch.randint(0, 10, (3, 5))
+    gm, theirs, _ = _compare(copy.deepcopy(original), {"ids": ids}, **config)
+    gm.save_pretrained(tmp_path / "ours_init")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.save_pretrained(tmp_path / "theirs_init")
+    with torch.no_grad():  # "training", the same on both (not the embedding's: the file leaves it out, as PEFT)
+        for key, param in theirs.named_parameters():
+            if param.requires_grad and "lora_embedding" not in key:
+                param.add_(torch.randn_like(param) * 0.1)
+                dict(gm.named_parameters())[_peft_name(key)].copy_(param)
+    gm.save_pretrained(tmp_path / "ours", path_initial_model_for_weight_conversion=str(tmp_path / "ours_init"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.save_pretrained(tmp_path / "theirs", path_initial_model_for_weight_conversion=str(tmp_path / "theirs_init"))
+    for folder in ("", "_init"):
+        ours = load_file(tmp_path / f"ours{folder}" / "adapter_model.safetensors")
+        expected = load_file(tmp_path / f"theirs{folder}" / "adapter_model.safetensors")
+        assert ours.keys() == expected.keys()
+        assert all(torch.equal(ours[k], expected[k]) for k in expected)
+        ours = json.loads((tmp_path / f"ours{folder}" / "adapter_config.json").read_text())
+        expected = json.loads((tmp_path / f"theirs{folder}" / "adapter_config.json").read_text())
+        assert ours["init_lora_weights"] is True and ours["r"] == (8 if folder == "" else 4)
+        differing = {k for k in _normal(ours) if _normal(ours)[k] != _normal(expected).get(k)}
+        assert differing == (set() if folder == "" else {"inference_mode", "auto_mapping"}), differing
+    converted = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert not any("emb" in k for k in converted)
+    assert converted["base_model.model.up.lora_A.weight"].shape[0] == 2 * (4 if use_rslora else 3)  # rank_pattern
+    assert gm.peft_config["default"].r == 4 and gm.peft_config["default"].init_lora_weights == init  # unchanged
+    # PEFT loads the converted adapter on the untouched base: the trained model's outputs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(original), str(tmp_path / "ours")).eval()
+    gm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), gm(ids), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(original(ids), gm(ids), atol=1e-3)  # training changed something
+
+
+def test_conversion_refusals_write_nothing(tmp_path):
+    def saved(config, name):
+        gm = fxpeft.transform(models.MLP(), config)
+        gm.save_pretrained(tmp_path / name)
+        return gm, (tmp_path / name / "adapter_config.json").read_text()
+
+    gm, initial = saved(fxpeft.LoraConfig(r=4, target_modules=["fc1", "fc2"], init_lora_weights="pissa",
+                                          use_rslora=True, rank_pattern={"fc1": 2}), "rslora")
+    with pytest.raises(ValueError, match="not supported when using `rank_pattern`"):  # PEFT's error
+        gm.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=str(tmp_path / "rslora"))
+    _, other = saved(fxpeft.LoraConfig(r=2, target_modules=["fc1"]), "other")
+    gm, _ = saved(fxpeft.LoraConfig(r=4, target_modules=["fc1", "fc2"], init_lora_weights="pissa"), "pissa")
+    with pytest.raises(ValueError, match="does not hold adapter 'default' as it was created"):
+        fxpeft.save_pretrained(gm, str(tmp_path / "out"), path_initial_model_for_weight_conversion=str(tmp_path / "other"))
+    for config in (fxpeft.LoraConfig(r=2, target_modules=["fc1"], init_lora_weights="pissa", use_dora=True),
+                   fxpeft.IA3Config(target_modules=["fc1"], feedforward_modules=[])):
+        gm, _ = saved(config, "unconvertible")
+        with pytest.raises(NotImplementedError, match="path_initial_model_for_weight_conversion"):
+            gm.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=str(tmp_path / "unconvertible"))
+    assert not (tmp_path / "out").exists()
+    assert (tmp_path / "rslora" / "adapter_config.json").read_text() == initial
+    assert (tmp_path / "other" / "adapter_config.json").read_text() == other
