@@ -299,17 +299,41 @@ def _check_folder_name(adapter: str) -> None:
                          "so it must be one plain folder name (no path separator, not '.' or '..', not absolute).")
 
 
+def check_initial_conversion(gm, adapter: str) -> None:
+    """Raise unless the adapter's method converts checkpoints against an initial folder."""
+    method = method_of(gm, adapter)
+    if method.initial_conversion is None:
+        raise NotImplementedError(
+            f"save_pretrained(path_initial_model_for_weight_conversion=...) is not supported for {method.name} "
+            f"adapters such as {adapter!r}: it converts LoRA adapters whose init rewrote the base weights (PiSSA, "
+            "OLoRA …) into plain LoRA. Save without it.")
+
+
+def _write_json(path: str, data: dict) -> None:
+    with open(path, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+
+
+def rewrite_config(directory: str, data: dict) -> None:
+    """Replace the ``adapter_config.json`` of an existing checkpoint folder, keeping its other files."""
+    atomic_write(directory, {CONFIG_NAME: lambda path: _write_json(path, data)}, unit=(CONFIG_NAME,))
+
+
 def save_adapter(gm, directory: str, adapter: str, safe_serialization: bool = True,
-                 state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+                 state_dict: Optional[dict[str, torch.Tensor]] = None, initial_directory: Optional[str] = None) -> None:
     """Write one adapter. ``state_dict`` (keys as ``gm.state_dict()``'s) supplies the values instead
     of the module: Trainer passes the full weights it gathered under FSDP or DeepSpeed, where the
-    module itself holds only shards."""
+    module itself holds only shards. ``initial_directory`` (PEFT's
+    ``path_initial_model_for_weight_conversion``: the adapter as saved right after it was created)
+    has the method convert what is written (``Method.initial_conversion``)."""
     from safetensors.torch import save_file
 
     _check_folder_name(adapter)
     state = gm.state_dict(keep_vars=True)
     mapping = adapter_key_map(gm, adapter, state)
     method = method_of(gm, adapter)
+    if initial_directory is not None:
+        check_initial_conversion(gm, adapter)
     if state_dict is not None:
         if method.saved_tensors is not None:
             # what these methods save is computed by running the module (the prompt encoder), not read from a dict
@@ -328,10 +352,11 @@ def save_adapter(gm, directory: str, adapter: str, safe_serialization: bool = Tr
     if method.saved_tensors is not None:
         tensors.update(_unshared(method.saved_tensors(gm, adapter)))
     config = _config_dict(gm, gm.peft_config[adapter])
+    if initial_directory is not None:
+        tensors, config = method.initial_conversion(gm, adapter, tensors, config, initial_directory)
 
     def write_config(path):
-        with open(path, "w") as handle:
-            json.dump(config, handle, indent=2, sort_keys=True)
+        _write_json(path, config)
 
     if safe_serialization:
         writers = {SAFETENSORS_NAME: lambda path: save_file(tensors, path, metadata={"format": "pt"})}

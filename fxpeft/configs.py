@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -122,7 +123,7 @@ class LoraConfig(PeftConfigBase):
     megatron_config: Optional[dict] = None
     megatron_core: Optional[str] = "megatron.core"
     trainable_token_indices: Optional[Union[list[int], dict]] = None
-    loftq_config: dict = field(default_factory=dict)
+    loftq_config: dict = field(default_factory=dict)  # {"loftq_bits": 4, "loftq_iter": 1} with init "loftq"
     eva_config: Optional[Any] = None
     corda_config: Optional[Any] = None
     lora_ga_config: Optional[Any] = None
@@ -142,16 +143,44 @@ class LoraConfig(PeftConfigBase):
     UNSUPPORTED = (
         "layer_replication", "megatron_config", "use_qalora", "trainable_token_indices",
         "alora_invocation_tokens", "arrow_config", "target_parameters", "use_bdlora", "kasa_config", "lora_ga_config",
-        "monteclora_config", "velora_config", "corda_config", "eva_config", "loftq_config", "ensure_weight_tying",
+        "monteclora_config", "velora_config", "corda_config", "eva_config", "ensure_weight_tying",
     )
     IGNORED = ("runtime_config",)  # PEFT never saves it; qalora_group_size and megatron_core are fields, unused
-    INITS = (True, False, "gaussian")
+    # init_lora_weights values fxpeft implements, by family (``init_family``): "pissa" stands for
+    # "pissa" and "pissa_niter_<N>"; "olora" and "gaussian" in any case (PEFT lower-cases them)
+    INITS = (True, False, "gaussian", "pissa", "olora", "orthogonal", "loftq")
+    # PEFT's other inits: why fxpeft refuses them (NotImplementedError naming the init)
+    REFUSED_INITS = {
+        "eva": "EVA is data-driven: PEFT's initialize_lora_eva_weights(model, dataloader) sets each layer's rank and A "
+               "from the inputs' SVD after get_peft_model; fxpeft has no such API yet",
+        "corda": "CorDA is data-driven: PEFT's preprocess_corda(model, config, run_model) must collect each layer's "
+                 "input covariance before get_peft_model; fxpeft has no such API yet",
+        "lora_ga": "LoRA-GA is data-driven: PEFT's preprocess_loraga estimates gradients on data first",
+        "mica": "MiCA (a LoRA variant with B frozen) is not implemented",
+    }
+
+    @staticmethod
+    def init_family(init):
+        """The INITS / REFUSED_INITS entry ``init_lora_weights=init`` is dispatched to, as PEFT's LoRA
+        layer dispatches it: any "pissa…" or "corda…" string by its prefix (the rest checked when
+        used), "olora", "gaussian" and "mica" in any case; anything else is itself."""
+        if isinstance(init, str):
+            for prefix in ("pissa", "corda"):
+                if init.startswith(prefix):
+                    return prefix
+            if init.lower() in ("olora", "gaussian", "mica"):
+                return init.lower()
+        return init
 
     @classmethod
     def unsupported(cls, data: dict) -> list[str]:
         found = super().unsupported(data)
         init = data.get("init_lora_weights", True)
-        return found + ([f"init_lora_weights={init!r}"] if init not in cls.INITS else [])
+        family = cls.init_family(init)
+        if family in cls.INITS:
+            return found
+        reason = cls.REFUSED_INITS.get(family) if isinstance(family, str) else None
+        return found + [f"init_lora_weights={init!r}" + (f" ({reason})" if reason else "")]
 
     def __post_init__(self):
         super().__post_init__()
@@ -170,10 +199,7 @@ class LoraConfig(PeftConfigBase):
             raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}.")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(
-                f"LoraConfig.init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}."
-            )
+        self._check_init()
         if self.lora_bias and self.init_lora_weights not in (True, False):
             raise ValueError(f"The argument lora_bias=True is only supported with init_lora_weights=True or False, got "
                              f"init_lora_weights={self.init_lora_weights!r} (as in PEFT).")
@@ -189,6 +215,35 @@ class LoraConfig(PeftConfigBase):
                 "LoraConfig.layers_to_transform cannot be combined with a regex target_modules; "
                 "encode the layer indices in the regex instead."
             )
+
+    def _check_init(self) -> None:
+        """``init_lora_weights`` and ``loftq_config`` as PEFT takes them; what PEFT's layers would raise
+        on every layer (a malformed "pissa_niter_<N>") raises here."""
+        init = self.init_lora_weights
+        family = self.init_family(init)
+        if isinstance(family, str) and family in self.REFUSED_INITS:
+            raise NotImplementedError(f"LoraConfig: init_lora_weights={init!r} is not implemented in fxpeft yet: "
+                                      f"{self.REFUSED_INITS[family]}.")
+        if family not in self.INITS:
+            raise ValueError(f"LoraConfig.init_lora_weights must be True, False or one of 'gaussian', 'pissa', "
+                             f"'pissa_niter_<N>', 'olora', 'orthogonal', 'loftq', got {init!r}.")
+        if family == "pissa" and init != "pissa":  # PEFT's pissa_init, which raises on every layer
+            if len(init.split("_niter_")) != 2:
+                raise ValueError(f"init_lora_weights should be 'pissa' or 'pissa_niter_[number of iters]', got {init} "
+                                 "instead.")
+            int(init.split("_niter_")[-1])
+        if init == "loftq":
+            if not self.loftq_config:
+                raise ValueError("`loftq_config` must be specified when `init_lora_weights` is 'loftq'.")
+            if not isinstance(self.loftq_config, dict):  # a LoftQConfig (fxpeft's or PEFT's): its fields, as PEFT
+                self.loftq_config = dict(vars(self.loftq_config))
+            missing = [k for k in ("loftq_bits", "loftq_iter") if k not in self.loftq_config]
+            if missing:  # PEFT fails on the first layer with a KeyError
+                raise ValueError(f"LoraConfig.loftq_config lacks {', '.join(missing)}: pass "
+                                 "loftq_config={'loftq_bits': 4, 'loftq_iter': 1} (or a LoftQConfig).")
+        elif self.loftq_config:
+            self.loftq_config = {}
+            warnings.warn("`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.")
 
 
 _COMPUTE_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",

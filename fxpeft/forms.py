@@ -123,10 +123,15 @@ def _check_unadaptable(gm, config, adaptable: dict, method_name: str, kinds) -> 
                 "layers inside it, or exclude_modules=[...] it.")
 
 
-def attach_sites(gm, sites: list[Site], config, adapter: str, *, create: Callable, kinds, method_name: str
-                 ) -> list[str]:
+def attach_sites(gm, sites: list[Site], config, adapter: str, *, create: Callable, kinds, method_name: str,
+                 check_site: Optional[Callable] = None) -> list[str]:
     """Create the adapter at every targeted site, in module order as PEFT does (so the same seed
-    gives PEFT's initial weights): ``create(module, site, weight_spec, config, adapter)``."""
+    gives PEFT's initial weights): ``create(module, site, weight_spec, config, adapter)``.
+
+    Every targeted site is checked before any is created: its kind, and ``check_site(module, site,
+    weight_spec, config)`` if given, which raises for a site the method cannot take. A ``create``
+    that changes the base weight (an init that reads and rewrites it) thus never runs on a config
+    that fails at a later site: the weights, shared with the caller's model, stay as they were."""
     adaptable: dict[str, Site] = {}
     for site in sites:
         if submodule(gm, site.path) is not None:
@@ -140,6 +145,10 @@ def attach_sites(gm, sites: list[Site], config, adapter: str, *, create: Callabl
         if site.kind not in kinds:
             raise ValueError(f"{method_name} does not support {KIND_NAMES[site.kind]} layers such as {path!r} "
                              f"({type(gm.get_submodule(path)).__name__}); leave it out of target_modules.")
+        if check_site is not None:
+            check_site(gm.get_submodule(path), site, site_weight(gm, site), config)
+    for path in matched:
+        site = adaptable[path]
         create(gm.get_submodule(path), site, site_weight(gm, site), config, adapter)
     return matched
 
@@ -156,9 +165,9 @@ def _gates_of(gates: str):
 
 
 def _site_method(*, name, config_type, create, kinds, containers, gates, default_targets, heads, adapters_at,
-                 rules, fold, **fields) -> Method:
+                 rules, fold, check_site=None, **fields) -> Method:
     attach = lambda gm, sites, config, adapter: attach_sites(  # noqa: E731
-        gm, sites, config, adapter, create=create, kinds=kinds, method_name=name)
+        gm, sites, config, adapter, create=create, kinds=kinds, method_name=name, check_site=check_site)
     resolve = fields.pop("resolve_config", None) or (  # a method with more to resolve than targets passes its own
         lambda gm, sites, config: resolve_targets(gm, sites, config, default_targets or {}, heads))
     default_adapters_at, gate = _gates_of(gates)
@@ -201,6 +210,9 @@ def additive(*, name: str, config_type: type, create: Callable, delta: Callable,
     ``scales_itself`` the form passes the coefficient (gate value times activity) to
     ``delta(lw, site, module, adapter, x, coefficient)`` instead of multiplying by it, for methods
     whose reference applies the scale at a particular point of their computation.
+    ``check_site(module, site, weight_spec, config)`` (optional, every form takes it) raises for a
+    site the method cannot take; all targeted sites are checked before any is created
+    (:func:`attach_sites`).
     """
     site_adapters = adapters_at or _gates_of(gates)[0]
 

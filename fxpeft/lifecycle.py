@@ -215,15 +215,22 @@ def print_trainable_parameters(gm: nn.Module) -> None:
 
 
 def save_pretrained(gm: PeftGraphModule, directory: str, adapter_names=None, safe_serialization: bool = True,
-                    state_dict=None) -> None:
+                    state_dict=None, path_initial_model_for_weight_conversion: Optional[str] = None) -> None:
     """Write PEFT's checkpoint layout: "default" at ``directory``, other adapters in subfolders.
-    A ``state_dict`` (the module's keys) supplies the adapter values instead of the module."""
+    A ``state_dict`` (the module's keys) supplies the adapter values instead of the module.
+    ``path_initial_model_for_weight_conversion``: the folder the adapter was saved to right after it
+    was created, before training; the adapter is then written as its method converts it against
+    that initial state (LoRA with PiSSA, OLoRA …: a plain LoRA adapter of twice the rank for the
+    original base weights, as PEFT writes it; methods without a conversion raise)."""
     _require_transformed(gm)
     names = list(gm.peft_config) if adapter_names is None else list(adapter_names)
     check_known(gm, names)
+    if path_initial_model_for_weight_conversion is not None:  # every adapter before writing any
+        for name in names:
+            _checkpoint.check_initial_conversion(gm, name)
     for name in names:
         _checkpoint.save_adapter(gm, _checkpoint.adapter_dir(directory, name), name, safe_serialization,
-                                 state_dict=state_dict)
+                                 state_dict=state_dict, initial_directory=path_initial_model_for_weight_conversion)
 
 
 def from_pretrained(model: nn.Module, directory: str, adapter_name: str = "default", is_trainable: bool = False,

@@ -102,6 +102,11 @@ class Method:
     # ``saved_state(gm, adapter, {key: tensor}) -> {key: tensor}``: what a checkpoint holds, where it
     # is not the module's tensors as they are (AdaLoRA saves its sites cut to their allocated rank)
     saved_state: Optional[Callable] = None
+    # ``initial_conversion(gm, adapter, {key: tensor}, config_dict, initial_directory) -> ({key: tensor},
+    # config_dict)``: what ``save_pretrained(path_initial_model_for_weight_conversion=initial_directory)``
+    # writes instead of the checkpoint's tensors and config (LoRA: an adapter whose init rewrote the base
+    # weights, as plain LoRA for the original base, PEFT's conversion). None: the method refuses the option
+    initial_conversion: Optional[Callable] = None
     # ``adjust_output(gm, adapter, output) -> output`` after every call while the adapter exists
     # (AdaLoRA adds its regulariser to the loss)
     adjust_output: Optional[Callable] = None

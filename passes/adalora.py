@@ -77,7 +77,7 @@ class AdaLoraConfig(PeftConfigBase):
 
     peft_type = "ADALORA"
     # PEFT saves every LoRA field with it: refused as LoRA refuses them, or without effect
-    UNSUPPORTED = (*LoraConfig.UNSUPPORTED, "lora_bias")
+    UNSUPPORTED = (*LoraConfig.UNSUPPORTED, "lora_bias", "loftq_config")
     IGNORED = (*LoraConfig.IGNORED, "megatron_core", "qalora_group_size")
 
     def __post_init__(self):

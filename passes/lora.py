@@ -10,6 +10,10 @@ Rewrite (phase 50, output deltas), added to the site output:
     B) and gathered by the active slots (dense graph) or per sample (mixed graph);
     linear sites with a single adapter (dense graph) and conv sites: a gated delta per adapter.
 Folding: ``delta_weight`` is what merging adds to the base weight.
+Inits that read the base weight (``init_lora_weights`` "pissa", "olora", "orthogonal", "loftq":
+passes/lora_init.py) replace A and B at linear sites after they are built, as PEFT does, and
+rewrite the base weight in place where the init changes it; ``check_site`` checks every targeted
+site first, so a config failing at any site changes no weight.
 """
 from __future__ import annotations
 
@@ -21,12 +25,15 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fxpeft.canonical import Site, site_weight
+from fxpeft.canonical import Site, is_quantized, site_weight
 from fxpeft.configs import DEFAULT_LORA_TARGETS, SEQ_CLS_HEAD_NAMES, LoraConfig
 from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict
 from fxpeft.registry import register_method
 from fxpeft.rewrite import Lowering
 from fxpeft.targets import pattern_value
+
+from .lora_init import (LoftQConfig, check_init, init_weights, layer_init, modifies_base, plain_lora_config,
+                        plain_lora_state)
 
 aten = torch.ops.aten
 
@@ -61,7 +68,7 @@ def _new_lora_weights(site: Site, weight: torch.Tensor, r: int, init, bias: bool
         b = conv(r, weight.shape[0], ones, ones, groups=groups, bias=bias)
     if init is True:
         nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
-    elif init == "gaussian":
+    elif isinstance(init, str) and init.lower() == "gaussian":
         nn.init.normal_(a.weight, std=1 / r)
     if init is not False:
         nn.init.zeros_(b.weight)
@@ -70,16 +77,64 @@ def _new_lora_weights(site: Site, weight: torch.Tensor, r: int, init, bias: bool
     return a, b
 
 
-def add_lora(module: nn.Module, site: Site, weight, config: LoraConfig, adapter: str) -> None:
+def _rank_and_scale(site: Site, config: LoraConfig) -> tuple[int, float]:
     r = pattern_value(config.rank_pattern, site.path, config.r)
     alpha = pattern_value(config.alpha_pattern, site.path, config.lora_alpha)
-    scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+    return r, (alpha / math.sqrt(r) if config.use_rslora else alpha / r)
+
+
+def _weight_init(config: LoraConfig, site: Site) -> Optional[str]:
+    """The init of passes/lora_init.py this site gets (one that reads the base weight), or None for
+    ``_new_lora_weights``' own. Raises what PEFT raises where it cannot initialise such a site
+    (conv; LoftQ on embeddings); embeddings get the default init, as in PEFT."""
+    init = config.init_lora_weights
+    if not isinstance(init, str) or LoraConfig.init_family(init) == "gaussian":
+        return None
+    return init if layer_init(init, site.kind) else None
+
+
+def _loftq_config(config: LoraConfig) -> Optional[LoftQConfig]:
+    data = config.loftq_config
+    return LoftQConfig(data["loftq_bits"], data["loftq_iter"]) if config.init_lora_weights == "loftq" else None
+
+
+def _linear_layout(shape, site: Site) -> tuple:
+    """A linear site's (out, in): Conv1D stores (in, out)."""
+    return tuple(shape)[::-1] if site.fan_in_fan_out else tuple(shape)
+
+
+def check_site(module: nn.Module, site: Site, weight, config: LoraConfig) -> None:
+    """What ``add_lora`` would raise at this site, found before any site is created (so an init
+    that rewrites base weights never runs for a config that fails somewhere): PEFT's errors for the
+    site's kind, dtype and shape, and a quantized base under an init that reads its weight (PEFT
+    fails there too, except OLoRA, which it runs on the dequantized weight and quantizes again:
+    not implemented here)."""
+    kind = _weight_init(config, site)
+    if kind is None:
+        return
+    if is_quantized(module):
+        what = ("rewrites the base weight" if modifies_base(kind) else
+                "casts A and B to the base weight's dtype in PEFT, which fails on a packed weight")
+        raise ValueError(
+            f"init_lora_weights={kind!r} is not supported on the quantized layer {site.path!r} "
+            f"({type(module).__name__}): it {what}. Initialise on the float model and quantize afterwards, or use "
+            "init_lora_weights=True / 'gaussian'.")
+    r, _ = _rank_and_scale(site, config)
+    check_init(kind, _linear_layout(weight.shape, site), weight.dtype, r, fan_in_fan_out=site.fan_in_fan_out,
+               loftq_config=_loftq_config(config))
+
+
+def add_lora(module: nn.Module, site: Site, weight, config: LoraConfig, adapter: str) -> None:
+    r, scale = _rank_and_scale(site, config)
     if config.lora_bias and site.kind == "embedding":
         raise ValueError(f"lora_bias=True is not supported for embedding layers such as {site.path!r} (as in PEFT).")
     if config.lora_bias and site.bias is None:
         warnings.warn(f"lora_bias=True was passed but the targeted layer {site.path!r} has no bias. This means that "
                       "merging LoRA weights won't be possible.")
     a, b = _new_lora_weights(site, weight, r, config.init_lora_weights, bias=config.lora_bias)
+    kind = _weight_init(config, site)
+    if kind is not None:  # as PEFT: A and B built (drawing their default init) first, then replaced
+        _init_from_base(module, site, kind, a, b, r, scale, config)
     dtype, device = adapter_dtype(weight), weight.device
     if site.kind == "embedding":
         child_dict(module, "lora_embedding_A", nn.ParameterDict)[adapter] = nn.Parameter(a.data.to(device, dtype))
@@ -90,6 +145,51 @@ def add_lora(module: nn.Module, site: Site, weight, config: LoraConfig, adapter:
     dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
     child_dict(module, "lora_dropout")[adapter] = dropout
     child_dict(module, "lora_scaling")[adapter] = AdapterGate(scale, config.lora_dropout).to(device)
+
+
+def _init_from_base(module: nn.Module, site: Site, kind: str, a: nn.Module, b: nn.Module, r: int, scale: float,
+                    config: LoraConfig) -> None:
+    """PiSSA, OLoRA, orthogonal, LoftQ (passes/lora_init.py) at a linear site: A and B replaced, and
+    the base weight rewritten in place where the init changes it (as PEFT does: the tensor is the
+    caller's model's)."""
+    base = getattr(module, site.weight.rpartition(".")[2])
+    weight = base.detach()
+    new_a, new_b, new_weight = init_weights(kind, weight.t() if site.fan_in_fan_out else weight, r, scale,
+                                            fan_in_fan_out=site.fan_in_fan_out, loftq_config=_loftq_config(config))
+    a.weight = nn.Parameter(new_a)  # PiSSA / OLoRA on a layer of rank below r: the smaller rank, as PEFT
+    b.weight = nn.Parameter(new_b)
+    if new_weight is not None:
+        with torch.no_grad():
+            base.copy_(new_weight.t() if site.fan_in_fan_out else new_weight)
+
+
+def initial_conversion(gm, adapter: str, tensors: dict, config: dict, initial_directory: str):
+    """PEFT's ``save_pretrained(path_initial_model_for_weight_conversion=initial_directory)``: the
+    trained adapter, which acts on base weights its init rewrote (PiSSA, OLoRA …), as a plain LoRA
+    adapter for the original base: ΔW = BA − B₀A₀ = [B | −B₀][A; A₀], rank 2r, A₀/B₀ read from the
+    folder saved right after the adapter was created (``plain_lora_state``: only lora_A / lora_B
+    keys, as PEFT); the config with r, lora_alpha and the patterns doubled and
+    ``init_lora_weights=True`` (``plain_lora_config``: rslora with patterns raises, other inits
+    warn, as PEFT). As PEFT, the initial folder's config is then rewritten: the adapter's config
+    with ``init_lora_weights=True`` (what PEFT reloads it with)."""
+    from fxpeft.checkpoint import load_weights, rewrite_config
+
+    source = gm.peft_config[adapter]
+    fields = plain_lora_config(source.init_lora_weights, source.r, source.lora_alpha, source.use_rslora,
+                               source.rank_pattern, source.alpha_pattern)
+    device = next(iter(tensors.values())).device if tensors else None
+    initial = load_weights(initial_directory, device)
+    wrong = [key for key, value in tensors.items() if ("lora_A" in key or "lora_B" in key)
+             and (key not in initial or initial[key].shape != value.shape)]
+    if wrong:
+        raise ValueError(f"{initial_directory!r} does not hold adapter {adapter!r} as it was created: "
+                         f"{', '.join(wrong[:4])}{' …' if len(wrong) > 4 else ''} missing or of another shape. "
+                         "path_initial_model_for_weight_conversion is the folder it was saved to right after "
+                         "fxpeft.transform / add_adapter, before training.")
+    converted = plain_lora_state(tensors, {key: value.to(tensors[key].dtype) for key, value in initial.items()
+                                           if key in tensors})
+    rewrite_config(initial_directory, {**config, "init_lora_weights": True})
+    return converted, {**config, **fields}
 
 
 # ----------------------------------------------------------------------------- rewrite
@@ -388,4 +488,4 @@ METHOD = register_method(additive(
     containers=CONTAINERS, gates="lora_scaling", dropouts="lora_dropout",
     dtype_of=lambda module, adapter: module.lora_A[adapter].weight.dtype,
     default_targets=DEFAULT_LORA_TARGETS, heads=_heads, lower_site=lower_site, adapters_at=_lora_adapters,
-    describe=_rank))
+    describe=_rank, check_site=check_site, initial_conversion=initial_conversion))

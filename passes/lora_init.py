@@ -40,7 +40,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["LoftQConfig", "CordaEigens", "init_weights", "layer_init", "modifies_base", "corda_covariance",
+__all__ = ["LoftQConfig", "CordaEigens", "init_weights", "check_init", "layer_init", "modifies_base", "corda_covariance",
            "corda_covariance_mean", "corda_eigens", "nf4_round_trip", "int8_round_trip", "plain_lora_state",
            "plain_lora_config"]
 
@@ -93,25 +93,60 @@ def _as_peft_stores(weight: Tensor, fan_in_fan_out: bool) -> Tensor:
     return weight.t().contiguous() if fan_in_fan_out else weight
 
 
-def _check_float(weight: Tensor, message: str) -> None:
-    if weight.dtype not in _FLOAT_BASES:
+def _check_float(dtype: torch.dtype, message: str) -> None:
+    if dtype not in _FLOAT_BASES:
         raise TypeError(message)
+
+
+# the checks below raise PEFT's errors; ``check_init`` runs them without a weight's values
+def _check_pissa(kind: str, dtype: torch.dtype) -> Optional[int]:
+    """PiSSA's checks, in PEFT's order; the subspace iterations of "pissa_niter_<N>" (None: full SVD)."""
+    _check_float(dtype, "Please initialize PiSSA under float32, float16, or bfloat16. "
+                 "Subsequently, re-quantize the residual model to help minimize quantization errors.")
+    if kind == "pissa":
+        return None
+    if len(kind.split("_niter_")) == 2:
+        return int(kind.split("_niter_")[-1])
+    raise ValueError(f"init_lora_weights should be 'pissa' or 'pissa_niter_[number of iters]', got {kind} instead.")
+
+
+def _check_olora(dtype: torch.dtype) -> None:
+    if dtype not in _FLOAT_BASES:
+        raise TypeError(f"Unsupported data type for the base layer. Got {dtype}.")
+
+
+def _check_orthogonal(r: int) -> None:
+    if r % 2 != 0:
+        raise ValueError(f"Orthogonal initialization requires the LoRA rank to be even, got {r} instead.")
+
+
+def _check_loftq(bits: int, iters: int) -> None:
+    if bits not in (4, 8):
+        raise ValueError("Only nf4 and int8 quantization is supported")
+    if iters <= 0:
+        raise ValueError("Number of iterations must be greater than 0")
+
+
+def _check_untransposed(kind: str, shape, fan_in_fan_out: bool) -> None:
+    """See ``_untransposed_factors``: non-square Conv1D layers raise."""
+    out_f, in_f = shape
+    if fan_in_fan_out and out_f != in_f:
+        raise ValueError(f"PEFT's {kind} init on a fan_in_fan_out (Conv1D) layer factors the stored (in × out) "
+                         f"weight and builds lora_A of shape (r, {out_f}) where ({in_f}) inputs arrive: its "
+                         "forward fails with a shape error")
 
 
 def _pissa(kind: str, weight: Tensor, r: int, scaling: float, fan_in_fan_out: bool):
     dtype = weight.dtype
-    _check_float(weight, "Please initialize PiSSA under float32, float16, or bfloat16. "
-                 "Subsequently, re-quantize the residual model to help minimize quantization errors.")
+    niter = _check_pissa(kind, dtype)
     w = _as_peft_stores(weight, fan_in_fan_out).to(torch.float32)
     w = w.T if fan_in_fan_out else w
-    if kind == "pissa":
+    if niter is None:
         V, S, Uh = torch.linalg.svd(w, full_matrices=False)  # W = V S Uh (PEFT's names)
         Vr, Sr, Uhr = V[:, :r], S[:r] / scaling, Uh[:r]
-    elif len(kind.split("_niter_")) == 2:
-        Vr, Sr, Ur = torch.svd_lowrank(w, r, niter=int(kind.split("_niter_")[-1]))
-        Sr, Uhr = Sr / scaling, Ur.t()
     else:
-        raise ValueError(f"init_lora_weights should be 'pissa' or 'pissa_niter_[number of iters]', got {kind} instead.")
+        Vr, Sr, Ur = torch.svd_lowrank(w, r, niter=niter)
+        Sr, Uhr = Sr / scaling, Ur.t()
     a = torch.diag(torch.sqrt(Sr)) @ Uhr
     b = Vr @ torch.diag(torch.sqrt(Sr))
     residual = w - scaling * b @ a
@@ -125,11 +160,7 @@ def _untransposed_factors(kind: str, weight: Tensor, fan_in_fan_out: bool) -> Te
     (with a warning); others raise."""
     if not fan_in_fan_out:
         return weight
-    out_f, in_f = weight.shape
-    if out_f != in_f:
-        raise ValueError(f"PEFT's {kind} init on a fan_in_fan_out (Conv1D) layer factors the stored (in × out) "
-                         f"weight and builds lora_A of shape (r, {out_f}) where ({in_f}) inputs arrive: its "
-                         "forward fails with a shape error")
+    _check_untransposed(kind, weight.shape, fan_in_fan_out)
     warnings.warn(f"PEFT's {kind} init on a fan_in_fan_out (Conv1D) layer factors the stored, transposed "
                   "weight: A and B are PEFT's, and the adapted layer no longer computes the base's output")
     return weight.t().contiguous()
@@ -137,8 +168,7 @@ def _untransposed_factors(kind: str, weight: Tensor, fan_in_fan_out: bool) -> Te
 
 def _olora(weight: Tensor, r: int, scaling: float, fan_in_fan_out: bool):
     dtype = weight.dtype
-    if dtype not in _FLOAT_BASES:
-        raise TypeError(f"Unsupported data type for the base layer. Got {dtype}.")
+    _check_olora(dtype)
     w = _untransposed_factors("olora", weight, fan_in_fan_out).to(torch.float32)
     Q, R = torch.linalg.qr(w)
     b, a = Q[:, :r].contiguous(), R[:r].contiguous()
@@ -148,8 +178,7 @@ def _olora(weight: Tensor, r: int, scaling: float, fan_in_fan_out: bool):
 
 @torch.no_grad()
 def _orthogonal(weight: Tensor, r: int):
-    if r % 2 != 0:
-        raise ValueError(f"Orthogonal initialization requires the LoRA rank to be even, got {r} instead.")
+    _check_orthogonal(r)
     out_f, in_f = weight.shape
     Q, _ = torch.linalg.qr(torch.randn(r, r))
     q_odd, q_even = Q[0::2, :], Q[1::2, :]
@@ -199,10 +228,7 @@ def _low_rank(residual: Tensor, r: int):
 
 @torch.no_grad()
 def _loftq(weight: Tensor, r: int, bits: int, iters: int, fan_in_fan_out: bool):
-    if bits not in (4, 8):
-        raise ValueError("Only nf4 and int8 quantization is supported")
-    if iters <= 0:
-        raise ValueError("Number of iterations must be greater than 0")
+    _check_loftq(bits, iters)
     dtype = weight.dtype
     w = _untransposed_factors("loftq", weight, fan_in_fan_out).to(torch.float32)
     residual = w.clone()
@@ -216,9 +242,8 @@ def _loftq(weight: Tensor, r: int, bits: int, iters: int, fan_in_fan_out: bool):
     return R.to(dtype), L.to(dtype), dequantized.t() if fan_in_fan_out else dequantized
 
 
-def _corda(weight: Tensor, r: int, scaling: float, eigens: Optional[CordaEigens]):
-    dtype = weight.dtype
-    _check_float(weight, "Please initialize CorDA under float32, float16, or bfloat16. "
+def _check_corda(dtype: torch.dtype, shape, r: int, eigens: Optional[CordaEigens]) -> None:
+    _check_float(dtype, "Please initialize CorDA under float32, float16, or bfloat16. "
                  "Subsequently, re-quantize the residual model to help minimize quantization errors.")
     if eigens is None:
         raise ValueError("`eigens` attribute not found for layer, please run `preprocess_corda` first. "
@@ -227,11 +252,17 @@ def _corda(weight: Tensor, r: int, scaling: float, eigens: Optional[CordaEigens]
     for name, t in (("S", S), ("U", U), ("V", V)):
         if torch.isnan(t).any() or torch.isinf(t).any():
             raise ValueError(f"Invalid value found in matrix {name}.")
-    out_f, in_f = weight.shape
+    out_f, in_f = shape
     for name, t, want in (("U", U, (out_f, r)), ("S", S, (r,)), ("V", V, (in_f, r))):
         if tuple(t.shape) != want:
             raise ValueError(f"Matrix {name} size mismatch: {t.size()} vs. {want}. Please make sure the LoRA config "
                              "and model given to the CorDA preprocessing match the ones being adapted.")
+
+
+def _corda(weight: Tensor, r: int, scaling: float, eigens: Optional[CordaEigens]):
+    dtype = weight.dtype
+    _check_corda(dtype, weight.shape, r, eigens)
+    S, U, V = eigens
     S = S / scaling
     a = V.t().mul(S.sqrt().view(-1, 1)).contiguous()
     b = U.mul(S.sqrt()).contiguous()
@@ -249,10 +280,7 @@ def init_weights(kind: str, weight: Tensor, r: int, scaling: float, *, fan_in_fa
     or ``loftq_config``), "corda" (``eigens`` from :func:`corda_eigens`). PEFT's spellings: any
     "pissa…"/"corda…" prefix dispatches there, "olora" in any case.
     """
-    if r <= 0:
-        raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
-    if weight.dim() != 2:
-        raise ValueError(f"init_weights takes a 2-D (out × in) weight, got shape {tuple(weight.shape)}")
+    _check_shape(r, weight.shape)
     weight = weight.detach()
     if kind.startswith("pissa"):
         return _pissa(kind, weight, r, scaling, fan_in_fan_out)
@@ -267,6 +295,39 @@ def init_weights(kind: str, weight: Tensor, r: int, scaling: float, *, fan_in_fa
     if kind == "orthogonal":
         return _orthogonal(weight, r)
     raise ValueError(f"init_weights does not handle init_lora_weights={kind!r}")
+
+
+def _check_shape(r: int, shape) -> None:
+    if r <= 0:
+        raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
+    if len(shape) != 2:
+        raise ValueError(f"init_weights takes a 2-D (out × in) weight, got shape {tuple(shape)}")
+
+
+def check_init(kind: str, shape, dtype: torch.dtype, r: int, *, fan_in_fan_out: bool = False,
+               loftq_bits: int = 4, loftq_iter: int = 1, loftq_config: Optional[LoftQConfig] = None,
+               eigens: Optional[CordaEigens] = None) -> None:
+    """Raise what ``init_weights(kind, weight, r, ...)`` raises for a weight of this (out × in)
+    ``shape`` and ``dtype``, reading no weight values and drawing no random numbers: a caller checks
+    every layer this way before initialising (and changing the base weight of) any. Warnings are
+    left to ``init_weights``."""
+    _check_shape(r, shape)
+    if kind.startswith("pissa"):
+        _check_pissa(kind, dtype)
+    elif kind.startswith("corda"):
+        _check_corda(dtype, shape, r, eigens)
+    elif kind.lower() == "olora":
+        _check_olora(dtype)
+        _check_untransposed("olora", shape, fan_in_fan_out)
+    elif kind == "loftq":
+        if loftq_config is not None:
+            loftq_bits, loftq_iter = loftq_config.loftq_bits, loftq_config.loftq_iter
+        _check_loftq(loftq_bits, loftq_iter)
+        _check_untransposed("loftq", shape, fan_in_fan_out)
+    elif kind == "orthogonal":
+        _check_orthogonal(r)
+    else:
+        raise ValueError(f"init_weights does not handle init_lora_weights={kind!r}")
 
 
 # ---- CorDA preprocessing: input covariance → eigens (PEFT's preprocess_corda, per layer) ----

@@ -14,8 +14,9 @@ from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from fxpeft.passes.lora_init import (CordaEigens, LoftQConfig, corda_covariance, corda_covariance_mean, corda_eigens,
-                                     init_weights, int8_round_trip, layer_init, modifies_base, nf4_round_trip)
+from fxpeft.passes.lora_init import (CordaEigens, LoftQConfig, check_init, corda_covariance, corda_covariance_mean,
+                                     corda_eigens, init_weights, int8_round_trip, layer_init, modifies_base,
+                                     nf4_round_trip)
 
 R, ALPHA = 8, 16
 SCALING = ALPHA / R
@@ -362,6 +363,32 @@ def test_layer_kinds_follow_peft(kind):
         with pytest.raises(type(error)):
             layer_init(kind, "embedding")
     assert layer_init(kind, "linear") is True
+
+
+BAD = [("pissa", torch.float64, 4, {}), ("olora", torch.float64, 4, {}), ("pissa_foo", torch.float32, 4, {}),
+       ("pissa_niter_x", torch.float32, 4, {}), ("orthogonal", torch.float32, 3, {}), ("pissa", torch.float32, 0, {}),
+       ("loftq", torch.float32, 4, {"loftq_bits": 2}), ("loftq", torch.float32, 4, {"loftq_config": LoftQConfig(4, 0)}),
+       ("olora", torch.float32, 4, {"fan_in_fan_out": True}), ("loftq", torch.float32, 4, {"fan_in_fan_out": True}),
+       ("corda", torch.float32, 4, {}), ("gaussian", torch.float32, 4, {})]
+
+
+@pytest.mark.parametrize("kind,dtype,r,options", BAD)
+def test_check_init_raises_what_init_weights_raises(kind, dtype, r, options):
+    weight = torch.randn(10, 12).to(dtype)  # a Conv1D's (out × in): its stored (12 × 10) is not square
+    with pytest.raises(Exception) as expected:
+        init_weights(kind, weight, r, 1.0, **options)
+    state = torch.get_rng_state()
+    with pytest.raises(type(expected.value)) as got:
+        check_init(kind, weight.shape, dtype, r, **options)
+    assert str(got.value) == str(expected.value)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("kind", ["pissa", "pissa_niter_2", "OLoRA", "orthogonal", "loftq"])
+def test_check_init_passes_what_init_weights_takes_without_drawing(kind):
+    state = torch.get_rng_state()
+    check_init(kind, (16, 16), torch.bfloat16, 4, fan_in_fan_out=True)
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_modifies_base():
