@@ -1,12 +1,13 @@
 """The examples a user would copy must run as shipped.
 
-They start together (one subprocess each, sharing the cores) and each test waits for its own:
-most of an example's time is imports and compilation, which overlap well."""
+They run two at a time (one subprocess each, one torch thread each, so the two share the
+cores without oversubscribing them), all started by the first test; each test waits for its own."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -14,18 +15,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = sorted(f for f in os.listdir(os.path.join(ROOT, "examples")) if f.endswith(".py"))
 
 
+def _run(script: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "examples", script)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
 @pytest.fixture(scope="module")
 def running():
-    processes = {script: subprocess.Popen([sys.executable, os.path.join(ROOT, "examples", script)], cwd=ROOT,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for script in SCRIPTS}
-    yield processes
-    for process in processes.values():
-        if process.poll() is None:
-            process.kill()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        yield {script: pool.submit(_run, script) for script in SCRIPTS}
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_example_runs(script, running):
-    _, stderr = running[script].communicate(timeout=900)
-    assert running[script].returncode == 0, stderr[-3000:]
+    finished = running[script].result()
+    assert finished.returncode == 0, finished.stderr[-3000:]
