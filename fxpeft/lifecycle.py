@@ -60,6 +60,22 @@ def _restore_on_error(*modules: nn.Module):
         raise
 
 
+@contextlib.contextmanager
+def _weights_kept_on_error(module: nn.Module, configs, registry: Registry):
+    """Methods that rewrite base weights while attaching (``Method.changes_base``): on error the
+    module's parameters get their values back (a copy of each, held only while the edit runs, and
+    only for such configs), so a failed edit never leaves the caller's model changed."""
+    changing = any((m := registry.method_for(c)).changes_base is not None and m.changes_base(c) for c in configs)
+    saved = [(p, p.detach().clone()) for p in module.parameters()] if changing else []
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for param, value in saved:
+                param.copy_(value)
+        raise
+
+
 def _set_bias_trainable(gm: PeftGraphModule, config, adapted_paths: Sequence[str]) -> None:
     """PEFT's ``bias``: "all" trains every bias, "<method>_only" ("lora_only" …) those of adapted layers."""
     bias_mode = getattr(config, "bias", "none")
@@ -144,7 +160,7 @@ def transform(
     registry = registry or DEFAULT
     for item in configs:
         registry.method_for(item)  # unknown config types fail before any work
-    with _restore_on_error(model):
+    with _restore_on_error(model), _weights_kept_on_error(model, configs, registry):
         gm = build(model, example_inputs, configs, registry)
         for param in gm.parameters():
             param.requires_grad_(False)
@@ -190,7 +206,7 @@ def _require_transformed(gm) -> PeftGraphModule:
 def add_adapter(gm: PeftGraphModule, config: PeftConfigBase, adapter_name: str) -> None:
     """Add another adapter to a transformed module; the others keep their weights and trainability."""
     _require_transformed(gm)
-    with transaction(gm):
+    with transaction(gm), _weights_kept_on_error(gm, [config], registry_of(gm)):
         _attach(gm, config, adapter_name)
         gm.relower()
 
@@ -243,7 +259,7 @@ def from_pretrained(model: nn.Module, directory: str, adapter_name: str = "defau
     weights = _checkpoint.load_weights(directory, _device_of(model))
     config.inference_mode = not is_trainable
     configs = [config] if quantization_config is None else [quantization_config, config]
-    with _restore_on_error(model):
+    with _restore_on_error(model), _weights_kept_on_error(model, configs, registry or DEFAULT):
         gm = transform(model, configs, example_inputs=example_inputs, adapter_name=adapter_name, registry=registry)
         _checkpoint.check_and_copy(gm, adapter_name, weights)
     return gm
@@ -256,7 +272,7 @@ def load_adapter(gm: PeftGraphModule, directory: str, adapter_name: str, is_trai
     config = _checkpoint.load_config(directory, registry_of(gm))
     weights = _checkpoint.load_weights(directory, _device_of(gm))
     config.inference_mode = not is_trainable
-    with transaction(gm):
+    with transaction(gm), _weights_kept_on_error(gm, [config], registry_of(gm)):
         _attach(gm, config, adapter_name)
         _checkpoint.check_and_copy(gm, adapter_name, weights)
         gm.relower()

@@ -110,6 +110,9 @@ class Method:
     # ``adjust_output(gm, adapter, output) -> output`` after every call while the adapter exists
     # (AdaLoRA adds its regulariser to the loss)
     adjust_output: Optional[Callable] = None
+    # ``changes_base(config) -> bool``: attaching rewrites base weights (PiSSA, OLoRA, LoftQ inits):
+    # edits with such a config keep a copy of the model's weights to put back if they fail
+    changes_base: Optional[Callable[[Any], bool]] = None
     # functions a transformed module offers as its own methods while it holds such an adapter:
     # ``{"update_and_allocate": fn}`` makes ``gm.update_and_allocate(...)`` call ``fn(gm, ...)``
     module_methods: tuple[tuple[str, Callable], ...] = ()

@@ -262,5 +262,5 @@ METHOD = register_method(weight_map(
     lower_site=lower_site, fold=fold, containers=(*lora.CONTAINERS, "lora_magnitude_vector"), gates="lora_scaling",
     kinds=("linear", "conv", "embedding"), default_targets=DEFAULT_LORA_TARGETS, heads=lora._heads,
     adapters_at=_dora_adapters, phase=50, describe=lambda module, adapter: lora._rank(module, adapter) + " dora",
-    check_site=lora.check_site,
+    check_site=lora.check_site, changes_base=lora.changes_base,
     checkpoint_renames=(("lora_magnitude_vector.weight", "lora_magnitude_vector"),)))

@@ -93,6 +93,12 @@ def _weight_init(config: LoraConfig, site: Site) -> Optional[str]:
     return init if layer_init(init, site.kind) else None
 
 
+def changes_base(config: LoraConfig) -> bool:
+    """Whether attaching rewrites base weights (PiSSA, OLoRA, LoftQ …)."""
+    init = config.init_lora_weights
+    return isinstance(init, str) and LoraConfig.init_family(init) != "gaussian" and modifies_base(init)
+
+
 def _loftq_config(config: LoraConfig) -> Optional[LoftQConfig]:
     data = config.loftq_config
     return LoftQConfig(data["loftq_bits"], data["loftq_iter"]) if config.init_lora_weights == "loftq" else None
@@ -488,4 +494,4 @@ METHOD = register_method(additive(
     containers=CONTAINERS, gates="lora_scaling", dropouts="lora_dropout",
     dtype_of=lambda module, adapter: module.lora_A[adapter].weight.dtype,
     default_targets=DEFAULT_LORA_TARGETS, heads=_heads, lower_site=lower_site, adapters_at=_lora_adapters,
-    describe=_rank, check_site=check_site, initial_conversion=initial_conversion))
+    describe=_rank, check_site=check_site, initial_conversion=initial_conversion, changes_base=changes_base))

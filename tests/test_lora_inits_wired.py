@@ -300,3 +300,30 @@ def test_conversion_refusals_write_nothing(tmp_path):
     assert not (tmp_path / "out").exists()
     assert (tmp_path / "rslora" / "adapter_config.json").read_text() == initial
     assert (tmp_path / "other" / "adapter_config.json").read_text() == other
+
+
+def test_a_failed_load_after_a_base_rewriting_init_leaves_the_weights(tmp_path):
+    """The init rewrites the caller's base weights; the checkpoint then fails to fit: the
+    weights are put back (Method.changes_base makes the edit keep a copy while it runs)."""
+    import json
+    from safetensors.torch import load_file, save_file
+
+    from models import MLP
+    torch.manual_seed(0)
+    model = MLP()
+    trained = fxpeft.transform(copy.deepcopy(model), fxpeft.LoraConfig(r=2, target_modules=["fc1"],
+                                                                       init_lora_weights="pissa"))
+    trained.save_pretrained(str(tmp_path))
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    key = next(k for k in tensors if k.endswith("lora_A.weight"))
+    tensors[key] = torch.zeros(5, tensors[key].shape[1])  # a tensor that does not fit
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["init_lora_weights"] == "pissa"
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="shape"):
+        fxpeft.from_pretrained(model, str(tmp_path))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    gm = fxpeft.transform(model, fxpeft.LoraConfig(r=2, target_modules=["fc1"]))
+    with pytest.raises(ValueError, match="shape"):
+        gm.load_adapter(str(tmp_path), "pissa")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
