@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 import torch
 
-from .registry import DEFAULT, registry_of
+from .registry import DEFAULT
 from .state import method_of
 from .targets import requested_names
 

@@ -28,7 +28,7 @@ import math
 import numbers
 import re
 import warnings
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
