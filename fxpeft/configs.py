@@ -67,6 +67,12 @@ class PeftConfigBase:
     peft_type = "UNKNOWN"  # class attribute, overridden per method
 
     def __post_init__(self):
+        # PEFT's module-name fields: a regex string or a collection of names, held as a list
+        for name in ("target_modules", "exclude_modules", "layers_pattern", "feedforward_modules"):
+            if hasattr(self, name):
+                setattr(self, name, _as_list_or_str(getattr(self, name)))
+        if getattr(self, "modules_to_save", None) is not None:
+            self.modules_to_save = list(self.modules_to_save)
         if isinstance(self.task_type, TaskType):
             self.task_type = self.task_type.value
         if self.task_type is not None and self.task_type not in TaskType._value2member_map_:
@@ -188,11 +194,6 @@ class LoraConfig(PeftConfigBase):
         if unsupported:
             raise NotImplementedError(f"LoraConfig: {', '.join(unsupported)} is not implemented in fxpeft yet (the "
                                       "README's table of PEFT options says which are); leave it at PEFT's default.")
-        self.target_modules = _as_list_or_str(self.target_modules)
-        self.exclude_modules = _as_list_or_str(self.exclude_modules)
-        self.layers_pattern = _as_list_or_str(self.layers_pattern)
-        if self.modules_to_save is not None:
-            self.modules_to_save = list(self.modules_to_save)
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}.")
         if not 0.0 <= float(self.lora_dropout) < 1.0:
@@ -325,8 +326,6 @@ class PromptLearningConfig(PeftConfigBase):
         if not isinstance(self.num_virtual_tokens, int) or isinstance(self.num_virtual_tokens, bool) \
                 or self.num_virtual_tokens <= 0:
             raise ValueError(f"{name}.num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}.")
-        if self.modules_to_save is not None:
-            self.modules_to_save = list(self.modules_to_save)
 
 
 class PromptTuningInit(str, enum.Enum):

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fxpeft.configs import DEFAULT_LORA_TARGETS, LoraConfig, PeftConfigBase, _as_list_or_str
+from fxpeft.configs import DEFAULT_LORA_TARGETS, LoraConfig, PeftConfigBase
 from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict
 from fxpeft.registry import register_method
 
@@ -82,11 +82,6 @@ class AdaLoraConfig(PeftConfigBase):
 
     def __post_init__(self):
         super().__post_init__()
-        self.target_modules = _as_list_or_str(self.target_modules)
-        self.exclude_modules = _as_list_or_str(self.exclude_modules)
-        self.layers_pattern = _as_list_or_str(self.layers_pattern)
-        if self.modules_to_save is not None:
-            self.modules_to_save = list(self.modules_to_save)
         # PEFT's checks (same conditions, same meaning)
         if self.use_dora:
             raise ValueError("ADALORA does not support DoRA.")

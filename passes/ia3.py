@@ -18,7 +18,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from fxpeft.configs import PeftConfigBase, _as_list_or_str
+from fxpeft.configs import PeftConfigBase
 from fxpeft.forms import AdapterGate, adapter_dtype, child_dict, resolve_targets, scaling
 from fxpeft.registry import register_method
 
@@ -65,11 +65,6 @@ class IA3Config(PeftConfigBase):
 
     def __post_init__(self):
         super().__post_init__()
-        self.target_modules = _as_list_or_str(self.target_modules)
-        self.exclude_modules = _as_list_or_str(self.exclude_modules)
-        self.feedforward_modules = _as_list_or_str(self.feedforward_modules)
-        if self.modules_to_save is not None:
-            self.modules_to_save = list(self.modules_to_save)
         if (isinstance(self.feedforward_modules, list) and isinstance(self.target_modules, list)
                 and not set(self.feedforward_modules) <= set(self.target_modules)):
             raise ValueError(f"IA3Config.feedforward_modules {self.feedforward_modules} should be a subset of "
