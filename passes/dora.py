@@ -168,11 +168,7 @@ def lower_site(lw: Lowering, site: Site, module: nn.Module, adapters: list[str])
         on = lw.call(aten.mul.Tensor, on, lw.gate(adapter))
         keep = lw.call(aten.add.Tensor, lw.call(aten.mul.Tensor, lw.call(aten.sub.Tensor, factor, 1), on), 1)
         v = lw.call(aten.mul.Tensor, lw.call(aten.mul.Tensor, factor, gate.scale), on)
-        shift = None
-        if bias is not None:  # -(k - 1) ⊙ b
-            shift = lw.call(aten.neg.default, lw.call(aten.mul.Tensor, lw.call(aten.sub.Tensor, keep, 1),
-                                                       lw.cast(bias, dtype, base_dtype)))
-        if site.kind == "embedding":
+        if site.kind == "embedding":  # no bias there
             b_scaled = lw.call(aten.mul.Tensor, lw.attr(f"{site.path}.lora_embedding_B.{adapter}"),
                                lw.call(aten.unsqueeze.default, v, 1))
             padding_idx = site.node.args[2] if len(site.node.args) > 2 else -1
@@ -182,11 +178,12 @@ def lower_site(lw: Lowering, site: Site, module: nn.Module, adapters: list[str])
             b_weight = lw.attr(f"{site.path}.lora_B.{adapter}.weight")
             v_shape = [-1] + [1] * (len(module.lora_B[adapter].weight.shape) - 1)
             b_scaled = lw.call(aten.mul.Tensor, b_weight, lw.call(aten.reshape.default, v, v_shape))
+            shift = None  # -(k - 1) ⊙ b, as B's bias
+            if bias is not None:
+                shift = lw.call(aten.neg.default, lw.call(aten.mul.Tensor, lw.call(aten.sub.Tensor, keep, 1),
+                                                           lw.cast(bias, dtype, base_dtype)))
             delta = lora.delta(lw, site, module, adapter, x, b_weight=b_scaled, b_bias=shift)
-            shift = None
         keep = lw.call(aten.reshape.default, keep, _feature_shape(lw, site))
-        if shift is not None:
-            delta = lw.call(aten.add.Tensor, delta, shift)
         out = lw.cast(lw.call(aten.addcmul.default, delta, keep, y), base_dtype, dtype)
     return out
 
