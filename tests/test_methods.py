@@ -82,6 +82,10 @@ METHODS = {
     "oft": MethodSpec(fxpeft.OFTConfig, peft.OFTConfig,
                       lambda s: dict(r=3 if s.build is models.ConvNet else 4, oft_block_size=0, target_modules=s.targets),
                       dict(init_weights=False), ("linear", "conv2d", "embedding"), peft_merged_oracle=("conv2d",)),
+    # PEFT's BOFT: nn.Linear, nn.Conv2d; 3 blocks divide every site's features (12, 24, 27, 72)
+    "boft": MethodSpec(fxpeft.BOFTConfig, peft.BOFTConfig,
+                       lambda s: dict(boft_block_size=0, boft_block_num=3, target_modules=s.targets),
+                       dict(init_weights=False), ("linear", "conv2d")),
 }
 CASES = [(m, s) for m, spec in METHODS.items() for s in spec.sites]
 
