@@ -55,18 +55,7 @@ class BOFTConfig(PeftConfigBase):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
-        if self.boft_block_size == 0 and self.boft_block_num == 0:
-            raise ValueError(f"Either `boft_block_size` or `boft_block_num` must be non-zero. Currently, boft_block_size "
-                             f"= {self.boft_block_size} and boft_block_num = {self.boft_block_num}.")
-        if not (self.boft_block_size != 0) ^ (self.boft_block_num != 0):
-            raise ValueError(f"You can only specify either boft_block_size ({self.boft_block_size}) or boft_block_num "
-                             f"({self.boft_block_num}), but not both simultaneously, because boft_block_size x "
-                             "boft_block_num == in_features (PEFT's rule): set the other to 0.")
-        if self.boft_block_size < 0 or self.boft_block_num < 0:
-            raise ValueError(f"BOFTConfig.boft_block_size and boft_block_num must be >= 0, got {self.boft_block_size} "
-                             f"and {self.boft_block_num}.")
+        orthogonal.check_one_of(self, "boft_block_size", "boft_block_num")
         if not isinstance(self.boft_n_butterfly_factor, int) or self.boft_n_butterfly_factor < 1:
             raise ValueError(f"You can only specify boft_n_butterfly_factor {self.boft_n_butterfly_factor} to be a "
                              "positive integer number.")

@@ -67,17 +67,7 @@ class OFTConfig(PeftConfigBase):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
-        if self.r == 0 and self.oft_block_size == 0:
-            raise ValueError(f"Either `r` or `oft_block_size` must be non-zero. Currently, r = {self.r} and "
-                             f"oft_block_size = {self.oft_block_size}.")
-        if not (self.r != 0) ^ (self.oft_block_size != 0):
-            raise ValueError(f"You can only specify either r ({self.r}) or oft_block_size ({self.oft_block_size}), but "
-                             "not both simultaneously, because r x oft_block_size == in_features (PEFT's rule): set the "
-                             "other to 0, e.g. OFTConfig(r=0, oft_block_size=32).")
-        if self.r < 0 or self.oft_block_size < 0:
-            raise ValueError(f"OFTConfig.r and oft_block_size must be >= 0, got {self.r} and {self.oft_block_size}.")
+        orthogonal.check_one_of(self, "r", "oft_block_size")
         if not 0.0 <= float(self.module_dropout) < 1.0:
             raise ValueError(f"OFTConfig.module_dropout must be in [0, 1), got {self.module_dropout!r}.")
         if self.bias not in ("none", "all", "oft_only"):

@@ -155,6 +155,21 @@ def check_site_kinds(method: str, module: nn.Module, site: Site, kinds: tuple) -
         raise ValueError(f"{method} does not support {name}; leave it out of target_modules.")
 
 
+def check_one_of(config, first: str, second: str) -> None:
+    """PEFT's rule for (r, oft_block_size) and (boft_block_size, boft_block_num): exactly one is set
+    (non-zero), the other follows from the layer's features; neither may be negative."""
+    a, b = getattr(config, first), getattr(config, second)
+    if config.layers_pattern and config.layers_to_transform is None:
+        raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
+    if a < 0 or b < 0:
+        raise ValueError(f"{type(config).__name__}.{first} and {second} must be >= 0, got {a} and {b}.")
+    if a == 0 and b == 0:
+        raise ValueError(f"Either `{first}` or `{second}` must be non-zero. Currently, {first} = {a} and {second} = {b}.")
+    if a != 0 and b != 0:
+        raise ValueError(f"You can only specify either {first} ({a}) or {second} ({b}), but not both simultaneously, "
+                         f"because {first} x {second} == in_features (PEFT's rule): set the other to 0.")
+
+
 def input_features(module: nn.Module, site: Site, weight_spec) -> int:
     """The features Q acts on: a linear's in_features, a conv's in_channels·k·k, an embedding's dim."""
     shape = tuple(weight_spec.shape)
