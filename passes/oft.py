@@ -65,6 +65,16 @@ class OFTConfig(PeftConfigBase):
     def to_dict(self):
         return {**super().to_dict(), "peft_version": self.PEFT_VERSION}
 
+    @classmethod
+    def unsupported(cls, data: dict) -> list[str]:
+        """A saved config without ``oft_block_size`` is an OFT adapter from PEFT < 0.14, whose weights
+        PEFT's current OFT (and fxpeft) cannot use (PEFT refuses it too)."""
+        found = super().unsupported(data)
+        if "oft_block_size" not in data:
+            found.append("an OFT adapter saved by PEFT < 0.14 (no oft_block_size), incompatible with the current OFT: "
+                         "retrain it, or load it with PEFT 0.13")
+        return found
+
     def __post_init__(self):
         super().__post_init__()
         orthogonal.check_one_of(self, "r", "oft_block_size")

@@ -206,6 +206,21 @@ def test_values_peft_rejects_per_layer_raise_at_construction():
         fxpeft.OFTConfig(module_dropout=1.0)
 
 
+def test_an_oft_checkpoint_from_before_peft_0_14_is_refused(tmp_path):
+    import json
+
+    gm = fxpeft.transform(small(), fxpeft.OFTConfig(r=4, oft_block_size=0, target_modules=["0"]))
+    gm.save_pretrained(str(tmp_path))
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_version"] == "0.21.2"  # PEFT reads it to tell the Cayley-Neumann series' versions apart
+    del config["oft_block_size"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(NotImplementedError, match="PEFT < 0.14"):
+        fxpeft.from_pretrained(small(), str(tmp_path))
+    with pytest.raises(ValueError, match="0.14.0"):
+        peft.PeftModel.from_pretrained(small(), str(tmp_path))
+
+
 @pytest.mark.parametrize("kwargs, rule", [
     (dict(boft_block_size=5), "must be divisible by boft_block_size"),
     (dict(boft_block_size=0, boft_block_num=3), "must be divisible by boft_block_num"),
