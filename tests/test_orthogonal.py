@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import fxpeft
+import models
 from peft_oracle import copy_adapter_weights
 
 
@@ -259,3 +260,19 @@ def test_layers_peft_does_not_adapt_raise(config):
     with pytest.raises(NotImplementedError, match="groups"):
         fxpeft.transform(grouped, getattr(fxpeft, config)(target_modules=["0"], **options),
                          example_inputs=(torch.randn(2, 4, 6, 6),))
+
+
+def test_training_only_parts_compile_without_graph_breaks():
+    """coft's in-place projection and the block dropouts (random draws) under
+    torch.compile(fullgraph=True) in training: the eager result under the same seed."""
+    for config in (fxpeft.OFTConfig(r=0, oft_block_size=4, target_modules=["0", "2"], init_weights=False, coft=True,
+                                    eps=1e-3, module_dropout=0.5),
+                   fxpeft.BOFTConfig(boft_block_size=4, target_modules=["0", "2"], init_weights=False, boft_dropout=0.5)):
+        gm = fxpeft.transform(small(), config).train()
+        compiled = torch.compile(gm, fullgraph=True, backend=models.COMPILE_BACKEND)
+        torch.manual_seed(1)
+        got = compiled(X)
+        torch.manual_seed(1)
+        torch.testing.assert_close(got, gm(X), rtol=1e-5, atol=1e-5)
+        got.sum().backward()
+        assert all(p.grad is not None for p in gm.parameters() if p.requires_grad)
