@@ -61,6 +61,9 @@ class BOFTConfig(PeftConfigBase):
                              "positive integer number.")
         if not 0.0 <= float(self.boft_dropout) < 1.0:
             raise ValueError(f"BOFTConfig.boft_dropout must be in [0, 1), got {self.boft_dropout!r}.")
+        if not isinstance(self.init_weights, bool):
+            raise ValueError(f"BOFTConfig.init_weights must be True or False, got {self.init_weights!r} (PEFT raises "
+                             "'Unknown initialization' on every layer).")
         if self.bias not in ("none", "all", "boft_only"):
             raise ValueError(f"BOFTConfig.bias must be 'none', 'all' or 'boft_only', got {self.bias!r}.")
 

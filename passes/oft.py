@@ -80,6 +80,9 @@ class OFTConfig(PeftConfigBase):
         orthogonal.check_one_of(self, "r", "oft_block_size")
         if not 0.0 <= float(self.module_dropout) < 1.0:
             raise ValueError(f"OFTConfig.module_dropout must be in [0, 1), got {self.module_dropout!r}.")
+        if not isinstance(self.init_weights, bool):
+            raise ValueError(f"OFTConfig.init_weights must be True or False, got {self.init_weights!r} (PEFT raises "
+                             "'Unknown initialization' on every layer).")
         if self.bias not in ("none", "all", "oft_only"):
             raise ValueError(f"OFTConfig.bias must be 'none', 'all' or 'oft_only', got {self.bias!r}.")
         if self.use_cayley_neumann and self.num_cayley_neumann_terms < 1:
@@ -165,7 +168,8 @@ class OFTRotation(nn.Module):
         return torch.block_diag(*blocks.unbind(0))
 
     def extra_repr(self) -> str:
-        return f"blocks={self.rank}, block_size={self.block_size}, block_share={self.block_share}, coft={self.coft}"
+        return f"r={self.rank}, block_size={self.block_size}" + (" shared" if self.block_share else "") + (
+            " coft" if self.coft else "")
 
 
 class BlockDropout(nn.Module):
