@@ -160,8 +160,12 @@ def butterfly(site_module: nn.Module, adapter: str, dropout: bool = True) -> tor
     return out
 
 
-def boft_rotate(site_module: nn.Module, adapter: str, v: torch.Tensor) -> torch.Tensor:
-    return v @ butterfly(site_module, adapter).to(v.dtype)
+def boft_rotate(site_module: nn.Module, adapter: str, v: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``v + g (v B - v)``; in dense graphs (a 0-dim gate) as ``v (I + g (B - I))``."""
+    b = butterfly(site_module, adapter).to(v.dtype)
+    if gate.dim() == 0:
+        return v @ orthogonal.toward_identity(b, gate)
+    return orthogonal.blend(v, v @ b, gate)
 
 
 def boft_matrix(site_module: nn.Module, adapter: str) -> torch.Tensor:

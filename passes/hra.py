@@ -87,17 +87,18 @@ def gram_schmidt(u: torch.Tensor) -> torch.Tensor:
     return torch.cat(columns, dim=1)
 
 
-def hra_rotate(site_module: nn.Module, adapter: str, v: torch.Tensor) -> torch.Tensor:
-    """``v H^T`` = v H_{r-1} ⋯ H_0: the reflections applied to v, the last first."""
+def hra_rotate(site_module: nn.Module, adapter: str, v: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``v + g (v H^T - v)``, v H^T = v H_{r-1} ⋯ H_0: the reflections applied to v, the last first."""
     u = site_module.hra_u[adapter]
-    v = v.to(u.dtype)
+    reflected = v.to(u.dtype)
     if site_module.hra_gate[adapter].apply_gs:
         basis = gram_schmidt(u)
-        return v - 2 * (v @ basis) @ basis.t()
-    u = u / u.norm(dim=0)
-    for i in reversed(range(u.shape[1])):
-        v = v - 2 * (v @ u[:, i:i + 1]) * u[:, i]
-    return v
+        reflected = reflected - 2 * (reflected @ basis) @ basis.t()
+    else:
+        u = u / u.norm(dim=0)
+        for i in reversed(range(u.shape[1])):
+            reflected = reflected - 2 * (reflected @ u[:, i:i + 1]) * u[:, i]
+    return orthogonal.blend(v, reflected.to(v.dtype), gate)
 
 
 def hra_matrix(site_module: nn.Module, adapter: str) -> torch.Tensor:

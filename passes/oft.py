@@ -201,10 +201,13 @@ def _rotation(site_module: nn.Module, adapter: str) -> OFTRotation:
     return holder[adapter]
 
 
-def oft_rotate(site_module: nn.Module, adapter: str, v: torch.Tensor) -> torch.Tensor:
+def oft_rotate(site_module: nn.Module, adapter: str, v: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``v + g (v R - v)``; in dense graphs (a 0-dim gate) as ``v (I + g (R - I))``, block by block."""
     rotation = _rotation(site_module, adapter)
     blocks = rotation.blocks(site_module.oft_dropout[adapter])
-    return rotation.rotate(v.to(blocks.dtype), blocks).to(v.dtype)
+    if gate.dim() == 0:
+        return rotation.rotate(v.to(blocks.dtype), orthogonal.toward_identity(blocks, gate)).to(v.dtype)
+    return orthogonal.blend(v, rotation.rotate(v.to(blocks.dtype), blocks).to(v.dtype), gate)
 
 
 def oft_matrix(site_module: nn.Module, adapter: str) -> torch.Tensor:

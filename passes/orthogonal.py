@@ -5,8 +5,10 @@ site's weight is turned by, and BOFT adds a per-output scale ``s``:
     linear, conv:  W' = s ⊙ (W Q^T)      (x Q fed to W: the input rotated)
     embedding:     W' = W Q              (each embedding row rotated: the output rotated)
 
-A method supplies its math as three graph functions of (site module, adapter): ``rotate(m, a, v)``
-= ``v Q`` over v's last dim (cheap where Q is structured: OFT's blocks, HRA's reflections),
+A method supplies its math as graph functions of (site module, adapter): ``rotate(m, a, v, g)``
+= ``v + g (v Q - v)`` over v's last dim, g the gate (0-dim in dense graphs, where a method may
+fold it into Q with :func:`toward_identity`; per sample in mixed ones: :func:`blend`), computed
+cheaply where Q is structured (OFT's blocks, HRA's reflections),
 ``matrix(m, a)`` = Q (d, d) and, for BOFT, ``scale(m, a)`` = s (out,). This file lowers them:
 
 - linear sites (nn.Linear and quantized linears): the input is rotated, adapters composed as
@@ -37,6 +39,25 @@ aten = torch.ops.aten
 def blend(v: torch.Tensor, mapped: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``v + g (mapped - v)``: the adapter's map where it acts (g = 1), v where it does not (g = 0)."""
     return v + g.to(v.dtype) * (mapped - v)
+
+
+def toward_identity(q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``I + g (Q - I)`` for square matrices or blocks (…, n, n) and a 0-dim gate: ``v (I + g (Q - I))``
+    is ``v + g (v Q - v)``, so dense graphs gate the small matrix instead of the activations."""
+    eye = torch.eye(q.shape[-1], device=q.device, dtype=q.dtype)
+    return eye + g.to(q.dtype) * (q - eye)
+
+
+def gated_scale(s: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``1 + g (s - 1)``: a per-output scale where the adapter acts, 1 where it does not."""
+    return 1 + g.to(s.dtype) * (s - 1)
+
+
+def rescaled(y: torch.Tensor, factor: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``(y - b) f + b`` in one pass over y: ``y f + b (1 - f)``."""
+    if bias is None:
+        return y * factor
+    return torch.addcmul(bias.to(y.dtype) * (1 - factor), y, factor)
 
 
 def sample_gate(value: torch.Tensor, index: torch.Tensor, slot: int, like: torch.Tensor) -> torch.Tensor:
@@ -73,26 +94,23 @@ def lowering(*, gates: str, rotate: Callable, matrix: Callable, scale: Optional[
         if site.kind == "embedding":
             y = lw.cast(site.output, dtype, base_dtype)
             for adapter in adapters:
-                y = lw.call(blend, y, lw.call(rotate, owner, adapter, y), _gate(lw, site, gates, adapter, y))
+                y = lw.call(rotate, owner, adapter, y, _gate(lw, site, gates, adapter, y))
             return lw.cast(y, base_dtype, dtype)
         if site.kind == "conv":
             return _conv(lw, site, owner, adapters, dtype, base_dtype)
         x = lw.cast(site.input, dtype, base_dtype)
         for adapter in reversed(adapters):  # W Q1^T Q2^T: x meets the last adapter's Q first
-            x = lw.call(blend, x, lw.call(rotate, owner, adapter, x), _gate(lw, site, gates, adapter, x))
+            x = lw.call(rotate, owner, adapter, x, _gate(lw, site, gates, adapter, x))
         out = lw.replace_op(site, input=lw.cast(x, base_dtype, dtype))
         if scale is None:
             return out
-        bias = lw.attr(site.bias) if site.bias is not None else None
         y = lw.cast(out, dtype, base_dtype)
-        if bias is not None:
-            y = lw.call(aten.sub.Tensor, y, bias)
-        for adapter in adapters:  # (y - b) s + b, as PEFT's BOFT
-            scaled = lw.call(aten.mul.Tensor, y, lw.call(scale, owner, adapter))
-            y = lw.call(blend, y, scaled, _gate(lw, site, gates, adapter, y))
-        if bias is not None:
-            y = lw.call(aten.add.Tensor, y, bias)
-        return lw.cast(y, base_dtype, dtype)
+        factor = None  # (y - b) s + b, as PEFT's BOFT; several adapters' scales multiply
+        for adapter in adapters:
+            gated = lw.call(gated_scale, lw.call(scale, owner, adapter), _gate(lw, site, gates, adapter, y))
+            factor = gated if factor is None else lw.call(aten.mul.Tensor, factor, gated)
+        bias = lw.attr(site.bias) if site.bias is not None else None
+        return lw.cast(lw.call(rescaled, y, factor, bias), base_dtype, dtype)
 
     def _conv(lw: Lowering, site: Site, owner, adapters: list[str], dtype, base_dtype):
         weight = lw.cast(lw.attr(site.weight), dtype, base_dtype)
