@@ -124,10 +124,8 @@ class FactorDropout(nn.Module):
             return blocks
         factors, count, size, _ = blocks.shape
         chosen = torch.randint(0, factors, (1,))  # PEFT's draw; kept a tensor so compiled graphs need no host read
-        replaced = int(self.p * count)
-        mask = torch.cat([torch.ones(replaced, device=blocks.device), torch.zeros(count - replaced, device=blocks.device)])
         full = torch.zeros(factors, count, 1, 1, device=blocks.device)
-        full[chosen.to(blocks.device)] = mask[torch.randperm(count)].view(1, count, 1, 1)
+        full[chosen.to(blocks.device)] = orthogonal.shuffled_mask(count, self.p, blocks.device).view(1, count, 1, 1)
         eye = torch.eye(size, device=blocks.device).repeat(factors, count, 1, 1)
         return (1 - full) * blocks + full * eye
 

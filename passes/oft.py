@@ -184,9 +184,7 @@ class BlockDropout(nn.Module):
         count, size = blocks.shape[0], blocks.shape[-1]
         if not self.training or self.p <= 0 or count == 1:
             return blocks
-        replaced = int(self.p * count)
-        mask = torch.cat([torch.ones(replaced, device=blocks.device), torch.zeros(count - replaced, device=blocks.device)])
-        mask = mask[torch.randperm(count)].view(count, 1, 1).to(blocks.dtype)
+        mask = orthogonal.shuffled_mask(count, self.p, blocks.device).view(count, 1, 1).to(blocks.dtype)
         eye = torch.eye(size, device=blocks.device, dtype=blocks.dtype).expand(count, size, size)
         return (1 - mask) * blocks + mask * eye
 

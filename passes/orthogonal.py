@@ -65,6 +65,14 @@ def sample_gate(value: torch.Tensor, index: torch.Tensor, slot: int, like: torch
     return value * samples_of(index, slot, like).to(value.dtype)
 
 
+def shuffled_mask(count: int, p: float, device) -> torch.Tensor:
+    """The blocks a multiplicative dropout replaces by I: ``int(p·count)`` ones among zeros, shuffled
+    by ``torch.randperm`` (PEFT's draw, so the same seed drops the same blocks)."""
+    replaced = int(p * count)
+    mask = torch.cat([torch.ones(replaced, device=device), torch.zeros(count - replaced, device=device)])
+    return mask[torch.randperm(count)]
+
+
 def flat_map(weight: torch.Tensor, q: torch.Tensor, s: Optional[torch.Tensor]) -> torch.Tensor:
     """``s ⊙ (W Q^T)`` on a linear or conv weight (out, …), flattened over the input features."""
     mapped = weight.reshape(weight.shape[0], -1) @ q.t().to(weight.dtype)

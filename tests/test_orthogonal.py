@@ -5,7 +5,6 @@ module dropout, which PEFT 0.21.2 builds but never calls, against its written fo
 from __future__ import annotations
 
 import copy
-import warnings
 
 import peft
 import pytest
@@ -265,9 +264,9 @@ def test_layers_peft_does_not_adapt_raise(config):
 def test_training_only_parts_compile_without_graph_breaks():
     """coft's in-place projection and the block dropouts (random draws) under
     torch.compile(fullgraph=True) in training: the eager result under the same seed."""
-    for config in (fxpeft.OFTConfig(r=0, oft_block_size=4, target_modules=["0", "2"], init_weights=False, coft=True,
-                                    eps=1e-3, module_dropout=0.5),
-                   fxpeft.BOFTConfig(boft_block_size=4, target_modules=["0", "2"], init_weights=False, boft_dropout=0.5)):
+    targets = dict(target_modules=["0", "2"], init_weights=False)
+    for config in (fxpeft.OFTConfig(r=0, oft_block_size=4, coft=True, eps=1e-3, module_dropout=0.5, **targets),
+                   fxpeft.BOFTConfig(boft_block_size=4, boft_dropout=0.5, **targets)):
         gm = fxpeft.transform(small(), config).train()
         compiled = torch.compile(gm, fullgraph=True, backend=models.COMPILE_BACKEND)
         torch.manual_seed(1)
