@@ -8,7 +8,8 @@ when the adapter has ``rank_dropout`` or ``module_dropout``, ``ΔW`` passes thro
 
 - ``module_dropout``: ``torch.rand(1) > module_dropout`` keeps the whole adapter for this call;
 - ``rank_dropout``: ``torch.rand(out) > rank_dropout`` keeps rows of ``ΔW``, divided by the kept
-  fraction (LoHa always; LoKr with ``rank_dropout_scale``).
+  fraction (LoHa always; LoKr with ``rank_dropout_scale``). Where every row is dropped PEFT divides
+  by 0 and trains on NaN; fxpeft adds nothing.
 
 The draws are PEFT's: from the CPU generator, module draw first, then the rank draw, at the site in
 model order, so a seeded call draws PEFT's masks. One difference: PEFT skips the rank draw of an
@@ -59,11 +60,12 @@ class LycorisConfig(PeftConfigBase):
     def __post_init__(self):
         super().__post_init__()
         name = type(self).__name__
+        self.rank_pattern, self.alpha_pattern = self.rank_pattern or {}, self.alpha_pattern or {}
         # PEFT's check, PEFT's words
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
         # fxpeft's: values PEFT accepts here but fails on when it builds a layer (r), or that have no meaning
-        for key, rank in [("r", self.r), *((f"rank_pattern[{k!r}]", v) for k, v in (self.rank_pattern or {}).items())]:
+        for key, rank in [("r", self.r), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())]:
             if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
                 raise ValueError(f"{name}.{key} must be a positive integer (PEFT: `r` should be a positive integer "
                                  f"value), got {rank!r}.")
@@ -125,8 +127,8 @@ class LycorisDropout(nn.Module):
         keep = (torch.rand(1).to(weight.device) > module_p).to(weight.dtype)  # drawn even at p=0, as PEFT does
         if rank:
             drop = (torch.rand(weight.shape[0]).to(weight.device) > rank_p).to(weight.dtype)
-            if rescale:
-                drop = drop / drop.mean()
+            if rescale:  # every row dropped: PEFT divides 0 by 0 (NaN weights); here the adapter adds 0
+                drop = drop / drop.mean().clamp(min=1.0 / drop.numel())
             weight = weight * drop.view(-1, *[1] * (weight.dim() - 1))
         return weight * keep
 
