@@ -52,6 +52,18 @@ def pair(method: str, build, seed: int = 0, **kwargs):
 # ----------------------------------------------------------------------------- dropout in training
 
 
+def training_calls_equal(reference, gm, x, seeds) -> list:
+    """Training-mode calls of both, each after ``torch.manual_seed(seed)``, are equal; PEFT's outputs."""
+    gm.train(), reference.train()
+    outputs = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        outputs.append(reference(x))
+        torch.manual_seed(seed)
+        torch.testing.assert_close(gm(x), outputs[-1], rtol=1e-5, atol=1e-6)
+    return outputs
+
+
 DROPOUTS = [  # (method, options): one dropout at a time, where fxpeft draws exactly PEFT's numbers
     ("loha", dict(module_dropout=0.5)),
     ("loha", dict(rank_dropout=0.5)),
@@ -71,14 +83,7 @@ def test_training_dropout_equals_peft_for_the_same_seed(method, options):
     with torch.no_grad():
         plain = reference.eval()(x)
         torch.testing.assert_close(gm.eval()(x), plain, rtol=1e-5, atol=1e-6)
-        gm.train(), reference.train()
-        outputs = []
-        for seed in range(4):
-            torch.manual_seed(seed)
-            expected = reference(x)
-            torch.manual_seed(seed)
-            torch.testing.assert_close(gm(x), expected, rtol=1e-5, atol=1e-6)
-            outputs.append(expected)
+        outputs = training_calls_equal(reference, gm, x, seeds=range(4))
         gm.eval()
         torch.testing.assert_close(gm(x), plain, rtol=1e-5, atol=1e-6)
     assert not all(torch.allclose(a, outputs[0]) for a in outputs[1:])  # the draws matter
@@ -96,15 +101,8 @@ def test_both_dropouts_one_site_equal_peft_and_the_formula(method):
     reference, gm, _ = pair(method, build, target_modules=["0"], **options)
     x = torch.randn(5, 12)
     with torch.no_grad():
-        gm.train(), reference.train()
-        kept = set()
-        for seed in range(6):
-            torch.manual_seed(seed)
-            expected = reference(x)
-            torch.manual_seed(seed)
-            torch.testing.assert_close(gm(x), expected, rtol=1e-5, atol=1e-6)
-            torch.manual_seed(seed)
-            kept.add(bool(torch.rand(1) > 0.5))
+        training_calls_equal(reference, gm, x, seeds=range(6))
+        kept = {bool(torch.rand(1, generator=torch.Generator().manual_seed(seed)) > 0.5) for seed in range(6)}
         assert kept == {True, False}  # seeds that keep and seeds that drop the adapter
 
     # two sites, nothing else random: the formula, with PEFT's ΔW (no dropout) of each site
