@@ -57,6 +57,9 @@ class MethodSpec:
     options: Callable  # (site model) -> config kwargs shared by both packages
     random: dict  # what makes the initial adapter change the outputs
     sites: tuple  # SITES rows PEFT supports the method on
+    # PEFT wraps a bitsandbytes 4-bit layer but computes with its packed weight's shape and fails
+    # (LoHa, LoKr): the oracle is then PEFT on the float model holding the dequantized weights
+    peft_4bit: bool = True
 
 
 METHODS = {
@@ -74,6 +77,12 @@ METHODS = {
     "ia3": MethodSpec(fxpeft.IA3Config, peft.IA3Config,
                       lambda s: dict(target_modules=s.targets, feedforward_modules=s.feedforward),
                       dict(init_ia3_weights=False), ("linear", "conv1d_gpt2", "conv2d")),
+    # PEFT's LyCORIS layers: nn.Linear, nn.Conv1d, nn.Conv2d (transformers' Conv1D raises, tests/test_lycoris.py)
+    "loha": MethodSpec(fxpeft.LoHaConfig, peft.LoHaConfig, lambda s: dict(r=4, alpha=8, target_modules=s.targets),
+                       dict(init_weights=False), ("linear", "conv1d", "conv2d"), peft_4bit=False),
+    # r=2: the linear sites' W2 is factored (W2a W2b), the conv sites' is a full kernel
+    "lokr": MethodSpec(fxpeft.LoKrConfig, peft.LoKrConfig, lambda s: dict(r=2, alpha=4, target_modules=s.targets),
+                       dict(init_weights=False), ("linear", "conv1d", "conv2d"), peft_4bit=False),
 }
 CASES = [(m, s) for m, spec in METHODS.items() for s in spec.sites]
 
@@ -232,6 +241,12 @@ def test_method_on_a_4bit_base_equals_peft(method, tmp_path):
               **(dict(use_dora=True) if method == "dora" else {}), **(dict(lora_bias=True) if method == "lora_bias" else {}),
               **(dict(init_r=4, target_r=2, total_step=10) if method == "adalora" else {})}
     quantized = _quantized_by_transformers(model, tmp_path, CONFIGS["nf4"])
+    inputs = models.hf_inputs("llama")
+    if not spec.peft_4bit:  # PEFT fails here (checked, so a PEFT that learns it switches this test back)
+        failing = peft.get_peft_model(copy.deepcopy(quantized), spec.peft(**kwargs))
+        with pytest.raises(RuntimeError, match="shape"):  # its ΔW takes the packed weight's shape
+            failing.train()(**inputs)
+        quantized = _dequantized(model, quantized)
     reference = peft.get_peft_model(peft.prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=False),
                                     spec.peft(**kwargs))
     gm = fxpeft.transform(model, [fxpeft.BnbConfig(**CONFIGS["nf4"]), spec.fx(**kwargs)])
@@ -240,7 +255,6 @@ def test_method_on_a_4bit_base_equals_peft(method, tmp_path):
     with torch.no_grad():
         for name, param in ours.items():
             param.copy_(theirs[name])
-    inputs = models.hf_inputs("llama")
     gm.train()
     reference.train()  # bitsandbytes' CPU eval path repacks 4-bit weights; both modes compute the same
     expected = reference(**inputs, labels=inputs["input_ids"])
@@ -248,3 +262,16 @@ def test_method_on_a_4bit_base_equals_peft(method, tmp_path):
     torch.testing.assert_close(got.logits, expected.logits, atol=1e-4, rtol=0)
     got.loss.backward()
     assert {n for n, p in gm.named_parameters() if p.grad is not None} == set(ours)
+
+
+def _dequantized(model, quantized):
+    """A float copy of ``model`` whose layers hold what ``quantized``'s 4-bit layers compute with."""
+    import bitsandbytes as bnb
+
+    float_model = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, layer in quantized.named_modules():
+            if isinstance(layer, bnb.nn.Linear4bit):
+                weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+                float_model.get_submodule(name).weight.copy_(weight)
+    return float_model
