@@ -104,10 +104,10 @@ def _check_unadaptable(gm, config, adaptable: dict, method_name: str, kinds) -> 
     registry = registry_of(gm)
     allowed = tuple(registry.linear_types) if "linear" in kinds else ()
     allowed += tuple(t for kind in kinds for t in KIND_TYPES.get(kind, ()))
-    attention = [name for name, m in gm.named_modules() if isinstance(m, nn.MultiheadAttention)]
-    for name, module in gm.named_modules():
-        if (not name or name in adaptable or name.startswith("_fxpeft")  # fxpeft's own: mode switches, slots
-                or registry.is_adapter_state(name) or not is_targeted(config, name)):
+    modules = list(registry.base_modules(gm))
+    attention = [name for name, m in modules if isinstance(m, nn.MultiheadAttention)]
+    for name, module in modules:
+        if not name or name in adaptable or not is_targeted(config, name):
             continue
         inside = next((a for a in attention if name == a or name.startswith(a + ".")), None)
         if inside is not None:
@@ -137,7 +137,7 @@ def attach_sites(gm, sites: list[Site], config, adapter: str, *, create: Callabl
         if submodule(gm, site.path) is not None:
             adaptable.setdefault(site.path, site)
     _check_unadaptable(gm, config, adaptable, method_name, kinds)
-    matched = [name for name, _ in gm.named_modules() if name in adaptable and is_targeted(config, name)]
+    matched = [name for name, _ in registry_of(gm).base_modules(gm) if name in adaptable and is_targeted(config, name)]
     if not matched:
         raise unmatched_target_error(config, list(adaptable))
     for path in matched:

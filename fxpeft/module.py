@@ -219,7 +219,7 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
     def _lower_signature(self, signature: Signature, lowered_blocks: Optional[dict] = None) -> None:
         """Lower the signature's graphs: with blocks, the top graph here and each block's graph on
         the block (blocks of equal structure and adapter state share one lowering, kept in
-        ``lowered_blocks`` across the signatures of one relower)."""
+        ``lowered_blocks`` across the signatures of one relower, with each block's fingerprint)."""
         top, mixed_error = signature.canonical, None
         if self._fxpeft_block_paths:
             if signature.outlined is None:
@@ -245,7 +245,9 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         for path, block_graph in outlined.blocks.items():
             block = self.get_submodule(path)
             register_extras(block, block_graph.extras)
-            key = (block_graph.key, fingerprint(block))  # what lowering reads of the block, adapters included
+            if ("fingerprint", path) not in lowered:  # once per relower: the walk grows with the adapters
+                lowered["fingerprint", path] = fingerprint(block)
+            key = (block_graph.key, lowered["fingerprint", path])  # what lowering reads of the block, adapters included
             if key not in lowered:
                 before = set(block._modules)
                 dense = lower(block_graph.graph, block, self._fxpeft_registry, mixed=False, adapter_order=order)

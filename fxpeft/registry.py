@@ -192,6 +192,21 @@ class Registry:
     def containers(self) -> set[str]:
         return {*self.hook_containers, *(c for m in self.methods for c in m.containers)}
 
+    def base_modules(self, root: nn.Module):
+        """``root.named_modules()`` without what adapters added (their containers' subtrees, fxpeft's
+        own ``_fxpeft*`` modules): a walk whose length does not grow with the adapters loaded."""
+        skip, seen = self.containers(), set()
+        stack = [("", root)]
+        while stack:
+            path, module = stack.pop()
+            if id(module) in seen:  # a module shared by two parents is walked once, as named_modules does
+                continue
+            seen.add(id(module))
+            yield path, module
+            children = [(f"{path}.{name}" if path else name, child) for name, child in module._modules.items()
+                        if child is not None and name not in skip and not name.startswith("_fxpeft")]
+            stack.extend(reversed(children))  # pre-order, children in order, as named_modules
+
     def is_adapter_state(self, path: str) -> bool:
         """Whether a module path lies inside some adapter's state (``...q_proj.lora_A.default``)."""
         containers = self.containers()

@@ -25,8 +25,7 @@ def attach(gm, config, adapter: str) -> list[str]:
     names = requested_names(config)
     if not names:
         return []
-    paths = [p for p in saved_module_paths(names, (n for n, _ in gm.named_modules()))
-             if not registry_of(gm).is_adapter_state(p)]
+    paths = saved_module_paths(names, (n for n, _ in registry_of(gm).base_modules(gm)))
     explicit = list(getattr(config, "modules_to_save", None) or [])
     missing = [n for n in explicit if not any(p.endswith(n) for p in paths) and n not in SEQ_CLS_HEAD_NAMES]
     if missing:
@@ -49,10 +48,10 @@ def _without_children(module: nn.Module, keep: dict) -> nn.Module:
     return shallow
 
 
-def _saved_copies(root: nn.Module) -> dict[str, list[str]]:
+def _saved_copies(lw: Lowering) -> dict[str, list[str]]:
     """path -> the adapters holding a copy of the module at path."""
     found = {}
-    for path, module in root.named_modules():
+    for path, module in lw.registry.base_modules(lw.root):
         holder = module._modules.get("modules_to_save")
         if path and holder is not None and len(holder):
             found[path] = list(holder.keys())
@@ -60,7 +59,7 @@ def _saved_copies(root: nn.Module) -> dict[str, list[str]]:
 
 
 def match(lw: Lowering):
-    copies = _saved_copies(lw.root)
+    copies = _saved_copies(lw)
     if lw.mixed:
         yield from (("region", path, adapters) for path, adapters in copies.items())
         return

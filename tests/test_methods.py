@@ -60,8 +60,8 @@ class MethodSpec:
     # SITES rows where PEFT's unmerged forward is not the method but its merge is (OFT's Conv2d unfolds
     # patches, rotates and folds them back, summing overlaps): the oracle there is PEFT merged
     peft_merged_oracle: tuple = ()
-    # PEFT wraps a bitsandbytes 4-bit layer but computes with its packed weight and fails (HRA): the
-    # oracle is then PEFT on the float model holding the dequantized weights
+    # PEFT wraps a bitsandbytes 4-bit layer but computes with its packed weight's shape and fails
+    # (LoHa, LoKr, HRA): the oracle is then PEFT on the float model holding the dequantized weights
     peft_4bit: bool = True
 
 
@@ -80,6 +80,12 @@ METHODS = {
     "ia3": MethodSpec(fxpeft.IA3Config, peft.IA3Config,
                       lambda s: dict(target_modules=s.targets, feedforward_modules=s.feedforward),
                       dict(init_ia3_weights=False), ("linear", "conv1d_gpt2", "conv2d")),
+    # PEFT's LyCORIS layers: nn.Linear, nn.Conv1d, nn.Conv2d (transformers' Conv1D raises, tests/test_lycoris.py)
+    "loha": MethodSpec(fxpeft.LoHaConfig, peft.LoHaConfig, lambda s: dict(r=4, alpha=8, target_modules=s.targets),
+                       dict(init_weights=False), ("linear", "conv1d", "conv2d"), peft_4bit=False),
+    # r=2: the linear sites' W2 is factored (W2a W2b), the conv sites' is a full kernel
+    "lokr": MethodSpec(fxpeft.LoKrConfig, peft.LoKrConfig, lambda s: dict(r=2, alpha=4, target_modules=s.targets),
+                       dict(init_weights=False), ("linear", "conv1d", "conv2d"), peft_4bit=False),
     # PEFT's OFT: nn.Linear, nn.Conv2d, nn.Embedding (Conv1D and Conv1d raise, tests/test_orthogonal.py); r=4
     # divides every site's features (12, 24, 27 = 3·3·3, 72, 32)
     "oft": MethodSpec(fxpeft.OFTConfig, peft.OFTConfig,
@@ -259,7 +265,7 @@ def test_method_on_a_4bit_base_equals_peft(method, tmp_path):
     inputs = models.hf_inputs("llama")
     if not spec.peft_4bit:  # PEFT fails here (checked, so a PEFT that learns it switches this test back)
         failing = peft.get_peft_model(copy.deepcopy(quantized), spec.peft(**kwargs))
-        with pytest.raises(RuntimeError):
+        with pytest.raises(RuntimeError, match="shape"):  # it computes with the packed weight's shape
             failing.train()(**inputs)
         quantized = _dequantized(model, quantized)
     reference = peft.get_peft_model(peft.prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=False),
