@@ -291,9 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--quiet", action="store_true", help="no progress bar (same as FXPEFT_PROGRESS=0)")
 
-    def command(name, run, help_text):
+    def command(name, run, help_text, *positional):
         sub = commands.add_parser(name, help=help_text, description=help_text, parents=[common])
         sub.set_defaults(run=run)
+        for metavar in positional:
+            sub.add_argument(metavar.lower(), metavar=metavar)
         return sub
 
     sub = command("inspect", cmd_inspect, "Print the table of rewritten sites and draw a picture (without "
@@ -304,27 +306,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--out", metavar="PIC", help="write the picture: .svg, .png (needs Graphviz) or .dot")
 
     sub = command("merge", cmd_merge, "Fold the adapter into the base weights and save a model folder that "
-                  "from_pretrained of the original class loads.")
-    sub.add_argument("model_dir", metavar="MODEL_DIR")
-    sub.add_argument("adapter_dir", metavar="ADAPTER_DIR")
-    sub.add_argument("out_dir", metavar="OUT_DIR")
+                  "from_pretrained of the original class loads.", "MODEL_DIR", "ADAPTER_DIR", "OUT_DIR")
     sub.add_argument("--safe", action="store_true", help="check merged weights for NaN/inf before writing (safe_merge)")
 
-    sub = command("export", cmd_export, "Write the merged model as model.safetensors and a torch.export program "
-                  "model.pt2 (fxpeft.export_merged).")
-    sub.add_argument("model_dir", metavar="MODEL_DIR")
-    sub.add_argument("adapter_dir", metavar="ADAPTER_DIR")
-    sub.add_argument("out_dir", metavar="OUT_DIR")
+    command("export", cmd_export, "Write the merged model as model.safetensors and a torch.export program "
+                  "model.pt2 (fxpeft.export_merged).", "MODEL_DIR", "ADAPTER_DIR", "OUT_DIR")
 
     sub = command("convert", cmd_convert, "Re-save an adapter checkpoint as safetensors (e.g. from .bin), saying what "
-                  "fxpeft can and cannot load of it.")
-    sub.add_argument("adapter_dir", metavar="ADAPTER_DIR")
-    sub.add_argument("out_dir", metavar="OUT_DIR")
+                  "fxpeft can and cannot load of it.", "ADAPTER_DIR", "OUT_DIR")
     sub.add_argument("--model", metavar="MODEL_DIR", help="check every tensor against this base model and re-save "
                      "through fxpeft")
 
-    sub = command("info", cmd_info, "Describe an adapter folder: method, config, targets, tensors, sizes.")
-    sub.add_argument("adapter_dir", metavar="ADAPTER_DIR")
+    command("info", cmd_info, "Describe an adapter folder: method, config, targets, tensors, sizes.", "ADAPTER_DIR")
     return parser
 
 
