@@ -68,6 +68,10 @@ def load_model(path: str):
     check_model_dir(path)
     import transformers
 
+    from . import progress
+
+    progress.step(f"loading {path}")
+
     with open(os.path.join(path, "config.json")) as handle:
         architectures = json.load(handle).get("architectures") or []
     cls = next((getattr(transformers, name) for name in architectures if hasattr(transformers, name)),

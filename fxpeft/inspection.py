@@ -17,6 +17,7 @@ from typing import Optional
 import torch.fx
 from torch import nn
 
+from .blocks import find_block_paths
 from .drawing import Box, Picture
 from .registry import registry_of
 from .rewrite import lower
@@ -235,10 +236,12 @@ class Report:
         by_path: dict = {}
         for row in rows:
             by_path.setdefault(row.path, []).append(row)
-        blocks = list(self.gm._fxpeft_block_paths)
-        units: list = []  # (kind, path) in order of first use
+        # a flat graph (prefix tuning) still has the model's repeated blocks in its module tree
+        blocks = list(self.gm._fxpeft_block_paths) or find_block_paths(self.gm)
+        first_any: dict = {}  # (kind, path) -> index of its first node
+        first_base: dict = {}  # ... of its first base node: inserted gate reads may come long before
         modules = dict(self.gm.named_modules())
-        for node in self.graph.nodes:
+        for index, node in enumerate(self.graph.nodes):
             if node.op in ("placeholder", "output", "get_attr"):
                 continue
             paths = _module_paths(node)
@@ -254,14 +257,16 @@ class Report:
                 unit = ("module", paths[-1])
             else:
                 continue
-            if unit not in units:
-                units.append(unit)
+            first_any.setdefault(unit, index)
+            if "fxpeft_rule" not in node.meta:
+                first_base.setdefault(unit, index)
         picture = Picture(f"{type(self.gm._fxpeft_source).__name__}" + (f": adapter {adapter!r}" if adapter else "")
                           + f" — {len(by_path)} rewritten sites")
         inputs = [n.name for n in self.graph.nodes if n.op == "placeholder"]
         picture.boxes["inputs"] = Box(["inputs", ", ".join(inputs)], "outside")
         previous = "inputs"
-        for key, (kind, path) in enumerate(self._runs(units, by_path, adapter)):
+        order = sorted(first_any, key=lambda unit: first_base.get(unit, first_any[unit]))
+        for key, (kind, path) in enumerate(self._runs(order, by_path, adapter)):
             picture.boxes[key] = self._unit_box(kind, path, by_path, adapter)
             picture.edges.append((previous, key))
             previous = key
@@ -363,7 +368,10 @@ class Report:
         if node.op == "get_attr":
             return [str(node.target)]
         paths = _module_paths(node)
-        return [node.name] + ([f"from {paths[-1]}"] if paths and paths[-1] else [])
+        if paths and paths[-1]:
+            return [node.name, f"from {paths[-1]}"]
+        state = [str(s.target) for s in node.all_input_nodes if s.op == "get_attr"]  # e.g. the adapter gates
+        return [node.name] + ([f"reads {', '.join(state)}"] if state else [])
 
     def _group_box(self, key: str, nodes: list, rows: dict) -> Box:
         if key.startswith("site:"):

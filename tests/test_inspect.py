@@ -161,6 +161,11 @@ def test_dot_networkx_and_diff_mark_inserted_nodes():
 def test_modules_to_save_shows_in_report():
     model = models.bert().eval()
     gm = fxpeft.transform(model, fxpeft.LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
-    rows = {r.path: r for r in fxpeft.inspect(gm).rows}
+    report = fxpeft.inspect(gm)
+    rows = {r.path: r for r in report.rows}
     assert rows["classifier"].method == "modules_to_save"
     assert rows["classifier"].params == sum(p.numel() for p in model.classifier.parameters())
+    # in model order, though the copy's selection reads the adapter gates at the top of the graph
+    heads = [box.lines[0] for box in report.summary().boxes.values()]
+    assert heads[-4:] == ["bert.encoder.layer.0 … bert.encoder.layer.1", "bert.pooler.dense", "classifier", "output"]
+    assert "classifier.modules_to_save.default.weight" in report.site("classifier").to_svg(engine="python")
