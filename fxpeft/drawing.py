@@ -69,6 +69,7 @@ class Picture:
         return _SvgLayout(self).svg()
 
     def to_png(self, engine: str = "auto") -> bytes:
+        """PNG bytes from Graphviz's ``dot``; without it, a RuntimeError saying how to install it."""
         if engine == "python" or not _use_dot(engine):
             raise RuntimeError(f"Writing a PNG needs Graphviz's `dot`, which is not installed: {INSTALL_GRAPHVIZ}. "
                                "Or save as .svg, which needs nothing (any browser shows it).")

@@ -165,6 +165,7 @@ class Report:
     # ------------------------------------------------------------------ scopes
 
     def site_paths(self) -> list:
+        """The paths of the rewritten sites, the names ``site()`` takes."""
         return sorted({row.path for row in self.rows})
 
     def _check_scope(self, path: str) -> None:

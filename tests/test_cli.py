@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,9 @@ import models
 from fxpeft.cli import main
 
 SITE = "model.layers.0.self_attn.q_proj"
-SCRIPT = Path(sys.executable).parent / "fxpeft"  # where pip put the console script ([project.scripts])
+# the console script pip made from [project.scripts]: beside this Python, or on PATH (a --user install)
+SCRIPT = Path(sys.executable).parent / "fxpeft"
+SCRIPT = str(SCRIPT) if SCRIPT.exists() else shutil.which("fxpeft")
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +45,7 @@ def saved(tmp_path_factory):
 def runs(saved):
     """Every command once, as subprocesses started together (each imports torch and transformers)."""
     root = saved[0]
+    assert SCRIPT, "no fxpeft console script: install the package (pip install -e .)"
     commands = {
         "info": ["info", "peft_bin"],
         "convert": ["convert", "peft_bin", "converted"],
@@ -51,7 +55,7 @@ def runs(saved):
     }
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("FXPEFT_PROGRESS", None)  # stderr is a pipe: no progress unless asked
-    started = {name: subprocess.Popen([str(SCRIPT), *args], cwd=root, env=env, stdout=subprocess.PIPE,
+    started = {name: subprocess.Popen([SCRIPT, *args], cwd=root, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True) for name, args in commands.items()}
     done = {}
     for name, process in started.items():
