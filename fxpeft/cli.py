@@ -21,6 +21,11 @@ import shutil
 import sys
 import warnings
 
+FOLDERS = {  # what each positional folder is, for --help
+    "MODEL_DIR": "folder written by a transformers model's save_pretrained (config.json + weights)",
+    "ADAPTER_DIR": "adapter folder written by PEFT's or fxpeft's save_pretrained (adapter_config.json + weights)",
+    "OUT_DIR": "folder to write (created if missing)",
+}
 MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
@@ -299,13 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text, parents=[common])
         sub.set_defaults(run=run)
         for metavar in positional:
-            sub.add_argument(metavar.lower(), metavar=metavar)
+            sub.add_argument(metavar.lower(), metavar=metavar, help=FOLDERS[metavar])
         return sub
 
     sub = command("inspect", cmd_inspect, "Print the table of rewritten sites and draw a picture (without "
-                  "ADAPTER_DIR: list the sites an adapter can target).")
-    sub.add_argument("model_dir", metavar="MODEL_DIR", help="folder written by a transformers model's save_pretrained")
-    sub.add_argument("adapter_dir", metavar="ADAPTER_DIR", nargs="?", help="adapter folder (PEFT or fxpeft)")
+                  "ADAPTER_DIR: list the sites an adapter can target).",
+                  "MODEL_DIR")
+    sub.add_argument("adapter_dir", metavar="ADAPTER_DIR", nargs="?", help=FOLDERS["ADAPTER_DIR"])
     sub.add_argument("--site", metavar="PATH", help="draw (and diff) one site, e.g. model.layers.0.self_attn.q_proj")
     sub.add_argument("--out", metavar="PIC", help="write the picture: .svg, .png (needs Graphviz) or .dot")
 
