@@ -26,6 +26,8 @@ from .state import adapter_modules
 
 @dataclass
 class SiteRow:
+    """One rewritten site and the rule that rewrote it: a row of ``print(fxpeft.inspect(gm))``."""
+
     path: str
     method: str
     adapters: list

@@ -272,10 +272,12 @@ def from_pretrained(model: nn.Module, directory: str, adapter_name: str = "defau
     return gm
 
 
+@progress.task("fxpeft.load_adapter")
 def load_adapter(gm: PeftGraphModule, directory: str, adapter_name: str, is_trainable: bool = False) -> None:
     """Add the adapter stored in ``directory`` to a transformed module under ``adapter_name``."""
     _require_transformed(gm)
     check_adapter_name(adapter_name)  # before reading files
+    progress.step("reading checkpoint")
     config = _checkpoint.load_config(directory, registry_of(gm))
     weights = _checkpoint.load_weights(directory, _device_of(gm))
     config.inference_mode = not is_trainable
