@@ -73,9 +73,11 @@ def layer_init(kind: str, layer: str) -> bool:
 
     True: ``init_weights`` applies. False: PEFT quietly gives the layer its default init
     (embeddings: A zeros, B normal) and leaves the base alone. Raises what PEFT raises.
+    "eva" reads data, not the weight: linear layers get nn.Linear's own init for A and a zero B,
+    and ``initialize_lora_eva_weights`` (passes/lora_eva.py) replaces A afterwards, as in PEFT.
     """
     if layer == "linear":
-        return True
+        return kind != "eva"
     if kind == "loftq":
         # PEFT's Embedding/Conv update_layer call loftq_init(adapter_name) without its config
         raise TypeError(f"PEFT 0.21.2 cannot initialise a {layer} layer with LoftQ: its loftq_init fails with "
