@@ -44,8 +44,10 @@ def fire_forward_hooks(module: torch.nn.Module, layer_input: torch.Tensor, outpu
 
 def _flattened(site) -> bool:
     node = site.input
-    return (site.node.op == "call_function" and site.node.target in _FLAT_MATMULS and isinstance(node, torch.fx.Node)
-            and node.op == "call_function" and node.target in _FLATTENING)
+    if not (site.node.op == "call_function" and site.node.target in _FLAT_MATMULS and isinstance(node, torch.fx.Node)):
+        return False
+    return ((node.op == "call_function" and node.target in _FLATTENING)
+            or (node.op == "call_method" and node.target in ("view", "reshape")))  # symbolic trace
 
 
 def _fire(lowering, site):
