@@ -189,6 +189,9 @@ def _input_hash(x: Tensor) -> int:
     return hash(tuple(x.view(-1).tolist()))
 
 
+PEFT_PREFIX = "base_model.model."  # PEFT's module names on a PeftModel; fxpeft's are the base model's
+
+
 def forward_fn_dict(model, inputs):
     return model(**inputs)
 
@@ -233,11 +236,12 @@ def _layer_fns(prepare_layer_inputs_fn, names) -> dict[str, Callable]:
     layers it leaves out: every position)."""
     if not isinstance(prepare_layer_inputs_fn, Mapping):
         return dict.fromkeys(names, prepare_layer_inputs_fn or flat_layer_input)
-    unknown = [k for k in prepare_layer_inputs_fn if k not in names]
+    fns = {key.removeprefix(PEFT_PREFIX): fn for key, fn in prepare_layer_inputs_fn.items()}  # PEFT's names too
+    unknown = [k for k in fns if k not in names]
     if unknown:
         raise ValueError("prepare_layer_inputs_fn is a mapping but the following module names were not found in the "
                          f"model: {unknown}")
-    return {name: prepare_layer_inputs_fn.get(name) or flat_layer_input for name in names}
+    return {name: fns.get(name) or flat_layer_input for name in names}
 
 
 @torch.no_grad()
@@ -406,8 +410,6 @@ def eva_layer_inits(eva: Mapping[str, Tensor], ranks: Mapping[str, int], alphas:
 
 # ---- the API: PEFT's get_eva_state_dict and initialize_lora_eva_weights ----
 
-PEFT_PREFIX = "base_model.model."  # PEFT's module names on a PeftModel; fxpeft's are the base model's
-
 
 def _is_transformed(model) -> bool:
     from fxpeft.module import PeftGraphModule
@@ -478,6 +480,29 @@ def get_eva_state_dict(model: nn.Module, dataloader: Iterable, peft_config: Opti
         return eva_state_dict(model, dataloader, ranks, peft_config, **run)
 
 
+MIN_TARGETS_TO_SHORTEN = 20  # PEFT's MIN_TARGET_MODULES_FOR_OPTIMIZATION
+
+
+def minimal_targets(targets: list[str], others: list[str]) -> set[str]:
+    """PEFT's ``_find_minimal_target_modules``: the fewest dotted suffixes that match every name in
+    ``targets`` and none in ``others`` (shortest suffix of each name first, names in sorted order).
+    Unlike PEFT, which leaves them out of ``others``, the layers EVA gave rank 0 count as others
+    here, so the suffixes never bring their adapters back on reload."""
+    def suffixes(name):
+        parts = name.split(".")
+        return [".".join(parts[i:]) for i in range(len(parts))][::-1]
+    taken = {suffix for name in others for suffix in suffixes(name)}
+    chosen: set[str] = set()
+    for name, candidates in sorted(((name, suffixes(name)) for name in set(targets)), key=lambda item: item[1]):
+        for suffix in candidates:
+            if suffix in chosen or suffix in taken:
+                continue
+            if not any(name.endswith("." + c) for c in chosen):
+                chosen.add(suffix)
+                break
+    return chosen or set(targets)
+
+
 @torch.no_grad()
 def initialize_lora_eva_weights(model: nn.Module, dataloader: Optional[Iterable] = None,
                                 eva_state_dict: Optional[dict] = None,
@@ -536,11 +561,17 @@ def initialize_lora_eva_weights(model: nn.Module, dataloader: Optional[Iterable]
         config, target_modules=kept,
         rank_pattern={name: inits[name][0] for name in kept if inits[name][0] != config.r},
         alpha_pattern={name: inits[name][1] for name in kept if inits[name][1] != config.lora_alpha})
+    attached = stored  # the exact list; the stored config may say it shorter, as PEFT's does
+    if len(kept) >= MIN_TARGETS_TO_SHORTEN:
+        registry = registry_of(model)
+        others = [name for name, _ in model.named_modules()
+                  if name and name not in kept and not registry.is_adapter_state(name)]
+        stored = dataclasses.replace(stored, target_modules=sorted(minimal_targets(kept, others)))
     order, active = list(model.peft_config), list(model._fxpeft_active)
     with transaction(model):
         delete_adapter(model, adapter_name)
-        _attach(model, stored, adapter_name)  # init "eva": nn.Linear's A (replaced below), zero B
-        configs = dict(model.peft_config)
+        _attach(model, attached, adapter_name)  # init "eva": nn.Linear's A (replaced below), zero B
+        configs = {**model.peft_config, adapter_name: stored}
         model.peft_config.clear()
         model.peft_config.update({name: configs[name] for name in order})
         model._fxpeft_active[:] = active

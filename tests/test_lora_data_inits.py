@@ -171,12 +171,14 @@ def test_eva_on_a_custom_module_drops_rank_zero_layers_as_peft():
     model = Streams()
     data = _streams_data()
     options = dict(r=2, lora_alpha=4, target_modules=["a", "b", "c", "d", "e", "emb"], init_lora_weights="eva")
-    run = dict(forward_fn=_call, prepare_model_inputs_fn=None, prepare_layer_inputs_fn=None)
+    first_rows = {"c": lambda layer_input, model_input, name: layer_input[0][:30]}  # PEFT's per-layer mapping
     theirs = _quiet(peft.get_peft_model, copy.deepcopy(model), peft.LoraConfig(**options))
-    _quiet(peft.initialize_lora_eva_weights, theirs, data, show_progress_bar=False, **run)
+    _quiet(peft.initialize_lora_eva_weights, theirs, data, show_progress_bar=False, forward_fn=_call,
+           prepare_model_inputs_fn=None, prepare_layer_inputs_fn={"base_model.model.c": first_rows["c"]})
     gm = fxpeft.transform(model, fxpeft.LoraConfig(**options, eva_config=fxpeft.EvaConfig()))
     with pytest.warns(UserWarning, match=r"not found in the eva state_dict: \['emb'\]"):
-        fxpeft.initialize_lora_eva_weights(gm, data, show_progress_bar=False, max_batches=100, **run)
+        fxpeft.initialize_lora_eva_weights(gm, data, show_progress_bar=False, max_batches=100, forward_fn=_call,
+                                           prepare_model_inputs_fn=None, prepare_layer_inputs_fn=first_rows)
     expected, got = theirs.peft_config["default"], gm.peft_config["default"]
     assert got.rank_pattern == expected.rank_pattern == {"a": 3, "d": 3}
     assert got.alpha_pattern == expected.alpha_pattern and list(got.target_modules) == list(expected.target_modules)
@@ -229,6 +231,9 @@ def test_eva_errors_leave_the_module_as_it_was():
     with pytest.raises(ValueError, match="cannot be resolved on a model fxpeft has not transformed"):
         fxpeft.get_eva_state_dict(model, data, peft_config=fxpeft.LoraConfig(
             target_modules="all-linear", init_lora_weights="eva"), **run)
+    with pytest.raises(ValueError, match="following module names were not found in the model: \\['f'\\]"):
+        fxpeft.get_eva_state_dict(gm, data, forward_fn=_call, prepare_model_inputs_fn=None,
+                                  prepare_layer_inputs_fn={"f": None}, show_progress_bar=False)
     with pytest.raises(ValueError, match="reads peft_config.eva_config"):
         fxpeft.get_eva_state_dict(model, data, peft_config=fxpeft.LoraConfig(target_modules=["a"]), **run)
 
@@ -326,10 +331,13 @@ def test_corda_on_a_transformed_module_and_from_a_covariance_file(tmp_path):
     from_file = dataclasses.replace(config, corda_config=fxpeft.CordaConfig(corda_method="kpm",
                                                                             covariance_file=covariances))
     fxpeft.preprocess_corda(plain, from_file)  # no run_model
+    hooked, other = copy.deepcopy(plain), _corda_model()
+    fxpeft.preprocess_corda(other, config, run_model=_run(hooked), hooked_model=hooked)  # PEFT's hooked_model
     decomposed = {name: m.eigens for name, m in gm.named_modules() if hasattr(m, "eigens")}
     assert len(decomposed) == 7
     for name, eigens in decomposed.items():
         assert all(torch.equal(a, b) for a, b in zip(plain.get_submodule(name).eigens, eigens)), name
+        assert all(torch.equal(a, b) for a, b in zip(other.get_submodule(name).eigens, eigens)), name
     gm.add_adapter("corda", config)
     gm.delete_adapter("default")
     _same_as_peft(gm, model, theirs, adapter="corda")
@@ -365,11 +373,16 @@ def test_site_hooks_fire_with_the_layers_inputs(eva_llama):
     """A Llama (layers as fxpeft blocks) and a GPT-2 (Conv1D: a matmul on the flattened input)."""
     base, data, _, gm = eva_llama
     gpt2 = models.gpt2().eval()
-    cases = [(base, gm, ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "lm_head"]),
-             (gpt2, fxpeft.transform(copy.deepcopy(gpt2), fxpeft.LoraConfig(r=2, target_modules=["c_attn"])),
-              ["transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_proj"])]
     inputs = {k: v for k, v in data[0].items() if k != "labels"}  # keywords both were called with: no capture
-    for reference, transformed, names in cases:
+    streams = Streams()  # symbolic trace; Conv1D on a 3-d input
+    streams_inputs = {"x": torch.randn(2, 5, 16), "y": torch.randn(2, 5, 64), "z": torch.randn(2, 5, 16),
+                      "ids": torch.randint(0, 10, (2, 5))}
+    cases = [(base, gm, ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "lm_head"], inputs),
+             (gpt2, fxpeft.transform(copy.deepcopy(gpt2), fxpeft.LoraConfig(r=2, target_modules=["c_attn"])),
+              ["transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_proj"], inputs),
+             (streams, fxpeft.transform(copy.deepcopy(streams), fxpeft.LoraConfig(r=2, target_modules=["a"])),
+              ["e", "emb", "b"], streams_inputs)]
+    for reference, transformed, names, inputs in cases:
         expected, got = {}, {}
 
         def keep(store, name):
@@ -397,3 +410,36 @@ def test_site_hooks_fire_with_the_layers_inputs(eva_llama):
             torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
         for name in names:
             transformed.get_submodule(name)._forward_hooks.clear()
+
+
+class Many(nn.Module):
+    """24 linear layers (PEFT shortens a target list of 20 or more), in pairs reading one input."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleDict({"up": nn.Linear(8, 8), "gate": nn.Linear(8, 8)}) for _ in range(12))
+        self.head = nn.Linear(8, 8)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = torch.tanh(block["up"](x)) * block["gate"](x)
+        return self.head(x)
+
+
+def test_eva_saves_a_long_target_list_as_peft_shortens_it():
+    torch.manual_seed(0)
+    model = Many()
+    generator = torch.Generator().manual_seed(0)
+    data = [{"x": torch.randn(64, 8, generator=generator) @ torch.diag(torch.linspace(3, 0.1, 8))} for _ in range(4)]
+    options = dict(r=2, lora_alpha=2, target_modules=["up", "gate"], init_lora_weights="eva")
+    run = dict(forward_fn=_call, prepare_model_inputs_fn=None, prepare_layer_inputs_fn=None, show_progress_bar=False)
+    theirs = _quiet(peft.get_peft_model, copy.deepcopy(model), peft.LoraConfig(**options))
+    _quiet(peft.initialize_lora_eva_weights, theirs, data, **run)
+    gm = fxpeft.transform(model, fxpeft.LoraConfig(**options, eva_config=fxpeft.EvaConfig()))
+    fxpeft.initialize_lora_eva_weights(gm, data, max_batches=100, **run)
+    expected, got = theirs.peft_config["default"], gm.peft_config["default"]
+    assert sorted(got.target_modules) == sorted(expected.target_modules) == ["gate", "up"]
+    assert got.rank_pattern == expected.rank_pattern and got.alpha_pattern == expected.alpha_pattern
+    ours = dict(gm.named_parameters())
+    for key, value in theirs.named_parameters():
+        assert torch.equal(ours[_peft_name(key)], value), key
