@@ -221,9 +221,9 @@ def _to_device(inputs, device):
 def _gathered(x: Tensor) -> Tensor:
     """Every rank's rows (PEFT's ``gather_layer_inputs``: padded to the largest count, all-gathered, cut)."""
     world = dist.get_world_size()
-    sizes = torch.empty(world, dtype=torch.long, device=x.device)
-    dist.all_gather_into_tensor(sizes, torch.tensor([x.shape[0]], device=x.device))
-    sizes = sizes.tolist()
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
+    sizes = [int(size) for size in sizes]
     padded = x.new_zeros((max(sizes), *x.shape[1:]))
     padded[: x.shape[0]] = x
     parts = [torch.zeros_like(padded) for _ in range(world)]

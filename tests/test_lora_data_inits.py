@@ -166,11 +166,13 @@ def _call(model, batch):
     return model(**batch)
 
 
-def test_eva_on_a_custom_module_drops_rank_zero_layers_as_peft():
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_eva_on_a_custom_module_drops_rank_zero_layers_as_peft(use_dora):
     torch.manual_seed(0)
     model = Streams()
     data = _streams_data()
-    options = dict(r=2, lora_alpha=4, target_modules=["a", "b", "c", "d", "e", "emb"], init_lora_weights="eva")
+    options = dict(r=2, lora_alpha=4, target_modules=["a", "b", "c", "d", "e", "emb"], init_lora_weights="eva",
+                   use_dora=use_dora)
     first_rows = {"c": lambda layer_input, model_input, name: layer_input[0][:30]}  # PEFT's per-layer mapping
     theirs = _quiet(peft.get_peft_model, copy.deepcopy(model), peft.LoraConfig(**options))
     _quiet(peft.initialize_lora_eva_weights, theirs, data, show_progress_bar=False, forward_fn=_call,
@@ -185,8 +187,8 @@ def test_eva_on_a_custom_module_drops_rank_zero_layers_as_peft():
     assert type(theirs.base_model.model.b) is nn.Linear and "lora_A" not in gm.b._modules
     ours = dict(gm.named_parameters())
     for key, value in theirs.named_parameters():
-        if "lora_embedding" not in key:  # embeddings: the default init, from other random draws
-            assert torch.equal(ours[_peft_name(key)], value), key
+        if "lora_embedding" not in key and "emb.lora_magnitude" not in key:  # embeddings: other random draws
+            assert torch.equal(ours[_peft_name(key)], value), key  # DoRA: magnitudes too
     inputs = data[0]
     with torch.no_grad():
         torch.testing.assert_close(gm(**inputs), model(**inputs))  # B zero: the base model's output
@@ -443,3 +445,43 @@ def test_eva_saves_a_long_target_list_as_peft_shortens_it():
     ours = dict(gm.named_parameters())
     for key, value in theirs.named_parameters():
         assert torch.equal(ours[_peft_name(key)], value), key
+
+
+
+EVA_STREAMS = dict(r=2, lora_alpha=4, target_modules=["a", "b", "c", "d", "e"], init_lora_weights="eva")
+EVA_PLAIN = dict(forward_fn=_call, prepare_model_inputs_fn=None, prepare_layer_inputs_fn=None, show_progress_bar=False)
+
+
+def _eva_rank(rank: int, world: int, store: str, out: str) -> None:
+    """One of two forked processes: its half of every batch, layer inputs gathered from both."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        mine = [{k: v.chunk(world)[rank] for k, v in batch.items()} for batch in _streams_data()]
+        config = fxpeft.LoraConfig(**EVA_STREAMS, eva_config=fxpeft.EvaConfig())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PEFT's warning that inputs are gathered
+            state = fxpeft.get_eva_state_dict(Streams(), mine, peft_config=config, max_batches=100, **EVA_PLAIN)
+        if rank == 0:
+            torch.save(state, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_eva_gathers_layer_inputs_across_processes(tmp_path):
+    """Two processes holding half of every batch each, gather_distributed_inputs=True (PEFT's default):
+    the SVDs see the whole batches, so the result is one process's on the whole data."""
+    import torch.multiprocessing as mp
+    out = str(tmp_path / "state.pt")
+    mp.start_processes(_eva_rank, args=(2, str(tmp_path / "store"), out), nprocs=2, start_method="fork")
+    gathered = torch.load(out)
+    torch.manual_seed(0)
+    config = fxpeft.LoraConfig(**EVA_STREAMS, eva_config=fxpeft.EvaConfig())
+    whole = fxpeft.get_eva_state_dict(Streams(), _streams_data(), peft_config=config, **EVA_PLAIN)
+    assert gathered.keys() == whole.keys() and {k: a.shape[0] for k, a in whole.items()}["b"] == 0
+    for name in whole:
+        assert torch.equal(gathered[name], whole[name]), name
+    half = [{k: v.chunk(2)[0] for k, v in batch.items()} for batch in _streams_data()]
+    alone = fxpeft.get_eva_state_dict(Streams(), half, peft_config=config, max_batches=100, **EVA_PLAIN)
+    assert not torch.equal(alone["c"][:1], whole["c"][:1])  # one half alone gives other components
