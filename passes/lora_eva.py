@@ -18,6 +18,7 @@ rewritten as PEFT rewrites them; rank 0: no adapter on that layer) and each A co
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 from collections import Counter, defaultdict
@@ -189,6 +190,7 @@ def _input_hash(x: Tensor) -> int:
     return hash(tuple(x.view(-1).tolist()))
 
 
+LayerInputsFn = Union[Callable, Mapping[str, Callable], None]  # one for all layers, by layer name, or None
 PEFT_PREFIX = "base_model.model."  # PEFT's module names on a PeftModel; fxpeft's are the base model's
 
 
@@ -248,7 +250,7 @@ def _layer_fns(prepare_layer_inputs_fn, names) -> dict[str, Callable]:
 def eva_state_dict(model: nn.Module, dataloader: Iterable, ranks: Mapping[str, int], peft_config: LoraConfig,
                    forward_fn: Callable = forward_fn_dict,
                    prepare_model_inputs_fn: Optional[Callable] = lm_token_mask,
-                   prepare_layer_inputs_fn: Union[Callable, Mapping[str, Callable], None] = lm_layer_tokens,
+                   prepare_layer_inputs_fn: LayerInputsFn = lm_layer_tokens,
                    gather_distributed_inputs: bool = True, show_progress_bar: bool = False,
                    max_batches: Optional[int] = None) -> dict[str, Tensor]:
     """``{layer: A}`` for the layers named in ``ranks`` (name → configured rank; modules whose
@@ -289,83 +291,81 @@ def eva_state_dict(model: nn.Module, dataloader: Iterable, ranks: Mapping[str, i
     max_components = {name: round(r * rho) for name, r in ranks.items()}
     budget = sum(ranks.values())
     device = _device(model)
-    training = model.training
-    model.eval()
 
     def prepared(batch):
         return prepare_model_inputs_fn(batch, peft_config) if prepare_model_inputs_fn is not None else deepcopy(batch)
 
-    batch = _to_device(next(iter(dataloader)), device)
-    marks, hashes = prepared(batch), {}
+    with _evaluating(model):
+        batch = _to_device(next(iter(dataloader)), device)
+        marks, hashes = prepared(batch), {}
 
-    def hashing(name):
-        def hook(module, args, output):
-            hashes.setdefault(name, _input_hash(rows(name, args, marks).cpu()))
-        return hook
-    handles = {name: model.get_submodule(name).register_forward_hook(hashing(name)) for name in ranks}
-    try:
-        forward_fn(model, batch)
-    finally:
-        for handle in handles.values():
-            handle.remove()
-    silent = [name for name in ranks if name not in hashes]
-    if silent:
-        raise ValueError(f"EVA: the layers {silent[:4]}{' …' if len(silent) > 4 else ''} received no input while "
-                         "forward_fn ran the first batch; check forward_fn and the model's inputs.")
-    groups = defaultdict(list)
-    for name in ranks:
-        groups[hashes[name]].append(name)
-    same_input = {}
-    for names in (g for g in groups.values() if len(g) > 1):
-        same_input.update({name: names[0] for name in names[1:]})
-        widest = max(max_components[n] for n in names)
-        max_components.update({n: widest for n in names})
-
-    svds = {name: IncrementalSVD(max_components[name], config.tau) for name in ranks if name not in same_input}
-    current = {"marks": marks}
-
-    def fitting(name):
-        def hook(module, args, output):
-            svds[name].update(rows(name, args, current["marks"]))
-        return hook
-    handles = {name: None for name in svds}
-    layer_svd = {**{name: name for name in svds}, **same_input}
-    converged = {name: False for name in svds}
-    ranks_now = dict(max_components)
-    progress = _progress(show_progress_bar)
-    try:
-        for name in svds:
-            handles[name] = model.get_submodule(name).register_forward_hook(fitting(name))
-        for step, batch in enumerate(cycle(dataloader)):
-            batch = _to_device(batch, device)
-            current["marks"] = prepared(batch)
-            for name, svd in svds.items():
-                done = bool(torch.all(svd.converged[: ranks_now[name]]))
-                if done and not converged[name] and handles[name] is not None:
-                    handles[name].remove()
-                    handles[name], converged[name] = None, True
-                elif converged[name] and not done:
-                    handles[name] = model.get_submodule(name).register_forward_hook(fitting(name))
-                    converged[name] = False
-            if progress is not None:
-                progress.set_description(f"{sum(converged.values())}/{len(converged)} layers have converged")
-                progress.update()
-            if all(converged.values()):
-                break
-            if max_batches is not None and step >= max_batches:
-                raise ValueError(f"EVA did not converge within {max_batches} batches")
+        def hashing(name):
+            def hook(module, args, output):
+                hashes.setdefault(name, _input_hash(rows(name, args, marks).cpu()))
+            return hook
+        handles = {name: model.get_submodule(name).register_forward_hook(hashing(name)) for name in ranks}
+        try:
             forward_fn(model, batch)
-            if any(svd.components is None for svd in svds.values()):
-                continue
-            ratios = {name: svd.explained_variance_ratio for name, svd in svds.items()}
-            ranks_now = rank_distribution(ratios, layer_svd, same_input, budget, max_components)
-    finally:
-        for handle in handles.values():
-            if handle is not None:
+        finally:
+            for handle in handles.values():
                 handle.remove()
-        if progress is not None:
-            progress.close()
-        model.train(training)
+        silent = [name for name in ranks if name not in hashes]
+        if silent:
+            raise ValueError(f"EVA: the layers {silent[:4]}{' …' if len(silent) > 4 else ''} received no input while "
+                             "forward_fn ran the first batch; check forward_fn and the model's inputs.")
+        groups = defaultdict(list)
+        for name in ranks:
+            groups[hashes[name]].append(name)
+        same_input = {}
+        for names in (g for g in groups.values() if len(g) > 1):
+            same_input.update({name: names[0] for name in names[1:]})
+            widest = max(max_components[n] for n in names)
+            max_components.update({n: widest for n in names})
+
+        svds = {name: IncrementalSVD(max_components[name], config.tau) for name in ranks if name not in same_input}
+        current = {"marks": marks}
+
+        def fitting(name):
+            def hook(module, args, output):
+                svds[name].update(rows(name, args, current["marks"]))
+            return hook
+        handles = {name: None for name in svds}
+        layer_svd = {**{name: name for name in svds}, **same_input}
+        converged = {name: False for name in svds}
+        ranks_now = dict(max_components)
+        progress = _progress(show_progress_bar)
+        try:
+            for name in svds:
+                handles[name] = model.get_submodule(name).register_forward_hook(fitting(name))
+            for step, batch in enumerate(cycle(dataloader)):
+                batch = _to_device(batch, device)
+                current["marks"] = prepared(batch)
+                for name, svd in svds.items():
+                    done = bool(torch.all(svd.converged[: ranks_now[name]]))
+                    if done and not converged[name] and handles[name] is not None:
+                        handles[name].remove()
+                        handles[name], converged[name] = None, True
+                    elif converged[name] and not done:
+                        handles[name] = model.get_submodule(name).register_forward_hook(fitting(name))
+                        converged[name] = False
+                if progress is not None:
+                    progress.set_description(f"{sum(converged.values())}/{len(converged)} layers have converged")
+                    progress.update()
+                if all(converged.values()):
+                    break
+                if max_batches is not None and step >= max_batches:
+                    raise ValueError(f"EVA did not converge within {max_batches} batches")
+                forward_fn(model, batch)
+                if any(svd.components is None for svd in svds.values()):
+                    continue
+                ratios = {name: svd.explained_variance_ratio for name, svd in svds.items()}
+                ranks_now = rank_distribution(ratios, layer_svd, same_input, budget, max_components)
+        finally:
+            for handle in handles.values():
+                if handle is not None:
+                    handle.remove()
+            if progress is not None:
+                progress.close()
 
     out = {}
     for name, rank in ranks_now.items():
@@ -379,6 +379,17 @@ def eva_state_dict(model: nn.Module, dataloader: Iterable, ranks: Mapping[str, i
             a /= svd.singular_values[:rank].sqrt().reshape(-1, 1)
         out[name] = a if device is None else a.to(device)
     return out
+
+
+@contextlib.contextmanager
+def _evaluating(model: nn.Module):
+    """The model in eval mode inside, in its own mode again after, whatever happens."""
+    training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(training)
 
 
 def _progress(show: bool):
@@ -448,7 +459,7 @@ def _eva_config_of(peft_config, who: str) -> LoraConfig:
 def get_eva_state_dict(model: nn.Module, dataloader: Iterable, peft_config: Optional[LoraConfig] = None,
                        forward_fn: Optional[Callable] = forward_fn_dict,
                        prepare_model_inputs_fn: Optional[Callable] = lm_token_mask,
-                       prepare_layer_inputs_fn: Union[Callable, Mapping[str, Callable], None] = lm_layer_tokens,
+                       prepare_layer_inputs_fn: LayerInputsFn = lm_layer_tokens,
                        adapter_name: str = "default", gather_distributed_inputs: bool = True,
                        show_progress_bar: bool = True, max_batches: Optional[int] = None) -> dict[str, Tensor]:
     """PEFT's ``get_eva_state_dict``: ``{layer name: A}`` from the layers' inputs over ``dataloader``.
@@ -508,7 +519,7 @@ def initialize_lora_eva_weights(model: nn.Module, dataloader: Optional[Iterable]
                                 eva_state_dict: Optional[dict] = None,
                                 forward_fn: Optional[Callable] = forward_fn_dict,
                                 prepare_model_inputs_fn: Optional[Callable] = lm_token_mask,
-                                prepare_layer_inputs_fn: Union[Callable, Mapping[str, Callable], None] = lm_layer_tokens,
+                                prepare_layer_inputs_fn: LayerInputsFn = lm_layer_tokens,
                                 adapter_name: str = "default", gather_distributed_inputs: bool = True,
                                 show_progress_bar: bool = True, max_batches: Optional[int] = None) -> None:
     """PEFT's ``initialize_lora_eva_weights`` on a module ``fxpeft.transform`` returned with

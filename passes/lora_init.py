@@ -248,8 +248,9 @@ def _check_corda(dtype: torch.dtype, shape, r: int, eigens: Optional[CordaEigens
     _check_float(dtype, "Please initialize CorDA under float32, float16, or bfloat16. "
                  "Subsequently, re-quantize the residual model to help minimize quantization errors.")
     if eigens is None:
-        raise ValueError("`eigens` attribute not found for layer, please run `preprocess_corda` first. "
-                         "More information can be found at examples/corda_finetuning/README.md.")
+        raise ValueError("`eigens` attribute not found for layer, please run `preprocess_corda` first: "
+                         "fxpeft.preprocess_corda(model, config, run_model=...) on the model (or the transformed "
+                         "module) before fxpeft.transform (or add_adapter) with this config.")
     S, U, V = eigens
     for name, t in (("S", S), ("U", U), ("V", V)):
         if torch.isnan(t).any() or torch.isinf(t).any():

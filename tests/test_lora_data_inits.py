@@ -222,6 +222,7 @@ def test_eva_errors_leave_the_module_as_it_was():
     assert gm.state_dict().keys() == before.keys()
     assert all(torch.equal(v, before[k]) for k, v in gm.state_dict().items())
     assert gm.peft_config["default"].rank_pattern == {} and not model.a._forward_hooks
+    assert gm.training and all(m.training for m in gm.modules())  # back in its mode after the failed runs
     gm.add_adapter("plain", fxpeft.LoraConfig(r=2, target_modules=["a"]))
     with pytest.raises(ValueError, match="can only be used with `init_lora_weights='eva'`"):
         fxpeft.initialize_lora_eva_weights(gm, data, adapter_name="plain", **run)
