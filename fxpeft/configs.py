@@ -133,7 +133,7 @@ class CordaConfig:
     cache_file: Optional[str] = None  # torch.save'd decompositions (read instead of recomputed when present)
     covariance_file: Optional[str] = None  # torch.save'd covariances (read instead of run_model when present)
     corda_method: Optional[str] = "ipm"  # "ipm": largest components, "kpm": smallest
-    verbose: bool = False
+    verbose: bool = False  # PEFT shows a progress bar; no effect here
     use_float16_for_covariance: bool = False
     prune_temporary_fields: bool = True  # PEFT's bookkeeping switch; fxpeft keeps no temporary fields
 
