@@ -440,10 +440,11 @@ def linear_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             and not registry.is_adapter_state(name) and is_targeted(config, name)]
 
 
-def _lora_linear(module: nn.Module) -> bool:
-    """A linear layer holding LoRA adapters (PEFT's EVA skips embedding and conv LoRA layers)."""
+def _lora_linear(module: nn.Module, adapter: str) -> bool:
+    """A linear layer holding the adapter (PEFT's EVA skips embedding and conv LoRA layers; it takes
+    every LoRA layer, whichever adapters it holds: the same while the model has one adapter)."""
     holder = module._modules.get("lora_A")
-    return holder is not None and any(isinstance(m, nn.Linear) for m in holder.values())
+    return holder is not None and isinstance(holder._modules.get(adapter), nn.Linear)
 
 
 def _eva_config_of(peft_config, who: str) -> LoraConfig:
@@ -478,7 +479,7 @@ def get_eva_state_dict(model: nn.Module, dataloader: Iterable, peft_config: Opti
             raise ValueError(f"No adapter named {adapter_name!r} (adapters: {sorted(model.peft_config)}).")
         peft_config = model.peft_config[adapter_name]
     peft_config = _eva_config_of(peft_config, "get_eva_state_dict")
-    names = ([name for name, module in model.named_modules() if _lora_linear(module)] if transformed
+    names = ([name for name, module in model.named_modules() if _lora_linear(module, adapter_name)] if transformed
              else linear_targets(model, peft_config))
     ranks = {name: pattern_value(peft_config.rank_pattern, name, peft_config.r) for name in names}
     run = dict(forward_fn=forward_fn or forward_fn_dict, prepare_model_inputs_fn=prepare_model_inputs_fn,

@@ -223,12 +223,19 @@ def test_eva_errors_leave_the_module_as_it_was():
     assert all(torch.equal(v, before[k]) for k, v in gm.state_dict().items())
     assert gm.peft_config["default"].rank_pattern == {} and not model.a._forward_hooks
     assert gm.training and all(m.training for m in gm.modules())  # back in its mode after the failed runs
-    gm.add_adapter("plain", fxpeft.LoraConfig(r=2, target_modules=["a"]))
+    gm.add_adapter("plain", fxpeft.LoraConfig(r=2, target_modules=["d"]))
     with pytest.raises(ValueError, match="can only be used with `init_lora_weights='eva'`"):
         fxpeft.initialize_lora_eva_weights(gm, data, adapter_name="plain", **run)
     gm.set_adapter(["default", "plain"])
     with pytest.raises(ValueError, match="single active adapter"):
         fxpeft.initialize_lora_eva_weights(gm, data, **run)
+    # with another adapter loaded: only "default"'s layers, and the other adapter, order and activity kept
+    gm.set_adapter("default")
+    plain = {k: v.clone() for k, v in gm.state_dict().items() if ".plain." in k}
+    fxpeft.initialize_lora_eva_weights(gm, data, max_batches=100, **run)
+    assert list(gm.peft_config) == ["default", "plain"] and gm.active_adapters == ["default"]
+    assert sorted(gm.peft_config["default"].target_modules) == ["a", "c"]
+    assert all(torch.equal(gm.state_dict()[k], v) for k, v in plain.items()) and plain
     with pytest.raises(ValueError, match="peft_config is required"):
         fxpeft.get_eva_state_dict(model, data, **run)
     with pytest.raises(ValueError, match="cannot be resolved on a model fxpeft has not transformed"):
