@@ -11,8 +11,8 @@ from .blocks import compile_blocks
 from .canonical import Site, find_sites
 from .capture import CaptureError
 from .distributed import full_adapter_state_dict, shard
-from .configs import (BnbConfig, CordaConfig, EvaConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig,
-                      PromptTuningInit, TaskType)
+from .configs import (BnbConfig, CordaConfig, EvaConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig,
+                      PromptTuningConfig, PromptTuningInit, TaskType)
 from .inspection import Report, inspect
 from .lifecycle import (active_adapters, adapter_indices, add_adapter, delete_adapter, disable_adapters,
                         from_pretrained, load_adapter, print_trainable_parameters, save_pretrained, set_adapter,
