@@ -127,7 +127,7 @@ def check_site(module: nn.Module, site: Site, weight, config: LoraConfig) -> Non
             "init_lora_weights=True / 'gaussian'.")
     r, _ = _rank_and_scale(site, config)
     check_init(kind, _linear_layout(weight.shape, site), weight.dtype, r, fan_in_fan_out=site.fan_in_fan_out,
-               loftq_config=_loftq_config(config))
+               loftq_config=_loftq_config(config), eigens=getattr(module, "eigens", None))
 
 
 def add_lora(module: nn.Module, site: Site, weight, config: LoraConfig, adapter: str) -> None:
@@ -161,7 +161,10 @@ def _init_from_base(module: nn.Module, site: Site, kind: str, a: nn.Module, b: n
     base = getattr(module, site.weight.rpartition(".")[2])
     weight = base.detach()
     new_a, new_b, new_weight = init_weights(kind, weight.t() if site.fan_in_fan_out else weight, r, scale,
-                                            fan_in_fan_out=site.fan_in_fan_out, loftq_config=_loftq_config(config))
+                                            fan_in_fan_out=site.fan_in_fan_out, loftq_config=_loftq_config(config),
+                                            eigens=getattr(module, "eigens", None))
+    if kind.startswith("corda"):  # preprocess_corda's decomposition is used once, as in PEFT
+        del module.eigens
     a.weight = nn.Parameter(new_a)  # PiSSA / OLoRA on a layer of rank below r: the smaller rank, as PEFT
     b.weight = nn.Parameter(new_b)
     if new_weight is not None:
