@@ -31,6 +31,7 @@ from .passes.oft import OFTConfig  # noqa: E402
 from .passes.boft import BOFTConfig  # noqa: E402
 from .passes.hra import HRAConfig  # noqa: E402
 from .passes.loraplus import create_loraplus_optimizer  # noqa: E402
+from .passes.trainable_tokens import TrainableTokensConfig  # noqa: E402
 from .passes.weighted import add_weighted_adapter  # noqa: E402
 
 __all__ = [
@@ -41,7 +42,7 @@ __all__ = [
     "trainable_parameters", "print_trainable_parameters",
     "shard", "full_adapter_state_dict",
     "LoraConfig", "PromptTuningConfig", "PromptTuningInit", "PromptEncoderConfig", "PrefixTuningConfig",
-    "BnbConfig", "IA3Config", "AdaLoraConfig", "LoHaConfig", "LoKrConfig", "LoftQConfig", "OFTConfig", "BOFTConfig",
+    "BnbConfig", "IA3Config", "AdaLoraConfig", "LoHaConfig", "LoKrConfig", "LoftQConfig", "TrainableTokensConfig", "OFTConfig", "BOFTConfig",
     "HRAConfig", "TaskType", "PeftGraphModule", "CaptureError", "find_sites", "Site",
     "registry", "forms", "Registry", "Method", "register_method",
 ]
