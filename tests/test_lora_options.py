@@ -1,0 +1,161 @@
+"""LoRA's remaining PEFT options, each against the real PEFT package: trainable tokens (LoRA's
+``trainable_token_indices`` and the standalone ``TrainableTokensConfig``), ``ensure_weight_tying``,
+``layer_replication``, ``target_parameters``."""
+from __future__ import annotations
+
+import copy
+import os
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fxpeft
+import models
+
+
+def tiny_llama(tie: bool, layers: int = 1):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=models.VOCAB, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=64, tie_word_embeddings=tie)).eval()
+
+
+IDS = torch.tensor([[1, 5, 7, 9, 2, 5, 11], [3, 1, 8, 7, 7, 40, 95]])
+
+
+def logits(module, ids=IDS, grad: bool = False):
+    """The call signature fxpeft captures at transform (input_ids, attention_mask): no second capture."""
+    with torch.set_grad_enabled(grad):
+        return module(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+
+def peft_key(name: str) -> str:
+    return name.removeprefix("base_model.model.").replace("token_adapter.", "")
+
+
+def pair(build, fx_config, peft_config):
+    """PEFT's model and fxpeft's on copies of one model; PEFT's trainable tensors randomised and copied
+    into fxpeft's (so the adapters act). Returns (model, reference, gm, the model's original state)."""
+    model = build()
+    original = copy.deepcopy(model.state_dict())
+    reference = peft.get_peft_model(copy.deepcopy(model), peft_config).eval()
+    gm = fxpeft.transform(model, fx_config).eval()
+    ours = dict(gm.named_parameters())
+    theirs = {peft_key(n): p for n, p in reference.named_parameters() if p.requires_grad}
+    assert set(theirs) == {n for n, p in ours.items() if p.requires_grad}
+    with torch.no_grad():
+        for name, param in theirs.items():
+            param.add_(torch.randn_like(param))
+            ours[name].copy_(param)
+    assert fxpeft.trainable_parameters(gm) == reference.get_nb_trainable_parameters()
+    return model, reference, gm, original
+
+
+def check_checkpoints_and_merge(build, model, reference, gm, original, tmp_path):
+    """The same saved tensors; each package loads the other's file; merge / unmerge / merge_and_unload
+    keep PEFT's outputs and give the weights back."""
+    expected = logits(reference)
+    assert (expected - logits(model)).abs().max() > 1e-3
+    torch.testing.assert_close(logits(gm), expected, rtol=1e-5, atol=1e-5)
+    reference.save_pretrained(tmp_path / "peft")
+    gm.save_pretrained(str(tmp_path / "fx"))
+    theirs = load_file(os.path.join(tmp_path / "peft", "adapter_model.safetensors"))
+    ours = load_file(os.path.join(tmp_path / "fx", "adapter_model.safetensors"))
+    assert set(ours) == set(theirs)
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key])
+    reference.merge_adapter()  # PEFT's merged outputs (rows of layers sharing a weight all land in it)
+    merged_expected = logits(reference)
+    gm.merge_adapter()
+    torch.testing.assert_close(logits(gm), merged_expected, rtol=1e-5, atol=1e-5)
+    gm.unmerge_adapter()
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, original[key], rtol=0, atol=1e-6)
+    merged = gm.merge_and_unload()
+    fresh = build()
+    fresh.load_state_dict(merged.state_dict())
+    torch.testing.assert_close(logits(fresh), merged_expected, rtol=1e-5, atol=1e-5)
+    clean = build()
+    clean.load_state_dict(original)
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(clean), str(tmp_path / "fx")).eval()
+    torch.testing.assert_close(logits(back), expected, rtol=1e-5, atol=1e-5)
+    loaded = fxpeft.from_pretrained(clean, str(tmp_path / "peft"), is_trainable=True).eval()
+    torch.testing.assert_close(logits(loaded), expected, rtol=1e-5, atol=1e-5)
+    return loaded
+
+
+# ----------------------------------------------------------------------------- trainable tokens
+
+TOKEN_CASES = {
+    "lora_list": lambda: dict(target_modules=["q_proj"], trainable_token_indices=[1, 5, 7]),
+    "lora_dict_tied_same": lambda: dict(target_modules=["q_proj"],
+                                        trainable_token_indices={"embed_tokens": [1, 5], "lm_head": [1, 5]}),
+    "lora_dict_tied_other": lambda: dict(target_modules=["q_proj"],
+                                         trainable_token_indices={"embed_tokens": [1, 5], "lm_head": [7, 9]}),
+    "standalone": lambda: dict(token_indices=[1, 5, 7], init_weights=False),
+}
+
+
+@pytest.mark.parametrize("case, tie", [(c, True) for c in TOKEN_CASES] + [("standalone", False)])
+def test_trainable_tokens_equal_peft(case, tie, tmp_path):
+    kwargs = TOKEN_CASES[case]()
+    fx_type, peft_type = ((fxpeft.TrainableTokensConfig, peft.TrainableTokensConfig) if case == "standalone"
+                          else (fxpeft.LoraConfig, peft.LoraConfig))
+    build = lambda: tiny_llama(tie)  # noqa: E731
+    model, reference, gm, original = pair(build, fx_type(**kwargs), peft_type(**kwargs))
+    loaded = check_checkpoints_and_merge(build, model, reference, gm, original, tmp_path).train()
+    # training moves only the rows (and LoRA's A/B), the embedding stays bit-identical
+    frozen = {n: p.detach().clone() for n, p in loaded.named_parameters() if not p.requires_grad}
+    logits(loaded, grad=True).pow(2).mean().backward()
+    rows = loaded.model.embed_tokens.trainable_tokens_delta["default"]
+    assert rows.grad is not None and rows.grad.abs().sum() > 0
+    assert all(torch.equal(p, frozen[n]) for n, p in loaded.named_parameters() if n in frozen)
+
+
+def test_trainable_tokens_switching_and_mixed_batches():
+    """Activity is data: disabled / other adapters read the base rows; a mixed batch equals
+    per-sample calls; several token adapters apply in order."""
+    model = tiny_llama(True)
+    base = logits(model)
+    gm = fxpeft.transform(model, fxpeft.LoraConfig(target_modules=["q_proj"], trainable_token_indices=[1, 5, 7],
+                                                   init_lora_weights=False)).eval()
+    gm.add_adapter("other", fxpeft.LoraConfig(target_modules=["q_proj"], trainable_token_indices=[8, 11]))
+    with torch.no_grad():
+        gm.model.embed_tokens.trainable_tokens_delta["default"].normal_()
+        gm.model.embed_tokens.trainable_tokens_delta["other"].normal_()
+    first = logits(gm)
+    with fxpeft.disable_adapters(gm):
+        torch.testing.assert_close(logits(gm), base)
+    gm.set_adapter("other")
+    second = logits(gm)
+    assert (second - first).abs().max() > 1e-3
+    with torch.no_grad():
+        mixed = gm(input_ids=IDS, attention_mask=torch.ones_like(IDS), adapter_names=["default", "other"]).logits
+    torch.testing.assert_close(mixed[0], first[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed[1], second[1], rtol=1e-5, atol=1e-5)
+
+
+def test_trainable_tokens_bad_input():
+    with pytest.raises(ValueError, match="trainable_token_indices"):
+        fxpeft.LoraConfig(trainable_token_indices="abc")
+    with pytest.raises(ValueError, match="trainable_token_indices\\['embed_tokens'\\]"):
+        fxpeft.LoraConfig(trainable_token_indices={"embed_tokens": [1, -2]})
+    with pytest.raises(ValueError, match="token_indices"):
+        fxpeft.TrainableTokensConfig(token_indices=[])
+    model = tiny_llama(True)
+    state = copy.deepcopy(model.state_dict())
+    gm = fxpeft.transform(model, fxpeft.LoraConfig(target_modules=["q_proj"]))  # bad adapters added to it fail
+    bad = {"out of range": dict(trainable_token_indices=[1, 500]),
+           "matches no module": dict(trainable_token_indices={"embedz": [1]}),
+           "not both": dict(modules_to_save=["embed_tokens"], trainable_token_indices={"embed_tokens": [1]}),  # PEFT's
+           "Cannot ensure weight tying": dict(ensure_weight_tying=True,  # PEFT's error
+                                              trainable_token_indices={"embed_tokens": [1], "lm_head": [2]})}
+    for message, kwargs in bad.items():
+        with pytest.raises(ValueError, match=message):
+            gm.add_adapter("bad", fxpeft.LoraConfig(target_modules=["q_proj"], **kwargs))
+    assert list(gm.peft_config) == ["default"] and not any("trainable_tokens" in n for n, _ in gm.named_modules())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
