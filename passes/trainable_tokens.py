@@ -33,6 +33,7 @@ from fxpeft.configs import PeftConfigBase
 from fxpeft.forms import AdapterGate, child_dict, weight_map
 from fxpeft.registry import Method, register_method, registry_of
 from fxpeft.rewrite import Lowering, samples_of
+from fxpeft.targets import input_embedding_path, tied_to_embedding
 
 aten = torch.ops.aten
 
@@ -104,7 +105,7 @@ def add_tokens(module: nn.Module, path: str, indices: list[int], init_weights: b
 def tie_tokens(gm, source_path: str, adapter: str, save_tied: bool) -> list[str]:
     """Layers tied to the input embedding at ``source_path`` compute with its rows (PEFT ties them when
     the model ties its weights: ``tie_word_embeddings`` and ``_tied_weights_keys``)."""
-    paths = tied_paths(gm, source_path)
+    paths = tied_to_embedding(gm) if input_embedding_path(gm) == source_path else []
     source = gm.get_submodule(source_path)
     for path in paths:
         module = gm.get_submodule(path)
@@ -113,29 +114,6 @@ def tie_tokens(gm, source_path: str, adapter: str, save_tied: bool) -> list[str]
         if save_tied:  # PEFT's tied standalone layer shares the ParameterDict: its state dict repeats the rows
             child_dict(module, DELTA, nn.ParameterDict)[adapter] = source._modules[DELTA][adapter]
     return paths
-
-
-def input_embedding_path(gm) -> Optional[str]:
-    """The model's input embedding's path (``get_input_embeddings``), as PEFT finds it."""
-    getter = getattr(gm._fxpeft_source, "get_input_embeddings", None)
-    embedding = getter() if callable(getter) else None
-    if embedding is None:
-        return None
-    return next((name for name, m in gm._fxpeft_source.named_modules() if m is embedding), None)
-
-
-def tied_paths(gm, source_path: str) -> list[str]:
-    """Modules other than the input embedding whose weight is the embedding's weight, when the model
-    declares tying (PEFT's ``_get_module_names_tied_with_embedding``: ``tie_word_embeddings`` not
-    False and ``_tied_weights_keys``) and the embedding is the model's input embedding."""
-    source = gm._fxpeft_source
-    config = getattr(source, "config", None)
-    if (not getattr(source, "_tied_weights_keys", None) or not getattr(config, "tie_word_embeddings", False)
-            or input_embedding_path(gm) != source_path):
-        return []
-    weight = gm.get_submodule(source_path).weight
-    return [name for name, m in gm.named_modules()
-            if name and name != source_path and getattr(m, "weight", None) is weight]
 
 
 # ----------------------------------------------------------------------------- rewrite
@@ -323,7 +301,7 @@ def _attach_lora_tokens(gm, config, targets: dict, adapter: str) -> list[str]:
     embedding = input_embedding_path(gm)
     source = gm._fxpeft_source
     weights_tied = bool(getattr(getattr(source, "config", None), "tie_word_embeddings", False))
-    tied = set(tied_paths(gm, embedding)) if embedding is not None else set()
+    tied = set(tied_to_embedding(gm))
     mismatch, skip = False, set()
     if len(targets) > 1 and weights_tied and embedding in targets:
         tied_targets = [p for p in targets if p in tied]

@@ -74,10 +74,11 @@ def check_checkpoints_and_merge(build, model, reference, gm, original, tmp_path)
     gm.unmerge_adapter()
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, original[key], rtol=0, atol=1e-6)
-    merged = gm.merge_and_unload()
-    fresh = build()
+    merged, peft_merged = gm.merge_and_unload(), copy.deepcopy(reference).merge_and_unload()
+    fresh, peft_fresh = build(), build()  # the original class: a tied model ties what it loads, as with PEFT's
     fresh.load_state_dict(merged.state_dict())
-    torch.testing.assert_close(logits(fresh), merged_expected, rtol=1e-5, atol=1e-5)
+    peft_fresh.load_state_dict(peft_merged.state_dict())
+    torch.testing.assert_close(logits(fresh), logits(peft_fresh), rtol=1e-5, atol=1e-5)
     clean = build()
     clean.load_state_dict(original)
     back = peft.PeftModel.from_pretrained(copy.deepcopy(clean), str(tmp_path / "fx")).eval()
@@ -159,3 +160,71 @@ def test_trainable_tokens_bad_input():
     assert list(gm.peft_config) == ["default"] and not any("trainable_tokens" in n for n, _ in gm.named_modules())
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key]), key
+
+
+# ----------------------------------------------------------------------------- ensure_weight_tying
+
+SAVED_CASES = {  # modules_to_save naming a tied layer, with and without ensure_weight_tying
+    "embed_untied_adapter": dict(modules_to_save=["embed_tokens"]),
+    "head_untied_adapter": dict(modules_to_save=["lm_head"]),
+    "embed_ensure": dict(modules_to_save=["embed_tokens"], ensure_weight_tying=True),
+    "head_ensure": dict(modules_to_save=["lm_head"], ensure_weight_tying=True),
+}
+
+
+@pytest.mark.parametrize("case", list(SAVED_CASES))
+def test_saved_tied_layers_equal_peft(case, tmp_path):
+    """A tied model's embedding or head in modules_to_save: without ensure_weight_tying only that
+    layer reads its copy (the other side of the tie the original), with it both read the embedding's
+    copy, saved under both names; PEFT's warnings, config, outputs, files and merges."""
+    kwargs = lambda: dict(target_modules=["q_proj"], **copy.deepcopy(SAVED_CASES[case]))  # noqa: E731 PEFT edits lists
+    build = lambda: tiny_llama(True)  # noqa: E731
+    with pytest.warns(UserWarning, match="tie_word_embeddings") if "untied" in case else _no_warning():
+        model, reference, gm, original = pair(build, fxpeft.LoraConfig(**kwargs()), peft.LoraConfig(**kwargs()))
+    assert gm.peft_config["default"].modules_to_save == reference.peft_config["default"].modules_to_save
+    check_checkpoints_and_merge(build, model, reference, gm, original, tmp_path)
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+        self._catch = warnings.catch_warnings()
+        self._catch.__enter__()
+        warnings.simplefilter("error", UserWarning)
+
+    def __exit__(self, *exc):
+        self._catch.__exit__(*exc)
+        return False
+
+
+def test_ensure_weight_tying_of_targeted_embedding_equals_peft(tmp_path):
+    """The tied head gets LoRA with the embedding's B and A transposed (sharing storage, as PEFT): the
+    same outputs, trainable counts and LoRA tensors; fxpeft's own checkpoint loads back."""
+    kwargs = lambda: dict(target_modules=["q_proj", "embed_tokens"], ensure_weight_tying=True,  # noqa: E731
+                          init_lora_weights=False)
+    model, reference, gm, _ = pair(lambda: tiny_llama(True), fxpeft.LoraConfig(**kwargs()), peft.LoraConfig(**kwargs()))
+    expected = logits(reference)
+    torch.testing.assert_close(logits(gm), expected, rtol=1e-5, atol=1e-5)
+    head, embedding = gm.lm_head, gm.model.embed_tokens
+    assert head.lora_A["default"].weight.data_ptr() == embedding.lora_embedding_B["default"].data_ptr()
+    reference.save_pretrained(tmp_path / "peft")
+    gm.save_pretrained(str(tmp_path / "fx"))
+    theirs = load_file(os.path.join(tmp_path / "peft", "adapter_model.safetensors"))
+    ours = load_file(os.path.join(tmp_path / "fx", "adapter_model.safetensors"))
+    # PEFT also saves targeted embeddings' base weights (save_embedding_layers="auto"), which fxpeft does not
+    assert set(theirs) - set(ours) == {"base_model.model.model.embed_tokens.base_layer.weight",
+                                       "base_model.model.lm_head.base_layer.weight"}
+    assert set(ours) <= set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    back = fxpeft.from_pretrained(tiny_llama(True), str(tmp_path / "fx"))
+    torch.testing.assert_close(logits(back), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_ensure_weight_tying_warnings_as_peft():
+    model = tiny_llama(False)  # nothing tied
+    gm = fxpeft.transform(model, fxpeft.LoraConfig(target_modules=["q_proj"]))
+    with pytest.warns(UserWarning, match="no tied modules were found"):
+        gm.add_adapter("a", fxpeft.LoraConfig(target_modules=["q_proj"], modules_to_save=["embed_tokens"],
+                                              ensure_weight_tying=True))
+    with pytest.warns(UserWarning, match="does not have tied weights"):
+        gm.add_adapter("b", fxpeft.LoraConfig(target_modules=["q_proj"], trainable_token_indices=[1],
+                                              ensure_weight_tying=True))
