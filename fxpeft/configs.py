@@ -147,7 +147,7 @@ class LoraConfig(PeftConfigBase):
 
     peft_type = "LORA"
     UNSUPPORTED = (
-        "layer_replication", "megatron_config", "use_qalora",
+        "megatron_config", "use_qalora",
         "alora_invocation_tokens", "arrow_config", "target_parameters", "use_bdlora", "kasa_config", "lora_ga_config",
         "monteclora_config", "velora_config", "corda_config", "eva_config",
     )

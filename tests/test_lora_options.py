@@ -228,3 +228,40 @@ def test_ensure_weight_tying_warnings_as_peft():
     with pytest.warns(UserWarning, match="does not have tied weights"):
         gm.add_adapter("b", fxpeft.LoraConfig(target_modules=["q_proj"], trainable_token_indices=[1],
                                               ensure_weight_tying=True))
+
+
+# ----------------------------------------------------------------------------- layer_replication
+
+
+def test_layer_replication_equals_peft(tmp_path):
+    """Layers 0..2 become 0, 1, 1, 2 sharing base weights, each copy with its own LoRA: PEFT's outputs,
+    counts, files both ways; merging refused as PEFT; the caller's model keeps its 3 layers."""
+    build = lambda: tiny_llama(False, layers=3)  # noqa: E731
+    kwargs = lambda: dict(target_modules=["q_proj", "v_proj"], layer_replication=[[0, 2], [1, 3]])  # noqa: E731
+    model, reference, gm, _ = pair(build, fxpeft.LoraConfig(**kwargs()), peft.LoraConfig(**kwargs()))
+    assert len(model.model.layers) == 3 and model.config.num_hidden_layers == 3 and len(gm.model.layers) == 4
+    first, second = gm.model.layers[1].self_attn.q_proj, gm.model.layers[2].self_attn.q_proj
+    assert first.weight is second.weight and first.lora_A["default"].weight is not second.lora_A["default"].weight
+    expected = logits(reference)
+    assert (expected - logits(model)).abs().max() > 1e-3
+    torch.testing.assert_close(logits(gm), expected, rtol=1e-5, atol=1e-5)
+    reference.save_pretrained(tmp_path / "peft")
+    gm.save_pretrained(str(tmp_path / "fx"))
+    theirs = load_file(os.path.join(tmp_path / "peft", "adapter_model.safetensors"))
+    ours = load_file(os.path.join(tmp_path / "fx", "adapter_model.safetensors"))
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    back = peft.PeftModel.from_pretrained(build(), str(tmp_path / "fx")).eval()
+    torch.testing.assert_close(logits(back), expected, rtol=1e-5, atol=1e-5)
+    loaded = fxpeft.from_pretrained(build(), str(tmp_path / "peft")).eval()
+    torch.testing.assert_close(logits(loaded), expected, rtol=1e-5, atol=1e-5)
+    # PEFT means to refuse merging here (LoraModel._check_merge_allowed, its message), but its check reads
+    # peft_config["layer_replication"] from the dict of adapters and never fires; fxpeft refuses: a merged
+    # copy's delta would land in the weight every copy of that layer shares
+    weights = {k: v.clone() for k, v in gm.state_dict().items()}
+    with pytest.raises(ValueError, match="replicated"):
+        gm.merge_adapter()
+    assert all(torch.equal(v, weights[k]) for k, v in gm.state_dict().items())
+    with pytest.raises(ValueError, match="rebuilds the base model's layers"):
+        gm.add_adapter("other", fxpeft.LoraConfig(target_modules=["q_proj"], layer_replication=[[0, 3]]))
+    with pytest.raises(ValueError, match="layer ranges"):
+        fxpeft.transform(build(), fxpeft.LoraConfig(target_modules=["q_proj"], layer_replication=[[2, 5]]))
