@@ -148,7 +148,7 @@ class LoraConfig(PeftConfigBase):
     peft_type = "LORA"
     UNSUPPORTED = (
         "megatron_config", "use_qalora",
-        "alora_invocation_tokens", "arrow_config", "target_parameters", "use_bdlora", "kasa_config", "lora_ga_config",
+        "alora_invocation_tokens", "arrow_config", "use_bdlora", "kasa_config", "lora_ga_config",
         "monteclora_config", "velora_config", "corda_config", "eva_config",
     )
     IGNORED = ("runtime_config",)  # PEFT never saves it; qalora_group_size and megatron_core are fields, unused
@@ -210,6 +210,12 @@ class LoraConfig(PeftConfigBase):
             if not isinstance(rank, int) or rank <= 0:
                 raise ValueError(f"LoraConfig.rank_pattern[{name!r}] must be a positive integer, got {rank!r}.")
         self._check_token_indices()
+        if isinstance(self.target_parameters, str):  # PEFT's error
+            raise TypeError("`target_parameters` must be a list of strings or None.")
+        if self.target_parameters is not None:
+            self.target_parameters = list(self.target_parameters)
+            if self.use_dora:  # PEFT's ParamWrapper refuses it
+                raise ValueError("target_parameters (LoRA on nn.Parameters) does not work with use_dora=True.")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("LoraConfig.layers_pattern only takes effect with layers_to_transform; set both.")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:

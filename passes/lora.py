@@ -35,6 +35,7 @@ from fxpeft.targets import pattern_value
 from .lora_init import (LoftQConfig, check_init, init_weights, layer_init, modifies_base, plain_lora_config,
                         plain_lora_state)
 from .layer_replication import with_replication
+from .lora_parameters import with_parameters
 from .trainable_tokens import with_tokens
 from .weight_tying import with_tying
 
@@ -492,9 +493,9 @@ def _lora_adapters(module: nn.Module) -> list[str]:
     return [name for name in scales.keys() if name not in dora]
 
 
-METHOD = register_method(with_replication(with_tying(with_tokens(additive(
+METHOD = register_method(with_parameters(with_replication(with_tying(with_tokens(additive(
     name="lora", config_type=LoraConfig, create=add_lora, delta=delta, delta_weight=delta_weight, delta_bias=delta_bias,
     containers=CONTAINERS, gates="lora_scaling", dropouts="lora_dropout",
     dtype_of=lambda module, adapter: module.lora_A[adapter].weight.dtype,
     default_targets=DEFAULT_LORA_TARGETS, heads=_heads, lower_site=lower_site, adapters_at=_lora_adapters,
-    describe=_rank, check_site=check_site, initial_conversion=initial_conversion, changes_base=changes_base)), add_lora)))
+    describe=_rank, check_site=check_site, initial_conversion=initial_conversion, changes_base=changes_base)), add_lora))))

@@ -91,8 +91,10 @@ def tie_config(gm, config):
 def tie_lora_targets(gm, config, adapter: str, add_lora) -> list[str]:
     """The tied heads get LoRA with the embedding's B and A, transposed (PEFT's ``tied_adapter``)."""
     tied = sorted(getattr(config, "target_modules_to_tie", None) or ())
+    if not tied:
+        return []
     embedding = gm.get_submodule(input_embedding_path(gm))
-    if tied and adapter not in (embedding._modules.get("lora_embedding_A") or {}):
+    if adapter not in (embedding._modules.get("lora_embedding_A") or {}):
         raise ValueError(f"ensure_weight_tying: the input embedding {input_embedding_path(gm)!r} did not get LoRA "
                          "(it is excluded or filtered out), so the tied layers have nothing to tie to.")
     from fxpeft.state import sites_by_path
