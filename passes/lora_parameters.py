@@ -11,7 +11,8 @@ parameters of one module are targeted, PEFT nests a wrapper per parameter, so th
 module's parameter order) sits under ``<module>.base_layer.``, the next one level up and so on:
 those are the keys here too (``experts.base_layer.lora_A.weight``, ``experts.lora_A.weight``).
 The rewrite (phase 40) replaces every read of P (a ``get_attr``) with P + Σ gated deltas, so
-switching adapters is data; per-sample adapters (mixed batches) cannot pick a weight per sample
+switching adapters is data (PEFT parametrizes P only while the owning module's forward runs: code
+outside that forward reading P gets P there, P + s·ΔW here); per-sample adapters (mixed batches) cannot pick a weight per sample
 and raise. Merging adds s·ΔW to P (these holders answer ``Method.state_site`` with a site whose
 weight is P).
 """
