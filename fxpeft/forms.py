@@ -113,8 +113,9 @@ def _check_unadaptable(gm, config, adaptable: dict, method_name: str, kinds) -> 
         if inside is not None:
             raise NotImplementedError(
                 f"target_modules {config.target_modules!r} matched {name!r} ({type(module).__name__}) in the "
-                f"nn.MultiheadAttention {inside!r}: PEFT adapts nn.MultiheadAttention, fxpeft does not yet. "
-                "Leave it out of target_modules (or exclude_modules=[...] it).")
+                f"nn.MultiheadAttention {inside!r}: {method_name} does not adapt nn.MultiheadAttention (LoRA does, "
+                "as PEFT, when the attention module itself is targeted). Leave it out of target_modules (or "
+                "exclude_modules=[...] it).")
         if not isinstance(module, allowed):
             raise ValueError(
                 f"Target module {name!r} ({type(module).__name__}) is not supported: target_modules "

@@ -35,7 +35,7 @@ from fxpeft.targets import pattern_value
 from .lora_init import (LoftQConfig, check_init, init_weights, layer_init, modifies_base, plain_lora_config,
                         plain_lora_state)
 from .layer_replication import with_replication
-from .lora_parameters import with_parameters
+from .lora_parameters import ParamGate, with_parameters
 from .trainable_tokens import with_tokens
 from .weight_tying import with_tying
 
@@ -490,7 +490,7 @@ def _lora_adapters(module: nn.Module) -> list[str]:
     if scales is None:
         return []
     dora = module._modules.get("lora_magnitude_vector") or {}
-    return [name for name in scales.keys() if name not in dora]
+    return [name for name, gate in scales.items() if name not in dora and not isinstance(gate, ParamGate)]
 
 
 METHOD = register_method(with_parameters(with_replication(with_tying(with_tokens(additive(

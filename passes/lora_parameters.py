@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Optional
 
 import torch
@@ -29,7 +30,7 @@ from fxpeft.canonical import Site
 from fxpeft.configs import DEFAULT_LORA_TARGETS
 from fxpeft.forms import AdapterGate, adapter_dtype, child_dict
 from fxpeft.registry import DEFAULT, Method, Rule, registry_of
-from fxpeft.targets import pattern_value
+from fxpeft.targets import is_targeted, pattern_value
 
 aten = torch.ops.aten
 
@@ -78,11 +79,13 @@ def targeted_parameters(gm, config) -> dict[str, list[str]]:
     return found
 
 
-def _holder(module: nn.Module, depth: int) -> nn.Module:
-    for _ in range(depth):
-        if NESTED not in module._modules:
-            module.add_module(NESTED, nn.Module())
-        module = module._modules[NESTED]
+def _holder(module: nn.Module, steps) -> nn.Module:
+    """The module under ``module`` reached by ``steps`` (child names), ModuleDicts created on the way:
+    PEFT's wrapper layout (``base_layer``, ``base_layer.out_proj`` …), as adapter state."""
+    for step in steps:
+        if step not in module._modules:
+            module.add_module(step, nn.ModuleDict())
+        module = module._modules[step]
     return module
 
 
@@ -105,7 +108,7 @@ def add_parameter_lora(gm, config, adapter: str) -> list[str]:
                              "is also targeted with `target_modules`; target it one way (as PEFT).")
         for index, param in enumerate(params):
             depth = len(params) - 1 - index  # the first parameter is wrapped innermost, as PEFT nests them
-            holder = _holder(module, depth)
+            holder = _holder(module, [NESTED] * depth)
             _add(holder, getattr(module, param), param, getattr(module, "is_transposed", False), path, config, adapter)
             paths.append(f"{path}{('.' + NESTED) * depth}")
     return paths
@@ -140,51 +143,87 @@ def _add(holder: nn.Module, weight: torch.Tensor, param: str, transposed: bool, 
     child_dict(holder, "lora_scaling")[adapter] = ParamGate(scale, param, experts, swapped).to(weight.device)
 
 
+def attention_targets(gm, config) -> list[str]:
+    """The targeted ``nn.MultiheadAttention`` modules (PEFT wraps them whole)."""
+    return [path for path, module in gm.named_modules()
+            if path and isinstance(module, nn.MultiheadAttention) and is_targeted(config, path)]
+
+
+def add_attention_lora(gm, config, adapter: str, paths: list[str]) -> list[str]:
+    """PEFT's ``lora.MultiheadAttention``: LoRA on the packed ``in_proj_weight`` (state beside the
+    module) and on ``out_proj.weight`` (state under ``<module>.base_layer.out_proj``, PEFT's keys), both
+    applied as weight deltas (PEFT merges them for each call: no LoRA dropout there). The attention
+    must be captured by torch.export (transformers models are; a plain module needs ``example_inputs``):
+    symbolic_trace keeps ``nn.MultiheadAttention`` as one opaque call."""
+    holders = []
+    canonical = gm._fxpeft_signatures[gm._fxpeft_primary].canonical
+    opaque = [path for path in paths if any(n.op == "call_module" and n.target == path for n in canonical.nodes)]
+    if opaque:
+        raise NotImplementedError(f"LoRA on the nn.MultiheadAttention {opaque[0]!r} needs the attention's weights in the "
+                                  "graph, and this capture (torch.fx.symbolic_trace) keeps it as one call: pass "
+                                  "example_inputs=... to fxpeft.transform, which captures with torch.export.")
+    for path in paths:
+        module = gm.get_submodule(path)
+        if not module._qkv_same_embed_dim:  # PEFT's errors
+            raise ValueError(f"Only same embed for query/key/value is supported as of now for MultiheadAttention "
+                             f"({path!r} has kdim/vdim other than embed_dim).")
+        if config.use_dora:
+            raise ValueError("MultiheadAttention does not support DoRA (yet), please set use_dora to False")
+        _add(module, module.in_proj_weight, "in_proj_weight", False, path, config, adapter)
+        out = _holder(module, [NESTED, "out_proj"])
+        _add(out, module.out_proj.weight, "weight", False, path, config, adapter)
+        # PEFT's MultiheadAttention.merge (which its forward runs on every call) adds out_proj's delta itself
+        # and then merges out_proj's own LoRA layer too: out_proj computes with W + 2·s·B A. PEFT-trained
+        # adapters were trained that way; the same factor keeps their outputs.
+        gate = out.lora_scaling[adapter]
+        gate.scale *= 2
+        gate.refresh()
+        holders += [path, f"{path}.{NESTED}.out_proj"]
+    return holders
+
+
 # ----------------------------------------------------------------------------- rewrite
 
 
-def _param_gates(module: nn.Module) -> dict[str, list[tuple[str, str]]]:
-    """{parameter: [(holder path relative to module, adapter)]} of the parameter adapters at ``module``."""
+def owner_path(holder_path: str) -> str:
+    """The module whose parameter a holder adapts: its path without PEFT's ``base_layer`` steps."""
+    return ".".join(part for part in holder_path.split(".") if part != NESTED)
+
+
+def _holders(root: nn.Module) -> dict[str, list[tuple[str, str]]]:
+    """{parameter path: [(holder path, adapter)]} for every parameter adapter under ``root``."""
     found: dict[str, list] = {}
-    holder, prefix = module, ""
-    while holder is not None:
-        gates = holder._modules.get("lora_scaling") or {}
-        for adapter, gate in gates.items():
+    for path, module in root.named_modules():
+        for adapter, gate in (module._modules.get("lora_scaling") or {}).items():
             if isinstance(gate, ParamGate):
-                found.setdefault(gate.parameter, []).append((prefix, adapter))
-        holder = holder._modules.get(NESTED)
-        prefix = f"{prefix}{NESTED}."
+                owner = owner_path(path)
+                found.setdefault(f"{owner}.{gate.parameter}" if owner else gate.parameter, []).append((path, adapter))
     return found
 
 
 def match(lw):
-    for node in list(lw.graph.nodes):
-        if node.op != "get_attr":
-            continue
-        owner, _, param = node.target.rpartition(".")
-        module = lw.module(owner) if owner else None
-        if module is not None and param in (entries := _param_gates(module)):
-            yield node, owner, entries[param]
+    holders = _holders(lw.root)
+    for node in list(lw.graph.nodes) if holders else ():
+        if node.op == "get_attr" and node.target in holders:
+            yield node, holders[node.target]
 
 
 def rewrite(lw, candidate) -> None:
-    node, owner, entries = candidate
+    node, entries = candidate
     if lw.mixed:
         raise NotImplementedError("Mixed batches (adapter_names=...) are not supported with LoRA on parameters "
-                                  "(target_parameters): a weight cannot differ per sample.")
-    lw.tag["fxpeft_site"] = owner
+                                  "(target_parameters, nn.MultiheadAttention): a weight cannot differ per sample.")
+    lw.tag["fxpeft_site"] = owner_path(entries[0][0])
     users = list(node.users)
-    module = lw.module(owner)
-    weight = getattr(module, node.target.rpartition(".")[2])
+    owner, _, name = node.target.rpartition(".")
+    weight = getattr(lw.module(owner) if owner else lw.root, name)
     value = node
     with lw.graph.inserting_before(node.next):
-        for prefix, adapter in entries:
-            holder = f"{owner}.{prefix}"
-            gate = lw.module(owner + "." + prefix[:-1]) if prefix else module
-            gate = gate.lora_scaling[adapter]
-            delta = lw.call(param_delta, lw.attr(f"{holder}lora_A.{adapter}.weight"),
-                            lw.attr(f"{holder}lora_B.{adapter}.weight"), gate.experts, gate.swapped)
-            on = lw.call(aten.mul.Tensor, lw.attr(f"{holder}lora_scaling.{adapter}.value"), lw.gate(adapter))
+        for holder, adapter in entries:
+            gate = lw.module(holder).lora_scaling[adapter]
+            delta = lw.call(param_delta, lw.attr(f"{holder}.lora_A.{adapter}.weight"),
+                            lw.attr(f"{holder}.lora_B.{adapter}.weight"), gate.experts, gate.swapped)
+            on = lw.call(aten.mul.Tensor, lw.attr(f"{holder}.lora_scaling.{adapter}.value"), lw.gate(adapter))
             delta = lw.call(aten.mul.Tensor, delta, on)
             value = lw.call(aten.add.Tensor, value, lw.cast(delta, weight.dtype, adapter_dtype(weight)))
     for user in users:
@@ -197,19 +236,13 @@ DEFAULT.add_rule(Rule(name="lora_parameters", match=match, rewrite=rewrite, phas
 # ----------------------------------------------------------------------------- LoRA with target_parameters
 
 
-def _owner(gm, path: str) -> str:
-    while path.endswith("." + NESTED):
-        path = path[: -len(NESTED) - 1]
-    return path
-
-
 def state_site(gm, path: str, module: nn.Module) -> Optional[Site]:
     """The holder at ``path`` as a site whose weight is its parameter (for merging)."""
     gates = module._modules.get("lora_scaling") or {}
     gate = next((g for g in gates.values() if isinstance(g, ParamGate)), None)
     if gate is None:
         return None
-    owner = _owner(gm, path)
+    owner = owner_path(path)
     return Site(node=None, kind="parameter", path=path, input=None, weight=f"{owner}.{gate.parameter}", bias=None)
 
 
@@ -223,10 +256,18 @@ def with_parameters(method: Method) -> Method:
     """``method`` (LoRA) with ``target_parameters``: an empty ``target_modules`` then adapts no layer."""
 
     def attach(gm, sites, config, adapter):
-        if not config.target_parameters:
-            return method.attach(gm, sites, config, adapter)
-        paths = method.attach(gm, sites, config, adapter) if config.target_modules not in (None, []) else []
-        return paths + add_parameter_lora(gm, config, adapter)
+        attention = attention_targets(gm, config)
+        layers = config
+        if attention:  # the layers inside them are no sites of their own here
+            layers = dataclasses.replace(config, exclude_modules=_excluding(config.exclude_modules, attention))
+        paths = []
+        if any(is_targeted(layers, path) for path, _ in gm.named_modules() if path) or not (
+                attention or config.target_parameters):
+            paths = method.attach(gm, sites, layers, adapter)
+        paths += add_attention_lora(gm, config, adapter, attention)
+        if config.target_parameters:
+            paths += add_parameter_lora(gm, config, adapter)
+        return paths
 
     def resolve(gm, sites, config):
         model_type = getattr(getattr(gm._fxpeft_source, "config", None), "model_type", None)
@@ -237,4 +278,22 @@ def with_parameters(method: Method) -> Method:
     def both_fold(gm, site, module, adapter, weight, bias, sign):
         return (fold if site.kind == "parameter" else method.fold)(gm, site, module, adapter, weight, bias, sign)
 
-    return dataclasses.replace(method, attach=attach, resolve_config=resolve, fold=both_fold, state_site=state_site)
+    def adapters_at(module):  # the method's own (its rule's) and those on parameters
+        gates = module._modules.get("lora_scaling") or {}
+        return list(dict.fromkeys([*method.adapters_at(module), *(a for a, g in gates.items()
+                                                                   if isinstance(g, ParamGate))]))
+
+    def gate(module, adapter):
+        gates = module._modules.get("lora_scaling") or {}
+        own = gates[adapter] if adapter in gates else None
+        return own if isinstance(own, ParamGate) else method.gate(module, adapter)
+
+    return dataclasses.replace(method, attach=attach, resolve_config=resolve, fold=both_fold, state_site=state_site,
+                               adapters_at=adapters_at, gate=gate, containers=(*method.containers, NESTED))
+
+
+def _excluding(exclude, paths: list[str]):
+    """``exclude_modules`` plus exactly ``paths``, in the form it has (list or regex)."""
+    if isinstance(exclude, str):
+        return f"(?:{exclude})|(?:{'|'.join(re.escape(p) for p in paths)})"
+    return [*(exclude or []), *paths]

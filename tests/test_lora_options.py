@@ -339,3 +339,60 @@ def test_target_parameters_2d_equal_peft_and_bad_input():
         with pytest.raises(ValueError, match=message):
             gm.add_adapter("bad", fxpeft.LoraConfig(**{**kwargs(), **extra}))
     assert list(gm.peft_config) == ["default", "other"]
+
+
+# ----------------------------------------------------------------------------- nn.MultiheadAttention
+
+
+class AttentionNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(x, x, x, need_weights=False)[0])
+
+
+def test_multihead_attention_equals_peft(tmp_path):
+    """PEFT's lora.MultiheadAttention: LoRA on in_proj_weight and out_proj (PEFT's keys, and its forward,
+    which adds out_proj's delta twice), outputs, counts, files both ways, merging."""
+    torch.manual_seed(0)
+    model = AttentionNet().eval()
+    x = torch.randn(2, 5, 16)
+    kwargs = lambda: dict(target_modules=["attn", "head"], r=2, init_lora_weights=False)  # noqa: E731
+    reference = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**kwargs())).eval()
+    with pytest.raises(NotImplementedError, match="example_inputs"):  # symbolic_trace keeps the attention opaque
+        fxpeft.transform(model, fxpeft.LoraConfig(**kwargs()))
+    gm = fxpeft.transform(model, fxpeft.LoraConfig(**kwargs()), example_inputs=(x,)).eval()
+    ours = dict(gm.named_parameters())
+    theirs = {peft_key(n): p for n, p in reference.named_parameters() if p.requires_grad}
+    assert set(theirs) == {n for n, p in ours.items() if p.requires_grad}
+    assert fxpeft.trainable_parameters(gm) == reference.get_nb_trainable_parameters()
+    weights = copy.deepcopy(model.state_dict())
+    with torch.no_grad():
+        for name, param in theirs.items():
+            ours[name].copy_(param)
+        expected = reference(x)
+        assert (expected - model(x)).abs().max() > 1e-3
+        torch.testing.assert_close(gm(x), expected, rtol=1e-5, atol=1e-5)
+    reference.save_pretrained(tmp_path / "peft")
+    gm.save_pretrained(str(tmp_path / "fx"))
+    theirs_file = load_file(os.path.join(tmp_path / "peft", "adapter_model.safetensors"))
+    ours_file = load_file(os.path.join(tmp_path / "fx", "adapter_model.safetensors"))
+    assert set(ours_file) == set(theirs_file) and all(torch.equal(ours_file[k], theirs_file[k]) for k in ours_file)
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "fx")).eval()
+    loaded = fxpeft.from_pretrained(copy.deepcopy(model), str(tmp_path / "peft"), example_inputs=(x,)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loaded(x), expected, rtol=1e-5, atol=1e-5)
+        gm.merge_adapter()
+        torch.testing.assert_close(gm(x), expected, rtol=1e-5, atol=1e-5)
+        gm.unmerge_adapter()
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(value, weights[key], rtol=1e-5, atol=1e-6)
+        fresh = AttentionNet().eval()
+        fresh.load_state_dict(gm.merge_and_unload().state_dict())
+        torch.testing.assert_close(fresh(x), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(NotImplementedError, match="dora does not adapt nn.MultiheadAttention"):  # PEFT: ValueError
+        fxpeft.transform(AttentionNet(), fxpeft.LoraConfig(target_modules=["attn"], use_dora=True), example_inputs=(x,))
