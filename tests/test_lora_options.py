@@ -54,19 +54,25 @@ def pair(build, fx_config, peft_config):
     return model, reference, gm, original
 
 
+def saved_files(reference, gm, tmp_path):
+    """(PEFT's saved tensors, fxpeft's) for the same adapter."""
+    reference.save_pretrained(tmp_path / "peft")
+    gm.save_pretrained(str(tmp_path / "fx"))
+    return tuple(load_file(os.path.join(tmp_path / name, "adapter_model.safetensors")) for name in ("peft", "fx"))
+
+
+def assert_same_files(reference, gm, tmp_path) -> None:
+    theirs, ours = saved_files(reference, gm, tmp_path)
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def check_checkpoints_and_merge(build, model, reference, gm, original, tmp_path):
     """The same saved tensors; each package loads the other's file; merge / unmerge / merge_and_unload
     keep PEFT's outputs and give the weights back."""
     expected = logits(reference)
     assert (expected - logits(model)).abs().max() > 1e-3
     torch.testing.assert_close(logits(gm), expected, rtol=1e-5, atol=1e-5)
-    reference.save_pretrained(tmp_path / "peft")
-    gm.save_pretrained(str(tmp_path / "fx"))
-    theirs = load_file(os.path.join(tmp_path / "peft", "adapter_model.safetensors"))
-    ours = load_file(os.path.join(tmp_path / "fx", "adapter_model.safetensors"))
-    assert set(ours) == set(theirs)
-    for key in theirs:
-        torch.testing.assert_close(ours[key], theirs[key])
+    assert_same_files(reference, gm, tmp_path)
     reference.merge_adapter()  # PEFT's merged outputs (rows of layers sharing a weight all land in it)
     merged_expected = logits(reference)
     gm.merge_adapter()
@@ -207,10 +213,7 @@ def test_ensure_weight_tying_of_targeted_embedding_equals_peft(tmp_path):
     torch.testing.assert_close(logits(gm), expected, rtol=1e-5, atol=1e-5)
     head, embedding = gm.lm_head, gm.model.embed_tokens
     assert head.lora_A["default"].weight.data_ptr() == embedding.lora_embedding_B["default"].data_ptr()
-    reference.save_pretrained(tmp_path / "peft")
-    gm.save_pretrained(str(tmp_path / "fx"))
-    theirs = load_file(os.path.join(tmp_path / "peft", "adapter_model.safetensors"))
-    ours = load_file(os.path.join(tmp_path / "fx", "adapter_model.safetensors"))
+    theirs, ours = saved_files(reference, gm, tmp_path)
     # PEFT also saves targeted embeddings' base weights (save_embedding_layers="auto"), which fxpeft does not
     assert set(theirs) - set(ours) == {"base_model.model.model.embed_tokens.base_layer.weight",
                                        "base_model.model.lm_head.base_layer.weight"}
@@ -245,11 +248,7 @@ def test_layer_replication_equals_peft(tmp_path):
     expected = logits(reference)
     assert (expected - logits(model)).abs().max() > 1e-3
     torch.testing.assert_close(logits(gm), expected, rtol=1e-5, atol=1e-5)
-    reference.save_pretrained(tmp_path / "peft")
-    gm.save_pretrained(str(tmp_path / "fx"))
-    theirs = load_file(os.path.join(tmp_path / "peft", "adapter_model.safetensors"))
-    ours = load_file(os.path.join(tmp_path / "fx", "adapter_model.safetensors"))
-    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert_same_files(reference, gm, tmp_path)
     back = peft.PeftModel.from_pretrained(build(), str(tmp_path / "fx")).eval()
     torch.testing.assert_close(logits(back), expected, rtol=1e-5, atol=1e-5)
     loaded = fxpeft.from_pretrained(build(), str(tmp_path / "peft")).eval()
@@ -376,11 +375,7 @@ def test_multihead_attention_equals_peft(tmp_path):
         expected = reference(x)
         assert (expected - model(x)).abs().max() > 1e-3
         torch.testing.assert_close(gm(x), expected, rtol=1e-5, atol=1e-5)
-    reference.save_pretrained(tmp_path / "peft")
-    gm.save_pretrained(str(tmp_path / "fx"))
-    theirs_file = load_file(os.path.join(tmp_path / "peft", "adapter_model.safetensors"))
-    ours_file = load_file(os.path.join(tmp_path / "fx", "adapter_model.safetensors"))
-    assert set(ours_file) == set(theirs_file) and all(torch.equal(ours_file[k], theirs_file[k]) for k in ours_file)
+    assert_same_files(reference, gm, tmp_path)
     back = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "fx")).eval()
     loaded = fxpeft.from_pretrained(copy.deepcopy(model), str(tmp_path / "peft"), example_inputs=(x,)).eval()
     with torch.no_grad():
