@@ -22,6 +22,7 @@ Merging writes the rows into the weight (``index_copy``); unmerging writes the o
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -247,7 +248,7 @@ def with_tokens(method: Method) -> Method:
 
     def attach(gm, sites, config, adapter):
         targets = lora_token_targets(gm, config) if config.trainable_token_indices is not None else {}
-        _check_lora_targets(gm, config, targets)
+        _check_saved(gm, config)
         paths = method.attach(gm, sites, config, adapter)
         return paths + [p for p in _attach_lora_tokens(gm, config, targets, adapter) if p not in paths]
 
@@ -283,10 +284,10 @@ def with_tokens(method: Method) -> Method:
         checkpoint_renames=(*method.checkpoint_renames, (f".{DELTA}", f".token_adapter.{DELTA}")))
 
 
-def _check_lora_targets(gm, config, targets: dict) -> None:
+def _check_saved(gm, config) -> None:
     saved = list(config.modules_to_save or [])
     spec = config.trainable_token_indices
-    for key in (spec if isinstance(spec, dict) else {}):
+    for key in (spec if isinstance(spec, dict) else [input_embedding_path(gm) or "embed_tokens"]):
         if key in saved:  # PEFT's error
             raise ValueError("The embedding layer is already marked to be trained fully, either specify "
                              f'`modules_to_save=[..., "{key}", ...]` or `trainable_tokens={{\'{key}\': x}}` but not both.')
@@ -296,8 +297,6 @@ def _attach_lora_tokens(gm, config, targets: dict, adapter: str) -> list[str]:
     """PEFT's ``set_additional_trainable_modules`` for ``trainable_token_indices``: each named layer gets
     its rows; layers tied to the input embedding follow the embedding's rows where the model ties
     them, unless the config gives them other indices (then, with ``ensure_weight_tying``, an error)."""
-    import warnings
-
     embedding = input_embedding_path(gm)
     source = gm._fxpeft_source
     weights_tied = bool(getattr(getattr(source, "config", None), "tie_word_embeddings", False))
