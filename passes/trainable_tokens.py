@@ -287,6 +287,8 @@ def with_tokens(method: Method) -> Method:
 def _check_saved(gm, config) -> None:
     saved = list(config.modules_to_save or [])
     spec = config.trainable_token_indices
+    if spec is None:
+        return
     for key in (spec if isinstance(spec, dict) else [input_embedding_path(gm) or "embed_tokens"]):
         if key in saved:  # PEFT's error
             raise ValueError("The embedding layer is already marked to be trained fully, either specify "

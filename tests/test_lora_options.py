@@ -155,12 +155,13 @@ def test_trainable_tokens_bad_input():
     model = tiny_llama(True)
     state = copy.deepcopy(model.state_dict())
     gm = fxpeft.transform(model, fxpeft.LoraConfig(target_modules=["q_proj"]))  # bad adapters added to it fail
-    bad = {"out of range": dict(trainable_token_indices=[1, 500]),
-           "matches no module": dict(trainable_token_indices={"embedz": [1]}),
-           "not both": dict(modules_to_save=["embed_tokens"], trainable_token_indices={"embed_tokens": [1]}),  # PEFT's
-           "Cannot ensure weight tying": dict(ensure_weight_tying=True,  # PEFT's error
-                                              trainable_token_indices={"embed_tokens": [1], "lm_head": [2]})}
-    for message, kwargs in bad.items():
+    bad = [("out of range", dict(trainable_token_indices=[1, 500])),
+           ("matches no module", dict(trainable_token_indices={"embedz": [1]})),
+           ("not both", dict(modules_to_save=["embed_tokens"], trainable_token_indices={"embed_tokens": [1]})),  # PEFT's
+           ("not both", dict(modules_to_save=["model.embed_tokens"], trainable_token_indices=[1])),
+           ("Cannot ensure weight tying", dict(ensure_weight_tying=True,  # PEFT's error
+                                               trainable_token_indices={"embed_tokens": [1], "lm_head": [2]}))]
+    for message, kwargs in bad:
         with pytest.raises(ValueError, match=message):
             gm.add_adapter("bad", fxpeft.LoraConfig(target_modules=["q_proj"], **kwargs))
     assert list(gm.peft_config) == ["default"] and not any("trainable_tokens" in n for n, _ in gm.named_modules())
