@@ -392,3 +392,35 @@ def test_multihead_attention_equals_peft(tmp_path):
         torch.testing.assert_close(fresh(x), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(NotImplementedError, match="dora does not adapt nn.MultiheadAttention"):  # PEFT: ValueError
         fxpeft.transform(AttentionNet(), fxpeft.LoraConfig(target_modules=["attn"], use_dora=True), example_inputs=(x,))
+
+
+def test_trainable_tokens_switching_never_recompiles():
+    """Which adapter's rows act is data: switching adapters under torch.compile(fullgraph=True)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = models.TinyDecoder().eval()
+    x = torch.randint(0, models.VOCAB, (2, 9))
+    gm = fxpeft.transform(model, fxpeft.LoraConfig(target_modules=["up"], init_lora_weights=False,
+                                                   trainable_token_indices={"embed": list(range(0, models.VOCAB, 3))}))
+    gm.add_adapter("other", fxpeft.LoraConfig(target_modules=["up"], trainable_token_indices={"embed": [1, 2, 4]}))
+    gm.eval()
+    expected = {}
+    with torch.no_grad():
+        for name, param in gm.named_parameters():
+            if "trainable_tokens" in name:
+                param.normal_()
+        for name in ("default", "other"):
+            gm.set_adapter(name)
+            expected[name] = gm(x)
+        compiled = torch.compile(gm, fullgraph=True, backend=models.COMPILE_BACKEND)
+        compiled(x)
+        try:
+            torch._dynamo.config.error_on_recompile = True
+            for name in ("default", "other"):
+                gm.set_adapter(name)
+                torch.testing.assert_close(compiled(x), expected[name])
+            with fxpeft.disable_adapters(gm):
+                torch.testing.assert_close(compiled(x), model(x))
+        finally:
+            torch._dynamo.config.error_on_recompile = False
+            torch._dynamo.reset()
