@@ -34,6 +34,7 @@ from .passes.oft import OFTConfig  # noqa: E402
 from .passes.boft import BOFTConfig  # noqa: E402
 from .passes.hra import HRAConfig  # noqa: E402
 from .passes.loraplus import create_loraplus_optimizer  # noqa: E402
+from .passes.trainable_tokens import TrainableTokensConfig  # noqa: E402
 from .passes.weighted import add_weighted_adapter  # noqa: E402
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "shard", "full_adapter_state_dict",
     "LoraConfig", "PromptTuningConfig", "PromptTuningInit", "PromptEncoderConfig", "PrefixTuningConfig",
     "BnbConfig", "IA3Config", "AdaLoraConfig", "LoHaConfig", "LoKrConfig", "LoftQConfig", "OFTConfig", "BOFTConfig",
-    "HRAConfig", "EvaConfig", "CordaConfig", "TaskType", "PeftGraphModule", "CaptureError", "find_sites", "Site",
+    "HRAConfig", "TrainableTokensConfig", "EvaConfig", "CordaConfig", "TaskType", "PeftGraphModule", "CaptureError",
+    "find_sites", "Site",
     "registry", "forms", "Registry", "Method", "register_method",
 ]

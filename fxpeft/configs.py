@@ -198,9 +198,9 @@ class LoraConfig(PeftConfigBase):
 
     peft_type = "LORA"
     UNSUPPORTED = (
-        "layer_replication", "megatron_config", "use_qalora", "trainable_token_indices",
-        "alora_invocation_tokens", "arrow_config", "target_parameters", "use_bdlora", "kasa_config", "lora_ga_config",
-        "monteclora_config", "velora_config", "ensure_weight_tying",
+        "megatron_config", "use_qalora",
+        "alora_invocation_tokens", "arrow_config", "use_bdlora", "kasa_config", "lora_ga_config",
+        "monteclora_config", "velora_config",
     )
     IGNORED = ("runtime_config",)  # PEFT never saves it; qalora_group_size and megatron_core are fields, unused
     # init_lora_weights values fxpeft implements, by family (``init_family``): "pissa" stands for
@@ -256,6 +256,13 @@ class LoraConfig(PeftConfigBase):
         for name, rank in self.rank_pattern.items():
             if not isinstance(rank, int) or rank <= 0:
                 raise ValueError(f"LoraConfig.rank_pattern[{name!r}] must be a positive integer, got {rank!r}.")
+        self._check_token_indices()
+        if isinstance(self.target_parameters, str):  # PEFT's error
+            raise TypeError("`target_parameters` must be a list of strings or None.")
+        if self.target_parameters is not None:
+            self.target_parameters = list(self.target_parameters)
+            if self.use_dora:  # PEFT's ParamWrapper refuses it
+                raise ValueError("target_parameters (LoRA on nn.Parameters) does not work with use_dora=True.")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("LoraConfig.layers_pattern only takes effect with layers_to_transform; set both.")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
@@ -263,6 +270,23 @@ class LoraConfig(PeftConfigBase):
                 "LoraConfig.layers_to_transform cannot be combined with a regex target_modules; "
                 "encode the layer indices in the regex instead."
             )
+
+    def _check_token_indices(self) -> None:
+        """``trainable_token_indices``: token ids for the input embedding, or {module name: token ids}."""
+        spec = self.trainable_token_indices
+        if spec is None:
+            return
+        groups = spec.items() if isinstance(spec, dict) else [("", spec)]
+        for name, indices in groups:
+            if (isinstance(indices, (str, bytes)) or not isinstance(indices, (list, tuple)) or not indices
+                    or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices)):
+                where = f"[{name!r}]" if name else ""
+                raise ValueError(f"LoraConfig.trainable_token_indices{where} must be a non-empty list of token ids "
+                                 f"(ints >= 0), or a dict of module name -> such a list; got {indices!r}.")
+        if isinstance(spec, dict):
+            self.trainable_token_indices = {name: list(indices) for name, indices in spec.items()}
+        else:
+            self.trainable_token_indices = list(spec)
 
     def _check_init(self) -> None:
         """``init_lora_weights`` and ``loftq_config`` as PEFT takes them; what PEFT's layers would raise

@@ -110,11 +110,16 @@ def _check_unadaptable(gm, config, adaptable: dict, method_name: str, kinds) -> 
         if not name or name in adaptable or not is_targeted(config, name):
             continue
         inside = next((a for a in attention if name == a or name.startswith(a + ".")), None)
+        if inside == name:
+            raise NotImplementedError(
+                f"target_modules {config.target_modules!r} matched the nn.MultiheadAttention {name!r}: {method_name} "
+                "does not adapt nn.MultiheadAttention. Leave it out of target_modules (or exclude_modules=[...] it).")
         if inside is not None:
             raise NotImplementedError(
-                f"target_modules {config.target_modules!r} matched {name!r} ({type(module).__name__}) in the "
-                f"nn.MultiheadAttention {inside!r}: PEFT adapts nn.MultiheadAttention, fxpeft does not yet. "
-                "Leave it out of target_modules (or exclude_modules=[...] it).")
+                f"target_modules {config.target_modules!r} matched {name!r} ({type(module).__name__}) inside the "
+                f"nn.MultiheadAttention {inside!r}, whose forward reads that layer's weights itself: it cannot be "
+                f"adapted on its own. Target the attention module ({inside!r}) with LoRA, as PEFT does, or leave it "
+                "out of target_modules (or exclude_modules=[...] it).")
         if not isinstance(module, allowed):
             raise ValueError(
                 f"Target module {name!r} ({type(module).__name__}) is not supported: target_modules "

@@ -73,8 +73,14 @@ def _bias(gm, site) -> Optional[torch.Tensor]:
         site.bias.rpartition(".")[2])
 
 
+def _weight_key(gm, site, module):
+    """What a site's fold writes to: sites sharing one parameter (an embedding tied to the output
+    head) fold into one tensor, each adapter's change on top of the others', as in PEFT."""
+    return site.path if is_quantized(module) else id(gm.get_parameter(site.weight))
+
+
 def _folded(gm, names, sign: int, safe_merge: bool = False):
-    """{site path: (site, module, new weight, new bias or None if unchanged)} and the gates
+    """{weight: (site, module, new weight, new bias or None if unchanged)} and the gates
     involved, for folding (sign 1) or unfolding (-1) the named adapters not yet (still) merged;
     nothing is written. A site's adapters fold in adapter order and unfold in reverse (weight maps
     need not commute)."""
@@ -85,10 +91,11 @@ def _folded(gm, names, sign: int, safe_merge: bool = False):
         gate = method.gate(module, name)
         if gate.merged == (sign > 0):
             continue
-        if site.path not in results:
+        key = _weight_key(gm, site, module)
+        if key not in results:
             bias = _bias(gm, site)
-            results[site.path] = [site, module, _base_weight(gm, site, module).detach().clone(), bias, bias]
-        entry = results[site.path]
+            results[key] = [site, module, _base_weight(gm, site, module).detach().clone(), bias, bias]
+        entry = results[key]
         entry[2], entry[3] = method.fold(gm, site, module, name, entry[2], entry[3], sign)
         if safe_merge and not (torch.isfinite(entry[2]).all() and (entry[3] is None or torch.isfinite(entry[3]).all())):
             raise ValueError(f"NaNs or infs found while merging adapter {name!r} into {site.path}; the adapter seems "

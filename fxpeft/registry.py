@@ -118,6 +118,9 @@ class Method:
     module_methods: tuple[tuple[str, Callable], ...] = ()
     # ``dropped_inputs(config) -> frozenset`` of input names the model is called without while it acts
     dropped_inputs: Optional[Callable] = None
+    # ``state_site(gm, path, module) -> Site``: for adapter state on no graph site (LoRA on a raw parameter),
+    # the site merging folds it into (``kind`` "parameter", ``weight`` the parameter's name)
+    state_site: Optional[Callable] = None
 
     @property
     def is_adapter(self) -> bool:

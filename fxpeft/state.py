@@ -48,7 +48,8 @@ def adapter_states(gm, adapter_names: Iterable[str]):
     """(site, module, method, adapter) for every adapted site of the named adapters."""
     sites = sites_by_path(gm)
     for path, module, method, name in adapter_modules(gm, adapter_names):
-        yield sites[path], module, method, name
+        site = sites.get(path) or (method.state_site(gm, path, module) if method.state_site is not None else None)
+        yield sites[path] if site is None else site, module, method, name
 
 
 def merged_adapters(gm) -> list[str]:

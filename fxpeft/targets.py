@@ -41,7 +41,7 @@ def is_saved_module(modules_to_save: Optional[Sequence[str]], path: str) -> bool
 
 def is_targeted(config, path: str) -> bool:
     """True when PEFT would put this config's adapter on the module at ``path``."""
-    if config.exclude_modules and _matches_list_or_regex(config.exclude_modules, path):
+    if getattr(config, "exclude_modules", None) and _matches_list_or_regex(config.exclude_modules, path):
         return False
     if is_saved_module(getattr(config, "modules_to_save", None), path):
         return False
@@ -105,3 +105,27 @@ def requested_names(config) -> list[str]:
     if getattr(config, "task_type", None) == "SEQ_CLS":
         names += [n for n in SEQ_CLS_HEAD_NAMES if n not in names]
     return names
+
+
+def input_embedding_path(gm) -> Optional[str]:
+    """The path of the model's input embedding (``get_input_embeddings``), as PEFT finds it; None
+    for models without one."""
+    source = gm._fxpeft_source
+    getter = getattr(source, "get_input_embeddings", None)
+    embedding = getter() if callable(getter) else None
+    if embedding is None:
+        return None
+    return next((name for name, m in source.named_modules() if m is embedding), None)
+
+
+def tied_to_embedding(gm) -> list[str]:
+    """Modules whose weight is the input embedding's, where the model declares the tie (PEFT's
+    ``_get_module_names_tied_with_embedding``: ``_tied_weights_keys`` and a config whose
+    ``tie_word_embeddings`` is true): the output head of a tied language model."""
+    source = gm._fxpeft_source
+    path = input_embedding_path(gm)
+    if (path is None or not getattr(source, "_tied_weights_keys", None)
+            or not getattr(getattr(source, "config", None), "tie_word_embeddings", False)):
+        return []
+    weight = gm.get_submodule(path).weight
+    return [name for name, m in gm.named_modules() if name and name != path and getattr(m, "weight", None) is weight]

@@ -1,2 +1,2 @@
 """Rewrite passes, one file per method. Importing a pass registers its rules and method."""
-from . import adalora, boft, dora, hra, ia3, loha, lokr, lora, modules_to_save, oft, prefix, prompt, quantize  # noqa: F401
+from . import adalora, boft, dora, hra, ia3, loha, lokr, lora, modules_to_save, oft, prefix, prompt, quantize, trainable_tokens  # noqa: F401

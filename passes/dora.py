@@ -28,6 +28,9 @@ from fxpeft.registry import register_method
 from fxpeft.rewrite import Lowering
 
 from . import lora
+from .layer_replication import with_replication
+from .trainable_tokens import with_tokens
+from .weight_tying import with_tying
 
 aten = torch.ops.aten
 
@@ -254,10 +257,10 @@ def _dora_adapters(module: nn.Module) -> list[str]:
     return list(holder.keys()) if holder is not None else []
 
 
-METHOD = register_method(weight_map(
+METHOD = register_method(with_replication(with_tying(with_tokens(weight_map(
     name="dora", config_type=LoraConfig, applies=lambda config: config.use_dora, create=add_dora,
     lower_site=lower_site, fold=fold, containers=(*lora.CONTAINERS, "lora_magnitude_vector"), gates="lora_scaling",
     kinds=("linear", "conv", "embedding"), default_targets=DEFAULT_LORA_TARGETS, heads=lora._heads,
     adapters_at=_dora_adapters, phase=50, describe=lambda module, adapter: lora._rank(module, adapter) + " dora",
     check_site=lora.check_site, changes_base=lora.changes_base,
-    checkpoint_renames=(("lora_magnitude_vector.weight", "lora_magnitude_vector"),)))
+    checkpoint_renames=(("lora_magnitude_vector.weight", "lora_magnitude_vector"),))), add_dora)))

@@ -34,6 +34,10 @@ from fxpeft.targets import pattern_value
 
 from .lora_init import (LoftQConfig, check_init, init_weights, layer_init, modifies_base, plain_lora_config,
                         plain_lora_state)
+from .layer_replication import with_replication
+from .lora_parameters import ParamGate, with_parameters
+from .trainable_tokens import with_tokens
+from .weight_tying import with_tying
 
 aten = torch.ops.aten
 
@@ -506,12 +510,12 @@ def _lora_adapters(module: nn.Module) -> list[str]:
     if scales is None:
         return []
     dora = module._modules.get("lora_magnitude_vector") or {}
-    return [name for name in scales.keys() if name not in dora]
+    return [name for name, gate in scales.items() if name not in dora and not isinstance(gate, ParamGate)]
 
 
-METHOD = register_method(additive(
+METHOD = register_method(with_parameters(with_replication(with_tying(with_tokens(additive(
     name="lora", config_type=LoraConfig, create=add_lora, delta=delta, delta_weight=delta_weight, delta_bias=delta_bias,
     containers=CONTAINERS, gates="lora_scaling", dropouts="lora_dropout",
     dtype_of=lambda module, adapter: module.lora_A[adapter].weight.dtype,
     default_targets=DEFAULT_LORA_TARGETS, heads=_heads, lower_site=lower_site, adapters_at=_lora_adapters,
-    describe=_rank, check_site=check_site, initial_conversion=initial_conversion, changes_base=changes_base))
+    describe=_rank, check_site=check_site, initial_conversion=initial_conversion, changes_base=changes_base)), add_lora))))

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from fxpeft.configs import SEQ_CLS_HEAD_NAMES
+from fxpeft.canonical import submodule
 from fxpeft.registry import DEFAULT, Rule, registry_of
 from fxpeft.rewrite import Lowering, samples_of
 from fxpeft.targets import requested_names, saved_module_paths
@@ -64,12 +65,36 @@ def match(lw: Lowering):
         yield from (("region", path, adapters) for path, adapters in copies.items())
         return
     for node in list(lw.graph.nodes) if copies else ():
-        if node.op != "get_attr":
+        if node.op != "get_attr" or ".modules_to_save." in node.target:
             continue
         for path, adapters in copies.items():
-            if node.target.startswith(path + ".") and ".modules_to_save." not in node.target:
-                yield "tensor", node, path, adapters
-                break
+            rest = _local_name(lw.root, path, node.target)
+            users = [u for u in node.users if _reads_for(u, path, node.target)] if rest is not None else []
+            if users:
+                yield "tensor", node, path, adapters, rest, users
+
+
+def _local_name(root: nn.Module, path: str, target: str):
+    """The name, inside the saved module at ``path``, of the tensor ``target`` reads: its own name
+    under ``path``, or, for a tensor of the module read under another module's name (tied weights:
+    export keeps one name for an embedding and the output head sharing it), the module's name for it."""
+    if target.startswith(path + "."):
+        return target[len(path) + 1:]
+    owner, _, leaf = target.rpartition(".")
+    holder = submodule(root, owner) if owner else root
+    tensor = None if holder is None else getattr(holder, leaf, None)
+    module = submodule(root, path)
+    if tensor is None or module is None:
+        return None
+    return next((name for name, t in (*module._parameters.items(), *module._buffers.items()) if t is tensor), None)
+
+
+def _reads_for(user: torch.fx.Node, path: str, target: str) -> bool:
+    """Whether ``user`` reads the tensor as part of the module at ``path``: a node another module's
+    code runs (the other side of tied weights) keeps reading the original."""
+    if target.startswith(path + ".") and not (user.meta.get("nn_module_stack") or {}):
+        return True
+    return _in_module(user, path)
 
 
 def rewrite(lw: Lowering, candidate) -> None:
@@ -77,12 +102,11 @@ def rewrite(lw: Lowering, candidate) -> None:
     (_read_active_copy if kind == "tensor" else _per_sample_copies)(lw, *rest)
 
 
-def _read_active_copy(lw: Lowering, node: torch.fx.Node, path: str, adapters: list[str]) -> None:
+def _read_active_copy(lw: Lowering, node: torch.fx.Node, path: str, adapters: list[str], rest: str,
+                      users: list[torch.fx.Node]) -> None:
     """Read the copy of the active adapter (the last active one holding a copy), else the
     original: a chain of ``where`` on the gates, so switching adapters is data, not structure."""
     lw.tag["fxpeft_site"] = path
-    rest = node.target[len(path) + 1:]
-    users = list(node.users)
     value = node
     with lw.graph.inserting_before(node.next):
         for adapter in [a for a in lw.adapter_order if a in adapters]:
@@ -117,9 +141,9 @@ def _per_sample_copies(lw: Lowering, path: str, adapters: list[str]) -> None:
     with lw.graph.inserting_before(region[-1].next):
         for adapter in [a for a in lw.adapter_order if a in adapters]:
             prefix = f"{path}.modules_to_save.{adapter}."
-            copies = {arg: lw.attr(prefix + arg.target[len(path) + 1:])  # the copy's tensors ...
+            copies = {arg: lw.attr(prefix + _local_name(lw.root, path, arg.target))  # the copy's tensors ...
                       for node in region for arg in node.all_input_nodes
-                      if arg.op == "get_attr" and arg.target.startswith(path + ".")}
+                      if arg.op == "get_attr" and _local_name(lw.root, path, arg.target) is not None}
             for node in region:  # ... read by the module's nodes, copied in order
                 copies[node] = lw.copy(node, copies)
             slot = lw.adapter_order.index(adapter)

@@ -150,8 +150,8 @@ def test_bad_checkpoints_fail_cleanly(tmp_path):
     with pytest.raises(NotImplementedError, match="VERA"):
         fxpeft.from_pretrained(model, str(tmp_path / "ia3"))
     (tmp_path / "replicated").mkdir()
-    (tmp_path / "replicated" / "adapter_config.json").write_text(json.dumps({**config, "layer_replication": [[0, 1]]}))
-    with pytest.raises(NotImplementedError, match="layer_replication"):
+    (tmp_path / "replicated" / "adapter_config.json").write_text(json.dumps({**config, "use_qalora": True}))
+    with pytest.raises(NotImplementedError, match="use_qalora"):
         fxpeft.from_pretrained(model, str(tmp_path / "replicated"))
     (tmp_path / "newer").mkdir()
     (tmp_path / "newer" / "adapter_config.json").write_text(json.dumps({**config, "some_future_field": 3}))

@@ -98,8 +98,12 @@ METHODS = {
     # PEFT's HRA: nn.Linear, nn.Conv2d
     "hra": MethodSpec(fxpeft.HRAConfig, peft.HRAConfig, lambda s: dict(r=4, target_modules=s.targets),
                       dict(init_weights=False), ("linear", "conv2d"), peft_4bit=False),
+    "trainable_tokens": MethodSpec(fxpeft.TrainableTokensConfig, peft.TrainableTokensConfig,
+                                   lambda s: dict(token_indices=list(range(0, models.VOCAB, 2)), target_modules=["embed"]),
+                                   dict(init_weights=False), ("embedding",)),
 }
 CASES = [(m, s) for m, spec in METHODS.items() for s in spec.sites]
+ON_LINEAR = [m for m, spec in METHODS.items() if "linear" in spec.sites]  # the checks below use linear layers
 
 
 def run(module, inputs):
@@ -221,7 +225,7 @@ def test_mixed_batch_and_training(method, site):
             assert torch.equal(value, frozen[name]), name
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", ON_LINEAR)
 def test_switching_adapters_never_recompiles(method):
     torch._dynamo.reset()
     spec, row = METHODS[method], SITES["linear"]
@@ -250,7 +254,7 @@ def test_switching_adapters_never_recompiles(method):
             torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", ON_LINEAR)
 def test_method_on_a_4bit_base_equals_peft(method, tmp_path):
     from test_quantize import CONFIGS, _quantized_by_transformers
 
