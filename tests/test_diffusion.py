@@ -41,6 +41,19 @@ def run(module, seed: int = 0):
     return module(latents, timesteps, encoder_hidden_states=text).sample
 
 
+def saved_tensors(directory):
+    """An adapter file's tensors under diffusers' keys: PEFT's ``base_model.model.`` prefix dropped."""
+    return {k.removeprefix("base_model.model."): v for k, v in load_file(directory / "adapter_model.safetensors").items()}
+
+
+def load_in_diffusers(model, directory):
+    """diffusers' own loader on a saved adapter, adapter_config.json as the metadata it reads."""
+    loaded = copy.deepcopy(model)
+    loaded.load_lora_adapter(saved_tensors(directory), prefix=None,
+                             metadata=json.loads((directory / "adapter_config.json").read_text()), adapter_name="fx")
+    return loaded
+
+
 @pytest.fixture(scope="module")
 def lora():
     """(base UNet, PEFT's model, fxpeft's module) holding the same non-zero adapters."""
@@ -82,15 +95,12 @@ def test_saved_adapter_loads_in_peft_and_in_diffusers(lora, tmp_path):
         loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "fx").eval()
         torch.testing.assert_close(run(loaded), expected, rtol=1e-5, atol=1e-6)
 
-        tensors = {k.removeprefix("base_model.model."): v
-                   for k, v in load_file(tmp_path / "fx" / "adapter_model.safetensors").items()}
-        config = json.loads((tmp_path / "fx" / "adapter_config.json").read_text())
-        in_diffusers = copy.deepcopy(base)
-        in_diffusers.load_lora_adapter(tensors, prefix=None, metadata=config, adapter_name="fx")
+        in_diffusers = load_in_diffusers(base, tmp_path / "fx")
         torch.testing.assert_close(run(in_diffusers), expected, rtol=1e-5, atol=1e-6)
         # diffusers' own save writes the same tensors under the same keys
         in_diffusers.save_lora_adapter(tmp_path / "diffusers", adapter_name="fx")
         written = load_file(tmp_path / "diffusers" / "pytorch_lora_weights.safetensors")
+        tensors = saved_tensors(tmp_path / "fx")
         assert set(written) == set(tensors)
         for key, value in written.items():
             assert torch.equal(value, tensors[key]), key
@@ -145,9 +155,65 @@ def test_loha_lokr_oft_on_the_unet_equal_peft(method, tmp_path):
         assert_same_saved_tensors(tmp_path / "peft", tmp_path / "fx")
         torch.testing.assert_close(run(fxpeft.merge_and_unload(gm)), expected, rtol=1e-4, atol=1e-5)
         if method == "lokr":
-            tensors = {k.removeprefix("base_model.model."): v
-                       for k, v in load_file(tmp_path / "fx" / "adapter_model.safetensors").items()}
-            config = json.loads((tmp_path / "fx" / "adapter_config.json").read_text())
-            in_diffusers = copy.deepcopy(base)
-            in_diffusers.load_lora_adapter(tensors, prefix=None, metadata=config, adapter_name="fx")
-            torch.testing.assert_close(run(in_diffusers), run(reference), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(run(load_in_diffusers(base, tmp_path / "fx")), run(reference), rtol=1e-4, atol=1e-5)
+
+
+def test_dit_lora_equals_peft_once_its_label_dropout_is_off(tmp_path):
+    """A DiT (diffusers' DiTTransformer2DModel): LoRA on attention, the feed-forward and the patch
+    embedding conv. Its class-label dropout (``class_dropout_prob=0.1``) runs only in training, in a
+    Python branch: fxpeft captures in train mode, so the draw would be baked into eval calls too
+    (the transform warns, see the next test); with it off, outputs, the saved file and the merged
+    model equal PEFT."""
+    torch.manual_seed(0)
+    dit = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=4, in_channels=4, out_channels=4,
+                                          num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
+    for block in dit.transformer_blocks:
+        block.norm1.emb.class_embedder.dropout_prob = 0.0
+    example = (torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 2]))
+    kwargs = dict(r=2, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj",
+                                                     "pos_embed.proj"], init_lora_weights=False)
+    reference = peft.get_peft_model(copy.deepcopy(dit), peft.LoraConfig(**kwargs)).eval()
+    gm = fxpeft.transform(copy.deepcopy(dit), fxpeft.LoraConfig(**kwargs), example_inputs=example).eval()
+    copy_adapter_weights(reference, gm)
+    assert fx_adapted_paths(gm) == adapted_paths(reference)
+    with torch.no_grad():
+        expected = reference(*example).sample
+        torch.testing.assert_close(gm(*example).sample, expected, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(expected, dit(*example).sample)
+        fxpeft.save_pretrained(gm, tmp_path)
+        reference.save_pretrained(tmp_path / "peft")
+        assert_same_saved_tensors(tmp_path / "peft", tmp_path)
+        assert not hasattr(dit, "load_lora_adapter")  # diffusers has no LoRA loader for this class (README)
+        merged = fxpeft.merge_and_unload(gm)
+        deployed = copy.deepcopy(dit)
+        deployed.load_state_dict(merged.state_dict(), strict=True)
+        torch.testing.assert_close(deployed(*example).sample, expected, rtol=1e-4, atol=1e-5)
+
+
+class LabelDropout(torch.nn.Module):
+    """A training-only random branch outside dropout, as diffusers' LabelEmbedding has."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = torch.nn.Embedding(11, 4)
+
+    def forward(self, labels):
+        if self.training:
+            labels = torch.where(torch.rand(labels.shape) < 0.1, 10, labels)
+        return self.table(labels)
+
+
+class Labelled(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = LabelDropout()
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, labels):
+        return self.head(self.embed(labels))
+
+
+@pytest.mark.parametrize("example", [None, (torch.tensor([1, 2]),)], ids=["symbolic_trace", "export"])
+def test_random_draws_outside_dropout_are_named_in_a_warning(example):
+    with pytest.warns(UserWarning, match=r"random numbers outside dropout, in embed\b.*dropout probability to 0"):
+        fxpeft.transform(Labelled(), fxpeft.LoraConfig(r=2, target_modules=["head"]), example_inputs=example)
