@@ -19,7 +19,7 @@ from . import progress
 from .canonical import is_quantized
 from .module import PeftGraphModule, build, clone_tree
 from .registry import registry_of
-from .state import adapter_states, check_known, merged_adapters, method_of
+from .state import adapter_states, check_known, merged_adapters, method_of, remember_merged
 
 ADAPTER_CHILDREN = ("modules_to_save",)
 
@@ -126,6 +126,8 @@ def _fold(gm, names, sign: int, safe_merge: bool = False) -> tuple:
         except BaseException:
             _unfold(gm, record)
             raise
+        finally:
+            remember_merged(gm)
     return record
 
 
@@ -140,6 +142,7 @@ def _unfold(gm, record: tuple) -> None:
         for gate, merged in gates:
             gate.merged = merged
             gate.refresh()
+    remember_merged(gm)
 
 
 def merge_adapter(gm: PeftGraphModule, adapter_names=None, safe_merge: bool = False) -> None:

@@ -210,6 +210,7 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
     def relower(self) -> None:
         """Re-derive every signature's graph from its canonical graph and the current adapter state."""
         self.sync_gates()
+        self.__dict__.pop("_fxpeft_merged", None)  # adapters added or deleted: state.merged_adapters walks again
         self.__dict__["_fxpeft_dropped"] = self._dropped_inputs()
         methods = [(self._fxpeft_registry.method_for(config), name) for name, config in self.peft_config.items()]
         self.__dict__["_fxpeft_output_hooks"] = [(m, name) for m, name in methods if m.adjust_output is not None]
