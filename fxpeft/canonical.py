@@ -18,6 +18,7 @@ A table maps each source op to its canonical rewrite; add a row to support anoth
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -332,6 +333,29 @@ def _inline_region(node: torch.fx.Node, graph: torch.fx.Graph, owner: nn.Module,
 _DROPPED_OPS = {aten._assert_tensor_metadata.default}
 
 
+# Ops that draw random numbers (aten overloads from export, torch functions from symbolic_trace).
+_RANDOM_OPS = {getattr(getattr(aten, op), overload)
+               for op in ("rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "bernoulli", "normal",
+                          "uniform", "multinomial", "randperm", "poisson")
+               for overload in getattr(aten, op).overloads()} | {
+    torch.rand, torch.randn, torch.randint, torch.rand_like, torch.randn_like, torch.randint_like, torch.bernoulli,
+    torch.normal, torch.multinomial, torch.randperm, torch.poisson}
+
+
+def _warn_random_draws(graph: torch.fx.Graph) -> None:
+    """The capture runs in train mode and only dropout learns to follow ``.train()/.eval()``; any
+    other random draw left in the graph was probably a training-only branch of the model (diffusers'
+    class-label dropout in DiT, for one) and now runs in eval mode too. Say where."""
+    where = sorted({innermost_module(n) or "the top-level forward" for n in graph.nodes
+                    if n.op == "call_function" and n.target in _RANDOM_OPS})
+    if where:
+        warnings.warn(
+            f"The captured graph draws random numbers outside dropout, in {', '.join(where)}. fxpeft captures in "
+            "train mode and only dropout follows .train()/.eval(); if these modules draw only in training (e.g. "
+            "diffusers' class-label dropout, class_dropout_prob), the draw also runs in eval mode. Turn it off before "
+            "fxpeft.transform (e.g. set that module's dropout probability to 0).", stacklevel=3)
+
+
 def canonicalize(graph: torch.fx.Graph, owner: nn.Module, source: nn.Module, namespace: str, registry) -> Canonical:
     """Rewrite ``graph`` (in place) into the canonical form. ``namespace`` keeps names of
     modules/constants it creates unique across the graphs of one result."""
@@ -381,6 +405,7 @@ def canonicalize(graph: torch.fx.Graph, owner: nn.Module, source: nn.Module, nam
         node.replace_all_uses_with(replacement)
         graph.erase_node(node)
 
+    _warn_random_draws(graph)
     # constants the capture lifted (not parameters or buffers of the source): register them ourselves
     for node in graph.nodes:
         if node.op == "get_attr" and node.target not in extras and not _carried(source, node.target):

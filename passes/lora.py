@@ -141,6 +141,11 @@ def add_lora(module: nn.Module, site: Site, weight, config: LoraConfig, adapter:
     if config.lora_bias and site.bias is None:
         warnings.warn(f"lora_bias=True was passed but the targeted layer {site.path!r} has no bias. This means that "
                       "merging LoRA weights won't be possible.")
+    groups = _conv_geometry(site)[3] if site.kind == "conv" else 1
+    if r % groups:  # B is a grouped conv over the rank, so PEFT needs the rank divisible by groups
+        raise ValueError(f"Targeting the conv layer {site.path!r} with groups={groups} and rank {r}: the rank must be "
+                         f"divisible by groups (as in PEFT). Use a rank that is a multiple of {groups} for it "
+                         "(rank_pattern) or leave it out of target_modules.")
     a, b = _new_lora_weights(site, weight, r, config.init_lora_weights, bias=config.lora_bias)
     kind = _weight_init(config, site)
     if kind is not None:  # as PEFT: A and B built (drawing their default init) first, then replaced
