@@ -129,3 +129,21 @@ def tied_to_embedding(gm) -> list[str]:
         return []
     weight = gm.get_submodule(path).weight
     return [name for name, m in gm.named_modules() if name and name != path and getattr(m, "weight", None) is weight]
+
+
+def output_heads(gm, config) -> set[str]:
+    """What PEFT's "all-linear" leaves out, for every tuner: the output embedding, or a SEQ_CLS head."""
+    source = gm._fxpeft_source
+    heads = set()
+    get_output = getattr(source, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    names = {id(m): n for n, m in source.named_modules()}
+    if output is not None:
+        heads.add(names[id(output)])
+    elif config.task_type == "SEQ_CLS":
+        for name in SEQ_CLS_HEAD_NAMES:
+            head = getattr(source, name, None)
+            if head is not None:
+                heads.add(names[id(head)])
+                break
+    return heads

@@ -30,8 +30,9 @@ from torch import nn
 from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase
 from fxpeft.forms import AdapterGate, adapter_dtype, child_dict, weight_map
 from fxpeft.registry import register_method
+from fxpeft.targets import output_heads
 
-from . import lora, orthogonal
+from . import orthogonal
 
 
 @dataclass
@@ -219,4 +220,4 @@ METHOD = register_method(weight_map(
     lower_site=orthogonal.lowering(gates="boft_gate", rotate=boft_rotate, matrix=boft_matrix, scale=boft_scale),
     fold=orthogonal.folding(gates="boft_gate", matrix=merged_matrix, scale=boft_scale),
     containers=("boft_R", "boft_s", "boft_dropout"), gates="boft_gate", kinds=("linear", "conv"),
-    default_targets=DEFAULT_LORA_TARGETS, heads=lora._heads, describe=_describe))
+    default_targets=DEFAULT_LORA_TARGETS, heads=output_heads, describe=_describe))

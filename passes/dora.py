@@ -26,6 +26,7 @@ from fxpeft.configs import DEFAULT_LORA_TARGETS, LoraConfig
 from fxpeft.forms import adapter_dtype, child_dict, masked_samples, weight_map
 from fxpeft.registry import register_method
 from fxpeft.rewrite import Lowering
+from fxpeft.targets import output_heads
 
 from . import lora
 from .layer_replication import with_replication
@@ -260,7 +261,7 @@ def _dora_adapters(module: nn.Module) -> list[str]:
 METHOD = register_method(with_replication(with_tying(with_tokens(weight_map(
     name="dora", config_type=LoraConfig, applies=lambda config: config.use_dora, create=add_dora,
     lower_site=lower_site, fold=fold, containers=(*lora.CONTAINERS, "lora_magnitude_vector"), gates="lora_scaling",
-    kinds=("linear", "conv", "embedding"), default_targets=DEFAULT_LORA_TARGETS, heads=lora._heads,
+    kinds=("linear", "conv", "embedding"), default_targets=DEFAULT_LORA_TARGETS, heads=output_heads,
     adapters_at=_dora_adapters, phase=50, describe=lambda module, adapter: lora._rank(module, adapter) + " dora",
     check_site=lora.check_site, changes_base=lora.changes_base,
     checkpoint_renames=(("lora_magnitude_vector.weight", "lora_magnitude_vector"),))), add_dora)))

@@ -26,8 +26,9 @@ from torch import nn
 from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase
 from fxpeft.forms import AdapterGate, adapter_dtype, child_dict, weight_map
 from fxpeft.registry import register_method
+from fxpeft.targets import output_heads
 
-from . import lora, orthogonal
+from . import orthogonal
 
 
 @dataclass
@@ -135,6 +136,6 @@ METHOD = register_method(weight_map(
     lower_site=orthogonal.lowering(gates="hra_gate", rotate=hra_rotate, matrix=hra_matrix),
     fold=orthogonal.folding(gates="hra_gate", matrix=hra_matrix),
     containers=("hra_u",), gates="hra_gate", kinds=("linear", "conv"), default_targets=DEFAULT_LORA_TARGETS,
-    heads=lora._heads,
+    heads=output_heads,
     describe=lambda module, adapter: f"r={module.hra_u[adapter].shape[1]}" + (
         " gram-schmidt" if module.hra_gate[adapter].apply_gs else "")))

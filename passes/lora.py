@@ -26,11 +26,11 @@ import torch
 from torch import nn
 
 from fxpeft.canonical import Site, is_quantized, site_weight
-from fxpeft.configs import DEFAULT_LORA_TARGETS, SEQ_CLS_HEAD_NAMES, LoraConfig
+from fxpeft.configs import DEFAULT_LORA_TARGETS, LoraConfig
 from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict
 from fxpeft.registry import register_method
 from fxpeft.rewrite import Lowering
-from fxpeft.targets import pattern_value
+from fxpeft.targets import output_heads, pattern_value
 
 from .lora_init import (LoftQConfig, check_init, init_weights, layer_init, modifies_base, plain_lora_config,
                         plain_lora_state)
@@ -485,24 +485,6 @@ def delta_bias(gm, site: Site, module: nn.Module, adapter: str) -> Optional[torc
     return None if b is None or b.bias is None else b.bias * module.lora_scaling[adapter].scale
 
 
-def _heads(gm, config) -> set[str]:
-    """What "all-linear" leaves out: the output embedding, or a SEQ_CLS head."""
-    source = gm._fxpeft_source
-    heads = set()
-    get_output = getattr(source, "get_output_embeddings", None)
-    output = get_output() if callable(get_output) else None
-    names = {id(m): n for n, m in source.named_modules()}
-    if output is not None:
-        heads.add(names[id(output)])
-    elif config.task_type == "SEQ_CLS":
-        for name in SEQ_CLS_HEAD_NAMES:
-            head = getattr(source, name, None)
-            if head is not None:
-                heads.add(names[id(head)])
-                break
-    return heads
-
-
 def _rank(module: nn.Module, adapter: str) -> str:
     a = module.lora_A[adapter].weight if "lora_A" in module._modules and adapter in module.lora_A \
         else module.lora_embedding_A[adapter]
@@ -522,5 +504,5 @@ METHOD = register_method(with_parameters(with_replication(with_tying(with_tokens
     name="lora", config_type=LoraConfig, create=add_lora, delta=delta, delta_weight=delta_weight, delta_bias=delta_bias,
     containers=CONTAINERS, gates="lora_scaling", dropouts="lora_dropout",
     dtype_of=lambda module, adapter: module.lora_A[adapter].weight.dtype,
-    default_targets=DEFAULT_LORA_TARGETS, heads=_heads, lower_site=lower_site, adapters_at=_lora_adapters,
+    default_targets=DEFAULT_LORA_TARGETS, heads=output_heads, lower_site=lower_site, adapters_at=_lora_adapters,
     describe=_rank, check_site=check_site, initial_conversion=initial_conversion, changes_base=changes_base)), add_lora))))

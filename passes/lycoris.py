@@ -30,9 +30,8 @@ from fxpeft.canonical import Site, site_weight
 from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase
 from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict
 from fxpeft.rewrite import Lowering
-from fxpeft.targets import pattern_value
+from fxpeft.targets import output_heads, pattern_value
 
-from .lora import _heads  # PEFT's "all-linear" leaves out the same output layer for every tuner
 
 aten = torch.ops.aten
 
@@ -192,7 +191,7 @@ def lycoris(*, name: str, title: str, config_type: type, containers: tuple[str, 
 
     return additive(name=name, config_type=config_type, create=add, delta=delta, delta_weight=delta_weight,
                     containers=containers, gates=gates, scales_itself=True, kinds=("linear", "conv"),
-                    dtype_of=dtype_of, default_targets=DEFAULT_LORA_TARGETS, heads=_heads,
+                    dtype_of=dtype_of, default_targets=DEFAULT_LORA_TARGETS, heads=output_heads,
                     check_site=check_site(title), describe=describe, **fields)
 
 

@@ -31,8 +31,9 @@ from torch import nn
 from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase
 from fxpeft.forms import AdapterGate, adapter_dtype, child_dict, weight_map
 from fxpeft.registry import register_method
+from fxpeft.targets import output_heads
 
-from . import lora, orthogonal
+from . import orthogonal
 
 
 @dataclass
@@ -261,5 +262,5 @@ METHOD = register_method(weight_map(
     lower_site=orthogonal.lowering(gates="oft_gate", rotate=oft_rotate, matrix=oft_matrix),
     fold=orthogonal.folding(gates="oft_gate", matrix=merged_matrix),
     containers=("oft_R", "oft_embedding_R", "oft_dropout"), gates="oft_gate", kinds=("linear", "conv", "embedding"),
-    default_targets=DEFAULT_LORA_TARGETS, heads=lora._heads,
+    default_targets=DEFAULT_LORA_TARGETS, heads=output_heads,
     describe=lambda module, adapter: _rotation(module, adapter).extra_repr()))
