@@ -78,6 +78,10 @@ class Method:
     # child-module names holding per-adapter state beside an adapted module (``lora_A`` …):
     # checkpoints drop the adapter name after them, deletion removes the adapter's entry
     containers: tuple[str, ...] = ()
+    # containers kept once on the root instead of beside each site (fxpeft.forms.SharedTensors: VeRA's
+    # projections): every graph, blocks included, reads them as ``<name>.<adapter>``; checkpoints hold
+    # them under PEFT's tuner-level key ``base_model.<name>``
+    shared: tuple[str, ...] = ()
     adapters_at: Optional[Callable[[nn.Module], list[str]]] = None  # the adapters this method put on a module
     gate: Optional[Callable] = None  # (module, adapter) -> its AdapterGate (``merged``, ``refresh()``)
     # (gm, site, module, adapter, weight, bias, sign) -> (weight, bias): fold the adapter into the
