@@ -28,6 +28,7 @@ from .passes.loha import LoHaConfig  # noqa: E402
 from .passes.lokr import LoKrConfig  # noqa: E402
 from .passes.lora_init import LoftQConfig  # noqa: E402
 from .passes.loraplus import create_loraplus_optimizer  # noqa: E402
+from .passes.vera import VeraConfig  # noqa: E402
 from .passes.weighted import add_weighted_adapter  # noqa: E402
 
 __all__ = [
@@ -38,6 +39,6 @@ __all__ = [
     "trainable_parameters", "print_trainable_parameters",
     "shard", "full_adapter_state_dict",
     "LoraConfig", "PromptTuningConfig", "PromptTuningInit", "PromptEncoderConfig", "PrefixTuningConfig",
-    "BnbConfig", "IA3Config", "AdaLoraConfig", "LoHaConfig", "LoKrConfig", "LoftQConfig", "TaskType", "PeftGraphModule", "CaptureError", "find_sites", "Site",
+    "BnbConfig", "IA3Config", "AdaLoraConfig", "LoHaConfig", "LoKrConfig", "VeraConfig", "LoftQConfig", "TaskType", "PeftGraphModule", "CaptureError", "find_sites", "Site",
     "registry", "forms", "Registry", "Method", "register_method",
 ]
