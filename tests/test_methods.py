@@ -83,6 +83,9 @@ METHODS = {
     # r=2: the linear sites' W2 is factored (W2a W2b), the conv sites' is a full kernel
     "lokr": MethodSpec(fxpeft.LoKrConfig, peft.LoKrConfig, lambda s: dict(r=2, alpha=4, target_modules=s.targets),
                        dict(init_weights=False), ("linear", "conv1d", "conv2d"), peft_4bit=False),
+    # PEFT's VeRA: linear sites only (nn.Linear, Conv1D); projections shared by every site (tests/test_vera.py)
+    "vera": MethodSpec(fxpeft.VeraConfig, peft.VeraConfig, lambda s: dict(r=4, target_modules=s.targets),
+                       dict(init_weights=False), ("linear", "conv1d_gpt2")),
 }
 CASES = [(m, s) for m, spec in METHODS.items() for s in spec.sites]
 
