@@ -87,6 +87,11 @@ class Method:
     # (gm, site, module, adapter, weight, bias, sign) -> (weight, bias): fold the adapter into the
     # site's float weight and bias (sign 1) or take it out again (-1). None: it cannot be merged.
     fold: Optional[Callable] = None
+    # ``exchange(module, adapter) -> {tensor name on module: the adapter's tensor}``: an adapter held as a
+    # copy of a module that is no site (LN tuning) merges by exchanging values with the module's own
+    # tensors (the module computes with the copy's, the copy keeps the originals: PEFT swaps the layers);
+    # unmerging exchanges them back. Instead of ``fold``.
+    exchange: Optional[Callable] = None
     rules: tuple[Rule, ...] = ()
     describe: Optional[Callable[[nn.Module, str], str]] = None  # (module, adapter) -> "r=8" for inspection
     # What sequence methods (prompt, prefix tuning) need, each its own switch:

@@ -44,13 +44,6 @@ def adapter_modules(gm, adapter_names: Iterable[str]):
                     yield path, module, method, name
 
 
-def adapter_states(gm, adapter_names: Iterable[str]):
-    """(site, module, method, adapter) for every adapted site of the named adapters."""
-    sites = sites_by_path(gm)
-    for path, module, method, name in adapter_modules(gm, adapter_names):
-        yield sites[path], module, method, name
-
-
 def merged_adapters(gm) -> list[str]:
     found = []
     for _, module, method, name in adapter_modules(gm, list(gm.peft_config)):

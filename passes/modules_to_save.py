@@ -11,6 +11,7 @@ outputs of its adapter's copy. Any config with a ``modules_to_save`` field gets 
 from __future__ import annotations
 
 import copy
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -48,36 +49,49 @@ def _without_children(module: nn.Module, keep: dict) -> nn.Module:
     return shallow
 
 
-def _saved_copies(lw: Lowering) -> dict[str, list[str]]:
-    """path -> the adapters holding a copy of the module at path."""
-    found = {}
-    for path, module in lw.registry.base_modules(lw.root):
-        holder = module._modules.get("modules_to_save")
-        if path and holder is not None and len(holder):
-            found[path] = list(holder.keys())
-    return found
+def copies_rule(name: str, container: str, reads_copy: Optional[Callable] = None, phase: int = 10) -> Rule:
+    """The rewrite for whole-module copies kept per adapter under ``<path>.<container>.<adapter>``
+    (modules_to_save; LN tuning's ``ln_tuning_layers``): the module's tensors are read from the copy
+    of the active adapter, a ``where`` chain on ``reads_copy(lw, path, adapter)`` (a 0-dim node, > 0
+    where the copy is read; default: the adapter is active), so switching is data, not structure. In
+    the mixed graph the module's nodes are repeated once per copy and each sample keeps its adapter's
+    outputs."""
+    reads_copy = reads_copy or (lambda lw, path, adapter: lw.gate(adapter))
+
+    def copies(lw: Lowering) -> dict[str, list[str]]:
+        """path -> the adapters holding a copy of the module at path."""
+        found = {}
+        for path, module in lw.registry.base_modules(lw.root):
+            holder = module._modules.get(container)
+            if path and holder is not None and len(holder):
+                found[path] = list(holder.keys())
+        return found
+
+    def match(lw: Lowering):
+        found = copies(lw)
+        if lw.mixed:
+            yield from (("region", path, adapters) for path, adapters in found.items())
+            return
+        for node in list(lw.graph.nodes) if found else ():
+            if node.op != "get_attr" or lw.registry.is_adapter_state(node.target):
+                continue
+            for path, adapters in found.items():
+                if node.target.startswith(path + "."):
+                    yield "tensor", node, path, adapters
+                    break
+
+    def rewrite(lw: Lowering, candidate) -> None:
+        kind, *rest = candidate
+        if kind == "tensor":
+            _read_active_copy(lw, *rest, container, reads_copy)
+        else:
+            _per_sample_copies(lw, *rest, container)
+
+    return Rule(name=name, match=match, rewrite=rewrite, phase=phase)
 
 
-def match(lw: Lowering):
-    copies = _saved_copies(lw)
-    if lw.mixed:
-        yield from (("region", path, adapters) for path, adapters in copies.items())
-        return
-    for node in list(lw.graph.nodes) if copies else ():
-        if node.op != "get_attr":
-            continue
-        for path, adapters in copies.items():
-            if node.target.startswith(path + ".") and ".modules_to_save." not in node.target:
-                yield "tensor", node, path, adapters
-                break
-
-
-def rewrite(lw: Lowering, candidate) -> None:
-    kind, *rest = candidate
-    (_read_active_copy if kind == "tensor" else _per_sample_copies)(lw, *rest)
-
-
-def _read_active_copy(lw: Lowering, node: torch.fx.Node, path: str, adapters: list[str]) -> None:
+def _read_active_copy(lw: Lowering, node: torch.fx.Node, path: str, adapters: list[str], container: str,
+                      reads_copy: Callable) -> None:
     """Read the copy of the active adapter (the last active one holding a copy), else the
     original: a chain of ``where`` on the gates, so switching adapters is data, not structure."""
     lw.tag["fxpeft_site"] = path
@@ -86,8 +100,8 @@ def _read_active_copy(lw: Lowering, node: torch.fx.Node, path: str, adapters: li
     value = node
     with lw.graph.inserting_before(node.next):
         for adapter in [a for a in lw.adapter_order if a in adapters]:
-            copy_value = lw.attr(f"{path}.modules_to_save.{adapter}.{rest}")
-            active = lw.call(torch.ops.aten.gt.Scalar, lw.gate(adapter), 0)
+            copy_value = lw.attr(f"{path}.{container}.{adapter}.{rest}")
+            active = lw.call(torch.ops.aten.gt.Scalar, reads_copy(lw, path, adapter), 0)
             value = lw.call(torch.ops.aten.where.self, active, copy_value, value)
     for user in users:
         user.replace_input_with(node, value)
@@ -99,10 +113,10 @@ def _in_module(node: torch.fx.Node, path: str) -> bool:
         p == path or (isinstance(p, str) and p.startswith(path + ".")) for p, _ in stack.values())
 
 
-def _per_sample_copies(lw: Lowering, path: str, adapters: list[str]) -> None:
+def _per_sample_copies(lw: Lowering, path: str, adapters: list[str], container: str) -> None:
     """Repeat the module's nodes for each adapter's copy (reading the copy's tensors) and let
     every sample keep its own adapter's outputs: each copy runs on the whole batch, which costs
-    little for the heads and embeddings modules_to_save usually holds."""
+    little for the heads, embeddings and norms such copies usually hold."""
     lw.tag["fxpeft_site"] = path
     region = [n for n in lw.graph.nodes if _in_module(n, path)]
     if not region:
@@ -111,12 +125,12 @@ def _per_sample_copies(lw: Lowering, path: str, adapters: list[str]) -> None:
     outside_users = {n: [u for u in n.users if u not in inside] for n in region}
     outputs = [n for n in region if outside_users[n]]
     if any(u < region[-1] for users in outside_users.values() for u in users):
-        raise NotImplementedError(f"Mixed batches: module {path!r} (modules_to_save) runs more than once or "
+        raise NotImplementedError(f"Mixed batches: module {path!r} ({container}) runs more than once or "
                                   "interleaved with other code in this graph, which per-sample copies do not support.")
     picked = dict(zip(outputs, outputs))
     with lw.graph.inserting_before(region[-1].next):
         for adapter in [a for a in lw.adapter_order if a in adapters]:
-            prefix = f"{path}.modules_to_save.{adapter}."
+            prefix = f"{path}.{container}.{adapter}."
             copies = {arg: lw.attr(prefix + arg.target[len(path) + 1:])  # the copy's tensors ...
                       for node in region for arg in node.all_input_nodes
                       if arg.op == "get_attr" and arg.target.startswith(path + ".")}
@@ -138,5 +152,5 @@ def keep_samples(index: torch.Tensor, slot: int, chosen: torch.Tensor, other: to
     return torch.where(samples_of(index, slot, chosen), chosen, other)
 
 
-DEFAULT.add_rule(Rule(name="modules_to_save", match=match, rewrite=rewrite, phase=10))
+DEFAULT.add_rule(copies_rule("modules_to_save", "modules_to_save"))
 DEFAULT.add_attach_hook(attach, "modules_to_save")
