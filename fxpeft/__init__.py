@@ -25,6 +25,7 @@ from . import passes as _passes  # noqa: E402,F401  (the top-level passes/ folde
 from .passes.adalora import AdaLoraConfig, update_and_allocate  # noqa: E402
 from .passes.fourierft import FourierFTConfig  # noqa: E402
 from .passes.ia3 import IA3Config  # noqa: E402
+from .passes.ln_tuning import LNTuningConfig  # noqa: E402
 from .passes.loha import LoHaConfig  # noqa: E402
 from .passes.lokr import LoKrConfig  # noqa: E402
 from .passes.lora_init import LoftQConfig  # noqa: E402
@@ -40,6 +41,6 @@ __all__ = [
     "trainable_parameters", "print_trainable_parameters",
     "shard", "full_adapter_state_dict",
     "LoraConfig", "PromptTuningConfig", "PromptTuningInit", "PromptEncoderConfig", "PrefixTuningConfig",
-    "BnbConfig", "IA3Config", "AdaLoraConfig", "LoHaConfig", "LoKrConfig", "VeraConfig", "FourierFTConfig", "LoftQConfig", "TaskType", "PeftGraphModule", "CaptureError", "find_sites", "Site",
+    "BnbConfig", "IA3Config", "AdaLoraConfig", "LoHaConfig", "LoKrConfig", "VeraConfig", "FourierFTConfig", "LNTuningConfig", "LoftQConfig", "TaskType", "PeftGraphModule", "CaptureError", "find_sites", "Site",
     "registry", "forms", "Registry", "Method", "register_method",
 ]
