@@ -69,8 +69,12 @@ def copies_rule(name: str, container: str, reads_copy: Optional[Callable] = None
 
     def match(lw: Lowering):
         found = copies(lw)
+        called = [n for n in lw.graph.nodes if n.op == "call_module" and n.target in found]
+        for node in called:  # a module a symbolic trace kept whole (a LayerNorm): its copies are called instead
+            yield "module", node, node.target, found[node.target]
         if lw.mixed:
-            yield from (("region", path, adapters) for path, adapters in found.items())
+            whole = {node.target for node in called}
+            yield from (("region", path, adapters) for path, adapters in found.items() if path not in whole)
             return
         for node in list(lw.graph.nodes) if found else ():
             if node.op != "get_attr" or lw.registry.is_adapter_state(node.target):
@@ -84,6 +88,8 @@ def copies_rule(name: str, container: str, reads_copy: Optional[Callable] = None
         kind, *rest = candidate
         if kind == "tensor":
             _read_active_copy(lw, *rest, container, reads_copy)
+        elif kind == "module":
+            _call_active_copy(lw, *rest, container, reads_copy)
         else:
             _per_sample_copies(lw, *rest, container)
 
@@ -105,6 +111,29 @@ def _read_active_copy(lw: Lowering, node: torch.fx.Node, path: str, adapters: li
             value = lw.call(torch.ops.aten.where.self, active, copy_value, value)
     for user in users:
         user.replace_input_with(node, value)
+
+
+def _call_active_copy(lw: Lowering, node: torch.fx.Node, path: str, adapters: list[str], container: str,
+                      reads_copy: Callable) -> None:
+    """A call of the whole module: every copy is called on the same inputs and the active one's output
+    kept (``where`` on the gates), or in the mixed graph each sample's adapter's output."""
+    lw.tag["fxpeft_site"] = path
+    users = list(node.users)
+    value = node
+    with lw.graph.inserting_before(node.next):
+        for adapter in [a for a in lw.adapter_order if a in adapters]:
+            twin = lw.copy(node, {})
+            twin.target = f"{path}.{container}.{adapter}"
+            if lw.mixed:
+                value = lw.call(keep_samples, lw.sample_index, lw.adapter_order.index(adapter), twin, value)
+            else:
+                active = lw.call(torch.ops.aten.gt.Scalar, reads_copy(lw, path, adapter), 0)
+                value = lw.call(torch.ops.aten.where.self, active, twin, value)
+    for user in users:
+        user.replace_input_with(node, value)
+    for site in lw.sites:  # later site rewrites read what their op now reads
+        if site.input is node:
+            site.input = value
 
 
 def _in_module(node: torch.fx.Node, path: str) -> bool:
