@@ -2,7 +2,9 @@
 
 Merging adds each adapter's ``delta_weight`` to the base weight and switches the adapter's
 gate off (its nodes stay in the graph but contribute 0: nothing recompiles). Unmerging
-subtracts it again. ``merge_and_unload`` / ``unload`` build a new module over the same
+subtracts it again. An adapter held as a copy of a module that is no site (``Method.exchange``)
+merges by exchanging values with the module's tensors, and unmerges by exchanging them back.
+``merge_and_unload`` / ``unload`` build a new module over the same
 canonical graphs with no adapter state, so its graph is the base graph and its state_dict has
 exactly the base model's keys.
 """
