@@ -102,6 +102,17 @@ class SharedTensors(nn.Module):
     def values(self):
         return self._buffers.values()
 
+    def _apply(self, fn, recurse=True):
+        """``.to()/.half()``: a tensor several adapters share (VeRA's later adapters alias the first
+        one's projections) is converted once and stays shared."""
+        converted = {}
+        for key, tensor in self._buffers.items():
+            if tensor is not None:
+                if id(tensor) not in converted:
+                    converted[id(tensor)] = fn(tensor)
+                self._buffers[key] = converted[id(tensor)]
+        return self
+
     def extra_repr(self) -> str:
         return ", ".join(f"{k}: {tuple(v.shape)}" for k, v in self._buffers.items()) + f", persistent={self.persistent}"
 

@@ -50,6 +50,8 @@ def test_projections_are_peft_draws_kept_once_and_shared_by_adapters():
     reference.add_adapter("two", peft.VeraConfig(r=4, target_modules=["fc1"]))
     assert gm.vera_A["two"] is gm.vera_A["default"]
     assert torch.equal(reference.base_model.vera_A["two"], gm.vera_A["two"])
+    gm.double()  # converted once: still one tensor for both adapters
+    assert gm.vera_A["two"] is gm.vera_A["default"] and gm.vera_A["two"].dtype == torch.float64
 
 
 def test_blocks_read_the_one_root_projection():
