@@ -173,3 +173,11 @@ def test_non_linear_targets_raise():
     """PEFT's VeRA takes nn.Linear and Conv1D only (a TypeError there)."""
     with pytest.raises(ValueError, match="vera does not support convolution layers"):
         fxpeft.transform(models.ConvNet(), fxpeft.VeraConfig(r=4, target_modules=["conv1"]))
+
+
+@pytest.mark.parametrize("bias", ["vera_only", "all"])
+def test_bias_modes_train_and_save_as_peft(bias, tmp_path):
+    from peft_oracle import same_trainables_and_files
+
+    keys = same_trainables_and_files(*pair(target_modules=["fc1"], bias=bias)[:2], str(tmp_path))
+    assert "base_model.model.fc1.base_layer.bias" in keys and ("base_model.model.fc2.bias" in keys) == (bias == "all")
