@@ -11,8 +11,8 @@ from .blocks import compile_blocks
 from .canonical import Site, find_sites
 from .capture import CaptureError
 from .distributed import full_adapter_state_dict, shard
-from .configs import (BnbConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig,
-                      PromptTuningInit, TaskType)
+from .configs import (BnbConfig, CordaConfig, EvaConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig,
+                      PromptTuningConfig, PromptTuningInit, TaskType)
 from .inspection import Report, inspect
 from .lifecycle import (active_adapters, adapter_indices, add_adapter, delete_adapter, disable_adapters,
                         from_pretrained, load_adapter, print_trainable_parameters, save_pretrained, set_adapter,
@@ -20,6 +20,7 @@ from .lifecycle import (active_adapters, adapter_indices, add_adapter, delete_ad
 from .merging import export_merged, merge_adapter, merge_and_unload, unload, unmerge_adapter
 from .module import PeftGraphModule
 from .registry import Method, Registry, register_method
+from .site_hooks import site_hooks
 
 from . import passes as _passes  # noqa: E402,F401  (the top-level passes/ folder; registers every pass)
 from .passes.adalora import AdaLoraConfig, update_and_allocate  # noqa: E402
@@ -28,7 +29,12 @@ from .passes.ia3 import IA3Config  # noqa: E402
 from .passes.ln_tuning import LNTuningConfig  # noqa: E402
 from .passes.loha import LoHaConfig  # noqa: E402
 from .passes.lokr import LoKrConfig  # noqa: E402
+from .passes.lora_corda import preprocess_corda  # noqa: E402
+from .passes.lora_eva import get_eva_state_dict, initialize_lora_eva_weights  # noqa: E402
 from .passes.lora_init import LoftQConfig  # noqa: E402
+from .passes.oft import OFTConfig  # noqa: E402
+from .passes.boft import BOFTConfig  # noqa: E402
+from .passes.hra import HRAConfig  # noqa: E402
 from .passes.loraplus import create_loraplus_optimizer  # noqa: E402
 from .passes.vera import VeraConfig  # noqa: E402
 from .passes.weighted import add_weighted_adapter  # noqa: E402
@@ -36,11 +42,14 @@ from .passes.weighted import add_weighted_adapter  # noqa: E402
 __all__ = [
     "transform", "add_adapter", "load_adapter", "from_pretrained", "save_pretrained", "delete_adapter",
     "set_adapter", "active_adapters", "disable_adapters", "adapter_indices", "add_weighted_adapter",
-    "create_loraplus_optimizer", "update_and_allocate",
+    "create_loraplus_optimizer", "update_and_allocate", "initialize_lora_eva_weights", "get_eva_state_dict",
+    "preprocess_corda", "site_hooks",
     "compile_blocks", "merge_adapter", "unmerge_adapter", "merge_and_unload", "unload", "export_merged", "inspect", "Report",
     "trainable_parameters", "print_trainable_parameters",
     "shard", "full_adapter_state_dict",
     "LoraConfig", "PromptTuningConfig", "PromptTuningInit", "PromptEncoderConfig", "PrefixTuningConfig",
-    "BnbConfig", "IA3Config", "AdaLoraConfig", "LoHaConfig", "LoKrConfig", "VeraConfig", "FourierFTConfig", "LNTuningConfig", "LoftQConfig", "TaskType", "PeftGraphModule", "CaptureError", "find_sites", "Site",
+    "BnbConfig", "IA3Config", "AdaLoraConfig", "LoHaConfig", "LoKrConfig", "LoftQConfig", "OFTConfig", "BOFTConfig",
+    "HRAConfig", "VeraConfig", "FourierFTConfig", "LNTuningConfig", "EvaConfig", "CordaConfig", "TaskType",
+    "PeftGraphModule", "CaptureError", "find_sites", "Site",
     "registry", "forms", "Registry", "Method", "register_method",
 ]

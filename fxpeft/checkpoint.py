@@ -26,6 +26,7 @@ from typing import Any, Optional
 
 import torch
 
+from . import progress
 from .registry import DEFAULT
 from .state import method_of
 from .targets import requested_names
@@ -284,7 +285,8 @@ def atomic_write(directory: str, writers: dict[str, Any], unit: tuple[str, ...] 
                 _link_others(target, staging, unit)
             except OSError:  # no hard links here (or one we may not make): copying could be huge, go in place
                 swap = False
-        for filename, write in writers.items():
+        for count, (filename, write) in enumerate(writers.items()):
+            progress.step(f"writing {filename}", count, len(writers))
             write(os.path.join(staging, filename))
             _fsync(os.path.join(staging, filename))
         _fsync(staging)

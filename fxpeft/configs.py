@@ -99,9 +99,60 @@ class PeftConfigBase:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["peft_type"] = self.peft_type
         for key, value in out.items():
-            if isinstance(value, (set, tuple)):
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):  # sub-configs, as PEFT saves them
+                out[key] = dataclasses.asdict(value)
+            elif isinstance(value, (set, tuple)):
                 out[key] = sorted(value) if isinstance(value, set) else list(value)
         return out
+
+
+@dataclass
+class EvaConfig:
+    """PEFT's ``EvaConfig`` (``LoraConfig(init_lora_weights="eva", eva_config=...)``): how
+    ``fxpeft.initialize_lora_eva_weights`` turns the layers' input SVDs into LoRA's A and ranks."""
+
+    rho: float = 2.0  # a layer may get up to round(r · rho) components
+    tau: float = 0.99  # cosine similarity between successive components that counts as converged
+    use_label_mask: bool = True  # leave out positions whose label is label_mask_value
+    label_mask_value: int = -100
+    whiten: bool = False  # divide each component by the square root of its singular value
+    adjust_scaling_factors: bool = True  # alpha follows the redistributed rank, so alpha / r stays
+
+    def __post_init__(self):
+        if self.rho < 1.0:
+            raise ValueError("`rho` must be >= 1.0")
+        if self.tau < 0.0 or self.tau > 1.0:
+            raise ValueError("`tau` must be between 0.0 and 1.0.")
+
+
+@dataclass
+class CordaConfig:
+    """PEFT's ``CordaConfig`` (``LoraConfig(init_lora_weights="corda", corda_config=...)``): how
+    ``fxpeft.preprocess_corda`` collects the layers' input covariances and decomposes the weights."""
+
+    cache_file: Optional[str] = None  # torch.save'd decompositions (read instead of recomputed when present)
+    covariance_file: Optional[str] = None  # torch.save'd covariances (read instead of run_model when present)
+    corda_method: Optional[str] = "ipm"  # "ipm": largest components, "kpm": smallest
+    verbose: bool = False  # PEFT shows a progress bar; no effect here
+    use_float16_for_covariance: bool = False
+    prune_temporary_fields: bool = True  # PEFT's bookkeeping switch; fxpeft keeps no temporary fields
+
+    def __post_init__(self):
+        if self.corda_method not in (None, "ipm", "kpm"):
+            raise ValueError(f"Invalid corda_method found: {self.corda_method}, it should be 'ipm' or 'kpm'.")
+
+
+def _subconfig(value, config_type):
+    """A sub-config as PEFT takes it: None, an instance (fxpeft's or PEFT's: its fields), or the
+    dict a saved adapter_config.json holds."""
+    if value is None or isinstance(value, config_type):
+        return value
+    if not isinstance(value, dict):
+        if not dataclasses.is_dataclass(value) and not hasattr(value, "__dict__"):
+            raise TypeError(f"`{config_type.__name__}` must be a `{config_type.__name__}`, a dict, or None.")
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(config_type) if hasattr(value, f.name)}
+    known = {f.name for f in dataclasses.fields(config_type)}
+    return config_type(**{k: v for k, v in value.items() if k in known})
 
 
 @dataclass
@@ -130,8 +181,8 @@ class LoraConfig(PeftConfigBase):
     megatron_core: Optional[str] = "megatron.core"
     trainable_token_indices: Optional[Union[list[int], dict]] = None
     loftq_config: dict = field(default_factory=dict)  # {"loftq_bits": 4, "loftq_iter": 1} with init "loftq"
-    eva_config: Optional[Any] = None
-    corda_config: Optional[Any] = None
+    eva_config: Optional[EvaConfig] = None  # with init "eva" (default EvaConfig()), else ignored with a warning
+    corda_config: Optional[CordaConfig] = None  # with init "corda" (default CordaConfig()), else ignored
     lora_ga_config: Optional[Any] = None
     velora_config: Optional[Any] = None
     alora_invocation_tokens: Optional[list[int]] = None
@@ -149,18 +200,14 @@ class LoraConfig(PeftConfigBase):
     UNSUPPORTED = (
         "layer_replication", "megatron_config", "use_qalora", "trainable_token_indices",
         "alora_invocation_tokens", "arrow_config", "target_parameters", "use_bdlora", "kasa_config", "lora_ga_config",
-        "monteclora_config", "velora_config", "corda_config", "eva_config", "ensure_weight_tying",
+        "monteclora_config", "velora_config", "ensure_weight_tying",
     )
     IGNORED = ("runtime_config",)  # PEFT never saves it; qalora_group_size and megatron_core are fields, unused
     # init_lora_weights values fxpeft implements, by family (``init_family``): "pissa" stands for
     # "pissa" and "pissa_niter_<N>"; "olora" and "gaussian" in any case (PEFT lower-cases them)
-    INITS = (True, False, "gaussian", "pissa", "olora", "orthogonal", "loftq")
+    INITS = (True, False, "gaussian", "pissa", "olora", "orthogonal", "loftq", "eva", "corda")
     # PEFT's other inits: why fxpeft refuses them (NotImplementedError naming the init)
     REFUSED_INITS = {
-        "eva": "EVA is data-driven: PEFT's initialize_lora_eva_weights(model, dataloader) sets each layer's rank and A "
-               "from the inputs' SVD after get_peft_model; fxpeft has no such API yet",
-        "corda": "CorDA is data-driven: PEFT's preprocess_corda(model, config, run_model) must collect each layer's "
-                 "input covariance before get_peft_model; fxpeft has no such API yet",
         "lora_ga": "LoRA-GA is data-driven: PEFT's preprocess_loraga estimates gradients on data first",
         "mica": "MiCA (a LoRA variant with B frozen) is not implemented",
     }
@@ -227,7 +274,7 @@ class LoraConfig(PeftConfigBase):
                                       f"{self.REFUSED_INITS[family]}.")
         if family not in self.INITS:
             raise ValueError(f"LoraConfig.init_lora_weights must be True, False or one of 'gaussian', 'pissa', "
-                             f"'pissa_niter_<N>', 'olora', 'orthogonal', 'loftq', got {init!r}.")
+                             f"'pissa_niter_<N>', 'olora', 'orthogonal', 'loftq', 'eva', 'corda', got {init!r}.")
         if family == "pissa" and init != "pissa":  # PEFT's pissa_init, which raises on every layer
             if len(init.split("_niter_")) != 2:
                 raise ValueError(f"init_lora_weights should be 'pissa' or 'pissa_niter_[number of iters]', got {init} "
@@ -245,6 +292,15 @@ class LoraConfig(PeftConfigBase):
         elif self.loftq_config:
             self.loftq_config = {}
             warnings.warn("`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.")
+        self.eva_config = _subconfig(self.eva_config, EvaConfig)
+        self.corda_config = _subconfig(self.corda_config, CordaConfig)
+        for name, kind, config_type in (("eva", "eva_config", EvaConfig), ("corda", "corda_config", CordaConfig)):
+            if init == name and getattr(self, kind) is None:  # PEFT's defaults, with its warnings
+                warnings.warn(f"`init_lora_weights` is '{name}' but `{kind}` is not specified. Using default "
+                              f"{'EVA' if name == 'eva' else 'CorDA'} config.")
+                setattr(self, kind, config_type())
+            elif init != name and getattr(self, kind) is not None:
+                warnings.warn(f"`{kind}` specified but will be ignored when `init_lora_weights` is not '{name}'.")
 
 
 _COMPUTE_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",

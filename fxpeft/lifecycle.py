@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as _checkpoint
+from . import progress
 from .canonical import find_sites
 from .configs import PeftConfigBase
 from .merging import unmerge_adapter
@@ -140,6 +141,7 @@ def _attach(gm: PeftGraphModule, config, adapter_name: str) -> None:
         gm._fxpeft_active[:] = [adapter_name]
 
 
+@progress.task("fxpeft.transform")
 def transform(
     model: nn.Module,
     config: Union[PeftConfigBase, Iterable[PeftConfigBase]],
@@ -166,6 +168,7 @@ def transform(
             param.requires_grad_(False)
         for item in configs:
             if registry.method_for(item).is_adapter:  # the others (quantization) ran as tree passes in build
+                progress.step(f"attaching {registry.method_for(item).name}")
                 _attach(gm, item, adapter_name)
         gm.relower()
         gm.train(model.training)
@@ -233,6 +236,7 @@ def print_trainable_parameters(gm: nn.Module) -> None:
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
 
+@progress.task("fxpeft.save_pretrained")
 def save_pretrained(gm: PeftGraphModule, directory: str, adapter_names=None, safe_serialization: bool = True,
                     state_dict=None, path_initial_model_for_weight_conversion: Optional[str] = None) -> None:
     """Write PEFT's checkpoint layout: "default" at ``directory``, other adapters in subfolders.
@@ -252,26 +256,31 @@ def save_pretrained(gm: PeftGraphModule, directory: str, adapter_names=None, saf
                                  state_dict=state_dict, initial_directory=path_initial_model_for_weight_conversion)
 
 
+@progress.task("fxpeft.from_pretrained")
 def from_pretrained(model: nn.Module, directory: str, adapter_name: str = "default", is_trainable: bool = False,
                     example_inputs=None, quantization_config=None, registry: Optional[Registry] = None
                     ) -> PeftGraphModule:
     """Transform ``model`` with the adapter stored in ``directory`` (written by PEFT or fxpeft),
     quantizing the base first when a ``quantization_config`` (BnbConfig) is given (QLoRA)."""
     check_adapter_name(adapter_name)  # before reading files
+    progress.step("reading checkpoint")
     config = _checkpoint.load_config(directory, registry or DEFAULT)
     weights = _checkpoint.load_weights(directory, _device_of(model))
     config.inference_mode = not is_trainable
     configs = [config] if quantization_config is None else [quantization_config, config]
     with _restore_on_error(model), _weights_kept_on_error(model, configs, registry or DEFAULT):
         gm = transform(model, configs, example_inputs=example_inputs, adapter_name=adapter_name, registry=registry)
+        progress.step("copying adapter weights")
         _checkpoint.check_and_copy(gm, adapter_name, weights)
     return gm
 
 
+@progress.task("fxpeft.load_adapter")
 def load_adapter(gm: PeftGraphModule, directory: str, adapter_name: str, is_trainable: bool = False) -> None:
     """Add the adapter stored in ``directory`` to a transformed module under ``adapter_name``."""
     _require_transformed(gm)
     check_adapter_name(adapter_name)  # before reading files
+    progress.step("reading checkpoint")
     config = _checkpoint.load_config(directory, registry_of(gm))
     weights = _checkpoint.load_weights(directory, _device_of(gm))
     config.inference_mode = not is_trainable

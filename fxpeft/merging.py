@@ -17,10 +17,11 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import progress
 from .canonical import is_quantized
 from .module import PeftGraphModule, build, clone_tree
 from .registry import registry_of
-from .state import adapter_modules, check_known, merged_adapters, method_of, sites_by_path
+from .state import adapter_modules, check_known, merged_adapters, method_of, remember_merged, sites_by_path
 
 ADAPTER_CHILDREN = ("modules_to_save",)
 
@@ -134,8 +135,9 @@ def _fold(gm, names, sign: int, safe_merge: bool = False) -> tuple:
         record = ([(gate, gate.merged) for gate in gates], [], [])
         try:
             for path, module, method, name in exchanges:
-                record[2].append((module, method, name, method.gate(module, name).merged))
-                _exchange(module, method, name, sign)
+                merged = method.gate(module, name).merged
+                _exchange(module, method, name, sign)  # raises before it writes anything
+                record[2].append((module, method, name, merged))
             for path in list(results):
                 site, module, weight, bias = results.pop(path)  # popped once stored: the new weight's memory is freed
                 previous_bias = None
@@ -149,6 +151,8 @@ def _fold(gm, names, sign: int, safe_merge: bool = False) -> tuple:
         except BaseException:
             _unfold(gm, record)
             raise
+        finally:
+            remember_merged(gm)
     return record
 
 
@@ -165,6 +169,7 @@ def _unfold(gm, record: tuple) -> None:
         for gate, merged in gates:
             gate.merged = merged
             gate.refresh()
+    remember_merged(gm)
 
 
 def merge_adapter(gm: PeftGraphModule, adapter_names=None, safe_merge: bool = False) -> None:
@@ -233,6 +238,7 @@ def merged_weights(gm, adapter_names=None) -> dict[str, torch.Tensor]:
     return totals
 
 
+@progress.task("fxpeft.merge_and_unload")
 def merge_and_unload(gm: PeftGraphModule, adapter_names=None, safe_merge: bool = False,
                      requantize: bool = False) -> PeftGraphModule:
     """Fold the active adapters into the base weights (in place, as PEFT does) and return the
@@ -241,6 +247,7 @@ def merge_and_unload(gm: PeftGraphModule, adapter_names=None, safe_merge: bool =
     A quantized model gives float weights under the base keys (dequantized + merged deltas,
     ``gm`` unchanged); ``requantize=True`` instead merges into the quantized layers in place
     (rounding, as PEFT does) and keeps them quantized."""
+    progress.step("folding adapters into weights")
     if not requantize and any(is_quantized(m) for m in gm.modules()):
         weights = merged_weights(gm, adapter_names)
         broken = [fqn for fqn, w in weights.items() if not torch.isfinite(w).all()]
@@ -264,6 +271,7 @@ def unload(gm: PeftGraphModule) -> PeftGraphModule:
     return _base_module(gm, {}, use_saved_copies=False)
 
 
+@progress.task("fxpeft.export_merged")
 def export_merged(gm: PeftGraphModule, directory: str, example_inputs=None) -> dict[str, str]:
     """Write ``model.safetensors`` (base keys, loadable strict into the original class) and
     ``model.pt2`` (torch.export of the merged graph, every input dim dynamic where the model
@@ -276,6 +284,7 @@ def export_merged(gm: PeftGraphModule, directory: str, example_inputs=None) -> d
     from . import capture as capture_mod
     from .checkpoint import _unshared, atomic_write
 
+    progress.step("merging")
     merged = _base_module(gm, merged_weights(gm), use_saved_copies=True, dequantize=True).eval()
     if example_inputs is None:
         primary = gm._fxpeft_signatures[gm._fxpeft_primary]
@@ -285,6 +294,7 @@ def export_merged(gm: PeftGraphModule, directory: str, example_inputs=None) -> d
     kwargs = capture_mod.normalize_inputs(gm._fxpeft_source, example_inputs)
     kwargs = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}  # the dispatcher adds the rest
     # ModelOutput classes cannot be serialised into a .pt2: deploy their fields as a dict
+    progress.step("exporting the merged graph")
     program = capture_mod.export_program(merged, kwargs, lambda out: dict(out) if isinstance(out, dict) else out)
     tensors = _unshared(merged.state_dict())
     atomic_write(directory, {

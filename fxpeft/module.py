@@ -33,7 +33,7 @@ from torch.fx.graph_module import GraphModule, _forward_from_src
 from torch.utils import _pytree as pytree
 
 from . import capture as capture_mod
-from . import generation
+from . import generation, progress
 from .blocks import (Outlined, extend, find_block_paths, fingerprint, inline, install_blocks, outline,
                      repeated_lists, truncated)
 from .canonical import annotate_shapes, canonicalize
@@ -66,6 +66,7 @@ class Signature:
 def canonical_signature(captured, source: nn.Module, root: nn.Module, index: int, registry: Registry) -> Signature:
     """Canonicalize a capture into a signature whose graph reads ``root``; the modules and
     constants canonicalize creates are registered on ``root`` (modules in ``root``'s mode)."""
+    progress.step("canonicalizing")
     canonical = canonicalize(captured.graph, captured.owner, source, f"_fxpeft_s{index}_", registry)
     register_extras(root, canonical.extras)
     for extra in canonical.extras.values():
@@ -81,6 +82,7 @@ def capture_canonical(source: nn.Module, root: nn.Module, index: int, block_path
     blocks are captured and the rest are called like the second: a 32-layer model exports like a
     2-layer one. Anything the two-block graph cannot vouch for captures the whole model."""
     lists = repeated_lists(source, list(block_paths)) if block_paths else {}
+    progress.step("capturing")
     if lists:
         small = truncated(source, lists)
         signature = canonical_signature(capture(small), small, root, index, registry)
@@ -208,6 +210,7 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
     def relower(self) -> None:
         """Re-derive every signature's graph from its canonical graph and the current adapter state."""
         self.sync_gates()
+        self.__dict__.pop("_fxpeft_merged", None)  # adapters added or deleted: state.merged_adapters walks again
         self.__dict__["_fxpeft_dropped"] = self._dropped_inputs()
         methods = [(self._fxpeft_registry.method_for(config), name) for name, config in self.peft_config.items()]
         self.__dict__["_fxpeft_output_hooks"] = [(m, name) for m, name in methods if m.adjust_output is not None]
@@ -243,7 +246,8 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         order = list(self.peft_config)
         mixed_error = None
         shared = {name for method in self._fxpeft_registry.methods for name in method.shared}
-        for path, block_graph in outlined.blocks.items():
+        for count, (path, block_graph) in enumerate(outlined.blocks.items()):
+            progress.step(f"lowering block {count + 1}/{len(outlined.blocks)}", count, len(outlined.blocks))
             block = self.get_submodule(path)
             register_extras(block, block_graph.extras)
             for name in shared:  # state kept once on the root (Method.shared): the block reads it as its own

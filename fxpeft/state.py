@@ -45,10 +45,20 @@ def adapter_modules(gm, adapter_names: Iterable[str]):
 
 
 def merged_adapters(gm) -> list[str]:
+    """The merged adapters. Kept on the module between changes (merging.py refreshes it after every
+    fold, a relower drops it): a mixed call asks on every call, and the walk grows with the adapters."""
+    found = gm.__dict__.get("_fxpeft_merged")
+    if found is None:
+        found = remember_merged(gm)
+    return list(found)
+
+
+def remember_merged(gm) -> list[str]:
     found = []
     for _, module, method, name in adapter_modules(gm, list(gm.peft_config)):
         if method.gate(module, name).merged and name not in found:
             found.append(name)
+    gm.__dict__["_fxpeft_merged"] = found
     return found
 
 

@@ -127,7 +127,7 @@ def check_site(module: nn.Module, site: Site, weight, config: LoraConfig) -> Non
             "init_lora_weights=True / 'gaussian'.")
     r, _ = _rank_and_scale(site, config)
     check_init(kind, _linear_layout(weight.shape, site), weight.dtype, r, fan_in_fan_out=site.fan_in_fan_out,
-               loftq_config=_loftq_config(config))
+               loftq_config=_loftq_config(config), eigens=getattr(module, "eigens", None))
 
 
 def add_lora(module: nn.Module, site: Site, weight, config: LoraConfig, adapter: str) -> None:
@@ -161,7 +161,10 @@ def _init_from_base(module: nn.Module, site: Site, kind: str, a: nn.Module, b: n
     base = getattr(module, site.weight.rpartition(".")[2])
     weight = base.detach()
     new_a, new_b, new_weight = init_weights(kind, weight.t() if site.fan_in_fan_out else weight, r, scale,
-                                            fan_in_fan_out=site.fan_in_fan_out, loftq_config=_loftq_config(config))
+                                            fan_in_fan_out=site.fan_in_fan_out, loftq_config=_loftq_config(config),
+                                            eigens=getattr(module, "eigens", None))
+    if kind.startswith("corda"):  # preprocess_corda's decomposition is used once, as in PEFT
+        del module.eigens
     a.weight = nn.Parameter(new_a)  # PiSSA / OLoRA on a layer of rank below r: the smaller rank, as PEFT
     b.weight = nn.Parameter(new_b)
     if new_weight is not None:
@@ -296,12 +299,14 @@ _HOST_LISTS: dict = {}
 def _pick(host: list[int], positions, fetch, rank: int, dedupe: bool, slots: Optional[int] = None):
     """The stacks for ``host`` (global adapter indices): A (S, R, n) and s·B^T (S, R, m), padded to the
     site's largest rank R with zeros, an adapter the site lacks (or the empty index) reading zeros;
-    the slot each entry reads (K,); and the local adapter each slot holds (S,), -1 for none.
+    the slot each entry reads (K,); and the local adapter each slot holds (S,), -1 for none (both
+    lists: callers that need them on the device convert them).
 
     ``dedupe=False`` (dense graph): slot k is entry k. ``dedupe=True`` (mixed graph): one slot per
     distinct adapter the entries use, then a zero slot if any entry needs one, then zero slots up to
     ``slots`` (the compiled op's fixed count; never read). ``fetch(j)`` gives local adapter j's
-    (A, B, scale): only the adapters in use are read.
+    (A, B, scale): only the adapters in use are read. One slot (one adapter active, the common
+    case) is a view of that adapter's tensors, not a copy.
     """
     local = {p: j for j, p in enumerate(positions)}
     wanted = [local.get(g, -1) for g in host]
@@ -317,21 +322,23 @@ def _pick(host: list[int], positions, fetch, rank: int, dedupe: bool, slots: Opt
         owners = owners + [-1] * (slots - len(owners))
     tensors = {j: fetch(j) for j in owners if j >= 0}
     a0, b0, _ = next(iter(tensors.values())) if tensors else fetch(0)
-    zero_a, zero_b = a0.new_zeros(rank, a0.shape[1]), b0.new_zeros(rank, b0.shape[0])
+    zeros = None
     a_rows, b_rows = [], []
     for j in owners:
         if j < 0:
-            a_rows.append(zero_a)
-            b_rows.append(zero_b)
+            if zeros is None:
+                zeros = a0.new_zeros(rank, a0.shape[1]), b0.new_zeros(rank, b0.shape[0])
+            a_rows.append(zeros[0])
+            b_rows.append(zeros[1])
             continue
         a, b, scale = tensors[j]
         b_t = (b * scale).t()
         pad = rank - a.shape[0]
         a_rows.append(torch.nn.functional.pad(a, (0, 0, 0, pad)) if pad else a)
         b_rows.append(torch.nn.functional.pad(b_t, (0, 0, 0, pad)) if pad else b_t)
-    device = a0.device
-    return (torch.stack(a_rows), torch.stack(b_rows), torch.tensor(entry_slot, dtype=torch.long, device=device),
-            torch.tensor(owners, dtype=torch.long, device=device))
+    if len(a_rows) == 1:
+        return a_rows[0][None], b_rows[0][None], entry_slot, owners
+    return torch.stack(a_rows), torch.stack(b_rows), entry_slot, owners
 
 
 def select_adapters(site: nn.Module, names: tuple, positions: tuple, rank: int, index: torch.Tensor,
@@ -340,6 +347,15 @@ def select_adapters(site: nn.Module, names: tuple, positions: tuple, rank: int, 
     ``index`` names at ``site`` (see ``_pick``): eager reads only those; compiled, see ``_stacked``."""
     if torch.compiler.is_compiling():
         return _stacked(site, names, positions, rank, index, embedding, dedupe)
+    a, b_t, entry_slot, owners = _picked(site, names, positions, rank, index, embedding, dedupe)
+    device = a.device
+    return (a, b_t, torch.tensor(entry_slot, dtype=torch.long, device=device),
+            torch.tensor(owners, dtype=torch.long, device=device))
+
+
+def _picked(site: nn.Module, names: tuple, positions: tuple, rank: int, index: torch.Tensor, embedding: bool,
+            dedupe: bool):
+    """Eager :func:`select_adapters` with the slot lists left on the host."""
     fetch = lambda j: _adapter_tensors(site, names[j], embedding)  # noqa: E731
     return _pick(_host_list(index), positions, fetch, rank, dedupe)
 
@@ -380,7 +396,11 @@ class LoraSlots(nn.Module):
     """
 
     def forward(self, x, site, names, positions, rank, slots, dropout: bool = False):
-        a, b_t, _, owners = select_adapters(site, names, positions, rank, slots, False, False)  # (S, R, in/out)
+        if torch.compiler.is_compiling():
+            a, b_t, _, owners = _stacked(site, names, positions, rank, slots, False, False)  # (S, R, in/out)
+        else:
+            a, b_t, _, owners = _picked(site, names, positions, rank, slots, False, False)
+            owners = torch.tensor(owners, dtype=torch.long, device=a.device) if self.training and dropout else None
         if self.training and dropout:  # each active adapter sees its own dropout of x
             p = [site.lora_scaling[n].p for n in names]
             p = torch.stack(p + [torch.zeros_like(p[0])]).index_select(0, owners % (len(names) + 1))  # -1: none

@@ -73,9 +73,11 @@ def layer_init(kind: str, layer: str) -> bool:
 
     True: ``init_weights`` applies. False: PEFT quietly gives the layer its default init
     (embeddings: A zeros, B normal) and leaves the base alone. Raises what PEFT raises.
+    "eva" reads data, not the weight: linear layers get nn.Linear's own init for A and a zero B,
+    and ``initialize_lora_eva_weights`` (passes/lora_eva.py) replaces A afterwards, as in PEFT.
     """
     if layer == "linear":
-        return True
+        return kind != "eva"
     if kind == "loftq":
         # PEFT's Embedding/Conv update_layer call loftq_init(adapter_name) without its config
         raise TypeError(f"PEFT 0.21.2 cannot initialise a {layer} layer with LoftQ: its loftq_init fails with "
@@ -246,8 +248,9 @@ def _check_corda(dtype: torch.dtype, shape, r: int, eigens: Optional[CordaEigens
     _check_float(dtype, "Please initialize CorDA under float32, float16, or bfloat16. "
                  "Subsequently, re-quantize the residual model to help minimize quantization errors.")
     if eigens is None:
-        raise ValueError("`eigens` attribute not found for layer, please run `preprocess_corda` first. "
-                         "More information can be found at examples/corda_finetuning/README.md.")
+        raise ValueError("`eigens` attribute not found for layer, please run `preprocess_corda` first: "
+                         "fxpeft.preprocess_corda(model, config, run_model=...) on the model (or the transformed "
+                         "module) before fxpeft.transform (or add_adapter) with this config.")
     S, U, V = eigens
     for name, t in (("S", S), ("U", U), ("V", V)):
         if torch.isnan(t).any() or torch.isinf(t).any():

@@ -303,6 +303,10 @@ def test_bad_targets_and_configs_raise_clear_errors():
             fxpeft.LoraConfig(**bad)
     with pytest.raises(TypeError, match="supported configs"):
         fxpeft.transform(model, object())
+    gm = fxpeft.transform(models.MLP(), fxpeft.LoraConfig(target_modules=["fc1"]))
+    with pytest.raises(TypeError, match=r"takes \(gm, config, adapter_name\)"):  # PEFT's order given to the function
+        fxpeft.add_adapter(gm, "other", fxpeft.LoraConfig(target_modules=["fc1"]))
+    assert list(gm.peft_config) == ["default"]
 
 
 class ShapeDependent(nn.Module):

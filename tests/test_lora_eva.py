@@ -13,11 +13,18 @@ from peft.tuners.lora.eva import get_eva_state_dict
 from peft.utils.incremental_pca import IncrementalPCA
 from torch import nn
 
+from fxpeft import LoraConfig
 from fxpeft.passes.lora_eva import EvaConfig, IncrementalSVD, eva_layer_inits, eva_state_dict
 
 
 def _call(model, batch):
     return model(**batch)
+
+
+def _config(r=2, **eva):
+    """fxpeft's LoraConfig for eva_state_dict (it reads r and eva_config, and hands it to
+    prepare_model_inputs_fn as PEFT does)."""
+    return LoraConfig(r=r, init_lora_weights="eva", eva_config=EvaConfig(**eva))
 
 
 class Streams(nn.Module):
@@ -52,7 +59,7 @@ def test_eva_state_dict_matches_peft(whiten):
     theirs = get_eva_state_dict(model, data, peft_config=config, forward_fn=_call, prepare_model_inputs_fn=None,
                                 prepare_layer_inputs_fn=None, show_progress_bar=False)
     # in another order than the model's: d before a would make d own the shared SVD
-    ours = eva_state_dict(model, data, {"d": 2, "b": 2, "c": 2, "a": 2}, EvaConfig(whiten=whiten), forward_fn=_call,
+    ours = eva_state_dict(model, data, {"d": 2, "b": 2, "c": 2, "a": 2}, _config(whiten=whiten), forward_fn=_call,
                           prepare_model_inputs_fn=None, prepare_layer_inputs_fn=None, max_batches=100)
     assert {k: v.size(0) for k, v in ours.items()} == {"a": 3, "d": 3, "c": 2, "b": 0}
     assert ours.keys() == theirs.keys()
@@ -70,7 +77,7 @@ def test_eva_layer_inits_match_initialize_lora_eva_weights():
         peft.initialize_lora_eva_weights(wrapped, data, forward_fn=_call, prepare_model_inputs_fn=None,
                                          prepare_layer_inputs_fn=None, show_progress_bar=False)
     names = ("a", "b", "c", "d")
-    eva = eva_state_dict(model, data, dict.fromkeys(names, 2), EvaConfig(), forward_fn=_call,
+    eva = eva_state_dict(model, data, dict.fromkeys(names, 2), _config(), forward_fn=_call,
                          prepare_model_inputs_fn=None, prepare_layer_inputs_fn=None, max_batches=100)
     inits = eva_layer_inits(eva, dict.fromkeys(names, 2), dict.fromkeys(names, 4))
     adapted = wrapped.base_model.model
@@ -107,7 +114,7 @@ def test_eva_on_tiny_llama_with_language_model_masks():
         wrapped = peft.get_peft_model(copy.deepcopy(model), config)
         peft.initialize_lora_eva_weights(wrapped, data, show_progress_bar=False)
     names = [n for n, _ in model.named_modules() if n.split(".")[-1] in targets]
-    eva = eva_state_dict(model, data, dict.fromkeys(names, 4), EvaConfig(tau=0.95), max_batches=100)
+    eva = eva_state_dict(model, data, dict.fromkeys(names, 4), _config(4, tau=0.95), max_batches=100)
     inits = eva_layer_inits(eva, dict.fromkeys(names, 4), dict.fromkeys(names, 8))
     for name in names:
         rank, alpha, a = inits[name]
@@ -136,8 +143,8 @@ def test_eva_config_validation():
     with pytest.raises(ValueError, match="tau"):
         EvaConfig(tau=1.5)
     with pytest.raises(ValueError, match="empty"):
-        eva_state_dict(nn.Linear(2, 2), [], {"": 1}, EvaConfig())
+        eva_state_dict(nn.Linear(2, 2), [], {"": 1}, _config())
     model, data = _streams()
     with pytest.raises(ValueError, match="did not converge within 2 batches"):
-        eva_state_dict(model, data, dict.fromkeys("abcd", 2), EvaConfig(), forward_fn=_call,
+        eva_state_dict(model, data, dict.fromkeys("abcd", 2), _config(), forward_fn=_call,
                        prepare_model_inputs_fn=None, prepare_layer_inputs_fn=None, max_batches=2)

@@ -187,7 +187,7 @@ def test_config_values_as_peft():
         fxpeft.LoraConfig(init_lora_weights="pissa_foo")
     assert str(ours.value) == ("init_lora_weights should be 'pissa' or 'pissa_niter_[number of iters]', got pissa_foo "
                                "instead.")  # PEFT's message (from its layers)
-    for init in ("eva", "corda", "lora_ga", "MiCA"):
+    for init in ("lora_ga", "MiCA"):
         with pytest.raises(NotImplementedError, match=f"init_lora_weights='{init}' is not implemented"):
             fxpeft.LoraConfig(init_lora_weights=init)
     assert fxpeft.LoraConfig(init_lora_weights="Gaussian").init_lora_weights == "Gaussian"
@@ -200,9 +200,9 @@ def test_saved_configs_load_and_refuse_as_documented(tmp_path):
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["init_lora_weights"] == "loftq" and saved["loftq_config"] == {"loftq_bits": 8, "loftq_iter": 1}
     assert fxpeft.LoraConfig.unsupported(saved) == []
-    saved["init_lora_weights"] = "eva"
+    saved["init_lora_weights"] = "lora_ga"
     (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
-    with pytest.raises(NotImplementedError, match="init_lora_weights='eva' .*initialize_lora_eva_weights"):
+    with pytest.raises(NotImplementedError, match="init_lora_weights='lora_ga' .*preprocess_loraga"):
         fxpeft.from_pretrained(models.MLP(), str(tmp_path))
 
 
