@@ -442,6 +442,9 @@ def check_and_copy(gm, adapter: str, weights: dict[str, torch.Tensor]) -> None:
     state = gm.state_dict(keep_vars=True)
     mapping = adapter_key_map(gm, adapter, state)
     method = method_of(gm, adapter)
+    if method.checkpoint_keys is not None:
+        ignored = method.checkpoint_keys(gm.peft_config[adapter], set(weights))
+        weights = {key: value for key, value in weights.items() if key not in ignored}
     computed = method.saved_tensors(gm, adapter) if method.saved_tensors is not None else {}
     expected = {**{key: state[name] for key, name in mapping.items()}, **computed}
     unexpected = sorted(set(weights) - set(expected))

@@ -111,6 +111,10 @@ class Method:
     # ``saved_state(gm, adapter, {key: tensor}) -> {key: tensor}``: what a checkpoint holds, where it
     # is not the module's tensors as they are (AdaLoRA saves its sites cut to their allocated rank)
     saved_state: Optional[Callable] = None
+    # ``checkpoint_keys(config, keys) -> keys to leave unloaded``: PEFT's own checks of a checkpoint's keys
+    # before loading (raising or warning with PEFT's words); VeRA ignores saved projections its config
+    # says are drawn from the key
+    checkpoint_keys: Optional[Callable] = None
     # ``initial_conversion(gm, adapter, {key: tensor}, config_dict, initial_directory) -> ({key: tensor},
     # config_dict)``: what ``save_pretrained(path_initial_model_for_weight_conversion=initial_directory)``
     # writes instead of the checkpoint's tensors and config (LoRA: an adapter whose init rewrote the base
