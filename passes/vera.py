@@ -193,9 +193,29 @@ def delta_weight(gm, site: Site, module: nn.Module, adapter: str) -> torch.Tenso
     return weight.T if site.fan_in_fan_out else weight
 
 
+def checkpoint_keys(config: VeraConfig, keys: set) -> set:
+    """PEFT's checks when loading (``_remap_adapter_state_dict_for_load``), PEFT's words: projections
+    saved but not wanted are ignored (drawn from the key instead), wanted but missing raise."""
+    saved = {"base_model.vera_A", "base_model.vera_B"} & keys
+    if config.save_projection:
+        if "base_model.vera_A" not in saved:
+            raise ValueError("Specified to load vera_A and vera_B from state dictionary however they were not present!")
+        return set()
+    if saved:
+        warnings.warn("Specified to not load vera_A and vera_B from state dictionary however they are present in state"
+                      " dictionary! Consider using them to ensure checkpoint loading is correct on all platforms using"
+                      " `peft_config.save_projection = True`")
+    else:
+        warnings.warn("Specified to not load vera_A and vera_B from state dictionary. This means we will be relying on"
+                      " PRNG initialisation to restore these projections using `config.projection_prng_key`, which may"
+                      " not be accurate on all system configurations.")
+    return saved
+
+
 METHOD = register_method(additive(
     name="vera", config_type=VeraConfig, create=add_vera, delta=delta, delta_weight=delta_weight,
     containers=CONTAINERS, shared=SHARED, gates="vera_gate", dropouts="vera_dropout", kinds=("linear",),
     dtype_of=lambda module, adapter: module.vera_lambda_d[adapter].dtype, prepare=prepare,
+    checkpoint_keys=checkpoint_keys,
     default_targets=DEFAULT_VERA_TARGETS, heads=_heads,
     describe=lambda module, adapter: f"r={module.vera_lambda_d[adapter].numel()}"))

@@ -181,3 +181,35 @@ def test_bias_modes_train_and_save_as_peft(bias, tmp_path):
 
     keys = same_trainables_and_files(*pair(target_modules=["fc1"], bias=bias)[:2], str(tmp_path))
     assert "base_model.model.fc1.base_layer.bias" in keys and ("base_model.model.fc2.bias" in keys) == (bias == "all")
+
+
+def test_checkpoint_and_config_disagreeing_on_projections_load_as_peft(tmp_path):
+    """save_projection=False over a file holding projections: PEFT warns and draws them from the key
+    (the file's are ignored); save_projection=True over a file without them: PEFT raises."""
+    import json
+
+    reference, _, model = pair()
+    with torch.no_grad():
+        reference.base_model.vera_A["default"].mul_(-2)  # saved projections the key does not give
+    reference.save_pretrained(tmp_path / "with")
+    config = json.loads((tmp_path / "with" / "adapter_config.json").read_text())
+    (tmp_path / "with" / "adapter_config.json").write_text(json.dumps({**config, "save_projection": False}))
+    with pytest.warns(UserWarning, match="however they are present"):
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "with")).eval()
+    with pytest.warns(UserWarning, match="however they are present"):
+        ours = fxpeft.from_pretrained(copy.deepcopy(model), str(tmp_path / "with")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x()), theirs(x()), rtol=1e-5, atol=1e-6)
+        assert torch.equal(ours.vera_A["default"], theirs.base_model.vera_A["default"])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, without, _ = pair(save_projection=False)
+    fxpeft.save_pretrained(without, str(tmp_path / "without"))
+    config = json.loads((tmp_path / "without" / "adapter_config.json").read_text())
+    (tmp_path / "without" / "adapter_config.json").write_text(json.dumps({**config, "save_projection": True}))
+    rule = "Specified to load vera_A and vera_B from state dictionary however they were not present"
+    with pytest.raises(ValueError, match=rule):
+        peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "without"))
+    with pytest.raises(ValueError, match=rule):
+        fxpeft.from_pretrained(copy.deepcopy(model), str(tmp_path / "without"))
