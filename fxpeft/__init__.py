@@ -24,7 +24,9 @@ from .site_hooks import site_hooks
 
 from . import passes as _passes  # noqa: E402,F401  (the top-level passes/ folder; registers every pass)
 from .passes.adalora import AdaLoraConfig, update_and_allocate  # noqa: E402
+from .passes.fourierft import FourierFTConfig  # noqa: E402
 from .passes.ia3 import IA3Config  # noqa: E402
+from .passes.ln_tuning import LNTuningConfig  # noqa: E402
 from .passes.loha import LoHaConfig  # noqa: E402
 from .passes.lokr import LoKrConfig  # noqa: E402
 from .passes.lora_corda import preprocess_corda  # noqa: E402
@@ -35,6 +37,7 @@ from .passes.boft import BOFTConfig  # noqa: E402
 from .passes.hra import HRAConfig  # noqa: E402
 from .passes.loraplus import create_loraplus_optimizer  # noqa: E402
 from .passes.trainable_tokens import TrainableTokensConfig  # noqa: E402
+from .passes.vera import VeraConfig  # noqa: E402
 from .passes.weighted import add_weighted_adapter  # noqa: E402
 
 __all__ = [
@@ -47,7 +50,7 @@ __all__ = [
     "shard", "full_adapter_state_dict",
     "LoraConfig", "PromptTuningConfig", "PromptTuningInit", "PromptEncoderConfig", "PrefixTuningConfig",
     "BnbConfig", "IA3Config", "AdaLoraConfig", "LoHaConfig", "LoKrConfig", "LoftQConfig", "OFTConfig", "BOFTConfig",
-    "HRAConfig", "TrainableTokensConfig", "EvaConfig", "CordaConfig", "TaskType", "PeftGraphModule", "CaptureError",
-    "find_sites", "Site",
+    "HRAConfig", "TrainableTokensConfig", "VeraConfig", "FourierFTConfig", "LNTuningConfig", "EvaConfig",
+    "CordaConfig", "TaskType", "PeftGraphModule", "CaptureError", "find_sites", "Site",
     "registry", "forms", "Registry", "Method", "register_method",
 ]

@@ -1,7 +1,8 @@
 """PEFT's checkpoint format: ``adapter_config.json`` + ``adapter_model.safetensors`` (or ``.bin``).
 
 Keys are ``base_model.model.<module path>.<container>.<tensor>`` with the adapter name removed
-(``...q_proj.lora_A.weight``); a modules_to_save copy is stored under the original module's
+(``...q_proj.lora_A.weight``); state a method keeps once on the root (``Method.shared``) is
+``base_model.<container>`` (VeRA's ``base_model.vera_A``); a modules_to_save copy is stored under the original module's
 keys; trained biases under ``<path>.base_layer.bias`` when the module carries an adapter.
 Adapters other than "default" live in a subfolder named after them.
 
@@ -34,6 +35,8 @@ CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 
+# where PEFT's checkpoints keep state its tuner holds once for the whole model (Method.shared)
+TUNER_PREFIX = "base_model."
 # PEFT bookkeeping with no effect on the computation.
 IGNORED_FIELDS = ("peft_version", "auto_mapping", "peft_type")
 
@@ -63,7 +66,9 @@ def adapter_key_map(gm, adapter: str, state: dict[str, torch.Tensor]) -> dict[st
             if parts[i + 1] != adapter:
                 continue
             if parts[i] in containers:
-                mapping[prefix + ".".join(parts[: i + 1] + parts[i + 2:])] = name
+                # state kept once on the root: PEFT keeps it on its tuner (``base_model.vera_A``)
+                where = TUNER_PREFIX if i == 0 and parts[i] in method.shared else prefix
+                mapping[where + ".".join(parts[: i + 1] + parts[i + 2:])] = name
             elif parts[i] == "modules_to_save":
                 mapping[prefix + ".".join(parts[:i] + parts[i + 2:])] = name
                 saved_roots.append(".".join(parts[:i]) + ".")
@@ -437,6 +442,9 @@ def check_and_copy(gm, adapter: str, weights: dict[str, torch.Tensor]) -> None:
     state = gm.state_dict(keep_vars=True)
     mapping = adapter_key_map(gm, adapter, state)
     method = method_of(gm, adapter)
+    if method.checkpoint_keys is not None:
+        ignored = method.checkpoint_keys(gm.peft_config[adapter], set(weights))
+        weights = {key: value for key, value in weights.items() if key not in ignored}
     computed = method.saved_tensors(gm, adapter) if method.saved_tensors is not None else {}
     expected = {**{key: state[name] for key, name in mapping.items()}, **computed}
     unexpected = sorted(set(weights) - set(expected))

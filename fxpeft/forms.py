@@ -69,6 +69,61 @@ def adapter_dtype(weight) -> torch.dtype:
     return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
 
 
+class SharedTensors(nn.Module):
+    """Per-adapter tensors kept once on the transformed module (not beside each site) and read by
+    every site of a method: VeRA's shared random projections. Buffers (never trained), persistent
+    or not as the method saves them; registered on the root under a name the method lists in
+    ``Method.shared`` (and ``containers``), which makes them readable as ``<name>.<adapter>`` from
+    every graph, blocks included, and saved under PEFT's tuner-level key ``base_model.<name>``."""
+
+    def __init__(self, persistent: bool = True):
+        super().__init__()
+        self.persistent = bool(persistent)
+
+    def __setitem__(self, adapter: str, tensor: torch.Tensor) -> None:
+        self.register_buffer(adapter, tensor, persistent=self.persistent)
+
+    def __getitem__(self, adapter: str) -> torch.Tensor:
+        return self._buffers[adapter]
+
+    def __delitem__(self, adapter: str) -> None:
+        del self._buffers[adapter]
+        self._non_persistent_buffers_set.discard(adapter)
+
+    def __contains__(self, adapter: str) -> bool:
+        return adapter in self._buffers
+
+    def __len__(self) -> int:
+        return len(self._buffers)
+
+    def keys(self):
+        return self._buffers.keys()
+
+    def values(self):
+        return self._buffers.values()
+
+    def _apply(self, fn, recurse=True):
+        """``.to()/.half()``: a tensor several adapters share (VeRA's later adapters alias the first
+        one's projections) is converted once and stays shared."""
+        converted = {}
+        for key, tensor in self._buffers.items():
+            if tensor is not None:
+                if id(tensor) not in converted:
+                    converted[id(tensor)] = fn(tensor)
+                self._buffers[key] = converted[id(tensor)]
+        return self
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}: {tuple(v.shape)}" for k, v in self._buffers.items()) + f", persistent={self.persistent}"
+
+
+def shared_tensors(gm: nn.Module, name: str, persistent: bool = True) -> SharedTensors:
+    """``gm.<name>``, the :class:`SharedTensors` a method keeps on the root, created on first use."""
+    if name not in gm._modules:
+        gm.add_module(name, SharedTensors(persistent))
+    return gm._modules[name]
+
+
 def child_dict(module: nn.Module, name: str, kind=nn.ModuleDict):
     """``module.<name>``, a ModuleDict / ParameterDict keyed by adapter, created on first use."""
     if name not in module._modules:
@@ -129,14 +184,19 @@ def _check_unadaptable(gm, config, adaptable: dict, method_name: str, kinds) -> 
 
 
 def attach_sites(gm, sites: list[Site], config, adapter: str, *, create: Callable, kinds, method_name: str,
-                 check_site: Optional[Callable] = None) -> list[str]:
+                 check_site: Optional[Callable] = None, prepare: Optional[Callable] = None) -> list[str]:
     """Create the adapter at every targeted site, in module order as PEFT does (so the same seed
     gives PEFT's initial weights): ``create(module, site, weight_spec, config, adapter)``.
 
     Every targeted site is checked before any is created: its kind, and ``check_site(module, site,
     weight_spec, config)`` if given, which raises for a site the method cannot take. A ``create``
     that changes the base weight (an init that reads and rewrites it) thus never runs on a config
-    that fails at a later site: the weights, shared with the caller's model, stay as they were."""
+    that fails at a later site: the weights, shared with the caller's model, stay as they were.
+
+    ``prepare(gm, targets, config, adapter)`` (optional) runs once all are checked and before any is
+    created, with ``targets`` the ``(module, site, weight_spec)`` of every targeted site in order:
+    where a method makes state shared by all its sites (VeRA's projections, sized by the largest
+    targeted layer), or checks a new adapter against that state."""
     adaptable: dict[str, Site] = {}
     for site in sites:
         if submodule(gm, site.path) is not None:
@@ -152,6 +212,9 @@ def attach_sites(gm, sites: list[Site], config, adapter: str, *, create: Callabl
                              f"({type(gm.get_submodule(path)).__name__}); leave it out of target_modules.")
         if check_site is not None:
             check_site(gm.get_submodule(path), site, site_weight(gm, site), config)
+    if prepare is not None:
+        prepare(gm, [(gm.get_submodule(p), adaptable[p], site_weight(gm, adaptable[p])) for p in matched], config,
+                adapter)
     for path in matched:
         site = adaptable[path]
         create(gm.get_submodule(path), site, site_weight(gm, site), config, adapter)
@@ -170,9 +233,10 @@ def _gates_of(gates: str):
 
 
 def _site_method(*, name, config_type, create, kinds, containers, gates, default_targets, heads, adapters_at,
-                 rules, fold, check_site=None, **fields) -> Method:
+                 rules, fold, check_site=None, prepare=None, **fields) -> Method:
     attach = lambda gm, sites, config, adapter: attach_sites(  # noqa: E731
-        gm, sites, config, adapter, create=create, kinds=kinds, method_name=name, check_site=check_site)
+        gm, sites, config, adapter, create=create, kinds=kinds, method_name=name, check_site=check_site,
+        prepare=prepare)
     resolve = fields.pop("resolve_config", None) or (  # a method with more to resolve than targets passes its own
         lambda gm, sites, config: resolve_targets(gm, sites, config, default_targets or {}, heads))
     default_adapters_at, gate = _gates_of(gates)
@@ -217,7 +281,8 @@ def additive(*, name: str, config_type: type, create: Callable, delta: Callable,
     whose reference applies the scale at a particular point of their computation.
     ``check_site(module, site, weight_spec, config)`` (optional, every form takes it) raises for a
     site the method cannot take; all targeted sites are checked before any is created
-    (:func:`attach_sites`).
+    (:func:`attach_sites`). ``prepare(gm, targets, config, adapter)`` (optional, every form takes it)
+    then makes or checks the state the method shares across sites (:class:`SharedTensors`).
     """
     site_adapters = adapters_at or _gates_of(gates)[0]
 

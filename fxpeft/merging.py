@@ -2,7 +2,9 @@
 
 Merging adds each adapter's ``delta_weight`` to the base weight and switches the adapter's
 gate off (its nodes stay in the graph but contribute 0: nothing recompiles). Unmerging
-subtracts it again. ``merge_and_unload`` / ``unload`` build a new module over the same
+subtracts it again. An adapter held as a copy of a module that is no site (``Method.exchange``)
+merges by exchanging values with the module's tensors, and unmerges by exchanging them back.
+``merge_and_unload`` / ``unload`` build a new module over the same
 canonical graphs with no adapter state, so its graph is the base graph and its state_dict has
 exactly the base model's keys.
 """
@@ -19,7 +21,7 @@ from . import progress
 from .canonical import is_quantized
 from .module import PeftGraphModule, build, clone_tree
 from .registry import registry_of
-from .state import adapter_states, check_known, merged_adapters, method_of, remember_merged
+from .state import adapter_modules, check_known, merged_adapters, method_of, remember_merged, site_of, sites_by_path
 
 ADAPTER_CHILDREN = ("modules_to_save",)
 
@@ -32,7 +34,7 @@ def _check_names(gm, names) -> list[str]:
 
 
 def _check_mergeable(gm, names) -> None:
-    unmergeable = [n for n in names if method_of(gm, n).fold is None]
+    unmergeable = [n for n in names if method_of(gm, n).fold is None and method_of(gm, n).exchange is None]
     if unmergeable:
         raise ValueError(f"Adapter(s) {unmergeable} ({method_of(gm, unmergeable[0]).name}) change the model in a way "
                          "that is no change of its weights (virtual tokens, key/value prefixes), so there is nothing "
@@ -84,7 +86,13 @@ def _folded(gm, names, sign: int, safe_merge: bool = False):
     involved, for folding (sign 1) or unfolding (-1) the named adapters not yet (still) merged;
     nothing is written. A site's adapters fold in adapter order and unfold in reverse (weight maps
     need not commute)."""
-    states = [s for s in adapter_states(gm, names)]
+    sites = sites_by_path(gm)
+    states, exchanges = [], []
+    for path, module, method, name in adapter_modules(gm, names):
+        if method.exchange is None:
+            states.append((site_of(gm, sites, path, module, method), module, method, name))
+        elif method.gate(module, name).merged != (sign > 0):
+            exchanges.append((path, module, method, name))
     results: dict[str, list] = {}
     gates = []
     for site, module, method, name in states if sign > 0 else reversed(states):
@@ -102,7 +110,20 @@ def _folded(gm, names, sign: int, safe_merge: bool = False):
                              "broken. No weight was changed.")
         gates.append(gate)
     return {path: (site, module, weight, None if bias is original else bias)
-            for path, (site, module, weight, bias, original) in results.items()}, gates
+            for path, (site, module, weight, bias, original) in results.items()}, gates, exchanges
+
+
+def _exchange(module, method, name: str, sign: int) -> None:
+    """Exchange the values of the module's tensors with the adapter's copy (Method.exchange): its
+    own inverse, so folding and unfolding are the same writes."""
+    gate = method.gate(module, name)
+    for tensor_name, copy in method.exchange(module, name).items():
+        own = getattr(module, tensor_name)
+        previous = own.detach().clone()
+        own.copy_(copy)
+        copy.copy_(previous)
+    gate.merged = sign > 0
+    gate.refresh()
 
 
 def _fold(gm, names, sign: int, safe_merge: bool = False) -> tuple:
@@ -113,13 +134,17 @@ def _fold(gm, names, sign: int, safe_merge: bool = False) -> tuple:
     :func:`_unfold` takes to undo the fold exactly (the previous weights: as much memory as the
     new weights this fold computed anyway)."""
     with torch.no_grad():
-        results, gates = _folded(gm, names, sign, safe_merge)
+        results, gates, exchanges = _folded(gm, names, sign, safe_merge)
         quantized = [path for path, (_, module, _, _) in results.items() if is_quantized(module)]
         if quantized:
             warnings.warn(f"Merging into {len(quantized)} quantized layers rounds the merged weights to their "
                           "quantized format; outputs change slightly (merge_and_unload() returns float weights).")
-        record = ([(gate, gate.merged) for gate in gates], [])
+        record = ([(gate, gate.merged) for gate in gates], [], [])
         try:
+            for path, module, method, name in exchanges:
+                merged = method.gate(module, name).merged
+                _exchange(module, method, name, sign)  # raises before it writes anything
+                record[2].append((module, method, name, merged))
             for path in list(results):
                 site, module, weight, bias = results.pop(path)  # popped once stored: the new weight's memory is freed
                 previous_bias = None
@@ -140,8 +165,10 @@ def _fold(gm, names, sign: int, safe_merge: bool = False) -> tuple:
 
 def _unfold(gm, record: tuple) -> None:
     """Undo a :func:`_fold` exactly: the previous weights and gates back."""
-    gates, stored = record
+    gates, stored, exchanged = record
     with torch.no_grad():
+        for module, method, name, merged in reversed(exchanged):
+            _exchange(module, method, name, 1 if merged else -1)
         for site, module, saved, bias in reversed(stored):  # last stored first: tied weights end at the oldest value
             _restore_weight(gm, site, module, saved)
             if bias is not None:
@@ -207,11 +234,14 @@ def merged_weights(gm, adapter_names=None) -> dict[str, torch.Tensor]:
     _check_mergeable(gm, names)
     totals: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        results, _ = _folded(gm, names, 1)
+        results, _, exchanges = _folded(gm, names, 1)
         for site, _, weight, bias in results.values():
             totals[site.weight] = weight
             if bias is not None:
                 totals[site.bias] = bias
+        for path, module, method, name in exchanges:  # the module computes with the copy's values
+            for tensor_name, copy in method.exchange(module, name).items():
+                totals[f"{path}.{tensor_name}" if path else tensor_name] = copy.detach().clone()
     return totals
 
 

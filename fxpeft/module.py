@@ -245,10 +245,16 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         """Give each block the lowered code for its graph; the first reason a block has no mixed graph."""
         order = list(self.peft_config)
         mixed_error = None
+        shared = {name for method in self._fxpeft_registry.methods for name in method.shared}
         for count, (path, block_graph) in enumerate(outlined.blocks.items()):
             progress.step(f"lowering block {count + 1}/{len(outlined.blocks)}", count, len(outlined.blocks))
             block = self.get_submodule(path)
             register_extras(block, block_graph.extras)
+            for name in shared:  # state kept once on the root (Method.shared): the block reads it as its own
+                if name in self._modules:
+                    block.__dict__[name] = self._modules[name]  # an alias, not a child: no state_dict entry
+                else:
+                    block.__dict__.pop(name, None)
             if ("fingerprint", path) not in lowered:  # once per relower: the walk grows with the adapters
                 lowered["fingerprint", path] = fingerprint(block)
             key = (block_graph.key, lowered["fingerprint", path])  # what lowering reads of the block, adapters included

@@ -78,11 +78,20 @@ class Method:
     # child-module names holding per-adapter state beside an adapted module (``lora_A`` …):
     # checkpoints drop the adapter name after them, deletion removes the adapter's entry
     containers: tuple[str, ...] = ()
+    # containers kept once on the root instead of beside each site (fxpeft.forms.SharedTensors: VeRA's
+    # projections): every graph, blocks included, reads them as ``<name>.<adapter>``; checkpoints hold
+    # them under PEFT's tuner-level key ``base_model.<name>``
+    shared: tuple[str, ...] = ()
     adapters_at: Optional[Callable[[nn.Module], list[str]]] = None  # the adapters this method put on a module
     gate: Optional[Callable] = None  # (module, adapter) -> its AdapterGate (``merged``, ``refresh()``)
     # (gm, site, module, adapter, weight, bias, sign) -> (weight, bias): fold the adapter into the
     # site's float weight and bias (sign 1) or take it out again (-1). None: it cannot be merged.
     fold: Optional[Callable] = None
+    # ``exchange(module, adapter) -> {tensor name on module: the adapter's tensor}``: an adapter held as a
+    # copy of a module that is no site (LN tuning) merges by exchanging values with the module's own
+    # tensors (the module computes with the copy's, the copy keeps the originals: PEFT swaps the layers);
+    # unmerging exchanges them back. Instead of ``fold``.
+    exchange: Optional[Callable] = None
     rules: tuple[Rule, ...] = ()
     describe: Optional[Callable[[nn.Module, str], str]] = None  # (module, adapter) -> "r=8" for inspection
     # What sequence methods (prompt, prefix tuning) need, each its own switch:
@@ -102,6 +111,10 @@ class Method:
     # ``saved_state(gm, adapter, {key: tensor}) -> {key: tensor}``: what a checkpoint holds, where it
     # is not the module's tensors as they are (AdaLoRA saves its sites cut to their allocated rank)
     saved_state: Optional[Callable] = None
+    # ``checkpoint_keys(config, keys) -> keys to leave unloaded``: PEFT's own checks of a checkpoint's keys
+    # before loading (raising or warning with PEFT's words); VeRA ignores saved projections its config
+    # says are drawn from the key
+    checkpoint_keys: Optional[Callable] = None
     # ``initial_conversion(gm, adapter, {key: tensor}, config_dict, initial_directory) -> ({key: tensor},
     # config_dict)``: what ``save_pretrained(path_initial_model_for_weight_conversion=initial_directory)``
     # writes instead of the checkpoint's tensors and config (LoRA: an adapter whose init rewrote the base

@@ -44,12 +44,13 @@ def adapter_modules(gm, adapter_names: Iterable[str]):
                     yield path, module, method, name
 
 
-def adapter_states(gm, adapter_names: Iterable[str]):
-    """(site, module, method, adapter) for every adapted site of the named adapters."""
-    sites = sites_by_path(gm)
-    for path, module, method, name in adapter_modules(gm, adapter_names):
-        site = sites.get(path) or (method.state_site(gm, path, module) if method.state_site is not None else None)
-        yield sites[path] if site is None else site, module, method, name
+def site_of(gm, sites: dict, path: str, module, method):
+    """The site adapter state at ``path`` folds into: a graph site, or what the method names for state
+    on none (LoRA on a raw parameter: ``Method.state_site``)."""
+    site = sites.get(path)
+    if site is None and method.state_site is not None:
+        site = method.state_site(gm, path, module)
+    return sites[path] if site is None else site
 
 
 def merged_adapters(gm) -> list[str]:

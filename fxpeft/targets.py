@@ -41,7 +41,8 @@ def is_saved_module(modules_to_save: Optional[Sequence[str]], path: str) -> bool
 
 def is_targeted(config, path: str) -> bool:
     """True when PEFT would put this config's adapter on the module at ``path``."""
-    if getattr(config, "exclude_modules", None) and _matches_list_or_regex(config.exclude_modules, path):
+    excluded = getattr(config, "exclude_modules", None)  # some of PEFT's configs have no such field (VeRA)
+    if excluded and _matches_list_or_regex(excluded, path):
         return False
     if is_saved_module(getattr(config, "modules_to_save", None), path):
         return False

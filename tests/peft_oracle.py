@@ -50,6 +50,17 @@ def assert_same_saved_tensors(peft_dir, fx_dir) -> None:
         torch.testing.assert_close(ours[key], theirs[key])
 
 
+def same_trainables_and_files(reference, gm, directory) -> set[str]:
+    """PEFT's and fxpeft's trainable counts are equal and their files hold the same keys (returned)."""
+    from safetensors.torch import load_file
+    assert fxpeft.trainable_parameters(gm) == reference.get_nb_trainable_parameters()
+    reference.save_pretrained(os.path.join(directory, "peft"))
+    fxpeft.save_pretrained(gm, os.path.join(directory, "fx"))
+    keys = set(load_file(os.path.join(directory, "fx", "adapter_model.safetensors")))
+    assert keys == set(load_file(os.path.join(directory, "peft", "adapter_model.safetensors")))
+    return keys
+
+
 def lora_pair(model, configs: dict):
     """The same LoRA adapters (``{name: LoraConfig kwargs}``) in PEFT and fxpeft, fxpeft holding
     PEFT's tensors (embedding ones drawn at random); the first adapter active. Both in eval mode."""

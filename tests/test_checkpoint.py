@@ -146,8 +146,8 @@ def test_bad_checkpoints_fail_cleanly(tmp_path):
 
     config = json.loads((tmp_path / "good" / "adapter_config.json").read_text())
     (tmp_path / "ia3").mkdir()
-    (tmp_path / "ia3" / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "VERA"}))
-    with pytest.raises(NotImplementedError, match="VERA"):
+    (tmp_path / "ia3" / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "VBLORA"}))
+    with pytest.raises(NotImplementedError, match="VBLORA"):
         fxpeft.from_pretrained(model, str(tmp_path / "ia3"))
     (tmp_path / "replicated").mkdir()
     (tmp_path / "replicated" / "adapter_config.json").write_text(json.dumps({**config, "use_qalora": True}))

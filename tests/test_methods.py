@@ -101,6 +101,13 @@ METHODS = {
     "trainable_tokens": MethodSpec(fxpeft.TrainableTokensConfig, peft.TrainableTokensConfig,
                                    lambda s: dict(token_indices=list(range(0, models.VOCAB, 2)), target_modules=["embed"]),
                                    dict(init_weights=False), ("embedding",)),
+    # PEFT's VeRA: linear sites only (nn.Linear, Conv1D); projections shared by every site (tests/test_vera.py)
+    "vera": MethodSpec(fxpeft.VeraConfig, peft.VeraConfig, lambda s: dict(r=4, target_modules=s.targets),
+                       dict(init_weights=False), ("linear", "conv1d_gpt2")),
+    # PEFT's FourierFT: linear sites only (nn.Linear, Conv1D); init_weights=True is the identity start
+    "fourierft": MethodSpec(fxpeft.FourierFTConfig, peft.FourierFTConfig,
+                            lambda s: dict(n_frequency=50, scaling=20.0, init_weights=True, target_modules=s.targets),
+                            dict(init_weights=False), ("linear", "conv1d_gpt2")),
 }
 CASES = [(m, s) for m, spec in METHODS.items() for s in spec.sites]
 ON_LINEAR = [m for m, spec in METHODS.items() if "linear" in spec.sites]  # the checks below use linear layers
@@ -264,7 +271,8 @@ def test_method_on_a_4bit_base_equals_peft(method, tmp_path):
         dict(feedforward_modules=["down_proj"]) if method == "ia3" else {}))
     kwargs = {**targets, **spec.random, **(dict(r=4, lora_alpha=8) if method in ("lora", "dora", "lora_bias") else {}),
               **(dict(use_dora=True) if method == "dora" else {}), **(dict(lora_bias=True) if method == "lora_bias" else {}),
-              **(dict(init_r=4, target_r=2, total_step=10) if method == "adalora" else {})}
+              **(dict(init_r=4, target_r=2, total_step=10) if method == "adalora" else {}),
+              **(dict(n_frequency=64) if method == "fourierft" else {})}
     quantized = _quantized_by_transformers(model, tmp_path, CONFIGS["nf4"])
     inputs = models.hf_inputs("llama")
     if not spec.peft_4bit:  # PEFT fails here (checked, so a PEFT that learns it switches this test back)
