@@ -19,6 +19,7 @@ drives the loop. What fxpeft decides is how one forward step runs:
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any, Callable, Optional
 
 import torch
@@ -185,21 +186,66 @@ def _adapter_index(gm, adapter_names, args, kwargs) -> torch.Tensor:
 
 def _use_static_cache(kwargs: dict, default_config) -> None:
     """Ask transformers for its static cache, unless the caller chose a cache or none. Compilation
-    stays off unless asked for (transformers would compile a static-cache decode on GPUs)."""
+    stays off unless asked for (transformers would compile a static-cache decode on GPUs); asked for,
+    it runs on every device (see :func:`checked_compile_config`)."""
     given = kwargs.get("generation_config")
     config = given if given is not None else default_config
     chosen = (any(kwargs.get(name) is not None for name in CACHE_NAMES) or kwargs.get("use_cache") is False
               or kwargs.get("cache_implementation") is not None
               or (config is not None and (config.cache_implementation is not None or config.use_cache is False)))
-    compile_asked = kwargs.get("compile_config") is not None or (config is not None and config.compile_config is not None)
+    compile_config = kwargs.get("compile_config")
+    if compile_config is None and config is not None:
+        compile_config = config.compile_config
+    if compile_config is not None and not kwargs.get("disable_compile") and not (config is not None and config.disable_compile):
+        compile_config = checked_compile_config(compile_config, kwargs, config)
     if given is not None:  # a copy: passing generation_config together with other generate arguments is deprecated
         config = kwargs["generation_config"] = copy.deepcopy(config)
         if not chosen:
             config.cache_implementation = "static"
-        if not compile_asked:
+        kwargs.pop("compile_config", None)
+        config.compile_config = compile_config
+        if compile_config is None:
             config.disable_compile = True
         return
     if not chosen:
         kwargs["cache_implementation"] = "static"
-    if not compile_asked and "disable_compile" not in kwargs:
+    if compile_config is not None:
+        kwargs["compile_config"] = compile_config
+    elif "disable_compile" not in kwargs:
         kwargs["disable_compile"] = True
+
+
+def checked_compile_config(compile_config, kwargs: dict, config):
+    """A copy of ``compile_config`` that transformers' ``generate`` compiles with on any device (it
+    compiles only on accelerators unless ``_compile_all_devices`` is set; asked for explicitly, fxpeft
+    compiles on the CPU too). Options torch.compile would reject at the first decode step, after the
+    prompt ran, are rejected here, before any compute."""
+    from transformers import CompileConfig
+
+    if not isinstance(compile_config, CompileConfig):
+        raise TypeError(f"compile_config must be a transformers.CompileConfig, got {type(compile_config).__name__}: "
+                        "use CompileConfig(fullgraph=True, ...).")
+    use_cache = kwargs.get("use_cache", config.use_cache if config is not None else True)
+    implementation = kwargs.get("cache_implementation", config.cache_implementation if config is not None else None)
+    if use_cache is False or implementation not in (None, "static"):
+        raise ValueError(
+            "compile_config compiles the decode step over transformers' static KV cache, but this call asks for "
+            + ("no cache (use_cache=False)" if use_cache is False else f"cache_implementation={implementation!r}")
+            + ": leave the cache to fxpeft (or pass cache_implementation='static'), or drop compile_config.")
+    options = compile_config.to_dict()
+    try:
+        torch.compile(lambda: None, **options)  # validates backend, mode and options (compiles nothing yet)
+    except Exception as error:
+        raise ValueError(f"compile_config {options} is not valid for torch.compile: {error}") from error
+    backend = options["backend"]
+    if options.get("mode") not in (None, "default") and backend != "inductor":
+        from torch._dynamo.backends.registry import lookup_backend
+
+        parameters = inspect.signature(lookup_backend(backend)).parameters.values()
+        if not any(p.name == "mode" or p.kind is p.VAR_KEYWORD for p in parameters):
+            raise ValueError(
+                f"compile_config has mode={options['mode']!r} (CompileConfig's default, an inductor mode) but backend "
+                f"{getattr(backend, '__name__', backend)!r} takes no mode: pass CompileConfig(..., mode=None).")
+    checked = copy.copy(compile_config)
+    checked._compile_all_devices = True
+    return checked

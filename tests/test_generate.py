@@ -215,3 +215,67 @@ def test_generate_after_a_dtype_change():
     before = gm.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
     gm.to(torch.float64)  # captures every signature again, the cache's included
     assert torch.equal(gm.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0), before)
+
+
+# ------------------------------------------------------------------------------------- compiled decoding
+
+
+def test_compiled_decoding_compiles_once_and_matches_eager(llama_pair):
+    """compile_config (as transformers takes it, also on the CPU): the decode step compiles once and
+    runs on through new prompts, an adapter switch and other per-sequence adapters without a
+    recompile; the tokens are the eager run's."""
+    from torch._dynamo.utils import counters
+
+    _, gm = llama_pair
+    prompts = [models.hf_inputs("llama", batch=3, seed=seed) for seed in (0, 1)]
+    names = [["a", "__base__", "b"], ["b", "a", "a"]]
+    kw = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    eager = [gm.generate(**prompt, **kw) for prompt in prompts]
+    mixed = [gm.generate(**prompts[0], **kw, adapter_names=n) for n in names]
+    gm.set_adapter("b")
+    eager_b = gm.generate(**prompts[0], **kw)
+    gm.set_adapter("a")
+    config = transformers.CompileConfig(fullgraph=True, backend=models.COMPILE_BACKEND, mode=None)
+    try:
+        for run in ("dense", "mixed"):  # the mixed graph is another path through the dispatcher: its own frame cache
+            torch._dynamo.reset()
+            counters.clear()
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                if run == "dense":
+                    for prompt, expected in zip(prompts, eager):
+                        assert torch.equal(gm.generate(**prompt, **kw, compile_config=config), expected)
+                    gm.set_adapter("b")
+                    assert torch.equal(gm.generate(**prompts[0], **kw, compile_config=config), eager_b)
+                else:  # the way transformers also reads it: the model's generation_config
+                    gm.generation_config.compile_config = config
+                    for adapter_names, expected in zip(names, mixed):
+                        assert torch.equal(gm.generate(**prompts[0], **kw, adapter_names=adapter_names), expected)
+            assert counters["stats"]["unique_graphs"] == 1, run
+    finally:
+        gm.set_adapter("a")
+        gm.generation_config.compile_config = None
+        torch._dynamo.reset()
+
+
+def test_bad_compile_configs_fail_before_any_compute(llama_pair):
+    _, gm = llama_pair
+    inputs = models.hf_inputs("llama", batch=2)
+    calls = []
+    gm.__dict__["_run"] = lambda *args: calls.append(args)
+    CompileConfig = transformers.CompileConfig
+    try:
+        with pytest.raises(TypeError, match="must be a transformers.CompileConfig"):
+            gm.generate(**inputs, max_new_tokens=2, compile_config=dict(fullgraph=True))
+        with pytest.raises(ValueError, match="Unrecognized mode=fast"):
+            gm.generate(**inputs, max_new_tokens=2, compile_config=CompileConfig(mode="fast"))
+        with pytest.raises(ValueError, match="Invalid backend"):
+            gm.generate(**inputs, max_new_tokens=2, compile_config=CompileConfig(backend="nope", mode=None))
+        with pytest.raises(ValueError, match="takes no mode: pass CompileConfig"):
+            gm.generate(**inputs, max_new_tokens=2, compile_config=CompileConfig(backend=lambda graph, inputs: graph))
+        with pytest.raises(ValueError, match="static KV cache, but this call asks for no cache"):
+            gm.generate(**inputs, max_new_tokens=2, use_cache=False, compile_config=CompileConfig())
+        with pytest.raises(ValueError, match="cache_implementation='dynamic'"):
+            gm.generate(**inputs, max_new_tokens=2, cache_implementation="dynamic", compile_config=CompileConfig())
+    finally:
+        del gm.__dict__["_run"]
+    assert calls == []
