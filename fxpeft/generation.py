@@ -38,13 +38,32 @@ def is_cache(value) -> bool:
     return isinstance(value, Cache)
 
 
-def cache_tensors(gm, cache, input_ids: Optional[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
+# An encoder-decoder cache reaches the graph as a dict: the decoder's self-attention layers, and the
+# cross-attention layers under a name that says whether the encoder's keys and values are in them
+# yet (the model branches on that in Python: the first decoder step writes them, later ones read them).
+SELF, CROSS, CROSS_FILLED = "self_attention", "cross_attention", "cross_attention_filled"
+
+
+def cache_tensors(gm, cache, input_ids: Optional[torch.Tensor]):
     """The (keys, values, cumulative_length) of each layer of a static cache, allocated here if the
-    cache has not been used yet. Raises for caches the graphs cannot write, and for a prompt longer
-    than the cache."""
+    cache has not been used yet (for an ``EncoderDecoderCache`` a dict, see ``SELF``). Raises for
+    caches the graphs cannot write, and for a prompt longer than the cache."""
+    from transformers.cache_utils import EncoderDecoderCache
+
+    if isinstance(cache, EncoderDecoderCache):
+        filled = set(cache.is_updated.values())
+        if len(filled) > 1:
+            raise NotImplementedError("This EncoderDecoderCache holds the encoder's keys and values for some layers "
+                                      "only; fxpeft graphs take a cross-attention cache that is empty or full.")
+        return {SELF: _layer_tensors(gm, cache.self_attention_cache, input_ids, check=True),
+                (CROSS_FILLED if filled == {True} else CROSS): _layer_tensors(gm, cache.cross_attention_cache, input_ids)}
+    return _layer_tensors(gm, cache, input_ids, check=True)
+
+
+def _layer_tensors(gm, cache, input_ids, check: bool = False) -> list[tuple[torch.Tensor, ...]]:
     from transformers.cache_utils import StaticLayer
 
-    kinds = {type(layer).__name__ for layer in cache.layers if type(layer) is not StaticLayer}
+    kinds = {type(layer).__name__ for layer in getattr(cache, "layers", [cache]) if type(layer) is not StaticLayer}
     if kinds:
         raise NotImplementedError(
             f"fxpeft graphs decode with transformers' static cache (StaticCache, one StaticLayer per layer); this "
@@ -57,7 +76,7 @@ def cache_tensors(gm, cache, input_ids: Optional[torch.Tensor]) -> list[tuple[to
                                       "head shapes for it (or the call has no input_ids).")
         cache.early_initialization(input_ids.shape[0], *shape, dtype=gm.dtype, device=input_ids.device)
     tensors = [(layer.keys, layer.values, layer.cumulative_length) for layer in cache.layers]
-    if input_ids is not None and input_ids.shape[-1] > 1:  # prefill: the only step that can overflow a cache generate sized
+    if check and input_ids is not None and input_ids.shape[-1] > 1:  # prefill: the only step that can overflow
         capacity, cached = tensors[0][0].shape[2], int(tensors[0][2])
         if cached + input_ids.shape[-1] > capacity:
             raise ValueError(
@@ -67,11 +86,24 @@ def cache_tensors(gm, cache, input_ids: Optional[torch.Tensor]) -> list[tuple[to
     return tensors
 
 
+def cache_written(cache) -> None:
+    """After a graph ran on ``cache``: the cross-attention keys and values are in it now (the graph
+    wrote them but cannot set the Python flags the model reads on the next step)."""
+    for layer in getattr(cache, "is_updated", {}):
+        cache.is_updated[layer] = True
+
+
 def cache_shell(tensors):
     """A transformers cache over the given (possibly traced) tensors; its length is the tensors' own
     (a dynamic dim under export, not a baked-in constant)."""
-    from transformers.cache_utils import Cache, StaticLayer
+    from transformers.cache_utils import Cache, EncoderDecoderCache, StaticLayer
 
+    if isinstance(tensors, dict):  # built field by field: __init__ would read the traced lengths as bools
+        shell = EncoderDecoderCache.__new__(EncoderDecoderCache)
+        cross = CROSS_FILLED if CROSS_FILLED in tensors else CROSS
+        shell.self_attention_cache, shell.cross_attention_cache = cache_shell(tensors[SELF]), cache_shell(tensors[cross])
+        shell.is_updated = {index: cross == CROSS_FILLED for index in range(len(tensors[cross]))}
+        return shell
     layers = []
     for keys, values, length in tensors:
         layer = StaticLayer(max_cache_len=keys.shape[2])
@@ -103,10 +135,15 @@ def _resized(tensor: torch.Tensor, shape) -> torch.Tensor:
 
 def small_example(call: dict, cache_name: str) -> dict:
     """An example of a call with a cache for torch.export: batch and query length at least 2 (export
-    specialises sizes 1), a short cache (the example is kept, to capture again after ``.to()``)."""
-    keys = call[cache_name][0][0]
+    specialises sizes 1), a short self-attention cache (the example is kept, to capture again after
+    ``.to()``). Encoder-side inputs (an encoder-decoder's ``attention_mask``, ``encoder_outputs``, the
+    cross-attention cache) keep their length: the encoder's."""
+    cache = call[cache_name]
+    keys = (cache[SELF] if isinstance(cache, dict) else cache)[0][0]
+    decoder = "decoder_input_ids" in call or isinstance(cache, dict)
+    prefix = "decoder_" if decoder else ""
     batch, length = keys.shape[0], keys.shape[2]
-    query = call["input_ids"].shape[-1] if "input_ids" in call else 2
+    query = call[prefix + "input_ids"].shape[-1] if prefix + "input_ids" in call else 2
     new_batch, new_query = max(batch, 2), max(query, 2)
     new_length = max(new_query, min(length, new_query + 2))
 
@@ -116,22 +153,27 @@ def small_example(call: dict, cache_name: str) -> dict:
         shape = list(value.shape)
         if shape[0] == batch:
             shape[0] = new_batch
-        if name == "attention_mask" and value.ndim == 4:  # (batch, 1, query, cache length)
+        if name == prefix + "attention_mask" and value.ndim == 4:  # (batch, 1, query, cache length)
             shape[2:] = [new_query, new_length]
-        elif name == "attention_mask":  # (batch, cached + query)
+        elif name == prefix + "attention_mask":  # (batch, cached + query)
             shape[-1] = max(2, min(shape[-1], new_length))
-        elif name in ("input_ids", "position_ids", "token_type_ids"):
+        elif name in (prefix + "input_ids", prefix + "position_ids", "token_type_ids"):
             shape[-1] = new_query
-        elif name == "inputs_embeds":
+        elif name == prefix + "inputs_embeds":
             shape[1] = new_query
         return _resized(value, shape)
 
+    def layers(tensors, cache_length):
+        return [(_resized(k, (new_batch, k.shape[1], cache_length or k.shape[2], k.shape[3])),
+                 _resized(v, (new_batch, v.shape[1], cache_length or v.shape[2], v.shape[3])), n.clone())
+                for k, v, n in tensors]
+
     example = {}
     for name, value in call.items():
-        if name == cache_name:
-            example[name] = [(_resized(k, (new_batch, k.shape[1], new_length, k.shape[3])),
-                              _resized(v, (new_batch, v.shape[1], new_length, v.shape[3])), n.clone())
-                             for k, v, n in value]
+        if name == cache_name and isinstance(value, dict):
+            example[name] = {part: layers(tensors, new_length if part == SELF else None) for part, tensors in value.items()}
+        elif name == cache_name:
+            example[name] = layers(value, new_length)
         else:  # masks may come as a dict per attention kind (Qwen2: {"full_attention": mask})
             example[name] = pytree.tree_map(lambda leaf, name=name: resized(name, leaf), value)
     return example
@@ -158,9 +200,6 @@ def generate(gm, mixin_generate: Optional[Callable], *args, adapter_names=None, 
         raise TypeError(
             f"{source} cannot generate: generate needs a transformers model with a language-model head "
             "(a *ForCausalLM class); an encoder or a classifier has none.")
-    if getattr(gm.config, "is_encoder_decoder", False):
-        raise NotImplementedError(f"fxpeft cannot generate with encoder-decoder models ({source}) yet; "
-                                  "decoder-only causal LMs can.")
     for name in gm._fxpeft_active:
         method = gm._fxpeft_registry.method_for(gm.peft_config[name])
         if method.exclusive:
@@ -169,7 +208,33 @@ def generate(gm, mixin_generate: Optional[Callable], *args, adapter_names=None, 
     if adapter_names is not None:
         kwargs["adapter_names"] = _adapter_index(gm, adapter_names, args, kwargs)
     _use_static_cache(kwargs, gm.generation_config)
+    if getattr(gm.config, "is_encoder_decoder", False) and kwargs.get("encoder_outputs") is None:
+        kwargs["encoder_outputs"] = _encoder_outputs(gm, args, kwargs)
     return mixin_generate(*args, **kwargs)
+
+
+def _encoder_outputs(gm, args, kwargs):
+    """An encoder-decoder's encoder states through fxpeft's graph of the whole model (transformers
+    would call ``get_encoder()``, a module of the tree that holds the adapters but not their math):
+    one forward with a one-token decoder input, whose ``encoder_*`` outputs are the encoder's."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    inputs = {name: kwargs[name] for name in ("input_ids", "inputs_embeds", "attention_mask", "adapter_names")
+              if kwargs.get(name) is not None}
+    if args or kwargs.get("inputs") is not None:
+        inputs["input_ids"] = args[0] if args else kwargs["inputs"]
+    prompt = inputs.get("input_ids", inputs.get("inputs_embeds"))
+    if prompt is None:
+        raise ValueError(f"{type(gm._fxpeft_source).__name__} generates from an encoder input: pass input_ids (or "
+                         "inputs_embeds).")
+    config = kwargs.get("generation_config") or gm.generation_config
+    for flag in ("output_hidden_states", "output_attentions"):
+        if kwargs.get(flag, getattr(config, flag, False)):
+            inputs[flag] = True
+    start = torch.zeros((prompt.shape[0], 1), dtype=torch.long, device=prompt.device)  # any token: the decoder's output is not read
+    output = gm(**inputs, decoder_input_ids=start, return_dict=True)
+    return BaseModelOutput(last_hidden_state=output.encoder_last_hidden_state,
+                           hidden_states=output.get("encoder_hidden_states"), attentions=output.get("encoder_attentions"))
 
 
 def _adapter_index(gm, adapter_names, args, kwargs) -> torch.Tensor:

@@ -395,7 +395,8 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
             if generation.is_cache(cache):
                 # the model's own name for it (transformers 5.24 calls it cache, earlier ones past_key_values)
                 name = "cache" if "cache" in self._fxpeft_arg_names else "past_key_values"
-                kwargs[name] = generation.cache_tensors(self, cache, kwargs.get("input_ids"))
+                query = kwargs.get("decoder_input_ids", kwargs.get("input_ids"))  # the tokens the cache grows by
+                kwargs[name] = generation.cache_tensors(self, cache, query)
                 kwargs["use_cache"] = True
                 return kwargs, adapter_names
             kwargs[cache_name] = cache
@@ -416,8 +417,10 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
                 v for v in kwargs.values() if isinstance(v, torch.Tensor))
             flat = self._run(signature, adapter_names, batch_input, *capture_mod.flatten_call(kwargs, signature.in_spec))
             output = capture_mod.unflatten_output(list(flat), signature.out_spec)
-            if generation.cache_name_of(kwargs) is not None and isinstance(output, dict):
-                output[generation.cache_name_of(kwargs)] = cache  # what the graph wrote into
+            if generation.cache_name_of(kwargs) is not None:
+                generation.cache_written(cache)
+                if isinstance(output, dict):
+                    output[generation.cache_name_of(kwargs)] = cache  # what the graph wrote into
         for method, adapter in self._fxpeft_output_hooks:  # e.g. a regulariser added to the loss
             output = method.adjust_output(self, adapter, output)
         return output

@@ -279,3 +279,51 @@ def test_bad_compile_configs_fail_before_any_compute(llama_pair):
     finally:
         del gm.__dict__["_run"]
     assert calls == []
+
+
+# ------------------------------------------------------------------------------------------- seq2seq
+
+
+@pytest.fixture(scope="module", params=["t5", "bart"])
+def seq2seq_pair(request):
+    torch.manual_seed(0)
+    model = getattr(models, request.param)().eval()
+    pair = lora_pair(model, {"a": dict(r=4, lora_alpha=8, **LORA), "b": dict(r=2, lora_alpha=4, **LORA)})
+    return pair + (models.hf_inputs("bart", batch=3),)  # row 0 padded
+
+
+def test_seq2seq_greedy_and_beams_match_peft(seq2seq_pair):
+    """T5 and BART: the encoder runs once through fxpeft's graph, every decoder step reads one token,
+    the first step writes the encoder's keys and values into the cross-attention cache and later steps
+    read them (two decoder graphs); tokens and scores equal PEFT's."""
+    reference, gm, inputs = seq2seq_pair
+    kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=0)  # min: tiny BART ends at once
+    seen = []
+    run = type(gm)._run
+
+    def recording(signature, adapter_names, batch_input, *args):
+        _, call = torch.utils._pytree.tree_unflatten(list(args), signature.in_spec)
+        if "cache" in call:
+            seen.append((sorted(call["cache"]), tuple(call["decoder_input_ids"].shape)))
+        return run(gm, signature, adapter_names, batch_input, *args)
+
+    gm.__dict__["_run"] = recording
+    try:
+        expected, got = both(reference, gm, **inputs, **kw, do_sample=False, return_dict_in_generate=True,
+                             output_scores=True)
+    finally:
+        del gm.__dict__["_run"]
+    assert torch.equal(got.sequences, expected.sequences)
+    for ours, theirs in zip(got.scores, expected.scores, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert seen == [(["cross_attention", "self_attention"], (3, 1))] + [
+        (["cross_attention_filled", "self_attention"], (3, 1))] * (NEW - 1)
+    expected, got = both(reference, gm, **inputs, **kw, num_beams=3, num_return_sequences=2)
+    assert torch.equal(got, expected)
+
+
+def test_seq2seq_adapter_names_match_peft(seq2seq_pair):
+    reference, gm, inputs = seq2seq_pair
+    expected, got = both(reference, gm, **inputs, max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=0,
+                         do_sample=False, adapter_names=["b", "__base__", "a"])
+    assert torch.equal(got, expected)
