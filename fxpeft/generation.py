@@ -200,17 +200,63 @@ def generate(gm, mixin_generate: Optional[Callable], *args, adapter_names=None, 
         raise TypeError(
             f"{source} cannot generate: generate needs a transformers model with a language-model head "
             "(a *ForCausalLM class); an encoder or a classifier has none.")
-    for name in gm._fxpeft_active:
-        method = gm._fxpeft_registry.method_for(gm.peft_config[name])
-        if method.exclusive:
-            raise NotImplementedError(f"fxpeft cannot generate with {method.name} adapters ({name!r}) yet; adapters "
-                                      "that change a layer's weights can.")
+    prefilled = [(gm._fxpeft_registry.method_for(gm.peft_config[name]), name) for name in gm._fxpeft_active]
+    prefilled = [(method, name) for method, name in prefilled if method.exclusive]
+    for method, name in prefilled:
+        if method.prefill_cache is None or getattr(gm.config, "is_encoder_decoder", False):
+            raise NotImplementedError(
+                f"fxpeft cannot generate with {method.name} adapters ({name!r})"
+                + (" on encoder-decoder models yet; decoder-only models can." if method.prefill_cache else "."))
+        if adapter_names is not None:
+            raise ValueError(f"adapter_names picks adapters per sequence, but {method.name} adapter {name!r} is the "
+                             "model's only adapter (as in PEFT): generate without adapter_names.")
     if adapter_names is not None:
         kwargs["adapter_names"] = _adapter_index(gm, adapter_names, args, kwargs)
+    if prefilled:
+        args = _with_virtual_tokens(gm, *prefilled[0], args, kwargs)
     _use_static_cache(kwargs, gm.generation_config)
     if getattr(gm.config, "is_encoder_decoder", False) and kwargs.get("encoder_outputs") is None:
         kwargs["encoder_outputs"] = _encoder_outputs(gm, args, kwargs)
     return mixin_generate(*args, **kwargs)
+
+
+def virtual_tokens(cache) -> int:
+    """How many virtual tokens (a prompt or prefixes, see :func:`_with_virtual_tokens`) the cache starts with."""
+    return getattr(cache, "_fxpeft_virtual_tokens", 0)
+
+
+def _with_virtual_tokens(gm, method, adapter: str, args, kwargs) -> tuple:
+    """Generation with prompt or prefix tuning: a static cache sized for the virtual tokens too, their
+    keys and values written into it once (``Method.prefill_cache``), and an attention mask with as many
+    ones in front. Every graph call then reads only the real tokens and counts their positions on from
+    the cache's length, as PEFT's model counts them from its n past tokens (the dispatcher drops
+    ``position_ids`` for such a cache). Returns ``args`` without the prompt (it moves to ``input_ids``)."""
+    from transformers import StaticCache
+
+    if any(kwargs.get(name) is not None for name in CACHE_NAMES) or kwargs.get("use_cache") is False:
+        raise ValueError(f"generate with {method.name} builds its own KV cache (the virtual tokens go into it "
+                         "first): call it without a cache object and without use_cache=False.")
+    if args:
+        kwargs["input_ids"], args = args[0], args[1:]
+    ids = kwargs.get("input_ids", kwargs.pop("inputs", None))
+    if ids is None or kwargs.get("inputs_embeds") is not None:
+        raise ValueError(f"generate with {method.name} takes the prompt as input_ids (not inputs_embeds).")
+    kwargs["input_ids"] = ids
+    config = copy.deepcopy(kwargs.get("generation_config") or gm.generation_config)
+    config.update(**{k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask")})
+    new_tokens = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - ids.shape[-1]
+    count = gm.peft_config[adapter].num_virtual_tokens
+    rows = ids.shape[0] * max(config.num_beams or 1, config.num_return_sequences or 1)
+    cache = StaticCache(config=gm.config, max_cache_len=count + ids.shape[-1] + new_tokens)
+    cache.early_initialization(rows, *gm._get_static_cache_init_shape(), dtype=gm.dtype, device=ids.device)
+    if method.prefill_cache(gm, adapter, cache) != count:  # pragma: no cover - a method's own contract
+        raise RuntimeError(f"{method.name} wrote another number of virtual tokens than its config's {count}.")
+    cache._fxpeft_virtual_tokens = count
+    mask = kwargs.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], count), mask], dim=1)
+    kwargs["cache"] = cache
+    return args
 
 
 def _encoder_outputs(gm, args, kwargs):

@@ -118,6 +118,11 @@ class Method:
     module_methods: tuple[tuple[str, Callable], ...] = ()
     # ``dropped_inputs(config) -> frozenset`` of input names the model is called without while it acts
     dropped_inputs: Optional[Callable] = None
+    # ``prefill_cache(gm, adapter, cache) -> n``: generation with a method that adds n virtual tokens
+    # (prompt, prefix tuning) writes their keys and values into every row of an empty KV cache once;
+    # graphs that read a cache (``Lowering.cached``) then leave the virtual tokens to it. None: such a
+    # method cannot generate
+    prefill_cache: Optional[Callable] = None
 
     @property
     def is_adapter(self) -> bool:

@@ -327,3 +327,66 @@ def test_seq2seq_adapter_names_match_peft(seq2seq_pair):
     expected, got = both(reference, gm, **inputs, max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=0,
                          do_sample=False, adapter_names=["b", "__base__", "a"])
     assert torch.equal(got, expected)
+
+
+# ------------------------------------------------------------------------- prompt and prefix tuning
+
+PROMPT_METHODS = {
+    "prompt": ("PromptTuningConfig", dict(num_virtual_tokens=4)),
+    "p-tuning": ("PromptEncoderConfig", dict(num_virtual_tokens=4, encoder_hidden_size=16)),
+    "prefix": ("PrefixTuningConfig", dict(num_virtual_tokens=4)),
+}
+
+
+def peft_greedy(reference, ids, mask, steps):
+    """PEFT's own forward without a cache, greedy (PEFT 0.21.2's generate is broken on transformers 5.24
+    for these methods: prefix tuning returns the base model's tokens, prompt tuning drifts after the
+    first step)."""
+    logits = []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits.append(reference(input_ids=ids, attention_mask=mask).logits[:, -1])
+            ids = torch.cat([ids, logits[-1].argmax(-1, keepdim=True)], dim=1)
+            mask = torch.cat([mask, mask[:, -1:]], dim=1)
+    return ids, logits
+
+
+@pytest.mark.parametrize("name,method", [("llama", "prompt"), ("qwen2", "p-tuning"), ("llama", "prefix"),
+                                         ("gpt2", "prefix")])
+def test_prompt_methods_match_peft_forward(name, method):
+    """The virtual tokens go into the cache once (the prompt run as input embeddings, or the prefixes
+    written), then every step reads the real tokens only; tokens and per-step logits equal greedy
+    decoding over PEFT's forward on the whole sequence, left padding included."""
+    torch.manual_seed(0)
+    model = getattr(models, name)().eval()
+    config_class, kwargs = PROMPT_METHODS[method]
+    reference = peft.get_peft_model(copy.deepcopy(model), getattr(peft, config_class)(task_type="CAUSAL_LM", **kwargs))
+    gm = fxpeft.transform(model, getattr(fxpeft, config_class)(task_type="CAUSAL_LM", **kwargs)).eval()
+    with torch.no_grad():
+        for param in reference.parameters():
+            if param.requires_grad:
+                param.normal_()
+    assert copy_adapter_weights(reference.eval(), gm) > 0
+    inputs = models.hf_inputs(name, batch=2)
+    expected, logits = peft_greedy(reference, inputs["input_ids"], inputs["attention_mask"], NEW)
+    seen = []
+    run = type(gm)._run
+
+    def recording(signature, adapter_names, batch_input, *args):
+        _, call = torch.utils._pytree.tree_unflatten(list(args), signature.in_spec)
+        seen.append(tuple(call["input_ids"].shape) if "input_ids" in call else "prompt")
+        return run(gm, signature, adapter_names, batch_input, *args)
+
+    gm.__dict__["_run"] = recording
+    try:
+        got = gm.generate(**inputs, max_new_tokens=NEW, do_sample=False, pad_token_id=0,
+                          return_dict_in_generate=True, output_logits=True)
+    finally:
+        del gm.__dict__["_run"]
+    assert torch.equal(got.sequences, expected)
+    for ours, theirs in zip(got.logits, logits, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert seen == (["prompt"] if method != "prefix" else []) + [(2, 7)] + [(2, 1)] * (NEW - 1)
+    assert int(got.past_key_values.layers[0].cumulative_length) == 4 + 7 + NEW - 1
+    with pytest.raises(ValueError, match="adapter_names picks adapters per sequence"):
+        gm.generate(**inputs, max_new_tokens=2, adapter_names=["default", "default"])
