@@ -360,3 +360,100 @@ def checked_compile_config(compile_config, kwargs: dict, config):
     checked = copy.copy(compile_config)
     checked._compile_all_devices = True
     return checked
+
+
+# -------------------------------------------------------------------------------------------- deployment
+
+DECODING_LOOP = '''"""Greedy decoding with generate.pt2, with torch only (written by fxpeft.export_merged(..., generation=True)).
+
+    import generate; tokens = generate.greedy(input_ids, attention_mask, max_new_tokens=32)
+
+generate.pt2 is one program for the prompt and for every new token: it takes input_ids (batch, new
+tokens), attention_mask (batch, cached + new tokens; 0 at left padding), position_ids (batch, new tokens)
+and cache, per layer a tuple (keys, values, length): keys and values (batch, heads, capacity, head_dim),
+length a 0-d int64 tensor of the tokens cached; it writes the new tokens' keys and values into the cache
+in place and returns {"logits": (batch, new tokens, vocab)} (it also takes use_cache=True, return_dict=True). generation.json holds the cache's layout and
+the model's eos and pad token ids. Finished sequences are padded with pad_token_id, as transformers does.
+"""
+import json
+import os
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def greedy(input_ids, attention_mask=None, max_new_tokens=32, eos_token_id="model", pad_token_id="model"):
+    with open(os.path.join(HERE, "generation.json")) as file:
+        spec = json.load(file)
+    step = torch.export.load(os.path.join(HERE, "generate.pt2")).module()
+    eos = spec["eos_token_id"] if eos_token_id == "model" else eos_token_id
+    eos = torch.tensor([eos] if isinstance(eos, int) else (eos or []), device=input_ids.device)
+    pad = spec["pad_token_id"] if pad_token_id == "model" else pad_token_id
+    batch, length = input_ids.shape
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    shape = (batch, spec["heads"], length + max_new_tokens, spec["head_dim"])
+    dtype = getattr(torch, spec["dtype"])
+    cache = [(torch.zeros(shape, dtype=dtype, device=input_ids.device),
+              torch.zeros(shape, dtype=dtype, device=input_ids.device),
+              torch.zeros((), dtype=torch.int64, device=input_ids.device)) for _ in range(spec["layers"])]
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    tokens, new = input_ids, input_ids
+    done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = step(input_ids=new, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                          return_dict=True)["logits"]
+            new = logits[:, -1].argmax(-1)
+            if pad is not None:
+                new = torch.where(done, torch.full_like(new, pad), new)
+            tokens = torch.cat([tokens, new[:, None]], dim=1)
+            done |= torch.isin(new, eos)
+            if bool(done.all()):
+                break
+            new = new[:, None]
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+            positions = positions[:, -1:] + 1
+    return tokens
+'''
+
+
+def decoding_files(model) -> dict:
+    """For ``export_merged(generation=True)``: writers of ``generate.pt2`` (``model``, a plain
+    transformers causal LM, exported with a static cache: one program for the prompt and every new
+    token, the cache written in place), ``generation.json`` (the cache's layout, eos and pad ids)
+    and ``generate.py`` (a greedy loop over the program that needs only torch)."""
+    import json
+
+    from transformers import StaticCache
+
+    can = getattr(type(model), "can_generate", None)
+    if not (can and can()) or getattr(model.config, "is_encoder_decoder", False):
+        raise NotImplementedError(f"export_merged(generation=True) exports decoder-only causal LMs; "
+                                  f"{type(model).__name__} is not one.")
+    shape = model._get_static_cache_init_shape()
+    if shape is None or not all(isinstance(n, int) for n in shape):
+        raise NotImplementedError(f"{type(model).__name__} has no uniform static-cache layout to export.")
+    heads, head_dim = shape
+    device = next(model.parameters()).device
+    cache = StaticCache(config=model.config, max_cache_len=6)
+    cache.early_initialization(2, heads, head_dim, dtype=model.dtype, device=device)
+    ids = torch.ones(2, 4, dtype=torch.long, device=device)
+    call = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": torch.arange(4, device=device).expand(2, 4),
+            "cache": [(layer.keys, layer.values, layer.cumulative_length) for layer in cache.layers],
+            "use_cache": True, "return_dict": True}
+    with torch.no_grad():
+        program = capture_mod.export_program(model.eval(), call, convert_inputs=_with_shell,
+                                             convert_output=lambda output: {"logits": output.logits})
+    config = model.generation_config
+    spec = {"layers": len(cache.layers), "heads": heads, "head_dim": head_dim, "dtype": str(model.dtype).removeprefix("torch."),
+            "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id}
+    return {"generate.pt2": lambda path: torch.export.save(program, path),
+            "generation.json": _text_writer(json.dumps(spec, indent=1)), "generate.py": _text_writer(DECODING_LOOP)}
+
+
+def _text_writer(text: str) -> Callable:
+    def write(path):
+        with open(path, "w") as file:
+            file.write(text)
+    return write

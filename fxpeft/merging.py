@@ -17,6 +17,7 @@ from torch import nn
 
 from . import progress
 from .canonical import is_quantized
+from .generation import decoding_files
 from .module import PeftGraphModule, build, clone_tree
 from .registry import registry_of
 from .state import adapter_states, check_known, merged_adapters, method_of, remember_merged
@@ -242,13 +243,16 @@ def unload(gm: PeftGraphModule) -> PeftGraphModule:
 
 
 @progress.task("fxpeft.export_merged")
-def export_merged(gm: PeftGraphModule, directory: str, example_inputs=None) -> dict[str, str]:
+def export_merged(gm: PeftGraphModule, directory: str, example_inputs=None, generation: bool = False) -> dict[str, str]:
     """Write ``model.safetensors`` (base keys, loadable strict into the original class) and
     ``model.pt2`` (torch.export of the merged graph, every input dim dynamic where the model
     allows) without changing ``gm``. The program returns a transformers ``ModelOutput`` as a
     plain dict of its fields (``{"logits": ...}``): those classes cannot be serialised. The
     program takes exactly the keyword inputs it was exported with (for transformers models by
-    default ``input_ids`` and ``attention_mask``; pass ``example_inputs`` to choose)."""
+    default ``input_ids`` and ``attention_mask``; pass ``example_inputs`` to choose). With
+    ``generation`` (decoder-only causal LMs), also ``generate.pt2``, the merged model with a static KV
+    cache written in place, and ``generate.py``, a greedy decoding loop over it that needs only torch
+    (``generation.decoding_files``)."""
     from safetensors.torch import save_file
 
     from . import capture as capture_mod
@@ -266,9 +270,14 @@ def export_merged(gm: PeftGraphModule, directory: str, example_inputs=None) -> d
     # ModelOutput classes cannot be serialised into a .pt2: deploy their fields as a dict
     progress.step("exporting the merged graph")
     program = capture_mod.export_program(merged, kwargs, lambda out: dict(out) if isinstance(out, dict) else out)
+    files = decoding_files(merged._fxpeft_source) if generation else {}
     tensors = _unshared(merged.state_dict())
     atomic_write(directory, {
         "model.safetensors": lambda path: save_file(tensors, path, metadata={"format": "pt"}),
         "model.pt2": lambda path: torch.export.save(program, path),
+        **files,
     })
-    return {"weights": os.path.join(directory, "model.safetensors"), "program": os.path.join(directory, "model.pt2")}
+    written = {"weights": os.path.join(directory, "model.safetensors"), "program": os.path.join(directory, "model.pt2")}
+    if generation:
+        written.update(decoding=os.path.join(directory, "generate.pt2"), loop=os.path.join(directory, "generate.py"))
+    return written

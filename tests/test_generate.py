@@ -390,3 +390,34 @@ def test_prompt_methods_match_peft_forward(name, method):
     assert int(got.past_key_values.layers[0].cumulative_length) == 4 + 7 + NEW - 1
     with pytest.raises(ValueError, match="adapter_names picks adapters per sequence"):
         gm.generate(**inputs, max_new_tokens=2, adapter_names=["default", "default"])
+
+
+# ------------------------------------------------------------------------------------------ deployment
+
+
+def test_export_merged_for_generation_runs_without_fxpeft(llama_pair, tmp_path):
+    """export_merged(generation=True): generate.pt2 (the merged model with a static cache written in
+    place) and generate.py, a greedy loop that needs only torch; run in a process where fxpeft cannot
+    be imported, its tokens equal gm.generate's (a left-padded batch, and one prompt alone)."""
+    import subprocess
+    import sys
+
+    _, gm = llama_pair
+    inputs = models.hf_inputs("llama", batch=2)
+    written = fxpeft.export_merged(gm, str(tmp_path), generation=True)
+    assert written["loop"] == str(tmp_path / "generate.py")
+    torch.save(inputs, tmp_path / "inputs.pt")
+    script = (
+        "import sys, torch; sys.modules['fxpeft'] = None; sys.path.insert(0, sys.argv[1]); import generate\n"
+        "inputs = torch.load(sys.argv[1] + '/inputs.pt')\n"
+        f"both = generate.greedy(inputs['input_ids'], inputs['attention_mask'], max_new_tokens={NEW}, pad_token_id=0)\n"
+        f"alone = generate.greedy(inputs['input_ids'][1:], max_new_tokens={NEW}, pad_token_id=0)\n"
+        "torch.save((both, alone), sys.argv[1] + '/tokens.pt')\n")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, env={"OMP_NUM_THREADS": "1"})
+    both, alone = torch.load(tmp_path / "tokens.pt")
+    kw = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    assert torch.equal(both, gm.generate(**inputs, **kw))
+    assert torch.equal(alone, gm.generate(input_ids=inputs["input_ids"][1:], **kw))
+    with pytest.raises(NotImplementedError, match="exports decoder-only causal LMs"):
+        fxpeft.export_merged(fxpeft.transform(models.bert(), fxpeft.LoraConfig(r=2, target_modules=["query"])),
+                             str(tmp_path / "bert"), generation=True)
