@@ -390,6 +390,8 @@ def test_prompt_methods_match_peft_forward(name, method):
     assert int(got.past_key_values.layers[0].cumulative_length) == 4 + 7 + NEW - 1
     with pytest.raises(ValueError, match="adapter_names picks adapters per sequence"):
         gm.generate(**inputs, max_new_tokens=2, adapter_names=["default", "default"])
+    with pytest.raises(ValueError, match="builds its own KV cache"):
+        gm.generate(**inputs, max_new_tokens=2, use_cache=False)
 
 
 # ------------------------------------------------------------------------------------------ deployment
