@@ -13,8 +13,12 @@ Contenders:
 The static cache is sized once for the longest context (``max_cache_len``), so both contexts reuse one
 compiled graph, and its decode step attends over the whole cache whatever the context: its per-token
 time does not grow with the context at all; the dynamic cache's grows with attention's share.
+With ``--tenants N``: N adapters loaded in both, a batch of ``--tenant-batch`` prompts (32 tokens) each
+naming its adapter (``adapter_names``, round robin): fxpeft's mixed decode vs PEFT's, and fxpeft's
+mixed decode vs the same batch with one adapter.
 Absolute times on shared machines are noise: read the ratios. Run:
-python benchmarks/bench_generate.py [--batch 1,8] [--context 32,256] [--new 16] [--compile] [--device cuda]
+python benchmarks/bench_generate.py [--batch 1,8] [--context 32,256] [--new 16] [--compile]
+                                    [--tenants 8 --tenant-batch 32] [--device cuda]
 """
 from __future__ import annotations
 
@@ -65,6 +69,8 @@ def main():
     parser.add_argument("--new", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--tenants", type=int, default=0)
+    parser.add_argument("--tenant-batch", type=int, default=32)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -120,6 +126,44 @@ def main():
             if len(contexts) > 1:
                 row += f"{results[name, contexts[-1]] / results[name, contexts[0]]:>10.2f}x"
             print(row)
+    if args.tenants:
+        tenants(gm, reference, config, args, common, cache_len)
+
+
+def tenants(gm, reference, config, args, common, cache_len):
+    import peft
+
+    names = ["default"] + [f"t{i}" for i in range(1, args.tenants)]
+    for name in names[1:]:
+        reference.add_adapter(name, peft.LoraConfig(**config))
+        fxpeft.add_adapter(gm, fxpeft.LoraConfig(**config), name)
+    ours = dict(gm.named_parameters())
+    with torch.no_grad():
+        for key, value in reference.named_parameters():
+            if "lora_" in key:
+                ours[key.removeprefix("base_model.model.")].copy_(value)
+    ids = torch.randint(1, 8000, (args.tenant_batch, 32), device=args.device)
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+    per_row = [names[i % len(names)] for i in range(args.tenant_batch)]
+    contenders = {"fxpeft mixed": (gm, dict(common, max_cache_len=cache_len, adapter_names=per_row)),
+                  "PEFT mixed": (reference, dict(common, adapter_names=per_row)),
+                  "fxpeft one adapter": (gm, dict(common, max_cache_len=cache_len))}
+    with torch.no_grad():
+        tokens = {name: model.generate(**inputs, **kw) for name, (model, kw) in contenders.items()}
+    assert torch.equal(tokens["fxpeft mixed"], tokens["PEFT mixed"]), "fxpeft's mixed batch generated other tokens"
+    samples = {name: [] for name in contenders}
+    for _ in range(args.repeats):
+        for name, (model, kw) in contenders.items():
+            stamps = Stamps()
+            with torch.no_grad():
+                model.generate(**inputs, **kw, streamer=stamps)
+            samples[name].append(stamps.per_token())
+    times = {name: statistics.median(values) for name, values in samples.items()}
+    print(f"\n{args.tenants} adapters, {args.tenant_batch} sequences each naming its adapter: per-token decode time, ms")
+    for name, value in times.items():
+        print(f"{name:<20}{1e3 * value:>10.2f}")
+    print(f"fxpeft mixed speed-up over PEFT mixed: {times['PEFT mixed'] / times['fxpeft mixed']:.2f}x; "
+          f"fxpeft mixed / one adapter: {times['fxpeft mixed'] / times['fxpeft one adapter']:.2f}x")
 
 
 if __name__ == "__main__":
