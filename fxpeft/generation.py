@@ -15,6 +15,13 @@ drives the loop. What fxpeft decides is how one forward step runs:
 - ``adapter_names=`` becomes a per-sequence index tensor passed as a model keyword, which
   transformers repeats for beams and returned sequences like any per-sequence input; the
   dispatcher runs the signature's mixed graph with it.
+- Seq2seq models: the encoder runs once through the whole model's graph (:func:`_encoder_outputs`);
+  the cross-attention cache is written by the first decoder step and read by later ones (``SELF``).
+- Prompt methods: their virtual tokens go into the cache once (``Method.prefill_cache``,
+  :func:`_with_virtual_tokens`); graphs with a cache leave them to it.
+- ``compile_config``: transformers compiles the decode step; fxpeft checks the config first and lets
+  it compile on the CPU too (:func:`checked_compile_config`).
+- Deployment: :func:`decoding_files`, for ``export_merged(generation=True)``.
 """
 from __future__ import annotations
 
