@@ -59,6 +59,20 @@ class Stamps:
         return statistics.median(gaps)
 
 
+def per_token_times(contenders: dict, inputs: dict, repeats: int) -> tuple[dict, dict]:
+    """Each contender's tokens (a warm-up run) and median per-token time over interleaved repeats."""
+    with torch.no_grad():
+        tokens = {name: model.generate(**inputs, **kw) for name, (model, kw) in contenders.items()}
+    samples = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, (model, kw) in contenders.items():
+            stamps = Stamps()
+            with torch.no_grad():
+                model.generate(**inputs, **kw, streamer=stamps)
+            samples[name].append(stamps.per_token())
+    return tokens, {name: statistics.median(values) for name, values in samples.items()}
+
+
 def main():
     import peft
     from transformers import CompileConfig
@@ -102,19 +116,10 @@ def main():
         for context in contexts:
             ids = torch.randint(1, 8000, (batch, context), device=args.device)
             inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
-            with torch.no_grad():
-                tokens = {name: model.generate(**inputs, **kw) for name, (model, kw) in contenders.items()}  # warm-up
+            tokens, times = per_token_times(contenders, inputs, args.repeats)
             for name, got in tokens.items():
                 assert torch.equal(got, tokens["PEFT eager"]), f"{name} generated other tokens than PEFT"
-            samples = {name: [] for name in contenders}
-            for _ in range(args.repeats):
-                for name, (model, kw) in contenders.items():
-                    stamps = Stamps()
-                    with torch.no_grad():
-                        model.generate(**inputs, **kw, streamer=stamps)
-                    samples[name].append(stamps.per_token())
-            for name, values in samples.items():
-                results[name, context] = statistics.median(values)
+            results.update({(name, context): value for name, value in times.items()})
         print(f"\nbatch {batch}: per-token decode time, ms (and fxpeft's speed-up over PEFT eager)")
         print(f"{'contender':<18}" + "".join(f"{f'context {c}':>22}" for c in contexts)
               + (f"{f'{contexts[-1]} / {contexts[0]}':>12}" if len(contexts) > 1 else ""))
@@ -148,17 +153,8 @@ def tenants(gm, reference, config, args, common, cache_len):
     contenders = {"fxpeft mixed": (gm, dict(common, max_cache_len=cache_len, adapter_names=per_row)),
                   "PEFT mixed": (reference, dict(common, adapter_names=per_row)),
                   "fxpeft one adapter": (gm, dict(common, max_cache_len=cache_len))}
-    with torch.no_grad():
-        tokens = {name: model.generate(**inputs, **kw) for name, (model, kw) in contenders.items()}
+    tokens, times = per_token_times(contenders, inputs, args.repeats)
     assert torch.equal(tokens["fxpeft mixed"], tokens["PEFT mixed"]), "fxpeft's mixed batch generated other tokens"
-    samples = {name: [] for name in contenders}
-    for _ in range(args.repeats):
-        for name, (model, kw) in contenders.items():
-            stamps = Stamps()
-            with torch.no_grad():
-                model.generate(**inputs, **kw, streamer=stamps)
-            samples[name].append(stamps.per_token())
-    times = {name: statistics.median(values) for name, values in samples.items()}
     print(f"\n{args.tenants} adapters, {args.tenant_batch} sequences each naming its adapter: per-token decode time, ms")
     for name, value in times.items():
         print(f"{name:<20}{1e3 * value:>10.2f}")
