@@ -425,6 +425,20 @@ def greedy(input_ids, attention_mask=None, max_new_tokens=32, eos_token_id="mode
 '''
 
 
+def check_decodable(model) -> tuple[int, int]:
+    """The (heads, head_dim) of ``model``'s static cache, or an error saying why its decoding cannot
+    be exported (before anything is merged or exported)."""
+    name = type(getattr(model, "_fxpeft_source", model)).__name__
+    can = getattr(type(model), "can_generate", None)
+    if not capture_mod.is_transformers_model(model) or not (can and can()) \
+            or getattr(model.config, "is_encoder_decoder", False):
+        raise NotImplementedError(f"export_merged(generation=True) exports decoder-only causal LMs; {name} is not one.")
+    shape = model._get_static_cache_init_shape()
+    if shape is None or not all(isinstance(n, int) for n in shape):
+        raise NotImplementedError(f"{name} has no uniform static-cache layout to export.")
+    return shape
+
+
 def decoding_files(model) -> dict:
     """For ``export_merged(generation=True)``: writers of ``generate.pt2`` (``model``, a plain
     transformers causal LM, exported with a static cache: one program for the prompt and every new
@@ -434,14 +448,7 @@ def decoding_files(model) -> dict:
 
     from transformers import StaticCache
 
-    can = getattr(type(model), "can_generate", None)
-    if not (can and can()) or getattr(model.config, "is_encoder_decoder", False):
-        raise NotImplementedError(f"export_merged(generation=True) exports decoder-only causal LMs; "
-                                  f"{type(model).__name__} is not one.")
-    shape = model._get_static_cache_init_shape()
-    if shape is None or not all(isinstance(n, int) for n in shape):
-        raise NotImplementedError(f"{type(model).__name__} has no uniform static-cache layout to export.")
-    heads, head_dim = shape
+    heads, head_dim = check_decodable(model)
     device = next(model.parameters()).device
     cache = StaticCache(config=model.config, max_cache_len=6)
     cache.early_initialization(2, heads, head_dim, dtype=model.dtype, device=device)

@@ -17,7 +17,7 @@ from torch import nn
 
 from . import progress
 from .canonical import is_quantized
-from .generation import decoding_files
+from .generation import check_decodable, decoding_files
 from .module import PeftGraphModule, build, clone_tree
 from .registry import registry_of
 from .state import adapter_states, check_known, merged_adapters, method_of, remember_merged
@@ -258,6 +258,8 @@ def export_merged(gm: PeftGraphModule, directory: str, example_inputs=None, gene
     from . import capture as capture_mod
     from .checkpoint import _unshared, atomic_write
 
+    if generation:
+        check_decodable(gm)
     progress.step("merging")
     merged = _base_module(gm, merged_weights(gm), use_saved_copies=True, dequantize=True).eval()
     if example_inputs is None:
@@ -270,7 +272,10 @@ def export_merged(gm: PeftGraphModule, directory: str, example_inputs=None, gene
     # ModelOutput classes cannot be serialised into a .pt2: deploy their fields as a dict
     progress.step("exporting the merged graph")
     program = capture_mod.export_program(merged, kwargs, lambda out: dict(out) if isinstance(out, dict) else out)
-    files = decoding_files(merged._fxpeft_source) if generation else {}
+    files = {}
+    if generation:
+        progress.step("exporting the decoding program")
+        files = decoding_files(merged._fxpeft_source)
     tensors = _unshared(merged.state_dict())
     atomic_write(directory, {
         "model.safetensors": lambda path: save_file(tensors, path, metadata={"format": "pt"}),

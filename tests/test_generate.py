@@ -420,6 +420,6 @@ def test_export_merged_for_generation_runs_without_fxpeft(llama_pair, tmp_path):
     kw = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=0)
     assert torch.equal(both, gm.generate(**inputs, **kw))
     assert torch.equal(alone, gm.generate(input_ids=inputs["input_ids"][1:], **kw))
-    with pytest.raises(NotImplementedError, match="exports decoder-only causal LMs"):
-        fxpeft.export_merged(fxpeft.transform(models.bert(), fxpeft.LoraConfig(r=2, target_modules=["query"])),
-                             str(tmp_path / "bert"), generation=True)
+    with pytest.raises(NotImplementedError, match="MLP is not one"):  # before anything is merged
+        fxpeft.export_merged(fxpeft.transform(models.MLP(), fxpeft.LoraConfig(r=2, target_modules=["fc1"])),
+                             str(tmp_path / "mlp"), example_inputs=(torch.randn(2, 12),), generation=True)
