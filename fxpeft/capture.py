@@ -153,8 +153,16 @@ def export_program(module: nn.Module, kwargs: dict[str, Any], convert_output=Non
             return None
         return {d: torch.export.Dim.AUTO for d in range(value.ndim) if value.shape[d] != 1}
 
-    dynamic = {name: pytree.tree_map(auto, value) if isinstance(value, (list, tuple, dict)) else auto(value)
-               for name, value in kwargs.items()}
+    def spec(value):  # the dynamic_shapes tree export wants: other pytree nodes (a ModelOutput) as lists of children
+        if type(value) in (list, tuple):
+            return type(value)(spec(v) for v in value)
+        if type(value) is dict:
+            return {k: spec(v) for k, v in value.items()}
+        if type(value) in pytree.SUPPORTED_NODES:
+            return [spec(child) for child in pytree.SUPPORTED_NODES[type(value)].flatten_fn(value)[0]]
+        return auto(value)
+
+    dynamic = {name: spec(value) for name, value in kwargs.items()}
     with torch.fx.experimental._config.patch(use_duck_shape=False):
         return torch.export.export(keyword_module(module, list(kwargs), convert_output, convert_inputs), (), kwargs,
                                    dynamic_shapes=dynamic, strict=False)

@@ -15,10 +15,18 @@ drives the loop. What fxpeft decides is how one forward step runs:
 - ``adapter_names=`` becomes a per-sequence index tensor passed as a model keyword, which
   transformers repeats for beams and returned sequences like any per-sequence input; the
   dispatcher runs the signature's mixed graph with it.
+- Seq2seq models: the encoder runs once through the whole model's graph (:func:`_encoder_outputs`);
+  the cross-attention cache is written by the first decoder step and read by later ones (``SELF``).
+- Prompt methods: their virtual tokens go into the cache once (``Method.prefill_cache``,
+  :func:`_with_virtual_tokens`); graphs with a cache leave them to it.
+- ``compile_config``: transformers compiles the decode step; fxpeft checks the config first and lets
+  it compile on the CPU too (:func:`checked_compile_config`).
+- Deployment: :func:`decoding_files`, for ``export_merged(generation=True)``.
 """
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any, Callable, Optional
 
 import torch
@@ -37,13 +45,32 @@ def is_cache(value) -> bool:
     return isinstance(value, Cache)
 
 
-def cache_tensors(gm, cache, input_ids: Optional[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
+# An encoder-decoder cache reaches the graph as a dict: the decoder's self-attention layers, and the
+# cross-attention layers under a name that says whether the encoder's keys and values are in them
+# yet (the model branches on that in Python: the first decoder step writes them, later ones read them).
+SELF, CROSS, CROSS_FILLED = "self_attention", "cross_attention", "cross_attention_filled"
+
+
+def cache_tensors(gm, cache, input_ids: Optional[torch.Tensor]):
     """The (keys, values, cumulative_length) of each layer of a static cache, allocated here if the
-    cache has not been used yet. Raises for caches the graphs cannot write, and for a prompt longer
-    than the cache."""
+    cache has not been used yet (for an ``EncoderDecoderCache`` a dict, see ``SELF``). Raises for
+    caches the graphs cannot write, and for a prompt longer than the cache."""
+    from transformers.cache_utils import EncoderDecoderCache
+
+    if isinstance(cache, EncoderDecoderCache):
+        filled = set(cache.is_updated.values())
+        if len(filled) > 1:
+            raise NotImplementedError("This EncoderDecoderCache holds the encoder's keys and values for some layers "
+                                      "only; fxpeft graphs take a cross-attention cache that is empty or full.")
+        return {SELF: _layer_tensors(gm, cache.self_attention_cache, input_ids, check=True),
+                (CROSS_FILLED if filled == {True} else CROSS): _layer_tensors(gm, cache.cross_attention_cache, input_ids)}
+    return _layer_tensors(gm, cache, input_ids, check=True)
+
+
+def _layer_tensors(gm, cache, input_ids, check: bool = False) -> list[tuple[torch.Tensor, ...]]:
     from transformers.cache_utils import StaticLayer
 
-    kinds = {type(layer).__name__ for layer in cache.layers if type(layer) is not StaticLayer}
+    kinds = {type(layer).__name__ for layer in getattr(cache, "layers", [cache]) if type(layer) is not StaticLayer}
     if kinds:
         raise NotImplementedError(
             f"fxpeft graphs decode with transformers' static cache (StaticCache, one StaticLayer per layer); this "
@@ -56,7 +83,7 @@ def cache_tensors(gm, cache, input_ids: Optional[torch.Tensor]) -> list[tuple[to
                                       "head shapes for it (or the call has no input_ids).")
         cache.early_initialization(input_ids.shape[0], *shape, dtype=gm.dtype, device=input_ids.device)
     tensors = [(layer.keys, layer.values, layer.cumulative_length) for layer in cache.layers]
-    if input_ids is not None and input_ids.shape[-1] > 1:  # prefill: the only step that can overflow a cache generate sized
+    if check and input_ids is not None and input_ids.shape[-1] > 1:  # prefill: the only step that can overflow
         capacity, cached = tensors[0][0].shape[2], int(tensors[0][2])
         if cached + input_ids.shape[-1] > capacity:
             raise ValueError(
@@ -66,11 +93,24 @@ def cache_tensors(gm, cache, input_ids: Optional[torch.Tensor]) -> list[tuple[to
     return tensors
 
 
+def cache_written(cache) -> None:
+    """After a graph ran on ``cache``: the cross-attention keys and values are in it now (the graph
+    wrote them but cannot set the Python flags the model reads on the next step)."""
+    for layer in getattr(cache, "is_updated", {}):
+        cache.is_updated[layer] = True
+
+
 def cache_shell(tensors):
     """A transformers cache over the given (possibly traced) tensors; its length is the tensors' own
     (a dynamic dim under export, not a baked-in constant)."""
-    from transformers.cache_utils import Cache, StaticLayer
+    from transformers.cache_utils import Cache, EncoderDecoderCache, StaticLayer
 
+    if isinstance(tensors, dict):  # built field by field: __init__ would read the traced lengths as bools
+        shell = EncoderDecoderCache.__new__(EncoderDecoderCache)
+        cross = CROSS_FILLED if CROSS_FILLED in tensors else CROSS
+        shell.self_attention_cache, shell.cross_attention_cache = cache_shell(tensors[SELF]), cache_shell(tensors[cross])
+        shell.is_updated = {index: cross == CROSS_FILLED for index in range(len(tensors[cross]))}
+        return shell
     layers = []
     for keys, values, length in tensors:
         layer = StaticLayer(max_cache_len=keys.shape[2])
@@ -102,10 +142,15 @@ def _resized(tensor: torch.Tensor, shape) -> torch.Tensor:
 
 def small_example(call: dict, cache_name: str) -> dict:
     """An example of a call with a cache for torch.export: batch and query length at least 2 (export
-    specialises sizes 1), a short cache (the example is kept, to capture again after ``.to()``)."""
-    keys = call[cache_name][0][0]
+    specialises sizes 1), a short self-attention cache (the example is kept, to capture again after
+    ``.to()``). Encoder-side inputs (an encoder-decoder's ``attention_mask``, ``encoder_outputs``, the
+    cross-attention cache) keep their length: the encoder's."""
+    cache = call[cache_name]
+    keys = (cache[SELF] if isinstance(cache, dict) else cache)[0][0]
+    decoder = "decoder_input_ids" in call or isinstance(cache, dict)
+    prefix = "decoder_" if decoder else ""
     batch, length = keys.shape[0], keys.shape[2]
-    query = call["input_ids"].shape[-1] if "input_ids" in call else 2
+    query = call[prefix + "input_ids"].shape[-1] if prefix + "input_ids" in call else 2
     new_batch, new_query = max(batch, 2), max(query, 2)
     new_length = max(new_query, min(length, new_query + 2))
 
@@ -115,22 +160,27 @@ def small_example(call: dict, cache_name: str) -> dict:
         shape = list(value.shape)
         if shape[0] == batch:
             shape[0] = new_batch
-        if name == "attention_mask" and value.ndim == 4:  # (batch, 1, query, cache length)
+        if name == prefix + "attention_mask" and value.ndim == 4:  # (batch, 1, query, cache length)
             shape[2:] = [new_query, new_length]
-        elif name == "attention_mask":  # (batch, cached + query)
+        elif name == prefix + "attention_mask":  # (batch, cached + query)
             shape[-1] = max(2, min(shape[-1], new_length))
-        elif name in ("input_ids", "position_ids", "token_type_ids"):
+        elif name in (prefix + "input_ids", prefix + "position_ids", "token_type_ids"):
             shape[-1] = new_query
-        elif name == "inputs_embeds":
+        elif name == prefix + "inputs_embeds":
             shape[1] = new_query
         return _resized(value, shape)
 
+    def layers(tensors, cache_length):
+        return [(_resized(k, (new_batch, k.shape[1], cache_length or k.shape[2], k.shape[3])),
+                 _resized(v, (new_batch, v.shape[1], cache_length or v.shape[2], v.shape[3])), n.clone())
+                for k, v, n in tensors]
+
     example = {}
     for name, value in call.items():
-        if name == cache_name:
-            example[name] = [(_resized(k, (new_batch, k.shape[1], new_length, k.shape[3])),
-                              _resized(v, (new_batch, v.shape[1], new_length, v.shape[3])), n.clone())
-                             for k, v, n in value]
+        if name == cache_name and isinstance(value, dict):
+            example[name] = {part: layers(tensors, new_length if part == SELF else None) for part, tensors in value.items()}
+        elif name == cache_name:
+            example[name] = layers(value, new_length)
         else:  # masks may come as a dict per attention kind (Qwen2: {"full_attention": mask})
             example[name] = pytree.tree_map(lambda leaf, name=name: resized(name, leaf), value)
     return example
@@ -157,18 +207,87 @@ def generate(gm, mixin_generate: Optional[Callable], *args, adapter_names=None, 
         raise TypeError(
             f"{source} cannot generate: generate needs a transformers model with a language-model head "
             "(a *ForCausalLM class); an encoder or a classifier has none.")
-    if getattr(gm.config, "is_encoder_decoder", False):
-        raise NotImplementedError(f"fxpeft cannot generate with encoder-decoder models ({source}) yet; "
-                                  "decoder-only causal LMs can.")
-    for name in gm._fxpeft_active:
-        method = gm._fxpeft_registry.method_for(gm.peft_config[name])
-        if method.exclusive:
-            raise NotImplementedError(f"fxpeft cannot generate with {method.name} adapters ({name!r}) yet; adapters "
-                                      "that change a layer's weights can.")
+    prefilled = [(gm._fxpeft_registry.method_for(gm.peft_config[name]), name) for name in gm._fxpeft_active]
+    prefilled = [(method, name) for method, name in prefilled if method.exclusive]
+    for method, name in prefilled:
+        if method.prefill_cache is None or getattr(gm.config, "is_encoder_decoder", False):
+            raise NotImplementedError(
+                f"fxpeft cannot generate with {method.name} adapters ({name!r})"
+                + (" on encoder-decoder models yet; decoder-only models can." if method.prefill_cache else "."))
+        if adapter_names is not None:
+            raise ValueError(f"adapter_names picks adapters per sequence, but {method.name} adapter {name!r} is the "
+                             "model's only adapter (as in PEFT): generate without adapter_names.")
     if adapter_names is not None:
         kwargs["adapter_names"] = _adapter_index(gm, adapter_names, args, kwargs)
+    if prefilled:
+        args = _with_virtual_tokens(gm, *prefilled[0], args, kwargs)
     _use_static_cache(kwargs, gm.generation_config)
+    if getattr(gm.config, "is_encoder_decoder", False) and kwargs.get("encoder_outputs") is None:
+        kwargs["encoder_outputs"] = _encoder_outputs(gm, args, kwargs)
     return mixin_generate(*args, **kwargs)
+
+
+def virtual_tokens(cache) -> int:
+    """How many virtual tokens (a prompt or prefixes, see :func:`_with_virtual_tokens`) the cache starts with."""
+    return getattr(cache, "_fxpeft_virtual_tokens", 0)
+
+
+def _with_virtual_tokens(gm, method, adapter: str, args, kwargs) -> tuple:
+    """Generation with prompt or prefix tuning: a static cache sized for the virtual tokens too, their
+    keys and values written into it once (``Method.prefill_cache``), and an attention mask with as many
+    ones in front. Every graph call then reads only the real tokens and counts their positions on from
+    the cache's length, as PEFT's model counts them from its n past tokens (the dispatcher drops
+    ``position_ids`` for such a cache). Returns ``args`` without the prompt (it moves to ``input_ids``)."""
+    from transformers import StaticCache
+
+    if any(kwargs.get(name) is not None for name in CACHE_NAMES) or kwargs.get("use_cache") is False:
+        raise ValueError(f"generate with {method.name} builds its own KV cache (the virtual tokens go into it "
+                         "first): call it without a cache object and without use_cache=False.")
+    if args:
+        kwargs["input_ids"], args = args[0], args[1:]
+    ids = kwargs.get("input_ids", kwargs.pop("inputs", None))
+    if ids is None or kwargs.get("inputs_embeds") is not None:
+        raise ValueError(f"generate with {method.name} takes the prompt as input_ids (not inputs_embeds).")
+    kwargs["input_ids"] = ids
+    config = copy.deepcopy(kwargs.get("generation_config") or gm.generation_config)
+    config.update(**{k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask")})
+    new_tokens = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - ids.shape[-1]
+    count = gm.peft_config[adapter].num_virtual_tokens
+    rows = ids.shape[0] * max(config.num_beams or 1, config.num_return_sequences or 1)
+    cache = StaticCache(config=gm.config, max_cache_len=count + ids.shape[-1] + new_tokens)
+    cache.early_initialization(rows, *gm._get_static_cache_init_shape(), dtype=gm.dtype, device=ids.device)
+    if method.prefill_cache(gm, adapter, cache) != count:  # pragma: no cover - a method's own contract
+        raise RuntimeError(f"{method.name} wrote another number of virtual tokens than its config's {count}.")
+    cache._fxpeft_virtual_tokens = count
+    mask = kwargs.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], count), mask], dim=1)
+    kwargs["cache"] = cache
+    return args
+
+
+def _encoder_outputs(gm, args, kwargs):
+    """An encoder-decoder's encoder states through fxpeft's graph of the whole model (transformers
+    would call ``get_encoder()``, a module of the tree that holds the adapters but not their math):
+    one forward with a one-token decoder input, whose ``encoder_*`` outputs are the encoder's."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    inputs = {name: kwargs[name] for name in ("input_ids", "inputs_embeds", "attention_mask", "adapter_names")
+              if kwargs.get(name) is not None}
+    if args or kwargs.get("inputs") is not None:
+        inputs["input_ids"] = args[0] if args else kwargs["inputs"]
+    prompt = inputs.get("input_ids", inputs.get("inputs_embeds"))
+    if prompt is None:
+        raise ValueError(f"{type(gm._fxpeft_source).__name__} generates from an encoder input: pass input_ids (or "
+                         "inputs_embeds).")
+    config = kwargs.get("generation_config") or gm.generation_config
+    for flag in ("output_hidden_states", "output_attentions"):
+        if kwargs.get(flag, getattr(config, flag, False)):
+            inputs[flag] = True
+    start = torch.zeros((prompt.shape[0], 1), dtype=torch.long, device=prompt.device)  # any token: the decoder's output is not read
+    output = gm(**inputs, decoder_input_ids=start, return_dict=True)
+    return BaseModelOutput(last_hidden_state=output.encoder_last_hidden_state,
+                           hidden_states=output.get("encoder_hidden_states"), attentions=output.get("encoder_attentions"))
 
 
 def _adapter_index(gm, adapter_names, args, kwargs) -> torch.Tensor:
@@ -185,21 +304,170 @@ def _adapter_index(gm, adapter_names, args, kwargs) -> torch.Tensor:
 
 def _use_static_cache(kwargs: dict, default_config) -> None:
     """Ask transformers for its static cache, unless the caller chose a cache or none. Compilation
-    stays off unless asked for (transformers would compile a static-cache decode on GPUs)."""
+    stays off unless asked for (transformers would compile a static-cache decode on GPUs); asked for,
+    it runs on every device (see :func:`checked_compile_config`)."""
     given = kwargs.get("generation_config")
     config = given if given is not None else default_config
     chosen = (any(kwargs.get(name) is not None for name in CACHE_NAMES) or kwargs.get("use_cache") is False
               or kwargs.get("cache_implementation") is not None
               or (config is not None and (config.cache_implementation is not None or config.use_cache is False)))
-    compile_asked = kwargs.get("compile_config") is not None or (config is not None and config.compile_config is not None)
+    compile_config = kwargs.get("compile_config")
+    if compile_config is None and config is not None:
+        compile_config = config.compile_config
+    if compile_config is not None and not kwargs.get("disable_compile") and not (config is not None and config.disable_compile):
+        compile_config = checked_compile_config(compile_config, kwargs, config)
     if given is not None:  # a copy: passing generation_config together with other generate arguments is deprecated
         config = kwargs["generation_config"] = copy.deepcopy(config)
         if not chosen:
             config.cache_implementation = "static"
-        if not compile_asked:
+        kwargs.pop("compile_config", None)
+        config.compile_config = compile_config
+        if compile_config is None:
             config.disable_compile = True
         return
     if not chosen:
         kwargs["cache_implementation"] = "static"
-    if not compile_asked and "disable_compile" not in kwargs:
+    if compile_config is not None:
+        kwargs["compile_config"] = compile_config
+    elif "disable_compile" not in kwargs:
         kwargs["disable_compile"] = True
+
+
+def checked_compile_config(compile_config, kwargs: dict, config):
+    """A copy of ``compile_config`` that transformers' ``generate`` compiles with on any device (it
+    compiles only on accelerators unless ``_compile_all_devices`` is set; asked for explicitly, fxpeft
+    compiles on the CPU too). Options torch.compile would reject at the first decode step, after the
+    prompt ran, are rejected here, before any compute."""
+    from transformers import CompileConfig
+
+    if not isinstance(compile_config, CompileConfig):
+        raise TypeError(f"compile_config must be a transformers.CompileConfig, got {type(compile_config).__name__}: "
+                        "use CompileConfig(fullgraph=True, ...).")
+    use_cache = kwargs.get("use_cache", config.use_cache if config is not None else True)
+    implementation = kwargs.get("cache_implementation", config.cache_implementation if config is not None else None)
+    if use_cache is False or implementation not in (None, "static"):
+        raise ValueError(
+            "compile_config compiles the decode step over transformers' static KV cache, but this call asks for "
+            + ("no cache (use_cache=False)" if use_cache is False else f"cache_implementation={implementation!r}")
+            + ": leave the cache to fxpeft (or pass cache_implementation='static'), or drop compile_config.")
+    options = compile_config.to_dict()
+    try:
+        torch.compile(lambda: None, **options)  # validates backend, mode and options (compiles nothing yet)
+    except Exception as error:
+        raise ValueError(f"compile_config {options} is not valid for torch.compile: {error}") from error
+    backend = options["backend"]
+    if options.get("mode") not in (None, "default") and backend != "inductor":
+        from torch._dynamo.backends.registry import lookup_backend
+
+        parameters = inspect.signature(lookup_backend(backend)).parameters.values()
+        if not any(p.name == "mode" or p.kind is p.VAR_KEYWORD for p in parameters):
+            raise ValueError(
+                f"compile_config has mode={options['mode']!r} (CompileConfig's default, an inductor mode) but backend "
+                f"{getattr(backend, '__name__', backend)!r} takes no mode: pass CompileConfig(..., mode=None).")
+    checked = copy.copy(compile_config)
+    checked._compile_all_devices = True
+    return checked
+
+
+# -------------------------------------------------------------------------------------------- deployment
+
+DECODING_LOOP = '''"""Greedy decoding with generate.pt2, with torch only (written by fxpeft.export_merged(..., generation=True)).
+
+    import generate; tokens = generate.greedy(input_ids, attention_mask, max_new_tokens=32)
+
+generate.pt2 is one program for the prompt and for every new token: it takes input_ids (batch, new
+tokens), attention_mask (batch, cached + new tokens; 0 at left padding), position_ids (batch, new tokens)
+and cache, per layer a tuple (keys, values, length): keys and values (batch, heads, capacity, head_dim),
+length a 0-d int64 tensor of the tokens cached; it writes the new tokens' keys and values into the cache
+in place and returns {"logits": (batch, new tokens, vocab)} (it also takes use_cache=True, return_dict=True). generation.json holds the cache's layout and
+the model's eos and pad token ids. Finished sequences are padded with pad_token_id, as transformers does.
+"""
+import json
+import os
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def greedy(input_ids, attention_mask=None, max_new_tokens=32, eos_token_id="model", pad_token_id="model"):
+    with open(os.path.join(HERE, "generation.json")) as file:
+        spec = json.load(file)
+    step = torch.export.load(os.path.join(HERE, "generate.pt2")).module()
+    eos = spec["eos_token_id"] if eos_token_id == "model" else eos_token_id
+    eos = torch.tensor([eos] if isinstance(eos, int) else (eos or []), device=input_ids.device)
+    pad = spec["pad_token_id"] if pad_token_id == "model" else pad_token_id
+    batch, length = input_ids.shape
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    shape = (batch, spec["heads"], length + max_new_tokens, spec["head_dim"])
+    dtype = getattr(torch, spec["dtype"])
+    cache = [(torch.zeros(shape, dtype=dtype, device=input_ids.device),
+              torch.zeros(shape, dtype=dtype, device=input_ids.device),
+              torch.zeros((), dtype=torch.int64, device=input_ids.device)) for _ in range(spec["layers"])]
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    tokens, new = input_ids, input_ids
+    done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = step(input_ids=new, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                          return_dict=True)["logits"]
+            new = logits[:, -1].argmax(-1)
+            if pad is not None:
+                new = torch.where(done, torch.full_like(new, pad), new)
+            tokens = torch.cat([tokens, new[:, None]], dim=1)
+            done |= torch.isin(new, eos)
+            if bool(done.all()):
+                break
+            new = new[:, None]
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+            positions = positions[:, -1:] + 1
+    return tokens
+'''
+
+
+def check_decodable(model) -> tuple[int, int]:
+    """The (heads, head_dim) of ``model``'s static cache, or an error saying why its decoding cannot
+    be exported (before anything is merged or exported)."""
+    name = type(getattr(model, "_fxpeft_source", model)).__name__
+    can = getattr(type(model), "can_generate", None)
+    if not capture_mod.is_transformers_model(model) or not (can and can()) \
+            or getattr(model.config, "is_encoder_decoder", False):
+        raise NotImplementedError(f"export_merged(generation=True) exports decoder-only causal LMs; {name} is not one.")
+    shape = model._get_static_cache_init_shape()
+    if shape is None or not all(isinstance(n, int) for n in shape):
+        raise NotImplementedError(f"{name} has no uniform static-cache layout to export.")
+    return shape
+
+
+def decoding_files(model) -> dict:
+    """For ``export_merged(generation=True)``: writers of ``generate.pt2`` (``model``, a plain
+    transformers causal LM, exported with a static cache: one program for the prompt and every new
+    token, the cache written in place), ``generation.json`` (the cache's layout, eos and pad ids)
+    and ``generate.py`` (a greedy loop over the program that needs only torch)."""
+    import json
+
+    from transformers import StaticCache
+
+    heads, head_dim = check_decodable(model)
+    device = next(model.parameters()).device
+    cache = StaticCache(config=model.config, max_cache_len=6)
+    cache.early_initialization(2, heads, head_dim, dtype=model.dtype, device=device)
+    ids = torch.ones(2, 4, dtype=torch.long, device=device)
+    call = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": torch.arange(4, device=device).expand(2, 4),
+            "cache": [(layer.keys, layer.values, layer.cumulative_length) for layer in cache.layers],
+            "use_cache": True, "return_dict": True}
+    with torch.no_grad():
+        program = capture_mod.export_program(model.eval(), call, convert_inputs=_with_shell,
+                                             convert_output=lambda output: {"logits": output.logits})
+    config = model.generation_config
+    spec = {"layers": len(cache.layers), "heads": heads, "head_dim": head_dim, "dtype": str(model.dtype).removeprefix("torch."),
+            "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id}
+    return {"generate.pt2": lambda path: torch.export.save(program, path),
+            "generation.json": _text_writer(json.dumps(spec, indent=1)), "generate.py": _text_writer(DECODING_LOOP)}
+
+
+def _text_writer(text: str) -> Callable:
+    def write(path):
+        with open(path, "w") as file:
+            file.write(text)
+    return write

@@ -19,6 +19,7 @@ from torch import nn
 
 from . import progress
 from .canonical import is_quantized
+from .generation import check_decodable, decoding_files
 from .module import PeftGraphModule, build, clone_tree
 from .registry import registry_of
 from .state import adapter_modules, check_known, merged_adapters, method_of, remember_merged, site_of, sites_by_path
@@ -279,18 +280,23 @@ def unload(gm: PeftGraphModule) -> PeftGraphModule:
 
 
 @progress.task("fxpeft.export_merged")
-def export_merged(gm: PeftGraphModule, directory: str, example_inputs=None) -> dict[str, str]:
+def export_merged(gm: PeftGraphModule, directory: str, example_inputs=None, generation: bool = False) -> dict[str, str]:
     """Write ``model.safetensors`` (base keys, loadable strict into the original class) and
     ``model.pt2`` (torch.export of the merged graph, every input dim dynamic where the model
     allows) without changing ``gm``. The program returns a transformers ``ModelOutput`` as a
     plain dict of its fields (``{"logits": ...}``): those classes cannot be serialised. The
     program takes exactly the keyword inputs it was exported with (for transformers models by
-    default ``input_ids`` and ``attention_mask``; pass ``example_inputs`` to choose)."""
+    default ``input_ids`` and ``attention_mask``; pass ``example_inputs`` to choose). With
+    ``generation`` (decoder-only causal LMs), also ``generate.pt2``, the merged model with a static KV
+    cache written in place, and ``generate.py``, a greedy decoding loop over it that needs only torch
+    (``generation.decoding_files``)."""
     from safetensors.torch import save_file
 
     from . import capture as capture_mod
     from .checkpoint import _unshared, atomic_write
 
+    if generation:
+        check_decodable(gm)
     progress.step("merging")
     merged = _base_module(gm, merged_weights(gm), use_saved_copies=True, dequantize=True).eval()
     if example_inputs is None:
@@ -303,9 +309,17 @@ def export_merged(gm: PeftGraphModule, directory: str, example_inputs=None) -> d
     # ModelOutput classes cannot be serialised into a .pt2: deploy their fields as a dict
     progress.step("exporting the merged graph")
     program = capture_mod.export_program(merged, kwargs, lambda out: dict(out) if isinstance(out, dict) else out)
+    files = {}
+    if generation:
+        progress.step("exporting the decoding program")
+        files = decoding_files(merged._fxpeft_source)
     tensors = _unshared(merged.state_dict())
     atomic_write(directory, {
         "model.safetensors": lambda path: save_file(tensors, path, metadata={"format": "pt"}),
         "model.pt2": lambda path: torch.export.save(program, path),
+        **files,
     })
-    return {"weights": os.path.join(directory, "model.safetensors"), "program": os.path.join(directory, "model.pt2")}
+    written = {"weights": os.path.join(directory, "model.safetensors"), "program": os.path.join(directory, "model.pt2")}
+    if generation:
+        written.update(decoding=os.path.join(directory, "generate.pt2"), loop=os.path.join(directory, "generate.py"))
+    return written

@@ -230,13 +230,14 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
             if signature.outlined is not None:
                 top = signature.outlined.top
                 mixed_error = self._lower_blocks(signature.outlined, {} if lowered_blocks is None else lowered_blocks)
-        signature.graph = lower(top, self, self._fxpeft_registry, mixed=False)
+        cached = signature.example is not None and generation.cache_name_of(signature.example) is not None
+        signature.graph = lower(top, self, self._fxpeft_registry, mixed=False, cached=cached)
         signature.fn = compile_graph(signature.graph)
         signature.mixed_graph = signature.mixed_fn = None
         signature.mixed_error = mixed_error
         if self.peft_config and mixed_error is None:
             try:
-                signature.mixed_graph = lower(top, self, self._fxpeft_registry, mixed=True)
+                signature.mixed_graph = lower(top, self, self._fxpeft_registry, mixed=True, cached=cached)
                 signature.mixed_fn = compile_graph(signature.mixed_graph)
             except NotImplementedError as error:  # only calls with adapter_names= need this graph
                 signature.mixed_error = error
@@ -401,8 +402,11 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
             if generation.is_cache(cache):
                 # the model's own name for it (transformers 5.24 calls it cache, earlier ones past_key_values)
                 name = "cache" if "cache" in self._fxpeft_arg_names else "past_key_values"
-                kwargs[name] = generation.cache_tensors(self, cache, kwargs.get("input_ids"))
+                query = kwargs.get("decoder_input_ids", kwargs.get("input_ids"))  # the tokens the cache grows by
+                kwargs[name] = generation.cache_tensors(self, cache, query)
                 kwargs["use_cache"] = True
+                if generation.virtual_tokens(cache):  # the model counts positions on from the cache's length
+                    kwargs.pop("position_ids", None)
                 return kwargs, adapter_names
             kwargs[cache_name] = cache
         if self._fxpeft_no_cache:
@@ -422,8 +426,10 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
                 v for v in kwargs.values() if isinstance(v, torch.Tensor))
             flat = self._run(signature, adapter_names, batch_input, *capture_mod.flatten_call(kwargs, signature.in_spec))
             output = capture_mod.unflatten_output(list(flat), signature.out_spec)
-            if generation.cache_name_of(kwargs) is not None and isinstance(output, dict):
-                output[generation.cache_name_of(kwargs)] = cache  # what the graph wrote into
+            if generation.cache_name_of(kwargs) is not None:
+                generation.cache_written(cache)
+                if isinstance(output, dict):
+                    output[generation.cache_name_of(kwargs)] = cache  # what the graph wrote into
         for method, adapter in self._fxpeft_output_hooks:  # e.g. a regulariser added to the loss
             output = method.adjust_output(self, adapter, output)
         return output

@@ -27,8 +27,9 @@ class Lowering:
     """One graph being lowered: the graph, the module tree it reads from, and its sites."""
 
     def __init__(self, graph: torch.fx.Graph, root: nn.Module, registry, mixed: bool = False,
-                 adapter_order: Optional[list[str]] = None):
+                 adapter_order: Optional[list[str]] = None, cached: bool = False):
         self.graph = graph
+        self.cached = cached  # the graph reads and writes a KV cache (generation; see Method.prefill_cache)
         self.root = root  # the module the graph reads: the result, or one of its blocks
         self.registry = registry
         self.sites = find_sites(graph, root, registry)
@@ -151,12 +152,12 @@ def _apply_site_rewrite(lowering: Lowering, rule, site: Site) -> None:
 
 
 def lower(canonical: torch.fx.Graph, root: nn.Module, registry, mixed: bool = False,
-          adapter_order: Optional[list[str]] = None) -> torch.fx.Graph:
+          adapter_order: Optional[list[str]] = None, cached: bool = False) -> torch.fx.Graph:
     """The executable graph: ``canonical`` with every rule of ``registry`` applied, reading
     ``root``'s adapter state. In a mixed graph, calls of blocks (fxpeft/blocks.py) pass the
     per-sample index on."""
     graph = copy_graph(canonical)
-    lowering = Lowering(graph, root, registry, mixed, adapter_order)
+    lowering = Lowering(graph, root, registry, mixed, adapter_order, cached)
     if mixed:
         for node in graph.nodes:
             if node.meta.get("fxpeft_block"):

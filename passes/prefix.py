@@ -348,7 +348,7 @@ def _position_inputs(lw: Lowering) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
 
 def match(lw: Lowering):
     adapter = active_prompt_adapter(lw, PrefixTuningConfig)
-    if adapter is not None:
+    if adapter is not None and not lw.cached:  # a graph with a KV cache finds the prefixes in it (prefill_prefixes)
         yield adapter
 
 
@@ -385,8 +385,24 @@ def rewrite(lw: Lowering, adapter: str) -> None:
                 _set_arg(node, 5, "is_causal", False)
 
 
+def prefill_prefixes(gm, adapter: str, cache) -> int:
+    """The prefixes into every row of an empty KV cache, layer l's from its (key, value) slices, as PEFT
+    hands them to the model as n past tokens; graphs with a cache skip this method's rewrite."""
+    config = gm.peft_config[adapter]
+    count, heads = config.num_virtual_tokens, config.num_attention_heads
+    with torch.no_grad():
+        table = prefix_layers(gm.prompt_encoder[adapter](), config.num_layers, heads, config.token_dim // heads)
+        for index, layer in enumerate(cache.layers):
+            key, value = layer_slices(index, config.num_layers, config.num_transformer_submodules)
+            layer.keys[:, :, :count] = table[key].to(layer.keys.dtype)
+            layer.values[:, :, :count] = table[value].to(layer.values.dtype)
+            layer.cumulative_length += count
+    return count
+
+
 register_method(Method(name="prefix_tuning", config_type=PrefixTuningConfig, attach=attach, containers=CONTAINERS,
                        rules=(Rule(name="prefix_tuning", match=match, rewrite=rewrite, phase=20),),
                        resolve_config=resolve_prefix_config, exclusive=True, activity_in_graph=True,
                        mixed_batches=False, saved_tensors=prompt_embeddings, load_saved=load_prompt_embeddings,
-                       checkpoint_prefix="base_model.", dropped_inputs=dropped_token_types, whole_graph=True))
+                       checkpoint_prefix="base_model.", dropped_inputs=dropped_token_types, whole_graph=True,
+                       prefill_cache=prefill_prefixes))

@@ -270,7 +270,7 @@ def active_prompt_adapter(lw: Lowering, config_types) -> Optional[str]:
 
 def match(lw: Lowering):
     adapter = active_prompt_adapter(lw, (PromptTuningConfig, PromptEncoderConfig))
-    if adapter is not None:
+    if adapter is not None and not lw.cached:  # a graph with a KV cache finds the prompt in it (prefill_prompt)
         yield adapter
 
 
@@ -304,6 +304,22 @@ def rewrite(lw: Lowering, adapter: str) -> None:
             _extend_input(lw, node, fn, count, *fill)
 
 
+# ----------------------------------------------------------------------------- generation
+
+
+def prefill_prompt(gm, adapter: str, cache) -> int:
+    """The prompt's keys and values into every row of an empty KV cache: the model run on the prompt
+    as input embeddings at positions 0..n-1 (causal attention: the virtual tokens see only each other,
+    so their keys and values are the same for every sequence, as in PEFT's forward over the whole
+    sequence). Graphs with a cache skip this method's rewrite; the real tokens follow in the cache."""
+    count = gm.peft_config[adapter].num_virtual_tokens
+    rows = cache.layers[0].keys.shape[0]
+    with torch.no_grad():
+        prompt = gm.prompt_encoder[adapter]()[:count].to(gm.get_input_embeddings().weight.dtype)
+        gm(inputs_embeds=prompt.unsqueeze(0).expand(rows, -1, -1), cache=cache, use_cache=True)
+    return count
+
+
 # ----------------------------------------------------------------------------- checkpoint
 
 
@@ -333,4 +349,5 @@ for _name, _config_type in (("prompt_tuning", PromptTuningConfig), ("p_tuning", 
     register_method(Method(name=_name, config_type=_config_type, attach=attach, containers=CONTAINERS,
                            resolve_config=resolve_prompt_config, exclusive=True, activity_in_graph=True,
                            mixed_batches=False, saved_tensors=prompt_embeddings, load_saved=load_prompt_embeddings,
-                           checkpoint_prefix="base_model.", dropped_inputs=dropped_inputs))
+                           checkpoint_prefix="base_model.", dropped_inputs=dropped_inputs,
+                           prefill_cache=prefill_prompt))

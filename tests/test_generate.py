@@ -215,3 +215,211 @@ def test_generate_after_a_dtype_change():
     before = gm.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
     gm.to(torch.float64)  # captures every signature again, the cache's included
     assert torch.equal(gm.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0), before)
+
+
+# ------------------------------------------------------------------------------------- compiled decoding
+
+
+def test_compiled_decoding_compiles_once_and_matches_eager(llama_pair):
+    """compile_config (as transformers takes it, also on the CPU): the decode step compiles once and
+    runs on through new prompts, an adapter switch and other per-sequence adapters without a
+    recompile; the tokens are the eager run's."""
+    from torch._dynamo.utils import counters
+
+    _, gm = llama_pair
+    prompts = [models.hf_inputs("llama", batch=3, seed=seed) for seed in (0, 1)]
+    names = [["a", "__base__", "b"], ["b", "a", "a"]]
+    kw = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    eager = [gm.generate(**prompt, **kw) for prompt in prompts]
+    mixed = [gm.generate(**prompts[0], **kw, adapter_names=n) for n in names]
+    gm.set_adapter("b")
+    eager_b = gm.generate(**prompts[0], **kw)
+    gm.set_adapter("a")
+    config = transformers.CompileConfig(fullgraph=True, backend=models.COMPILE_BACKEND, mode=None)
+    try:
+        for run in ("dense", "mixed"):  # the mixed graph is another path through the dispatcher: its own frame cache
+            torch._dynamo.reset()
+            counters.clear()
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                if run == "dense":
+                    for prompt, expected in zip(prompts, eager):
+                        assert torch.equal(gm.generate(**prompt, **kw, compile_config=config), expected)
+                    gm.set_adapter("b")
+                    assert torch.equal(gm.generate(**prompts[0], **kw, compile_config=config), eager_b)
+                else:  # the way transformers also reads it: the model's generation_config
+                    gm.generation_config.compile_config = config
+                    for adapter_names, expected in zip(names, mixed):
+                        assert torch.equal(gm.generate(**prompts[0], **kw, adapter_names=adapter_names), expected)
+            assert counters["stats"]["unique_graphs"] == 1, run
+    finally:
+        gm.set_adapter("a")
+        gm.generation_config.compile_config = None
+        torch._dynamo.reset()
+
+
+def test_bad_compile_configs_fail_before_any_compute(llama_pair):
+    _, gm = llama_pair
+    inputs = models.hf_inputs("llama", batch=2)
+    calls = []
+    gm.__dict__["_run"] = lambda *args: calls.append(args)
+    CompileConfig = transformers.CompileConfig
+    try:
+        with pytest.raises(TypeError, match="must be a transformers.CompileConfig"):
+            gm.generate(**inputs, max_new_tokens=2, compile_config=dict(fullgraph=True))
+        with pytest.raises(ValueError, match="Unrecognized mode=fast"):
+            gm.generate(**inputs, max_new_tokens=2, compile_config=CompileConfig(mode="fast"))
+        with pytest.raises(ValueError, match="Invalid backend"):
+            gm.generate(**inputs, max_new_tokens=2, compile_config=CompileConfig(backend="nope", mode=None))
+        with pytest.raises(ValueError, match="takes no mode: pass CompileConfig"):
+            gm.generate(**inputs, max_new_tokens=2, compile_config=CompileConfig(backend=lambda graph, inputs: graph))
+        with pytest.raises(ValueError, match="static KV cache, but this call asks for no cache"):
+            gm.generate(**inputs, max_new_tokens=2, use_cache=False, compile_config=CompileConfig())
+        with pytest.raises(ValueError, match="cache_implementation='dynamic'"):
+            gm.generate(**inputs, max_new_tokens=2, cache_implementation="dynamic", compile_config=CompileConfig())
+    finally:
+        del gm.__dict__["_run"]
+    assert calls == []
+
+
+# ------------------------------------------------------------------------------------------- seq2seq
+
+
+@pytest.fixture(scope="module", params=["t5", "bart"])
+def seq2seq_pair(request):
+    torch.manual_seed(0)
+    model = getattr(models, request.param)().eval()
+    pair = lora_pair(model, {"a": dict(r=4, lora_alpha=8, **LORA), "b": dict(r=2, lora_alpha=4, **LORA)})
+    return pair + (models.hf_inputs("bart", batch=3),)  # row 0 padded
+
+
+def test_seq2seq_greedy_and_beams_match_peft(seq2seq_pair):
+    """T5 and BART: the encoder runs once through fxpeft's graph, every decoder step reads one token,
+    the first step writes the encoder's keys and values into the cross-attention cache and later steps
+    read them (two decoder graphs); tokens and scores equal PEFT's."""
+    reference, gm, inputs = seq2seq_pair
+    kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=0)  # min: tiny BART ends at once
+    seen = []
+    run = type(gm)._run
+
+    def recording(signature, adapter_names, batch_input, *args):
+        _, call = torch.utils._pytree.tree_unflatten(list(args), signature.in_spec)
+        if "cache" in call:
+            seen.append((sorted(call["cache"]), tuple(call["decoder_input_ids"].shape)))
+        return run(gm, signature, adapter_names, batch_input, *args)
+
+    gm.__dict__["_run"] = recording
+    try:
+        expected, got = both(reference, gm, **inputs, **kw, do_sample=False, return_dict_in_generate=True,
+                             output_scores=True)
+    finally:
+        del gm.__dict__["_run"]
+    assert torch.equal(got.sequences, expected.sequences)
+    for ours, theirs in zip(got.scores, expected.scores, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert seen == [(["cross_attention", "self_attention"], (3, 1))] + [
+        (["cross_attention_filled", "self_attention"], (3, 1))] * (NEW - 1)
+    expected, got = both(reference, gm, **inputs, **kw, num_beams=3, num_return_sequences=2)
+    assert torch.equal(got, expected)
+
+
+def test_seq2seq_adapter_names_match_peft(seq2seq_pair):
+    reference, gm, inputs = seq2seq_pair
+    expected, got = both(reference, gm, **inputs, max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=0,
+                         do_sample=False, adapter_names=["b", "__base__", "a"])
+    assert torch.equal(got, expected)
+
+
+# ------------------------------------------------------------------------- prompt and prefix tuning
+
+PROMPT_METHODS = {
+    "prompt": ("PromptTuningConfig", dict(num_virtual_tokens=4)),
+    "p-tuning": ("PromptEncoderConfig", dict(num_virtual_tokens=4, encoder_hidden_size=16)),
+    "prefix": ("PrefixTuningConfig", dict(num_virtual_tokens=4)),
+}
+
+
+def peft_greedy(reference, ids, mask, steps):
+    """PEFT's own forward without a cache, greedy (PEFT 0.21.2's generate is broken on transformers 5.24
+    for these methods: prefix tuning returns the base model's tokens, prompt tuning drifts after the
+    first step)."""
+    logits = []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits.append(reference(input_ids=ids, attention_mask=mask).logits[:, -1])
+            ids = torch.cat([ids, logits[-1].argmax(-1, keepdim=True)], dim=1)
+            mask = torch.cat([mask, mask[:, -1:]], dim=1)
+    return ids, logits
+
+
+@pytest.mark.parametrize("name,method", [("llama", "prompt"), ("qwen2", "p-tuning"), ("llama", "prefix"),
+                                         ("gpt2", "prefix")])
+def test_prompt_methods_match_peft_forward(name, method):
+    """The virtual tokens go into the cache once (the prompt run as input embeddings, or the prefixes
+    written), then every step reads the real tokens only; tokens and per-step logits equal greedy
+    decoding over PEFT's forward on the whole sequence, left padding included."""
+    torch.manual_seed(0)
+    model = getattr(models, name)().eval()
+    config_class, kwargs = PROMPT_METHODS[method]
+    reference = peft.get_peft_model(copy.deepcopy(model), getattr(peft, config_class)(task_type="CAUSAL_LM", **kwargs))
+    gm = fxpeft.transform(model, getattr(fxpeft, config_class)(task_type="CAUSAL_LM", **kwargs)).eval()
+    with torch.no_grad():
+        for param in reference.parameters():
+            if param.requires_grad:
+                param.normal_()
+    assert copy_adapter_weights(reference.eval(), gm) > 0
+    inputs = models.hf_inputs(name, batch=2)
+    expected, logits = peft_greedy(reference, inputs["input_ids"], inputs["attention_mask"], NEW)
+    seen = []
+    run = type(gm)._run
+
+    def recording(signature, adapter_names, batch_input, *args):
+        _, call = torch.utils._pytree.tree_unflatten(list(args), signature.in_spec)
+        seen.append(tuple(call["input_ids"].shape) if "input_ids" in call else "prompt")
+        return run(gm, signature, adapter_names, batch_input, *args)
+
+    gm.__dict__["_run"] = recording
+    try:
+        got = gm.generate(**inputs, max_new_tokens=NEW, do_sample=False, pad_token_id=0,
+                          return_dict_in_generate=True, output_logits=True)
+    finally:
+        del gm.__dict__["_run"]
+    assert torch.equal(got.sequences, expected)
+    for ours, theirs in zip(got.logits, logits, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert seen == (["prompt"] if method != "prefix" else []) + [(2, 7)] + [(2, 1)] * (NEW - 1)
+    assert int(got.past_key_values.layers[0].cumulative_length) == 4 + 7 + NEW - 1
+    with pytest.raises(ValueError, match="adapter_names picks adapters per sequence"):
+        gm.generate(**inputs, max_new_tokens=2, adapter_names=["default", "default"])
+    with pytest.raises(ValueError, match="builds its own KV cache"):
+        gm.generate(**inputs, max_new_tokens=2, use_cache=False)
+
+
+# ------------------------------------------------------------------------------------------ deployment
+
+
+def test_export_merged_for_generation_runs_without_fxpeft(llama_pair, tmp_path):
+    """export_merged(generation=True): generate.pt2 (the merged model with a static cache written in
+    place) and generate.py, a greedy loop that needs only torch; run in a process where fxpeft cannot
+    be imported, its tokens equal gm.generate's (a left-padded batch, and one prompt alone)."""
+    import subprocess
+    import sys
+
+    _, gm = llama_pair
+    inputs = models.hf_inputs("llama", batch=2)
+    written = fxpeft.export_merged(gm, str(tmp_path), generation=True)
+    assert written["loop"] == str(tmp_path / "generate.py")
+    torch.save(inputs, tmp_path / "inputs.pt")
+    script = (
+        "import sys, torch; sys.modules['fxpeft'] = None; sys.path.insert(0, sys.argv[1]); import generate\n"
+        "inputs = torch.load(sys.argv[1] + '/inputs.pt')\n"
+        f"both = generate.greedy(inputs['input_ids'], inputs['attention_mask'], max_new_tokens={NEW}, pad_token_id=0)\n"
+        f"alone = generate.greedy(inputs['input_ids'][1:], max_new_tokens={NEW}, pad_token_id=0)\n"
+        "torch.save((both, alone), sys.argv[1] + '/tokens.pt')\n")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, env={"OMP_NUM_THREADS": "1"})
+    both, alone = torch.load(tmp_path / "tokens.pt")
+    kw = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    assert torch.equal(both, gm.generate(**inputs, **kw))
+    assert torch.equal(alone, gm.generate(input_ids=inputs["input_ids"][1:], **kw))
+    with pytest.raises(NotImplementedError, match="MLP is not one"):  # before anything is merged
+        fxpeft.export_merged(fxpeft.transform(models.MLP(), fxpeft.LoraConfig(r=2, target_modules=["fc1"])),
+                             str(tmp_path / "mlp"), example_inputs=(torch.randn(2, 12),), generation=True)

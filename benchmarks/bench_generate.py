@@ -1,0 +1,166 @@
+"""Generation: fxpeft vs PEFT ``generate`` side by side in one process, per-token decode time.
+
+Llama-shaped model (hidden 512, 4 layers, vocab 8000), LoRA r=16 on all seven projections, random
+adapters with fxpeft holding PEFT's tensors (greedy tokens checked equal before timing). For each
+batch size and context length (prompt tokens), greedy ``generate`` of ``--new`` tokens; a streamer
+stamps each new token and the per-token time is the median gap between consecutive tokens (decode
+steps only; the prompt's prefill is left out), median again over interleaved repeats.
+Contenders:
+- fxpeft eager: transformers' decoding over fxpeft's graph with a static KV cache (its default);
+- PEFT eager: PEFT's ``generate`` with transformers' default (dynamic) cache;
+- with ``--compile``: both with ``compile_config=CompileConfig(fullgraph=True)`` (inductor; PEFT on the
+  static cache, which compiled decoding needs; compiling the decode step is counted out: warm-up).
+The static cache is sized once for the longest context (``max_cache_len``), so both contexts reuse one
+compiled graph, and its decode step attends over the whole cache whatever the context: its per-token
+time does not grow with the context at all; the dynamic cache's grows with attention's share.
+With ``--tenants N``: N adapters loaded in both, a batch of ``--tenant-batch`` prompts (32 tokens) each
+naming its adapter (``adapter_names``, round robin): fxpeft's mixed decode vs PEFT's, and fxpeft's
+mixed decode vs the same batch with one adapter.
+Absolute times on shared machines are noise: read the ratios. Run:
+python benchmarks/bench_generate.py [--batch 1,8] [--context 32,256] [--new 16] [--compile]
+                                    [--tenants 8 --tenant-batch 32] [--device cuda]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+
+import fxpeft
+from bench_lora import TARGETS
+
+
+def llama_512():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=8000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024)
+    return LlamaForCausalLM(config)
+
+
+class Stamps:
+    """A streamer that notes when each new token arrives (the first ``put`` is the prompt)."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value):
+        if value.is_cuda:
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+    def per_token(self) -> float:
+        gaps = [b - a for a, b in zip(self.times[1:], self.times[2:])]  # between generated tokens
+        return statistics.median(gaps)
+
+
+def per_token_times(contenders: dict, inputs: dict, repeats: int) -> tuple[dict, dict]:
+    """Each contender's tokens (a warm-up run) and median per-token time over interleaved repeats."""
+    with torch.no_grad():
+        tokens = {name: model.generate(**inputs, **kw) for name, (model, kw) in contenders.items()}
+    samples = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, (model, kw) in contenders.items():
+            stamps = Stamps()
+            with torch.no_grad():
+                model.generate(**inputs, **kw, streamer=stamps)
+            samples[name].append(stamps.per_token())
+    return tokens, {name: statistics.median(values) for name, values in samples.items()}
+
+
+def main():
+    import peft
+    from transformers import CompileConfig
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", default="1,8")
+    parser.add_argument("--context", default="32,256")
+    parser.add_argument("--new", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--tenants", type=int, default=0)
+    parser.add_argument("--tenant-batch", type=int, default=32)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    batches = [int(b) for b in args.batch.split(",")]
+    contexts = [int(c) for c in args.context.split(",")]
+    base = llama_512().to(args.device).eval()
+    config = dict(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0, init_lora_weights=False)
+    reference = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config)).eval()
+    gm = fxpeft.transform(base, fxpeft.LoraConfig(**config)).eval()
+    ours = dict(gm.named_parameters())
+    with torch.no_grad():
+        for key, value in reference.named_parameters():
+            if value.requires_grad:
+                ours[key.removeprefix("base_model.model.")].copy_(value)
+    cache_len = max(contexts) + args.new + 8
+    common = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=0)
+    static = dict(common, cache_implementation="static", max_cache_len=cache_len)
+    compiled = CompileConfig(fullgraph=True)
+    compiled._compile_all_devices = True  # transformers compiles on accelerators only unless told (fxpeft sets it itself)
+    contenders = {"fxpeft eager": (gm, dict(common, max_cache_len=cache_len)), "PEFT eager": (reference, common)}
+    if args.compile:
+        contenders["fxpeft compiled"] = (gm, dict(common, max_cache_len=cache_len, compile_config=compiled))
+        contenders["PEFT compiled"] = (reference, dict(static, compile_config=compiled))
+
+    print(f"Llama hidden 512 x 4 layers, LoRA r=16 on all seven projections, {args.new} new tokens, "
+          f"device {args.device}, {torch.get_num_threads()} threads")
+    for batch in batches:
+        results = {}
+        for context in contexts:
+            ids = torch.randint(1, 8000, (batch, context), device=args.device)
+            inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+            tokens, times = per_token_times(contenders, inputs, args.repeats)
+            for name, got in tokens.items():
+                assert torch.equal(got, tokens["PEFT eager"]), f"{name} generated other tokens than PEFT"
+            results.update({(name, context): value for name, value in times.items()})
+        print(f"\nbatch {batch}: per-token decode time, ms (and fxpeft's speed-up over PEFT eager)")
+        print(f"{'contender':<18}" + "".join(f"{f'context {c}':>22}" for c in contexts)
+              + (f"{f'{contexts[-1]} / {contexts[0]}':>12}" if len(contexts) > 1 else ""))
+        for name in contenders:
+            row = f"{name:<18}"
+            for context in contexts:
+                ms = 1e3 * results[name, context]
+                row += f"{ms:>12.2f} ({results['PEFT eager', context] / results[name, context]:5.2f}x)  "
+            if len(contexts) > 1:
+                row += f"{results[name, contexts[-1]] / results[name, contexts[0]]:>10.2f}x"
+            print(row)
+    if args.tenants:
+        tenants(gm, reference, config, args, common, cache_len)
+
+
+def tenants(gm, reference, config, args, common, cache_len):
+    import peft
+
+    names = ["default"] + [f"t{i}" for i in range(1, args.tenants)]
+    for name in names[1:]:
+        reference.add_adapter(name, peft.LoraConfig(**config))
+        fxpeft.add_adapter(gm, fxpeft.LoraConfig(**config), name)
+    ours = dict(gm.named_parameters())
+    with torch.no_grad():
+        for key, value in reference.named_parameters():
+            if "lora_" in key:
+                ours[key.removeprefix("base_model.model.")].copy_(value)
+    ids = torch.randint(1, 8000, (args.tenant_batch, 32), device=args.device)
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+    per_row = [names[i % len(names)] for i in range(args.tenant_batch)]
+    contenders = {"fxpeft mixed": (gm, dict(common, max_cache_len=cache_len, adapter_names=per_row)),
+                  "PEFT mixed": (reference, dict(common, adapter_names=per_row)),
+                  "fxpeft one adapter": (gm, dict(common, max_cache_len=cache_len))}
+    tokens, times = per_token_times(contenders, inputs, args.repeats)
+    assert torch.equal(tokens["fxpeft mixed"], tokens["PEFT mixed"]), "fxpeft's mixed batch generated other tokens"
+    print(f"\n{args.tenants} adapters, {args.tenant_batch} sequences each naming its adapter: per-token decode time, ms")
+    for name, value in times.items():
+        print(f"{name:<20}{1e3 * value:>10.2f}")
+    print(f"fxpeft mixed speed-up over PEFT mixed: {times['PEFT mixed'] / times['fxpeft mixed']:.2f}x; "
+          f"fxpeft mixed / one adapter: {times['fxpeft mixed'] / times['fxpeft one adapter']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
