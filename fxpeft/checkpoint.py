@@ -107,6 +107,43 @@ def adapter_key_map(gm, adapter: str, state: dict[str, torch.Tensor]) -> dict[st
     return mapping
 
 
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT's: naming one in target_modules saves the embeddings
+
+
+def embedding_keys(gm, adapter: str, state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """PEFT checkpoint key -> fxpeft state_dict name for the base weights of the model's input and
+    output embeddings that carry an adapter: what PEFT writes beside an adapter that targets an
+    embedding layer (``save_embedding_layers``), and loads back into the base model."""
+    source = gm._fxpeft_source
+    names = {id(m): n for n, m in source.named_modules()}
+    adapted = _adapted_paths(gm)
+    prefix = method_of(gm, adapter).checkpoint_prefix
+    keys = {}
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        get = getattr(source, getter, None)
+        layer = get() if callable(get) else None
+        path = names.get(id(layer)) if layer is not None else None
+        if path is not None and path in adapted and f"{path}.weight" in state:
+            keys[f"{prefix}{path}.base_layer.weight"] = f"{path}.weight"
+    return keys
+
+
+def _saves_embeddings(gm, adapter: str, save_embedding_layers) -> bool:
+    """PEFT's rule: True, False, or "auto" — on when ``target_modules`` names an embedding layer
+    (and no trainable tokens replace it), with PEFT's warning. (PEFT's "auto" also saves the
+    embeddings of a model whose vocabulary was resized, found by loading the base model's config
+    from its path; fxpeft does not: pass True then.)"""
+    if save_embedding_layers != "auto":
+        return bool(save_embedding_layers)
+    config = gm.peft_config[adapter]
+    targets = getattr(config, "target_modules", None) or ()
+    tokens = config.peft_type == "TRAINABLE_TOKENS" or getattr(config, "trainable_token_indices", None) is not None
+    if tokens or not any(name in targets for name in EMBEDDING_LAYER_NAMES):
+        return False
+    warnings.warn("Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.")
+    return True
+
+
 # --------------------------------------------------------------------------- writing
 
 
@@ -327,7 +364,8 @@ def rewrite_config(directory: str, data: dict) -> None:
 
 
 def save_adapter(gm, directory: str, adapter: str, safe_serialization: bool = True,
-                 state_dict: Optional[dict[str, torch.Tensor]] = None, initial_directory: Optional[str] = None) -> None:
+                 state_dict: Optional[dict[str, torch.Tensor]] = None, initial_directory: Optional[str] = None,
+                 save_embedding_layers="auto") -> None:
     """Write one adapter. ``state_dict`` (keys as ``gm.state_dict()``'s) supplies the values instead
     of the module: Trainer passes the full weights it gathered under FSDP or DeepSpeed, where the
     module itself holds only shards. ``initial_directory`` (PEFT's
@@ -352,6 +390,8 @@ def save_adapter(gm, directory: str, adapter: str, safe_serialization: bool = Tr
             raise ValueError(f"state_dict lacks tensors of adapter {adapter!r}: {missing[:8]}"
                              f"{' ...' if len(missing) > 8 else ''}; pass the module's full state_dict().")
         state = state_dict
+    if _saves_embeddings(gm, adapter, save_embedding_layers):
+        mapping.update(embedding_keys(gm, adapter, state))
     tensors = {key: state[name] for key, name in mapping.items()}
     if method.saved_state is not None:
         tensors = method.saved_state(gm, adapter, tensors)
@@ -446,6 +486,8 @@ def check_and_copy(gm, adapter: str, weights: dict[str, torch.Tensor]) -> None:
         ignored = method.checkpoint_keys(gm.peft_config[adapter], set(weights))
         weights = {key: value for key, value in weights.items() if key not in ignored}
     computed = method.saved_tensors(gm, adapter) if method.saved_tensors is not None else {}
+    # the embeddings' base weights PEFT may save beside the adapter: loaded into the base, as PEFT does
+    mapping.update({key: name for key, name in embedding_keys(gm, adapter, state).items() if key in weights})
     expected = {**{key: state[name] for key, name in mapping.items()}, **computed}
     unexpected = sorted(set(weights) - set(expected))
     missing = sorted(set(expected) - set(weights))

@@ -238,13 +238,16 @@ def print_trainable_parameters(gm: nn.Module) -> None:
 
 @progress.task("fxpeft.save_pretrained")
 def save_pretrained(gm: PeftGraphModule, directory: str, adapter_names=None, safe_serialization: bool = True,
-                    state_dict=None, path_initial_model_for_weight_conversion: Optional[str] = None) -> None:
+                    state_dict=None, path_initial_model_for_weight_conversion: Optional[str] = None,
+                    save_embedding_layers: Union[str, bool] = "auto") -> None:
     """Write PEFT's checkpoint layout: "default" at ``directory``, other adapters in subfolders.
     A ``state_dict`` (the module's keys) supplies the adapter values instead of the module.
     ``path_initial_model_for_weight_conversion``: the folder the adapter was saved to right after it
     was created, before training; the adapter is then written as its method converts it against
     that initial state (LoRA with PiSSA, OLoRA …: a plain LoRA adapter of twice the rank for the
-    original base weights, as PEFT writes it; methods without a conversion raise)."""
+    original base weights, as PEFT writes it; methods without a conversion raise).
+    ``save_embedding_layers`` (PEFT's): also write the base weights of targeted embedding layers;
+    "auto": when ``target_modules`` names ``embed_tokens`` or ``lm_head``."""
     _require_transformed(gm)
     names = list(gm.peft_config) if adapter_names is None else list(adapter_names)
     check_known(gm, names)
@@ -253,7 +256,8 @@ def save_pretrained(gm: PeftGraphModule, directory: str, adapter_names=None, saf
             _checkpoint.check_initial_conversion(gm, name)
     for name in names:
         _checkpoint.save_adapter(gm, _checkpoint.adapter_dir(directory, name), name, safe_serialization,
-                                 state_dict=state_dict, initial_directory=path_initial_model_for_weight_conversion)
+                                 state_dict=state_dict, initial_directory=path_initial_model_for_weight_conversion,
+                                 save_embedding_layers=save_embedding_layers)
 
 
 @progress.task("fxpeft.from_pretrained")

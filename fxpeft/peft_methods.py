@@ -95,7 +95,7 @@ class PeftModelMethods:
     def save_pretrained(self, save_directory: str, safe_serialization: bool = True,
                         selected_adapters: Optional[list[str]] = None, is_main_process: bool = True,
                         state_dict: Optional[dict] = None, path_initial_model_for_weight_conversion: Optional[str] = None,
-                        **kwargs) -> None:
+                        save_embedding_layers="auto", **kwargs) -> None:
         """Write the adapters in PEFT's format, never the frozen base: this is also what
         ``transformers.Trainer`` calls for its checkpoints and ``save_model()``. A ``state_dict``
         (the module's keys; Trainer passes the weights it gathered under FSDP or DeepSpeed)
@@ -105,7 +105,8 @@ class PeftModelMethods:
 
         if is_main_process:
             save_pretrained(self, save_directory, selected_adapters, safe_serialization, state_dict=state_dict,
-                            path_initial_model_for_weight_conversion=path_initial_model_for_weight_conversion)
+                            path_initial_model_for_weight_conversion=path_initial_model_for_weight_conversion,
+                            save_embedding_layers=save_embedding_layers)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         from .lifecycle import trainable_parameters

@@ -214,13 +214,19 @@ def test_ensure_weight_tying_of_targeted_embedding_equals_peft(tmp_path):
     torch.testing.assert_close(logits(gm), expected, rtol=1e-5, atol=1e-5)
     head, embedding = gm.lm_head, gm.model.embed_tokens
     assert head.lora_A["default"].weight.data_ptr() == embedding.lora_embedding_B["default"].data_ptr()
-    theirs, ours = saved_files(reference, gm, tmp_path)
-    # PEFT also saves targeted embeddings' base weights (save_embedding_layers="auto"), which fxpeft does not
-    assert set(theirs) - set(ours) == {"base_model.model.model.embed_tokens.base_layer.weight",
-                                       "base_model.model.lm_head.base_layer.weight"}
-    assert set(ours) <= set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
-    back = fxpeft.from_pretrained(tiny_llama(True), str(tmp_path / "fx"))
-    torch.testing.assert_close(logits(back), expected, rtol=1e-5, atol=1e-5)
+    with pytest.warns(UserWarning, match="save_embedding_layers"):  # PEFT's "auto": the embeddings' base weights too
+        theirs, ours = saved_files(reference, gm, tmp_path)
+    assert {"base_model.model.model.embed_tokens.base_layer.weight", "base_model.model.lm_head.base_layer.weight"} <= set(ours)
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    for folder in ("fx", "peft"):  # a checkpoint's embedding weights replace the base's, as PEFT loads them
+        base = tiny_llama(True)
+        with torch.no_grad():
+            base.model.embed_tokens.weight.mul_(0.5)
+        back = fxpeft.from_pretrained(base, str(tmp_path / folder))
+        torch.testing.assert_close(logits(back), expected, rtol=1e-5, atol=1e-5)
+    gm.save_pretrained(str(tmp_path / "lean"), save_embedding_layers=False)
+    assert set(load_file(str(tmp_path / "lean" / "adapter_model.safetensors"))) == {
+        k for k in ours if not k.endswith("base_layer.weight")}
 
 
 def test_ensure_weight_tying_warnings_as_peft():
