@@ -209,7 +209,7 @@ def _require_transformed(gm) -> PeftGraphModule:
 def add_adapter(gm: PeftGraphModule, config: PeftConfigBase, adapter_name: str) -> None:
     """Add another adapter to a transformed module; the others keep their weights and trainability."""
     _require_transformed(gm)
-    if not isinstance(config, PeftConfigBase):
+    if isinstance(config, str) and not isinstance(adapter_name, str):
         raise TypeError(f"fxpeft.add_adapter takes (gm, config, adapter_name); got a {type(config).__name__} as "
                         "the config. (The method gm.add_adapter takes PEFT's order: adapter_name, then config.)")
     with transaction(gm), _weights_kept_on_error(gm, [config], registry_of(gm)):
