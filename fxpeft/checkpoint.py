@@ -29,7 +29,7 @@ import torch
 from . import progress
 from .registry import DEFAULT
 from .state import method_of
-from .targets import requested_names
+from .targets import model_embedding, requested_names
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -120,8 +120,7 @@ def embedding_keys(gm, adapter: str, state: dict[str, torch.Tensor]) -> dict[str
     prefix = method_of(gm, adapter).checkpoint_prefix
     keys = {}
     for getter in ("get_input_embeddings", "get_output_embeddings"):
-        get = getattr(source, getter, None)
-        layer = get() if callable(get) else None
+        layer = model_embedding(source, getter)
         path = names.get(id(layer)) if layer is not None else None
         if path is not None and path in adapted and f"{path}.weight" in state:
             keys[f"{prefix}{path}.base_layer.weight"] = f"{path}.weight"
@@ -487,7 +486,8 @@ def check_and_copy(gm, adapter: str, weights: dict[str, torch.Tensor]) -> None:
         weights = {key: value for key, value in weights.items() if key not in ignored}
     computed = method.saved_tensors(gm, adapter) if method.saved_tensors is not None else {}
     # the embeddings' base weights PEFT may save beside the adapter: loaded into the base, as PEFT does
-    mapping.update({key: name for key, name in embedding_keys(gm, adapter, state).items() if key in weights})
+    if any(key.endswith(".base_layer.weight") and key not in mapping for key in weights):
+        mapping.update({key: name for key, name in embedding_keys(gm, adapter, state).items() if key in weights})
     expected = {**{key: state[name] for key, name in mapping.items()}, **computed}
     unexpected = sorted(set(weights) - set(expected))
     missing = sorted(set(expected) - set(weights))

@@ -108,12 +108,21 @@ def requested_names(config) -> list[str]:
     return names
 
 
+def model_embedding(model, getter: str):
+    """``model.get_input_embeddings()`` / ``get_output_embeddings()``, or None where a model has none
+    (transformers raises NotImplementedError for models without embeddings, such as ConvNeXt)."""
+    get = getattr(model, getter, None)
+    try:
+        return get() if callable(get) else None
+    except NotImplementedError:
+        return None
+
+
 def input_embedding_path(gm) -> Optional[str]:
     """The path of the model's input embedding (``get_input_embeddings``), as PEFT finds it; None
     for models without one."""
     source = gm._fxpeft_source
-    getter = getattr(source, "get_input_embeddings", None)
-    embedding = getter() if callable(getter) else None
+    embedding = model_embedding(source, "get_input_embeddings")
     if embedding is None:
         return None
     return next((name for name, m in source.named_modules() if m is embedding), None)
@@ -136,8 +145,7 @@ def output_heads(gm, config) -> set[str]:
     """What PEFT's "all-linear" leaves out, for every tuner: the output embedding, or a SEQ_CLS head."""
     source = gm._fxpeft_source
     heads = set()
-    get_output = getattr(source, "get_output_embeddings", None)
-    output = get_output() if callable(get_output) else None
+    output = model_embedding(source, "get_output_embeddings")
     names = {id(m): n for n, m in source.named_modules()}
     if output is not None:
         heads.add(names[id(output)])

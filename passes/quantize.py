@@ -39,6 +39,7 @@ from fxpeft.canonical import (Conv1D, WeightSpec, _attr_target,
                               is_quantized)
 from fxpeft.configs import BnbConfig
 from fxpeft.registry import DEFAULT, Method, register_method
+from fxpeft.targets import model_embedding
 
 NESTED_BLOCKSIZE = 256  # bitsandbytes' blocksize for double-quantized statistics (gemm_4bit requires it)
 BLOCKSIZE = 64  # Params4bit's default
@@ -385,8 +386,7 @@ def _skipped(path: str, skip: list[str]) -> bool:
 
 def _default_skip(tree: nn.Module) -> list[str]:
     """What transformers leaves unquantized by default: the output embedding (lm_head)."""
-    get_output = getattr(tree, "get_output_embeddings", None)
-    output = get_output() if callable(get_output) else None
+    output = model_embedding(tree, "get_output_embeddings")
     return [name for name, module in tree.named_modules() if output is not None and module is output]
 
 
