@@ -15,16 +15,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = sorted(f for f in os.listdir(os.path.join(ROOT, "examples")) if f.endswith(".py"))
 
 
-def _run(script: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _run(script: str, cache: str) -> subprocess.CompletedProcess:
+    # each its own inductor cache: in one CI run two examples compiling at once into the shared cache
+    # failed loading a kernel library ("undefined symbol"); a race on the cache is the likely cause
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_CACHE_DIR": cache}
     return subprocess.run([sys.executable, os.path.join(ROOT, "examples", script)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture(scope="module")
-def running():
+def running(tmp_path_factory):
     with ThreadPoolExecutor(max_workers=2) as pool:
-        yield {script: pool.submit(_run, script) for script in SCRIPTS}
+        yield {script: pool.submit(_run, script, str(tmp_path_factory.mktemp("inductor"))) for script in SCRIPTS}
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
