@@ -16,8 +16,7 @@ SCRIPTS = sorted(f for f in os.listdir(os.path.join(ROOT, "examples")) if f.ends
 
 
 def _run(script: str, cache: str) -> subprocess.CompletedProcess:
-    # each its own inductor cache: in one CI run two examples compiling at once into the shared cache
-    # failed loading a kernel library ("undefined symbol"); a race on the cache is the likely cause
+    # each its own inductor cache, so that no example loads kernels another process compiled (see .ci/run)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_CACHE_DIR": cache}
     return subprocess.run([sys.executable, os.path.join(ROOT, "examples", script)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
