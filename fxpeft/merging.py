@@ -157,10 +157,9 @@ def _fold(gm, names, sign: int, safe_merge: bool = False) -> tuple:
                 gate.merged = sign > 0
                 gate.refresh()
         except BaseException:
-            _unfold(gm, record)
+            _unfold(gm, record)  # refreshes the merged list too
             raise
-        finally:
-            remember_merged(gm)
+        remember_merged(gm)
     return record
 
 

@@ -426,10 +426,11 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
                 v for v in kwargs.values() if isinstance(v, torch.Tensor))
             flat = self._run(signature, adapter_names, batch_input, *capture_mod.flatten_call(kwargs, signature.in_spec))
             output = capture_mod.unflatten_output(list(flat), signature.out_spec)
-            if generation.cache_name_of(kwargs) is not None:
+            written = generation.cache_name_of(kwargs)
+            if written is not None:
                 generation.cache_written(cache)
                 if isinstance(output, dict):
-                    output[generation.cache_name_of(kwargs)] = cache  # what the graph wrote into
+                    output[written] = cache  # what the graph wrote into
         for method, adapter in self._fxpeft_output_hooks:  # e.g. a regulariser added to the loss
             output = method.adjust_output(self, adapter, output)
         return output
