@@ -108,6 +108,10 @@ METHODS = {
     "fourierft": MethodSpec(fxpeft.FourierFTConfig, peft.FourierFTConfig,
                             lambda s: dict(n_frequency=50, scaling=20.0, init_weights=True, target_modules=s.targets),
                             dict(init_weights=False), ("linear", "conv1d_gpt2")),
+    # PEFT's PVeRA: linear sites only (nn.Linear, Conv1D); it samples in training, so the random adapters get a
+    # generator_seed: both packages then draw the same noise (the 4-bit check compares them in training mode)
+    "pvera": MethodSpec(fxpeft.PveraConfig, peft.PveraConfig, lambda s: dict(r=4, target_modules=s.targets),
+                        dict(init_weights=False, generator_seed=0), ("linear", "conv1d_gpt2")),
 }
 CASES = [(m, s) for m, spec in METHODS.items() for s in spec.sites]
 ON_LINEAR = [m for m, spec in METHODS.items() if "linear" in spec.sites]  # the checks below use linear layers
