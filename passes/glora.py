@@ -10,10 +10,10 @@ saved as PEFT saves it). C, D and E exist only on sites with a bias. State: ``<p
 … ``glora_E`` (PEFT's names: ``…glora_A.Xd`` in files), ``<path>.glora_gate.<adapter>`` (the form's
 gate, not saved).
 
-On the weight-map form because merging is not a plain ΔW: the fold writes W + W0 ⊙ A + B (and the bias)
-with W0 the weight before any GLoRA adapter of the site was merged, as PEFT re-merges every adapter
-against the original weight, and keeps the change on the gate's stash, so unmerging subtracts exactly
-what merging added (PEFT divides by 1 + A instead). Sites: nn.Linear, as PEFT (which refuses every other
+On the weight-map form through passes/weight_delta.py, because merging is not a plain ΔW: the fold writes
+W + W0 ⊙ A + B (and the bias) with W0 the weight before any GLoRA adapter of the site was merged, as PEFT
+re-merges every adapter against the original weight, and unmerging subtracts exactly what merging added
+(PEFT divides by 1 + A instead). Sites: nn.Linear, as PEFT (which refuses every other
 layer type, GPT-2's Conv1D included); beyond PEFT, fxpeft's quantized linears (W is their dequantized
 weight). Mixed batches as PEFT's ``adapter_names``.
 """
@@ -26,13 +26,13 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from fxpeft.canonical import Site, is_quantized, site_weight
+from fxpeft.canonical import Site
 from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase
-from fxpeft.forms import AdapterGate, adapter_dtype, child_dict, masked_samples, weight_map
+from fxpeft.forms import AdapterGate, adapter_dtype, child_dict, weight_map
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads
 
-aten = torch.ops.aten
+from . import weight_delta
 
 PATHS = ("glora_A", "glora_B", "glora_C", "glora_D", "glora_E")
 VALID = {"config_A_B": ("lora", "vector", "constant", "none"), "config_C": ("lora", "vector", "none"),
@@ -157,10 +157,6 @@ def terms(site_module: nn.Module, adapter: str, dtype: torch.dtype) -> list[torc
     return [site_module._modules[name][adapter]().to(dtype) for name in PATHS]
 
 
-def float_weight(site_module: nn.Module) -> torch.Tensor:
-    return site_module.dequantize() if is_quantized(site_module) else site_module.weight
-
-
 def glora_delta(site_module: nn.Module, adapter: str, x: torch.Tensor, weight: torch.Tensor,
                 bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``x (W ⊙ A + B)^T + (b ⊙ D + E + W C)``: what the adapter adds to the site's output."""
@@ -172,46 +168,10 @@ def glora_delta(site_module: nn.Module, adapter: str, x: torch.Tensor, weight: t
     return out + (bias.to(x.dtype) * d + e + (weight @ c).squeeze(-1))
 
 
-def lower_site(lw, site: Site, module: nn.Module, adapters: list[str]):
-    spec = site_weight(lw.root, site)
-    dtype, base_dtype = adapter_dtype(spec), spec.dtype
-    owner = lw.attr(site.path)
-    weight = lw.call(float_weight, owner) if is_quantized(module) else lw.attr(site.weight)
-    bias = lw.attr(site.bias) if site.bias is not None else None
-    x = lw.cast(site.input, dtype, base_dtype)
-    output = site.output
-    for adapter in adapters:
-        coefficient = lw.attr(f"{site.path}.glora_gate.{adapter}.value")
-        if not lw.mixed:
-            coefficient = lw.call(aten.mul.Tensor, coefficient, lw.gate(adapter))
-        value = lw.call(aten.mul.Tensor, lw.call(glora_delta, owner, adapter, x, weight, bias), coefficient)
-        if lw.mixed:  # only the samples that chose this adapter
-            value = lw.call(masked_samples, value, lw.sample_index, lw.adapter_order.index(adapter))
-        output = lw.call(aten.add.Tensor, output, lw.cast(value, base_dtype, dtype))
-    return output
-
-
-def fold(gm, site: Site, module: nn.Module, adapter: str, weight, bias, sign):
-    """Merging adds ``W0 ⊙ A + B`` (and ``b0 ⊙ D + E + W0 C``) with (W0, b0) the site's weight and bias
-    before its first merged GLoRA adapter, as PEFT; unmerging subtracts the stashed change."""
-    gate = module.glora_gate[adapter]
-    if sign < 0:
-        delta_w, delta_b = gate.stash["delta"]
-        gate.stash = None
-        return weight - delta_w, (bias - delta_b if bias is not None else None)
-    w0, b0 = weight, (bias.detach().clone() if bias is not None else None)
-    for name, other in module.glora_gate.items():
-        # merged earlier, or folded just before in this same call (its result is this weight)
-        if name != adapter and other.stash is not None and (other.merged or other.stash["result"] is weight):
-            w0, b0 = other.stash["reference"]
-            break
-    with torch.no_grad():
-        a, b, c, d, e = terms(module, adapter, weight.dtype)
-        delta_w = w0 * a + b
-        delta_b = b0 * d + e + (w0 @ c).squeeze(-1) if b0 is not None else None
-    new_weight = weight + delta_w
-    gate.stash = {"reference": (w0, b0), "delta": (delta_w, delta_b), "result": new_weight}
-    return new_weight, (bias + delta_b if bias is not None else None)
+def glora_change(site_module: nn.Module, adapter: str, w0: torch.Tensor, b0: Optional[torch.Tensor]):
+    """Merging: ``W0 ⊙ A + B`` and ``b0 ⊙ D + E + W0 C`` (PEFT's merge, against the unmerged weight)."""
+    a, b, c, d, e = terms(site_module, adapter, w0.dtype)
+    return w0 * a + b, (b0 * d + e + (w0 @ c).squeeze(-1) if b0 is not None else None)
 
 
 def describe(module: nn.Module, adapter: str) -> str:
@@ -222,6 +182,8 @@ def describe(module: nn.Module, adapter: str) -> str:
 
 
 METHOD = register_method(weight_map(
-    name="glora", config_type=GloraConfig, create=add_glora, check_site=check_site, lower_site=lower_site, fold=fold,
+    name="glora", config_type=GloraConfig, create=add_glora, check_site=check_site,
+    lower_site=weight_delta.lowering(gates="glora_gate", delta=glora_delta),
+    fold=weight_delta.folding(gates="glora_gate", change=glora_change),
     containers=PATHS, gates="glora_gate", kinds=("linear",), default_targets=DEFAULT_LORA_TARGETS,
     heads=output_heads, describe=describe))
