@@ -115,6 +115,10 @@ METHODS = {
     # PEFT's GLoRA: plain nn.Linear only (Conv1D and a 4-bit layer raise at construction, tests/test_glora.py)
     "glora": MethodSpec(fxpeft.GloraConfig, peft.GloraConfig, lambda s: dict(r=2, target_modules=s.targets),
                         dict(init_weights=False), ("linear",), peft_4bit=False),
+    # PEFT's PEANuT: nn.Linear only (Conv1D raises); on a 4-bit layer it computes with the packed weight and fails
+    "peanut": MethodSpec(fxpeft.PeanutConfig, peft.PeanutConfig,
+                         lambda s: dict(r=4, depth=1, act_fn="gelu", scaling=0.5, target_modules=s.targets),
+                         dict(init_weights=False), ("linear",), peft_4bit=False),
 }
 CASES = [(m, s) for m, spec in METHODS.items() for s in spec.sites]
 ON_LINEAR = [m for m, spec in METHODS.items() if "linear" in spec.sites]  # the checks below use linear layers
