@@ -42,6 +42,7 @@ from .passes.weighted import add_weighted_adapter  # noqa: E402
 from .passes.pvera import PveraConfig  # noqa: E402
 from .passes.glora import GloraConfig  # noqa: E402
 from .passes.peanut import PeanutConfig  # noqa: E402
+from .passes.deft import DeftConfig  # noqa: E402
 
 __all__ = [
     "transform", "add_adapter", "load_adapter", "from_pretrained", "save_pretrained", "delete_adapter",
@@ -56,5 +57,5 @@ __all__ = [
     "HRAConfig", "TrainableTokensConfig", "VeraConfig", "FourierFTConfig", "LNTuningConfig", "EvaConfig",
     "CordaConfig", "TaskType", "PeftGraphModule", "CaptureError", "find_sites", "Site",
     "registry", "forms", "Registry", "Method", "register_method",
-    "PveraConfig", "GloraConfig", "PeanutConfig",
+    "PveraConfig", "GloraConfig", "PeanutConfig", "DeftConfig",
 ]

@@ -4,3 +4,4 @@ from . import (adalora, boft, dora, fourierft, hra, ia3, ln_tuning, loha, lokr, 
 from . import pvera  # noqa: F401,E402
 from . import glora  # noqa: F401,E402
 from . import peanut  # noqa: F401,E402
+from . import deft  # noqa: F401,E402

@@ -158,7 +158,7 @@ def terms(site_module: nn.Module, adapter: str, dtype: torch.dtype) -> list[torc
 
 
 def glora_delta(site_module: nn.Module, adapter: str, x: torch.Tensor, weight: torch.Tensor,
-                bias: Optional[torch.Tensor]) -> torch.Tensor:
+                bias: Optional[torch.Tensor], output) -> torch.Tensor:
     """``x (W ⊙ A + B)^T + (b ⊙ D + E + W C)``: what the adapter adds to the site's output."""
     a, b, c, d, e = terms(site_module, adapter, x.dtype)
     weight = weight.to(x.dtype)

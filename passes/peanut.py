@@ -116,7 +116,8 @@ def unscaled_delta_weight(site_module: nn.Module, adapter: str, weight: torch.Te
     return b(h).t()
 
 
-def peanut_delta(site_module: nn.Module, adapter: str, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+def peanut_delta(site_module: nn.Module, adapter: str, x: torch.Tensor, weight: torch.Tensor, bias,
+                 output) -> torch.Tensor:
     return torch.nn.functional.linear(x, unscaled_delta_weight(site_module, adapter, weight).to(x.dtype))
 
 

@@ -1,10 +1,11 @@
-"""Methods whose change to a site is computed from the site's own weight (GLoRA, PEANuT), on the
+"""Methods whose change to a site is computed from the site's own weight (GLoRA, PEANuT, DeFT), on the
 weight-map form (fxpeft/forms.py): each adapter adds ``Δ(x)``, a function of x and of the site's weight
 W (and bias b), as PEFT adds every active adapter's output computed against the unmerged W:
 
     y = base(x) + Σ_a g_a Δ_a(x; W, b)            merged: W ← W + ΔW_a(W0), b ← b + Δb_a(W0, b0)
 
-A method supplies ``delta(site_module, adapter, x, W, b)`` (a graph function: x in the adapter's dtype)
+A method supplies ``delta(site_module, adapter, x, W, b, y)`` (a graph function: x in the adapter's dtype,
+y the site's output)
 and ``change(site_module, adapter, W0, b0) -> (ΔW, Δb or None)``. This file lowers them (gates as data,
 mixed batches masked per sample, casts around half-precision bases, a quantized linear's dequantized
 weight as W) and folds them: not as a plain additive ΔW, because ΔW depends on the weight, which merging
@@ -30,14 +31,18 @@ def float_weight(site_module: nn.Module) -> torch.Tensor:
     return site_module.dequantize() if is_quantized(site_module) else site_module.weight
 
 
-def lowering(*, gates: str, delta: Callable) -> Callable:
-    """The weight-map form's ``lower_site``: the site's output plus each adapter's gated ``delta``."""
+def lowering(*, gates: str, delta: Callable, reads_weight: bool = True) -> Callable:
+    """The weight-map form's ``lower_site``: the site's output plus each adapter's gated
+    ``delta(site_module, adapter, x, W, b, y)``, y the site's own output (W None unless ``reads_weight``:
+    a method that needs only ``y - b`` spares a quantized base its dequantization)."""
 
     def lower_site(lw, site: Site, module: nn.Module, adapters: list[str]):
         spec = site_weight(lw.root, site)
         dtype, base_dtype = adapter_dtype(spec), spec.dtype
         owner = lw.attr(site.path)
-        weight = lw.call(float_weight, owner) if is_quantized(module) else lw.attr(site.weight)
+        weight = None
+        if reads_weight:
+            weight = lw.call(float_weight, owner) if is_quantized(module) else lw.attr(site.weight)
         bias = lw.attr(site.bias) if site.bias is not None else None
         x = lw.cast(site.input, dtype, base_dtype)
         output = site.output
@@ -45,7 +50,7 @@ def lowering(*, gates: str, delta: Callable) -> Callable:
             coefficient = lw.attr(f"{site.path}.{gates}.{adapter}.value")
             if not lw.mixed:
                 coefficient = lw.call(aten.mul.Tensor, coefficient, lw.gate(adapter))
-            value = lw.call(aten.mul.Tensor, lw.call(delta, owner, adapter, x, weight, bias), coefficient)
+            value = lw.call(aten.mul.Tensor, lw.call(delta, owner, adapter, x, weight, bias, site.output), coefficient)
             if lw.mixed:  # only the samples that chose this adapter
                 value = lw.call(masked_samples, value, lw.sample_index, lw.adapter_order.index(adapter))
             output = lw.call(aten.add.Tensor, output, lw.cast(value, base_dtype, dtype))

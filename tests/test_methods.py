@@ -119,6 +119,9 @@ METHODS = {
     "peanut": MethodSpec(fxpeft.PeanutConfig, peft.PeanutConfig,
                          lambda s: dict(r=4, depth=1, act_fn="gelu", scaling=0.5, target_modules=s.targets),
                          dict(init_weights=False), ("linear",), peft_4bit=False),
+    # PEFT's DeFT: nn.Linear and Conv1D; init_weights=True is the identity start (R from the base weight)
+    "deft": MethodSpec(fxpeft.DeftConfig, peft.DeftConfig, lambda s: dict(r=3, alpha=6, target_modules=s.targets),
+                       dict(init_weights=False), ("linear", "conv1d_gpt2")),
 }
 CASES = [(m, s) for m, spec in METHODS.items() for s in spec.sites]
 ON_LINEAR = [m for m, spec in METHODS.items() if "linear" in spec.sites]  # the checks below use linear layers
