@@ -16,6 +16,18 @@ from peft_oracle import assert_same_saved_tensors
 TARGETS = ["fc1", "fc2"]
 
 
+class Conv1DNet(torch.nn.Module):
+    """One GPT-2-style Conv1D layer (weight stored (in, out)), named as GPT-2's."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+        self.c_attn = Conv1D(6, 4)
+
+    def forward(self, x):
+        return self.c_attn(x)
+
+
 def x():
     return torch.randn(4, 12, generator=torch.Generator().manual_seed(3))
 
@@ -80,11 +92,11 @@ def test_peft_invalid_configs_raise_at_construction(kwargs, rule):
 
 
 def test_conv1d_refused_as_peft_and_no_weighted_adapter():
-    gpt2 = models.gpt2()
+    conv1d = Conv1DNet()
     with pytest.raises(NotImplementedError, match="PEANuT does not support target modules of type"):
-        peft.get_peft_model(copy.deepcopy(gpt2), peft.PeanutConfig(target_modules=["c_attn"]))
+        peft.get_peft_model(copy.deepcopy(conv1d), peft.PeanutConfig(target_modules=["c_attn"]))
     with pytest.raises(NotImplementedError, match="PEANuT does not support target modules of type Conv1D"):
-        fxpeft.transform(gpt2, fxpeft.PeanutConfig(target_modules=["c_attn"]))
+        fxpeft.transform(conv1d, fxpeft.PeanutConfig(target_modules=["c_attn"]))
     reference, gm = pair(models.MLP().eval())
     with pytest.raises(AttributeError, match="add_weighted_adapter"):
         reference.add_weighted_adapter(["default"], [0.5], "mix")
