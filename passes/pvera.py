@@ -14,6 +14,8 @@ The sampling follows ``.train()/.eval()`` as dropout does: it is the site's gate
 (``<path>.pvera_gate.<adapter>``, not saved) called on λ_d ⊙ (A x), so switching modes never changes
 the graph. ε comes from torch's global generator, or, with ``generator_seed``, from one CPU generator
 per site and adapter seeded with it, as PEFT: the same seed gives PEFT's draws. Merging folds the mean.
+Dynamo cannot trace a draw from a torch.Generator: with ``generator_seed``, a model compiled with
+``fullgraph=True`` fails in training (without it, the sampling is a graph break); eval never draws.
 """
 from __future__ import annotations
 
