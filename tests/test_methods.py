@@ -108,6 +108,9 @@ METHODS = {
     "fourierft": MethodSpec(fxpeft.FourierFTConfig, peft.FourierFTConfig,
                             lambda s: dict(n_frequency=50, scaling=20.0, init_weights=True, target_modules=s.targets),
                             dict(init_weights=False), ("linear", "conv1d_gpt2")),
+    # PEFT's BEFT: torch.nn.Linear only (Conv1D raises, tests/test_beft.py); a bias added to the output
+    "beft": MethodSpec(fxpeft.BeftConfig, peft.BeftConfig, lambda s: dict(target_modules=s.targets),
+                       dict(init_weights=False), ("linear",)),
 }
 CASES = [(m, s) for m, spec in METHODS.items() for s in spec.sites]
 ON_LINEAR = [m for m, spec in METHODS.items() if "linear" in spec.sites]  # the checks below use linear layers
