@@ -111,6 +111,9 @@ METHODS = {
     # PEFT's BEFT: torch.nn.Linear only (Conv1D raises, tests/test_beft.py); a bias added to the output
     "beft": MethodSpec(fxpeft.BeftConfig, peft.BeftConfig, lambda s: dict(target_modules=s.targets),
                        dict(init_weights=False), ("linear",)),
+    # PEFT's HiRA: nn.Linear, Conv1D, nn.Conv1d/2d/3d, nn.Embedding (and bitsandbytes linears); ΔW = W ⊙ (B A)
+    "hira": MethodSpec(fxpeft.HiraConfig, peft.HiraConfig, lambda s: dict(r=4, target_modules=s.targets),
+                       dict(init_weights=False), tuple(SITES)),
 }
 CASES = [(m, s) for m, spec in METHODS.items() for s in spec.sites]
 ON_LINEAR = [m for m, spec in METHODS.items() if "linear" in spec.sites]  # the checks below use linear layers
