@@ -41,6 +41,7 @@ from .passes.vera import VeraConfig  # noqa: E402
 from .passes.weighted import add_weighted_adapter  # noqa: E402
 from .passes.beft import BeftConfig  # noqa: E402
 from .passes.hira import HiraConfig  # noqa: E402
+from .passes.shira import ShiraConfig  # noqa: E402
 
 __all__ = [
     "transform", "add_adapter", "load_adapter", "from_pretrained", "save_pretrained", "delete_adapter",
@@ -57,4 +58,5 @@ __all__ = [
     "registry", "forms", "Registry", "Method", "register_method",
     "BeftConfig",
     "HiraConfig",
+    "ShiraConfig",
 ]

@@ -3,3 +3,4 @@ from . import (adalora, boft, dora, fourierft, hra, ia3, ln_tuning, loha, lokr, 
                modules_to_save, oft, prefix, prompt, quantize, trainable_tokens, vera)
 from . import beft  # noqa: E402,F401
 from . import hira  # noqa: E402,F401
+from . import shira  # noqa: E402,F401

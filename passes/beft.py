@@ -47,12 +47,14 @@ class BeftConfig(PeftConfigBase):
     peft_type = "BEFT"
 
 
-def check_site(module: nn.Module, site: Site, weight, config: BeftConfig) -> None:
-    """PEFT's ``_create_new_module`` takes ``torch.nn.Linear`` only (TypeError there, ValueError here),
-    checked before any adapter is made."""
-    if site.fan_in_fan_out:
-        raise ValueError(f"BEFT does not support transformers' Conv1D layers such as {site.path!r}: PEFT's BEFT "
-                         "adapts torch.nn.Linear only. Leave it out of target_modules.")
+def nn_linear_only(method_name: str):
+    """A ``check_site`` for methods PEFT builds on ``torch.nn.Linear`` only (bitsandbytes' layers are
+    subclasses; GPT-2's Conv1D raises TypeError there, ValueError here), before any adapter is made."""
+    def check(module: nn.Module, site: Site, weight, config) -> None:
+        if site.fan_in_fan_out:
+            raise ValueError(f"{method_name} does not support transformers' Conv1D layers such as {site.path!r}: "
+                             f"PEFT's {method_name} adapts torch.nn.Linear only. Leave it out of target_modules.")
+    return check
 
 
 def add_beft(module: nn.Module, site: Site, weight, config: BeftConfig, adapter: str) -> None:
@@ -89,7 +91,8 @@ def delta_bias(gm, site: Site, module: nn.Module, adapter: str) -> torch.Tensor:
 
 METHOD = register_method(additive(
     name="beft", config_type=BeftConfig, create=add_beft, delta=delta, delta_weight=delta_weight,
-    delta_bias=delta_bias, containers=("beft_bias",), gates="beft_gate", kinds=("linear",), check_site=check_site,
+    delta_bias=delta_bias, containers=("beft_bias",), gates="beft_gate", kinds=("linear",),
+    check_site=nn_linear_only("BEFT"),
     dtype_of=lambda module, adapter: module.beft_bias[adapter].dtype,
     default_targets=DEFAULT_BEFT_TARGETS, heads=output_heads,
     describe=lambda module, adapter: f"bias ({module.beft_bias[adapter].shape[-1]},)"))

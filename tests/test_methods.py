@@ -114,6 +114,11 @@ METHODS = {
     # PEFT's HiRA: nn.Linear, Conv1D, nn.Conv1d/2d/3d, nn.Embedding (and bitsandbytes linears); ΔW = W ⊙ (B A)
     "hira": MethodSpec(fxpeft.HiraConfig, peft.HiraConfig, lambda s: dict(r=4, target_modules=s.targets),
                        dict(init_weights=False), tuple(SITES)),
+    # PEFT's SHiRA: torch.nn.Linear only (Conv1D raises, tests/test_shira.py); r=2 keeps fc2's support
+    # (2·(24 + 5) entries) within its 24·5 weights (also in `random`, which the 4-bit test reads)
+    "shira": MethodSpec(fxpeft.ShiraConfig, peft.ShiraConfig,
+                        lambda s: dict(r=2, random_seed=3, target_modules=s.targets),
+                        dict(init_weights=False, r=2), ("linear",)),
 }
 CASES = [(m, s) for m, spec in METHODS.items() for s in spec.sites]
 ON_LINEAR = [m for m, spec in METHODS.items() if "linear" in spec.sites]  # the checks below use linear layers
