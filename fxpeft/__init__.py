@@ -42,6 +42,7 @@ from .passes.weighted import add_weighted_adapter  # noqa: E402
 from .passes.beft import BeftConfig  # noqa: E402
 from .passes.hira import HiraConfig  # noqa: E402
 from .passes.shira import ShiraConfig  # noqa: E402
+from .passes.supertuning import SupertuningConfig  # noqa: E402
 
 __all__ = [
     "transform", "add_adapter", "load_adapter", "from_pretrained", "save_pretrained", "delete_adapter",
@@ -59,4 +60,5 @@ __all__ = [
     "BeftConfig",
     "HiraConfig",
     "ShiraConfig",
+    "SupertuningConfig",
 ]

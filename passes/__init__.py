@@ -4,3 +4,4 @@ from . import (adalora, boft, dora, fourierft, hra, ia3, ln_tuning, loha, lokr, 
 from . import beft  # noqa: E402,F401
 from . import hira  # noqa: E402,F401
 from . import shira  # noqa: E402,F401
+from . import supertuning  # noqa: E402,F401

@@ -119,6 +119,11 @@ METHODS = {
     "shira": MethodSpec(fxpeft.ShiraConfig, peft.ShiraConfig,
                         lambda s: dict(r=2, random_seed=3, target_modules=s.targets),
                         dict(init_weights=False, r=2), ("linear",)),
+    # PEFT's Super-Tuning: torch.nn.Linear only (Conv1D raises, tests/test_supertuning.py); Supra mode (r set) runs
+    # both terms, the sparse support and the LoRA pair
+    "supertuning": MethodSpec(fxpeft.SupertuningConfig, peft.SupertuningConfig,
+                              lambda s: dict(sparsity=0.9, r=2, lora_alpha=4, target_modules=s.targets),
+                              dict(init_weights=False), ("linear",), peft_4bit=False),
 }
 CASES = [(m, s) for m, spec in METHODS.items() for s in spec.sites]
 ON_LINEAR = [m for m, spec in METHODS.items() if "linear" in spec.sites]  # the checks below use linear layers
