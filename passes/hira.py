@@ -13,7 +13,8 @@ B zero; embeddings A zero and B N(0, 1)).
 
 Merging follows PEFT: every HiRA adapter at a site modulates W₀, the weight before the first of
 them was merged (kept on that adapter's gate ``stash``), so adapters merged together or one after
-the other give the unmerged sum; unmerging subtracts W₀ ⊙ B A again.
+the other give the unmerged sum; unmerging subtracts W₀ ⊙ B A again. W₀ is held in host memory
+while merged, as PEFT holds it.
 
 ``rank_pattern`` sets a layer's r for every adapter, as documented; PEFT 0.21.2 builds a layer's
 first adapter with ``r`` whatever the pattern says (its ``dispatch_default`` reads ``config.r``) and
@@ -195,9 +196,10 @@ def fold(gm, site: Site, module: nn.Module, adapter: str, weight, bias, sign):
         base = getattr(weight, "_fxpeft_hira_base", None)
         if base is None:
             base = next((g.stash for g in module.hira_gate.values() if g.merged and g.stash is not None), None)
-        base = weight.detach().clone() if base is None else base.to(weight)
+        if base is None:  # kept in host memory, as PEFT keeps it: a copy of every merged weight
+            base = weight.detach().to("cpu", copy=True)
         gate.stash = base
-        merged = weight + base * change
+        merged = weight + base.to(weight) * change
         merged._fxpeft_hira_base = base
         return merged, bias
     base = gate.stash
