@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxpeft.canonical import Site, is_quantized, site_weight
+from fxpeft.canonical import Site, is_quantized
 from fxpeft.configs import PeftConfigBase
 from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict
 from fxpeft.registry import register_method
@@ -102,8 +102,8 @@ def check_site(module: nn.Module, site: Site, weight, config: HiraConfig) -> Non
     groups = getattr(module, "groups", 1)
     if site.kind == "conv" and groups > 1:
         raise NotImplementedError(f"HiRA does not support {type(module).__name__} layers with groups > 1 (got "
-                                  f"groups={groups}) such as {site.path!r}: W ⊙ (B A) needs B A shaped like W. Leave it "
-                                  "out of target_modules.")
+                                  f"groups={groups}) such as {site.path!r}: W ⊙ (B A) needs B A shaped like W. "
+                                  "Leave it out of target_modules.")
 
 
 def add_hira(module: nn.Module, site: Site, weight, config: HiraConfig, adapter: str) -> None:
@@ -186,6 +186,12 @@ def delta_weight(gm, site: Site, module: nn.Module, adapter: str) -> torch.Tenso
     return weight * adapter_modulation(site, module, adapter).to(weight.dtype)
 
 
+def factor_a(module: nn.Module, adapter: str) -> torch.Tensor:
+    """The adapter's A, whichever kind of site holds it."""
+    holder = module.hira_A if adapter in module._modules.get("hira_A", ()) else module.hira_embedding_A
+    return holder[adapter]
+
+
 def fold(gm, site: Site, module: nn.Module, adapter: str, weight, bias, sign):
     """PEFT's merge: ``W + W₀ ⊙ B A``, W₀ the weight before any HiRA adapter at this site was merged —
     passed on, within one fold of several adapters, as an attribute of the weight this returns, kept
@@ -203,7 +209,7 @@ def fold(gm, site: Site, module: nn.Module, adapter: str, weight, bias, sign):
         merged._fxpeft_hira_base = base
         return merged, bias
     base = gate.stash
-    if base is None:  # the weight W₀ ⊙ (1 + Σ B A) of the adapters still merged here, divided back (PEFT's 4-bit unmerge)
+    if base is None:  # W₀ ⊙ (1 + Σ B A) of the adapters still merged here, divided back (PEFT's 4-bit unmerge)
         total = sum(adapter_modulation(site, module, name).detach().to(weight.dtype)
                     for name, g in module.hira_gate.items() if g.merged)
         base = weight / (1 + total)
@@ -214,9 +220,7 @@ def fold(gm, site: Site, module: nn.Module, adapter: str, weight, bias, sign):
 METHOD = register_method(dataclasses.replace(additive(
     name="hira", config_type=HiraConfig, create=add_hira, delta=delta, delta_weight=delta_weight,
     containers=CONTAINERS, gates="hira_gate", dropouts="hira_dropout", kinds=("linear", "conv", "embedding"),
-    check_site=check_site, dtype_of=lambda module, adapter: (
-        module.hira_A if adapter in module._modules.get("hira_A", ()) else module.hira_embedding_A)[adapter].dtype,
+    check_site=check_site, dtype_of=lambda module, adapter: factor_a(module, adapter).dtype,
     default_targets=DEFAULT_HIRA_TARGETS, heads=output_heads,
-    describe=lambda module, adapter: "r=" + str(
-        (module.hira_A if adapter in module._modules.get("hira_A", ()) else module.hira_embedding_A)[adapter].shape[0])),
+    describe=lambda module, adapter: f"r={factor_a(module, adapter).shape[0]}"),
     fold=fold))

@@ -88,7 +88,8 @@ class ShiraConfig(PeftConfigBase):
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"ShiraConfig.r: `r` should be a positive integer value but the value passed is "
                              f"{self.r!r}.")
-        if self.random_seed is not None and (not isinstance(self.random_seed, int) or isinstance(self.random_seed, bool)):
+        seed = self.random_seed
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise ValueError(f"ShiraConfig.random_seed seeds a torch.Generator and must be an integer or None, "
                              f"got {self.random_seed!r}.")
 
