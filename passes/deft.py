@@ -12,7 +12,7 @@ read (a 4-bit base is not dequantized). State under PEFT's names: ``<path>.deft_
 ``<path>.deft_gate.<adapter>`` is the form's gate (not saved). The default init sets R = rightᵀ W / s,
 so ΔW = 0 (the identity start; with ``para`` there is none).
 
-On the weight-map form through passes/weight_delta.py: ΔW depends on W, so merging adds ΔW(W0), W0
+On the additive form through passes/weight_delta.py: ΔW depends on W, so merging adds ΔW(W0), W0
 the weight before the site's first DeFT merge (PEFT does so for adapters merged in one call; for one
 merged after another it reads the merged weight, which its unmerged forward does not), and unmerging
 subtracts it. Sites: nn.Linear and GPT-2's Conv1D, as PEFT, and fxpeft's quantized linears.
@@ -27,7 +27,7 @@ from torch import nn
 
 from fxpeft.canonical import Site
 from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase
-from fxpeft.forms import AdapterGate, adapter_dtype, child_dict, weight_map
+from fxpeft.forms import AdapterGate, adapter_dtype, child_dict
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads
 
@@ -145,11 +145,10 @@ def deft_change(site_module: nn.Module, adapter: str, w0: torch.Tensor, b0):
     return (delta.t() if gate.fan_in_fan_out else delta), None
 
 
-METHOD = register_method(weight_map(
-    name="deft", config_type=DeftConfig, create=add_deft,
-    lower_site=weight_delta.lowering(gates="deft_gate", delta=deft_delta, reads_weight=False),
-    fold=weight_delta.folding(gates="deft_gate", change=deft_change),
-    containers=("deft_P", "deft_R", "deft_dropout"), gates="deft_gate", kinds=("linear",),
+METHOD = register_method(weight_delta.method(
+    name="deft", config_type=DeftConfig, create=add_deft, gates="deft_gate", delta=deft_delta, change=deft_change,
+    reads_weight=False, containers=("deft_P", "deft_R", "deft_dropout"), kinds=("linear",),
+    dtype_of=lambda module, adapter: module.deft_P[adapter].dtype,
     default_targets=DEFAULT_LORA_TARGETS, heads=output_heads,
     describe=lambda module, adapter: (f"r={module.deft_P[adapter].shape[1]} {module.deft_gate[adapter].decomposition}"
                                       + (" para" if module.deft_gate[adapter].para else ""))))

@@ -10,7 +10,7 @@ saved as PEFT saves it). C, D and E exist only on sites with a bias. State: ``<p
 … ``glora_E`` (PEFT's names: ``…glora_A.Xd`` in files), ``<path>.glora_gate.<adapter>`` (the form's
 gate, not saved).
 
-On the weight-map form through passes/weight_delta.py, because merging is not a plain ΔW: the fold writes
+On the additive form through passes/weight_delta.py, because merging is not a plain ΔW: the fold writes
 W + W0 ⊙ A + B (and the bias) with W0 the weight before any GLoRA adapter of the site was merged, as PEFT
 re-merges every adapter against the original weight, and unmerging subtracts exactly what merging added
 (PEFT divides by 1 + A instead). Sites: nn.Linear, as PEFT (which refuses every other
@@ -28,7 +28,7 @@ from torch import nn
 
 from fxpeft.canonical import Site
 from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase
-from fxpeft.forms import AdapterGate, adapter_dtype, child_dict, weight_map
+from fxpeft.forms import AdapterGate, adapter_dtype, child_dict
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads
 
@@ -181,9 +181,8 @@ def describe(module: nn.Module, adapter: str) -> str:
     return f"{rank}A,B={a} C={c} D,E={d}"
 
 
-METHOD = register_method(weight_map(
-    name="glora", config_type=GloraConfig, create=add_glora, check_site=check_site,
-    lower_site=weight_delta.lowering(gates="glora_gate", delta=glora_delta),
-    fold=weight_delta.folding(gates="glora_gate", change=glora_change),
-    containers=PATHS, gates="glora_gate", kinds=("linear",), default_targets=DEFAULT_LORA_TARGETS,
-    heads=output_heads, describe=describe))
+METHOD = register_method(weight_delta.method(
+    name="glora", config_type=GloraConfig, create=add_glora, check_site=check_site, gates="glora_gate",
+    delta=glora_delta, change=glora_change, containers=PATHS, kinds=("linear",),
+    dtype_of=lambda module, adapter: next(iter(module.glora_A[adapter].state_dict().values())).dtype,
+    default_targets=DEFAULT_LORA_TARGETS, heads=output_heads, describe=describe))

@@ -9,7 +9,7 @@ and ``peanut_B`` (bias-free nn.Linear), ``peanut_encoders`` / ``peanut_decoders`
 bias-free r×r linears; in files ``…peanut_encoders.0.weight``); ``<path>.peanut_gate.<adapter>`` is the
 form's gate (its scale is ``scaling``; not saved). The default init zeroes B (the identity start).
 
-On the weight-map form through passes/weight_delta.py: ΔW depends on W, so merging adds ΔW(W0) with W0
+On the additive form through passes/weight_delta.py: ΔW depends on W, so merging adds ΔW(W0) with W0
 the weight before the site's first PEANuT merge, as PEFT, and unmerging subtracts it. Sites: nn.Linear,
 as PEFT (which raises NotImplementedError for other layer types, GPT-2's Conv1D included); beyond PEFT,
 fxpeft's quantized linears (W is their dequantized weight; PEFT computes with the packed weight and fails).
@@ -25,7 +25,7 @@ from torch import nn
 
 from fxpeft.canonical import Site
 from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase
-from fxpeft.forms import AdapterGate, adapter_dtype, child_dict, weight_map
+from fxpeft.forms import AdapterGate, adapter_dtype, child_dict
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads
 
@@ -126,12 +126,11 @@ def peanut_change(site_module: nn.Module, adapter: str, w0: torch.Tensor, b0):
     return unscaled_delta_weight(site_module, adapter, w0) * scale, None
 
 
-METHOD = register_method(weight_map(
-    name="peanut", config_type=PeanutConfig, create=add_peanut, check_site=check_site,
-    lower_site=weight_delta.lowering(gates="peanut_gate", delta=peanut_delta),
-    fold=weight_delta.folding(gates="peanut_gate", change=peanut_change),
-    containers=CONTAINERS, gates="peanut_gate", kinds=("linear",), default_targets=DEFAULT_LORA_TARGETS,
-    heads=output_heads,
+METHOD = register_method(weight_delta.method(
+    name="peanut", config_type=PeanutConfig, create=add_peanut, check_site=check_site, gates="peanut_gate",
+    delta=peanut_delta, change=peanut_change, containers=CONTAINERS, kinds=("linear",),
+    dtype_of=lambda module, adapter: module.peanut_A[adapter].weight.dtype,
+    default_targets=DEFAULT_LORA_TARGETS, heads=output_heads,
     describe=lambda module, adapter: (f"r={module.peanut_A[adapter].out_features} "
                                       f"depth={len(module.peanut_encoders[adapter])} "
                                       f"act={module.peanut_gate[adapter].act_fn}")))

@@ -1,29 +1,29 @@
-"""Methods whose change to a site is computed from the site's own weight (GLoRA, PEANuT, DeFT), on the
-weight-map form (fxpeft/forms.py): each adapter adds ``Δ(x)``, a function of x and of the site's weight
-W (and bias b), as PEFT adds every active adapter's output computed against the unmerged W:
+"""Methods whose change to a site is computed from the site's own weight (GLoRA, PEANuT, DeFT): the
+additive form (fxpeft/forms.py) with their own fold. Each adapter adds ``Δ(x)``, a function of x and of
+the site's weight W, bias b and output y, as PEFT adds every active adapter's output computed against
+the unmerged W:
 
-    y = base(x) + Σ_a g_a Δ_a(x; W, b)            merged: W ← W + ΔW_a(W0), b ← b + Δb_a(W0, b0)
+    y' = y + Σ_a g_a Δ_a(x; W, b, y)            merged: W ← W + ΔW_a(W0), b ← b + Δb_a(W0, b0)
 
-A method supplies ``delta(site_module, adapter, x, W, b, y)`` (a graph function: x in the adapter's dtype,
-y the site's output)
-and ``change(site_module, adapter, W0, b0) -> (ΔW, Δb or None)``. This file lowers them (gates as data,
-mixed batches masked per sample, casts around half-precision bases, a quantized linear's dequantized
-weight as W) and folds them: not as a plain additive ΔW, because ΔW depends on the weight, which merging
-changes. PEFT merges every adapter of a site against the weight W0 it had before its first merge; so does
-the fold here (W0 is kept on the first merged adapter's gate stash and read by later ones), and
-unmerging subtracts the stashed change, giving back W0 up to rounding.
+A method supplies ``delta(site_module, adapter, x, W, b, y)`` (a graph function; x in the adapter's
+dtype, W a quantized linear's dequantized weight, or None when the method does not read it) and
+``change(site_module, adapter, W0, b0) -> (ΔW, Δb or None)``, the scaled change merging writes. Its
+fold is not the form's plain ``W + ΔW``, because ΔW depends on the weight, which merging changes: PEFT
+merges every adapter of a site against the weight W0 it had before its first merge, and so does the
+fold here (W0 is kept on the first merged adapter's gate stash and read by later ones); unmerging
+subtracts the stashed change, giving back W0 up to rounding.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import torch
 from torch import nn
 
-from fxpeft.canonical import Site, is_quantized, site_weight
-from fxpeft.forms import adapter_dtype, masked_samples
-
-aten = torch.ops.aten
+from fxpeft.canonical import Site, is_quantized
+from fxpeft.forms import additive
+from fxpeft.registry import Method
 
 
 def float_weight(site_module: nn.Module) -> torch.Tensor:
@@ -31,37 +31,26 @@ def float_weight(site_module: nn.Module) -> torch.Tensor:
     return site_module.dequantize() if is_quantized(site_module) else site_module.weight
 
 
-def lowering(*, gates: str, delta: Callable, reads_weight: bool = True) -> Callable:
-    """The weight-map form's ``lower_site``: the site's output plus each adapter's gated
-    ``delta(site_module, adapter, x, W, b, y)``, y the site's own output (W None unless ``reads_weight``:
-    a method that needs only ``y - b`` spares a quantized base its dequantization)."""
+def method(*, gates: str, delta: Callable, change: Callable, reads_weight: bool = True, **fields) -> Method:
+    """The additive form's method for ``delta`` (``fields``: the form's other arguments), folding
+    ``change`` against the weight before the site's first merge (see the module docstring)."""
 
-    def lower_site(lw, site: Site, module: nn.Module, adapters: list[str]):
-        spec = site_weight(lw.root, site)
-        dtype, base_dtype = adapter_dtype(spec), spec.dtype
+    def insert(lw, site: Site, module: nn.Module, adapter: str, x):
         owner = lw.attr(site.path)
         weight = None
         if reads_weight:
             weight = lw.call(float_weight, owner) if is_quantized(module) else lw.attr(site.weight)
         bias = lw.attr(site.bias) if site.bias is not None else None
-        x = lw.cast(site.input, dtype, base_dtype)
-        output = site.output
-        for adapter in adapters:
-            coefficient = lw.attr(f"{site.path}.{gates}.{adapter}.value")
-            if not lw.mixed:
-                coefficient = lw.call(aten.mul.Tensor, coefficient, lw.gate(adapter))
-            value = lw.call(aten.mul.Tensor, lw.call(delta, owner, adapter, x, weight, bias, site.output), coefficient)
-            if lw.mixed:  # only the samples that chose this adapter
-                value = lw.call(masked_samples, value, lw.sample_index, lw.adapter_order.index(adapter))
-            output = lw.call(aten.add.Tensor, output, lw.cast(value, base_dtype, dtype))
-        return output
+        return lw.call(delta, owner, adapter, x, weight, bias, site.output)
 
-    return lower_site
+    # the form's own fold (``W + delta_weight``) is replaced below, so it needs no delta_weight
+    form = additive(gates=gates, delta=insert, delta_weight=None, **fields)
+    return dataclasses.replace(form, fold=folding(gates=gates, change=change))
 
 
 def folding(*, gates: str, change: Callable) -> Callable:
-    """The weight-map form's ``fold``: adds ``change(module, adapter, W0, b0)`` with (W0, b0) the site's
-    weight and bias before its first merged adapter of this method; unfolding subtracts the stashed change."""
+    """The method's ``fold``: adds ``change(module, adapter, W0, b0)`` with (W0, b0) the site's weight and
+    bias before its first merged adapter of this method; unfolding subtracts the stashed change."""
 
     def fold(gm, site: Site, module: nn.Module, adapter: str, weight, bias, sign):
         holder = module._modules[gates]

@@ -28,18 +28,6 @@ class BiasFree(nn.Module):
         return self.fc2(torch.relu(self.fc1(x)))
 
 
-class Conv1DNet(torch.nn.Module):
-    """One GPT-2-style Conv1D layer (weight stored (in, out)), named as GPT-2's."""
-
-    def __init__(self):
-        super().__init__()
-        from transformers.pytorch_utils import Conv1D
-        self.c_attn = Conv1D(6, 4)
-
-    def forward(self, x):
-        return self.c_attn(x)
-
-
 def x():
     return torch.randn(4, 12, generator=torch.Generator().manual_seed(3))
 
@@ -140,7 +128,7 @@ def test_fxpeft_checks_and_refused_layers():
         fxpeft.GloraConfig(r=0)
     with pytest.raises(ValueError, match="glora_only"):
         fxpeft.GloraConfig(bias="lora_only")
-    conv1d = Conv1DNet()
+    conv1d = models.Conv1DNet()
     with pytest.raises(ValueError, match="not a plain torch.nn.Linear"):
         peft.get_peft_model(copy.deepcopy(conv1d), peft.GloraConfig(target_modules=["c_attn"]))
     with pytest.raises(ValueError, match="Conv1D"):

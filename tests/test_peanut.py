@@ -16,18 +16,6 @@ from peft_oracle import assert_same_saved_tensors
 TARGETS = ["fc1", "fc2"]
 
 
-class Conv1DNet(torch.nn.Module):
-    """One GPT-2-style Conv1D layer (weight stored (in, out)), named as GPT-2's."""
-
-    def __init__(self):
-        super().__init__()
-        from transformers.pytorch_utils import Conv1D
-        self.c_attn = Conv1D(6, 4)
-
-    def forward(self, x):
-        return self.c_attn(x)
-
-
 def x():
     return torch.randn(4, 12, generator=torch.Generator().manual_seed(3))
 
@@ -92,7 +80,7 @@ def test_peft_invalid_configs_raise_at_construction(kwargs, rule):
 
 
 def test_conv1d_refused_as_peft_and_no_weighted_adapter():
-    conv1d = Conv1DNet()
+    conv1d = models.Conv1DNet()
     with pytest.raises(NotImplementedError, match="PEANuT does not support target modules of type"):
         peft.get_peft_model(copy.deepcopy(conv1d), peft.PeanutConfig(target_modules=["c_attn"]))
     with pytest.raises(NotImplementedError, match="PEANuT does not support target modules of type Conv1D"):
