@@ -108,6 +108,10 @@ METHODS = {
     "fourierft": MethodSpec(fxpeft.FourierFTConfig, peft.FourierFTConfig,
                             lambda s: dict(n_frequency=50, scaling=20.0, init_weights=True, target_modules=s.targets),
                             dict(init_weights=False), ("linear", "conv1d_gpt2")),
+    # PEFT's MiSS: nn.Linear only (Conv1D raises, tests/test_miss.py); r=5 leaves a remainder of fc1's 12 inputs
+    # (the zero-padded chunk); init_weights=False is the random balance block (bat and mini: tests/test_miss.py)
+    "miss": MethodSpec(fxpeft.MissConfig, peft.MissConfig, lambda s: dict(r=5, target_modules=s.targets),
+                       dict(init_weights=False, r=5), ("linear",)),
 }
 CASES = [(m, s) for m, spec in METHODS.items() for s in spec.sites]
 ON_LINEAR = [m for m, spec in METHODS.items() if "linear" in spec.sites]  # the checks below use linear layers

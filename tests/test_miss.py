@@ -1,0 +1,151 @@
+"""MiSS beyond the conformance suite (tests/test_methods.py, the balance variant), against the real
+PEFT package: the "bat" and "mini" variants, dropout in training, and the inputs PEFT refuses."""
+from __future__ import annotations
+
+import copy
+
+import peft
+import pytest
+import torch
+
+import fxpeft
+import models
+
+
+def pair(build=models.MLP, **kwargs):
+    model = build().eval()
+    reference = peft.get_peft_model(copy.deepcopy(model), peft.MissConfig(**kwargs)).eval()
+    gm = fxpeft.transform(model, fxpeft.MissConfig(**kwargs)).eval()
+    return reference, gm, model
+
+
+def randomize(reference, gm, adapter="default"):
+    """bat and mini start at zeros (PEFT has no random start for them): the same random blocks in both."""
+    ours = dict(gm.named_parameters())
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            if f"miss_block.{adapter}" in name:
+                param.copy_(torch.randn_like(param) * 0.3)
+                ours[name.removeprefix("base_model.model.")].copy_(param)
+
+
+@pytest.mark.parametrize("kwargs", [dict(r=4, init_weights="bat"), dict(r=5, init_weights="mini", mini_r=6),
+                                    dict(r=4, init_weights="mini", mini_r=24)])
+def test_bat_and_mini_equal_peft(kwargs, tmp_path):
+    """Forward, merge / unmerge (bat: W(I + B) + B and PEFT's inverse) and checkpoints both ways."""
+    reference, gm, model = pair(target_modules=["fc1"], **kwargs)
+    x = torch.randn(4, 12)
+    with torch.no_grad():
+        base = model(x)
+        torch.testing.assert_close(gm(x), base)  # zeros: the identity start
+        randomize(reference, gm)
+        expected = reference(x)
+        assert (expected - base).abs().max() > 1e-3
+        torch.testing.assert_close(gm(x), expected, rtol=1e-5, atol=1e-5)
+        weight = model.fc1.weight.clone()
+        gm.merge_adapter()
+        torch.testing.assert_close(model.fc1.weight, reference.base_model.model.fc1.get_delta_weight_miss(
+            "default", weight.clone()) if kwargs["init_weights"] == "mini" else
+            weight + reference.base_model.model.fc1.get_delta_weight("default", weight), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gm(x), expected, rtol=1e-5, atol=1e-5)
+        gm.unmerge_adapter()
+        torch.testing.assert_close(model.fc1.weight, weight, rtol=1e-5, atol=1e-5)
+        reference.save_pretrained(tmp_path / "peft")
+        gm.load_adapter(str(tmp_path / "peft"), "loaded")
+        gm.set_adapter("loaded")
+        torch.testing.assert_close(gm(x), expected, rtol=1e-5, atol=1e-5)
+        gm.save_pretrained(str(tmp_path / "fx"), selected_adapters=["loaded"])
+        back = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "fx" / "loaded")).eval()
+        torch.testing.assert_close(back(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bat_mixed_batch_and_training():
+    reference, gm, _ = pair(target_modules=["fc1"], r=4, init_weights="bat")
+    randomize(reference, gm)
+    gm.add_adapter("other", fxpeft.MissConfig(target_modules=["fc1"], r=4, init_weights="bat"))
+    with torch.no_grad():
+        gm.fc1.miss_block["other"].normal_(0, 0.3)
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        mixed = gm(x, adapter_names=["default", "other", "__base__"])
+        for i, name in enumerate(["default", "other"]):
+            gm.set_adapter(name)
+            torch.testing.assert_close(mixed[i], gm(x[i:i + 1])[0], rtol=1e-5, atol=1e-5)
+        with fxpeft.disable_adapters(gm):
+            torch.testing.assert_close(mixed[2], gm(x[2:3])[0], rtol=1e-5, atol=1e-5)
+    gm.set_adapter("default")
+    gm.train()
+    loss = gm(x).pow(2).mean()
+    loss.backward()
+    assert gm.fc1.miss_block["default"].grad.abs().sum() > 0
+
+
+def test_dropout_in_training_draws_as_peft():
+    """miss_dropout acts on the zero-padded input in training (PEFT's order of draws), not in eval."""
+    reference, gm, _ = pair(target_modules=["fc1", "fc2"], r=5, init_weights=False, miss_dropout=0.5)
+    ours = dict(gm.named_parameters())
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            if "miss_block" in name:
+                ours[name.removeprefix("base_model.model.")].copy_(param)
+    x = torch.randn(4, 12)
+    reference.train(), gm.train()
+    torch.manual_seed(3)
+    expected = reference(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(gm(x), expected, rtol=1e-5, atol=1e-5)
+    torch.manual_seed(4)
+    assert (gm(x) - expected).abs().max() > 1e-4  # the draws matter: the check above can fail
+    reference.eval(), gm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_conv1d_layers_are_refused_as_peft():
+    with pytest.raises(TypeError, match="only `torch.nn.Linear`"):
+        peft.get_peft_model(models.gpt2(), peft.MissConfig(r=4, target_modules=["c_attn"]))
+    with pytest.raises(ValueError, match="only `torch.nn.Linear`"):
+        fxpeft.transform(models.gpt2(), fxpeft.MissConfig(r=4, target_modules=["c_attn"]))
+
+
+def test_add_weighted_adapter_is_refused_as_peft_has_none():
+    reference, gm, _ = pair(target_modules=["fc1"], r=4)
+    reference.add_adapter("other", peft.MissConfig(target_modules=["fc1"], r=4))
+    gm.add_adapter("other", fxpeft.MissConfig(target_modules=["fc1"], r=4))
+    with pytest.raises(AttributeError, match="add_weighted_adapter"):
+        reference.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix")
+    with pytest.raises(ValueError, match="combines LoRA or IA3 adapters"):
+        fxpeft.add_weighted_adapter(gm, ["default", "other"], [0.5, 0.5], "mix")
+    assert list(gm.peft_config) == ["default", "other"]
+
+
+@pytest.mark.parametrize("kwargs, named", [(dict(target_modules="fc.*", layers_to_transform=[0]), "layers_to_transform"),
+                                           (dict(target_modules="fc.*", layers_pattern="h"), "layers_pattern")])
+def test_bad_configs_raise_at_construction_as_peft(kwargs, named):
+    for config_type in (peft.MissConfig, fxpeft.MissConfig):
+        with pytest.raises(ValueError, match=named):
+            config_type(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, named", [(dict(r=0), "positive integer"), (dict(mini_r=0), "mini_r"),
+                                           (dict(init_weights="batt"), "init_weights"),
+                                           (dict(miss_dropout=1.5), "miss_dropout"), (dict(bias="some"), "bias")])
+def test_what_peft_refuses_late_or_never_raises_at_construction(kwargs, named):
+    with pytest.raises(ValueError, match=named):
+        fxpeft.MissConfig(target_modules=["fc1"], **kwargs)
+    if "r" in kwargs:  # PEFT: when it builds the layer
+        with pytest.raises(ValueError, match="positive integer"):
+            peft.get_peft_model(models.MLP(), peft.MissConfig(target_modules=["fc1"], **kwargs))
+
+
+@pytest.mark.parametrize("kwargs, named", [(dict(r=13), "less than or equal to in_features"),
+                                           (dict(r=5, init_weights="bat"), r"divisible into \[r, r\] blocks"),
+                                           (dict(r=4, init_weights="mini", mini_r=5), "divided along the out_features")])
+def test_sites_peft_refuses_raise_and_leave_the_model_alone(kwargs, named):
+    model = models.MLP()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=named):
+        peft.get_peft_model(copy.deepcopy(model), peft.MissConfig(target_modules=["fc1"], **kwargs))
+    with pytest.raises(ValueError, match=named):
+        fxpeft.transform(model, fxpeft.MissConfig(target_modules=["fc1"], **kwargs))
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
