@@ -40,6 +40,7 @@ from .passes.trainable_tokens import TrainableTokensConfig  # noqa: E402
 from .passes.vera import VeraConfig  # noqa: E402
 from .passes.weighted import add_weighted_adapter  # noqa: E402
 from .passes.miss import MissConfig  # noqa: E402
+from .passes.delora import DeloraConfig  # noqa: E402
 
 __all__ = [
     "transform", "add_adapter", "load_adapter", "from_pretrained", "save_pretrained", "delete_adapter",
@@ -55,4 +56,5 @@ __all__ = [
     "CordaConfig", "TaskType", "PeftGraphModule", "CaptureError", "find_sites", "Site",
     "registry", "forms", "Registry", "Method", "register_method",
     "MissConfig",
+    "DeloraConfig",
 ]

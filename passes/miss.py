@@ -241,5 +241,4 @@ METHOD = register_method(weight_map(
     name="miss", config_type=MissConfig, create=add_miss, check_site=check_site, lower_site=lower_site, fold=fold,
     containers=("miss_block", "miss_dropout"), gates="miss_gate", kinds=("linear",),
     default_targets=DEFAULT_LORA_TARGETS, heads=output_heads, phase=50,
-    describe=lambda module, adapter: f"r={module.miss_block[adapter].shape[-1 if module.miss_gate[adapter].variant == 'bat' else 0]}"
-    f" {module.miss_gate[adapter].variant}"))
+    describe=lambda module, adapter: f"{module.miss_gate[adapter].variant} {tuple(module.miss_block[adapter].shape)}"))

@@ -63,6 +63,7 @@ class MethodSpec:
     # PEFT wraps a bitsandbytes 4-bit layer but computes with its packed weight's shape and fails
     # (LoHa, LoKr, HRA): the oracle is then PEFT on the float model holding the dequantized weights
     peft_4bit: bool = True
+    peft_4bit_error: str = "shape"  # what PEFT's error on the 4-bit layer says (when it creates or runs the adapter)
 
 
 METHODS = {
@@ -112,6 +113,11 @@ METHODS = {
     # (the zero-padded chunk); init_weights=False is the random balance block (bat and mini: tests/test_miss.py)
     "miss": MethodSpec(fxpeft.MissConfig, peft.MissConfig, lambda s: dict(r=5, target_modules=s.targets),
                        dict(init_weights=False, r=5), ("linear",)),
+    # PEFT's DeLoRA: nn.Linear only (Conv1D raises, tests/test_delora.py); on a 4-bit layer PEFT takes the norm of
+    # the packed bytes and fails when it creates the adapter: the oracle there is PEFT on the dequantized weights
+    "delora": MethodSpec(fxpeft.DeloraConfig, peft.DeloraConfig, lambda s: dict(r=4, target_modules=s.targets),
+                         dict(init_weights=False, r=4), ("linear",), peft_4bit=False,
+                         peft_4bit_error="vector_norm: Expected a floating point"),
 }
 CASES = [(m, s) for m, spec in METHODS.items() for s in spec.sites]
 ON_LINEAR = [m for m, spec in METHODS.items() if "linear" in spec.sites]  # the checks below use linear layers
@@ -280,8 +286,8 @@ def test_method_on_a_4bit_base_equals_peft(method, tmp_path):
     quantized = _quantized_by_transformers(model, tmp_path, CONFIGS["nf4"])
     inputs = models.hf_inputs("llama")
     if not spec.peft_4bit:  # PEFT fails here (checked, so a PEFT that learns it switches this test back)
-        failing = peft.get_peft_model(copy.deepcopy(quantized), spec.peft(**kwargs))
-        with pytest.raises(RuntimeError, match="shape"):  # it computes with the packed weight's shape
+        with pytest.raises(RuntimeError, match=spec.peft_4bit_error):  # it computes with the packed weight
+            failing = peft.get_peft_model(copy.deepcopy(quantized), spec.peft(**kwargs))
             failing.train()(**inputs)
         quantized = _dequantized(model, quantized)
     reference = peft.get_peft_model(peft.prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=False),

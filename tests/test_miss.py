@@ -80,45 +80,6 @@ def test_bat_mixed_batch_and_training():
     assert gm.fc1.miss_block["default"].grad.abs().sum() > 0
 
 
-def test_dropout_in_training_draws_as_peft():
-    """miss_dropout acts on the zero-padded input in training (PEFT's order of draws), not in eval."""
-    reference, gm, _ = pair(target_modules=["fc1", "fc2"], r=5, init_weights=False, miss_dropout=0.5)
-    ours = dict(gm.named_parameters())
-    with torch.no_grad():
-        for name, param in reference.named_parameters():
-            if "miss_block" in name:
-                ours[name.removeprefix("base_model.model.")].copy_(param)
-    x = torch.randn(4, 12)
-    reference.train(), gm.train()
-    torch.manual_seed(3)
-    expected = reference(x)
-    torch.manual_seed(3)
-    torch.testing.assert_close(gm(x), expected, rtol=1e-5, atol=1e-5)
-    torch.manual_seed(4)
-    assert (gm(x) - expected).abs().max() > 1e-4  # the draws matter: the check above can fail
-    reference.eval(), gm.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(gm(x), reference(x), rtol=1e-5, atol=1e-5)
-
-
-def test_conv1d_layers_are_refused_as_peft():
-    with pytest.raises(TypeError, match="only `torch.nn.Linear`"):
-        peft.get_peft_model(models.gpt2(), peft.MissConfig(r=4, target_modules=["c_attn"]))
-    with pytest.raises(ValueError, match="only `torch.nn.Linear`"):
-        fxpeft.transform(models.gpt2(), fxpeft.MissConfig(r=4, target_modules=["c_attn"]))
-
-
-def test_add_weighted_adapter_is_refused_as_peft_has_none():
-    reference, gm, _ = pair(target_modules=["fc1"], r=4)
-    reference.add_adapter("other", peft.MissConfig(target_modules=["fc1"], r=4))
-    gm.add_adapter("other", fxpeft.MissConfig(target_modules=["fc1"], r=4))
-    with pytest.raises(AttributeError, match="add_weighted_adapter"):
-        reference.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix")
-    with pytest.raises(ValueError, match="combines LoRA or IA3 adapters"):
-        fxpeft.add_weighted_adapter(gm, ["default", "other"], [0.5, 0.5], "mix")
-    assert list(gm.peft_config) == ["default", "other"]
-
-
 @pytest.mark.parametrize("kwargs, named", [(dict(target_modules="fc.*", layers_to_transform=[0]), "layers_to_transform"),
                                            (dict(target_modules="fc.*", layers_pattern="h"), "layers_pattern")])
 def test_bad_configs_raise_at_construction_as_peft(kwargs, named):
