@@ -41,6 +41,7 @@ from .passes.vera import VeraConfig  # noqa: E402
 from .passes.weighted import add_weighted_adapter  # noqa: E402
 from .passes.miss import MissConfig  # noqa: E402
 from .passes.delora import DeloraConfig  # noqa: E402
+from .passes.gralora import GraloraConfig  # noqa: E402
 
 __all__ = [
     "transform", "add_adapter", "load_adapter", "from_pretrained", "save_pretrained", "delete_adapter",
@@ -57,4 +58,5 @@ __all__ = [
     "registry", "forms", "Registry", "Method", "register_method",
     "MissConfig",
     "DeloraConfig",
+    "GraloraConfig",
 ]

@@ -118,6 +118,12 @@ METHODS = {
     "delora": MethodSpec(fxpeft.DeloraConfig, peft.DeloraConfig, lambda s: dict(r=4, target_modules=s.targets),
                          dict(init_weights=False, r=4), ("linear",), peft_4bit=False,
                          peft_4bit_error="vector_norm: Expected a floating point"),
+    # PEFT's GraLoRA: nn.Linear and Conv1D. gralora_k must divide every site's features: the MLP's 5 outputs leave
+    # k=1 there (the hybrid LoRA part runs beside it); GPT-2 takes a 2 × 2 grid (and the 4-bit check PEFT's defaults)
+    "gralora": MethodSpec(fxpeft.GraloraConfig, peft.GraloraConfig,
+                          lambda s: dict(r=4, alpha=8, target_modules=s.targets,
+                                         **(dict(gralora_k=1, hybrid_r=2) if s.build is models.MLP else {})),
+                          dict(init_weights=False), ("linear", "conv1d_gpt2")),
 }
 CASES = [(m, s) for m, spec in METHODS.items() for s in spec.sites]
 ON_LINEAR = [m for m, spec in METHODS.items() if "linear" in spec.sites]  # the checks below use linear layers
