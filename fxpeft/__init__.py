@@ -42,6 +42,7 @@ from .passes.weighted import add_weighted_adapter  # noqa: E402
 from .passes.miss import MissConfig  # noqa: E402
 from .passes.delora import DeloraConfig  # noqa: E402
 from .passes.gralora import GraloraConfig  # noqa: E402
+from .passes.c3a import C3AConfig  # noqa: E402
 
 __all__ = [
     "transform", "add_adapter", "load_adapter", "from_pretrained", "save_pretrained", "delete_adapter",
@@ -59,4 +60,5 @@ __all__ = [
     "MissConfig",
     "DeloraConfig",
     "GraloraConfig",
+    "C3AConfig",
 ]

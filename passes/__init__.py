@@ -4,3 +4,4 @@ from . import (adalora, boft, dora, fourierft, hra, ia3, ln_tuning, loha, lokr, 
 from . import miss  # noqa: F401,E402
 from . import delora  # noqa: F401,E402
 from . import gralora  # noqa: F401,E402
+from . import c3a  # noqa: F401,E402

@@ -1,4 +1,4 @@
-"""What PEFT's linear-site methods MiSS, DeLoRA and GraLoRA share beyond the conformance suite, against
+"""What PEFT's linear-site methods MiSS, DeLoRA, GraLoRA and C3A share beyond the conformance suite, against
 the real PEFT package: input dropout in training draws as PEFT's, transformers' Conv1D is refused by
 the nn.Linear-only ones, and add_weighted_adapter by all (PEFT's tuners have none), leaving the
 model's adapters as they were."""
@@ -15,8 +15,9 @@ import models
 
 PAIRS = {"miss": (fxpeft.MissConfig, peft.MissConfig, dict(r=4)),
          "delora": (fxpeft.DeloraConfig, peft.DeloraConfig, dict(r=4)),
-         "gralora": (fxpeft.GraloraConfig, peft.GraloraConfig, dict(r=4, gralora_k=1))}
-LINEAR_ONLY = ["miss", "delora"]
+         "gralora": (fxpeft.GraloraConfig, peft.GraloraConfig, dict(r=4, gralora_k=1)),
+         "c3a": (fxpeft.C3AConfig, peft.C3AConfig, dict(block_size=4))}
+LINEAR_ONLY = ["miss", "delora", "c3a"]
 # a random start with input dropout (MiSS: r=5 pads fc1's 12 inputs, and PEFT drops out the padded input;
 # GraLoRA: one draw for the grid, another for the hybrid LoRA part)
 DROPOUT = {"miss": dict(r=5, init_weights=False, miss_dropout=0.5),

@@ -124,6 +124,12 @@ METHODS = {
                           lambda s: dict(r=4, alpha=8, target_modules=s.targets,
                                          **(dict(gralora_k=1, hybrid_r=2) if s.build is models.MLP else {})),
                           dict(init_weights=False), ("linear", "conv1d_gpt2")),
+    # PEFT's C3A: nn.Linear only (Conv1D raises, tests/test_linear_site_methods.py); block_size divides every
+    # site's features (the MLP's 5 outputs: 1 there); init_weights=True is the identity start, False a random one
+    "c3a": MethodSpec(fxpeft.C3AConfig, peft.C3AConfig,
+                      lambda s: dict(block_size=4, init_weights=True, target_modules=s.targets,
+                                     block_size_pattern={"fc2": 1} if s.build is models.MLP else {}),
+                      dict(init_weights=False, block_size=4), ("linear",)),
 }
 CASES = [(m, s) for m, spec in METHODS.items() for s in spec.sites]
 ON_LINEAR = [m for m, spec in METHODS.items() if "linear" in spec.sites]  # the checks below use linear layers
