@@ -43,6 +43,10 @@ from .passes.beft import BeftConfig  # noqa: E402
 from .passes.hira import HiraConfig  # noqa: E402
 from .passes.shira import ShiraConfig  # noqa: E402
 from .passes.supertuning import SupertuningConfig  # noqa: E402
+from .passes.miss import MissConfig  # noqa: E402
+from .passes.delora import DeloraConfig  # noqa: E402
+from .passes.gralora import GraloraConfig  # noqa: E402
+from .passes.c3a import C3AConfig  # noqa: E402
 
 __all__ = [
     "transform", "add_adapter", "load_adapter", "from_pretrained", "save_pretrained", "delete_adapter",
@@ -61,4 +65,8 @@ __all__ = [
     "HiraConfig",
     "ShiraConfig",
     "SupertuningConfig",
+    "MissConfig",
+    "DeloraConfig",
+    "GraloraConfig",
+    "C3AConfig",
 ]
