@@ -108,6 +108,13 @@ METHODS = {
     "fourierft": MethodSpec(fxpeft.FourierFTConfig, peft.FourierFTConfig,
                             lambda s: dict(n_frequency=50, scaling=20.0, init_weights=True, target_modules=s.targets),
                             dict(init_weights=False), ("linear", "conv1d_gpt2")),
+    # PEFT's VB-LoRA: linear sites only (nn.Linear, Conv1D), each a multiple of vector_length (the MLP's fc2 has 5
+    # outputs: fc1 only); a zero bank is the identity start (the default bank is random: VB-LoRA has no identity
+    # init), the random one is large enough to move the outputs; vector_length in `random` serves the 4-bit test
+    "vblora": MethodSpec(fxpeft.VBLoRAConfig, peft.VBLoRAConfig,
+                         lambda s: dict(r=4, num_vectors=16, vector_length=4, init_vector_bank_bound=0.0,
+                                        target_modules=["fc1"] if s.build is models.MLP else s.targets),
+                         dict(init_vector_bank_bound=0.5, vector_length=4), ("linear", "conv1d_gpt2")),
 }
 CASES = [(m, s) for m, spec in METHODS.items() for s in spec.sites]
 ON_LINEAR = [m for m, spec in METHODS.items() if "linear" in spec.sites]  # the checks below use linear layers
@@ -125,7 +132,14 @@ def configs(method: str, site: str, **extra):
 
 
 def trainable_state(module, prefix: str = "") -> dict:
-    return {name.removeprefix(prefix): p for name, p in module.named_parameters() if p.requires_grad}
+    # a trainable tensor PEFT's tuner shares with every layer (VB-LoRA's bank) is named after the first layer
+    # holding it (``fc1.vblora_vector_bank.default``); fxpeft keeps it once on the root (``Method.shared``)
+    shared = {name for method in fxpeft.registry.DEFAULT.methods for name in method.shared}
+
+    def key(name):
+        parts = name.removeprefix(prefix).split(".")
+        return ".".join(next((parts[i:] for i, part in enumerate(parts) if part in shared), parts))
+    return {key(name): p for name, p in module.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("method, site", CASES)
