@@ -40,6 +40,7 @@ from .passes.trainable_tokens import TrainableTokensConfig  # noqa: E402
 from .passes.vera import VeraConfig  # noqa: E402
 from .passes.weighted import add_weighted_adapter  # noqa: E402
 from .passes.vblora import VBLoRAConfig  # noqa: E402
+from .passes.randlora import RandLoraConfig  # noqa: E402
 
 __all__ = [
     "transform", "add_adapter", "load_adapter", "from_pretrained", "save_pretrained", "delete_adapter",
@@ -56,3 +57,4 @@ __all__ = [
     "registry", "forms", "Registry", "Method", "register_method",
 ]
 __all__ += ["VBLoRAConfig"]
+__all__ += ["RandLoraConfig"]

@@ -115,6 +115,11 @@ METHODS = {
                          lambda s: dict(r=4, num_vectors=16, vector_length=4, init_vector_bank_bound=0.0,
                                         target_modules=["fc1"] if s.build is models.MLP else s.targets),
                          dict(init_vector_bank_bound=0.5, vector_length=4), ("linear", "conv1d_gpt2")),
+    # PEFT's RandLoRA: linear sites only (nn.Linear, Conv1D, bitsandbytes); bases shared by every site
+    # (tests/test_randlora.py); init_weights=True (λ = 0) is the identity start
+    "randlora": MethodSpec(fxpeft.RandLoraConfig, peft.RandLoraConfig,
+                           lambda s: dict(r=4, randlora_alpha=8, target_modules=s.targets),
+                           dict(init_weights=False), ("linear", "conv1d_gpt2")),
 }
 CASES = [(m, s) for m, spec in METHODS.items() for s in spec.sites]
 ON_LINEAR = [m for m, spec in METHODS.items() if "linear" in spec.sites]  # the checks below use linear layers
