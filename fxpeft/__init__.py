@@ -41,6 +41,7 @@ from .passes.vera import VeraConfig  # noqa: E402
 from .passes.weighted import add_weighted_adapter  # noqa: E402
 from .passes.vblora import VBLoRAConfig  # noqa: E402
 from .passes.randlora import RandLoraConfig  # noqa: E402
+from .passes.unilora import UniLoraConfig  # noqa: E402
 
 __all__ = [
     "transform", "add_adapter", "load_adapter", "from_pretrained", "save_pretrained", "delete_adapter",
@@ -58,3 +59,4 @@ __all__ = [
 ]
 __all__ += ["VBLoRAConfig"]
 __all__ += ["RandLoraConfig"]
+__all__ += ["UniLoraConfig"]

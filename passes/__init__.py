@@ -3,3 +3,4 @@ from . import (adalora, boft, dora, fourierft, hra, ia3, ln_tuning, loha, lokr, 
                modules_to_save, oft, prefix, prompt, quantize, trainable_tokens, vera)
 from . import vblora  # noqa: F401,E402
 from . import randlora  # noqa: F401,E402
+from . import unilora  # noqa: F401,E402

@@ -63,6 +63,9 @@ class MethodSpec:
     # PEFT wraps a bitsandbytes 4-bit layer but computes with its packed weight's shape and fails
     # (LoHa, LoKr, HRA): the oracle is then PEFT on the float model holding the dequantized weights
     peft_4bit: bool = True
+    # with peft_4bit=False, where PEFT runs on the 4-bit base but computes something wrong instead of failing:
+    # ``(PEFT's model there) -> bool``, whether that fault shows (checked, so a PEFT that fixes it shows up)
+    peft_4bit_fault: Callable = None
 
 
 METHODS = {
@@ -120,6 +123,18 @@ METHODS = {
     "randlora": MethodSpec(fxpeft.RandLoraConfig, peft.RandLoraConfig,
                            lambda s: dict(r=4, randlora_alpha=8, target_modules=s.targets),
                            dict(init_weights=False), ("linear", "conv1d_gpt2")),
+    # PEFT's Uni-LoRA: linear sites only (nn.Linear, Conv1D); θ kept once on the module (tests/test_unilora.py).
+    # It has no identity start (A and B both read θ): a zero θ, which no config gives (init_theta_d_bound must be
+    # positive), cannot be the oracle, so the smallest bound stands in for it (a change below the suite's 1e-6)
+    "unilora": MethodSpec(fxpeft.UniLoraConfig, peft.UniLoraConfig,
+                          lambda s: dict(r=4, theta_d_length=64, init_theta_d_bound=1e-6, target_modules=s.targets),
+                          dict(init_weights=False), ("linear", "conv1d_gpt2"), peft_4bit=False,
+                          # PEFT casts the 1/√count scales to the base weight's dtype, on a 4-bit base its uint8
+                          # storage: every scale becomes 0 and the adapter does nothing
+                          peft_4bit_fault=lambda model: all(
+                              not m.unilora_scales_A["default"].is_floating_point() and
+                              not m.unilora_scales_A["default"].any()
+                              for m in model.modules() if isinstance(m, peft.tuners.unilora.UniLoraLayer))),
 }
 CASES = [(m, s) for m, spec in METHODS.items() for s in spec.sites]
 ON_LINEAR = [m for m, spec in METHODS.items() if "linear" in spec.sites]  # the checks below use linear layers
@@ -296,8 +311,11 @@ def test_method_on_a_4bit_base_equals_peft(method, tmp_path):
     inputs = models.hf_inputs("llama")
     if not spec.peft_4bit:  # PEFT fails here (checked, so a PEFT that learns it switches this test back)
         failing = peft.get_peft_model(copy.deepcopy(quantized), spec.peft(**kwargs))
-        with pytest.raises(RuntimeError, match="shape"):  # it computes with the packed weight's shape
-            failing.train()(**inputs)
+        if spec.peft_4bit_fault is not None:
+            assert spec.peft_4bit_fault(failing)
+        else:
+            with pytest.raises(RuntimeError, match="shape"):  # it computes with the packed weight's shape
+                failing.train()(**inputs)
         quantized = _dequantized(model, quantized)
     reference = peft.get_peft_model(peft.prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=False),
                                     spec.peft(**kwargs))
