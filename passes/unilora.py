@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fxpeft.canonical import Site, site_weight
+from fxpeft.canonical import Site
 from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase
 from fxpeft.forms import AdapterGate, SharedTensors, adapter_dtype, additive, child_dict
 from fxpeft.registry import register_method

@@ -24,7 +24,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from fxpeft.canonical import Site, site_weight
+from fxpeft.canonical import Site
 from fxpeft.configs import PeftConfigBase
 from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict
 from fxpeft.registry import register_method
