@@ -42,6 +42,7 @@ from .passes.weighted import add_weighted_adapter  # noqa: E402
 from .passes.vblora import VBLoRAConfig  # noqa: E402
 from .passes.randlora import RandLoraConfig  # noqa: E402
 from .passes.unilora import UniLoraConfig  # noqa: E402
+from .passes.tinylora import TinyLoraConfig  # noqa: E402
 
 __all__ = [
     "transform", "add_adapter", "load_adapter", "from_pretrained", "save_pretrained", "delete_adapter",
@@ -60,3 +61,4 @@ __all__ = [
 __all__ += ["VBLoRAConfig"]
 __all__ += ["RandLoraConfig"]
 __all__ += ["UniLoraConfig"]
+__all__ += ["TinyLoraConfig"]

@@ -4,3 +4,4 @@ from . import (adalora, boft, dora, fourierft, hra, ia3, ln_tuning, loha, lokr, 
 from . import vblora  # noqa: F401,E402
 from . import randlora  # noqa: F401,E402
 from . import unilora  # noqa: F401,E402
+from . import tinylora  # noqa: F401,E402

@@ -63,8 +63,8 @@ class MethodSpec:
     # PEFT wraps a bitsandbytes 4-bit layer but computes with its packed weight's shape and fails
     # (LoHa, LoKr, HRA): the oracle is then PEFT on the float model holding the dequantized weights
     peft_4bit: bool = True
-    # with peft_4bit=False, where PEFT runs on the 4-bit base but computes something wrong instead of failing:
-    # ``(PEFT's model there) -> bool``, whether that fault shows (checked, so a PEFT that fixes it shows up)
+    # with peft_4bit=False, where PEFT fails otherwise on the 4-bit base (or computes something wrong):
+    # ``(a function building PEFT's model there) -> bool``, whether that fault shows (checked, as above)
     peft_4bit_fault: Callable = None
 
 
@@ -131,10 +131,19 @@ METHODS = {
                           dict(init_weights=False), ("linear", "conv1d_gpt2"), peft_4bit=False,
                           # PEFT casts the 1/√count scales to the base weight's dtype, on a 4-bit base its uint8
                           # storage: every scale becomes 0 and the adapter does nothing
-                          peft_4bit_fault=lambda model: all(
+                          peft_4bit_fault=lambda build: all(
                               not m.unilora_scales_A["default"].is_floating_point() and
                               not m.unilora_scales_A["default"].any()
-                              for m in model.modules() if isinstance(m, peft.tuners.unilora.UniLoraLayer))),
+                              for m in build().modules() if isinstance(m, peft.tuners.unilora.UniLoraLayer))),
+    # PEFT's TinyLoRA: nn.Linear, Conv1D, nn.Embedding; v kept once on the module (tests/test_tinylora.py);
+    # init_weights=True (v = 0) is the identity start. r=32 is the full rank of these sites (cut to each one's
+    # smaller side) and u=256: with PEFT's r=2, u=64 six steps do not beat GPT-2's dropout noise in the loss
+    "tinylora": MethodSpec(fxpeft.TinyLoraConfig, peft.TinyLoraConfig,
+                           lambda s: dict(r=32, u=256, target_modules=s.targets),
+                           dict(init_weights="uniform", init_v_bound=0.05), ("linear", "conv1d_gpt2", "embedding"),
+                           # PEFT makes v in the target weight's dtype, on a 4-bit base its uint8 storage
+                           peft_4bit=False, peft_4bit_fault=lambda build: _fails(
+                               build, RuntimeError, "Only Tensors of floating point")),
 }
 CASES = [(m, s) for m, spec in METHODS.items() for s in spec.sites]
 ON_LINEAR = [m for m, spec in METHODS.items() if "linear" in spec.sites]  # the checks below use linear layers
@@ -310,10 +319,10 @@ def test_method_on_a_4bit_base_equals_peft(method, tmp_path):
     quantized = _quantized_by_transformers(model, tmp_path, CONFIGS["nf4"])
     inputs = models.hf_inputs("llama")
     if not spec.peft_4bit:  # PEFT fails here (checked, so a PEFT that learns it switches this test back)
-        failing = peft.get_peft_model(copy.deepcopy(quantized), spec.peft(**kwargs))
         if spec.peft_4bit_fault is not None:
-            assert spec.peft_4bit_fault(failing)
+            assert spec.peft_4bit_fault(lambda: peft.get_peft_model(copy.deepcopy(quantized), spec.peft(**kwargs)))
         else:
+            failing = peft.get_peft_model(copy.deepcopy(quantized), spec.peft(**kwargs))
             with pytest.raises(RuntimeError, match="shape"):  # it computes with the packed weight's shape
                 failing.train()(**inputs)
         quantized = _dequantized(model, quantized)
@@ -345,3 +354,12 @@ def _dequantized(model, quantized):
                 weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
                 float_model.get_submodule(name).weight.copy_(weight)
     return float_model
+
+
+def _fails(call, error: type, message: str) -> bool:
+    """Whether ``call()`` raises ``error`` saying ``message``."""
+    try:
+        call()
+    except error as raised:
+        return message in str(raised)
+    return False
