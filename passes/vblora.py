@@ -18,6 +18,7 @@ top k, as PEFT does, which gives the same A and B (such a checkpoint is for infe
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -211,8 +212,14 @@ def saved_state(gm, adapter: str, tensors: dict) -> dict:
 def loaded_state(gm, adapter: str, tensors: dict) -> dict:
     """PEFT's ``_remap_adapter_state_dict_for_load``: top-k indices and weights back to logits, -inf but at
     the top k, whose log weights they hold (the last weight is one minus the others)."""
-    if not gm.peft_config[adapter].save_only_topk_weights:
+    config = gm.peft_config[adapter]
+    if not config.save_only_topk_weights:
         return tensors
+    if not config.inference_mode:  # PEFT raises when such an adapter runs in training mode; graphs cannot branch
+        warnings.warn(f"VB-LoRA adapter {adapter!r} is loaded trainable from a save_only_topk_weights checkpoint, which "
+                      "holds the top-k logits only (the others load as -inf and would never be picked): such "
+                      "checkpoints are for inference and merging, not for resuming training (PEFT raises when it "
+                      "runs in training mode).")
     num_vectors = gm._modules["vblora_vector_bank"][adapter].shape[0]
     for key in [k for k in tensors if k.endswith("_topk_indices")]:
         stem = key.removesuffix("_topk_indices")

@@ -66,6 +66,8 @@ def test_save_only_topk_weights_files_and_loading_both_ways(tmp_path):
     loaded = fxpeft.from_pretrained(copy.deepcopy(model), str(tmp_path / "peft")).eval()
     back = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "fx")).eval()
     assert torch.isinf(loaded.fc1.vblora_logits_A["default"]).any()  # -inf but at the top k, as PEFT loads them
+    with pytest.warns(UserWarning, match="not for resuming training"):
+        loaded.load_adapter(str(tmp_path / "peft"), "trainable", is_trainable=True)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x()), expected, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(back(x()), expected, rtol=1e-5, atol=1e-6)
