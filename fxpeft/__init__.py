@@ -39,6 +39,10 @@ from .passes.loraplus import create_loraplus_optimizer  # noqa: E402
 from .passes.trainable_tokens import TrainableTokensConfig  # noqa: E402
 from .passes.vera import VeraConfig  # noqa: E402
 from .passes.weighted import add_weighted_adapter  # noqa: E402
+from .passes.beft import BeftConfig  # noqa: E402
+from .passes.hira import HiraConfig  # noqa: E402
+from .passes.shira import ShiraConfig  # noqa: E402
+from .passes.supertuning import SupertuningConfig  # noqa: E402
 from .passes.vblora import VBLoRAConfig  # noqa: E402
 from .passes.randlora import RandLoraConfig  # noqa: E402
 from .passes.unilora import UniLoraConfig  # noqa: E402
@@ -57,8 +61,12 @@ __all__ = [
     "HRAConfig", "TrainableTokensConfig", "VeraConfig", "FourierFTConfig", "LNTuningConfig", "EvaConfig",
     "CordaConfig", "TaskType", "PeftGraphModule", "CaptureError", "find_sites", "Site",
     "registry", "forms", "Registry", "Method", "register_method",
+    "BeftConfig",
+    "HiraConfig",
+    "ShiraConfig",
+    "SupertuningConfig",
+    "VBLoRAConfig",
+    "RandLoraConfig",
+    "UniLoraConfig",
+    "TinyLoraConfig",
 ]
-__all__ += ["VBLoRAConfig"]
-__all__ += ["RandLoraConfig"]
-__all__ += ["UniLoraConfig"]
-__all__ += ["TinyLoraConfig"]

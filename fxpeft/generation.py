@@ -100,20 +100,27 @@ def cache_written(cache) -> None:
         cache.is_updated[layer] = True
 
 
-def cache_shell(tensors):
+def cache_shell(tensors, seen_tokens=None):
     """A transformers cache over the given (possibly traced) tensors; its length is the tensors' own
-    (a dynamic dim under export, not a baked-in constant)."""
+    (a dynamic dim under export, not a baked-in constant). ``seen_tokens``: what the self-attention
+    layers answer to ``get_seq_length`` instead of their length tensor (see :func:`_with_shell`)."""
     from transformers.cache_utils import Cache, EncoderDecoderCache, StaticLayer
 
     if isinstance(tensors, dict):  # built field by field: __init__ would read the traced lengths as bools
         shell = EncoderDecoderCache.__new__(EncoderDecoderCache)
         cross = CROSS_FILLED if CROSS_FILLED in tensors else CROSS
-        shell.self_attention_cache, shell.cross_attention_cache = cache_shell(tensors[SELF]), cache_shell(tensors[cross])
+        shell.self_attention_cache = cache_shell(tensors[SELF], seen_tokens)
+        shell.cross_attention_cache = cache_shell(tensors[cross])
         shell.is_updated = {index: cross == CROSS_FILLED for index in range(len(tensors[cross]))}
         return shell
+
+    class ShellLayer(StaticLayer):
+        def get_seq_length(self):
+            return super().get_seq_length() if seen_tokens is None else seen_tokens
+
     layers = []
     for keys, values, length in tensors:
-        layer = StaticLayer(max_cache_len=keys.shape[2])
+        layer = ShellLayer(max_cache_len=keys.shape[2])
         layer.keys, layer.values, layer.cumulative_length = keys, values, length
         layer.device = keys.device
         layer.batch_size, layer.num_heads = keys.shape[:2]
@@ -124,7 +131,18 @@ def cache_shell(tensors):
 
 
 def _with_shell(given: dict) -> dict:
-    return {name: cache_shell(value) if name in CACHE_NAMES else value for name, value in given.items()}
+    """The call with its cache tensors wrapped in a cache object. A call that leaves the positions to
+    the model (no ``position_ids``: generation after virtual tokens, see :func:`_with_virtual_tokens`)
+    and passes a 2-D attention mask gets a cache whose ``get_seq_length`` is the mask's length minus
+    the new tokens: transformers' contract for such masks (past and new tokens), and a size export can
+    reason about where the length tensor would be a data-dependent value (OPT slices its positions
+    with it)."""
+    seen = None
+    prefix = "decoder_" if "decoder_input_ids" in given else ""
+    mask, query = given.get(prefix + "attention_mask"), given.get(prefix + "input_ids")
+    if prefix + "position_ids" not in given and mask is not None and mask.ndim == 2 and query is not None:
+        seen = mask.shape[-1] - query.shape[-1]
+    return {name: cache_shell(value, seen) if name in CACHE_NAMES else value for name, value in given.items()}
 
 
 def _without_cache(output):
@@ -152,7 +170,7 @@ def small_example(call: dict, cache_name: str) -> dict:
     batch, length = keys.shape[0], keys.shape[2]
     query = call[prefix + "input_ids"].shape[-1] if prefix + "input_ids" in call else 2
     new_batch, new_query = max(batch, 2), max(query, 2)
-    new_length = max(new_query, min(length, new_query + 2))
+    new_length = max(new_query + 1, min(length, new_query + 2))
 
     def resized(name, value):
         if not isinstance(value, torch.Tensor) or value.ndim == 0:
@@ -162,8 +180,8 @@ def small_example(call: dict, cache_name: str) -> dict:
             shape[0] = new_batch
         if name == prefix + "attention_mask" and value.ndim == 4:  # (batch, 1, query, cache length)
             shape[2:] = [new_query, new_length]
-        elif name == prefix + "attention_mask":  # (batch, cached + query)
-            shape[-1] = max(2, min(shape[-1], new_length))
+        elif name == prefix + "attention_mask":  # (batch, cached + query): shorter than the cache, as in
+            shape[-1] = max(new_query, min(shape[-1], new_length - 1))  # generation (transformers pads it then)
         elif name in (prefix + "input_ids", prefix + "position_ids", "token_type_ids"):
             shape[-1] = new_query
         elif name == prefix + "inputs_embeds":
@@ -264,6 +282,18 @@ def _with_virtual_tokens(gm, method, adapter: str, args, kwargs) -> tuple:
     kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], count), mask], dim=1)
     kwargs["cache"] = cache
     return args
+
+
+def masks_for_generate(model_masks: Optional[Callable], **kwargs):
+    """The attention mask of one generation step. After virtual tokens the 2-D mask itself, as PEFT's
+    forward gives it to the model: the model then derives its positions as it would over the whole
+    sequence (from the cache's length, or from the mask: OPT), and builds its causal mask in the
+    graph. Otherwise the model's (or transformers') 4-D mask."""
+    if virtual_tokens(kwargs.get("cache")):
+        return kwargs["attention_mask"]
+    if model_masks is None:
+        from transformers.masking_utils import create_masks_for_generate as model_masks
+    return model_masks(**kwargs)
 
 
 def _encoder_outputs(gm, args, kwargs):

@@ -1,7 +1,11 @@
 """Rewrite passes, one file per method. Importing a pass registers its rules and method."""
 from . import (adalora, boft, dora, fourierft, hra, ia3, ln_tuning, loha, lokr, lora,  # noqa: F401
                modules_to_save, oft, prefix, prompt, quantize, trainable_tokens, vera)
-from . import vblora  # noqa: F401,E402
-from . import randlora  # noqa: F401,E402
-from . import unilora  # noqa: F401,E402
-from . import tinylora  # noqa: F401,E402
+from . import beft  # noqa: E402,F401
+from . import hira  # noqa: E402,F401
+from . import shira  # noqa: E402,F401
+from . import supertuning  # noqa: E402,F401
+from . import vblora  # noqa: E402,F401
+from . import randlora  # noqa: E402,F401
+from . import unilora  # noqa: E402,F401
+from . import tinylora  # noqa: E402,F401

@@ -352,7 +352,7 @@ def peft_greedy(reference, ids, mask, steps):
 
 
 @pytest.mark.parametrize("name,method", [("llama", "prompt"), ("qwen2", "p-tuning"), ("llama", "prefix"),
-                                         ("gpt2", "prefix")])
+                                         ("gpt2", "prefix"), ("opt", "prompt"), ("opt", "prefix")])
 def test_prompt_methods_match_peft_forward(name, method):
     """The virtual tokens go into the cache once (the prompt run as input embeddings, or the prefixes
     written), then every step reads the real tokens only; tokens and per-step logits equal greedy

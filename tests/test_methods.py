@@ -111,6 +111,22 @@ METHODS = {
     "fourierft": MethodSpec(fxpeft.FourierFTConfig, peft.FourierFTConfig,
                             lambda s: dict(n_frequency=50, scaling=20.0, init_weights=True, target_modules=s.targets),
                             dict(init_weights=False), ("linear", "conv1d_gpt2")),
+    # PEFT's BEFT: torch.nn.Linear only (Conv1D raises, tests/test_beft.py); a bias added to the output
+    "beft": MethodSpec(fxpeft.BeftConfig, peft.BeftConfig, lambda s: dict(target_modules=s.targets),
+                       dict(init_weights=False), ("linear",)),
+    # PEFT's HiRA: nn.Linear, Conv1D, nn.Conv1d/2d/3d, nn.Embedding (and bitsandbytes linears); ΔW = W ⊙ (B A)
+    "hira": MethodSpec(fxpeft.HiraConfig, peft.HiraConfig, lambda s: dict(r=4, target_modules=s.targets),
+                       dict(init_weights=False), tuple(SITES)),
+    # PEFT's SHiRA: torch.nn.Linear only (Conv1D raises, tests/test_shira.py); r=2 keeps fc2's support
+    # (2·(24 + 5) entries) within its 24·5 weights (also in `random`, which the 4-bit test reads)
+    "shira": MethodSpec(fxpeft.ShiraConfig, peft.ShiraConfig,
+                        lambda s: dict(r=2, random_seed=3, target_modules=s.targets),
+                        dict(init_weights=False, r=2), ("linear",)),
+    # PEFT's Super-Tuning: torch.nn.Linear only (Conv1D raises, tests/test_supertuning.py); Supra mode (r set) runs
+    # both terms, the sparse support and the LoRA pair
+    "supertuning": MethodSpec(fxpeft.SupertuningConfig, peft.SupertuningConfig,
+                              lambda s: dict(sparsity=0.9, r=2, lora_alpha=4, target_modules=s.targets),
+                              dict(init_weights=False), ("linear",), peft_4bit=False),
     # PEFT's VB-LoRA: linear sites only (nn.Linear, Conv1D), each a multiple of vector_length (the MLP's fc2 has 5
     # outputs: fc1 only); a zero bank is the identity start (the default bank is random: VB-LoRA has no identity
     # init), the random one is large enough to move the outputs; vector_length in `random` serves the 4-bit test
