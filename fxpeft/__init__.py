@@ -43,6 +43,10 @@ from .passes.beft import BeftConfig  # noqa: E402
 from .passes.hira import HiraConfig  # noqa: E402
 from .passes.shira import ShiraConfig  # noqa: E402
 from .passes.supertuning import SupertuningConfig  # noqa: E402
+from .passes.miss import MissConfig  # noqa: E402
+from .passes.delora import DeloraConfig  # noqa: E402
+from .passes.gralora import GraloraConfig  # noqa: E402
+from .passes.c3a import C3AConfig  # noqa: E402
 from .passes.vblora import VBLoRAConfig  # noqa: E402
 from .passes.randlora import RandLoraConfig  # noqa: E402
 from .passes.unilora import UniLoraConfig  # noqa: E402
@@ -65,6 +69,10 @@ __all__ = [
     "HiraConfig",
     "ShiraConfig",
     "SupertuningConfig",
+    "MissConfig",
+    "DeloraConfig",
+    "GraloraConfig",
+    "C3AConfig",
     "VBLoRAConfig",
     "RandLoraConfig",
     "UniLoraConfig",

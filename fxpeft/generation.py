@@ -18,7 +18,9 @@ drives the loop. What fxpeft decides is how one forward step runs:
 - Seq2seq models: the encoder runs once through the whole model's graph (:func:`_encoder_outputs`);
   the cross-attention cache is written by the first decoder step and read by later ones (``SELF``).
 - Prompt methods: their virtual tokens go into the cache once (``Method.prefill_cache``,
-  :func:`_with_virtual_tokens`); graphs with a cache leave them to it.
+  :func:`_with_virtual_tokens`; an encoder-decoder's encoder runs first and may carry them in its
+  outputs); graphs with a cache leave them to it. The steps after them get the 2-D attention mask
+  (:func:`masks_for_generate`), as PEFT's forward gives it.
 - ``compile_config``: transformers compiles the decode step; fxpeft checks the config first and lets
   it compile on the CPU too (:func:`checked_compile_config`).
 - Deployment: :func:`decoding_files`, for ``export_merged(generation=True)``.
@@ -228,10 +230,8 @@ def generate(gm, mixin_generate: Optional[Callable], *args, adapter_names=None, 
     prefilled = [(gm._fxpeft_registry.method_for(gm.peft_config[name]), name) for name in gm._fxpeft_active]
     prefilled = [(method, name) for method, name in prefilled if method.exclusive]
     for method, name in prefilled:
-        if method.prefill_cache is None or getattr(gm.config, "is_encoder_decoder", False):
-            raise NotImplementedError(
-                f"fxpeft cannot generate with {method.name} adapters ({name!r})"
-                + (" on encoder-decoder models yet; decoder-only models can." if method.prefill_cache else "."))
+        if method.prefill_cache is None:
+            raise NotImplementedError(f"fxpeft cannot generate with {method.name} adapters ({name!r}).")
         if adapter_names is not None:
             raise ValueError(f"adapter_names picks adapters per sequence, but {method.name} adapter {name!r} is the "
                              "model's only adapter (as in PEFT): generate without adapter_names.")
@@ -255,8 +255,12 @@ def _with_virtual_tokens(gm, method, adapter: str, args, kwargs) -> tuple:
     keys and values written into it once (``Method.prefill_cache``), and an attention mask with as many
     ones in front. Every graph call then reads only the real tokens and counts their positions on from
     the cache's length, as PEFT's model counts them from its n past tokens (the dispatcher drops
-    ``position_ids`` for such a cache). Returns ``args`` without the prompt (it moves to ``input_ids``)."""
-    from transformers import StaticCache
+    ``position_ids`` for such a cache). Returns ``args`` without the prompt (it moves to ``input_ids``).
+
+    Encoder-decoder models: the encoder runs first (its virtual tokens, if any, are in its outputs,
+    and the mask gets as many ones in front); the decoder's virtual tokens, if any, go into the
+    self-attention cache, computed against each row's encoder outputs."""
+    from transformers import EncoderDecoderCache, StaticCache
 
     if any(kwargs.get(name) is not None for name in CACHE_NAMES) or kwargs.get("use_cache") is False:
         raise ValueError(f"generate with {method.name} builds its own KV cache (the virtual tokens go into it "
@@ -271,15 +275,30 @@ def _with_virtual_tokens(gm, method, adapter: str, args, kwargs) -> tuple:
     config.update(**{k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask")})
     new_tokens = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - ids.shape[-1]
     count = gm.peft_config[adapter].num_virtual_tokens
-    rows = ids.shape[0] * max(config.num_beams or 1, config.num_return_sequences or 1)
-    cache = StaticCache(config=gm.config, max_cache_len=count + ids.shape[-1] + new_tokens)
-    cache.early_initialization(rows, *gm._get_static_cache_init_shape(), dtype=gm.dtype, device=ids.device)
-    if method.prefill_cache(gm, adapter, cache) != count:  # pragma: no cover - a method's own contract
-        raise RuntimeError(f"{method.name} wrote another number of virtual tokens than its config's {count}.")
-    cache._fxpeft_virtual_tokens = count
+    expand = max(config.num_beams or 1, config.num_return_sequences or 1)
+    rows = ids.shape[0] * expand
     mask = kwargs.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask
-    kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], count), mask], dim=1)
+    if getattr(gm.config, "is_encoder_decoder", False):
+        if config.max_new_tokens is None:
+            new_tokens = config.max_length - 1  # the decoder starts from one token
+        outputs = kwargs["encoder_outputs"] = _encoder_outputs(gm, (), kwargs)
+        states = outputs.last_hidden_state
+        mask = torch.cat([mask.new_ones(mask.shape[0], states.shape[1] - mask.shape[1]), mask], dim=1)
+        decoder = gm.config.get_text_config(decoder=True)
+        cache = EncoderDecoderCache(StaticCache(config=decoder, max_cache_len=count + 1 + new_tokens),
+                                    StaticCache(config=decoder, max_cache_len=states.shape[1]))
+        for part in (cache.self_attention_cache, cache.cross_attention_cache):
+            part.early_initialization(rows, *gm._get_static_cache_init_shape(), dtype=gm.dtype, device=ids.device)
+        encoder = {"encoder_outputs": type(outputs)(last_hidden_state=states.repeat_interleave(expand, dim=0)),
+                   "attention_mask": mask.repeat_interleave(expand, dim=0)}
+        kwargs["attention_mask"] = mask
+    else:
+        cache = StaticCache(config=gm.config, max_cache_len=count + ids.shape[-1] + new_tokens)
+        cache.early_initialization(rows, *gm._get_static_cache_init_shape(), dtype=gm.dtype, device=ids.device)
+        encoder = {}
+        kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], count), mask], dim=1)
+    cache._fxpeft_virtual_tokens = method.prefill_cache(gm, adapter, cache, **encoder)
     kwargs["cache"] = cache
     return args
 
@@ -288,8 +307,9 @@ def masks_for_generate(model_masks: Optional[Callable], **kwargs):
     """The attention mask of one generation step. After virtual tokens the 2-D mask itself, as PEFT's
     forward gives it to the model: the model then derives its positions as it would over the whole
     sequence (from the cache's length, or from the mask: OPT), and builds its causal mask in the
-    graph. Otherwise the model's (or transformers') 4-D mask."""
-    if virtual_tokens(kwargs.get("cache")):
+    graph. Otherwise (and in an encoder-decoder's decoder, whose positions count on from the cache's
+    length) the model's (or transformers') 4-D mask."""
+    if virtual_tokens(kwargs.get("cache")) and not kwargs["config"].is_encoder_decoder:
         return kwargs["attention_mask"]
     if model_masks is None:
         from transformers.masking_utils import create_masks_for_generate as model_masks

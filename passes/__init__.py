@@ -5,6 +5,10 @@ from . import beft  # noqa: E402,F401
 from . import hira  # noqa: E402,F401
 from . import shira  # noqa: E402,F401
 from . import supertuning  # noqa: E402,F401
+from . import miss  # noqa: F401,E402
+from . import delora  # noqa: F401,E402
+from . import gralora  # noqa: F401,E402
+from . import c3a  # noqa: F401,E402
 from . import vblora  # noqa: E402,F401
 from . import randlora  # noqa: E402,F401
 from . import unilora  # noqa: E402,F401

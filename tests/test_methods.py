@@ -63,8 +63,9 @@ class MethodSpec:
     # PEFT wraps a bitsandbytes 4-bit layer but computes with its packed weight's shape and fails
     # (LoHa, LoKr, HRA): the oracle is then PEFT on the float model holding the dequantized weights
     peft_4bit: bool = True
-    # with peft_4bit=False, where PEFT fails otherwise on the 4-bit base (or computes something wrong):
-    # ``(a function building PEFT's model there) -> bool``, whether that fault shows (checked, as above)
+    peft_4bit_error: str = "shape"  # what PEFT's error on the 4-bit layer says (when it creates or runs the adapter)
+    # with peft_4bit=False where PEFT runs on the 4-bit base but computes something wrong instead of failing:
+    # ``(PEFT's model there) -> bool``, whether that fault shows (checked, as the error is)
     peft_4bit_fault: Callable = None
 
 
@@ -127,6 +128,27 @@ METHODS = {
     "supertuning": MethodSpec(fxpeft.SupertuningConfig, peft.SupertuningConfig,
                               lambda s: dict(sparsity=0.9, r=2, lora_alpha=4, target_modules=s.targets),
                               dict(init_weights=False), ("linear",), peft_4bit=False),
+    # PEFT's MiSS: nn.Linear only (Conv1D raises, tests/test_miss.py); r=5 leaves a remainder of fc1's 12 inputs
+    # (the zero-padded chunk); init_weights=False is the random balance block (bat and mini: tests/test_miss.py)
+    "miss": MethodSpec(fxpeft.MissConfig, peft.MissConfig, lambda s: dict(r=5, target_modules=s.targets),
+                       dict(init_weights=False, r=5), ("linear",)),
+    # PEFT's DeLoRA: nn.Linear only (Conv1D raises, tests/test_delora.py); on a 4-bit layer PEFT takes the norm of
+    # the packed bytes and fails when it creates the adapter: the oracle there is PEFT on the dequantized weights
+    "delora": MethodSpec(fxpeft.DeloraConfig, peft.DeloraConfig, lambda s: dict(r=4, target_modules=s.targets),
+                         dict(init_weights=False, r=4), ("linear",), peft_4bit=False,
+                         peft_4bit_error="vector_norm: Expected a floating point"),
+    # PEFT's GraLoRA: nn.Linear and Conv1D. gralora_k must divide every site's features: the MLP's 5 outputs leave
+    # k=1 there (the hybrid LoRA part runs beside it); GPT-2 takes a 2 × 2 grid (and the 4-bit check PEFT's defaults)
+    "gralora": MethodSpec(fxpeft.GraloraConfig, peft.GraloraConfig,
+                          lambda s: dict(r=4, alpha=8, target_modules=s.targets,
+                                         **(dict(gralora_k=1, hybrid_r=2) if s.build is models.MLP else {})),
+                          dict(init_weights=False), ("linear", "conv1d_gpt2")),
+    # PEFT's C3A: nn.Linear only (Conv1D raises, tests/test_linear_site_methods.py); block_size divides every
+    # site's features (the MLP's 5 outputs: 1 there); init_weights=True is the identity start, False a random one
+    "c3a": MethodSpec(fxpeft.C3AConfig, peft.C3AConfig,
+                      lambda s: dict(block_size=4, init_weights=True, target_modules=s.targets,
+                                     block_size_pattern={"fc2": 1} if s.build is models.MLP else {}),
+                      dict(init_weights=False, block_size=4), ("linear",)),
     # PEFT's VB-LoRA: linear sites only (nn.Linear, Conv1D), each a multiple of vector_length (the MLP's fc2 has 5
     # outputs: fc1 only); a zero bank is the identity start (the default bank is random: VB-LoRA has no identity
     # init), the random one is large enough to move the outputs; vector_length in `random` serves the 4-bit test
@@ -147,10 +169,10 @@ METHODS = {
                           dict(init_weights=False), ("linear", "conv1d_gpt2"), peft_4bit=False,
                           # PEFT casts the 1/√count scales to the base weight's dtype, on a 4-bit base its uint8
                           # storage: every scale becomes 0 and the adapter does nothing
-                          peft_4bit_fault=lambda build: all(
+                          peft_4bit_fault=lambda model: all(
                               not m.unilora_scales_A["default"].is_floating_point() and
                               not m.unilora_scales_A["default"].any()
-                              for m in build().modules() if isinstance(m, peft.tuners.unilora.UniLoraLayer))),
+                              for m in model.modules() if isinstance(m, peft.tuners.unilora.UniLoraLayer))),
     # PEFT's TinyLoRA: nn.Linear, Conv1D, nn.Embedding; v kept once on the module (tests/test_tinylora.py);
     # init_weights=True (v = 0) is the identity start. r=32 is the full rank of these sites (cut to each one's
     # smaller side) and u=256: with PEFT's r=2, u=64 six steps do not beat GPT-2's dropout noise in the loss
@@ -158,8 +180,7 @@ METHODS = {
                            lambda s: dict(r=32, u=256, target_modules=s.targets),
                            dict(init_weights="uniform", init_v_bound=0.05), ("linear", "conv1d_gpt2", "embedding"),
                            # PEFT makes v in the target weight's dtype, on a 4-bit base its uint8 storage
-                           peft_4bit=False, peft_4bit_fault=lambda build: _fails(
-                               build, RuntimeError, "Only Tensors of floating point")),
+                           peft_4bit=False, peft_4bit_error="Only Tensors of floating point"),
 }
 CASES = [(m, s) for m, spec in METHODS.items() for s in spec.sites]
 ON_LINEAR = [m for m, spec in METHODS.items() if "linear" in spec.sites]  # the checks below use linear layers
@@ -336,10 +357,10 @@ def test_method_on_a_4bit_base_equals_peft(method, tmp_path):
     inputs = models.hf_inputs("llama")
     if not spec.peft_4bit:  # PEFT fails here (checked, so a PEFT that learns it switches this test back)
         if spec.peft_4bit_fault is not None:
-            assert spec.peft_4bit_fault(lambda: peft.get_peft_model(copy.deepcopy(quantized), spec.peft(**kwargs)))
+            assert spec.peft_4bit_fault(peft.get_peft_model(copy.deepcopy(quantized), spec.peft(**kwargs)))
         else:
-            failing = peft.get_peft_model(copy.deepcopy(quantized), spec.peft(**kwargs))
-            with pytest.raises(RuntimeError, match="shape"):  # it computes with the packed weight's shape
+            with pytest.raises(RuntimeError, match=spec.peft_4bit_error):  # it computes with the packed weight
+                failing = peft.get_peft_model(copy.deepcopy(quantized), spec.peft(**kwargs))
                 failing.train()(**inputs)
         quantized = _dequantized(model, quantized)
     reference = peft.get_peft_model(peft.prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=False),
@@ -370,12 +391,3 @@ def _dequantized(model, quantized):
                 weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
                 float_model.get_submodule(name).weight.copy_(weight)
     return float_model
-
-
-def _fails(call, error: type, message: str) -> bool:
-    """Whether ``call()`` raises ``error`` saying ``message``."""
-    try:
-        call()
-    except error as raised:
-        return message in str(raised)
-    return False
