@@ -47,6 +47,10 @@ from .passes.miss import MissConfig  # noqa: E402
 from .passes.delora import DeloraConfig  # noqa: E402
 from .passes.gralora import GraloraConfig  # noqa: E402
 from .passes.c3a import C3AConfig  # noqa: E402
+from .passes.pvera import PveraConfig  # noqa: E402
+from .passes.glora import GloraConfig  # noqa: E402
+from .passes.peanut import PeanutConfig  # noqa: E402
+from .passes.deft import DeftConfig  # noqa: E402
 from .passes.vblora import VBLoRAConfig  # noqa: E402
 from .passes.randlora import RandLoraConfig  # noqa: E402
 from .passes.unilora import UniLoraConfig  # noqa: E402
@@ -73,6 +77,7 @@ __all__ = [
     "DeloraConfig",
     "GraloraConfig",
     "C3AConfig",
+    "PveraConfig", "GloraConfig", "PeanutConfig", "DeftConfig",
     "VBLoRAConfig",
     "RandLoraConfig",
     "UniLoraConfig",

@@ -9,6 +9,10 @@ from . import miss  # noqa: F401,E402
 from . import delora  # noqa: F401,E402
 from . import gralora  # noqa: F401,E402
 from . import c3a  # noqa: F401,E402
+from . import pvera  # noqa: F401,E402
+from . import glora  # noqa: F401,E402
+from . import peanut  # noqa: F401,E402
+from . import deft  # noqa: F401,E402
 from . import vblora  # noqa: E402,F401
 from . import randlora  # noqa: E402,F401
 from . import unilora  # noqa: E402,F401

@@ -149,6 +149,22 @@ METHODS = {
                       lambda s: dict(block_size=4, init_weights=True, target_modules=s.targets,
                                      block_size_pattern={"fc2": 1} if s.build is models.MLP else {}),
                       dict(init_weights=False, block_size=4), ("linear",)),
+    # PEFT's PVeRA: linear sites only (nn.Linear, Conv1D); it samples in training, so the random adapters get a
+    # generator_seed: both packages then draw the same noise (the 4-bit check compares them in training mode)
+    "pvera": MethodSpec(fxpeft.PveraConfig, peft.PveraConfig, lambda s: dict(r=4, target_modules=s.targets),
+                        dict(init_weights=False, generator_seed=0), ("linear", "conv1d_gpt2")),
+    # PEFT's GLoRA: plain nn.Linear only (Conv1D and a 4-bit layer raise ValueError at construction,
+    # tests/test_glora.py): the 4-bit oracle is PEFT on the dequantized weights
+    "glora": MethodSpec(fxpeft.GloraConfig, peft.GloraConfig, lambda s: dict(r=2, target_modules=s.targets),
+                        dict(init_weights=False), ("linear",), peft_4bit=False,
+                        peft_4bit_error="not a plain torch.nn.Linear"),
+    # PEFT's PEANuT: nn.Linear only (Conv1D raises); on a 4-bit layer it computes with the packed weight and fails
+    "peanut": MethodSpec(fxpeft.PeanutConfig, peft.PeanutConfig,
+                         lambda s: dict(r=4, depth=1, act_fn="gelu", scaling=0.5, target_modules=s.targets),
+                         dict(init_weights=False), ("linear",), peft_4bit=False),
+    # PEFT's DeFT: nn.Linear and Conv1D; init_weights=True is the identity start (R from the base weight)
+    "deft": MethodSpec(fxpeft.DeftConfig, peft.DeftConfig, lambda s: dict(r=3, alpha=6, target_modules=s.targets),
+                       dict(init_weights=False), ("linear", "conv1d_gpt2")),
     # PEFT's VB-LoRA: linear sites only (nn.Linear, Conv1D), each a multiple of vector_length (the MLP's fc2 has 5
     # outputs: fc1 only); a zero bank is the identity start (the default bank is random: VB-LoRA has no identity
     # init), the random one is large enough to move the outputs; vector_length in `random` serves the 4-bit test
@@ -359,7 +375,7 @@ def test_method_on_a_4bit_base_equals_peft(method, tmp_path):
         if spec.peft_4bit_fault is not None:
             assert spec.peft_4bit_fault(peft.get_peft_model(copy.deepcopy(quantized), spec.peft(**kwargs)))
         else:
-            with pytest.raises(RuntimeError, match=spec.peft_4bit_error):  # it computes with the packed weight
+            with pytest.raises((RuntimeError, ValueError), match=spec.peft_4bit_error):  # packed weight, or refused
                 failing = peft.get_peft_model(copy.deepcopy(quantized), spec.peft(**kwargs))
                 failing.train()(**inputs)
         quantized = _dequantized(model, quantized)
