@@ -96,11 +96,3 @@ def test_later_adapters_follow_peft_rules():
 def test_invalid_configs_raise_at_construction(kwargs):
     with pytest.raises(ValueError):
         fxpeft.RandLoraConfig(**{**KWARGS, **kwargs})
-
-
-def test_add_weighted_adapter_is_not_offered():
-    reference, gm, _ = pair()
-    with pytest.raises(AttributeError):  # PEFT's RandLoraModel has none
-        reference.base_model.add_weighted_adapter(["default"], [1.0], "mix")
-    with pytest.raises(ValueError, match="RandLoraConfig"):
-        fxpeft.add_weighted_adapter(gm, ["default"], [1.0], "mix")

@@ -90,11 +90,3 @@ def test_invalid_configs_raise_as_peft(kwargs):
         peft.UniLoraConfig(**{**KWARGS, **kwargs})
     with pytest.raises(ValueError, match=re.escape(str(theirs.value))):
         fxpeft.UniLoraConfig(**{**KWARGS, **kwargs})
-
-
-def test_add_weighted_adapter_is_not_offered():
-    reference, gm, _ = pair()
-    with pytest.raises(AttributeError):  # PEFT's UniLoraModel has none
-        reference.base_model.add_weighted_adapter(["default"], [1.0], "mix")
-    with pytest.raises(ValueError, match="UniLoraConfig"):
-        fxpeft.add_weighted_adapter(gm, ["default"], [1.0], "mix")

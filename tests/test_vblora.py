@@ -97,11 +97,3 @@ def test_layers_not_divisible_by_vector_length_raise_as_peft():
         fxpeft.transform(model, fxpeft.VBLoRAConfig(**config))
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())
-
-
-def test_add_weighted_adapter_is_not_offered():
-    reference, gm, _ = pair()
-    with pytest.raises(AttributeError):  # PEFT's VBLoRAModel has none
-        reference.base_model.add_weighted_adapter(["default"], [1.0], "mix")
-    with pytest.raises(ValueError, match="VBLoRAConfig"):
-        fxpeft.add_weighted_adapter(gm, ["default"], [1.0], "mix")
