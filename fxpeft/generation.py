@@ -480,9 +480,8 @@ def check_decodable(model) -> tuple[int, int]:
     be exported (before anything is merged or exported)."""
     name = type(getattr(model, "_fxpeft_source", model)).__name__
     can = getattr(type(model), "can_generate", None)
-    if not capture_mod.is_transformers_model(model) or not (can and can()) \
-            or getattr(model.config, "is_encoder_decoder", False):
-        raise NotImplementedError(f"export_merged(generation=True) exports decoder-only causal LMs; {name} is not one.")
+    if not capture_mod.is_transformers_model(model) or not (can and can()):
+        raise NotImplementedError(f"export_merged(generation=True) exports causal and seq2seq LMs; {name} is neither.")
     shape = model._get_static_cache_init_shape()
     if shape is None or not all(isinstance(n, int) for n in shape):
         raise NotImplementedError(f"{name} has no uniform static-cache layout to export.")
@@ -499,6 +498,8 @@ def decoding_files(model) -> dict:
     from transformers import StaticCache
 
     heads, head_dim = check_decodable(model)
+    if model.config.is_encoder_decoder:
+        return _seq2seq_decoding_files(model, heads, head_dim)
     device = next(model.parameters()).device
     cache = StaticCache(config=model.config, max_cache_len=6)
     cache.early_initialization(2, heads, head_dim, dtype=model.dtype, device=device)
@@ -514,6 +515,116 @@ def decoding_files(model) -> dict:
             "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id}
     return {"generate.pt2": lambda path: torch.export.save(program, path),
             "generation.json": _text_writer(json.dumps(spec, indent=1)), "generate.py": _text_writer(DECODING_LOOP)}
+
+
+def _seq2seq_decoding_files(model, heads: int, head_dim: int) -> dict:
+    """:func:`decoding_files` for an encoder-decoder: ``encode.pt2`` (the encoder), ``generate_first.pt2``
+    (the first decoder step, which writes the encoder's keys and values into the cross-attention cache)
+    and ``generate.pt2`` (every later step, which reads them); both steps write the self-attention cache
+    in place. ``generation.json`` and ``generate.py`` (:data:`SEQ2SEQ_DECODING_LOOP`) as for causal LMs."""
+    import json
+
+    from transformers import StaticCache
+
+    device = next(model.parameters()).device
+    ids = torch.ones(2, 5, dtype=torch.long, device=device)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        encoder = capture_mod.export_program(model.get_encoder().eval(), {"input_ids": ids, "attention_mask": mask},
+                                             lambda output: {"last_hidden_state": output.last_hidden_state})
+        states = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    decoder_config = model.config.get_text_config(decoder=True)
+
+    def layers(length):
+        cache = StaticCache(config=decoder_config, max_cache_len=length)
+        cache.early_initialization(2, heads, head_dim, dtype=model.dtype, device=device)
+        return [(layer.keys, layer.values, layer.cumulative_length) for layer in cache.layers]
+
+    start = torch.zeros(2, 1, dtype=torch.long, device=device)
+    steps = {}
+    for name, cross in (("generate_first.pt2", CROSS), ("generate.pt2", CROSS_FILLED)):
+        cross_layers = layers(states.shape[1])
+        if cross == CROSS_FILLED:
+            cross_layers = [(k, v, n + states.shape[1]) for k, v, n in cross_layers]
+        call = {"encoder_outputs": (states,), "attention_mask": mask, "decoder_input_ids": start,
+                "cache": {SELF: layers(6), cross: cross_layers}, "use_cache": True, "return_dict": True}
+        with torch.no_grad():
+            steps[name] = capture_mod.export_program(model.eval(), call, convert_inputs=_with_shell,
+                                                     convert_output=lambda output: {"logits": output.logits})
+    config = model.generation_config
+    spec = {"layers": len(call["cache"][SELF]), "heads": heads, "head_dim": head_dim,
+            "dtype": str(model.dtype).removeprefix("torch."), "eos_token_id": config.eos_token_id,
+            "pad_token_id": config.pad_token_id,
+            "decoder_start_token_id": config.decoder_start_token_id if config.decoder_start_token_id is not None
+            else model.config.decoder_start_token_id}
+    return {"encode.pt2": lambda path: torch.export.save(encoder, path),
+            **{name: (lambda path, program=program: torch.export.save(program, path)) for name, program in steps.items()},
+            "generation.json": _text_writer(json.dumps(spec, indent=1)), "generate.py": _text_writer(SEQ2SEQ_DECODING_LOOP)}
+
+
+SEQ2SEQ_DECODING_LOOP = '''"""Greedy decoding with encode.pt2, generate_first.pt2 and generate.pt2, with torch only (written by
+fxpeft.export_merged(..., generation=True) for an encoder-decoder model).
+
+    import generate; tokens = generate.greedy(input_ids, attention_mask, max_new_tokens=32)
+
+encode.pt2 takes input_ids and attention_mask (batch, source tokens; 0 at padding) and returns
+{"last_hidden_state": (batch, source tokens, hidden)}. The decoder programs take encoder_outputs (a
+1-tuple of that state), attention_mask (the source mask), decoder_input_ids (batch, 1), use_cache=True,
+return_dict=True and cache, a dict: "self_attention", per decoder layer a tuple (keys, values, length) of
+the decoder's own tokens (keys and values (batch, heads, capacity, head_dim), length a 0-d int64 tensor),
+and the cross-attention layers of the same form sized to the source, under "cross_attention" for the
+first step (generate_first.pt2 writes the encoder's keys and values into them) and
+"cross_attention_filled" for every later step (generate.pt2 reads them). Both write the new token's
+keys and values in place and return {"logits": (batch, 1, vocab)}. generation.json holds the cache's
+layout and the eos, pad and decoder start token ids. Finished sequences are padded with pad_token_id,
+as transformers does; the returned tokens start with the decoder start token, as transformers' do.
+"""
+import json
+import os
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def greedy(input_ids, attention_mask=None, max_new_tokens=32, eos_token_id="model", pad_token_id="model"):
+    with open(os.path.join(HERE, "generation.json")) as file:
+        spec = json.load(file)
+    programs = {name: torch.export.load(os.path.join(HERE, name + ".pt2")).module()
+                for name in ("encode", "generate_first", "generate")}
+    eos = spec["eos_token_id"] if eos_token_id == "model" else eos_token_id
+    eos = torch.tensor([eos] if isinstance(eos, int) else (eos or []), device=input_ids.device)
+    pad = spec["pad_token_id"] if pad_token_id == "model" else pad_token_id
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    batch, device, dtype = input_ids.shape[0], input_ids.device, getattr(torch, spec["dtype"])
+
+    def layers(length):
+        shape = (batch, spec["heads"], length, spec["head_dim"])
+        return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
+                 torch.zeros((), dtype=torch.int64, device=device)) for _ in range(spec["layers"])]
+
+    with torch.no_grad():
+        states = programs["encode"](input_ids=input_ids, attention_mask=mask)["last_hidden_state"]
+        own, cross = layers(max_new_tokens + 1), layers(states.shape[1])
+        tokens = torch.full((batch, 1), spec["decoder_start_token_id"], dtype=torch.long, device=device)
+        new = tokens
+        done = torch.zeros(batch, dtype=torch.bool, device=device)
+        for index in range(max_new_tokens):
+            first = index == 0
+            step = programs["generate_first" if first else "generate"]
+            cache = {"self_attention": own, ("cross_attention" if first else "cross_attention_filled"): cross}
+            logits = step(encoder_outputs=(states,), attention_mask=mask, decoder_input_ids=new, cache=cache,
+                          use_cache=True, return_dict=True)["logits"]
+            new = logits[:, -1].argmax(-1)
+            if pad is not None:
+                new = torch.where(done, torch.full_like(new, pad), new)
+            tokens = torch.cat([tokens, new[:, None]], dim=1)
+            done |= torch.isin(new, eos)
+            if bool(done.all()):
+                break
+            new = new[:, None]
+    return tokens
+'''
 
 
 def _text_writer(text: str) -> Callable:

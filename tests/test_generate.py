@@ -424,6 +424,29 @@ def test_seq2seq_prompt_methods_match_peft_forward(name, method):
 # ------------------------------------------------------------------------------------------ deployment
 
 
+def test_export_merged_seq2seq_for_generation_runs_without_fxpeft(seq2seq_pair, tmp_path):
+    """An encoder-decoder's export_merged(generation=True): encode.pt2, generate_first.pt2 (writes the
+    cross-attention cache) and generate.pt2 (reads it), driven by generate.py in a process where fxpeft
+    cannot be imported; its tokens equal gm.generate's greedy tokens for a padded batch."""
+    import subprocess
+    import sys
+
+    _, gm, inputs = seq2seq_pair
+    written = fxpeft.export_merged(gm, str(tmp_path), generation=True)
+    assert {written["encoder"], written["first_step"], written["decoding"]} == {
+        str(tmp_path / name) for name in ("encode.pt2", "generate_first.pt2", "generate.pt2")}
+    torch.save(inputs, tmp_path / "inputs.pt")
+    script = (
+        "import sys, torch; sys.modules['fxpeft'] = None; sys.path.insert(0, sys.argv[1]); import generate\n"
+        "inputs = torch.load(sys.argv[1] + '/inputs.pt')\n"
+        f"tokens = generate.greedy(inputs['input_ids'], inputs['attention_mask'], max_new_tokens={NEW}, pad_token_id=0)\n"
+        "torch.save(tokens, sys.argv[1] + '/tokens.pt')\n")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, env={"OMP_NUM_THREADS": "1"})
+    expected = gm.generate(**inputs, max_new_tokens=NEW, do_sample=False, pad_token_id=0, forced_bos_token_id=None,
+                           forced_eos_token_id=None)
+    assert torch.equal(torch.load(tmp_path / "tokens.pt"), expected)
+
+
 def test_export_merged_for_generation_runs_without_fxpeft(llama_pair, tmp_path):
     """export_merged(generation=True): generate.pt2 (the merged model with a static cache written in
     place) and generate.py, a greedy loop that needs only torch; run in a process where fxpeft cannot
@@ -447,6 +470,6 @@ def test_export_merged_for_generation_runs_without_fxpeft(llama_pair, tmp_path):
     kw = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=0)
     assert torch.equal(both, gm.generate(**inputs, **kw))
     assert torch.equal(alone, gm.generate(input_ids=inputs["input_ids"][1:], **kw))
-    with pytest.raises(NotImplementedError, match="MLP is not one"):  # before anything is merged
+    with pytest.raises(NotImplementedError, match="MLP is neither"):  # before anything is merged
         fxpeft.export_merged(fxpeft.transform(models.MLP(), fxpeft.LoraConfig(r=2, target_modules=["fc1"])),
                              str(tmp_path / "mlp"), example_inputs=(torch.randn(2, 12),), generation=True)
