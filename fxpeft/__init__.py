@@ -51,6 +51,10 @@ from .passes.pvera import PveraConfig  # noqa: E402
 from .passes.glora import GloraConfig  # noqa: E402
 from .passes.peanut import PeanutConfig  # noqa: E402
 from .passes.deft import DeftConfig  # noqa: E402
+from .passes.vblora import VBLoRAConfig  # noqa: E402
+from .passes.randlora import RandLoraConfig  # noqa: E402
+from .passes.unilora import UniLoraConfig  # noqa: E402
+from .passes.tinylora import TinyLoraConfig  # noqa: E402
 
 __all__ = [
     "transform", "add_adapter", "load_adapter", "from_pretrained", "save_pretrained", "delete_adapter",
@@ -74,4 +78,8 @@ __all__ = [
     "GraloraConfig",
     "C3AConfig",
     "PveraConfig", "GloraConfig", "PeanutConfig", "DeftConfig",
+    "VBLoRAConfig",
+    "RandLoraConfig",
+    "UniLoraConfig",
+    "TinyLoraConfig",
 ]

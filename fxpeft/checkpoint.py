@@ -481,6 +481,8 @@ def check_and_copy(gm, adapter: str, weights: dict[str, torch.Tensor]) -> None:
     state = gm.state_dict(keep_vars=True)
     mapping = adapter_key_map(gm, adapter, state)
     method = method_of(gm, adapter)
+    if method.loaded_state is not None:
+        weights = method.loaded_state(gm, adapter, dict(weights))
     if method.checkpoint_keys is not None:
         ignored = method.checkpoint_keys(gm.peft_config[adapter], set(weights))
         weights = {key: value for key, value in weights.items() if key not in ignored}

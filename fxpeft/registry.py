@@ -111,6 +111,10 @@ class Method:
     # ``saved_state(gm, adapter, {key: tensor}) -> {key: tensor}``: what a checkpoint holds, where it
     # is not the module's tensors as they are (AdaLoRA saves its sites cut to their allocated rank)
     saved_state: Optional[Callable] = None
+    # ``loaded_state(gm, adapter, {key: tensor}) -> {key: tensor}``: the inverse of ``saved_state``, a
+    # checkpoint's tensors (PEFT's keys) as the module holds them, before they are checked and copied (PEFT's
+    # per-tuner _remap_adapter_state_dict_for_load: VBLoRA's top-k file back to dense logits)
+    loaded_state: Optional[Callable] = None
     # ``checkpoint_keys(config, keys) -> keys to leave unloaded``: PEFT's own checks of a checkpoint's keys
     # before loading (raising or warning with PEFT's words); VeRA ignores saved projections its config
     # says are drawn from the key

@@ -13,3 +13,7 @@ from . import pvera  # noqa: F401,E402
 from . import glora  # noqa: F401,E402
 from . import peanut  # noqa: F401,E402
 from . import deft  # noqa: F401,E402
+from . import vblora  # noqa: E402,F401
+from . import randlora  # noqa: E402,F401
+from . import unilora  # noqa: E402,F401
+from . import tinylora  # noqa: E402,F401

@@ -1,7 +1,7 @@
 """What PEFT's linear-site methods MiSS, DeLoRA, GraLoRA and C3A share beyond the conformance suite, against
 the real PEFT package: input dropout in training draws as PEFT's, transformers' Conv1D is refused by
-the nn.Linear-only ones, and add_weighted_adapter by all (PEFT's tuners have none), leaving the
-model's adapters as they were."""
+the nn.Linear-only ones, and add_weighted_adapter by all (PEFT's tuners have none; VB-LoRA, RandLoRA, Uni-LoRA
+and TinyLoRA too), leaving the model's adapters as they were."""
 from __future__ import annotations
 
 import copy
@@ -16,7 +16,12 @@ import models
 PAIRS = {"miss": (fxpeft.MissConfig, peft.MissConfig, dict(r=4)),
          "delora": (fxpeft.DeloraConfig, peft.DeloraConfig, dict(r=4)),
          "gralora": (fxpeft.GraloraConfig, peft.GraloraConfig, dict(r=4, gralora_k=1)),
-         "c3a": (fxpeft.C3AConfig, peft.C3AConfig, dict(block_size=4))}
+         "c3a": (fxpeft.C3AConfig, peft.C3AConfig, dict(block_size=4)),
+         # for the add_weighted_adapter check only: these take Conv1D and have their own test files
+         "vblora": (fxpeft.VBLoRAConfig, peft.VBLoRAConfig, dict(r=4, num_vectors=16, vector_length=4)),
+         "randlora": (fxpeft.RandLoraConfig, peft.RandLoraConfig, dict(r=4)),
+         "unilora": (fxpeft.UniLoraConfig, peft.UniLoraConfig, dict(r=4, theta_d_length=64)),
+         "tinylora": (fxpeft.TinyLoraConfig, peft.TinyLoraConfig, dict(r=2, u=4))}
 LINEAR_ONLY = ["miss", "delora", "c3a"]
 # a random start with input dropout (MiSS: r=5 pads fc1's 12 inputs, and PEFT drops out the padded input;
 # GraLoRA: one draw for the grid, another for the hybrid LoRA part)

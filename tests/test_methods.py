@@ -64,6 +64,9 @@ class MethodSpec:
     # (LoHa, LoKr, HRA): the oracle is then PEFT on the float model holding the dequantized weights
     peft_4bit: bool = True
     peft_4bit_error: str = "shape"  # what PEFT's error on the 4-bit layer says (when it creates or runs the adapter)
+    # with peft_4bit=False where PEFT runs on the 4-bit base but computes something wrong instead of failing:
+    # ``(PEFT's model there) -> bool``, whether that fault shows (checked, as the error is)
+    peft_4bit_fault: Callable = None
 
 
 METHODS = {
@@ -162,6 +165,38 @@ METHODS = {
     # PEFT's DeFT: nn.Linear and Conv1D; init_weights=True is the identity start (R from the base weight)
     "deft": MethodSpec(fxpeft.DeftConfig, peft.DeftConfig, lambda s: dict(r=3, alpha=6, target_modules=s.targets),
                        dict(init_weights=False), ("linear", "conv1d_gpt2")),
+    # PEFT's VB-LoRA: linear sites only (nn.Linear, Conv1D), each a multiple of vector_length (the MLP's fc2 has 5
+    # outputs: fc1 only); a zero bank is the identity start (the default bank is random: VB-LoRA has no identity
+    # init), the random one is large enough to move the outputs; vector_length in `random` serves the 4-bit test
+    "vblora": MethodSpec(fxpeft.VBLoRAConfig, peft.VBLoRAConfig,
+                         lambda s: dict(r=4, num_vectors=16, vector_length=4, init_vector_bank_bound=0.0,
+                                        target_modules=["fc1"] if s.build is models.MLP else s.targets),
+                         dict(init_vector_bank_bound=0.5, vector_length=4), ("linear", "conv1d_gpt2")),
+    # PEFT's RandLoRA: linear sites only (nn.Linear, Conv1D, bitsandbytes); bases shared by every site
+    # (tests/test_randlora.py); init_weights=True (λ = 0) is the identity start
+    "randlora": MethodSpec(fxpeft.RandLoraConfig, peft.RandLoraConfig,
+                           lambda s: dict(r=4, randlora_alpha=8, target_modules=s.targets),
+                           dict(init_weights=False), ("linear", "conv1d_gpt2")),
+    # PEFT's Uni-LoRA: linear sites only (nn.Linear, Conv1D); θ kept once on the module (tests/test_unilora.py).
+    # It has no identity start (A and B both read θ): a zero θ, which no config gives (init_theta_d_bound must be
+    # positive), cannot be the oracle, so the smallest bound stands in for it (a change below the suite's 1e-6)
+    "unilora": MethodSpec(fxpeft.UniLoraConfig, peft.UniLoraConfig,
+                          lambda s: dict(r=4, theta_d_length=64, init_theta_d_bound=1e-6, target_modules=s.targets),
+                          dict(init_weights=False), ("linear", "conv1d_gpt2"), peft_4bit=False,
+                          # PEFT casts the 1/√count scales to the base weight's dtype, on a 4-bit base its uint8
+                          # storage: every scale becomes 0 and the adapter does nothing
+                          peft_4bit_fault=lambda model: all(
+                              not m.unilora_scales_A["default"].is_floating_point() and
+                              not m.unilora_scales_A["default"].any()
+                              for m in model.modules() if isinstance(m, peft.tuners.unilora.UniLoraLayer))),
+    # PEFT's TinyLoRA: nn.Linear, Conv1D, nn.Embedding; v kept once on the module (tests/test_tinylora.py);
+    # init_weights=True (v = 0) is the identity start. r=32 is the full rank of these sites (cut to each one's
+    # smaller side) and u=256: with PEFT's r=2, u=64 six steps do not beat GPT-2's dropout noise in the loss
+    "tinylora": MethodSpec(fxpeft.TinyLoraConfig, peft.TinyLoraConfig,
+                           lambda s: dict(r=32, u=256, target_modules=s.targets),
+                           dict(init_weights="uniform", init_v_bound=0.05), ("linear", "conv1d_gpt2", "embedding"),
+                           # PEFT makes v in the target weight's dtype, on a 4-bit base its uint8 storage
+                           peft_4bit=False, peft_4bit_error="Only Tensors of floating point"),
 }
 CASES = [(m, s) for m, spec in METHODS.items() for s in spec.sites]
 ON_LINEAR = [m for m, spec in METHODS.items() if "linear" in spec.sites]  # the checks below use linear layers
@@ -179,7 +214,14 @@ def configs(method: str, site: str, **extra):
 
 
 def trainable_state(module, prefix: str = "") -> dict:
-    return {name.removeprefix(prefix): p for name, p in module.named_parameters() if p.requires_grad}
+    # a trainable tensor PEFT's tuner shares with every layer (VB-LoRA's bank) is named after the first layer
+    # holding it (``fc1.vblora_vector_bank.default``); fxpeft keeps it once on the root (``Method.shared``)
+    shared = {name for method in fxpeft.registry.DEFAULT.methods for name in method.shared}
+
+    def key(name):
+        parts = name.removeprefix(prefix).split(".")
+        return ".".join(next((parts[i:] for i, part in enumerate(parts) if part in shared), parts))
+    return {key(name): p for name, p in module.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("method, site", CASES)
@@ -330,9 +372,12 @@ def test_method_on_a_4bit_base_equals_peft(method, tmp_path):
     quantized = _quantized_by_transformers(model, tmp_path, CONFIGS["nf4"])
     inputs = models.hf_inputs("llama")
     if not spec.peft_4bit:  # PEFT fails here (checked, so a PEFT that learns it switches this test back)
-        with pytest.raises((RuntimeError, ValueError), match=spec.peft_4bit_error):  # packed weight, or refused
-            failing = peft.get_peft_model(copy.deepcopy(quantized), spec.peft(**kwargs))
-            failing.train()(**inputs)
+        if spec.peft_4bit_fault is not None:
+            assert spec.peft_4bit_fault(peft.get_peft_model(copy.deepcopy(quantized), spec.peft(**kwargs)))
+        else:
+            with pytest.raises((RuntimeError, ValueError), match=spec.peft_4bit_error):  # packed weight, or refused
+                failing = peft.get_peft_model(copy.deepcopy(quantized), spec.peft(**kwargs))
+                failing.train()(**inputs)
         quantized = _dequantized(model, quantized)
     reference = peft.get_peft_model(peft.prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=False),
                                     spec.peft(**kwargs))
