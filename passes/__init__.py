@@ -1,3 +1,4 @@
 """Rewrite passes, one file per method. Importing a pass registers its rules and method."""
 from . import (adalora, boft, dora, fourierft, hra, ia3, ln_tuning, loha, lokr, lora,  # noqa: F401
                modules_to_save, oft, prefix, prompt, quantize, trainable_tokens, vera)
+from . import road  # noqa: F401,E402
