@@ -114,6 +114,11 @@ METHODS = {
     "road": MethodSpec(fxpeft.RoadConfig, peft.RoadConfig,
                        lambda s: dict(group_size=4, target_modules=["fc1"]),
                        dict(init_weights=False, group_size=4), ("linear",)),
+    # PEFT's PSOFT: nn.Linear only. On a 4-bit base PEFT refuses to take the SVD of the packed weight; fxpeft
+    # factors the dequantized one, so the oracle there is PEFT on the dequantized float model. r in ``random``
+    # too: the 4-bit check's config is built from it, and llama's v_proj has 16 outputs (PEFT's default r is 32)
+    "psoft": MethodSpec(fxpeft.PsoftConfig, peft.PsoftConfig, lambda s: dict(r=4, psoft_alpha=8, target_modules=s.targets),
+                        dict(init_weights=False, r=4), ("linear",), peft_4bit=False),
 }
 CASES = [(m, s) for m, spec in METHODS.items() for s in spec.sites]
 ON_LINEAR = [m for m, spec in METHODS.items() if "linear" in spec.sites]  # the checks below use linear layers
@@ -285,9 +290,9 @@ def test_method_on_a_4bit_base_equals_peft(method, tmp_path):
     quantized = _quantized_by_transformers(model, tmp_path, CONFIGS["nf4"])
     inputs = models.hf_inputs("llama")
     if not spec.peft_4bit:  # PEFT fails here (checked, so a PEFT that learns it switches this test back)
-        failing = peft.get_peft_model(copy.deepcopy(quantized), spec.peft(**kwargs))
-        with pytest.raises(RuntimeError, match="shape"):  # it computes with the packed weight's shape
-            failing.train()(**inputs)
+        # it computes with the packed weight's shape (LoHa, LoKr, HRA) or refuses its SVD at init (PSOFT)
+        with pytest.raises((RuntimeError, TypeError), match="shape|init requires float"):
+            peft.get_peft_model(copy.deepcopy(quantized), spec.peft(**kwargs)).train()(**inputs)
         quantized = _dequantized(model, quantized)
     reference = peft.get_peft_model(peft.prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=False),
                                     spec.peft(**kwargs))
