@@ -3,3 +3,4 @@ from . import (adalora, boft, dora, fourierft, hra, ia3, ln_tuning, loha, lokr, 
                modules_to_save, oft, prefix, prompt, quantize, trainable_tokens, vera)
 from . import road  # noqa: F401,E402
 from . import psoft  # noqa: F401,E402
+from . import osf  # noqa: F401,E402

@@ -119,6 +119,11 @@ METHODS = {
     # too: the 4-bit check's config is built from it, and llama's v_proj has 16 outputs (PEFT's default r is 32)
     "psoft": MethodSpec(fxpeft.PsoftConfig, peft.PsoftConfig, lambda s: dict(r=4, psoft_alpha=8, target_modules=s.targets),
                         dict(init_weights=False, r=4), ("linear",), peft_4bit=False),
+    # PEFT's OSF: nn.Linear only (it skips other layers silently; fxpeft raises). On a 4-bit base PEFT takes the
+    # packed weight's shape for the layer's (a preserved rank of 0, refused); fxpeft factors the dequantized weight.
+    # Unmerging: PEFT refuses, fxpeft subtracts ΔW (the suite's round trip checks it against the original weights)
+    "osf": MethodSpec(fxpeft.OSFConfig, peft.OSFConfig, lambda s: dict(target_modules=s.targets),
+                      dict(init_weights=False), ("linear",), peft_4bit=False),
 }
 CASES = [(m, s) for m, spec in METHODS.items() for s in spec.sites]
 ON_LINEAR = [m for m, spec in METHODS.items() if "linear" in spec.sites]  # the checks below use linear layers
@@ -290,8 +295,9 @@ def test_method_on_a_4bit_base_equals_peft(method, tmp_path):
     quantized = _quantized_by_transformers(model, tmp_path, CONFIGS["nf4"])
     inputs = models.hf_inputs("llama")
     if not spec.peft_4bit:  # PEFT fails here (checked, so a PEFT that learns it switches this test back)
-        # it computes with the packed weight's shape (LoHa, LoKr, HRA) or refuses its SVD at init (PSOFT)
-        with pytest.raises((RuntimeError, TypeError), match="shape|init requires float"):
+        # it computes with the packed weight's shape (LoHa, LoKr, HRA), refuses its SVD at init (PSOFT) or reads
+        # a preserved rank of 0 from its shape (OSF)
+        with pytest.raises((RuntimeError, TypeError, ValueError), match="shape|init requires float|effective_rank"):
             peft.get_peft_model(copy.deepcopy(quantized), spec.peft(**kwargs)).train()(**inputs)
         quantized = _dequantized(model, quantized)
     reference = peft.get_peft_model(peft.prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=False),
