@@ -246,7 +246,8 @@ def psoft_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rotation: Pso
 
 def delta(lw, site: Site, module: nn.Module, adapter: str, x):
     gate = f"{site.path}.psoft_gate.{adapter}"
-    return lw.call(psoft_delta, x, lw.attr(f"{gate}.A"), lw.attr(f"{gate}.B"), lw.attr(f"{site.path}.psoft_R.{adapter}"))
+    rotation = lw.attr(f"{site.path}.psoft_R.{adapter}")
+    return lw.call(psoft_delta, x, lw.attr(f"{gate}.A"), lw.attr(f"{gate}.B"), rotation)
 
 
 def delta_weight(gm, site: Site, module: nn.Module, adapter: str) -> torch.Tensor:

@@ -160,4 +160,4 @@ METHOD = register_method(weight_map(
     name="road", config_type=RoadConfig, create=add_road, check_site=check_site, lower_site=lower_site, fold=fold,
     containers=("road_theta", "road_alpha"), gates="road_gate", kinds=("linear",),
     default_targets=DEFAULT_LORA_TARGETS, heads=output_heads, phase=60,
-    describe=lambda module, adapter: f"{module.road_gate[adapter].variant} group_size={module.road_gate[adapter].group_size}"))
+    describe=lambda module, adapter: "{0.variant} group_size={0.group_size}".format(module.road_gate[adapter])))
