@@ -42,6 +42,7 @@ from .passes.weighted import add_weighted_adapter  # noqa: E402
 from .passes.road import RoadConfig  # noqa: E402
 from .passes.psoft import PsoftConfig  # noqa: E402
 from .passes.osf import OSFConfig  # noqa: E402
+from .passes.lily import LilyConfig  # noqa: E402
 
 __all__ = [
     "transform", "add_adapter", "load_adapter", "from_pretrained", "save_pretrained", "delete_adapter",
@@ -56,5 +57,5 @@ __all__ = [
     "HRAConfig", "TrainableTokensConfig", "VeraConfig", "FourierFTConfig", "LNTuningConfig", "EvaConfig",
     "CordaConfig", "TaskType", "PeftGraphModule", "CaptureError", "find_sites", "Site",
     "registry", "forms", "Registry", "Method", "register_method",
-    "RoadConfig", "PsoftConfig", "OSFConfig",
+    "RoadConfig", "PsoftConfig", "OSFConfig", "LilyConfig",
 ]

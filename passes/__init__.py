@@ -4,3 +4,4 @@ from . import (adalora, boft, dora, fourierft, hra, ia3, ln_tuning, loha, lokr, 
 from . import road  # noqa: F401,E402
 from . import psoft  # noqa: F401,E402
 from . import osf  # noqa: F401,E402
+from . import lily  # noqa: F401,E402

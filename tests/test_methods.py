@@ -63,6 +63,12 @@ class MethodSpec:
     # PEFT wraps a bitsandbytes 4-bit layer but computes with its packed weight's shape and fails
     # (LoHa, LoKr, HRA): the oracle is then PEFT on the float model holding the dequantized weights
     peft_4bit: bool = True
+    # PEFT cannot merge the method (Lily: its ΔW depends on the input): merging raises, as PEFT's does, and
+    # leaves the model as it was
+    merges: bool = True
+    # a sample's output depends on the other samples with its adapter (Lily's router averages over the batch): a
+    # mixed batch is compared with each adapter's sub-batch called alone instead of each sample alone
+    batch_coupled: bool = False
 
 
 METHODS = {
@@ -124,6 +130,9 @@ METHODS = {
     # Unmerging: PEFT refuses, fxpeft subtracts ΔW (the suite's round trip checks it against the original weights)
     "osf": MethodSpec(fxpeft.OSFConfig, peft.OSFConfig, lambda s: dict(target_modules=s.targets),
                       dict(init_weights=False), ("linear",), peft_4bit=False),
+    # PEFT's Lily: nn.Linear only (and bitsandbytes linears); no merging; its router averages over the batch
+    "lily": MethodSpec(fxpeft.LilyConfig, peft.LilyConfig, lambda s: dict(r=4, num_B=3, target_modules=s.targets),
+                       dict(init_weights=False), ("linear",), merges=False, batch_coupled=True),
 }
 CASES = [(m, s) for m, spec in METHODS.items() for s in spec.sites]
 ON_LINEAR = [m for m, spec in METHODS.items() if "linear" in spec.sites]  # the checks below use linear layers
@@ -190,6 +199,14 @@ def test_method_equals_peft(method, site, tmp_path):
         torch.testing.assert_close(run(gm, inputs), base, rtol=0, atol=1e-6)
     gm.set_adapter("default")
 
+    if not spec.merges:  # checked, so a PEFT that learns to merge it switches this back
+        with pytest.raises(NotImplementedError):
+            reference.merge_adapter()
+        with pytest.raises(NotImplementedError):
+            gm.merge_adapter()
+        with torch.no_grad():
+            torch.testing.assert_close(run(gm, inputs), expected, rtol=1e-5, atol=1e-5)
+        return
     # merging: outputs kept, unmerging restores the weights, merge_and_unload is the original class's state
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
@@ -216,8 +233,9 @@ def test_mixed_batch_and_training(method, site):
     batch = next(iter(inputs.values())) if isinstance(inputs, dict) else inputs[0]
     names = (["default", "other", "__base__"] * batch.shape[0])[: batch.shape[0]]
 
-    def sample(i):
-        return {k: v[i:i + 1] for k, v in inputs.items()} if isinstance(inputs, dict) else (inputs[0][i:i + 1],)
+    def sample(i):  # sample i alone (batch-coupled methods: with the samples that chose its adapter), its row
+        rows = [j for j, n in enumerate(names) if n == names[i]] if spec.batch_coupled else [i]
+        return ({k: v[rows] for k, v in inputs.items()} if isinstance(inputs, dict) else (inputs[0][rows],)), rows.index(i)
 
     with torch.no_grad():
         mixed = gm(**inputs, adapter_names=names) if isinstance(inputs, dict) else gm(*inputs, adapter_names=names)
@@ -225,11 +243,12 @@ def test_mixed_batch_and_training(method, site):
         for i, name in enumerate(names):
             if name == "__base__":
                 with fxpeft.disable_adapters(gm):
-                    single = run(gm, sample(i))
+                    single = run(gm, sample(i)[0])
             else:
                 gm.set_adapter(name)
-                single = run(gm, sample(i))
-            torch.testing.assert_close(mixed[i:i + 1], single, rtol=1e-5, atol=1e-5)
+                single = run(gm, sample(i)[0])
+            row = sample(i)[1]
+            torch.testing.assert_close(mixed[i:i + 1], single[row:row + 1], rtol=1e-5, atol=1e-5)
 
     gm.set_adapter("default")
     gm.train()
@@ -259,10 +278,12 @@ def test_switching_adapters_never_recompiles(method):
     gm.add_adapter("other", configs(method, "linear", inference_mode=True, **spec.random)[0])
     x = row.inputs()[0]
     expected = {}
+    other_rows = [1, 2] if spec.batch_coupled else list(range(len(x)))  # the rows below that choose "other"
     with torch.no_grad():
         for name in ("default", "other"):
             gm.set_adapter(name)
             expected[name] = gm(x)
+        mixed_other = gm(x[other_rows])[other_rows.index(1)]
         compiled = torch.compile(gm, fullgraph=True, backend=models.COMPILE_BACKEND)
         compiled(x)
         compiled(x, adapter_names=fxpeft.adapter_indices(gm, ["other", "default", "__base__", "other"]))
@@ -274,7 +295,7 @@ def test_switching_adapters_never_recompiles(method):
             with fxpeft.disable_adapters(gm):
                 compiled(x)
             got = compiled(x, adapter_names=fxpeft.adapter_indices(gm, ["default", "other", "other", "default"]))
-            torch.testing.assert_close(got[1], expected["other"][1], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got[1], mixed_other, rtol=1e-5, atol=1e-5)
         finally:
             torch._dynamo.config.error_on_recompile = False
             torch._dynamo.reset()
