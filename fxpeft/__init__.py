@@ -39,6 +39,14 @@ from .passes.loraplus import create_loraplus_optimizer  # noqa: E402
 from .passes.trainable_tokens import TrainableTokensConfig  # noqa: E402
 from .passes.vera import VeraConfig  # noqa: E402
 from .passes.weighted import add_weighted_adapter  # noqa: E402
+from .passes.beft import BeftConfig  # noqa: E402
+from .passes.hira import HiraConfig  # noqa: E402
+from .passes.shira import ShiraConfig  # noqa: E402
+from .passes.supertuning import SupertuningConfig  # noqa: E402
+from .passes.miss import MissConfig  # noqa: E402
+from .passes.delora import DeloraConfig  # noqa: E402
+from .passes.gralora import GraloraConfig  # noqa: E402
+from .passes.c3a import C3AConfig  # noqa: E402
 from .passes.road import RoadConfig  # noqa: E402
 from .passes.psoft import PsoftConfig  # noqa: E402
 from .passes.osf import OSFConfig  # noqa: E402
@@ -57,5 +65,16 @@ __all__ = [
     "HRAConfig", "TrainableTokensConfig", "VeraConfig", "FourierFTConfig", "LNTuningConfig", "EvaConfig",
     "CordaConfig", "TaskType", "PeftGraphModule", "CaptureError", "find_sites", "Site",
     "registry", "forms", "Registry", "Method", "register_method",
-    "RoadConfig", "PsoftConfig", "OSFConfig", "LilyConfig",
+    "BeftConfig",
+    "HiraConfig",
+    "ShiraConfig",
+    "SupertuningConfig",
+    "MissConfig",
+    "DeloraConfig",
+    "GraloraConfig",
+    "C3AConfig",
+    "RoadConfig",
+    "PsoftConfig",
+    "OSFConfig",
+    "LilyConfig",
 ]

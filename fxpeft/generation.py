@@ -18,7 +18,9 @@ drives the loop. What fxpeft decides is how one forward step runs:
 - Seq2seq models: the encoder runs once through the whole model's graph (:func:`_encoder_outputs`);
   the cross-attention cache is written by the first decoder step and read by later ones (``SELF``).
 - Prompt methods: their virtual tokens go into the cache once (``Method.prefill_cache``,
-  :func:`_with_virtual_tokens`); graphs with a cache leave them to it.
+  :func:`_with_virtual_tokens`; an encoder-decoder's encoder runs first and may carry them in its
+  outputs); graphs with a cache leave them to it. The steps after them get the 2-D attention mask
+  (:func:`masks_for_generate`), as PEFT's forward gives it.
 - ``compile_config``: transformers compiles the decode step; fxpeft checks the config first and lets
   it compile on the CPU too (:func:`checked_compile_config`).
 - Deployment: :func:`decoding_files`, for ``export_merged(generation=True)``.
@@ -100,20 +102,27 @@ def cache_written(cache) -> None:
         cache.is_updated[layer] = True
 
 
-def cache_shell(tensors):
+def cache_shell(tensors, seen_tokens=None):
     """A transformers cache over the given (possibly traced) tensors; its length is the tensors' own
-    (a dynamic dim under export, not a baked-in constant)."""
+    (a dynamic dim under export, not a baked-in constant). ``seen_tokens``: what the self-attention
+    layers answer to ``get_seq_length`` instead of their length tensor (see :func:`_with_shell`)."""
     from transformers.cache_utils import Cache, EncoderDecoderCache, StaticLayer
 
     if isinstance(tensors, dict):  # built field by field: __init__ would read the traced lengths as bools
         shell = EncoderDecoderCache.__new__(EncoderDecoderCache)
         cross = CROSS_FILLED if CROSS_FILLED in tensors else CROSS
-        shell.self_attention_cache, shell.cross_attention_cache = cache_shell(tensors[SELF]), cache_shell(tensors[cross])
+        shell.self_attention_cache = cache_shell(tensors[SELF], seen_tokens)
+        shell.cross_attention_cache = cache_shell(tensors[cross])
         shell.is_updated = {index: cross == CROSS_FILLED for index in range(len(tensors[cross]))}
         return shell
+
+    class ShellLayer(StaticLayer):
+        def get_seq_length(self):
+            return super().get_seq_length() if seen_tokens is None else seen_tokens
+
     layers = []
     for keys, values, length in tensors:
-        layer = StaticLayer(max_cache_len=keys.shape[2])
+        layer = ShellLayer(max_cache_len=keys.shape[2])
         layer.keys, layer.values, layer.cumulative_length = keys, values, length
         layer.device = keys.device
         layer.batch_size, layer.num_heads = keys.shape[:2]
@@ -124,7 +133,18 @@ def cache_shell(tensors):
 
 
 def _with_shell(given: dict) -> dict:
-    return {name: cache_shell(value) if name in CACHE_NAMES else value for name, value in given.items()}
+    """The call with its cache tensors wrapped in a cache object. A call that leaves the positions to
+    the model (no ``position_ids``: generation after virtual tokens, see :func:`_with_virtual_tokens`)
+    and passes a 2-D attention mask gets a cache whose ``get_seq_length`` is the mask's length minus
+    the new tokens: transformers' contract for such masks (past and new tokens), and a size export can
+    reason about where the length tensor would be a data-dependent value (OPT slices its positions
+    with it)."""
+    seen = None
+    prefix = "decoder_" if "decoder_input_ids" in given else ""
+    mask, query = given.get(prefix + "attention_mask"), given.get(prefix + "input_ids")
+    if prefix + "position_ids" not in given and mask is not None and mask.ndim == 2 and query is not None:
+        seen = mask.shape[-1] - query.shape[-1]
+    return {name: cache_shell(value, seen) if name in CACHE_NAMES else value for name, value in given.items()}
 
 
 def _without_cache(output):
@@ -152,7 +172,7 @@ def small_example(call: dict, cache_name: str) -> dict:
     batch, length = keys.shape[0], keys.shape[2]
     query = call[prefix + "input_ids"].shape[-1] if prefix + "input_ids" in call else 2
     new_batch, new_query = max(batch, 2), max(query, 2)
-    new_length = max(new_query, min(length, new_query + 2))
+    new_length = max(new_query + 1, min(length, new_query + 2))
 
     def resized(name, value):
         if not isinstance(value, torch.Tensor) or value.ndim == 0:
@@ -162,8 +182,8 @@ def small_example(call: dict, cache_name: str) -> dict:
             shape[0] = new_batch
         if name == prefix + "attention_mask" and value.ndim == 4:  # (batch, 1, query, cache length)
             shape[2:] = [new_query, new_length]
-        elif name == prefix + "attention_mask":  # (batch, cached + query)
-            shape[-1] = max(2, min(shape[-1], new_length))
+        elif name == prefix + "attention_mask":  # (batch, cached + query): shorter than the cache, as in
+            shape[-1] = max(new_query, min(shape[-1], new_length - 1))  # generation (transformers pads it then)
         elif name in (prefix + "input_ids", prefix + "position_ids", "token_type_ids"):
             shape[-1] = new_query
         elif name == prefix + "inputs_embeds":
@@ -210,10 +230,8 @@ def generate(gm, mixin_generate: Optional[Callable], *args, adapter_names=None, 
     prefilled = [(gm._fxpeft_registry.method_for(gm.peft_config[name]), name) for name in gm._fxpeft_active]
     prefilled = [(method, name) for method, name in prefilled if method.exclusive]
     for method, name in prefilled:
-        if method.prefill_cache is None or getattr(gm.config, "is_encoder_decoder", False):
-            raise NotImplementedError(
-                f"fxpeft cannot generate with {method.name} adapters ({name!r})"
-                + (" on encoder-decoder models yet; decoder-only models can." if method.prefill_cache else "."))
+        if method.prefill_cache is None:
+            raise NotImplementedError(f"fxpeft cannot generate with {method.name} adapters ({name!r}).")
         if adapter_names is not None:
             raise ValueError(f"adapter_names picks adapters per sequence, but {method.name} adapter {name!r} is the "
                              "model's only adapter (as in PEFT): generate without adapter_names.")
@@ -237,8 +255,12 @@ def _with_virtual_tokens(gm, method, adapter: str, args, kwargs) -> tuple:
     keys and values written into it once (``Method.prefill_cache``), and an attention mask with as many
     ones in front. Every graph call then reads only the real tokens and counts their positions on from
     the cache's length, as PEFT's model counts them from its n past tokens (the dispatcher drops
-    ``position_ids`` for such a cache). Returns ``args`` without the prompt (it moves to ``input_ids``)."""
-    from transformers import StaticCache
+    ``position_ids`` for such a cache). Returns ``args`` without the prompt (it moves to ``input_ids``).
+
+    Encoder-decoder models: the encoder runs first (its virtual tokens, if any, are in its outputs,
+    and the mask gets as many ones in front); the decoder's virtual tokens, if any, go into the
+    self-attention cache, computed against each row's encoder outputs."""
+    from transformers import EncoderDecoderCache, StaticCache
 
     if any(kwargs.get(name) is not None for name in CACHE_NAMES) or kwargs.get("use_cache") is False:
         raise ValueError(f"generate with {method.name} builds its own KV cache (the virtual tokens go into it "
@@ -253,17 +275,45 @@ def _with_virtual_tokens(gm, method, adapter: str, args, kwargs) -> tuple:
     config.update(**{k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask")})
     new_tokens = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - ids.shape[-1]
     count = gm.peft_config[adapter].num_virtual_tokens
-    rows = ids.shape[0] * max(config.num_beams or 1, config.num_return_sequences or 1)
-    cache = StaticCache(config=gm.config, max_cache_len=count + ids.shape[-1] + new_tokens)
-    cache.early_initialization(rows, *gm._get_static_cache_init_shape(), dtype=gm.dtype, device=ids.device)
-    if method.prefill_cache(gm, adapter, cache) != count:  # pragma: no cover - a method's own contract
-        raise RuntimeError(f"{method.name} wrote another number of virtual tokens than its config's {count}.")
-    cache._fxpeft_virtual_tokens = count
+    expand = max(config.num_beams or 1, config.num_return_sequences or 1)
+    rows = ids.shape[0] * expand
     mask = kwargs.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask
-    kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], count), mask], dim=1)
+    if getattr(gm.config, "is_encoder_decoder", False):
+        if config.max_new_tokens is None:
+            new_tokens = config.max_length - 1  # the decoder starts from one token
+        outputs = kwargs["encoder_outputs"] = _encoder_outputs(gm, (), kwargs)
+        states = outputs.last_hidden_state
+        mask = torch.cat([mask.new_ones(mask.shape[0], states.shape[1] - mask.shape[1]), mask], dim=1)
+        decoder = gm.config.get_text_config(decoder=True)
+        cache = EncoderDecoderCache(StaticCache(config=decoder, max_cache_len=count + 1 + new_tokens),
+                                    StaticCache(config=decoder, max_cache_len=states.shape[1]))
+        for part in (cache.self_attention_cache, cache.cross_attention_cache):
+            part.early_initialization(rows, *gm._get_static_cache_init_shape(), dtype=gm.dtype, device=ids.device)
+        encoder = {"encoder_outputs": type(outputs)(last_hidden_state=states.repeat_interleave(expand, dim=0)),
+                   "attention_mask": mask.repeat_interleave(expand, dim=0)}
+        kwargs["attention_mask"] = mask
+    else:
+        cache = StaticCache(config=gm.config, max_cache_len=count + ids.shape[-1] + new_tokens)
+        cache.early_initialization(rows, *gm._get_static_cache_init_shape(), dtype=gm.dtype, device=ids.device)
+        encoder = {}
+        kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], count), mask], dim=1)
+    cache._fxpeft_virtual_tokens = method.prefill_cache(gm, adapter, cache, **encoder)
     kwargs["cache"] = cache
     return args
+
+
+def masks_for_generate(model_masks: Optional[Callable], **kwargs):
+    """The attention mask of one generation step. After virtual tokens the 2-D mask itself, as PEFT's
+    forward gives it to the model: the model then derives its positions as it would over the whole
+    sequence (from the cache's length, or from the mask: OPT), and builds its causal mask in the
+    graph. Otherwise (and in an encoder-decoder's decoder, whose positions count on from the cache's
+    length) the model's (or transformers') 4-D mask."""
+    if virtual_tokens(kwargs.get("cache")) and not kwargs["config"].is_encoder_decoder:
+        return kwargs["attention_mask"]
+    if model_masks is None:
+        from transformers.masking_utils import create_masks_for_generate as model_masks
+    return model_masks(**kwargs)
 
 
 def _encoder_outputs(gm, args, kwargs):

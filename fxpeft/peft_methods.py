@@ -165,6 +165,13 @@ class PeftModelMethods:
 
         return generate(self, getattr(super(), "generate", None), *args, **kwargs)
 
+    def create_masks_for_generate(self, **kwargs):
+        """transformers turns the 2-D attention mask into the 4-D causal mask before each step with a
+        static cache; after virtual tokens the model gets the 2-D mask instead (``fxpeft.generation``)."""
+        from .generation import masks_for_generate
+
+        return masks_for_generate(getattr(super(), "create_masks_for_generate", None), **kwargs)
+
     def _validate_model_kwargs(self, model_kwargs: dict) -> None:
         """transformers' check of generate's model keywords against the forward signature, which keeps the
         model's own signature: ``adapter_names`` (the per-sequence index generate passes on) is ours."""

@@ -1,6 +1,14 @@
 """Rewrite passes, one file per method. Importing a pass registers its rules and method."""
 from . import (adalora, boft, dora, fourierft, hra, ia3, ln_tuning, loha, lokr, lora,  # noqa: F401
                modules_to_save, oft, prefix, prompt, quantize, trainable_tokens, vera)
+from . import beft  # noqa: E402,F401
+from . import hira  # noqa: E402,F401
+from . import shira  # noqa: E402,F401
+from . import supertuning  # noqa: E402,F401
+from . import miss  # noqa: F401,E402
+from . import delora  # noqa: F401,E402
+from . import gralora  # noqa: F401,E402
+from . import c3a  # noqa: F401,E402
 from . import road  # noqa: F401,E402
 from . import psoft  # noqa: F401,E402
 from . import osf  # noqa: F401,E402

@@ -352,7 +352,7 @@ def peft_greedy(reference, ids, mask, steps):
 
 
 @pytest.mark.parametrize("name,method", [("llama", "prompt"), ("qwen2", "p-tuning"), ("llama", "prefix"),
-                                         ("gpt2", "prefix")])
+                                         ("gpt2", "prefix"), ("opt", "prompt"), ("opt", "prefix")])
 def test_prompt_methods_match_peft_forward(name, method):
     """The virtual tokens go into the cache once (the prompt run as input embeddings, or the prefixes
     written), then every step reads the real tokens only; tokens and per-step logits equal greedy
@@ -392,6 +392,33 @@ def test_prompt_methods_match_peft_forward(name, method):
         gm.generate(**inputs, max_new_tokens=2, adapter_names=["default", "default"])
     with pytest.raises(ValueError, match="builds its own KV cache"):
         gm.generate(**inputs, max_new_tokens=2, use_cache=False)
+
+
+@pytest.mark.parametrize("name,method", [("t5", "prompt"), ("bart", "p-tuning"), ("t5", "prefix"), ("bart", "prefix")])
+def test_seq2seq_prompt_methods_match_peft_forward(name, method):
+    """Encoder-decoder models: prompt and p-tuning tokens go into the encoder's input (its outputs and
+    mask carry them), prefixes into the decoder's self-attention cache once; every step's logits equal
+    PEFT's forward over the whole decoder sequence so far (PEFT's generate is the broken reference
+    here too), for rows of different padding."""
+    torch.manual_seed(0)
+    model = getattr(models, name)().eval()
+    config_class, kwargs = PROMPT_METHODS[method]
+    reference = peft.get_peft_model(copy.deepcopy(model), getattr(peft, config_class)(task_type="SEQ_2_SEQ_LM", **kwargs))
+    gm = fxpeft.transform(model, getattr(fxpeft, config_class)(task_type="SEQ_2_SEQ_LM", **kwargs)).eval()
+    with torch.no_grad():
+        for param in reference.parameters():
+            if param.requires_grad:
+                param.normal_()
+    assert copy_adapter_weights(reference.eval(), gm) > 0
+    inputs = models.hf_inputs("bart", batch=3)  # row 0 padded
+    got = gm.generate(**inputs, max_new_tokens=NEW, do_sample=False, pad_token_id=0, forced_bos_token_id=None,
+                      forced_eos_token_id=None, eos_token_id=None, return_dict_in_generate=True, output_logits=True)
+    assert got.sequences.shape == (3, NEW + 1)
+    with torch.no_grad():
+        for step, ours in enumerate(got.logits, start=1):
+            theirs = reference(**inputs, decoder_input_ids=got.sequences[:, :step]).logits[:, -1]
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+            assert torch.equal(got.sequences[:, step], theirs.argmax(-1))  # greedy over PEFT's forward
 
 
 # ------------------------------------------------------------------------------------------ deployment

@@ -63,6 +63,7 @@ class MethodSpec:
     # PEFT wraps a bitsandbytes 4-bit layer but computes with its packed weight's shape and fails
     # (LoHa, LoKr, HRA): the oracle is then PEFT on the float model holding the dequantized weights
     peft_4bit: bool = True
+    peft_4bit_error: str = "shape"  # what PEFT's error on the 4-bit layer says (when it creates or runs the adapter)
     # PEFT cannot merge the method (Lily: its ΔW depends on the input): merging raises, as PEFT's does, and
     # leaves the model as it was
     merges: bool = True
@@ -114,6 +115,43 @@ METHODS = {
     "fourierft": MethodSpec(fxpeft.FourierFTConfig, peft.FourierFTConfig,
                             lambda s: dict(n_frequency=50, scaling=20.0, init_weights=True, target_modules=s.targets),
                             dict(init_weights=False), ("linear", "conv1d_gpt2")),
+    # PEFT's BEFT: torch.nn.Linear only (Conv1D raises, tests/test_beft.py); a bias added to the output
+    "beft": MethodSpec(fxpeft.BeftConfig, peft.BeftConfig, lambda s: dict(target_modules=s.targets),
+                       dict(init_weights=False), ("linear",)),
+    # PEFT's HiRA: nn.Linear, Conv1D, nn.Conv1d/2d/3d, nn.Embedding (and bitsandbytes linears); ΔW = W ⊙ (B A)
+    "hira": MethodSpec(fxpeft.HiraConfig, peft.HiraConfig, lambda s: dict(r=4, target_modules=s.targets),
+                       dict(init_weights=False), tuple(SITES)),
+    # PEFT's SHiRA: torch.nn.Linear only (Conv1D raises, tests/test_shira.py); r=2 keeps fc2's support
+    # (2·(24 + 5) entries) within its 24·5 weights (also in `random`, which the 4-bit test reads)
+    "shira": MethodSpec(fxpeft.ShiraConfig, peft.ShiraConfig,
+                        lambda s: dict(r=2, random_seed=3, target_modules=s.targets),
+                        dict(init_weights=False, r=2), ("linear",)),
+    # PEFT's Super-Tuning: torch.nn.Linear only (Conv1D raises, tests/test_supertuning.py); Supra mode (r set) runs
+    # both terms, the sparse support and the LoRA pair
+    "supertuning": MethodSpec(fxpeft.SupertuningConfig, peft.SupertuningConfig,
+                              lambda s: dict(sparsity=0.9, r=2, lora_alpha=4, target_modules=s.targets),
+                              dict(init_weights=False), ("linear",), peft_4bit=False),
+    # PEFT's MiSS: nn.Linear only (Conv1D raises, tests/test_miss.py); r=5 leaves a remainder of fc1's 12 inputs
+    # (the zero-padded chunk); init_weights=False is the random balance block (bat and mini: tests/test_miss.py)
+    "miss": MethodSpec(fxpeft.MissConfig, peft.MissConfig, lambda s: dict(r=5, target_modules=s.targets),
+                       dict(init_weights=False, r=5), ("linear",)),
+    # PEFT's DeLoRA: nn.Linear only (Conv1D raises, tests/test_delora.py); on a 4-bit layer PEFT takes the norm of
+    # the packed bytes and fails when it creates the adapter: the oracle there is PEFT on the dequantized weights
+    "delora": MethodSpec(fxpeft.DeloraConfig, peft.DeloraConfig, lambda s: dict(r=4, target_modules=s.targets),
+                         dict(init_weights=False, r=4), ("linear",), peft_4bit=False,
+                         peft_4bit_error="vector_norm: Expected a floating point"),
+    # PEFT's GraLoRA: nn.Linear and Conv1D. gralora_k must divide every site's features: the MLP's 5 outputs leave
+    # k=1 there (the hybrid LoRA part runs beside it); GPT-2 takes a 2 × 2 grid (and the 4-bit check PEFT's defaults)
+    "gralora": MethodSpec(fxpeft.GraloraConfig, peft.GraloraConfig,
+                          lambda s: dict(r=4, alpha=8, target_modules=s.targets,
+                                         **(dict(gralora_k=1, hybrid_r=2) if s.build is models.MLP else {})),
+                          dict(init_weights=False), ("linear", "conv1d_gpt2")),
+    # PEFT's C3A: nn.Linear only (Conv1D raises, tests/test_linear_site_methods.py); block_size divides every
+    # site's features (the MLP's 5 outputs: 1 there); init_weights=True is the identity start, False a random one
+    "c3a": MethodSpec(fxpeft.C3AConfig, peft.C3AConfig,
+                      lambda s: dict(block_size=4, init_weights=True, target_modules=s.targets,
+                                     block_size_pattern={"fc2": 1} if s.build is models.MLP else {}),
+                      dict(init_weights=False, block_size=4), ("linear",)),
     # PEFT's RoAd: nn.Linear only (and bitsandbytes linears); group_size must divide out_features: the MLP's fc2
     # has 5 outputs, so only fc1 (24) is targeted. group_size sits in ``random`` too because the 4-bit check
     # builds its config from ``random`` alone (llama's 32-wide outputs need less than the default 64).
@@ -124,12 +162,14 @@ METHODS = {
     # factors the dequantized one, so the oracle there is PEFT on the dequantized float model. r in ``random``
     # too: the 4-bit check's config is built from it, and llama's v_proj has 16 outputs (PEFT's default r is 32)
     "psoft": MethodSpec(fxpeft.PsoftConfig, peft.PsoftConfig, lambda s: dict(r=4, psoft_alpha=8, target_modules=s.targets),
-                        dict(init_weights=False, r=4), ("linear",), peft_4bit=False),
+                        dict(init_weights=False, r=4), ("linear",), peft_4bit=False,
+                        peft_4bit_error="PSOFT init requires float32"),
     # PEFT's OSF: nn.Linear only (it skips other layers silently; fxpeft raises). On a 4-bit base PEFT takes the
     # packed weight's shape for the layer's (a preserved rank of 0, refused); fxpeft factors the dequantized weight.
     # Unmerging: PEFT refuses, fxpeft subtracts ΔW (the suite's round trip checks it against the original weights)
     "osf": MethodSpec(fxpeft.OSFConfig, peft.OSFConfig, lambda s: dict(target_modules=s.targets),
-                      dict(init_weights=False), ("linear",), peft_4bit=False),
+                      dict(init_weights=False), ("linear",), peft_4bit=False,
+                      peft_4bit_error="`effective_rank` should be a positive integer"),
     # PEFT's Lily: nn.Linear only (and bitsandbytes linears); no merging; its router averages over the batch
     "lily": MethodSpec(fxpeft.LilyConfig, peft.LilyConfig, lambda s: dict(r=4, num_B=3, target_modules=s.targets),
                        dict(init_weights=False), ("linear",), merges=False, batch_coupled=True),
@@ -316,10 +356,11 @@ def test_method_on_a_4bit_base_equals_peft(method, tmp_path):
     quantized = _quantized_by_transformers(model, tmp_path, CONFIGS["nf4"])
     inputs = models.hf_inputs("llama")
     if not spec.peft_4bit:  # PEFT fails here (checked, so a PEFT that learns it switches this test back)
-        # it computes with the packed weight's shape (LoHa, LoKr, HRA), refuses its SVD at init (PSOFT) or reads
-        # a preserved rank of 0 from its shape (OSF)
-        with pytest.raises((RuntimeError, TypeError, ValueError), match="shape|init requires float|effective_rank"):
-            peft.get_peft_model(copy.deepcopy(quantized), spec.peft(**kwargs)).train()(**inputs)
+        # it computes with the packed weight (a RuntimeError), or refuses it when creating the adapter (PSOFT's
+        # TypeError, OSF's ValueError on the rank its shape gives)
+        with pytest.raises((RuntimeError, TypeError, ValueError), match=spec.peft_4bit_error):
+            failing = peft.get_peft_model(copy.deepcopy(quantized), spec.peft(**kwargs))
+            failing.train()(**inputs)
         quantized = _dequantized(model, quantized)
     reference = peft.get_peft_model(peft.prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=False),
                                     spec.peft(**kwargs))
