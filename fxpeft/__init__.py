@@ -55,6 +55,10 @@ from .passes.vblora import VBLoRAConfig  # noqa: E402
 from .passes.randlora import RandLoraConfig  # noqa: E402
 from .passes.unilora import UniLoraConfig  # noqa: E402
 from .passes.tinylora import TinyLoraConfig  # noqa: E402
+from .passes.road import RoadConfig  # noqa: E402
+from .passes.psoft import PsoftConfig  # noqa: E402
+from .passes.osf import OSFConfig  # noqa: E402
+from .passes.lily import LilyConfig  # noqa: E402
 
 __all__ = [
     "transform", "add_adapter", "load_adapter", "from_pretrained", "save_pretrained", "delete_adapter",
@@ -82,4 +86,8 @@ __all__ = [
     "RandLoraConfig",
     "UniLoraConfig",
     "TinyLoraConfig",
+    "RoadConfig",
+    "PsoftConfig",
+    "OSFConfig",
+    "LilyConfig",
 ]

@@ -17,3 +17,7 @@ from . import vblora  # noqa: E402,F401
 from . import randlora  # noqa: E402,F401
 from . import unilora  # noqa: E402,F401
 from . import tinylora  # noqa: E402,F401
+from . import road  # noqa: F401,E402
+from . import psoft  # noqa: F401,E402
+from . import osf  # noqa: F401,E402
+from . import lily  # noqa: F401,E402

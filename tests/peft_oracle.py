@@ -81,3 +81,23 @@ def lora_pair(model, configs: dict):
                 with torch.no_grad():
                     ours[key.removeprefix("base_model.model.")].copy_(value)
     return reference.eval(), gm.eval()
+
+
+def assert_both_refuse_config(config_name: str, kwargs: dict, rule: str) -> None:
+    """fxpeft's and PEFT's ``config_name`` both raise ValueError at construction, naming ``rule``."""
+    import pytest
+    for package in (fxpeft, peft):
+        with pytest.raises(ValueError, match=rule):
+            getattr(package, config_name)(**kwargs)
+
+
+def assert_no_weighted_adapter(gm, reference) -> None:
+    """PEFT's tuner offers no add_weighted_adapter; fxpeft refuses too, naming the config, and changes nothing."""
+    import pytest
+    adapters = list(gm.peft_config)
+    weights = [0.5] * len(adapters)
+    with pytest.raises(AttributeError, match="add_weighted_adapter"):
+        reference.add_weighted_adapter(adapters, weights, "mix")
+    with pytest.raises(ValueError, match=type(gm.peft_config[adapters[0]]).__name__):
+        fxpeft.add_weighted_adapter(gm, adapters, weights, "mix")
+    assert list(gm.peft_config) == adapters

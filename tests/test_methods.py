@@ -67,6 +67,12 @@ class MethodSpec:
     # with peft_4bit=False where PEFT runs on the 4-bit base but computes something wrong instead of failing:
     # ``(PEFT's model there) -> bool``, whether that fault shows (checked, as the error is)
     peft_4bit_fault: Callable = None
+    # PEFT cannot merge the method (Lily: its ΔW depends on the input): merging raises, as PEFT's does, and
+    # leaves the model as it was
+    merges: bool = True
+    # a sample's output depends on the other samples with its adapter (Lily's router averages over the batch): a
+    # mixed batch is compared with each adapter's sub-batch called alone instead of each sample alone
+    batch_coupled: bool = False
 
 
 METHODS = {
@@ -197,6 +203,27 @@ METHODS = {
                            dict(init_weights="uniform", init_v_bound=0.05), ("linear", "conv1d_gpt2", "embedding"),
                            # PEFT makes v in the target weight's dtype, on a 4-bit base its uint8 storage
                            peft_4bit=False, peft_4bit_error="Only Tensors of floating point"),
+    # PEFT's RoAd: nn.Linear only (and bitsandbytes linears); group_size must divide out_features: the MLP's fc2
+    # has 5 outputs, so only fc1 (24) is targeted. group_size sits in ``random`` too because the 4-bit check
+    # builds its config from ``random`` alone (llama's 32-wide outputs need less than the default 64).
+    "road": MethodSpec(fxpeft.RoadConfig, peft.RoadConfig,
+                       lambda s: dict(group_size=4, target_modules=["fc1"]),
+                       dict(init_weights=False, group_size=4), ("linear",)),
+    # PEFT's PSOFT: nn.Linear only. On a 4-bit base PEFT refuses to take the SVD of the packed weight; fxpeft
+    # factors the dequantized one, so the oracle there is PEFT on the dequantized float model. r in ``random``
+    # too: the 4-bit check's config is built from it, and llama's v_proj has 16 outputs (PEFT's default r is 32)
+    "psoft": MethodSpec(fxpeft.PsoftConfig, peft.PsoftConfig, lambda s: dict(r=4, psoft_alpha=8, target_modules=s.targets),
+                        dict(init_weights=False, r=4), ("linear",), peft_4bit=False,
+                        peft_4bit_error="PSOFT init requires float32"),
+    # PEFT's OSF: nn.Linear only (it skips other layers silently; fxpeft raises). On a 4-bit base PEFT takes the
+    # packed weight's shape for the layer's (a preserved rank of 0, refused); fxpeft factors the dequantized weight.
+    # Unmerging: PEFT refuses, fxpeft subtracts ΔW (the suite's round trip checks it against the original weights)
+    "osf": MethodSpec(fxpeft.OSFConfig, peft.OSFConfig, lambda s: dict(target_modules=s.targets),
+                      dict(init_weights=False), ("linear",), peft_4bit=False,
+                      peft_4bit_error="`effective_rank` should be a positive integer"),
+    # PEFT's Lily: nn.Linear only (and bitsandbytes linears); no merging; its router averages over the batch
+    "lily": MethodSpec(fxpeft.LilyConfig, peft.LilyConfig, lambda s: dict(r=4, num_B=3, target_modules=s.targets),
+                       dict(init_weights=False), ("linear",), merges=False, batch_coupled=True),
 }
 CASES = [(m, s) for m, spec in METHODS.items() for s in spec.sites]
 ON_LINEAR = [m for m, spec in METHODS.items() if "linear" in spec.sites]  # the checks below use linear layers
@@ -270,6 +297,14 @@ def test_method_equals_peft(method, site, tmp_path):
         torch.testing.assert_close(run(gm, inputs), base, rtol=0, atol=1e-6)
     gm.set_adapter("default")
 
+    if not spec.merges:  # checked, so a PEFT that learns to merge it switches this back
+        with pytest.raises(NotImplementedError):
+            reference.merge_adapter()
+        with pytest.raises(NotImplementedError):
+            gm.merge_adapter()
+        with torch.no_grad():
+            torch.testing.assert_close(run(gm, inputs), expected, rtol=1e-5, atol=1e-5)
+        return
     # merging: outputs kept, unmerging restores the weights, merge_and_unload is the original class's state
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
@@ -296,8 +331,9 @@ def test_mixed_batch_and_training(method, site):
     batch = next(iter(inputs.values())) if isinstance(inputs, dict) else inputs[0]
     names = (["default", "other", "__base__"] * batch.shape[0])[: batch.shape[0]]
 
-    def sample(i):
-        return {k: v[i:i + 1] for k, v in inputs.items()} if isinstance(inputs, dict) else (inputs[0][i:i + 1],)
+    def sample(i):  # sample i alone (batch-coupled methods: with the samples that chose its adapter), its row
+        rows = [j for j, n in enumerate(names) if n == names[i]] if spec.batch_coupled else [i]
+        return ({k: v[rows] for k, v in inputs.items()} if isinstance(inputs, dict) else (inputs[0][rows],)), rows.index(i)
 
     with torch.no_grad():
         mixed = gm(**inputs, adapter_names=names) if isinstance(inputs, dict) else gm(*inputs, adapter_names=names)
@@ -305,11 +341,12 @@ def test_mixed_batch_and_training(method, site):
         for i, name in enumerate(names):
             if name == "__base__":
                 with fxpeft.disable_adapters(gm):
-                    single = run(gm, sample(i))
+                    single = run(gm, sample(i)[0])
             else:
                 gm.set_adapter(name)
-                single = run(gm, sample(i))
-            torch.testing.assert_close(mixed[i:i + 1], single, rtol=1e-5, atol=1e-5)
+                single = run(gm, sample(i)[0])
+            row = sample(i)[1]
+            torch.testing.assert_close(mixed[i:i + 1], single[row:row + 1], rtol=1e-5, atol=1e-5)
 
     gm.set_adapter("default")
     gm.train()
@@ -317,6 +354,9 @@ def test_mixed_batch_and_training(method, site):
     optimizer = torch.optim.Adam([p for p in gm.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(6):
+        # the same dropout masks every step: the model's own dropout would drown a small adapter's progress
+        # (RoAd on the MLP's fc1 alone) in noise
+        torch.manual_seed(0)
         loss = run(gm, inputs).float().pow(2).mean()
         optimizer.zero_grad()
         loss.backward()
@@ -336,10 +376,12 @@ def test_switching_adapters_never_recompiles(method):
     gm.add_adapter("other", configs(method, "linear", inference_mode=True, **spec.random)[0])
     x = row.inputs()[0]
     expected = {}
+    other_rows = [1, 2] if spec.batch_coupled else list(range(len(x)))  # the rows below that choose "other"
     with torch.no_grad():
         for name in ("default", "other"):
             gm.set_adapter(name)
             expected[name] = gm(x)
+        mixed_other = gm(x[other_rows])[other_rows.index(1)]
         compiled = torch.compile(gm, fullgraph=True, backend=models.COMPILE_BACKEND)
         compiled(x)
         compiled(x, adapter_names=fxpeft.adapter_indices(gm, ["other", "default", "__base__", "other"]))
@@ -351,7 +393,7 @@ def test_switching_adapters_never_recompiles(method):
             with fxpeft.disable_adapters(gm):
                 compiled(x)
             got = compiled(x, adapter_names=fxpeft.adapter_indices(gm, ["default", "other", "other", "default"]))
-            torch.testing.assert_close(got[1], expected["other"][1], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got[1], mixed_other, rtol=1e-5, atol=1e-5)
         finally:
             torch._dynamo.config.error_on_recompile = False
             torch._dynamo.reset()
@@ -375,7 +417,9 @@ def test_method_on_a_4bit_base_equals_peft(method, tmp_path):
         if spec.peft_4bit_fault is not None:
             assert spec.peft_4bit_fault(peft.get_peft_model(copy.deepcopy(quantized), spec.peft(**kwargs)))
         else:
-            with pytest.raises((RuntimeError, ValueError), match=spec.peft_4bit_error):  # packed weight, or refused
+            # it computes with the packed weight (a RuntimeError), or refuses it when creating the adapter
+            # (PSOFT's TypeError, OSF's ValueError on the rank its shape gives)
+            with pytest.raises((RuntimeError, TypeError, ValueError), match=spec.peft_4bit_error):
                 failing = peft.get_peft_model(copy.deepcopy(quantized), spec.peft(**kwargs))
                 failing.train()(**inputs)
         quantized = _dequantized(model, quantized)
