@@ -218,10 +218,11 @@ class Registry:
     def containers(self) -> set[str]:
         return {*self.hook_containers, *(c for m in self.methods for c in m.containers)}
 
-    def base_modules(self, root: nn.Module):
+    def base_modules(self, root: nn.Module, keep: tuple[str, ...] = ()):
         """``root.named_modules()`` without what adapters added (their containers' subtrees, fxpeft's
-        own ``_fxpeft*`` modules): a walk whose length does not grow with the adapters loaded."""
-        skip, seen = self.containers(), set()
+        own ``_fxpeft*`` modules): a walk whose length does not grow with the adapters loaded. ``keep``:
+        containers walked into all the same (one that nests the base module itself, PEFT's ``base_layer``)."""
+        skip, seen = self.containers() - set(keep), set()
         stack = [("", root)]
         while stack:
             path, module = stack.pop()

@@ -145,7 +145,7 @@ def _add(holder: nn.Module, weight: torch.Tensor, param: str, transposed: bool, 
 
 def attention_targets(gm, config) -> list[str]:
     """The targeted ``nn.MultiheadAttention`` modules (PEFT wraps them whole)."""
-    return [path for path, module in gm.named_modules()
+    return [path for path, module in registry_of(gm).base_modules(gm, keep=(NESTED,))
             if path and isinstance(module, nn.MultiheadAttention) and is_targeted(config, path)]
 
 
@@ -193,7 +193,7 @@ def owner_path(holder_path: str) -> str:
 def _holders(root: nn.Module) -> dict[str, list[tuple[str, str]]]:
     """{parameter path: [(holder path, adapter)]} for every parameter adapter under ``root``."""
     found: dict[str, list] = {}
-    for path, module in root.named_modules():
+    for path, module in registry_of(root).base_modules(root, keep=(NESTED,)):  # not into other adapter state
         for adapter, gate in (module._modules.get("lora_scaling") or {}).items():
             if isinstance(gate, ParamGate):
                 owner = owner_path(path)
@@ -261,7 +261,7 @@ def with_parameters(method: Method) -> Method:
         if attention:  # the layers inside them are no sites of their own here
             layers = dataclasses.replace(config, exclude_modules=_excluding(config.exclude_modules, attention))
         paths = []
-        if any(is_targeted(layers, path) for path, _ in gm.named_modules() if path) or not (
+        if any(is_targeted(layers, path) for path, _ in registry_of(gm).base_modules(gm, keep=(NESTED,)) if path) or not (
                 attention or config.target_parameters):
             paths = method.attach(gm, sites, layers, adapter)
         paths += add_attention_lora(gm, config, adapter, attention)
