@@ -43,6 +43,7 @@ from .passes.beft import BeftConfig  # noqa: E402
 from .passes.hira import HiraConfig  # noqa: E402
 from .passes.shira import ShiraConfig  # noqa: E402
 from .passes.supertuning import SupertuningConfig  # noqa: E402
+from .passes.frod import FrodConfig  # noqa: E402
 
 __all__ = [
     "transform", "add_adapter", "load_adapter", "from_pretrained", "save_pretrained", "delete_adapter",
@@ -61,4 +62,5 @@ __all__ = [
     "HiraConfig",
     "ShiraConfig",
     "SupertuningConfig",
+    "FrodConfig",
 ]

@@ -5,3 +5,4 @@ from . import beft  # noqa: E402,F401
 from . import hira  # noqa: E402,F401
 from . import shira  # noqa: E402,F401
 from . import supertuning  # noqa: E402,F401
+from . import frod  # noqa: E402,F401
