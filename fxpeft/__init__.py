@@ -44,6 +44,7 @@ from .passes.hira import HiraConfig  # noqa: E402
 from .passes.shira import ShiraConfig  # noqa: E402
 from .passes.supertuning import SupertuningConfig  # noqa: E402
 from .passes.frod import FrodConfig  # noqa: E402
+from .passes.waveft import WaveFTConfig  # noqa: E402
 
 __all__ = [
     "transform", "add_adapter", "load_adapter", "from_pretrained", "save_pretrained", "delete_adapter",
@@ -63,4 +64,5 @@ __all__ = [
     "ShiraConfig",
     "SupertuningConfig",
     "FrodConfig",
+    "WaveFTConfig",
 ]

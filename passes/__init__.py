@@ -6,3 +6,4 @@ from . import hira  # noqa: E402,F401
 from . import shira  # noqa: E402,F401
 from . import supertuning  # noqa: E402,F401
 from . import frod  # noqa: E402,F401
+from . import waveft  # noqa: E402,F401

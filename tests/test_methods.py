@@ -131,6 +131,10 @@ METHODS = {
                        lambda s: dict(sparse_rate=0.1, progressbar=False, target_modules=s.targets),
                        dict(init_weights=False), ("linear", "conv1d_gpt2"), peft_4bit=False,
                        peft_4bit_error="floating point"),
+    # PEFT's WaveFT: nn.Linear and Conv1D; n_frequency=50 fits every site (also in `random`, which the 4-bit test reads)
+    "waveft": MethodSpec(fxpeft.WaveFTConfig, peft.WaveFTConfig,
+                         lambda s: dict(n_frequency=50, target_modules=s.targets),
+                         dict(init_weights=False, n_frequency=50), ("linear", "conv1d_gpt2")),
 }
 CASES = [(m, s) for m, spec in METHODS.items() for s in spec.sites]
 ON_LINEAR = [m for m, spec in METHODS.items() if "linear" in spec.sites]  # the checks below use linear layers
