@@ -45,6 +45,7 @@ from .passes.shira import ShiraConfig  # noqa: E402
 from .passes.supertuning import SupertuningConfig  # noqa: E402
 from .passes.frod import FrodConfig  # noqa: E402
 from .passes.waveft import WaveFTConfig  # noqa: E402
+from .passes.adamss import AdamssConfig  # noqa: E402
 
 __all__ = [
     "transform", "add_adapter", "load_adapter", "from_pretrained", "save_pretrained", "delete_adapter",
@@ -65,4 +66,5 @@ __all__ = [
     "SupertuningConfig",
     "FrodConfig",
     "WaveFTConfig",
+    "AdamssConfig",
 ]

@@ -7,3 +7,4 @@ from . import shira  # noqa: E402,F401
 from . import supertuning  # noqa: E402,F401
 from . import frod  # noqa: E402,F401
 from . import waveft  # noqa: E402,F401
+from . import adamss  # noqa: E402,F401

@@ -135,6 +135,11 @@ METHODS = {
     "waveft": MethodSpec(fxpeft.WaveFTConfig, peft.WaveFTConfig,
                          lambda s: dict(n_frequency=50, target_modules=s.targets),
                          dict(init_weights=False, n_frequency=50), ("linear", "conv1d_gpt2")),
+    # PEFT's AdaMSS: torch.nn.Linear only (Conv1D raises, tests/test_adamss.py); init_weights=None draws B.
+    # On a 4-bit base PEFT decomposes the packed uint8 weight and fails making the adapter
+    "adamss": MethodSpec(fxpeft.AdamssConfig, peft.AdamssConfig,
+                         lambda s: dict(r=8, num_subspaces=3, subspace_rank=2, target_modules=s.targets),
+                         dict(init_weights=None), ("linear",), peft_4bit=False, peft_4bit_error="Byte"),
 }
 CASES = [(m, s) for m, spec in METHODS.items() for s in spec.sites]
 ON_LINEAR = [m for m, spec in METHODS.items() if "linear" in spec.sites]  # the checks below use linear layers
