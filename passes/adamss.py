@@ -161,15 +161,16 @@ def add_adamss(module: nn.Module, site: Site, spec, config: AdamssConfig, adapte
         gram = data @ data.T
         start = torch.svd_lowrank(gram, q=min(gram.shape[0], rank), niter=2)[0][:, :rank]
         q = torch.linalg.qr(data.T @ start, mode="reduced")[0]
-        b = torch.zeros(len(segments[k]), rank) if config.init_weights == "orthogonal" \
-            else torch.randn(len(segments[k]), rank) * 0.01
-        a_params.append(nn.Parameter(q.T.contiguous().to(device, dtype)))
+        # drawn and rounded in the base weight's dtype, then kept in the adapter's (PEFT's autocast), as PEFT does
+        b = torch.zeros(len(segments[k]), rank, dtype=spec.dtype) if config.init_weights == "orthogonal" \
+            else torch.randn(len(segments[k]), rank, dtype=spec.dtype) * 0.01
+        a_params.append(nn.Parameter(q.T.contiguous().to(device, spec.dtype).to(dtype)))
         b_params.append(nn.Parameter(b.to(device, dtype)))
     child_dict(module, "adamss_A")[adapter] = nn.ParameterList(a_params)
     child_dict(module, "adamss_B")[adapter] = nn.ParameterList(b_params)
     if "adamss_newB" not in module._modules:
         module.add_module("adamss_newB", SharedTensors(persistent=True))
-    module._modules["adamss_newB"][adapter] = vvt.detach().to(device, dtype)
+    module._modules["adamss_newB"][adapter] = vvt.detach().to(device, spec.dtype).to(dtype)
     rows = torch.cat([segments[k] for k in range(count)]).long()
     child_dict(module, "adamss_gate")[adapter] = FourierGate(1.0, rows).to(device)
 

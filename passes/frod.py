@@ -200,8 +200,8 @@ def prepare(gm, targets, config: FrodConfig, adapter: str) -> None:
         v = projection(matrices, config.regularization_alpha)
         example = next(layer[name] for layer in weights.values() if name in layer)
         device = example[0].device
-        # the basis in the base weight's dtype, as PEFT keeps it (half bases: the adapter dtype here)
-        values = (v.to(device, adapter_dtype(example[1])), sparse_positions(v.shape[0], config.sparse_rate, generator),
+        # the basis in the base weight's dtype, as PEFT keeps and saves it
+        values = (v.to(device, example[1].dtype), sparse_positions(v.shape[0], config.sparse_rate, generator),
                   torch.tensor([v.shape[0], v.shape[0]], dtype=torch.long))
         for group, value in zip(groups, values):
             if name not in group:
@@ -232,13 +232,14 @@ def add_site(module: nn.Module, site: Site, spec, config: FrodConfig, adapter: s
     with ``init_weights=False`` N(0, 0.1) and λ plus N(0, 0.1) noise (drawn in that order, per layer)."""
     u, lam = u_and_lambda(v, out_in_weight(module, site))
     dtype = adapter_dtype(spec)
-    values = torch.zeros(count, dtype=dtype)
-    lam = lam.to(dtype)
+    # made and drawn in the base weight's dtype, then kept in the adapter's (PEFT's autocast), as PEFT does
+    values = torch.zeros(count, dtype=spec.dtype)
+    lam = lam.to(spec.dtype)
     if not config.init_weights:
         nn.init.normal_(values, std=0.1)
         lam = lam + torch.randn_like(lam) * 0.1
-    child_dict(module, "frod_lambda_s_values", nn.ParameterDict)[adapter] = nn.Parameter(values.to(v.device))
-    child_dict(module, "frod_lambda_l", nn.ParameterDict)[adapter] = nn.Parameter(lam.to(v.device))
+    child_dict(module, "frod_lambda_s_values", nn.ParameterDict)[adapter] = nn.Parameter(values.to(v.device, dtype))
+    child_dict(module, "frod_lambda_l", nn.ParameterDict)[adapter] = nn.Parameter(lam.to(v.device, dtype))
     if "frod_U" not in module._modules:  # derived from W and V: never saved, as in PEFT
         module.add_module("frod_U", SharedTensors(persistent=False))
     module._modules["frod_U"][adapter] = u.to(v.device, dtype)
@@ -261,7 +262,7 @@ def rotation(u, v, indices, values, lam) -> torch.Tensor:
 def frod_delta(x, site_module: nn.Module, weight_name: str, fan_in_fan_out: bool, u, v, indices, values, lam):
     """PEFT's forward: ``(z Sᵀ + z λ) Uᵀ`` for ``z = x V``, less the base op on the same input."""
     s = dense_s(indices, values, v.shape[0])
-    z = torch.matmul(x, v)
+    z = torch.matmul(x, v.to(x.dtype))
     adapted = torch.nn.functional.linear(torch.matmul(z, s.T) + z * lam, u)
     weight = float_weight(site_module, weight_name).to(x.dtype)
     return adapted - torch.nn.functional.linear(x, weight.T if fan_in_fan_out else weight)

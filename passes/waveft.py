@@ -137,8 +137,9 @@ def add_site(module: nn.Module, site: Site, spec, config: WaveFTConfig, adapter:
     flat = torch.randperm(out_f * in_f, generator=torch.Generator().manual_seed(config.random_loc_seed))[:n]
     indices = torch.stack([flat // in_f, flat % in_f], dim=0)
     spectrum = torch.zeros(n) if config.init_weights else torch.randn(n) * 0.01
+    # through the base weight's dtype to the adapter's, as PEFT moves it to the layer and then autocasts
     child_dict(module, "waveft_spectrum", nn.ParameterDict)[adapter] = nn.Parameter(
-        spectrum.to(spec.device, adapter_dtype(spec)))
+        spectrum.to(spec.device, spec.dtype).to(adapter_dtype(spec)))
     gate = FourierGate(config.scaling, indices).to(spec.device)
     gate.family = config.wavelet_family if config.use_idwt else None
     child_dict(module, "waveft_gate")[adapter] = gate

@@ -105,6 +105,23 @@ def test_invalid_configs_raise_as_peft(kwargs, message):
     assert fxpeft.AdamssConfig(target_modules=TARGETS, init_weights=False).init_weights is None  # PEFT's reading
 
 
+def test_half_precision_base_has_peft_tensors():
+    """A bf16 base: the adapter's tensors are PEFT's (made in the base dtype, kept in float32), outputs close."""
+    model = models.MLP().eval().to(torch.bfloat16)
+    kwargs = dict(r=8, num_subspaces=3, subspace_rank=2, target_modules=TARGETS, init_weights=None)
+    torch.manual_seed(0)
+    reference = peft.get_peft_model(copy.deepcopy(model), peft.AdamssConfig(**kwargs)).eval()
+    torch.manual_seed(0)
+    gm = fxpeft.transform(model, fxpeft.AdamssConfig(**kwargs)).eval()
+    theirs = {n.removeprefix("base_model.model."): t for n, t in reference.state_dict().items()}
+    for name, value in gm.state_dict().items():
+        if "adamss_" in name:
+            assert value.dtype == theirs[name].dtype and torch.equal(value, theirs[name]), name
+    inputs = x().to(torch.bfloat16)
+    with torch.no_grad():  # PEFT computes in bf16, fxpeft's adapter in float32
+        torch.testing.assert_close(gm(inputs), reference(inputs), rtol=0, atol=2e-2)
+
+
 def test_add_weighted_adapter_is_refused_as_peft_has_none():
     reference, gm, _ = pair()
     with pytest.raises(AttributeError, match="add_weighted_adapter"):

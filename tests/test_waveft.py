@@ -99,6 +99,23 @@ def test_what_peft_refuses_when_building_or_computing():
         fxpeft.transform(models.ConvNet().eval(), fxpeft.WaveFTConfig(target_modules=["conv1"], n_frequency=4))
 
 
+def test_half_precision_base_has_peft_tensors():
+    """A bf16 base: the adapter's tensors are PEFT's (made in the base dtype, kept in float32), outputs close."""
+    model = models.MLP().eval().to(torch.bfloat16)
+    kwargs = dict(target_modules=TARGETS, n_frequency=40, init_weights=False)
+    torch.manual_seed(0)
+    reference = peft.get_peft_model(copy.deepcopy(model), peft.WaveFTConfig(**kwargs)).eval()
+    torch.manual_seed(0)
+    gm = fxpeft.transform(model, fxpeft.WaveFTConfig(**kwargs)).eval()
+    theirs = {n.removeprefix("base_model.model."): t for n, t in reference.state_dict().items()}
+    for name, value in gm.state_dict().items():
+        if "waveft_" in name:
+            assert value.dtype == theirs[name].dtype and torch.equal(value, theirs[name]), name
+    inputs = x().to(torch.bfloat16)
+    with torch.no_grad():  # PEFT computes in bf16, fxpeft's adapter in float32
+        torch.testing.assert_close(gm(inputs), reference(inputs), rtol=0, atol=2e-2)
+
+
 def test_add_weighted_adapter_is_refused_as_peft_has_none():
     reference, gm, _ = pair()
     with pytest.raises(AttributeError, match="add_weighted_adapter"):
