@@ -43,6 +43,14 @@ from .passes.beft import BeftConfig  # noqa: E402
 from .passes.hira import HiraConfig  # noqa: E402
 from .passes.shira import ShiraConfig  # noqa: E402
 from .passes.supertuning import SupertuningConfig  # noqa: E402
+from .passes.miss import MissConfig  # noqa: E402
+from .passes.delora import DeloraConfig  # noqa: E402
+from .passes.gralora import GraloraConfig  # noqa: E402
+from .passes.c3a import C3AConfig  # noqa: E402
+from .passes.pvera import PveraConfig  # noqa: E402
+from .passes.glora import GloraConfig  # noqa: E402
+from .passes.peanut import PeanutConfig  # noqa: E402
+from .passes.deft import DeftConfig  # noqa: E402
 from .passes.frod import FrodConfig  # noqa: E402
 from .passes.waveft import WaveFTConfig  # noqa: E402
 from .passes.adamss import AdamssConfig  # noqa: E402
@@ -64,6 +72,11 @@ __all__ = [
     "HiraConfig",
     "ShiraConfig",
     "SupertuningConfig",
+    "MissConfig",
+    "DeloraConfig",
+    "GraloraConfig",
+    "C3AConfig",
+    "PveraConfig", "GloraConfig", "PeanutConfig", "DeftConfig",
     "FrodConfig",
     "WaveFTConfig",
     "AdamssConfig",

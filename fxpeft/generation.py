@@ -18,7 +18,9 @@ drives the loop. What fxpeft decides is how one forward step runs:
 - Seq2seq models: the encoder runs once through the whole model's graph (:func:`_encoder_outputs`);
   the cross-attention cache is written by the first decoder step and read by later ones (``SELF``).
 - Prompt methods: their virtual tokens go into the cache once (``Method.prefill_cache``,
-  :func:`_with_virtual_tokens`); graphs with a cache leave them to it.
+  :func:`_with_virtual_tokens`; an encoder-decoder's encoder runs first and may carry them in its
+  outputs); graphs with a cache leave them to it. The steps after them get the 2-D attention mask
+  (:func:`masks_for_generate`), as PEFT's forward gives it.
 - ``compile_config``: transformers compiles the decode step; fxpeft checks the config first and lets
   it compile on the CPU too (:func:`checked_compile_config`).
 - Deployment: :func:`decoding_files`, for ``export_merged(generation=True)``.
@@ -228,10 +230,8 @@ def generate(gm, mixin_generate: Optional[Callable], *args, adapter_names=None, 
     prefilled = [(gm._fxpeft_registry.method_for(gm.peft_config[name]), name) for name in gm._fxpeft_active]
     prefilled = [(method, name) for method, name in prefilled if method.exclusive]
     for method, name in prefilled:
-        if method.prefill_cache is None or getattr(gm.config, "is_encoder_decoder", False):
-            raise NotImplementedError(
-                f"fxpeft cannot generate with {method.name} adapters ({name!r})"
-                + (" on encoder-decoder models yet; decoder-only models can." if method.prefill_cache else "."))
+        if method.prefill_cache is None:
+            raise NotImplementedError(f"fxpeft cannot generate with {method.name} adapters ({name!r}).")
         if adapter_names is not None:
             raise ValueError(f"adapter_names picks adapters per sequence, but {method.name} adapter {name!r} is the "
                              "model's only adapter (as in PEFT): generate without adapter_names.")
@@ -255,8 +255,12 @@ def _with_virtual_tokens(gm, method, adapter: str, args, kwargs) -> tuple:
     keys and values written into it once (``Method.prefill_cache``), and an attention mask with as many
     ones in front. Every graph call then reads only the real tokens and counts their positions on from
     the cache's length, as PEFT's model counts them from its n past tokens (the dispatcher drops
-    ``position_ids`` for such a cache). Returns ``args`` without the prompt (it moves to ``input_ids``)."""
-    from transformers import StaticCache
+    ``position_ids`` for such a cache). Returns ``args`` without the prompt (it moves to ``input_ids``).
+
+    Encoder-decoder models: the encoder runs first (its virtual tokens, if any, are in its outputs,
+    and the mask gets as many ones in front); the decoder's virtual tokens, if any, go into the
+    self-attention cache, computed against each row's encoder outputs."""
+    from transformers import EncoderDecoderCache, StaticCache
 
     if any(kwargs.get(name) is not None for name in CACHE_NAMES) or kwargs.get("use_cache") is False:
         raise ValueError(f"generate with {method.name} builds its own KV cache (the virtual tokens go into it "
@@ -271,15 +275,30 @@ def _with_virtual_tokens(gm, method, adapter: str, args, kwargs) -> tuple:
     config.update(**{k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask")})
     new_tokens = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - ids.shape[-1]
     count = gm.peft_config[adapter].num_virtual_tokens
-    rows = ids.shape[0] * max(config.num_beams or 1, config.num_return_sequences or 1)
-    cache = StaticCache(config=gm.config, max_cache_len=count + ids.shape[-1] + new_tokens)
-    cache.early_initialization(rows, *gm._get_static_cache_init_shape(), dtype=gm.dtype, device=ids.device)
-    if method.prefill_cache(gm, adapter, cache) != count:  # pragma: no cover - a method's own contract
-        raise RuntimeError(f"{method.name} wrote another number of virtual tokens than its config's {count}.")
-    cache._fxpeft_virtual_tokens = count
+    expand = max(config.num_beams or 1, config.num_return_sequences or 1)
+    rows = ids.shape[0] * expand
     mask = kwargs.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask
-    kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], count), mask], dim=1)
+    if getattr(gm.config, "is_encoder_decoder", False):
+        if config.max_new_tokens is None:
+            new_tokens = config.max_length - 1  # the decoder starts from one token
+        outputs = kwargs["encoder_outputs"] = _encoder_outputs(gm, (), kwargs)
+        states = outputs.last_hidden_state
+        mask = torch.cat([mask.new_ones(mask.shape[0], states.shape[1] - mask.shape[1]), mask], dim=1)
+        decoder = gm.config.get_text_config(decoder=True)
+        cache = EncoderDecoderCache(StaticCache(config=decoder, max_cache_len=count + 1 + new_tokens),
+                                    StaticCache(config=decoder, max_cache_len=states.shape[1]))
+        for part in (cache.self_attention_cache, cache.cross_attention_cache):
+            part.early_initialization(rows, *gm._get_static_cache_init_shape(), dtype=gm.dtype, device=ids.device)
+        encoder = {"encoder_outputs": type(outputs)(last_hidden_state=states.repeat_interleave(expand, dim=0)),
+                   "attention_mask": mask.repeat_interleave(expand, dim=0)}
+        kwargs["attention_mask"] = mask
+    else:
+        cache = StaticCache(config=gm.config, max_cache_len=count + ids.shape[-1] + new_tokens)
+        cache.early_initialization(rows, *gm._get_static_cache_init_shape(), dtype=gm.dtype, device=ids.device)
+        encoder = {}
+        kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], count), mask], dim=1)
+    cache._fxpeft_virtual_tokens = method.prefill_cache(gm, adapter, cache, **encoder)
     kwargs["cache"] = cache
     return args
 
@@ -288,8 +307,9 @@ def masks_for_generate(model_masks: Optional[Callable], **kwargs):
     """The attention mask of one generation step. After virtual tokens the 2-D mask itself, as PEFT's
     forward gives it to the model: the model then derives its positions as it would over the whole
     sequence (from the cache's length, or from the mask: OPT), and builds its causal mask in the
-    graph. Otherwise the model's (or transformers') 4-D mask."""
-    if virtual_tokens(kwargs.get("cache")):
+    graph. Otherwise (and in an encoder-decoder's decoder, whose positions count on from the cache's
+    length) the model's (or transformers') 4-D mask."""
+    if virtual_tokens(kwargs.get("cache")) and not kwargs["config"].is_encoder_decoder:
         return kwargs["attention_mask"]
     if model_masks is None:
         from transformers.masking_utils import create_masks_for_generate as model_masks
@@ -460,9 +480,8 @@ def check_decodable(model) -> tuple[int, int]:
     be exported (before anything is merged or exported)."""
     name = type(getattr(model, "_fxpeft_source", model)).__name__
     can = getattr(type(model), "can_generate", None)
-    if not capture_mod.is_transformers_model(model) or not (can and can()) \
-            or getattr(model.config, "is_encoder_decoder", False):
-        raise NotImplementedError(f"export_merged(generation=True) exports decoder-only causal LMs; {name} is not one.")
+    if not capture_mod.is_transformers_model(model) or not (can and can()):
+        raise NotImplementedError(f"export_merged(generation=True) exports causal and seq2seq LMs; {name} is neither.")
     shape = model._get_static_cache_init_shape()
     if shape is None or not all(isinstance(n, int) for n in shape):
         raise NotImplementedError(f"{name} has no uniform static-cache layout to export.")
@@ -479,6 +498,8 @@ def decoding_files(model) -> dict:
     from transformers import StaticCache
 
     heads, head_dim = check_decodable(model)
+    if model.config.is_encoder_decoder:
+        return _seq2seq_decoding_files(model, heads, head_dim)
     device = next(model.parameters()).device
     cache = StaticCache(config=model.config, max_cache_len=6)
     cache.early_initialization(2, heads, head_dim, dtype=model.dtype, device=device)
@@ -494,6 +515,116 @@ def decoding_files(model) -> dict:
             "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id}
     return {"generate.pt2": lambda path: torch.export.save(program, path),
             "generation.json": _text_writer(json.dumps(spec, indent=1)), "generate.py": _text_writer(DECODING_LOOP)}
+
+
+def _seq2seq_decoding_files(model, heads: int, head_dim: int) -> dict:
+    """:func:`decoding_files` for an encoder-decoder: ``encode.pt2`` (the encoder), ``generate_first.pt2``
+    (the first decoder step, which writes the encoder's keys and values into the cross-attention cache)
+    and ``generate.pt2`` (every later step, which reads them); both steps write the self-attention cache
+    in place. ``generation.json`` and ``generate.py`` (:data:`SEQ2SEQ_DECODING_LOOP`) as for causal LMs."""
+    import json
+
+    from transformers import StaticCache
+
+    device = next(model.parameters()).device
+    ids = torch.ones(2, 5, dtype=torch.long, device=device)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        encoder = capture_mod.export_program(model.get_encoder().eval(), {"input_ids": ids, "attention_mask": mask},
+                                             lambda output: {"last_hidden_state": output.last_hidden_state})
+        states = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    decoder_config = model.config.get_text_config(decoder=True)
+
+    def layers(length):
+        cache = StaticCache(config=decoder_config, max_cache_len=length)
+        cache.early_initialization(2, heads, head_dim, dtype=model.dtype, device=device)
+        return [(layer.keys, layer.values, layer.cumulative_length) for layer in cache.layers]
+
+    start = torch.zeros(2, 1, dtype=torch.long, device=device)
+    steps = {}
+    for name, cross in (("generate_first.pt2", CROSS), ("generate.pt2", CROSS_FILLED)):
+        cross_layers = layers(states.shape[1])
+        if cross == CROSS_FILLED:
+            cross_layers = [(k, v, n + states.shape[1]) for k, v, n in cross_layers]
+        call = {"encoder_outputs": (states,), "attention_mask": mask, "decoder_input_ids": start,
+                "cache": {SELF: layers(6), cross: cross_layers}, "use_cache": True, "return_dict": True}
+        with torch.no_grad():
+            steps[name] = capture_mod.export_program(model.eval(), call, convert_inputs=_with_shell,
+                                                     convert_output=lambda output: {"logits": output.logits})
+    config = model.generation_config
+    spec = {"layers": len(call["cache"][SELF]), "heads": heads, "head_dim": head_dim,
+            "dtype": str(model.dtype).removeprefix("torch."), "eos_token_id": config.eos_token_id,
+            "pad_token_id": config.pad_token_id,
+            "decoder_start_token_id": config.decoder_start_token_id if config.decoder_start_token_id is not None
+            else model.config.decoder_start_token_id}
+    return {"encode.pt2": lambda path: torch.export.save(encoder, path),
+            **{name: (lambda path, program=program: torch.export.save(program, path)) for name, program in steps.items()},
+            "generation.json": _text_writer(json.dumps(spec, indent=1)), "generate.py": _text_writer(SEQ2SEQ_DECODING_LOOP)}
+
+
+SEQ2SEQ_DECODING_LOOP = '''"""Greedy decoding with encode.pt2, generate_first.pt2 and generate.pt2, with torch only (written by
+fxpeft.export_merged(..., generation=True) for an encoder-decoder model).
+
+    import generate; tokens = generate.greedy(input_ids, attention_mask, max_new_tokens=32)
+
+encode.pt2 takes input_ids and attention_mask (batch, source tokens; 0 at padding) and returns
+{"last_hidden_state": (batch, source tokens, hidden)}. The decoder programs take encoder_outputs (a
+1-tuple of that state), attention_mask (the source mask), decoder_input_ids (batch, 1), use_cache=True,
+return_dict=True and cache, a dict: "self_attention", per decoder layer a tuple (keys, values, length) of
+the decoder's own tokens (keys and values (batch, heads, capacity, head_dim), length a 0-d int64 tensor),
+and the cross-attention layers of the same form sized to the source, under "cross_attention" for the
+first step (generate_first.pt2 writes the encoder's keys and values into them) and
+"cross_attention_filled" for every later step (generate.pt2 reads them). Both write the new token's
+keys and values in place and return {"logits": (batch, 1, vocab)}. generation.json holds the cache's
+layout and the eos, pad and decoder start token ids. Finished sequences are padded with pad_token_id,
+as transformers does; the returned tokens start with the decoder start token, as transformers' do.
+"""
+import json
+import os
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def greedy(input_ids, attention_mask=None, max_new_tokens=32, eos_token_id="model", pad_token_id="model"):
+    with open(os.path.join(HERE, "generation.json")) as file:
+        spec = json.load(file)
+    programs = {name: torch.export.load(os.path.join(HERE, name + ".pt2")).module()
+                for name in ("encode", "generate_first", "generate")}
+    eos = spec["eos_token_id"] if eos_token_id == "model" else eos_token_id
+    eos = torch.tensor([eos] if isinstance(eos, int) else (eos or []), device=input_ids.device)
+    pad = spec["pad_token_id"] if pad_token_id == "model" else pad_token_id
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    batch, device, dtype = input_ids.shape[0], input_ids.device, getattr(torch, spec["dtype"])
+
+    def layers(length):
+        shape = (batch, spec["heads"], length, spec["head_dim"])
+        return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
+                 torch.zeros((), dtype=torch.int64, device=device)) for _ in range(spec["layers"])]
+
+    with torch.no_grad():
+        states = programs["encode"](input_ids=input_ids, attention_mask=mask)["last_hidden_state"]
+        own, cross = layers(max_new_tokens + 1), layers(states.shape[1])
+        tokens = torch.full((batch, 1), spec["decoder_start_token_id"], dtype=torch.long, device=device)
+        new = tokens
+        done = torch.zeros(batch, dtype=torch.bool, device=device)
+        for index in range(max_new_tokens):
+            first = index == 0
+            step = programs["generate_first" if first else "generate"]
+            cache = {"self_attention": own, ("cross_attention" if first else "cross_attention_filled"): cross}
+            logits = step(encoder_outputs=(states,), attention_mask=mask, decoder_input_ids=new, cache=cache,
+                          use_cache=True, return_dict=True)["logits"]
+            new = logits[:, -1].argmax(-1)
+            if pad is not None:
+                new = torch.where(done, torch.full_like(new, pad), new)
+            tokens = torch.cat([tokens, new[:, None]], dim=1)
+            done |= torch.isin(new, eos)
+            if bool(done.all()):
+                break
+            new = new[:, None]
+    return tokens
+'''
 
 
 def _text_writer(text: str) -> Callable:

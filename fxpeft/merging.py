@@ -286,9 +286,10 @@ def export_merged(gm: PeftGraphModule, directory: str, example_inputs=None, gene
     plain dict of its fields (``{"logits": ...}``): those classes cannot be serialised. The
     program takes exactly the keyword inputs it was exported with (for transformers models by
     default ``input_ids`` and ``attention_mask``; pass ``example_inputs`` to choose). With
-    ``generation`` (decoder-only causal LMs), also ``generate.pt2``, the merged model with a static KV
-    cache written in place, and ``generate.py``, a greedy decoding loop over it that needs only torch
-    (``generation.decoding_files``)."""
+    ``generation`` (causal LMs), also ``generate.pt2``, the merged model with a static KV cache written in
+    place, and ``generate.py``, a greedy decoding loop over it that needs only torch; for seq2seq LMs
+    ``encode.pt2``, ``generate_first.pt2`` and ``generate.pt2`` (the encoder, the first decoder step and
+    the later ones) with their ``generate.py`` (``generation.decoding_files``)."""
     from safetensors.torch import save_file
 
     from . import capture as capture_mod
@@ -321,4 +322,7 @@ def export_merged(gm: PeftGraphModule, directory: str, example_inputs=None, gene
     written = {"weights": os.path.join(directory, "model.safetensors"), "program": os.path.join(directory, "model.pt2")}
     if generation:
         written.update(decoding=os.path.join(directory, "generate.pt2"), loop=os.path.join(directory, "generate.py"))
+        if "encode.pt2" in files:
+            written.update(encoder=os.path.join(directory, "encode.pt2"),
+                           first_step=os.path.join(directory, "generate_first.pt2"))
     return written

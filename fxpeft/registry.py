@@ -134,10 +134,11 @@ class Method:
     # ``state_site(gm, path, module) -> Site``: for adapter state on no graph site (LoRA on a raw parameter),
     # the site merging folds it into (``kind`` "parameter", ``weight`` the parameter's name)
     state_site: Optional[Callable] = None
-    # ``prefill_cache(gm, adapter, cache) -> n``: generation with a method that adds n virtual tokens
-    # (prompt, prefix tuning) writes their keys and values into every row of an empty KV cache once;
-    # graphs that read a cache (``Lowering.cached``) then leave the virtual tokens to it. None: such a
-    # method cannot generate
+    # ``prefill_cache(gm, adapter, cache, **encoder) -> n``: generation with a method that adds n virtual
+    # tokens (prompt, prefix tuning) writes their keys and values into every row of an empty KV cache
+    # once (an encoder-decoder's: its decoder self-attention cache; ``encoder`` then holds
+    # ``encoder_outputs`` and ``attention_mask``, one row per cache row); graphs that read a cache
+    # (``Lowering.cached``) then leave the virtual tokens to it. None: such a method cannot generate
     prefill_cache: Optional[Callable] = None
 
     @property

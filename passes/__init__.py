@@ -5,6 +5,14 @@ from . import beft  # noqa: E402,F401
 from . import hira  # noqa: E402,F401
 from . import shira  # noqa: E402,F401
 from . import supertuning  # noqa: E402,F401
+from . import miss  # noqa: F401,E402
+from . import delora  # noqa: F401,E402
+from . import gralora  # noqa: F401,E402
+from . import c3a  # noqa: F401,E402
+from . import pvera  # noqa: F401,E402
+from . import glora  # noqa: F401,E402
+from . import peanut  # noqa: F401,E402
+from . import deft  # noqa: F401,E402
 from . import frod  # noqa: E402,F401
 from . import waveft  # noqa: E402,F401
 from . import adamss  # noqa: E402,F401

@@ -385,14 +385,16 @@ def rewrite(lw: Lowering, adapter: str) -> None:
                 _set_arg(node, 5, "is_causal", False)
 
 
-def prefill_prefixes(gm, adapter: str, cache) -> int:
+def prefill_prefixes(gm, adapter: str, cache, **encoder) -> int:
     """The prefixes into every row of an empty KV cache, layer l's from its (key, value) slices, as PEFT
-    hands them to the model as n past tokens; graphs with a cache skip this method's rewrite."""
+    hands them to the model as n past tokens (an encoder-decoder's decoder self-attention cache: PEFT
+    discards the cross-attention part); graphs with a cache skip this method's rewrite."""
     config = gm.peft_config[adapter]
     count, heads = config.num_virtual_tokens, config.num_attention_heads
+    layers = cache.self_attention_cache.layers if encoder else cache.layers
     with torch.no_grad():
         table = prefix_layers(gm.prompt_encoder[adapter](), config.num_layers, heads, config.token_dim // heads)
-        for index, layer in enumerate(cache.layers):
+        for index, layer in enumerate(layers):
             key, value = layer_slices(index, config.num_layers, config.num_transformer_submodules)
             layer.keys[:, :, :count] = table[key].to(layer.keys.dtype)
             layer.values[:, :, :count] = table[value].to(layer.values.dtype)

@@ -307,11 +307,15 @@ def rewrite(lw: Lowering, adapter: str) -> None:
 # ----------------------------------------------------------------------------- generation
 
 
-def prefill_prompt(gm, adapter: str, cache) -> int:
+def prefill_prompt(gm, adapter: str, cache, **encoder) -> int:
     """The prompt's keys and values into every row of an empty KV cache: the model run on the prompt
     as input embeddings at positions 0..n-1 (causal attention: the virtual tokens see only each other,
     so their keys and values are the same for every sequence, as in PEFT's forward over the whole
-    sequence). Graphs with a cache skip this method's rewrite; the real tokens follow in the cache."""
+    sequence). Graphs with a cache skip this method's rewrite; the real tokens follow in the cache.
+    Encoder-decoder: nothing to write; PEFT prepends prompt and p-tuning tokens to the encoder's input
+    alone (whatever ``num_transformer_submodules`` says), so they are in the encoder's outputs."""
+    if encoder:
+        return 0
     count = gm.peft_config[adapter].num_virtual_tokens
     rows = cache.layers[0].keys.shape[0]
     with torch.no_grad():

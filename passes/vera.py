@@ -73,26 +73,34 @@ class VeraConfig(PeftConfigBase):
 
     def __post_init__(self):
         super().__post_init__()
-        # PEFT's check and warning, PEFT's words
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
-        if not self.save_projection:
-            warnings.warn(
-                "Specified to not save vera_A and vera_B within the state dictionary, instead they will be restored "
-                "using the PRNG key store in `config.projection_prng_key`. Consider setting `config.save_projection` "
-                "to `True` to guarantee restoring the checkpoint correctly on all system configurations.")
-        # what PEFT refuses only when it builds a layer (r, dropout) or when it marks biases trainable
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise ValueError(f"VeraConfig.r must be a positive integer (PEFT: `r` should be a positive integer value), "
-                             f"got {self.r!r}.")
-        if not isinstance(self.vera_dropout, (int, float)) or not 0.0 <= self.vera_dropout <= 1.0:
-            raise ValueError(f"VeraConfig.vera_dropout is a dropout probability and must be in [0, 1], "
-                             f"got {self.vera_dropout!r}.")
-        if self.bias not in ("none", "all", "vera_only"):
-            raise ValueError(f"VeraConfig.bias must be 'none', 'all' or 'vera_only', got {self.bias!r}.")
-        if not isinstance(self.projection_prng_key, int) or isinstance(self.projection_prng_key, bool):
-            raise ValueError(f"VeraConfig.projection_prng_key seeds a torch.Generator and must be an integer, "
-                             f"got {self.projection_prng_key!r}.")
+        check_config(self, "vera")
+
+
+def check_config(config, prefix: str) -> None:
+    """The checks of VeRA's config and of configs built on it (PVeRA): ``prefix`` names the projections
+    (``<prefix>_A``), the dropout field (``<prefix>_dropout``) and the bias option (``<prefix>_only``)."""
+    kind = type(config).__name__
+    # PEFT's check and warning, PEFT's words
+    if config.layers_pattern and config.layers_to_transform is None:
+        raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
+    if not config.save_projection:
+        warnings.warn(
+            f"Specified to not save {prefix}_A and {prefix}_B within the state dictionary, instead they will be "
+            "restored using the PRNG key store in `config.projection_prng_key`. Consider setting "
+            "`config.save_projection` to `True` to guarantee restoring the checkpoint correctly on all system "
+            "configurations.")
+    # what PEFT refuses only when it builds a layer (r, dropout) or when it marks biases trainable
+    if not isinstance(config.r, int) or isinstance(config.r, bool) or config.r <= 0:
+        raise ValueError(f"{kind}.r must be a positive integer (PEFT: `r` should be a positive integer value), "
+                         f"got {config.r!r}.")
+    dropout = getattr(config, f"{prefix}_dropout")
+    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout <= 1.0:
+        raise ValueError(f"{kind}.{prefix}_dropout is a dropout probability and must be in [0, 1], got {dropout!r}.")
+    if config.bias not in ("none", "all", f"{prefix}_only"):
+        raise ValueError(f"{kind}.bias must be 'none', 'all' or '{prefix}_only', got {config.bias!r}.")
+    if not isinstance(config.projection_prng_key, int) or isinstance(config.projection_prng_key, bool):
+        raise ValueError(f"{kind}.projection_prng_key seeds a torch.Generator and must be an integer, "
+                         f"got {config.projection_prng_key!r}.")
 
 
 def out_in(site: Site, weight) -> tuple[int, int]:
@@ -107,54 +115,81 @@ def kaiming(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
     return torch.empty(shape).uniform_(-bound, bound, generator=generator)
 
 
-def projections(config: VeraConfig, out_max: int, in_max: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """PEFT's ``_init_vera_A_vera_B``: A (r, in_max) then B (out_max, r), from one generator."""
+@dataclass(frozen=True)
+class Projections:
+    """The shared frozen projections of a VeRA-like method (PVeRA reuses VeRA's): their root names,
+    the method's names in PEFT's error messages, and how many rows ``A`` has per unit of ``r``
+    (PVeRA's A holds a mean half and a log-variance half)."""
+
+    a: str = "vera_A"
+    b: str = "vera_B"
+    label: str = "VeRA"  # PEFT's name for the method in its messages
+    key_label: str = "Vera"  # ... and in its PRNG-key message
+    a_rows: int = 1
+
+
+VERA_PROJECTIONS = Projections()
+
+
+def projections(config, out_max: int, in_max: int, spec: Projections = VERA_PROJECTIONS):
+    """PEFT's ``_init_vera_A_vera_B``: A (a_rows·r, in_max) then B (out_max, r), from one generator."""
     generator = torch.Generator(device="cpu").manual_seed(config.projection_prng_key)
-    vera_a = kaiming((config.r, in_max), generator)
+    vera_a = kaiming((spec.a_rows * config.r, in_max), generator)
     vera_b = kaiming((out_max, config.r), generator)
     return vera_a, vera_b
 
 
-def prepare(gm, targets, config: VeraConfig, adapter: str) -> None:
-    """The first VeRA adapter draws the shared projections (PEFT's ``_find_dim``: the largest out and in
-    over the targeted layers); a later one reuses them, with PEFT's checks, so ``vera_A.<adapter>`` is
-    the first adapter's tensor under this adapter's name."""
-    for name, other in gm.peft_config.items():
-        if other.projection_prng_key != config.projection_prng_key:
-            raise ValueError(f"Vera PRNG initialisation key must be the same for all adapters. Got "
-                             f"config.projection_prng_key={config.projection_prng_key} but previous config had "
-                             f"{other.projection_prng_key}.")
-        if other.save_projection != config.save_projection:
-            raise ValueError("VeRA projection weights must be saved for all adapters or none, but got multiple different "
-                             f"values: {sorted({other.save_projection, config.save_projection})}")
-    holder_a = shared_tensors(gm, "vera_A", config.save_projection)
-    holder_b = shared_tensors(gm, "vera_B", config.save_projection)
-    if not len(holder_a):
-        holder_a.persistent = holder_b.persistent = bool(config.save_projection)
-        shapes = [out_in(site, weight) for _, site, weight in targets]
-        vera_a, vera_b = projections(config, max(s[0] for s in shapes), max(s[1] for s in shapes))
-        first_weight = targets[0][2]
-        holder_a[adapter] = vera_a.to(first_weight.device, adapter_dtype(first_weight))
-        holder_b[adapter] = vera_b.to(first_weight.device, adapter_dtype(first_weight))
-        return
-    vera_a, vera_b = next(iter(holder_a.values())), next(iter(holder_b.values()))
-    for _, site, weight in targets:  # PEFT's checks in VeraLayer.update_layer, PEFT's words
-        out_f, in_f = out_in(site, weight)
-        shapes = "this probably happened because an additional VeRA adapter was added after the first one with " \
-                 "incompatible shapes."
-        if vera_a.shape[1] < in_f:
-            raise ValueError(f"vera_A has a size of {vera_a.shape[1]} but {in_f} or greater is required; {shapes}")
-        if vera_b.shape[0] < out_f:
-            raise ValueError(f"vera_B has a size of {vera_b.shape[0]} but {out_f} or greater is required; {shapes}")
-    if vera_a.shape[0] < config.r:
-        raise ValueError(f"vera_A has a size of {vera_a.shape[0]} but {config.r} or greater is required; this probably "
-                         "happened because an additional VeRA adapter with a lower rank was added after the first one; "
-                         "loading the adapters in reverse order may solve this.")
-    if vera_a.shape[0] > config.r:  # PEFT accepts this and then fails in forward and merge on the shape mismatch
-        raise ValueError(f"VeRA adapter {adapter!r} has r={config.r}, but the VeRA projections this model's adapters "
-                         f"share have rank {vera_a.shape[0]}: every VeRA adapter on a model needs the first one's r "
-                         "(PEFT accepts a lower r here, then fails when the adapter runs). Use the same r.")
-    holder_a[adapter], holder_b[adapter] = vera_a, vera_b
+def shared_projections(spec: Projections):
+    """The form's ``prepare`` for a method sharing frozen projections across sites (see :func:`prepare`)."""
+
+    def prepare(gm, targets, config, adapter: str) -> None:
+        """The first adapter draws the shared projections (PEFT's ``_find_dim``: the largest out and in
+        over the targeted layers); a later one reuses them, with PEFT's checks, so ``<a>.<adapter>`` is
+        the first adapter's tensor under this adapter's name."""
+        for name, other in gm.peft_config.items():
+            if not isinstance(other, type(config)):  # another method's adapter on the same model
+                continue
+            if other.projection_prng_key != config.projection_prng_key:
+                raise ValueError(f"{spec.key_label} PRNG initialisation key must be the same for all adapters. Got "
+                                 f"config.projection_prng_key={config.projection_prng_key} but previous config had "
+                                 f"{other.projection_prng_key}.")
+            if other.save_projection != config.save_projection:
+                raise ValueError(f"{spec.label} projection weights must be saved for all adapters or none, but got "
+                                 f"multiple different values: {sorted({other.save_projection, config.save_projection})}")
+        holder_a = shared_tensors(gm, spec.a, config.save_projection)
+        holder_b = shared_tensors(gm, spec.b, config.save_projection)
+        if not len(holder_a):
+            holder_a.persistent = holder_b.persistent = bool(config.save_projection)
+            shapes = [out_in(site, weight) for _, site, weight in targets]
+            vera_a, vera_b = projections(config, max(s[0] for s in shapes), max(s[1] for s in shapes), spec)
+            first_weight = targets[0][2]
+            holder_a[adapter] = vera_a.to(first_weight.device, adapter_dtype(first_weight))
+            holder_b[adapter] = vera_b.to(first_weight.device, adapter_dtype(first_weight))
+            return
+        vera_a, vera_b = next(iter(holder_a.values())), next(iter(holder_b.values()))
+        for _, site, weight in targets:  # PEFT's checks in update_layer, PEFT's words
+            out_f, in_f = out_in(site, weight)
+            shapes = f"this probably happened because an additional {spec.label} adapter was added after the first " \
+                     "one with incompatible shapes."
+            if vera_a.shape[1] < in_f:
+                raise ValueError(f"{spec.a} has a size of {vera_a.shape[1]} but {in_f} or greater is required; {shapes}")
+            if vera_b.shape[0] < out_f:
+                raise ValueError(f"{spec.b} has a size of {vera_b.shape[0]} but {out_f} or greater is required; {shapes}")
+        rank = vera_a.shape[0] // spec.a_rows
+        if rank < config.r:
+            raise ValueError(f"{spec.a} has a size of {vera_a.shape[0]} but {spec.a_rows * config.r} or greater is "
+                             f"required; this probably happened because an additional {spec.label} adapter with a lower "
+                             "rank was added after the first one; loading the adapters in reverse order may solve this.")
+        if rank > config.r:  # PEFT accepts this and then fails in forward and merge on the shape mismatch
+            raise ValueError(f"{spec.label} adapter {adapter!r} has r={config.r}, but the {spec.label} projections this "
+                             f"model's adapters share have rank {rank}: every {spec.label} adapter on a model needs the "
+                             "first one's r (PEFT accepts a lower r here, then fails when the adapter runs). Use the same r.")
+        holder_a[adapter], holder_b[adapter] = vera_a, vera_b
+
+    return prepare
+
+
+prepare = shared_projections(VERA_PROJECTIONS)
 
 
 def add_vera(module: nn.Module, site: Site, weight, config: VeraConfig, adapter: str) -> None:
@@ -193,23 +228,33 @@ def delta_weight(gm, site: Site, module: nn.Module, adapter: str) -> torch.Tenso
     return weight.T if site.fan_in_fan_out else weight
 
 
-def checkpoint_keys(config: VeraConfig, keys: set) -> set:
-    """PEFT's checks when loading (``_remap_adapter_state_dict_for_load``), PEFT's words: projections
-    saved but not wanted are ignored (drawn from the key instead), wanted but missing raise."""
-    saved = {"base_model.vera_A", "base_model.vera_B"} & keys
-    if config.save_projection:
-        if "base_model.vera_A" not in saved:
-            raise ValueError("Specified to load vera_A and vera_B from state dictionary however they were not present!")
-        return set()
-    if saved:
-        warnings.warn("Specified to not load vera_A and vera_B from state dictionary however they are present in state"
-                      " dictionary! Consider using them to ensure checkpoint loading is correct on all platforms using"
-                      " `peft_config.save_projection = True`")
-    else:
-        warnings.warn("Specified to not load vera_A and vera_B from state dictionary. This means we will be relying on"
-                      " PRNG initialisation to restore these projections using `config.projection_prng_key`, which may"
-                      " not be accurate on all system configurations.")
-    return saved
+def projection_checkpoint_keys(spec: Projections):
+    """The method's ``checkpoint_keys``: PEFT's checks when loading (``_remap_adapter_state_dict_for_load``),
+    PEFT's words: projections saved but not wanted are ignored (drawn from the key instead), wanted but
+    missing raise."""
+    key_a, key_b = f"base_model.{spec.a}", f"base_model.{spec.b}"
+
+    def checkpoint_keys(config, keys: set) -> set:
+        saved = {key_a, key_b} & keys
+        if config.save_projection:
+            if key_a not in saved:
+                raise ValueError(f"Specified to load {spec.a} and {spec.b} from state dictionary however they were not "
+                                 "present!")
+            return set()
+        if saved:
+            warnings.warn(f"Specified to not load {spec.a} and {spec.b} from state dictionary however they are present "
+                          "in state dictionary! Consider using them to ensure checkpoint loading is correct on all "
+                          "platforms using `peft_config.save_projection = True`")
+        else:
+            warnings.warn(f"Specified to not load {spec.a} and {spec.b} from state dictionary. This means we will be "
+                          "relying on PRNG initialisation to restore these projections using "
+                          "`config.projection_prng_key`, which may not be accurate on all system configurations.")
+        return saved
+
+    return checkpoint_keys
+
+
+checkpoint_keys = projection_checkpoint_keys(VERA_PROJECTIONS)
 
 
 METHOD = register_method(additive(

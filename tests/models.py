@@ -160,3 +160,15 @@ CUSTOM_MODELS = {
 # breaks, recompiles, custom ops' fake kernels and gradients) without inductor's C++ codegen, the slow
 # part on a CPU; test_compile's custom decoder and the examples run inductor itself.
 COMPILE_BACKEND = "aot_eager"
+
+
+class Conv1DNet(nn.Module):
+    """One GPT-2-style Conv1D layer (weight stored (in, out)), named as GPT-2's."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+        self.c_attn = Conv1D(6, 4)
+
+    def forward(self, x):
+        return self.c_attn(x)

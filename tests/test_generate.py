@@ -394,7 +394,57 @@ def test_prompt_methods_match_peft_forward(name, method):
         gm.generate(**inputs, max_new_tokens=2, use_cache=False)
 
 
+@pytest.mark.parametrize("name,method", [("t5", "prompt"), ("bart", "p-tuning"), ("t5", "prefix"), ("bart", "prefix")])
+def test_seq2seq_prompt_methods_match_peft_forward(name, method):
+    """Encoder-decoder models: prompt and p-tuning tokens go into the encoder's input (its outputs and
+    mask carry them), prefixes into the decoder's self-attention cache once; every step's logits equal
+    PEFT's forward over the whole decoder sequence so far (PEFT's generate is the broken reference
+    here too), for rows of different padding."""
+    torch.manual_seed(0)
+    model = getattr(models, name)().eval()
+    config_class, kwargs = PROMPT_METHODS[method]
+    reference = peft.get_peft_model(copy.deepcopy(model), getattr(peft, config_class)(task_type="SEQ_2_SEQ_LM", **kwargs))
+    gm = fxpeft.transform(model, getattr(fxpeft, config_class)(task_type="SEQ_2_SEQ_LM", **kwargs)).eval()
+    with torch.no_grad():
+        for param in reference.parameters():
+            if param.requires_grad:
+                param.normal_()
+    assert copy_adapter_weights(reference.eval(), gm) > 0
+    inputs = models.hf_inputs("bart", batch=3)  # row 0 padded
+    got = gm.generate(**inputs, max_new_tokens=NEW, do_sample=False, pad_token_id=0, forced_bos_token_id=None,
+                      forced_eos_token_id=None, eos_token_id=None, return_dict_in_generate=True, output_logits=True)
+    assert got.sequences.shape == (3, NEW + 1)
+    with torch.no_grad():
+        for step, ours in enumerate(got.logits, start=1):
+            theirs = reference(**inputs, decoder_input_ids=got.sequences[:, :step]).logits[:, -1]
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+            assert torch.equal(got.sequences[:, step], theirs.argmax(-1))  # greedy over PEFT's forward
+
+
 # ------------------------------------------------------------------------------------------ deployment
+
+
+def test_export_merged_seq2seq_for_generation_runs_without_fxpeft(seq2seq_pair, tmp_path):
+    """An encoder-decoder's export_merged(generation=True): encode.pt2, generate_first.pt2 (writes the
+    cross-attention cache) and generate.pt2 (reads it), driven by generate.py in a process where fxpeft
+    cannot be imported; its tokens equal gm.generate's greedy tokens for a padded batch."""
+    import subprocess
+    import sys
+
+    _, gm, inputs = seq2seq_pair
+    written = fxpeft.export_merged(gm, str(tmp_path), generation=True)
+    assert {written["encoder"], written["first_step"], written["decoding"]} == {
+        str(tmp_path / name) for name in ("encode.pt2", "generate_first.pt2", "generate.pt2")}
+    torch.save(inputs, tmp_path / "inputs.pt")
+    script = (
+        "import sys, torch; sys.modules['fxpeft'] = None; sys.path.insert(0, sys.argv[1]); import generate\n"
+        "inputs = torch.load(sys.argv[1] + '/inputs.pt')\n"
+        f"tokens = generate.greedy(inputs['input_ids'], inputs['attention_mask'], max_new_tokens={NEW}, pad_token_id=0)\n"
+        "torch.save(tokens, sys.argv[1] + '/tokens.pt')\n")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, env={"OMP_NUM_THREADS": "1"})
+    expected = gm.generate(**inputs, max_new_tokens=NEW, do_sample=False, pad_token_id=0, forced_bos_token_id=None,
+                           forced_eos_token_id=None)
+    assert torch.equal(torch.load(tmp_path / "tokens.pt"), expected)
 
 
 def test_export_merged_for_generation_runs_without_fxpeft(llama_pair, tmp_path):
@@ -420,6 +470,6 @@ def test_export_merged_for_generation_runs_without_fxpeft(llama_pair, tmp_path):
     kw = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=0)
     assert torch.equal(both, gm.generate(**inputs, **kw))
     assert torch.equal(alone, gm.generate(input_ids=inputs["input_ids"][1:], **kw))
-    with pytest.raises(NotImplementedError, match="MLP is not one"):  # before anything is merged
+    with pytest.raises(NotImplementedError, match="MLP is neither"):  # before anything is merged
         fxpeft.export_merged(fxpeft.transform(models.MLP(), fxpeft.LoraConfig(r=2, target_modules=["fc1"])),
                              str(tmp_path / "mlp"), example_inputs=(torch.randn(2, 12),), generation=True)

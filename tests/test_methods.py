@@ -63,7 +63,7 @@ class MethodSpec:
     # PEFT wraps a bitsandbytes 4-bit layer but computes with its packed weight's shape and fails
     # (LoHa, LoKr, HRA): the oracle is then PEFT on the float model holding the dequantized weights
     peft_4bit: bool = True
-    peft_4bit_error: str = "shape"  # what PEFT's failure there says (FRoD fails while building the adapter)
+    peft_4bit_error: str = "shape"  # what PEFT's error on the 4-bit layer says (when it creates or runs the adapter)
 
 
 METHODS = {
@@ -125,6 +125,43 @@ METHODS = {
     "supertuning": MethodSpec(fxpeft.SupertuningConfig, peft.SupertuningConfig,
                               lambda s: dict(sparsity=0.9, r=2, lora_alpha=4, target_modules=s.targets),
                               dict(init_weights=False), ("linear",), peft_4bit=False),
+    # PEFT's MiSS: nn.Linear only (Conv1D raises, tests/test_miss.py); r=5 leaves a remainder of fc1's 12 inputs
+    # (the zero-padded chunk); init_weights=False is the random balance block (bat and mini: tests/test_miss.py)
+    "miss": MethodSpec(fxpeft.MissConfig, peft.MissConfig, lambda s: dict(r=5, target_modules=s.targets),
+                       dict(init_weights=False, r=5), ("linear",)),
+    # PEFT's DeLoRA: nn.Linear only (Conv1D raises, tests/test_delora.py); on a 4-bit layer PEFT takes the norm of
+    # the packed bytes and fails when it creates the adapter: the oracle there is PEFT on the dequantized weights
+    "delora": MethodSpec(fxpeft.DeloraConfig, peft.DeloraConfig, lambda s: dict(r=4, target_modules=s.targets),
+                         dict(init_weights=False, r=4), ("linear",), peft_4bit=False,
+                         peft_4bit_error="vector_norm: Expected a floating point"),
+    # PEFT's GraLoRA: nn.Linear and Conv1D. gralora_k must divide every site's features: the MLP's 5 outputs leave
+    # k=1 there (the hybrid LoRA part runs beside it); GPT-2 takes a 2 × 2 grid (and the 4-bit check PEFT's defaults)
+    "gralora": MethodSpec(fxpeft.GraloraConfig, peft.GraloraConfig,
+                          lambda s: dict(r=4, alpha=8, target_modules=s.targets,
+                                         **(dict(gralora_k=1, hybrid_r=2) if s.build is models.MLP else {})),
+                          dict(init_weights=False), ("linear", "conv1d_gpt2")),
+    # PEFT's C3A: nn.Linear only (Conv1D raises, tests/test_linear_site_methods.py); block_size divides every
+    # site's features (the MLP's 5 outputs: 1 there); init_weights=True is the identity start, False a random one
+    "c3a": MethodSpec(fxpeft.C3AConfig, peft.C3AConfig,
+                      lambda s: dict(block_size=4, init_weights=True, target_modules=s.targets,
+                                     block_size_pattern={"fc2": 1} if s.build is models.MLP else {}),
+                      dict(init_weights=False, block_size=4), ("linear",)),
+    # PEFT's PVeRA: linear sites only (nn.Linear, Conv1D); it samples in training, so the random adapters get a
+    # generator_seed: both packages then draw the same noise (the 4-bit check compares them in training mode)
+    "pvera": MethodSpec(fxpeft.PveraConfig, peft.PveraConfig, lambda s: dict(r=4, target_modules=s.targets),
+                        dict(init_weights=False, generator_seed=0), ("linear", "conv1d_gpt2")),
+    # PEFT's GLoRA: plain nn.Linear only (Conv1D and a 4-bit layer raise ValueError at construction,
+    # tests/test_glora.py): the 4-bit oracle is PEFT on the dequantized weights
+    "glora": MethodSpec(fxpeft.GloraConfig, peft.GloraConfig, lambda s: dict(r=2, target_modules=s.targets),
+                        dict(init_weights=False), ("linear",), peft_4bit=False,
+                        peft_4bit_error="not a plain torch.nn.Linear"),
+    # PEFT's PEANuT: nn.Linear only (Conv1D raises); on a 4-bit layer it computes with the packed weight and fails
+    "peanut": MethodSpec(fxpeft.PeanutConfig, peft.PeanutConfig,
+                         lambda s: dict(r=4, depth=1, act_fn="gelu", scaling=0.5, target_modules=s.targets),
+                         dict(init_weights=False), ("linear",), peft_4bit=False),
+    # PEFT's DeFT: nn.Linear and Conv1D; init_weights=True is the identity start (R from the base weight)
+    "deft": MethodSpec(fxpeft.DeftConfig, peft.DeftConfig, lambda s: dict(r=3, alpha=6, target_modules=s.targets),
+                       dict(init_weights=False), ("linear", "conv1d_gpt2")),
     # PEFT's FRoD: nn.Linear and Conv1D; sparse_rate=0.1 gives S a few entries on every site (12², 24², 32², 128²).
     # On a 4-bit base PEFT builds its basis from the packed uint8 weight and fails making the adapter
     "frod": MethodSpec(fxpeft.FrodConfig, peft.FrodConfig,
@@ -308,8 +345,9 @@ def test_method_on_a_4bit_base_equals_peft(method, tmp_path):
     quantized = _quantized_by_transformers(model, tmp_path, CONFIGS["nf4"])
     inputs = models.hf_inputs("llama")
     if not spec.peft_4bit:  # PEFT fails here (checked, so a PEFT that learns it switches this test back)
-        with pytest.raises(RuntimeError, match=spec.peft_4bit_error):  # it computes with the packed weight's shape
-            peft.get_peft_model(copy.deepcopy(quantized), spec.peft(**kwargs)).train()(**inputs)
+        with pytest.raises((RuntimeError, ValueError), match=spec.peft_4bit_error):  # packed weight, or refused
+            failing = peft.get_peft_model(copy.deepcopy(quantized), spec.peft(**kwargs))
+            failing.train()(**inputs)
         quantized = _dequantized(model, quantized)
     reference = peft.get_peft_model(peft.prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=False),
                                     spec.peft(**kwargs))
