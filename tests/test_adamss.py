@@ -4,8 +4,6 @@ copying, dynamic ranks, a layer without a bias, ASA's pruning in training, and t
 refuses."""
 from __future__ import annotations
 
-import copy
-
 import peft
 import pytest
 import torch
@@ -13,6 +11,7 @@ from torch import nn
 
 import fxpeft
 import models
+from peft_oracle import assert_half_precision_like_peft, assert_no_weighted_adapter, seeded_pair
 
 TARGETS = ["fc1", "fc2"]
 
@@ -31,11 +30,7 @@ def pair(build=models.MLP, seed: int = 0, **kwargs):
     model = build().eval()
     kwargs = {"r": 8, "num_subspaces": 3, "subspace_rank": 2, "target_modules": TARGETS, "init_weights": None,
               **kwargs}
-    torch.manual_seed(seed)
-    reference = peft.get_peft_model(copy.deepcopy(model), peft.AdamssConfig(**kwargs)).eval()
-    torch.manual_seed(seed)
-    gm = fxpeft.transform(model, fxpeft.AdamssConfig(**kwargs)).eval()
-    return reference, gm, model
+    return (*seeded_pair(model, fxpeft.AdamssConfig(**kwargs), peft.AdamssConfig(**kwargs), seed), model)
 
 
 def x():
@@ -106,25 +101,11 @@ def test_invalid_configs_raise_as_peft(kwargs, message):
 
 
 def test_half_precision_base_has_peft_tensors():
-    """A bf16 base: the adapter's tensors are PEFT's (made in the base dtype, kept in float32), outputs close."""
-    model = models.MLP().eval().to(torch.bfloat16)
     kwargs = dict(r=8, num_subspaces=3, subspace_rank=2, target_modules=TARGETS, init_weights=None)
-    torch.manual_seed(0)
-    reference = peft.get_peft_model(copy.deepcopy(model), peft.AdamssConfig(**kwargs)).eval()
-    torch.manual_seed(0)
-    gm = fxpeft.transform(model, fxpeft.AdamssConfig(**kwargs)).eval()
-    theirs = {n.removeprefix("base_model.model."): t for n, t in reference.state_dict().items()}
-    for name, value in gm.state_dict().items():
-        if "adamss_" in name:
-            assert value.dtype == theirs[name].dtype and torch.equal(value, theirs[name]), name
-    inputs = x().to(torch.bfloat16)
-    with torch.no_grad():  # PEFT computes in bf16, fxpeft's adapter in float32
-        torch.testing.assert_close(gm(inputs), reference(inputs), rtol=0, atol=2e-2)
+    assert_half_precision_like_peft(models.MLP().eval().to(torch.bfloat16), fxpeft.AdamssConfig(**kwargs),
+                                    peft.AdamssConfig(**kwargs), "adamss_", x().to(torch.bfloat16))
 
 
 def test_add_weighted_adapter_is_refused_as_peft_has_none():
     reference, gm, _ = pair()
-    with pytest.raises(AttributeError, match="add_weighted_adapter"):
-        reference.add_weighted_adapter(["default"], [1.0], "mix")
-    with pytest.raises(ValueError, match="add_weighted_adapter"):
-        fxpeft.add_weighted_adapter(gm, ["default"], [1.0], "mix")
+    assert_no_weighted_adapter(reference, gm)

@@ -12,6 +12,7 @@ import torch
 
 import fxpeft
 import models
+from peft_oracle import assert_half_precision_like_peft, assert_no_weighted_adapter, seeded_pair
 
 TARGETS = ["fc1", "fc2"]
 
@@ -19,11 +20,7 @@ TARGETS = ["fc1", "fc2"]
 def pair(seed: int = 0, **kwargs):
     model = models.MLP().eval()
     kwargs = {"target_modules": TARGETS, "sparse_rate": 0.1, "progressbar": False, "init_weights": False, **kwargs}
-    torch.manual_seed(seed)
-    reference = peft.get_peft_model(copy.deepcopy(model), peft.FrodConfig(**kwargs)).eval()
-    torch.manual_seed(seed)
-    gm = fxpeft.transform(model, fxpeft.FrodConfig(**kwargs)).eval()
-    return reference, gm, model
+    return (*seeded_pair(model, fxpeft.FrodConfig(**kwargs), peft.FrodConfig(**kwargs), seed), model)
 
 
 def x():
@@ -117,27 +114,13 @@ def test_invalid_configs_raise_as_peft(kwargs, message):
 
 
 def test_half_precision_base_has_peft_tensors():
-    """A bf16 base: the adapter's tensors are PEFT's (made in the base dtype, kept in float32), outputs close."""
-    model = models.MLP().eval().to(torch.bfloat16)
     kwargs = dict(target_modules=TARGETS, sparse_rate=0.1, progressbar=False, init_weights=False)
-    torch.manual_seed(0)
-    reference = peft.get_peft_model(copy.deepcopy(model), peft.FrodConfig(**kwargs)).eval()
-    torch.manual_seed(0)
-    gm = fxpeft.transform(model, fxpeft.FrodConfig(**kwargs)).eval()
-    theirs = {n.removeprefix("base_model.").removeprefix("model."): t for n, t in reference.state_dict().items()}
-    for name, value in gm.state_dict().items():
-        if "frod_" in name:  # the per-site tensors and the bases kept once (base_model.frod_V…)
-            assert value.dtype == theirs[name].dtype and torch.equal(value, theirs[name]), name
-    inputs = x().to(torch.bfloat16)
-    with torch.no_grad():  # PEFT computes in bf16, fxpeft's adapter in float32
-        torch.testing.assert_close(gm(inputs), reference(inputs), rtol=0, atol=2e-2)
+    assert_half_precision_like_peft(models.MLP().eval().to(torch.bfloat16), fxpeft.FrodConfig(**kwargs),
+                                    peft.FrodConfig(**kwargs), "frod_", x().to(torch.bfloat16))
 
 
 def test_other_layers_and_weighted_adapters_are_refused():
     with pytest.raises(ValueError, match="does not support"):  # PEFT: TypeError, linear layers only
         fxpeft.transform(models.ConvNet().eval(), fxpeft.FrodConfig(target_modules=["conv1"]))
     reference, gm, _ = pair()
-    with pytest.raises(AttributeError, match="add_weighted_adapter"):  # PEFT's FrodModel has none
-        reference.add_weighted_adapter(["default"], [1.0], "mix")
-    with pytest.raises(ValueError, match="add_weighted_adapter"):
-        fxpeft.add_weighted_adapter(gm, ["default"], [1.0], "mix")
+    assert_no_weighted_adapter(reference, gm)  # PEFT's FrodModel has no add_weighted_adapter

@@ -11,6 +11,7 @@ import torch
 
 import fxpeft
 import models
+from peft_oracle import assert_half_precision_like_peft, assert_no_weighted_adapter, seeded_pair
 
 TARGETS = ["fc1", "fc2"]
 
@@ -18,11 +19,7 @@ TARGETS = ["fc1", "fc2"]
 def pair(seed: int = 0, **kwargs):
     model = models.MLP().eval()
     kwargs = {"target_modules": TARGETS, "n_frequency": 40, "init_weights": False, **kwargs}
-    torch.manual_seed(seed)
-    reference = peft.get_peft_model(copy.deepcopy(model), peft.WaveFTConfig(**kwargs)).eval()
-    torch.manual_seed(seed)
-    gm = fxpeft.transform(model, fxpeft.WaveFTConfig(**kwargs)).eval()
-    return reference, gm, model
+    return (*seeded_pair(model, fxpeft.WaveFTConfig(**kwargs), peft.WaveFTConfig(**kwargs), seed), model)
 
 
 def x():
@@ -100,25 +97,11 @@ def test_what_peft_refuses_when_building_or_computing():
 
 
 def test_half_precision_base_has_peft_tensors():
-    """A bf16 base: the adapter's tensors are PEFT's (made in the base dtype, kept in float32), outputs close."""
-    model = models.MLP().eval().to(torch.bfloat16)
     kwargs = dict(target_modules=TARGETS, n_frequency=40, init_weights=False)
-    torch.manual_seed(0)
-    reference = peft.get_peft_model(copy.deepcopy(model), peft.WaveFTConfig(**kwargs)).eval()
-    torch.manual_seed(0)
-    gm = fxpeft.transform(model, fxpeft.WaveFTConfig(**kwargs)).eval()
-    theirs = {n.removeprefix("base_model.model."): t for n, t in reference.state_dict().items()}
-    for name, value in gm.state_dict().items():
-        if "waveft_" in name:
-            assert value.dtype == theirs[name].dtype and torch.equal(value, theirs[name]), name
-    inputs = x().to(torch.bfloat16)
-    with torch.no_grad():  # PEFT computes in bf16, fxpeft's adapter in float32
-        torch.testing.assert_close(gm(inputs), reference(inputs), rtol=0, atol=2e-2)
+    assert_half_precision_like_peft(models.MLP().eval().to(torch.bfloat16), fxpeft.WaveFTConfig(**kwargs),
+                                    peft.WaveFTConfig(**kwargs), "waveft_", x().to(torch.bfloat16))
 
 
 def test_add_weighted_adapter_is_refused_as_peft_has_none():
     reference, gm, _ = pair()
-    with pytest.raises(AttributeError, match="add_weighted_adapter"):
-        reference.add_weighted_adapter(["default"], [1.0], "mix")
-    with pytest.raises(ValueError, match="add_weighted_adapter"):
-        fxpeft.add_weighted_adapter(gm, ["default"], [1.0], "mix")
+    assert_no_weighted_adapter(reference, gm)
