@@ -59,6 +59,9 @@ from .passes.road import RoadConfig  # noqa: E402
 from .passes.psoft import PsoftConfig  # noqa: E402
 from .passes.osf import OSFConfig  # noqa: E402
 from .passes.lily import LilyConfig  # noqa: E402
+from .passes.frod import FrodConfig  # noqa: E402
+from .passes.waveft import WaveFTConfig  # noqa: E402
+from .passes.adamss import AdamssConfig  # noqa: E402
 
 __all__ = [
     "transform", "add_adapter", "load_adapter", "from_pretrained", "save_pretrained", "delete_adapter",
@@ -90,4 +93,7 @@ __all__ = [
     "PsoftConfig",
     "OSFConfig",
     "LilyConfig",
+    "FrodConfig",
+    "WaveFTConfig",
+    "AdamssConfig",
 ]

@@ -65,9 +65,11 @@ def adapter_key_map(gm, adapter: str, state: dict[str, torch.Tensor]) -> dict[st
         for i in range(len(parts) - 1):
             if parts[i + 1] != adapter:
                 continue
-            if parts[i] in containers:
-                # state kept once on the root: PEFT keeps it on its tuner (``base_model.vera_A``)
-                where = TUNER_PREFIX if i == 0 and parts[i] in method.shared else prefix
+            root_state = parts[0] in method.shared and parts[0] in containers
+            if parts[i] in containers or root_state:
+                # state kept once on the root: PEFT keeps it on its tuner (``base_model.vera_A``), directly or
+                # grouped by a key of the method's (FRoD's ``base_model.frod_V.<category>``)
+                where = TUNER_PREFIX if root_state else prefix
                 mapping[where + ".".join(parts[: i + 1] + parts[i + 2:])] = name
             elif parts[i] == "modules_to_save":
                 mapping[prefix + ".".join(parts[:i] + parts[i + 2:])] = name

@@ -361,6 +361,17 @@ def delete_adapter(gm: PeftGraphModule, adapter_name: str) -> None:
                     del holder[adapter_name]
                     if not len(holder):
                         del module._modules[container]
+        for name in method.shared:  # a shared container may group its tensors by a key (FRoD: by category)
+            group = gm._modules.get(name)
+            if not isinstance(group, nn.ModuleDict):
+                continue
+            for key, holder in list(group._modules.items()):
+                if adapter_name in holder:
+                    del holder[adapter_name]
+                if not len(holder):
+                    del group._modules[key]
+            if not len(group._modules):
+                del gm._modules[name]
         del gm.peft_config[adapter_name]
         remaining = [n for n in gm._fxpeft_active if n != adapter_name]
         if not remaining and gm.peft_config:

@@ -21,3 +21,6 @@ from . import road  # noqa: F401,E402
 from . import psoft  # noqa: F401,E402
 from . import osf  # noqa: F401,E402
 from . import lily  # noqa: F401,E402
+from . import frod  # noqa: E402,F401
+from . import waveft  # noqa: E402,F401
+from . import adamss  # noqa: E402,F401

@@ -101,3 +101,29 @@ def assert_no_weighted_adapter(gm, reference) -> None:
     with pytest.raises(ValueError, match=type(gm.peft_config[adapters[0]]).__name__):
         fxpeft.add_weighted_adapter(gm, adapters, weights, "mix")
     assert list(gm.peft_config) == adapters
+
+
+def assert_half_precision_like_peft(model, fx_config, peft_config, prefix: str, inputs) -> None:
+    """A half-precision base: after the same seed, fxpeft's adapter tensors whose names hold ``prefix``
+    equal PEFT's, values and dtypes (PEFT makes them in the base dtype, then autocasts to float32); the
+    outputs are close (PEFT computes the adapter in the base dtype, fxpeft in float32)."""
+    reference, gm = seeded_pair(model, fx_config, peft_config)
+    # site tensors under base_model.model.<path>, tensors kept once under base_model.<name> (FRoD's bases)
+    theirs = {n.removeprefix("base_model.").removeprefix("model."): t for n, t in reference.state_dict().items()}
+    checked = 0
+    for name, value in gm.state_dict().items():
+        if prefix in name:
+            assert value.dtype == theirs[name].dtype and torch.equal(value, theirs[name]), name
+            checked += 1
+    assert checked
+    with torch.no_grad():
+        torch.testing.assert_close(gm(inputs), reference(inputs), rtol=0, atol=2e-2)
+
+
+def seeded_pair(model, fx_config, peft_config, seed: int = 0):
+    """PEFT's model (on a copy of ``model``) and fxpeft's, each made after ``torch.manual_seed(seed)`` so
+    both draw the same initial values; both in eval mode."""
+    torch.manual_seed(seed)
+    reference = peft.get_peft_model(copy.deepcopy(model), peft_config).eval()
+    torch.manual_seed(seed)
+    return reference, fxpeft.transform(model, fx_config).eval()

@@ -224,6 +224,21 @@ METHODS = {
     # PEFT's Lily: nn.Linear only (and bitsandbytes linears); no merging; its router averages over the batch
     "lily": MethodSpec(fxpeft.LilyConfig, peft.LilyConfig, lambda s: dict(r=4, num_B=3, target_modules=s.targets),
                        dict(init_weights=False), ("linear",), merges=False, batch_coupled=True),
+    # PEFT's FRoD: nn.Linear and Conv1D; sparse_rate=0.1 gives S a few entries on every site (12², 24², 32², 128²).
+    # On a 4-bit base PEFT builds its basis from the packed uint8 weight and fails making the adapter
+    "frod": MethodSpec(fxpeft.FrodConfig, peft.FrodConfig,
+                       lambda s: dict(sparse_rate=0.1, progressbar=False, target_modules=s.targets),
+                       dict(init_weights=False), ("linear", "conv1d_gpt2"), peft_4bit=False,
+                       peft_4bit_error="floating point"),
+    # PEFT's WaveFT: nn.Linear and Conv1D; n_frequency=50 fits every site (also in `random`, which the 4-bit test reads)
+    "waveft": MethodSpec(fxpeft.WaveFTConfig, peft.WaveFTConfig,
+                         lambda s: dict(n_frequency=50, target_modules=s.targets),
+                         dict(init_weights=False, n_frequency=50), ("linear", "conv1d_gpt2")),
+    # PEFT's AdaMSS: torch.nn.Linear only (Conv1D raises, tests/test_adamss.py); init_weights=None draws B.
+    # On a 4-bit base PEFT decomposes the packed uint8 weight and fails making the adapter
+    "adamss": MethodSpec(fxpeft.AdamssConfig, peft.AdamssConfig,
+                         lambda s: dict(r=8, num_subspaces=3, subspace_rank=2, target_modules=s.targets),
+                         dict(init_weights=None), ("linear",), peft_4bit=False, peft_4bit_error="Byte"),
 }
 CASES = [(m, s) for m, spec in METHODS.items() for s in spec.sites]
 ON_LINEAR = [m for m, spec in METHODS.items() if "linear" in spec.sites]  # the checks below use linear layers
