@@ -441,9 +441,18 @@ def lora_slots_embedding(ids, a, b_t, padding_idx: int = -1):
 def lora_mixed_linear(x, a, b_t, entry_slot):
     """Row b of the batch gets ``x_b A_j^T s_j B_j^T``, j its adapter: the stacks hold the adapters
     the batch uses (A (S, R, in), s·B^T (S, R, out)) and a zero slot for "no adapter"; gathering per
-    sample and two batched matmuls replace a loop over adapters."""
+    sample and two batched matmuls replace a loop over adapters. With few tokens per row against the
+    slots (a decode step: one token), two plain matmuls over all slots, each row's hidden masked to its
+    own slot, cost less than gathering a copy of the stacks per row (S times LoRA's flops, no copy)."""
     batch = entry_slot.shape[0]
     rows = x.reshape(batch, -1, x.shape[-1])
+    slots, rank = a.shape[0], a.shape[1]
+    if rows.shape[1] * slots <= 32:
+        hidden = rows @ a.reshape(slots * rank, -1).t()  # (batch, T, S·R)
+        own = torch.nn.functional.one_hot(entry_slot, slots).to(hidden.dtype)  # (batch, S)
+        hidden = (hidden.unflatten(-1, (slots, rank)) * own[:, None, :, None]).flatten(-2)
+        delta = hidden @ b_t.reshape(slots * rank, -1)
+        return delta.reshape(*x.shape[:-1], delta.shape[-1])
     hidden = torch.bmm(rows, a.index_select(0, entry_slot).transpose(1, 2))
     delta = torch.bmm(hidden, b_t.index_select(0, entry_slot))
     return delta.reshape(*x.shape[:-1], delta.shape[-1])
