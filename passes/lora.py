@@ -305,7 +305,8 @@ def _host_list(index: torch.Tensor) -> list[int]:
 _HOST_LISTS: dict = {}
 
 
-def _pick(host: list[int], positions, fetch, rank: int, dedupe: bool, slots: Optional[int] = None):
+def _pick(host: list[int], positions, fetch, rank: int, dedupe: bool, slots: Optional[int] = None,
+          memo: Optional[dict] = None):
     """The stacks for ``host`` (global adapter indices): A (S, R, n) and s·B^T (S, R, m), padded to the
     site's largest rank R with zeros, an adapter the site lacks (or the empty index) reading zeros;
     the slot each entry reads (K,); and the local adapter each slot holds (S,), -1 for none (both
@@ -315,7 +316,10 @@ def _pick(host: list[int], positions, fetch, rank: int, dedupe: bool, slots: Opt
     distinct adapter the entries use, then a zero slot if any entry needs one, then zero slots up to
     ``slots`` (the compiled op's fixed count; never read). ``fetch(j)`` gives local adapter j's
     (A, B, scale): only the adapters in use are read. One slot (one adapter active, the common
-    case) is a view of that adapter's tensors, not a copy.
+    case) is a view of that adapter's tensors, not a copy. ``memo`` (a dict the caller keeps, for calls
+    without autograd): several slots' stacks are kept there and reused while the same adapters fill
+    the slots and none of their tensors changed (identity, storage and version counter: an optimizer
+    step, a load or a ``.to()`` rebuilds them), so a decode step does not copy the adapters again.
     """
     local = {p: j for j, p in enumerate(positions)}
     wanted = [local.get(g, -1) for g in host]
@@ -330,6 +334,13 @@ def _pick(host: list[int], positions, fetch, rank: int, dedupe: bool, slots: Opt
     if slots is not None and len(owners) < slots:
         owners = owners + [-1] * (slots - len(owners))
     tensors = {j: fetch(j) for j in owners if j >= 0}
+    key = None
+    if memo is not None and len(owners) > 1:
+        key = (rank, tuple(owners), tuple((id(t), t.data_ptr(), t._version) for j in owners if j >= 0
+                                          for t in tensors[j] if isinstance(t, torch.Tensor)))
+        kept = memo.get(MEMO)
+        if kept is not None and kept[0] == key:
+            return kept[1], kept[2], entry_slot, owners
     a0, b0, _ = next(iter(tensors.values())) if tensors else fetch(0)
     zeros = None
     a_rows, b_rows = [], []
@@ -347,7 +358,13 @@ def _pick(host: list[int], positions, fetch, rank: int, dedupe: bool, slots: Opt
         b_rows.append(torch.nn.functional.pad(b_t, (0, 0, 0, pad)) if pad else b_t)
     if len(a_rows) == 1:
         return a_rows[0][None], b_rows[0][None], entry_slot, owners
-    return torch.stack(a_rows), torch.stack(b_rows), entry_slot, owners
+    a_stack, b_stack = torch.stack(a_rows), torch.stack(b_rows)
+    if key is not None:
+        memo[MEMO] = (key, a_stack, b_stack)
+    return a_stack, b_stack, entry_slot, owners
+
+
+MEMO = "_fxpeft_lora_stacks"  # the site module's __dict__ key of _pick's kept stacks
 
 
 def select_adapters(site: nn.Module, names: tuple, positions: tuple, rank: int, index: torch.Tensor,
@@ -366,7 +383,8 @@ def _picked(site: nn.Module, names: tuple, positions: tuple, rank: int, index: t
             dedupe: bool):
     """Eager :func:`select_adapters` with the slot lists left on the host."""
     fetch = lambda j: _adapter_tensors(site, names[j], embedding)  # noqa: E731
-    return _pick(_host_list(index), positions, fetch, rank, dedupe)
+    memo = None if torch.is_grad_enabled() else site.__dict__  # with autograd, stacks are built per call
+    return _pick(_host_list(index), positions, fetch, rank, dedupe, memo=memo)
 
 
 def _stacked(site: nn.Module, names: tuple, positions: tuple, rank: int, index: torch.Tensor, embedding: bool,

@@ -93,6 +93,34 @@ def test_thirty_adapters_loaded_match_peft(loaded):
         fxpeft.set_adapter(gm, "t0")
 
 
+def test_kept_stacks_follow_in_place_updates_and_moves(loaded):
+    """Calls without autograd keep a site's stacked adapters between calls (a decode step does not copy
+    them again); an in-place write to one of them (a load, an optimizer step) or a dtype change
+    rebuilds them: outputs keep matching PEFT's."""
+    _model, reference, gm = loaded
+    x = torch.randint(0, models.VOCAB, (4, 1))
+    names = ["t3", "t7", "__base__", "t3"]
+    ours, theirs = dict(gm.named_parameters()), dict(reference.named_parameters())
+    key = "blocks.0.qkv.lora_B.t7.weight"
+    try:
+        with torch.no_grad():
+            for scale in (1.0, 3.0):
+                theirs["base_model.model." + key].mul_(scale)
+                ours[key].mul_(scale)
+                torch.testing.assert_close(gm(x, adapter_names=names), reference(x, adapter_names=names),
+                                           rtol=1e-5, atol=1e-5)
+            gm.double()
+            reference.double()
+            torch.testing.assert_close(gm(x, adapter_names=names), reference(x, adapter_names=names),
+                                       rtol=1e-10, atol=1e-10)
+    finally:
+        with torch.no_grad():
+            theirs["base_model.model." + key].div_(3.0)
+            ours[key].div_(3.0)
+        gm.float()
+        reference.float()
+
+
 def test_training_step_matches_peft_and_the_next_call_sees_it():
     """Gradients reach only the active adapter's own parameters (PEFT's names, no stacked copy);
     an optimizer's in-place step shows in the very next call."""
