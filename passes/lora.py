@@ -282,9 +282,14 @@ def lower_site(lw: Lowering, site: Site, module: nn.Module, present: list[str]):
 
 
 def _adapter_tensors(site: nn.Module, name: str, embedding: bool):
+    # read through the module dicts directly: this runs per adapter, site and call (nn.Module.__getattr__
+    # was most of a mixed decode step's Python)
+    modules = site._modules
+    value = modules["lora_scaling"]._modules[name]._buffers["value"]
     if embedding:
-        return site.lora_embedding_A[name], site.lora_embedding_B[name], site.lora_scaling[name].value
-    return site.lora_A[name].weight, site.lora_B[name].weight, site.lora_scaling[name].value
+        return (modules["lora_embedding_A"]._parameters[name], modules["lora_embedding_B"]._parameters[name], value)
+    return (modules["lora_A"]._modules[name]._parameters["weight"], modules["lora_B"]._modules[name]._parameters["weight"],
+            value)
 
 
 def _host_list(index: torch.Tensor) -> list[int]:
