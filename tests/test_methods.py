@@ -397,7 +397,8 @@ def test_switching_adapters_never_recompiles(method):
             gm.set_adapter(name)
             expected[name] = gm(x)
         mixed_other = gm(x[other_rows])[other_rows.index(1)]
-        compiled = torch.compile(gm, fullgraph=True, backend=models.COMPILE_BACKEND)
+        # recompiles and graph breaks are dynamo's own: no backend needed (no gradients here)
+        compiled = torch.compile(gm, fullgraph=True, backend="eager")
         compiled(x)
         compiled(x, adapter_names=fxpeft.adapter_indices(gm, ["other", "default", "__base__", "other"]))
         try:
