@@ -55,6 +55,20 @@ def _as_list_or_str(value):
     return list(value)
 
 
+LAYER_FIELDS = ("layers_to_transform", "layers_pattern")
+
+
+def check_layer_fields(config, regex: tuple[str, ...] = LAYER_FIELDS, pattern: bool = True) -> None:
+    """PEFT's checks of a config's layer fields, in PEFT's words, each config with the subset its PEFT
+    class makes: the ``regex`` fields cannot be set beside a regex (str) ``target_modules``, and with
+    ``pattern`` a ``layers_pattern`` needs ``layers_to_transform``."""
+    for name in regex:
+        if isinstance(config.target_modules, str) and getattr(config, name) is not None:
+            raise ValueError(f"`{name}` cannot be used when `target_modules` is a str.")
+    if pattern and config.layers_pattern and config.layers_to_transform is None:
+        raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
+
+
 @dataclass
 class PeftConfigBase:
     """Fields every adapter method shares with PEFT's PeftConfig."""

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fxpeft.configs import DEFAULT_LORA_TARGETS, LoraConfig, PeftConfigBase
+from fxpeft.configs import DEFAULT_LORA_TARGETS, LoraConfig, PeftConfigBase, check_layer_fields
 from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict
 from fxpeft.registry import register_method
 
@@ -85,12 +85,7 @@ class AdaLoraConfig(PeftConfigBase):
         # PEFT's checks (same conditions, same meaning)
         if self.use_dora:
             raise ValueError("ADALORA does not support DoRA.")
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
-        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
-            raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
+        check_layer_fields(self)
         if self.r != 8:
             warnings.warn("Note that `r` is not used in AdaLora and will be ignored. "
                           "If you intended to set the initial rank, use `init_r` instead.", stacklevel=3)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from fxpeft.canonical import Site
-from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase
+from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_layer_fields
 from fxpeft.forms import AdapterGate, additive, child_dict
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads
@@ -56,10 +56,7 @@ class C3AConfig(PeftConfigBase):
         super().__post_init__()
         self.block_size_pattern = self.block_size_pattern or {}
         # PEFT's checks, PEFT's words
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
-        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
-            raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
+        check_layer_fields(self, pattern=False)
         # what PEFT refuses only when it builds a layer, or marks biases trainable
         for key, size in [("block_size", self.block_size),
                           *((f"block_size_pattern[{k!r}]", v) for k, v in self.block_size_pattern.items())]:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from fxpeft.canonical import Site
-from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase
+from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_layer_fields
 from fxpeft.forms import AdapterGate, adapter_dtype, child_dict
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads
@@ -64,12 +64,7 @@ class DeftConfig(PeftConfigBase):
         if self.decomposition_method not in ("qr", "relu"):
             raise ValueError(f"Unknown decomposition_method '{self.decomposition_method}', must be one of "
                              f"{sorted({'qr', 'relu'})}.")
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
-        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
-            raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
+        check_layer_fields(self)
         # what PEFT refuses only when it builds a layer (r) or a dropout module
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {self.r!r}")

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from fxpeft.canonical import Site, is_quantized, site_weight
-from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase
+from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_layer_fields
 from fxpeft.forms import AdapterGate, SharedTensors, adapter_dtype, additive, child_dict
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads, pattern_value
@@ -57,10 +57,7 @@ class DeloraConfig(PeftConfigBase):
         super().__post_init__()
         self.rank_pattern, self.lambda_pattern = self.rank_pattern or {}, self.lambda_pattern or {}
         # PEFT's checks, PEFT's words
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
+        check_layer_fields(self, regex=("layers_to_transform",))
         for key, rank in [("r", self.r), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())]:
             if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
                 raise ValueError(f"`r` must be a positive integer; got {rank!r} ({key}).")

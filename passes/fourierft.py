@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from fxpeft.canonical import Site, site_weight
-from fxpeft.configs import PeftConfigBase
+from fxpeft.configs import PeftConfigBase, check_layer_fields
 from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads
@@ -60,12 +60,7 @@ class FourierFTConfig(PeftConfigBase):
         super().__post_init__()
         self.n_frequency_pattern = self.n_frequency_pattern or {}
         # PEFT's checks, PEFT's words
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
-        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
-            raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
+        check_layer_fields(self)
         # what PEFT refuses only when it builds a layer (n_frequency, the seed) or marks biases trainable
         for key, n in [("n_frequency", self.n_frequency),
                        *((f"n_frequency_pattern[{k!r}]", v) for k, v in self.n_frequency_pattern.items())]:

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from fxpeft.canonical import Site
-from fxpeft.configs import PeftConfigBase
+from fxpeft.configs import PeftConfigBase, check_layer_fields
 from fxpeft.forms import AdapterGate, SharedTensors, adapter_dtype, additive, child_dict
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads
@@ -88,8 +88,7 @@ class FrodConfig(PeftConfigBase):
     def __post_init__(self):
         super().__post_init__()
         # PEFT's checks, PEFT's words
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
+        check_layer_fields(self, regex=())
         if self.sparse_rate < 0 or self.sparse_rate > 1:
             raise ValueError(f"`sparse_rate` should be between 0 and 1, got {self.sparse_rate}.")
         # what PEFT refuses only when it builds a layer or marks biases trainable

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from fxpeft.canonical import Site
-from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase
+from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_layer_fields
 from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads
@@ -72,8 +72,7 @@ class GraloraConfig(PeftConfigBase):
                              f"got {self.gralora_dropout!r}.")
         if self.bias not in ("none", "all", "gralora_only"):
             raise ValueError(f"GraloraConfig.bias must be 'none', 'all' or 'gralora_only', got {self.bias!r}.")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
+        check_layer_fields(self, regex=())
 
 
 def check_site(module: nn.Module, site: Site, weight, config: GraloraConfig) -> None:

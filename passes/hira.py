@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxpeft.canonical import Site, is_quantized
-from fxpeft.configs import PeftConfigBase
+from fxpeft.configs import PeftConfigBase, check_layer_fields
 from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads, pattern_value
@@ -79,10 +79,7 @@ class HiraConfig(PeftConfigBase):
         super().__post_init__()
         self.rank_pattern = self.rank_pattern or {}
         # PEFT's checks, PEFT's words
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
-        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
-            raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
+        check_layer_fields(self, pattern=False)
         # what PEFT refuses only when it builds a layer (r, the init), or has no meaning
         for key, r in [("r", self.r), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())]:
             if not isinstance(r, int) or isinstance(r, bool) or r <= 0:

@@ -23,7 +23,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase
+from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_layer_fields
 from fxpeft.forms import AdapterGate, adapter_dtype, child_dict, weight_map
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads
@@ -49,13 +49,7 @@ class HRAConfig(PeftConfigBase):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str (a regex): encode the "
-                             "layers in the regex instead.")
-        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
-            raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str (a regex).")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
+        check_layer_fields(self)
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {self.r!r}.")
         if self.bias not in ("none", "all", "hra_only"):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxpeft.canonical import Site
-from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase
+from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_layer_fields
 from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict
 from fxpeft.registry import register_method
 from fxpeft.rewrite import samples_of
@@ -58,8 +58,7 @@ class LilyConfig(PeftConfigBase):
     def __post_init__(self):
         super().__post_init__()
         # PEFT's checks, PEFT's words
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
+        check_layer_fields(self, regex=())
         if self.stride_A < 1:
             raise ValueError("`stride_A` must be at least 1.")
         if self.num_B < 2:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxpeft.canonical import Site, site_weight
-from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase
+from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_layer_fields
 from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict
 from fxpeft.rewrite import Lowering
 from fxpeft.targets import output_heads, pattern_value
@@ -61,8 +61,7 @@ class LycorisConfig(PeftConfigBase):
         name = type(self).__name__
         self.rank_pattern, self.alpha_pattern = self.rank_pattern or {}, self.alpha_pattern or {}
         # PEFT's check, PEFT's words
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
+        check_layer_fields(self, regex=())
         # fxpeft's: values PEFT accepts here but fails on when it builds a layer (r), or that have no meaning
         for key, rank in [("r", self.r), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())]:
             if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxpeft.canonical import Site, is_quantized, site_weight
-from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase
+from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_layer_fields
 from fxpeft.forms import AdapterGate, adapter_dtype, child_dict, weight_map
 from fxpeft.registry import register_method
 from fxpeft.rewrite import Lowering, samples_of
@@ -61,10 +61,7 @@ class MissConfig(PeftConfigBase):
     def __post_init__(self):
         super().__post_init__()
         # PEFT's checks, PEFT's words
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
-        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
-            raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
+        check_layer_fields(self, pattern=False)
         # what PEFT refuses only when it builds a layer, or never (a mistyped variant reads as balance there)
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {self.r!r}.")

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from fxpeft.canonical import Site, site_weight
+from fxpeft.configs import check_layer_fields
 from fxpeft.forms import adapter_dtype
 from fxpeft.rewrite import Lowering, samples_of
 
@@ -185,8 +186,7 @@ def check_one_of(config, first: str, second: str) -> None:
     """PEFT's rule for (r, oft_block_size) and (boft_block_size, boft_block_num): exactly one is set
     (non-zero), the other follows from the layer's features; neither may be negative."""
     a, b = getattr(config, first), getattr(config, second)
-    if config.layers_pattern and config.layers_to_transform is None:
-        raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
+    check_layer_fields(config, regex=())
     if a < 0 or b < 0:
         raise ValueError(f"{type(config).__name__}.{first} and {second} must be >= 0, got {a} and {b}.")
     if a == 0 and b == 0:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from fxpeft.canonical import Site
-from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase
+from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_layer_fields
 from fxpeft.forms import AdapterGate, adapter_dtype, child_dict
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads
@@ -60,8 +60,7 @@ class PeanutConfig(PeftConfigBase):
     def __post_init__(self):
         super().__post_init__()
         # PEFT's checks, PEFT's words
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
+        check_layer_fields(self, regex=())
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError("`r` must be a positive integer.")
         if not isinstance(self.depth, int) or isinstance(self.depth, bool) or self.depth < 0:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from fxpeft.canonical import Site, is_quantized
-from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase
+from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_layer_fields
 from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict, resolve_targets
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads
@@ -63,12 +63,7 @@ class PsoftConfig(PeftConfigBase):
     def __post_init__(self):
         super().__post_init__()
         # PEFT's checks and warnings, PEFT's words
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
-        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
-            raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
+        check_layer_fields(self)
         if self.r <= 0:
             raise ValueError(f"`r` must be a positive integer; got {self.r}.")
         if self.ab_svd_init not in ("psoft_init", "pissa_init"):

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from fxpeft.canonical import Site, is_quantized
-from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase
+from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_layer_fields
 from fxpeft.forms import AdapterGate, SharedTensors, adapter_dtype, additive, child_dict
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads
@@ -65,8 +65,7 @@ class TinyLoraConfig(PeftConfigBase):
     def __post_init__(self):
         super().__post_init__()
         # PEFT's checks and warning, PEFT's words
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
+        check_layer_fields(self, regex=())
         if not self.save_projection:
             warnings.warn(
                 "Specified to not save projection tensors P within the state dictionary. They will be restored "

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from fxpeft.canonical import Site
-from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase
+from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_layer_fields
 from fxpeft.forms import AdapterGate, SharedTensors, adapter_dtype, additive, child_dict
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads
@@ -74,10 +74,7 @@ class UniLoraConfig(PeftConfigBase):
             raise ValueError(f"`init_theta_d_bound` should be a positive float, got {self.init_theta_d_bound}.")
         if self.bias not in {"none", "all", "unilora_only"}:
             raise ValueError(f"`bias` should be 'none', 'all', or 'unilora_only', got {self.bias}.")
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
-        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
-            raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
+        check_layer_fields(self, pattern=False)
 
 
 def generate_index(count: int, length: int, seed: int) -> torch.Tensor:

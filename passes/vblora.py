@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from fxpeft.canonical import Site
-from fxpeft.configs import PeftConfigBase
+from fxpeft.configs import PeftConfigBase, check_layer_fields
 from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads
@@ -80,8 +80,7 @@ class VBLoRAConfig(PeftConfigBase):
     def __post_init__(self):
         super().__post_init__()
         # PEFT's check, PEFT's words
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
+        check_layer_fields(self, regex=())
         # what PEFT refuses only when it builds a layer (r, topk), or fails on later (a top-k larger than the bank
         # when the adapter first runs, an unknown bias when it marks biases trainable)
         for name in ("r", "topk", "num_vectors", "vector_length"):

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from fxpeft.canonical import Site, site_weight
-from fxpeft.configs import PeftConfigBase
+from fxpeft.configs import PeftConfigBase, check_layer_fields
 from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict, shared_tensors
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads
@@ -81,8 +81,7 @@ def check_config(config, prefix: str) -> None:
     (``<prefix>_A``), the dropout field (``<prefix>_dropout``) and the bias option (``<prefix>_only``)."""
     kind = type(config).__name__
     # PEFT's check and warning, PEFT's words
-    if config.layers_pattern and config.layers_to_transform is None:
-        raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
+    check_layer_fields(config, regex=())
     if not config.save_projection:
         warnings.warn(
             f"Specified to not save {prefix}_A and {prefix}_B within the state dictionary, instead they will be "

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxpeft.canonical import Site, site_weight
-from fxpeft.configs import PeftConfigBase
+from fxpeft.configs import PeftConfigBase, check_layer_fields
 from fxpeft.forms import adapter_dtype, additive, child_dict
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads, pattern_value
@@ -81,12 +81,7 @@ class WaveFTConfig(PeftConfigBase):
         super().__post_init__()
         self.n_frequency_pattern = self.n_frequency_pattern or {}
         # PEFT's checks, PEFT's words
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
-        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
-            raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
+        check_layer_fields(self)
         if self.wavelet_family not in FAMILIES:
             raise ValueError(f"Wavelet family {self.wavelet_family} not supported. Supported wavelet families are: "
                              f"{FAMILIES}")
