@@ -322,6 +322,7 @@ def compile_blocks(gm: nn.Module, **compile_kwargs) -> list[str]:
                          "torch.compile(gm) instead.")
     for block in blocks.values():
         block.compile(**compile_kwargs)
+    gm.__dict__["_fxpeft_compiled_blocks"] = True  # the eager call prepares what compiled blocks read
     return list(blocks)
 
 

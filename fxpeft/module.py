@@ -38,7 +38,7 @@ from .blocks import (Outlined, extend, find_block_paths, fingerprint, inline, in
                      repeated_lists, truncated)
 from .canonical import annotate_shapes, canonicalize
 from .peft_methods import PeftModelMethods
-from .registry import DEFAULT, Registry
+from .registry import DEFAULT, Registry, _Prepared
 from .rewrite import lower
 
 # fxpeft graphs never return a KV cache: a caller's use_cache is replaced by use_cache=False
@@ -214,6 +214,9 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         self.__dict__["_fxpeft_dropped"] = self._dropped_inputs()
         methods = [(self._fxpeft_registry.method_for(config), name) for name, config in self.peft_config.items()]
         self.__dict__["_fxpeft_output_hooks"] = [(m, name) for m, name in methods if m.adjust_output is not None]
+        self.__dict__["_fxpeft_prepare_hooks"] = list(dict.fromkeys(m.prepare_call for m, _ in methods
+                                                                     if m.prepare_call is not None))
+        self.__dict__["_fxpeft_memo"] = {}  # what prepare hooks derive from the adapters that exist (gone on relower)
         lowered_blocks: dict = {}
         for signature in self._fxpeft_signatures.values():
             self._lower_signature(signature, lowered_blocks)
@@ -325,7 +328,20 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         ``_skip_call_frame``), so a compiled module works from its very first call."""
         if not torch.compiler.is_compiling():
             self._ensure_signature(args, kwargs)
+            if self._fxpeft_prepare_hooks and not torch.is_grad_enabled() and (
+                    _dynamo_active() or self.__dict__.get("_fxpeft_compiled_blocks")):
+                self._prepare_call()
+                previous, _Prepared.now = _Prepared.now, True
+                try:
+                    return nn.Module.__call__(self, *args, **kwargs)
+                finally:
+                    _Prepared.now = previous
         return nn.Module.__call__(self, *args, **kwargs)
+
+    @torch.compiler.disable  # under a compiled __call__ frame the hooks' Python runs untraced
+    def _prepare_call(self) -> None:
+        for hook in self._fxpeft_prepare_hooks:
+            hook(self)
 
     @torch.compiler.disable  # under a compiled __call__ frame, capture (torch.export) must run untraced
     def _ensure_signature(self, args, kwargs) -> None:
@@ -507,6 +523,18 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
             "A PeftGraphModule cannot be pickled (torch.save(module)). Save the adapter with "
             "fxpeft.save_pretrained, or the weights with module.state_dict()."
         )
+
+
+try:  # set while torch.compile runs a call: dynamo skips __call__'s frame, not the frames it calls
+    from torch._C._dynamo.eval_frame import get_eval_frame_callback as _dynamo_callback
+except ImportError:  # another torch: prepare every call without autograd (correct, only slower eagerly)
+    _dynamo_callback = lambda: True  # noqa: E731
+
+
+def _dynamo_active() -> bool:
+    """Whether this call runs compiled, so that the prepare hooks' state will be read (eager calls
+    read the adapters themselves)."""
+    return _dynamo_callback() is not None
 
 
 def _skip_call_frame() -> None:

@@ -144,10 +144,27 @@ class Method:
     # ``encoder_outputs`` and ``attention_mask``, one row per cache row); graphs that read a cache
     # (``Lowering.cached``) then leave the virtual tokens to it. None: such a method cannot generate
     prefill_cache: Optional[Callable] = None
+    # ``prepare_call(gm)``: run before each call without autograd, outside compiled code, while the
+    # method's adapters are loaded: refreshes what its compiled graphs may read instead of recomputing
+    # it per call (LoRA: the active adapters' stacks, rebuilt only when a tensor they copy changed).
+    # A graph may trust such state only while ``call_prepared()`` holds.
+    prepare_call: Optional[Callable] = None
 
     @property
     def is_adapter(self) -> bool:
         return self.attach is not None
+
+
+class _Prepared:
+    now = False  # whether the call running went through the prepare hooks (see call_prepared)
+
+
+def call_prepared() -> bool:
+    """True inside a call (without autograd) whose ``Method.prepare_call`` hooks ran just before it.
+    A compiled graph reads this as a guarded constant: a module whose compiled code is inlined into
+    a caller's compiled region (so ``PeftGraphModule.__call__`` is traced, and no hook runs) sees
+    False and recomputes what the hooks would have prepared."""
+    return _Prepared.now
 
 
 class Registry:

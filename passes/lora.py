@@ -28,7 +28,7 @@ from torch import nn
 from fxpeft.canonical import Site, is_quantized, site_weight
 from fxpeft.configs import DEFAULT_LORA_TARGETS, LoraConfig
 from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict
-from fxpeft.registry import register_method
+from fxpeft.registry import call_prepared, register_method
 from fxpeft.rewrite import Lowering
 from fxpeft.targets import output_heads, pattern_value
 
@@ -311,7 +311,7 @@ _HOST_LISTS: dict = {}
 
 
 def _pick(host: list[int], positions, fetch, rank: int, dedupe: bool, slots: Optional[int] = None,
-          memo: Optional[dict] = None):
+          memo: Optional[dict] = None, own: bool = False):
     """The stacks for ``host`` (global adapter indices): A (S, R, n) and s·B^T (S, R, m), padded to the
     site's largest rank R with zeros, an adapter the site lacks (or the empty index) reading zeros;
     the slot each entry reads (K,); and the local adapter each slot holds (S,), -1 for none (both
@@ -325,6 +325,7 @@ def _pick(host: list[int], positions, fetch, rank: int, dedupe: bool, slots: Opt
     without autograd): several slots' stacks are kept there and reused while the same adapters fill
     the slots and none of their tensors changed (identity, storage and version counter: an optimizer
     step, a load or a ``.to()`` rebuilds them), so a decode step does not copy the adapters again.
+    ``own``: the stacks are new contiguous tensors (kept in ``memo``) even for one slot.
     """
     local = {p: j for j, p in enumerate(positions)}
     wanted = [local.get(g, -1) for g in host]
@@ -340,7 +341,7 @@ def _pick(host: list[int], positions, fetch, rank: int, dedupe: bool, slots: Opt
         owners = owners + [-1] * (slots - len(owners))
     tensors = {j: fetch(j) for j in owners if j >= 0}
     key = None
-    if memo is not None and len(owners) > 1:
+    if memo is not None and (own or len(owners) > 1):
         key = (rank, tuple(owners), tuple((id(t), t.data_ptr(), t._version) for j in owners if j >= 0
                                           for t in tensors[j] if isinstance(t, torch.Tensor)))
         kept = memo.get(MEMO)
@@ -361,7 +362,7 @@ def _pick(host: list[int], positions, fetch, rank: int, dedupe: bool, slots: Opt
         pad = rank - a.shape[0]
         a_rows.append(torch.nn.functional.pad(a, (0, 0, 0, pad)) if pad else a)
         b_rows.append(torch.nn.functional.pad(b_t, (0, 0, 0, pad)) if pad else b_t)
-    if len(a_rows) == 1:
+    if len(a_rows) == 1 and not own:
         return a_rows[0][None], b_rows[0][None], entry_slot, owners
     a_stack, b_stack = torch.stack(a_rows), torch.stack(b_rows)
     if key is not None:
@@ -377,6 +378,10 @@ def select_adapters(site: nn.Module, names: tuple, positions: tuple, rank: int, 
     """(A stack, s·B^T stack, slot of each index entry, local adapter of each slot) for the adapters
     ``index`` names at ``site`` (see ``_pick``): eager reads only those; compiled, see ``_stacked``."""
     if torch.compiler.is_compiling():
+        kept = None if dedupe else _prepared(site, rank)
+        if kept is not None:  # owners are only read with dropout, which embeddings have not
+            slots = torch.arange(index.shape[0], device=index.device)
+            return kept[0], kept[1], slots, slots
         return _stacked(site, names, positions, rank, index, embedding, dedupe)
     a, b_t, entry_slot, owners = _picked(site, names, positions, rank, index, embedding, dedupe)
     device = a.device
@@ -417,6 +422,59 @@ def _stacked(site: nn.Module, names: tuple, positions: tuple, rank: int, index: 
             torch.arange(index.shape[0], device=index.device), torch.where(local == none, -1, local))
 
 
+# Compiled calls without autograd read the active slots' stacks from the site instead of stacking every
+# loaded adapter (which grows with the adapters loaded): ``prepare_call`` keeps them, outside the
+# compiled code, before each such call, and the graph trusts them only while ``call_prepared()``.
+
+PREPARED = "_fxpeft_lora_prepared"  # site module __dict__ key: _pick's memo of the active slots' stacks
+
+
+def _prepared(site: nn.Module, rank: int):
+    """The active slots' (A, s·B^T) stacks ``prepare_call`` kept for this call, or None."""
+    if torch.is_grad_enabled() or not call_prepared():
+        return None
+    kept = site.__dict__.get(PREPARED)
+    if kept is None or MEMO not in kept:
+        return None
+    return kept[MEMO][1], kept[MEMO][2]
+
+
+def _slot_sites(gm) -> list:
+    """(site module, adapter names, their global positions, rank, embedding) for every module whose
+    dense graph picks its adapters by the slots (``lower_site``: embeddings, and linear sites with
+    several adapters and no LoRA bias)."""
+    order = list(gm.peft_config)
+    found = []
+    for module in gm.modules():
+        present = _lora_adapters(module)
+        if not present:
+            continue
+        embedding = "lora_embedding_A" in module._modules and present[0] in module.lora_embedding_A
+        if not embedding and (len(present) < 2 or not isinstance(module.lora_A[present[0]], nn.Linear)
+                              or any(module.lora_B[a].bias is not None for a in present)):
+            continue
+        rank = max(_adapter_tensors(module, a, embedding)[0].shape[0] for a in present)
+        found.append((module, tuple(present), tuple(order.index(a) for a in present), rank, embedding))
+    return found
+
+
+def prepare_call(gm) -> None:
+    """Before a call without autograd: each slot-picking site's active stacks, rebuilt only when
+    the slots or an active adapter's tensors changed (``_pick``'s memo: identity, storage, version)."""
+    sites = gm._fxpeft_memo.get(PREPARED)
+    if sites is None:
+        sites = gm._fxpeft_memo[PREPARED] = _slot_sites(gm)
+    if not sites:
+        return
+    host = _host_list(gm._buffers["_fxpeft_slots"])
+    for site, names, positions, rank, embedding in sites:
+        fetch = lambda j, site=site, names=names, embedding=embedding: _adapter_tensors(site, names[j], embedding)  # noqa: E731
+        if type(fetch(0)[0]).__name__ == "DTensor":  # sharded (FSDP2) until its block's forward: stack per call
+            site.__dict__.pop(PREPARED, None)
+            continue
+        _pick(host, positions, fetch, rank, False, memo=site.__dict__.setdefault(PREPARED, {}), own=True)
+
+
 SLOTS_MODULE = "_fxpeft_lora_slots"
 
 
@@ -428,7 +486,10 @@ class LoraSlots(nn.Module):
     """
 
     def forward(self, x, site, names, positions, rank, slots, dropout: bool = False):
-        if torch.compiler.is_compiling():
+        kept = _prepared(site, rank) if torch.compiler.is_compiling() and not (self.training and dropout) else None
+        if kept is not None:
+            a, b_t = kept
+        elif torch.compiler.is_compiling():
             a, b_t, _, owners = _stacked(site, names, positions, rank, slots, False, False)  # (S, R, in/out)
         else:
             a, b_t, _, owners = _picked(site, names, positions, rank, slots, False, False)
@@ -537,4 +598,5 @@ METHOD = register_method(with_parameters(with_replication(with_tying(with_tokens
     containers=CONTAINERS, gates="lora_scaling", dropouts="lora_dropout",
     dtype_of=lambda module, adapter: module.lora_A[adapter].weight.dtype,
     default_targets=DEFAULT_LORA_TARGETS, heads=output_heads, lower_site=lower_site, adapters_at=_lora_adapters,
-    describe=_rank, check_site=check_site, initial_conversion=initial_conversion, changes_base=changes_base)), add_lora))))
+    describe=_rank, check_site=check_site, initial_conversion=initial_conversion, changes_base=changes_base,
+    prepare_call=prepare_call)), add_lora))))

@@ -193,3 +193,61 @@ def test_compiled_reads_parameters_as_they_are_and_trains():
         elif param.grad is not None:  # compiled: the site's other trainable adapters get zeros
             assert not param.grad.any()
     torch._dynamo.reset()
+
+
+def test_compiled_calls_without_autograd_read_only_the_active_adapters(loaded):
+    """Failed before: a compiled call stacked all 30 adapters at every site on every call (its graph took
+    every adapter's tensors as inputs). Now the active adapters' stacks are prepared before the call
+    (outside the compiled code, kept until an adapter's tensor is written, rebound or replaced) and the
+    graph reads only those; switching never recompiles; a module inlined into a caller's compiled code
+    (no prepare step) recomputes them and stays right."""
+    _model, reference, gm = loaded
+    x = torch.randint(0, models.VOCAB, (2, 5))
+    inputs = []
+
+    def recording(graph_module, example_inputs):
+        inputs.extend(n.name for n in graph_module.graph.nodes if n.op == "placeholder")
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(gm, fullgraph=True, backend=recording)
+    outer = torch.compile(lambda ids: gm(ids) * 1.0, fullgraph=True, backend="eager")
+    key = "blocks.0.qkv.lora_B.t7.weight"
+    original = gm.get_parameter(key)
+
+    def check(active):
+        reference.base_model.set_adapter(active)
+        expected = reference(x)
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(outer(x), expected, rtol=1e-5, atol=1e-5)
+
+    try:
+        fxpeft.set_adapter(gm, ["t3", "t20"])  # two slots from here on
+        with torch.no_grad():
+            check(["t3", "t20"])
+            read = {name for name in inputs if "lora" in name and "prepared" not in name}
+            assert inputs and not read, sorted(read)[:5]
+            torch._dynamo.config.error_on_recompile = True
+            for active in (["t7"], ["t1", "t7"], ["t7"]):
+                fxpeft.set_adapter(gm, active if len(active) > 1 else active[0])
+                check(active)
+            ours, theirs = gm.get_parameter(key), reference.get_parameter("base_model.model." + key)
+            theirs.mul_(2.0)
+            ours.mul_(2.0)  # in place (an optimizer step)
+            check(["t7"])
+            theirs.mul_(2.0)
+            ours.data = ours.data * 2.0  # rebound storage
+            check(["t7"])
+            theirs.mul_(2.0)
+            gm.load_state_dict({key: ours * 2.0}, strict=False, assign=True)  # a new parameter object
+            assert gm.get_parameter(key) is not ours
+            check(["t7"])
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+        with torch.no_grad():
+            reference.get_parameter("base_model.model." + key).div_(8.0)
+            gm.load_state_dict({key: gm.get_parameter(key) / 8.0}, strict=False, assign=True)
+            gm.get_parameter(key).requires_grad_(original.requires_grad)
+        reference.base_model.set_adapter("t0")
+        fxpeft.set_adapter(gm, "t0")
+        torch._dynamo.reset()
