@@ -8,8 +8,8 @@ Llama-shaped model (hidden 512, 4 layers), 8 LoRA adapters (r=16, all seven proj
 - switching: set_adapter to each adapter not used before, then the next call of a torch.compile'd
   model (PEFT recompiles; PEFT's hotswap_adapter is shown too);
 - adapters loaded (--loaded 1,8,30): the same calls with one adapter active and 1, 8 or 30
-  adapters loaded (eager 1x1 and 4x64 tokens, compiled 1x1, a mixed batch of 8 x 1 tokens whose
-  samples use the same two slots whatever is loaded: task0 and "__base__"), as ratios to one
+  adapters loaded (eager 1x1 and 4x64 tokens, compiled 1x1, a mixed batch of 8 x 1 tokens eager and
+  compiled whose samples use the same two slots whatever is loaded: task0 and "__base__"), as ratios to one
   loaded; PEFT eager 1x1 alongside.
 Run: python benchmarks/bench_adapters.py [--repeats N] [--seq 1,64] [--device cuda] [--skip-switch]
      [--loaded 1,8,30] [--only-loaded]
@@ -116,11 +116,15 @@ def adapters_loaded(base, counts, repeats, device):
             torch.testing.assert_close(compiled(**one).logits, expected, rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(gm(**mixed, adapter_names=per_sample).logits,
                                        reference(**mixed, adapter_names=per_sample).logits, rtol=1e-4, atol=1e-4)
+            index = fxpeft.adapter_indices(gm, per_sample, device=device)
+            torch.testing.assert_close(compiled(**mixed, adapter_names=index).logits,
+                                       reference(**mixed, adapter_names=per_sample).logits, rtol=1e-4, atol=1e-4)
         contenders.update({
             ("fxpeft eager 1x1", count): lambda gm=gm: gm(**one),
             ("fxpeft compiled 1x1", count): lambda c=compiled: c(**one),
             ("fxpeft eager 4x64", count): lambda gm=gm: gm(**prompt),
             ("fxpeft eager mixed 8x1", count): lambda gm=gm: gm(**mixed, adapter_names=per_sample),
+            ("fxpeft compiled mixed 8x1", count): lambda c=compiled, i=index: c(**mixed, adapter_names=i),
             ("peft eager 1x1", count): lambda r=reference: r(**one),
         })
     with torch.no_grad():

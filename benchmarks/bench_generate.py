@@ -15,7 +15,8 @@ compiled graph, and its decode step attends over the whole cache whatever the co
 time does not grow with the context at all; the dynamic cache's grows with attention's share.
 With ``--tenants N``: N adapters loaded in both, a batch of ``--tenant-batch`` prompts (32 tokens) each
 naming its adapter (``adapter_names``, round robin): fxpeft's mixed decode vs PEFT's, and fxpeft's
-mixed decode vs the same batch with one adapter.
+mixed decode vs the same batch with one adapter (with ``--compile`` also both compiled; PEFT's mixed
+forward stays eager: it loops over adapters in Python).
 Absolute times on shared machines are noise: read the ratios. Run:
 python benchmarks/bench_generate.py [--batch 1,8] [--context 32,256] [--new 16] [--compile]
                                     [--tenants 8 --tenant-batch 32] [--device cuda]
@@ -98,7 +99,7 @@ def main():
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.manual_seed(0)
-    batches = [int(b) for b in args.batch.split(",")]
+    batches = [int(b) for b in args.batch.split(",") if b]  # --batch "": the multi-tenant rows only
     contexts = [int(c) for c in args.context.split(",")]
     base = llama_512().to(args.device).eval()
     config = dict(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0, init_lora_weights=False)
@@ -142,10 +143,10 @@ def main():
                 row += f"{results[name, contexts[-1]] / results[name, contexts[0]]:>10.2f}x"
             print(row)
     if args.tenants:
-        tenants(gm, reference, config, args, common, cache_len)
+        tenants(gm, reference, config, args, common, cache_len, compiled if args.compile else None)
 
 
-def tenants(gm, reference, config, args, common, cache_len):
+def tenants(gm, reference, config, args, common, cache_len, compile_config=None):
     import peft
 
     names = ["default"] + [f"t{i}" for i in range(1, args.tenants)]
@@ -163,13 +164,20 @@ def tenants(gm, reference, config, args, common, cache_len):
     contenders = {"fxpeft mixed": (gm, dict(common, max_cache_len=cache_len, adapter_names=per_row)),
                   "PEFT mixed": (reference, dict(common, adapter_names=per_row)),
                   "fxpeft one adapter": (gm, dict(common, max_cache_len=cache_len))}
+    if compile_config is not None:  # PEFT's mixed forward loops over adapters in Python: eager only
+        contenders.update({f"{name} compiled": (model, dict(kw, compile_config=compile_config))
+                           for name, (model, kw) in list(contenders.items()) if name.startswith("fxpeft")})
     tokens, times = per_token_times(contenders, inputs, args.repeats)
-    check_tokens("fxpeft mixed", tokens["fxpeft mixed"], tokens["PEFT mixed"], args.device)
+    for name in contenders:
+        if name.startswith("fxpeft mixed"):
+            check_tokens(name, tokens[name], tokens["PEFT mixed"], args.device)
     print(f"\n{args.tenants} adapters, {args.tenant_batch} sequences each naming its adapter: per-token decode time, ms")
     for name, value in times.items():
         print(f"{name:<20}{1e3 * value:>10.2f}")
-    print(f"fxpeft mixed speed-up over PEFT mixed: {times['PEFT mixed'] / times['fxpeft mixed']:.2f}x; "
-          f"fxpeft mixed / one adapter: {times['fxpeft mixed'] / times['fxpeft one adapter']:.2f}x")
+    for suffix in ("", " compiled") if compile_config is not None else ("",):
+        mixed, one = times["fxpeft mixed" + suffix], times["fxpeft one adapter" + suffix]
+        print(f"fxpeft mixed{suffix} speed-up over PEFT mixed: {times['PEFT mixed'] / mixed:.2f}x; "
+              f"fxpeft mixed / one adapter{suffix}: {mixed / one:.2f}x")
 
 
 if __name__ == "__main__":

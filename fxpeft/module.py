@@ -330,7 +330,7 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
             self._ensure_signature(args, kwargs)
             if self._fxpeft_prepare_hooks and not torch.is_grad_enabled() and (
                     _dynamo_active() or self.__dict__.get("_fxpeft_compiled_blocks")):
-                self._prepare_call()
+                self._prepare_call(kwargs.get("adapter_names") is not None)
                 previous, _Prepared.now = _Prepared.now, True
                 try:
                     return nn.Module.__call__(self, *args, **kwargs)
@@ -339,9 +339,9 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         return nn.Module.__call__(self, *args, **kwargs)
 
     @torch.compiler.disable  # under a compiled __call__ frame the hooks' Python runs untraced
-    def _prepare_call(self) -> None:
+    def _prepare_call(self, mixed: bool) -> None:
         for hook in self._fxpeft_prepare_hooks:
-            hook(self)
+            hook(self, mixed)
 
     @torch.compiler.disable  # under a compiled __call__ frame, capture (torch.export) must run untraced
     def _ensure_signature(self, args, kwargs) -> None:

@@ -378,7 +378,9 @@ def select_adapters(site: nn.Module, names: tuple, positions: tuple, rank: int, 
     """(A stack, s·B^T stack, slot of each index entry, local adapter of each slot) for the adapters
     ``index`` names at ``site`` (see ``_pick``): eager reads only those; compiled, see ``_stacked``."""
     if torch.compiler.is_compiling():
-        kept = None if dedupe else _prepared(site, rank)
+        kept = _prepared(site, dedupe)
+        if kept is not None and dedupe:  # every adapter and the zero slot, as _stacked gives them
+            return (*kept, *_local_slots(positions, index))
         if kept is not None:  # owners are only read with dropout, which embeddings have not
             slots = torch.arange(index.shape[0], device=index.device)
             return kept[0], kept[1], slots, slots
@@ -411,38 +413,37 @@ def _stacked(site: nn.Module, names: tuple, positions: tuple, rank: int, index: 
     a_rows.append(torch.zeros_like(a_rows[0]))
     b_rows.append(torch.zeros_like(b_rows[0]))
     a_stack, b_stack = torch.stack(a_rows), torch.stack(b_rows)  # (P + 1, R, n), (P + 1, R, m)
-    none = len(names)
-    lookup = torch.full((max(positions) + 2,), none, dtype=torch.long, device=index.device)  # global -> local
-    lookup[list(positions)] = torch.arange(none, device=index.device)
-    local = lookup[index.clamp(max=lookup.shape[0] - 1)]
     if dedupe:  # every slot stays; each entry reads its adapter's
-        owners = torch.arange(none + 1, device=index.device)
-        return a_stack, b_stack, local, torch.where(owners == none, -1, owners)
+        return (a_stack, b_stack, *_local_slots(positions, index))
+    none = len(names)
+    local = _local_slots(positions, index)[0]
     return (a_stack.index_select(0, local), b_stack.index_select(0, local),
             torch.arange(index.shape[0], device=index.device), torch.where(local == none, -1, local))
 
 
-# Compiled calls without autograd read the active slots' stacks from the site instead of stacking every
-# loaded adapter (which grows with the adapters loaded): ``prepare_call`` keeps them, outside the
-# compiled code, before each such call, and the graph trusts them only while ``call_prepared()``.
+# Compiled calls without autograd read stacks kept on the site instead of stacking every loaded adapter
+# per call (which grows with the adapters loaded): ``prepare_call`` keeps them, outside the compiled
+# code, before each such call, and the graph trusts them only while ``call_prepared()``. The dense
+# graph reads the active slots' stacks; the mixed graph (a call with adapter_names) every adapter of
+# the site plus the zero slot, in ``_stacked``'s order.
 
-PREPARED = "_fxpeft_lora_prepared"  # site module __dict__ key: _pick's memo of the active slots' stacks
+PREPARED = {False: "_fxpeft_lora_prepared", True: "_fxpeft_lora_prepared_mixed"}  # site __dict__ keys: _pick's memos
 
 
-def _prepared(site: nn.Module, rank: int):
-    """The active slots' (A, s·B^T) stacks ``prepare_call`` kept for this call, or None."""
+def _prepared(site: nn.Module, mixed: bool):
+    """The (A, s·B^T) stacks ``prepare_call`` kept on ``site`` for this call, or None."""
     if torch.is_grad_enabled() or not call_prepared():
         return None
-    kept = site.__dict__.get(PREPARED)
+    kept = site.__dict__.get(PREPARED[mixed])
     if kept is None or MEMO not in kept:
         return None
     return kept[MEMO][1], kept[MEMO][2]
 
 
 def _slot_sites(gm) -> list:
-    """(site module, adapter names, their global positions, rank, embedding) for every module whose
-    dense graph picks its adapters by the slots (``lower_site``: embeddings, and linear sites with
-    several adapters and no LoRA bias)."""
+    """(site module, adapter names, their global positions, rank, embedding, dense) for every module
+    whose graphs pick its adapters by an index (``lower_site``: embeddings, and linear sites without
+    LoRA bias); ``dense``: the dense graph does too (embeddings, linear sites with several adapters)."""
     order = list(gm.peft_config)
     found = []
     for module in gm.modules():
@@ -450,29 +451,44 @@ def _slot_sites(gm) -> list:
         if not present:
             continue
         embedding = "lora_embedding_A" in module._modules and present[0] in module.lora_embedding_A
-        if not embedding and (len(present) < 2 or not isinstance(module.lora_A[present[0]], nn.Linear)
+        if not embedding and (not isinstance(module.lora_A[present[0]], nn.Linear)
                               or any(module.lora_B[a].bias is not None for a in present)):
             continue
         rank = max(_adapter_tensors(module, a, embedding)[0].shape[0] for a in present)
-        found.append((module, tuple(present), tuple(order.index(a) for a in present), rank, embedding))
+        found.append((module, tuple(present), tuple(order.index(a) for a in present), rank, embedding,
+                      embedding or len(present) > 1))
     return found
 
 
-def prepare_call(gm) -> None:
-    """Before a call without autograd: each slot-picking site's active stacks, rebuilt only when
-    the slots or an active adapter's tensors changed (``_pick``'s memo: identity, storage, version)."""
-    sites = gm._fxpeft_memo.get(PREPARED)
+def prepare_call(gm, mixed: bool) -> None:
+    """Before a call without autograd: each index-picking site's stacks for the graph the call runs,
+    rebuilt only when the slots or an adapter they hold changed (``_pick``'s memo: identity, storage,
+    version of each tensor)."""
+    sites = gm._fxpeft_memo.get(PREPARED[False])
     if sites is None:
-        sites = gm._fxpeft_memo[PREPARED] = _slot_sites(gm)
-    if not sites:
-        return
-    host = _host_list(gm._buffers["_fxpeft_slots"])
-    for site, names, positions, rank, embedding in sites:
+        sites = gm._fxpeft_memo[PREPARED[False]] = _slot_sites(gm)
+    host = None if mixed or not sites else _host_list(gm._buffers["_fxpeft_slots"])
+    for site, names, positions, rank, embedding, dense in sites:
+        if not (mixed or dense):
+            continue
         fetch = lambda j, site=site, names=names, embedding=embedding: _adapter_tensors(site, names[j], embedding)  # noqa: E731
         if type(fetch(0)[0]).__name__ == "DTensor":  # sharded (FSDP2) until its block's forward: stack per call
-            site.__dict__.pop(PREPARED, None)
+            site.__dict__.pop(PREPARED[mixed], None)
             continue
-        _pick(host, positions, fetch, rank, False, memo=site.__dict__.setdefault(PREPARED, {}), own=True)
+        memo = site.__dict__.setdefault(PREPARED[mixed], {})
+        # mixed: every adapter once, then the zero slot (an index no adapter has; dedupe keeps first-use order)
+        _pick(list(positions) + [-1] if mixed else host, positions, fetch, rank, mixed, memo=memo, own=True)
+
+
+def _local_slots(positions: tuple, index: torch.Tensor):
+    """Tensor ops: each index entry's local adapter (global -> local; ``len(positions)``, the zero
+    slot, for an adapter the site lacks or the empty index) and each stacked slot's local adapter
+    (-1 for the zero slot)."""
+    none = len(positions)
+    lookup = torch.full((max(positions) + 2,), none, dtype=torch.long, device=index.device)
+    lookup[list(positions)] = torch.arange(none, device=index.device)
+    owners = torch.arange(none + 1, device=index.device)
+    return lookup[index.clamp(max=lookup.shape[0] - 1)], torch.where(owners == none, -1, owners)
 
 
 SLOTS_MODULE = "_fxpeft_lora_slots"
@@ -486,7 +502,7 @@ class LoraSlots(nn.Module):
     """
 
     def forward(self, x, site, names, positions, rank, slots, dropout: bool = False):
-        kept = _prepared(site, rank) if torch.compiler.is_compiling() and not (self.training and dropout) else None
+        kept = _prepared(site, False) if torch.compiler.is_compiling() and not (self.training and dropout) else None
         if kept is not None:
             a, b_t = kept
         elif torch.compiler.is_compiling():
@@ -531,7 +547,7 @@ def lora_mixed_linear(x, a, b_t, entry_slot):
     batch = entry_slot.shape[0]
     rows = x.reshape(batch, -1, x.shape[-1])
     slots, rank = a.shape[0], a.shape[1]
-    if rows.shape[1] * slots <= 32:
+    if rows.shape[1] * slots <= 16:
         hidden = rows @ a.reshape(slots * rank, -1).t()  # (batch, T, S·R)
         own = torch.nn.functional.one_hot(entry_slot, slots).to(hidden.dtype)  # (batch, S)
         hidden = (hidden.unflatten(-1, (slots, rank)) * own[:, None, :, None]).flatten(-2)

@@ -223,10 +223,14 @@ def test_compiled_calls_without_autograd_read_only_the_active_adapters(loaded):
 
     try:
         fxpeft.set_adapter(gm, ["t3", "t20"])  # two slots from here on
+        names = ["t29", "__base__", "t3", "t29"]
+        index = fxpeft.adapter_indices(gm, names)
         with torch.no_grad():
             check(["t3", "t20"])
+            torch.testing.assert_close(compiled(torch.cat([x, x]), adapter_names=index),
+                                       reference(torch.cat([x, x]), adapter_names=names), rtol=1e-5, atol=1e-5)
             read = {name for name in inputs if "lora" in name and "prepared" not in name}
-            assert inputs and not read, sorted(read)[:5]
+            assert inputs and not read, sorted(read)[:5]  # the dense and the mixed graph
             torch._dynamo.config.error_on_recompile = True
             for active in (["t7"], ["t1", "t7"], ["t7"]):
                 fxpeft.set_adapter(gm, active if len(active) > 1 else active[0])
@@ -242,6 +246,9 @@ def test_compiled_calls_without_autograd_read_only_the_active_adapters(loaded):
             gm.load_state_dict({key: ours * 2.0}, strict=False, assign=True)  # a new parameter object
             assert gm.get_parameter(key) is not ours
             check(["t7"])
+            names = ["t7", "t29", "__base__", "t7"]
+            torch.testing.assert_close(compiled(torch.cat([x, x]), adapter_names=fxpeft.adapter_indices(gm, names)),
+                                       reference(torch.cat([x, x]), adapter_names=names), rtol=1e-5, atol=1e-5)
     finally:
         torch._dynamo.config.error_on_recompile = False
         with torch.no_grad():
