@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import re
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -29,6 +30,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.fx
 from torch import nn
+from torch.fx.graph import _format_target
 from torch.fx.graph_module import GraphModule, _forward_from_src
 from torch.utils import _pytree as pytree
 
@@ -113,13 +115,38 @@ def clone_tree(module: nn.Module, memo: Optional[dict] = None) -> nn.Module:
     return new
 
 
-def compile_graph(graph: torch.fx.Graph) -> Callable:
-    """The graph's Python code, calling common aten ops through their Python bindings (``FAST_CALLS``)."""
+def compile_graph(graph: torch.fx.Graph, root: nn.Module) -> Callable:
+    """The graph's Python code for ``root`` (and modules alike), calling common aten ops through
+    their Python bindings (``FAST_CALLS``) and reading parameters, buffers and submodules from the
+    module dicts (``_attribute_path``)."""
     code = graph.python_code(root_module="self")
     src = code.src
     for op in {node.target for node in graph.nodes if node.op == "call_function"} & FAST_CALLS.keys():
         src = src.replace(f"torch.ops.{op.namespace}.{op._opname}.{op._overloadname}(", f"{FAST_CALLS[op]}(")
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            path = _attribute_path(root, node.target)
+            if path is not None:
+                src = re.sub(rf"(?<= ){node.name} = {re.escape(_format_target('self', node.target))}(?=[;\n])",
+                             f"{node.name} = self{path}", src)
     return _forward_from_src(src, code.globals, {})
+
+
+def _attribute_path(root: nn.Module, target: str) -> Optional[str]:
+    """``self.a.b.w`` as dict reads (``._modules['a']._modules['b']._parameters['w']``): each step of
+    the generated ``self.a.b.w`` is a Python-level ``nn.Module.__getattr__``, most of a small model's
+    eager step after the ops. None where a step is no child, parameter or buffer (a plain attribute)."""
+    *prefix, name = target.split(".")
+    module, path = root, ""
+    for part in prefix:
+        module = module._modules.get(part)
+        if module is None:
+            return None
+        path += f"._modules[{part!r}]"
+    for store in ("_parameters", "_buffers", "_modules"):
+        if getattr(module, store).get(name) is not None:
+            return path + f".{store}[{name!r}]"
+    return None
 
 
 aten = torch.ops.aten
@@ -267,13 +294,13 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
                 mixed_error = self._lower_blocks(signature.outlined, {} if lowered_blocks is None else lowered_blocks)
         cached = signature.example is not None and generation.cache_name_of(signature.example) is not None
         signature.graph = lower(top, self, self._fxpeft_registry, mixed=False, cached=cached)
-        signature.fn = compile_graph(signature.graph)
+        signature.fn = compile_graph(signature.graph, self)
         signature.mixed_graph = signature.mixed_fn = None
         signature.mixed_error = mixed_error
         if self.peft_config and mixed_error is None:
             try:
                 signature.mixed_graph = lower(top, self, self._fxpeft_registry, mixed=True, cached=cached)
-                signature.mixed_fn = compile_graph(signature.mixed_graph)
+                signature.mixed_fn = compile_graph(signature.mixed_graph, self)
             except NotImplementedError as error:  # only calls with adapter_names= need this graph
                 signature.mixed_error = error
 
@@ -301,12 +328,12 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
                 if order:
                     try:
                         mixed = compile_graph(lower(block_graph.graph, block, self._fxpeft_registry, mixed=True,
-                                                    adapter_order=order))
+                                                    adapter_order=order), block)
                     except NotImplementedError as caught:
                         error = caught
                 # helper modules rules registered while lowering (stateless): every block sharing the code reads them
                 helpers = {name: block._modules[name] for name in set(block._modules) - before}
-                lowered[key] = (compile_graph(dense), mixed, dense, error, helpers)
+                lowered[key] = (compile_graph(dense, block), mixed, dense, error, helpers)
             dense_fn, mixed_fn, dense, error, helpers = lowered[key]
             register_extras(block, {name: m for name, m in helpers.items() if name not in block._modules})
             block.variants[block_graph.key] = (dense_fn, mixed_fn)
@@ -355,13 +382,16 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         return python_code
 
     def __call__(self, *args, **kwargs):
-        """Captures a call signature seen for the first time before the forward runs: eagerly, also
-        when ``torch.compile(gm)`` calls this (dynamo skips this frame, see below and
-        ``_skip_call_frame``), so a compiled module works from its very first call."""
+        """Under ``torch.compile(gm)`` (dynamo skips this frame, see below and ``_skip_call_frame``),
+        captures a call signature seen for the first time before the forward runs, eagerly, so a
+        compiled module works from its very first call (eager calls capture in the dispatcher); and
+        runs the methods' prepare hooks for compiled calls without autograd."""
         if not torch.compiler.is_compiling():
-            self._ensure_signature(args, kwargs)
+            compiled = _dynamo_active()
+            if compiled:  # eager calls capture in the dispatcher: no second binding of the arguments
+                self._ensure_signature(args, kwargs)
             if self._fxpeft_prepare_hooks and not torch.is_grad_enabled() and (
-                    _dynamo_active() or self.__dict__.get("_fxpeft_compiled_blocks")):
+                    compiled or self.__dict__.get("_fxpeft_compiled_blocks")):
                 self._prepare_call(kwargs.get("adapter_names") is not None)
                 previous, _Prepared.now = _Prepared.now, True
                 try:

@@ -48,3 +48,26 @@ def test_fast_calls_run_the_same_aten_ops_with_equal_results(name, monkeypatch):
     assert fast_ops == plain_ops
     assert torch.equal(fast_logits, plain_logits)
     assert len(fast_grads) == len(plain_grads) and all(map(torch.equal, fast_grads, plain_grads))
+
+
+def test_graph_code_reads_parameters_replaced_after_lowering():
+    """Graph code reads parameters through the module dicts: a parameter replaced after the graphs
+    were generated (load_state_dict(assign=True), attribute assignment) is the one read."""
+    torch.manual_seed(0)
+    model = models.llama().eval()
+    gm = fxpeft.transform(model, fxpeft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    inputs = models.hf_inputs("llama")
+    with torch.no_grad():
+        before = gm(**inputs).logits
+        key = "model.layers.1.self_attn.q_proj.weight"
+        gm.load_state_dict({key: gm.get_parameter(key) * 3.0}, strict=False, assign=True)
+        head = gm.get_submodule("lm_head")
+        head.weight = torch.nn.Parameter(head.weight * 0.5)
+        after = gm(**inputs).logits
+    assert not torch.allclose(before, after)
+    reference = models.llama().eval()
+    reference.load_state_dict({k: v for k, v in gm.state_dict().items() if "lora_" not in k}, strict=False)
+    lora = fxpeft.transform(reference, fxpeft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    lora.load_state_dict({k: v for k, v in gm.state_dict().items() if "lora_" in k}, strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(after, lora(**inputs).logits)
