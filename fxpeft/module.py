@@ -553,13 +553,26 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
                 raise ValueError(f"adapter_names has shape {tuple(adapter_names.shape)} but the batch has "
                                  f"{batch_input.shape[0]} samples: build it with fxpeft.adapter_indices(gm, names).")
             if not torch.compiler.is_compiling():  # a value check would break the compiled graph
-                count = len(self.peft_config)
-                if adapter_names.numel() and not 0 <= int(adapter_names.min()) <= int(adapter_names.max()) <= count:
-                    raise ValueError(f"adapter_names holds indices outside 0..{count} (the module has {count} "
-                                     "adapters): build it again with fxpeft.adapter_indices(gm, names).")
+                self._check_index(adapter_names)
             return adapter_names
         from .state import adapter_indices
         return adapter_indices(self, adapter_names, batch_size=batch_input.shape[0], device=batch_input.device)
+
+    def _check_index(self, index: torch.Tensor) -> None:
+        """Indices within 0..len(peft_config). Reading them syncs a GPU, so a tensor passed again
+        unchanged (generate passes one at every step) is checked once: the last few checked are held
+        with their storage and version counter, which any write bumps."""
+        count = len(self.peft_config)
+        key = (id(index), index.data_ptr(), index._version, count)
+        checked = self.__dict__.setdefault("_fxpeft_checked_indices", {})
+        if key in checked:
+            return
+        if index.numel() and not 0 <= int(index.min()) <= int(index.max()) <= count:
+            raise ValueError(f"adapter_names holds indices outside 0..{count} (the module has {count} "
+                             "adapters): build it again with fxpeft.adapter_indices(gm, names).")
+        if len(checked) >= 8:
+            checked.pop(next(iter(checked)))
+        checked[key] = index  # held: its id and memory cannot be reused while the key is kept
 
     # ------------------------------------------------------------------ copying
 

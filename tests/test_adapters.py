@@ -129,6 +129,13 @@ def test_mixed_batch_bad_input_fails_before_compute():
         gm(**inputs, adapter_names=["default", "nope"])
     with pytest.raises(ValueError, match=r"shape \(3,\) but the batch has 2"):
         gm(**inputs, adapter_names=fxpeft.adapter_indices(gm, ["default"] * 3))
+    index = fxpeft.adapter_indices(gm, ["default", "__base__"])
+    with torch.no_grad():
+        gm(**inputs, adapter_names=index)
+        gm(**inputs, adapter_names=index)  # checked once, while unchanged
+        index[1] = 7  # written in place: checked again
+        with pytest.raises(ValueError, match=r"indices outside 0..1"):
+            gm(**inputs, adapter_names=index)
     fxpeft.merge_adapter(gm)
     with pytest.raises(ValueError, match="merged"):
         gm(**inputs, adapter_names=["default", "default"])
