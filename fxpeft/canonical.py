@@ -18,6 +18,8 @@ A table maps each source op to its canonical rewrite; add a row to support anoth
 """
 from __future__ import annotations
 
+import sys
+
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Optional
@@ -356,6 +358,28 @@ def _warn_random_draws(graph: torch.fx.Graph) -> None:
             "fxpeft.transform (e.g. set that module's dropout probability to 0).", stacklevel=3)
 
 
+_TO_ARGS = {aten.to.dtype: ("dtype", "non_blocking", "copy", "memory_format"),
+            aten.to.device: ("device", "dtype", "non_blocking", "copy", "memory_format")}
+
+
+def _is_identity(node: torch.fx.Node) -> bool:
+    """``to`` a tensor's own dtype and device without a copy (returns its input itself), and a slice
+    of a whole dimension (a view of all of it)."""
+    if node.op != "call_function" or not node.args or not isinstance(node.args[0], torch.fx.Node):
+        return False
+    if node.target is aten.slice.Tensor:
+        dim, start, end, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1:])[:4]
+        return (not node.kwargs and start in (None, 0) and step == 1
+                and (end is None or (isinstance(end, int) and end >= sys.maxsize)))
+    names = _TO_ARGS.get(node.target)
+    value = node.args[0].meta.get("val")
+    if names is None or not isinstance(value, torch.Tensor):
+        return False
+    given = dict(zip(names, node.args[1:]), **node.kwargs)
+    return (given.get("dtype", value.dtype) == value.dtype and given.get("device", value.device) == value.device
+            and not given.get("copy", False) and given.get("memory_format") in (None, torch.preserve_format))
+
+
 def canonicalize(graph: torch.fx.Graph, owner: nn.Module, source: nn.Module, namespace: str, registry) -> Canonical:
     """Rewrite ``graph`` (in place) into the canonical form. ``namespace`` keeps names of
     modules/constants it creates unique across the graphs of one result."""
@@ -404,6 +428,11 @@ def canonicalize(graph: torch.fx.Graph, owner: nn.Module, source: nn.Module, nam
         replacement.meta = dict(node.meta)
         node.replace_all_uses_with(replacement)
         graph.erase_node(node)
+
+    for node in list(graph.nodes):  # identities export leaves in: each costs an eager call per step
+        if _is_identity(node):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
 
     _warn_random_draws(graph)
     # constants the capture lifted (not parameters or buffers of the source): register them ourselves

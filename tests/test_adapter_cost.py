@@ -258,3 +258,29 @@ def test_compiled_calls_without_autograd_read_only_the_active_adapters(loaded):
         reference.base_model.set_adapter("t0")
         fxpeft.set_adapter(gm, "t0")
         torch._dynamo.reset()
+
+
+def test_regionally_compiled_blocks_read_the_prepared_stacks():
+    """compile_blocks: the eager call prepares the stacks its compiled blocks read (calls without
+    autograd), so the blocks' graphs take no adapter tensors either; outputs follow switching."""
+    torch.manual_seed(0)
+    model = models.TinyDecoder().eval()
+    _reference, gm = lora_pair(model, _configs(4))
+    eager = copy.deepcopy(gm)
+    inputs = []
+
+    def recording(graph_module, example_inputs):
+        inputs.extend(n.name for n in graph_module.graph.nodes if n.op == "placeholder")
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    fxpeft.compile_blocks(gm, backend=recording, fullgraph=True)
+    x = torch.randint(0, models.VOCAB, (2, 5))
+    with torch.no_grad():
+        for active in ("t1", "t3", "t0"):
+            fxpeft.set_adapter(gm, active)
+            fxpeft.set_adapter(eager, active)
+            torch.testing.assert_close(gm(x), eager(x), rtol=1e-5, atol=1e-5)
+    read = {name for name in inputs if "lora" in name and "prepared" not in name}
+    assert inputs and not read, sorted(read)[:5]
+    torch._dynamo.reset()

@@ -1,7 +1,10 @@
-"""Graph code calls common aten ops through torch's Python bindings (fxpeft.module.FAST_CALLS): the
-same aten overloads must run, in the same order, with bit-equal results, as the OpOverload calls
-they replace; with autograd too."""
+"""Eager per-op cost. Graph code calls common aten ops through torch's Python bindings
+(fxpeft.module.FAST_CALLS): the same aten overloads must run, in the same order, with bit-equal
+results, as the OpOverload calls they replace, with autograd too; parameters are read through the
+module dicts; canonical graphs drop the identity ops export leaves in."""
 from __future__ import annotations
+
+import sys
 
 import pytest
 import torch
@@ -71,3 +74,20 @@ def test_graph_code_reads_parameters_replaced_after_lowering():
     lora.load_state_dict({k: v for k, v in gm.state_dict().items() if "lora_" in k}, strict=False)
     with torch.no_grad():
         torch.testing.assert_close(after, lora(**inputs).logits)
+
+
+def test_canonical_graphs_drop_identity_ops():
+    """Export leaves ``to`` calls to a tensor's own dtype and slices of whole dimensions (a Llama:
+    its RMSNorm's casts, its KV cache reads); canonical graphs drop them (each was an eager call per
+    step), and generation still equals PEFT's (tests/test_generate.py)."""
+    torch.manual_seed(0)
+    gm = fxpeft.transform(models.llama().eval(), fxpeft.LoraConfig(r=4, target_modules=["q_proj"]))
+    with torch.no_grad():
+        gm.generate(**models.hf_inputs("llama", batch=1), max_new_tokens=2, do_sample=False, pad_token_id=0)
+    graphs = [sig.canonical for sig in gm._fxpeft_signatures.values()]
+    assert len(graphs) >= 2  # the forward and the decode step with a cache
+    aten = torch.ops.aten
+    left = [node for graph in graphs for node in graph.nodes if node.op == "call_function" and (
+        (node.target is aten.to.dtype and node.args[1] == node.args[0].meta["val"].dtype and len(node.args) == 2)
+        or (node.target is aten.slice.Tensor and tuple(node.args[2:]) in ((0, sys.maxsize), (0, sys.maxsize, 1))))]
+    assert not left, left
