@@ -384,15 +384,18 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
     def __call__(self, *args, **kwargs):
         """Under ``torch.compile(gm)`` (dynamo skips this frame, see below and ``_skip_call_frame``),
         captures a call signature seen for the first time before the forward runs, eagerly, so a
-        compiled module works from its very first call (eager calls capture in the dispatcher); and
-        runs the methods' prepare hooks for compiled calls without autograd."""
+        compiled module works from its very first call (eager calls capture in the dispatcher). Runs
+        the methods' prepare hooks before calls without autograd (not eager mixed calls, which keep
+        their own memo) and marks the call as prepared while it runs (``call_prepared``: one flag for
+        the process, so a call in another thread that skipped the hooks may see it set)."""
         if not torch.compiler.is_compiling():
             compiled = _dynamo_active()
             if compiled:  # eager calls capture in the dispatcher: no second binding of the arguments
                 self._ensure_signature(args, kwargs)
+            mixed = kwargs.get("adapter_names") is not None
             if self._fxpeft_prepare_hooks and not torch.is_grad_enabled() and (
-                    compiled or self.__dict__.get("_fxpeft_compiled_blocks")):
-                self._prepare_call(kwargs.get("adapter_names") is not None)
+                    compiled or self.__dict__.get("_fxpeft_compiled_blocks") or not mixed):
+                self._prepare_call(mixed)
                 previous, _Prepared.now = _Prepared.now, True
                 try:
                     return nn.Module.__call__(self, *args, **kwargs)

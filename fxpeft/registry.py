@@ -144,10 +144,11 @@ class Method:
     # ``encoder_outputs`` and ``attention_mask``, one row per cache row); graphs that read a cache
     # (``Lowering.cached``) then leave the virtual tokens to it. None: such a method cannot generate
     prefill_cache: Optional[Callable] = None
-    # ``prepare_call(gm, mixed)``: run before each call without autograd (``mixed``: with adapter_names),
-    # outside compiled code, while the method's adapters are loaded: refreshes what its compiled graphs may read instead of recomputing
-    # it per call (LoRA: the active adapters' stacks, rebuilt only when a tensor they copy changed).
-    # A graph may trust such state only while ``call_prepared()`` holds.
+    # ``prepare_call(gm, mixed)``: run outside compiled code before a call without autograd that is
+    # compiled, or eager without adapter_names (``mixed``: with adapter_names), while the method's
+    # adapters are loaded: refreshes what its graphs may read instead of recomputing it per call (LoRA:
+    # the active adapters' stacks, rebuilt only when a tensor they copy changed). A graph may trust
+    # such state only while ``call_prepared()`` holds.
     prepare_call: Optional[Callable] = None
 
     @property

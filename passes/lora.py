@@ -377,13 +377,13 @@ def select_adapters(site: nn.Module, names: tuple, positions: tuple, rank: int, 
                     embedding: bool, dedupe: bool):
     """(A stack, s·B^T stack, slot of each index entry, local adapter of each slot) for the adapters
     ``index`` names at ``site`` (see ``_pick``): eager reads only those; compiled, see ``_stacked``."""
+    kept = _prepared(site, dedupe) if torch.compiler.is_compiling() or not dedupe else None  # eager mixed: _picked
+    if kept is not None and dedupe:  # every adapter and the zero slot, as _stacked gives them
+        return (*kept, *_local_slots(positions, index))
+    if kept is not None:  # owners are only read with dropout, which embeddings have not
+        slots = torch.arange(index.shape[0], device=index.device)
+        return kept[0], kept[1], slots, slots
     if torch.compiler.is_compiling():
-        kept = _prepared(site, dedupe)
-        if kept is not None and dedupe:  # every adapter and the zero slot, as _stacked gives them
-            return (*kept, *_local_slots(positions, index))
-        if kept is not None:  # owners are only read with dropout, which embeddings have not
-            slots = torch.arange(index.shape[0], device=index.device)
-            return kept[0], kept[1], slots, slots
         return _stacked(site, names, positions, rank, index, embedding, dedupe)
     a, b_t, entry_slot, owners = _picked(site, names, positions, rank, index, embedding, dedupe)
     device = a.device
@@ -430,14 +430,18 @@ def _stacked(site: nn.Module, names: tuple, positions: tuple, rank: int, index: 
 PREPARED = {False: "_fxpeft_lora_prepared", True: "_fxpeft_lora_prepared_mixed"}  # site __dict__ keys: _pick's memos
 
 
-def _prepared(site: nn.Module, mixed: bool):
-    """The (A, s·B^T) stacks ``prepare_call`` kept on ``site`` for this call, or None."""
+FLAT = "flat"  # beside _pick's memo: the dense stacks as two matrices, x @ A' @ B'
+
+
+def _prepared(site: nn.Module, mixed: bool, flat: bool = False):
+    """The (A, s·B^T) stacks ``prepare_call`` kept on ``site`` for this call (``flat``: as the
+    matrices (in, S·R) and (S·R, out)), or None."""
     if torch.is_grad_enabled() or not call_prepared():
         return None
     kept = site.__dict__.get(PREPARED[mixed])
     if kept is None or MEMO not in kept:
         return None
-    return kept[MEMO][1], kept[MEMO][2]
+    return kept[FLAT][1:] if flat else kept[MEMO][1:]
 
 
 def _slot_sites(gm) -> list:
@@ -478,6 +482,9 @@ def prepare_call(gm, mixed: bool) -> None:
         memo = site.__dict__.setdefault(PREPARED[mixed], {})
         # mixed: every adapter once, then the zero slot (an index no adapter has; dedupe keeps first-use order)
         _pick(list(positions) + [-1] if mixed else host, positions, fetch, rank, mixed, memo=memo, own=True)
+        stacks = memo[MEMO]
+        if not mixed and memo.get(FLAT, (None,))[0] is not stacks:
+            memo[FLAT] = (stacks, stacks[1].flatten(0, 1).t(), stacks[2].flatten(0, 1))
 
 
 def _local_slots(positions: tuple, index: torch.Tensor):
@@ -502,10 +509,10 @@ class LoraSlots(nn.Module):
     """
 
     def forward(self, x, site, names, positions, rank, slots, dropout: bool = False):
-        kept = _prepared(site, False) if torch.compiler.is_compiling() and not (self.training and dropout) else None
+        kept = None if self.training and dropout else _prepared(site, False, flat=True)
         if kept is not None:
-            a, b_t = kept
-        elif torch.compiler.is_compiling():
+            return torch.matmul(torch.matmul(x, kept[0]), kept[1])
+        if torch.compiler.is_compiling():
             a, b_t, _, owners = _stacked(site, names, positions, rank, slots, False, False)  # (S, R, in/out)
         else:
             a, b_t, _, owners = _picked(site, names, positions, rank, slots, False, False)
@@ -515,11 +522,11 @@ class LoraSlots(nn.Module):
             p = torch.stack(p + [torch.zeros_like(p[0])]).index_select(0, owners % (len(names) + 1))  # -1: none
             out = None
             for slot in range(a.shape[0]):
-                kept = x * (torch.rand_like(x) >= p[slot]).to(x.dtype) / (1 - p[slot])
-                term = (kept @ a[slot].t()) @ b_t[slot]
+                dropped = x * (torch.rand_like(x) >= p[slot]).to(x.dtype) / (1 - p[slot])
+                term = (dropped @ a[slot].t()) @ b_t[slot]
                 out = term if out is None else out + term
             return out
-        return (x @ a.reshape(-1, a.shape[-1]).t()) @ b_t.reshape(-1, b_t.shape[-1])
+        return torch.matmul(torch.matmul(x, a.reshape(-1, a.shape[-1]).t()), b_t.reshape(-1, b_t.shape[-1]))
 
 
 def _ensure_slots_module(root: nn.Module) -> None:
