@@ -386,9 +386,25 @@ def select_adapters(site: nn.Module, names: tuple, positions: tuple, rank: int, 
     if torch.compiler.is_compiling():
         return _stacked(site, names, positions, rank, index, embedding, dedupe)
     a, b_t, entry_slot, owners = _picked(site, names, positions, rank, index, embedding, dedupe)
-    device = a.device
-    return (a, b_t, torch.tensor(entry_slot, dtype=torch.long, device=device),
-            torch.tensor(owners, dtype=torch.long, device=device))
+    return a, b_t, _device_list(entry_slot, a.device), _device_list(owners, a.device)
+
+
+def _device_list(values: list[int], device: torch.device) -> torch.Tensor:
+    """``values`` as a long tensor on ``device``. Off the CPU the last few are kept (read-only by
+    the ops that take them): a mixed decode step asks for the same slots at every site, and each
+    new tensor there is a copy from the host that waits for it."""
+    if device.type == "cpu":
+        return torch.tensor(values, dtype=torch.long)
+    key = (tuple(values), device)
+    hit = _DEVICE_LISTS.get(key)
+    if hit is None:
+        if len(_DEVICE_LISTS) >= 16:
+            _DEVICE_LISTS.pop(next(iter(_DEVICE_LISTS)))
+        hit = _DEVICE_LISTS[key] = torch.tensor(values, dtype=torch.long, device=device)
+    return hit
+
+
+_DEVICE_LISTS: dict = {}
 
 
 def _picked(site: nn.Module, names: tuple, positions: tuple, rank: int, index: torch.Tensor, embedding: bool,
@@ -516,7 +532,7 @@ class LoraSlots(nn.Module):
             a, b_t, _, owners = _stacked(site, names, positions, rank, slots, False, False)  # (S, R, in/out)
         else:
             a, b_t, _, owners = _picked(site, names, positions, rank, slots, False, False)
-            owners = torch.tensor(owners, dtype=torch.long, device=a.device) if self.training and dropout else None
+            owners = _device_list(owners, a.device) if self.training and dropout else None
         if self.training and dropout:  # each active adapter sees its own dropout of x
             p = [site.lora_scaling[n].p for n in names]
             p = torch.stack(p + [torch.zeros_like(p[0])]).index_select(0, owners % (len(names) + 1))  # -1: none

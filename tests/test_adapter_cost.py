@@ -284,3 +284,16 @@ def test_regionally_compiled_blocks_read_the_prepared_stacks():
     read = {name for name in inputs if "lora" in name and "prepared" not in name}
     assert inputs and not read, sorted(read)[:5]
     torch._dynamo.reset()
+
+
+def test_slot_lists_off_the_cpu_are_copied_once():
+    """Off the CPU, eager mixed calls put each site's slot lists on the device; the same lists at
+    every site and step are copied from the host once (the meta device stands in for a GPU here)."""
+    from fxpeft.passes.lora import _device_list
+
+    meta = torch.device("meta")
+    first = _device_list([0, 2, 1], meta)
+    assert first.device == meta and first.shape == (3,) and first.dtype == torch.long
+    assert _device_list([0, 2, 1], meta) is first
+    assert _device_list([0, 2, 2], meta) is not first
+    assert _device_list([0, 2, 1], torch.device("cpu")).tolist() == [0, 2, 1]
