@@ -566,13 +566,15 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         unchanged (generate passes one at every step) is checked once: the last few checked are held
         with their storage and version counter, which any write bumps."""
         count = len(self.peft_config)
-        key = (id(index), index.data_ptr(), index._version, count)
+        key = None if index.is_inference() else (id(index), index.data_ptr(), index._version, count)  # no counter
         checked = self.__dict__.setdefault("_fxpeft_checked_indices", {})
-        if key in checked:
+        if key is not None and key in checked:
             return
         if index.numel() and not 0 <= int(index.min()) <= int(index.max()) <= count:
             raise ValueError(f"adapter_names holds indices outside 0..{count} (the module has {count} "
                              "adapters): build it again with fxpeft.adapter_indices(gm, names).")
+        if key is None:
+            return
         if len(checked) >= 8:
             checked.pop(next(iter(checked)))
         checked[key] = index  # held: its id and memory cannot be reused while the key is kept

@@ -70,7 +70,7 @@ class Magnitude(nn.Module):
         if self.training or torch.compiler.is_compiling():
             with torch.no_grad():
                 return norm_of(combined(), self.axis)
-        key = tuple((id(t), t.data_ptr(), t._version) for t in sources)
+        key = tuple((id(t), t.data_ptr(), lora._version(t)) for t in sources)
         if self._cached is None or self._cached[0] != key:
             with torch.no_grad():
                 self._cached = (key, norm_of(combined(), self.axis))

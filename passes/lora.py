@@ -296,7 +296,7 @@ def _host_list(index: torch.Tensor) -> list[int]:
     """``index`` on the host. Off the CPU the last few reads are remembered by the tensor object
     itself (held here, so neither it nor its memory can be reused) and its version counter (every
     in-place write bumps it): the slots buffer, read at every site, costs one copy per change."""
-    if index.device.type == "cpu":
+    if index.device.type == "cpu" or index.is_inference():  # inference tensors keep no version counter
         return index.tolist()
     key = (id(index), index.data_ptr(), index._version)
     hit = _HOST_LISTS.get(key)
@@ -342,7 +342,7 @@ def _pick(host: list[int], positions, fetch, rank: int, dedupe: bool, slots: Opt
     tensors = {j: fetch(j) for j in owners if j >= 0}
     key = None
     if memo is not None and (own or len(owners) > 1):
-        key = (rank, tuple(owners), tuple((id(t), t.data_ptr(), t._version) for j in owners if j >= 0
+        key = (rank, tuple(owners), tuple((id(t), t.data_ptr(), _version(t)) for j in owners if j >= 0
                                           for t in tensors[j] if isinstance(t, torch.Tensor)))
         kept = memo.get(MEMO)
         if kept is not None and kept[0] == key:
@@ -371,6 +371,11 @@ def _pick(host: list[int], positions, fetch, rank: int, dedupe: bool, slots: Opt
 
 
 MEMO = "_fxpeft_lora_stacks"  # the site module's __dict__ key of _pick's kept stacks
+
+
+def _version(tensor: torch.Tensor):
+    """The version counter; for an inference tensor (which keeps none) a value no later key equals."""
+    return object() if tensor.is_inference() else tensor._version
 
 
 def select_adapters(site: nn.Module, names: tuple, positions: tuple, rank: int, index: torch.Tensor,

@@ -297,3 +297,26 @@ def test_slot_lists_off_the_cpu_are_copied_once():
     assert _device_list([0, 2, 1], meta) is first
     assert _device_list([0, 2, 2], meta) is not first
     assert _device_list([0, 2, 1], torch.device("cpu")).tolist() == [0, 2, 1]
+
+
+def test_inference_mode_calls_and_index_tensors(loaded):
+    """Under torch.inference_mode tensors keep no version counter: the kept stacks, the host copy of
+    an index and its range check must not need one (eager dense and mixed calls, an index built there)."""
+    _model, reference, gm = loaded
+    x = torch.randint(0, models.VOCAB, (4, 3))
+    names = ["t2", "__base__", "t9", "t2"]
+    try:
+        fxpeft.set_adapter(gm, ["t1", "t5"])
+        reference.base_model.set_adapter(["t1", "t5"])
+        with torch.inference_mode():
+            index = fxpeft.adapter_indices(gm, names)
+            for _ in range(2):
+                torch.testing.assert_close(gm(x), reference(x), rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(gm(x, adapter_names=index), reference(x, adapter_names=names),
+                                           rtol=1e-5, atol=1e-5)
+            index[1] = 99
+            with pytest.raises(ValueError, match="indices outside"):
+                gm(x, adapter_names=index)
+    finally:
+        reference.base_model.set_adapter("t0")
+        fxpeft.set_adapter(gm, "t0")
