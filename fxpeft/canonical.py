@@ -368,7 +368,7 @@ def _is_identity(node: torch.fx.Node) -> bool:
     if node.op != "call_function" or not node.args or not isinstance(node.args[0], torch.fx.Node):
         return False
     if node.target is aten.slice.Tensor:
-        dim, start, end, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1:])[:4]
+        _dim, start, end, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1:])[:4]
         return (not node.kwargs and start in (None, 0) and step == 1
                 and (end is None or (isinstance(end, int) and end >= sys.maxsize)))
     names = _TO_ARGS.get(node.target)
