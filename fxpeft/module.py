@@ -120,15 +120,15 @@ def compile_graph(graph: torch.fx.Graph, root: nn.Module) -> Callable:
     their Python bindings (``FAST_CALLS``) and reading parameters, buffers and submodules from the
     module dicts (``_attribute_path``)."""
     code = graph.python_code(root_module="self")
-    src = code.src
-    for op in {node.target for node in graph.nodes if node.op == "call_function"} & FAST_CALLS.keys():
-        src = src.replace(f"torch.ops.{op.namespace}.{op._opname}.{op._overloadname}(", f"{FAST_CALLS[op]}(")
+    # one pass over the source for each kind of rewrite (a flat 32-layer graph holds hundreds of reads)
+    calls = {f"torch.ops.{op.namespace}.{op._opname}.{op._overloadname}": name for op, name in FAST_CALLS.items()}
+    src = re.sub(r"torch\.ops\.\w+\.\w+\.\w+(?=\()", lambda m: calls.get(m[0], m[0]), code.src)
+    reads = {}
     for node in graph.nodes:
-        if node.op == "get_attr":
-            path = _attribute_path(root, node.target)
-            if path is not None:
-                src = re.sub(rf"(?<= ){node.name} = {re.escape(_format_target('self', node.target))}(?=[;\n])",
-                             f"{node.name} = self{path}", src)
+        path = _attribute_path(root, node.target) if node.op == "get_attr" else None
+        if path is not None:
+            reads[f"{node.name} = {_format_target('self', node.target)}"] = f"{node.name} = self{path}"
+    src = re.sub(r"(?<= )\w+ = [^;\n]*", lambda m: reads.get(m[0], m[0]), src)  # statements end at ; or a line's end
     return _forward_from_src(src, code.globals, {})
 
 
