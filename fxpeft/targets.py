@@ -67,6 +67,13 @@ def pattern_value(patterns: dict, path: str, default):
     return default
 
 
+def suffix_pattern_value(patterns: dict, path: str, default):
+    """The older pattern lookup PEFT's FourierFT and C3A keep: the first key matching ``.*\\.<key>$``,
+    else the path itself as a key."""
+    key = next((k for k in patterns if re.match(rf".*\.{k}$", path)), path)
+    return patterns.get(key, default)
+
+
 def saved_module_paths(names: Iterable[str], module_paths: Iterable[str]) -> list[str]:
     """modules_to_save resolution as PEFT does it: a path ending with one of the names."""
     names = list(names)

@@ -17,7 +17,6 @@ zeros (the identity start), "xavier_uniform" (the default) or False, "kaiming_un
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
@@ -28,7 +27,7 @@ from fxpeft.canonical import Site
 from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_layer_fields
 from fxpeft.forms import AdapterGate, additive, child_dict
 from fxpeft.registry import register_method
-from fxpeft.targets import output_heads
+from fxpeft.targets import output_heads, suffix_pattern_value
 
 # PEFT's TRANSFORMERS_MODELS_TO_C3A_TARGET_MODULES_MAPPING: LoRA's but for these (Conv1D layers, which C3A refuses)
 DEFAULT_C3A_TARGETS = {**DEFAULT_LORA_TARGETS, "gpt2": ["mlp.c_proj"], "gpt_bigcode": ["mlp.c_proj"]}
@@ -70,19 +69,13 @@ class C3AConfig(PeftConfigBase):
             raise ValueError(f"C3AConfig.bias must be 'none', 'all' or 'c3a_only', got {self.bias!r}.")
 
 
-def block_size_at(config: C3AConfig, path: str) -> int:
-    """PEFT's lookup: the first pattern key matching ``.*\\.<key>$``, else the path itself as a key."""
-    key = next((k for k in config.block_size_pattern if re.match(rf".*\.{k}$", path)), path)
-    return config.block_size_pattern.get(key, config.block_size)
-
-
 def check_site(module: nn.Module, site: Site, weight, config: C3AConfig) -> None:
     """PEFT's layer type and ``update_layer`` checks, PEFT's words, before any adapter is made."""
     if site.fan_in_fan_out:
         raise ValueError(f"Target module {site.path!r} ({type(module).__name__}) is not supported. Currently, only "
                          "`torch.nn.Linear` is supported (PEFT's C3A). Leave it out of target_modules.")
     out_f, in_f = weight.shape
-    b = block_size_at(config, site.path)
+    b = suffix_pattern_value(config.block_size_pattern, site.path, config.block_size)
     if in_f % b:
         raise ValueError(f"The block size should be a factor of the input size. However, the input size is {in_f} and "
                          f"the block size is {b} (at {site.path!r})")
@@ -94,7 +87,7 @@ def check_site(module: nn.Module, site: Site, weight, config: C3AConfig) -> None
 def add_c3a(module: nn.Module, site: Site, weight, config: C3AConfig, adapter: str) -> None:
     """PEFT's ``update_layer`` and ``reset_c3a_parameters``: a float32 kernel, zeros or drawn."""
     out_f, in_f = weight.shape
-    b = block_size_at(config, site.path)
+    b = suffix_pattern_value(config.block_size_pattern, site.path, config.block_size)
     kernel = torch.zeros(out_f // b, in_f // b, b)
     init = config.init_weights
     if init == "gaussian":

@@ -13,7 +13,6 @@ default) or zeros (True: the identity start).
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -24,7 +23,7 @@ from fxpeft.canonical import Site, site_weight
 from fxpeft.configs import PeftConfigBase, check_layer_fields
 from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict
 from fxpeft.registry import register_method
-from fxpeft.targets import output_heads
+from fxpeft.targets import output_heads, suffix_pattern_value
 
 from .vera import DEFAULT_VERA_TARGETS, out_in
 
@@ -74,16 +73,10 @@ class FourierFTConfig(PeftConfigBase):
             raise ValueError(f"FourierFTConfig.bias must be 'none', 'all' or 'fourier_only', got {self.bias!r}.")
 
 
-def n_frequency_at(config: FourierFTConfig, path: str) -> int:
-    """PEFT's lookup: the first pattern key matching ``.*\\.<key>$``, else the path itself as a key."""
-    key = next((k for k in config.n_frequency_pattern if re.match(rf".*\.{k}$", path)), path)
-    return config.n_frequency_pattern.get(key, config.n_frequency)
-
-
 def check_site(module: nn.Module, site: Site, weight, config: FourierFTConfig) -> None:
     """PEFT's check in ``update_layer``, PEFT's words, before any adapter is made."""
     out_f, in_f = out_in(site, weight)
-    n = n_frequency_at(config, site.path)
+    n = suffix_pattern_value(config.n_frequency_pattern, site.path, config.n_frequency)
     if n > in_f * out_f:
         raise ValueError(f"`n_frequency` should be less than or equal to the product of the input and output dimensions "
                          f"but the value passed is {n} and the product is {in_f * out_f} (at {site.path!r}).")
@@ -102,7 +95,7 @@ def add_fourierft(module: nn.Module, site: Site, weight, config: FourierFTConfig
     """PEFT's ``update_layer``: the locations from the seed, then the spectrum ~ N(0, 1) (zeros with
     ``init_weights``)."""
     out_f, in_f = out_in(site, weight)
-    n = n_frequency_at(config, site.path)
+    n = suffix_pattern_value(config.n_frequency_pattern, site.path, config.n_frequency)
     flat = torch.randperm(out_f * in_f, generator=torch.Generator().manual_seed(config.random_loc_seed))[:n]
     indices = torch.stack([flat // in_f, flat % in_f], dim=0)
     spectrum = torch.randn(n)
