@@ -29,6 +29,7 @@ from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads
 
+from .lora import linear_pair
 from .vera import out_in
 
 aten = torch.ops.aten
@@ -107,12 +108,7 @@ def add_gralora(module: nn.Module, site: Site, weight, config: GraloraConfig, ad
     child_dict(module, "gralora_B", nn.ParameterDict)[adapter] = nn.Parameter(b.to(weight.device, dtype))
     general_a, general_b = nn.Identity(), nn.Identity()
     if config.hybrid_r > 0:
-        general_a, general_b = nn.Linear(in_f, config.hybrid_r, bias=False), nn.Linear(config.hybrid_r, out_f, bias=False)
-        nn.init.kaiming_uniform_(general_a.weight, a=math.sqrt(5))
-        if config.init_weights:
-            nn.init.zeros_(general_b.weight)
-        else:
-            nn.init.kaiming_uniform_(general_b.weight, a=math.sqrt(5))
+        general_a, general_b = linear_pair(in_f, out_f, config.hybrid_r, bool(config.init_weights))
     child_dict(module, "gralora_A_general")[adapter] = general_a.to(weight.device, dtype)
     child_dict(module, "gralora_B_general")[adapter] = general_b.to(weight.device, dtype)
     child_dict(module, "gralora_dropout")[adapter] = (nn.Dropout(config.gralora_dropout) if config.gralora_dropout > 0

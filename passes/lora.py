@@ -81,6 +81,19 @@ def _new_lora_weights(site: Site, weight: torch.Tensor, r: int, init, bias: bool
     return a, b
 
 
+def linear_pair(in_f: int, out_f: int, r: int, zero_b: bool) -> tuple[nn.Linear, nn.Linear]:
+    """A plain LoRA pair as PEFT's variants build one beside their own state (GraLoRA's hybrid part,
+    Super-Tuning's LoRA): A kaiming-uniform, B zeros or (``zero_b`` False) kaiming-uniform too, drawn
+    in PEFT's order."""
+    a, b = nn.Linear(in_f, r, bias=False), nn.Linear(r, out_f, bias=False)
+    nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+    if zero_b:
+        nn.init.zeros_(b.weight)
+    else:
+        nn.init.kaiming_uniform_(b.weight, a=math.sqrt(5))
+    return a, b
+
+
 def _rank_and_scale(site: Site, config: LoraConfig) -> tuple[int, float]:
     r = pattern_value(config.rank_pattern, site.path, config.r)
     alpha = pattern_value(config.alpha_pattern, site.path, config.lora_alpha)

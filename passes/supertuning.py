@@ -32,6 +32,7 @@ from fxpeft.targets import output_heads
 
 from .beft import nn_linear_only
 from .hira import DEFAULT_HIRA_TARGETS as DEFAULT_SUPERTUNING_TARGETS  # PEFT's tables are equal
+from .lora import linear_pair
 from .vera import out_in
 
 aten = torch.ops.aten
@@ -114,13 +115,7 @@ def add_supertuning(module: nn.Module, site: Site, weight, config: SupertuningCo
     scale = 1.0
     if config.r is not None:
         out_f, in_f = out_in(site, weight)
-        lora_a = nn.Linear(in_f, config.r, bias=False)
-        lora_b = nn.Linear(config.r, out_f, bias=False)
-        nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
-        if config.init_weights:
-            nn.init.zeros_(lora_b.weight)
-        else:
-            nn.init.kaiming_uniform_(lora_b.weight, a=math.sqrt(5))
+        lora_a, lora_b = linear_pair(in_f, out_f, config.r, bool(config.init_weights))
         child_dict(module, "supertuning_lora_A")[adapter] = lora_a.to(weight.device, dtype)
         child_dict(module, "supertuning_lora_B")[adapter] = lora_b.to(weight.device, dtype)
         child_dict(module, "supertuning_lora_dropout")[adapter] = (
