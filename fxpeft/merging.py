@@ -20,7 +20,7 @@ from torch import nn
 from . import progress
 from .canonical import is_quantized
 from .generation import check_decodable, decoding_files
-from .module import PeftGraphModule, build, clone_tree
+from .module import PeftGraphModule, build, clone_tree, own_block_extras
 from .registry import registry_of
 from .state import adapter_modules, check_known, merged_adapters, method_of, remember_merged, site_of, sites_by_path
 
@@ -220,7 +220,7 @@ def _base_module(gm: PeftGraphModule, merged_weights: dict[str, torch.Tensor], u
     if replaced:  # the canonical graphs read quantized nodes: capture the float tree
         result = build(tree, gm._fxpeft_signatures[gm._fxpeft_primary].example, registry=registry_of(gm))
     else:
-        signatures = {key: sig.fresh() for key, sig in gm._fxpeft_signatures.items()}
+        signatures = {key: sig.fresh(own_block_extras(gm)) for key, sig in gm._fxpeft_signatures.items()}
         result = PeftGraphModule(tree, signatures, gm._fxpeft_primary, tree, gm._fxpeft_arg_names,
                                  gm._fxpeft_block_paths, registry_of(gm))
     result.train(gm.training)

@@ -20,6 +20,7 @@ come first, from :class:`~fxpeft.peft_methods.PeftModelMethods`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import inspect
 import re
@@ -60,9 +61,25 @@ class Signature:
     mixed_error: Optional[Exception] = None  # why no mixed graph could be lowered (raised on adapter_names=)
     outlined: Optional[Outlined] = None  # the canonical graph split into a top graph and block graphs
 
-    def fresh(self) -> "Signature":
-        """The same canonical graphs (never mutated, so shared), not yet lowered."""
-        return Signature(self.canonical, self.in_spec, self.out_spec, self.example, outlined=self.outlined)
+    def fresh(self, memo: Optional[dict] = None) -> "Signature":
+        """The same canonical graphs (never mutated, so shared), not yet lowered. ``memo`` (id -> object,
+        as a deepcopy's memo): each block's extras (mode switches, dropouts, constants a block holds as
+        its own) for the new module, which must not hold the original's (``.train()`` on one would switch
+        the other's dropout)."""
+        outlined = self.outlined
+        if memo is not None and outlined is not None:
+            outlined = Outlined(outlined.top, {path: dataclasses.replace(block, extras={
+                name: memo.get(id(value), value) for name, value in block.extras.items()})
+                for path, block in outlined.blocks.items()})
+        return Signature(self.canonical, self.in_spec, self.out_spec, self.example, outlined=outlined)
+
+
+def own_block_extras(gm) -> dict:
+    """For a new module over ``gm``'s signatures (``Signature.fresh``): a copy of each module its
+    blocks hold as extras (mode switches, dropouts: they follow their owner's ``.train()``), by id."""
+    return {id(value): copy.deepcopy(value) for signature in gm._fxpeft_signatures.values()
+            if signature.outlined is not None for block in signature.outlined.blocks.values()
+            for value in block.extras.values() if isinstance(value, nn.Module)}
 
 
 def canonical_signature(captured, source: nn.Module, root: nn.Module, index: int, registry: Registry) -> Signature:
@@ -590,7 +607,7 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         result.__dict__["_fxpeft_capture_lock"] = threading.Lock()
         result.__dict__["_fxpeft_registry"] = self._fxpeft_registry  # shared, as the methods are
         # canonical graphs are never mutated: share them; lowered graphs are rebuilt for the copy
-        result.__dict__["_fxpeft_signatures"] = {key: sig.fresh() for key, sig in self._fxpeft_signatures.items()}
+        result.__dict__["_fxpeft_signatures"] = {key: sig.fresh(memo) for key, sig in self._fxpeft_signatures.items()}
         result.__dict__["_graph"] = torch.fx.Graph()
         result.relower()
         return result

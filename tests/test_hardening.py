@@ -356,3 +356,23 @@ def test_out_of_range_layers_to_transform_blames_the_layer_filter():
         fxpeft.transform(model, fxpeft.LoraConfig(target_modules=["q_proj"], layers_to_transform=[5]))
     with pytest.raises(ValueError, match="matched no adaptable module"):  # a wrong name still says so
         fxpeft.transform(model, fxpeft.LoraConfig(target_modules=["qproj"], layers_to_transform=[0]))
+
+
+def test_copies_and_merged_results_keep_their_own_dropout_mode():
+    """A deepcopy and the module merge_and_unload returns hold their own dropout and mode-switch
+    modules: ``.train()`` on the original leaves their eval-mode outputs (deterministic) as they were.
+    (They shared the blocks' copies, so one's train() made the other's outputs random.)"""
+    gm = fxpeft.transform(models.gpt2().eval(), fxpeft.LoraConfig(r=2, target_modules=["c_attn"],
+                                                                  init_lora_weights=False)).eval()
+    inputs = models.hf_inputs("gpt2")
+    twin = copy.deepcopy(gm)
+    with torch.no_grad():
+        expected = twin(**inputs).logits
+        gm.train()
+        assert torch.equal(twin(**inputs).logits, expected)
+        gm.eval()
+        merged = gm.merge_and_unload().eval()
+        expected = merged(**inputs).logits
+        gm.train()
+        twin.train()
+        assert torch.equal(merged(**inputs).logits, expected)
