@@ -1,7 +1,9 @@
-"""The ``fxpeft`` command line, run as the installed console script on tiny models saved on disk;
+"""The ``fxpeft`` command line (``main``, and once the installed console script) on tiny models saved on disk;
 PEFT (its adapters, its outputs) is the oracle."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -43,24 +45,33 @@ def saved(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(saved):
-    """Every command once, as subprocesses started together (each imports torch and transformers)."""
+    """Every command once: ``info`` as the installed console script (a subprocess, its output on
+    pipes), the others through ``main`` in this process (a subprocess each would import torch and
+    transformers again)."""
     root = saved[0]
     assert SCRIPT, "no fxpeft console script: install the package (pip install -e .)"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("FXPEFT_PROGRESS", None)  # stderr is a pipe: no progress unless asked
+    script = subprocess.Popen([SCRIPT, "info", "peft_bin"], cwd=root, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
     commands = {
-        "info": ["info", "peft_bin"],
         "convert": ["convert", "peft_bin", "converted"],
         "merge": ["merge", "model", "peft_bin", "merged", "--safe"],
         "export": ["export", "model", "peft_st", "exported"],
         "inspect": ["inspect", "model", "peft_st", "--site", SITE, "--out", "pic.svg"],
     }
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("FXPEFT_PROGRESS", None)  # stderr is a pipe: no progress unless asked
-    started = {name: subprocess.Popen([SCRIPT, *args], cwd=root, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True) for name, args in commands.items()}
-    done = {}
-    for name, process in started.items():
-        out, err = process.communicate(timeout=600)
-        done[name] = (process.returncode, out, err)
+    done, here = {}, os.getcwd()
+    os.chdir(root)  # the commands take paths relative to the folder, as typed in a shell there
+    try:
+        for name, args in commands.items():
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = main(args)
+            done[name] = (code, out.getvalue(), err.getvalue())
+    finally:
+        os.chdir(here)
+    out, err = script.communicate(timeout=600)
+    done["info"] = (script.returncode, out, err)
     return done
 
 

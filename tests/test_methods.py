@@ -335,13 +335,30 @@ def test_method_equals_peft(method, site, tmp_path):
         torch.testing.assert_close(run(fresh, inputs), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def captured():
+    """Per SITES row: (the model transformed with no adapter yet and called once, its inputs), made on first
+    use. Tests add their adapters to a copy (``transform`` would capture each time: 1 s for GPT-2)."""
+    made = {}
+
+    def get(site):
+        if site not in made:
+            row = SITES[site]
+            inputs = row.inputs()
+            base = fxpeft.transform(row.build().eval(), []).eval()
+            run(base, inputs)  # the test's call signature, captured once
+            made[site] = base, inputs
+        return made[site]
+    return get
+
+
 @pytest.mark.parametrize("method, site", CASES)
-def test_mixed_batch_and_training(method, site):
+def test_mixed_batch_and_training(method, site, captured):
     """A mixed batch equals per-sample calls; training lowers the loss and leaves the base bit-identical."""
-    spec, row = METHODS[method], SITES[site]
-    model = row.build().eval()
-    inputs = row.inputs()
-    gm = fxpeft.transform(model, configs(method, site, **spec.random)[0]).eval()
+    spec = METHODS[method]
+    base, inputs = captured(site)
+    gm = copy.deepcopy(base)
+    fxpeft.add_adapter(gm, configs(method, site, **spec.random)[0], "default")
     gm.add_adapter("other", configs(method, site, inference_mode=True, **spec.random)[0])  # AdaLoRA trains one
     batch = next(iter(inputs.values())) if isinstance(inputs, dict) else inputs[0]
     names = (["default", "other", "__base__"] * batch.shape[0])[: batch.shape[0]]
@@ -415,12 +432,22 @@ def test_switching_adapters_never_recompiles(method):
             torch._dynamo.reset()
 
 
+@pytest.fixture(scope="module")
+def four_bit_base():
+    """A tiny Llama and fxpeft's 4-bit copy of it with no adapter yet: each method's test adds its
+    adapter to a copy (``add_adapter`` on a quantized base; a transform each would capture again)."""
+    from test_quantize import CONFIGS
+
+    model = models.llama()
+    return model, fxpeft.transform(model, fxpeft.BnbConfig(**CONFIGS["nf4"]))
+
+
 @pytest.mark.parametrize("method", ON_LINEAR)
-def test_method_on_a_4bit_base_equals_peft(method, tmp_path):
+def test_method_on_a_4bit_base_equals_peft(method, four_bit_base, tmp_path):
     from test_quantize import CONFIGS, _quantized_by_transformers
 
     spec = METHODS[method]
-    model = models.llama()
+    model, base = four_bit_base
     targets = dict(target_modules=["q_proj", "v_proj", "down_proj"], **(
         dict(feedforward_modules=["down_proj"]) if method == "ia3" else {}))
     kwargs = {**targets, **spec.random, **(dict(r=4, lora_alpha=8) if method in ("lora", "dora", "lora_bias") else {}),
@@ -441,7 +468,8 @@ def test_method_on_a_4bit_base_equals_peft(method, tmp_path):
         quantized = _dequantized(model, quantized)
     reference = peft.get_peft_model(peft.prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=False),
                                     spec.peft(**kwargs))
-    gm = fxpeft.transform(model, [fxpeft.BnbConfig(**CONFIGS["nf4"]), spec.fx(**kwargs)])
+    gm = copy.deepcopy(base)
+    fxpeft.add_adapter(gm, spec.fx(**kwargs), "default")
     ours, theirs = trainable_state(gm), trainable_state(reference, "base_model.model.")
     assert set(ours) == set(theirs)
     with torch.no_grad():
