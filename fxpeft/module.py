@@ -132,10 +132,10 @@ def clone_tree(module: nn.Module, memo: Optional[dict] = None) -> nn.Module:
     return new
 
 
-def compile_graph(graph: torch.fx.Graph, root: nn.Module) -> Callable:
-    """The graph's Python code for ``root`` (and modules alike), calling common aten ops through
-    their Python bindings (``FAST_CALLS``) and reading parameters, buffers and submodules from the
-    module dicts (``_attribute_path``)."""
+def graph_source(graph: torch.fx.Graph, root: nn.Module) -> tuple[str, dict]:
+    """(source, globals) of the graph's Python function for ``root`` (and modules alike), calling
+    common aten ops through their Python bindings (``FAST_CALLS``) and reading parameters, buffers
+    and submodules from the module dicts (``_attribute_path``)."""
     code = graph.python_code(root_module="self")
     # one pass over the source for each kind of rewrite (a flat 32-layer graph holds hundreds of reads)
     calls = {f"torch.ops.{op.namespace}.{op._opname}.{op._overloadname}": name for op, name in FAST_CALLS.items()}
@@ -146,7 +146,7 @@ def compile_graph(graph: torch.fx.Graph, root: nn.Module) -> Callable:
         if path is not None:
             reads[f"{node.name} = {_format_target('self', node.target)}"] = f"{node.name} = self{path}"
     src = re.sub(r"(?<= )\w+ = [^;\n]*", lambda m: reads.get(m[0], m[0]), src)  # statements end at ; or a line's end
-    return _forward_from_src(src, code.globals, {})
+    return src, code.globals
 
 
 def _attribute_path(root: nn.Module, target: str) -> Optional[str]:
@@ -293,10 +293,29 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         self.__dict__["_fxpeft_prepare_hooks"] = list(dict.fromkeys(m.prepare_call for m, _ in methods
                                                                      if m.prepare_call is not None))
         self.__dict__["_fxpeft_memo"] = {}  # what prepare hooks derive from the adapters that exist (gone on relower)
-        lowered_blocks: dict = {}
-        for signature in self._fxpeft_signatures.values():
-            self._lower_signature(signature, lowered_blocks)
+        # code of the last lowering, by its text: a graph whose code did not change keeps its function (and
+        # so the code object a compiled caller guards on); only this lowering's code is kept after it
+        self.__dict__["_fxpeft_code_before"] = self.__dict__.get("_fxpeft_code", {})
+        self.__dict__["_fxpeft_code"] = {}
+        try:
+            lowered_blocks: dict = {}
+            for signature in self._fxpeft_signatures.values():
+                self._lower_signature(signature, lowered_blocks)
+        finally:
+            del self.__dict__["_fxpeft_code_before"]
         self.graph = self._fxpeft_signatures[self._fxpeft_primary].graph
+        for hook in dict.fromkeys(m.lowered for m, _ in methods if m.lowered is not None):
+            hook(self)
+
+    def _function(self, graph: torch.fx.Graph, root: nn.Module) -> Callable:
+        """The graph's function (``graph_source``), or the one the last lowering made from the same code."""
+        src, names = graph_source(graph, root)
+        key = (src, tuple((name, id(value)) for name, value in names.items()))
+        fn = self._fxpeft_code.get(key) or self.__dict__.get("_fxpeft_code_before", {}).get(key)
+        if fn is None:
+            fn = _forward_from_src(src, names, {})
+        self._fxpeft_code[key] = fn
+        return fn
 
     def _lower_signature(self, signature: Signature, lowered_blocks: Optional[dict] = None) -> None:
         """Lower the signature's graphs: with blocks, the top graph here and each block's graph on
@@ -311,13 +330,13 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
                 mixed_error = self._lower_blocks(signature.outlined, {} if lowered_blocks is None else lowered_blocks)
         cached = signature.example is not None and generation.cache_name_of(signature.example) is not None
         signature.graph = lower(top, self, self._fxpeft_registry, mixed=False, cached=cached)
-        signature.fn = compile_graph(signature.graph, self)
+        signature.fn = self._function(signature.graph, self)
         signature.mixed_graph = signature.mixed_fn = None
         signature.mixed_error = mixed_error
         if self.peft_config and mixed_error is None:
             try:
                 signature.mixed_graph = lower(top, self, self._fxpeft_registry, mixed=True, cached=cached)
-                signature.mixed_fn = compile_graph(signature.mixed_graph, self)
+                signature.mixed_fn = self._function(signature.mixed_graph, self)
             except NotImplementedError as error:  # only calls with adapter_names= need this graph
                 signature.mixed_error = error
 
@@ -344,13 +363,13 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
                 mixed, error = None, None
                 if order:
                     try:
-                        mixed = compile_graph(lower(block_graph.graph, block, self._fxpeft_registry, mixed=True,
-                                                    adapter_order=order), block)
+                        mixed = self._function(lower(block_graph.graph, block, self._fxpeft_registry, mixed=True,
+                                                     adapter_order=order), block)
                     except NotImplementedError as caught:
                         error = caught
                 # helper modules rules registered while lowering (stateless): every block sharing the code reads them
                 helpers = {name: block._modules[name] for name in set(block._modules) - before}
-                lowered[key] = (compile_graph(dense, block), mixed, dense, error, helpers)
+                lowered[key] = (self._function(dense, block), mixed, dense, error, helpers)
             dense_fn, mixed_fn, dense, error, helpers = lowered[key]
             register_extras(block, {name: m for name, m in helpers.items() if name not in block._modules})
             block.variants[block_graph.key] = (dense_fn, mixed_fn)

@@ -150,6 +150,11 @@ class Method:
     # the active adapters' stacks, rebuilt only when a tensor they copy changed). A graph may trust
     # such state only while ``call_prepared()`` holds.
     prepare_call: Optional[Callable] = None
+    # ``lowered(gm)``: after every re-lowering, while the method's adapters are loaded: per-module state its
+    # graph nodes read at run time instead of as constants in the graph's code (LoRA: each site's adapter
+    # names, positions and rank), so that adding or deleting an adapter leaves that code as it was and a
+    # compiled caller does not recompile (the driver reuses code whose text did not change)
+    lowered: Optional[Callable] = None
 
     @property
     def is_adapter(self) -> bool:

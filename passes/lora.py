@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import operator
 import warnings
+import weakref
 from typing import Optional
 
 import torch
@@ -257,12 +258,11 @@ def lower_site(lw: Lowering, site: Site, module: nn.Module, present: list[str]):
         return None
     base_dtype = site_weight(lw.root, site).dtype
     dtype = adapter_dtype(site_weight(lw.root, site))
-    names, positions = tuple(present), tuple(lw.adapter_order.index(a) for a in present)
-    rank = max(_adapter_tensors(module, a, site.kind == "embedding")[0].shape[0] for a in present)
-    owner = lw.attr(site.path)  # the site module: its adapters are read there, only those in use
+    # the site module: its adapters are read there (only those in use), by the layout ``lowered`` keeps on it
+    owner = lw.attr(site.path)
     embedding = site.kind == "embedding"
     if lw.mixed:
-        picked = lw.call(select_adapters, owner, names, positions, rank, lw.sample_index, embedding, True)
+        picked = lw.call(select_adapters, owner, lw.sample_index, embedding, True)
         stacks = [lw.call(operator.getitem, picked, i) for i in range(3)]
         if embedding:
             padding_idx = site.node.args[2] if len(site.node.args) > 2 else -1
@@ -272,14 +272,13 @@ def lower_site(lw: Lowering, site: Site, module: nn.Module, present: list[str]):
             delta = lw.call(lora_mixed_linear, x, *stacks)
     elif embedding:
         padding_idx = site.node.args[2] if len(site.node.args) > 2 else -1
-        picked = lw.call(select_adapters, owner, names, positions, rank, lw.slots(), True, False)
+        picked = lw.call(select_adapters, owner, lw.slots(), True, False)
         a, b_t = lw.call(operator.getitem, picked, 0), lw.call(operator.getitem, picked, 1)
         delta = lw.call(lora_slots_embedding, site.input, a, b_t, padding_idx)
     else:
         _ensure_slots_module(lw.root)
-        dropout = any(module.lora_scaling[a].dropout > 0 for a in present)
         x = lw.cast(site.input, dtype, base_dtype)
-        delta = lw.call_module(SLOTS_MODULE, x, owner, names, positions, rank, lw.slots(), dropout)
+        delta = lw.call_module(SLOTS_MODULE, x, owner, lw.slots())
     return lw.call(aten.add.Tensor, site.output, lw.cast(delta, base_dtype, dtype))
 
 
@@ -391,16 +390,18 @@ def _version(tensor: torch.Tensor):
     return object() if tensor.is_inference() else tensor._version
 
 
-def select_adapters(site: nn.Module, names: tuple, positions: tuple, rank: int, index: torch.Tensor,
-                    embedding: bool, dedupe: bool):
+def select_adapters(site: nn.Module, index: torch.Tensor, embedding: bool, dedupe: bool):
     """(A stack, s·B^T stack, slot of each index entry, local adapter of each slot) for the adapters
     ``index`` names at ``site`` (see ``_pick``): eager reads only those; compiled, see ``_stacked``."""
     kept = _prepared(site, dedupe) if torch.compiler.is_compiling() or not dedupe else None  # eager mixed: _picked
     if kept is not None and dedupe:  # every adapter and the zero slot, as _stacked gives them
-        return (*kept, *_local_slots(positions, index))
+        a, b_t, lookup = kept  # tensor ops only: adapters loaded later change shapes, not this code
+        owners = torch.arange(a.shape[0], device=index.device)
+        return a, b_t, lookup[index.clamp(max=lookup.shape[0] - 1)], torch.where(owners == a.shape[0] - 1, -1, owners)
     if kept is not None:  # owners are only read with dropout, which embeddings have not
         slots = torch.arange(index.shape[0], device=index.device)
         return kept[0], kept[1], slots, slots
+    names, positions, rank, _ = site.__dict__[LAYOUT]
     if torch.compiler.is_compiling():
         return _stacked(site, names, positions, rank, index, embedding, dedupe)
     a, b_t, entry_slot, owners = _picked(site, names, positions, rank, index, embedding, dedupe)
@@ -448,34 +449,79 @@ def _stacked(site: nn.Module, names: tuple, positions: tuple, rank: int, index: 
     b_rows.append(torch.zeros_like(b_rows[0]))
     a_stack, b_stack = torch.stack(a_rows), torch.stack(b_rows)  # (P + 1, R, n), (P + 1, R, m)
     if dedupe:  # every slot stays; each entry reads its adapter's
-        return (a_stack, b_stack, *_local_slots(positions, index))
+        return (a_stack, b_stack, *_local_slots(positions, index)[:2])
     none = len(names)
     local = _local_slots(positions, index)[0]
     return (a_stack.index_select(0, local), b_stack.index_select(0, local),
             torch.arange(index.shape[0], device=index.device), torch.where(local == none, -1, local))
 
 
-# Compiled calls without autograd read stacks kept on the site instead of stacking every loaded adapter
+# Compiled calls without autograd read stacks kept for the site instead of stacking every loaded adapter
 # per call (which grows with the adapters loaded): ``prepare_call`` keeps them, outside the compiled
 # code, before each such call, and the graph trusts them only while ``call_prepared()``. The dense
 # graph reads the active slots' stacks; the mixed graph (a call with adapter_names) every adapter of
 # the site plus the zero slot, in ``_stacked``'s order.
 
-PREPARED = {False: "_fxpeft_lora_prepared", True: "_fxpeft_lora_prepared_mixed"}  # site __dict__ keys: _pick's memos
+class _SiteKey:
+    """A site's key into ``_KEPT``, held in the site's ``__dict__`` (a copy of the site gets a new one)."""
+
+
+# id of a site's key -> (dense graph's memo, mixed graph's memo): ``_pick``'s kept stacks and what is
+# derived from them, dropped with the key. Kept outside the site module: torch.compile gives tensors
+# reached through a builtin module's attributes static shapes, and these change size when adapters are
+# loaded (they are marked dynamic instead)
+_KEPT: dict[int, tuple[dict, dict]] = {}
+KEY = "_fxpeft_lora_key"
+
+
+def _memo(site: nn.Module, mixed: bool) -> Optional[dict]:
+    key = site.__dict__.get(KEY)
+    kept = None if key is None else _KEPT.get(id(key))
+    return None if kept is None else kept[mixed]
+
+
+def _new_memo(site: nn.Module, mixed: bool) -> dict:
+    key = site.__dict__.get(KEY)
+    if key is None:
+        key = site.__dict__[KEY] = _SiteKey()
+    if id(key) not in _KEPT:
+        _KEPT[id(key)] = ({}, {})
+        weakref.finalize(key, _KEPT.pop, id(key), None)
+    return _KEPT[id(key)][mixed]
+
+
+SITES = "_fxpeft_lora_sites"  # gm._fxpeft_memo key: _slot_sites' list
 
 
 FLAT = "flat"  # beside _pick's memo: the dense stacks as two matrices, x @ A' @ B'
 
 
+LOOKUP = "lookup"  # beside the mixed graph's memo: (positions, global adapter index -> local slot)
+
+
 def _prepared(site: nn.Module, mixed: bool, flat: bool = False):
     """The (A, s·B^T) stacks ``prepare_call`` kept on ``site`` for this call (``flat``: as the
-    matrices (in, S·R) and (S·R, out)), or None."""
+    matrices (in, S·R) and (S·R, out); ``mixed``: and the slot each global adapter index reads), or None."""
     if torch.is_grad_enabled() or not call_prepared():
         return None
-    kept = site.__dict__.get(PREPARED[mixed])
+    kept = _memo(site, mixed)
     if kept is None or MEMO not in kept:
         return None
+    if mixed:
+        return (*kept[MEMO][1:], kept[LOOKUP][1])
     return kept[FLAT][1:] if flat else kept[MEMO][1:]
+
+
+LAYOUT = "_fxpeft_lora_layout"  # site __dict__ key: (names, global positions, rank, dropout), set by ``lowered``
+
+
+def lowered(gm) -> None:
+    """After every lowering: the layout each index-picking site's graph nodes read at run time (names,
+    global positions and rank of its adapters, whether any has dropout), so that their code, the same
+    for any adapters, survives adding one (a compiled caller does not recompile)."""
+    sites = gm._fxpeft_memo[SITES] = _slot_sites(gm)
+    for site, names, positions, rank, _, _ in sites:
+        site.__dict__[LAYOUT] = (names, positions, rank, any(site.lora_scaling[a].dropout > 0 for a in names))
 
 
 def _slot_sites(gm) -> list:
@@ -502,34 +548,47 @@ def prepare_call(gm, mixed: bool) -> None:
     """Before a call without autograd: each index-picking site's stacks for the graph the call runs,
     rebuilt only when the slots or an adapter they hold changed (``_pick``'s memo: identity, storage,
     version of each tensor)."""
-    sites = gm._fxpeft_memo.get(PREPARED[False])
-    if sites is None:
-        sites = gm._fxpeft_memo[PREPARED[False]] = _slot_sites(gm)
+    sites = gm._fxpeft_memo.get(SITES, ())
     host = None if mixed or not sites else _host_list(gm._buffers["_fxpeft_slots"])
     for site, names, positions, rank, embedding, dense in sites:
         if not (mixed or dense):
             continue
         fetch = lambda j, site=site, names=names, embedding=embedding: _adapter_tensors(site, names[j], embedding)  # noqa: E731
         if type(fetch(0)[0]).__name__ == "DTensor":  # sharded (FSDP2) until its block's forward: stack per call
-            site.__dict__.pop(PREPARED[mixed], None)
+            (_memo(site, mixed) or {}).clear()
             continue
-        memo = site.__dict__.setdefault(PREPARED[mixed], {})
+        memo = _new_memo(site, mixed)
         # mixed: every adapter once, then the zero slot (an index no adapter has; dedupe keeps first-use order)
         _pick(list(positions) + [-1] if mixed else host, positions, fetch, rank, mixed, memo=memo, own=True)
         stacks = memo[MEMO]
-        if not mixed and memo.get(FLAT, (None,))[0] is not stacks:
+        if memo.get(FLAT, (None,))[0] is stacks and (not mixed or memo[LOOKUP][0] == positions):
+            continue
+        # sizes that adapters loaded later change (slots, rank) are dynamic in the compiled code from its
+        # first compile: loading one does not recompile it
+        if mixed:
+            memo[FLAT] = (stacks,)
+            memo[LOOKUP] = (positions, _local_slots(positions, stacks[1].new_zeros(0, dtype=torch.long))[2])
+            for tensor in (*stacks[1:], memo[LOOKUP][1]):
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+            for tensor in stacks[1:]:
+                torch._dynamo.maybe_mark_dynamic(tensor, 1)
+        else:
             memo[FLAT] = (stacks, stacks[1].flatten(0, 1).t(), stacks[2].flatten(0, 1))
+            torch._dynamo.maybe_mark_dynamic(memo[FLAT][1], 1)
+            torch._dynamo.maybe_mark_dynamic(memo[FLAT][2], 0)
+            for tensor in stacks[1:]:
+                torch._dynamo.maybe_mark_dynamic(tensor, 1)
 
 
 def _local_slots(positions: tuple, index: torch.Tensor):
     """Tensor ops: each index entry's local adapter (global -> local; ``len(positions)``, the zero
-    slot, for an adapter the site lacks or the empty index) and each stacked slot's local adapter
-    (-1 for the zero slot)."""
+    slot, for an adapter the site lacks or the empty index), each stacked slot's local adapter
+    (-1 for the zero slot), and the lookup table from global to local."""
     none = len(positions)
     lookup = torch.full((max(positions) + 2,), none, dtype=torch.long, device=index.device)
     lookup[list(positions)] = torch.arange(none, device=index.device)
     owners = torch.arange(none + 1, device=index.device)
-    return lookup[index.clamp(max=lookup.shape[0] - 1)], torch.where(owners == none, -1, owners)
+    return lookup[index.clamp(max=lookup.shape[0] - 1)], torch.where(owners == none, -1, owners), lookup
 
 
 SLOTS_MODULE = "_fxpeft_lora_slots"
@@ -542,16 +601,18 @@ class LoraSlots(nn.Module):
     probability per adapter is data (``<path>.lora_scaling.<adapter>.p``).
     """
 
-    def forward(self, x, site, names, positions, rank, slots, dropout: bool = False):
-        kept = None if self.training and dropout else _prepared(site, False, flat=True)
+    def forward(self, x, site, slots):
+        dropout = self.training and site.__dict__[LAYOUT][3]
+        kept = None if dropout else _prepared(site, False, flat=True)
         if kept is not None:
             return torch.matmul(torch.matmul(x, kept[0]), kept[1])
+        names, positions, rank, _ = site.__dict__[LAYOUT]
         if torch.compiler.is_compiling():
             a, b_t, _, owners = _stacked(site, names, positions, rank, slots, False, False)  # (S, R, in/out)
         else:
             a, b_t, _, owners = _picked(site, names, positions, rank, slots, False, False)
-            owners = _device_list(owners, a.device) if self.training and dropout else None
-        if self.training and dropout:  # each active adapter sees its own dropout of x
+            owners = _device_list(owners, a.device) if dropout else None
+        if dropout:  # each active adapter sees its own dropout of x
             p = [site.lora_scaling[n].p for n in names]
             p = torch.stack(p + [torch.zeros_like(p[0])]).index_select(0, owners % (len(names) + 1))  # -1: none
             out = None
@@ -590,7 +651,7 @@ def lora_mixed_linear(x, a, b_t, entry_slot):
     slots, rank = a.shape[0], a.shape[1]
     if rows.shape[1] * slots <= 16:
         hidden = rows @ a.reshape(slots * rank, -1).t()  # (batch, T, S·R)
-        own = torch.nn.functional.one_hot(entry_slot, slots).to(hidden.dtype)  # (batch, S)
+        own = (entry_slot[:, None] == torch.arange(slots, device=x.device)).to(hidden.dtype)  # (batch, S): one-hot
         hidden = (hidden.unflatten(-1, (slots, rank)) * own[:, None, :, None]).flatten(-2)
         delta = hidden @ b_t.reshape(slots * rank, -1)
         return delta.reshape(*x.shape[:-1], delta.shape[-1])
@@ -656,4 +717,4 @@ METHOD = register_method(with_parameters(with_replication(with_tying(with_tokens
     dtype_of=lambda module, adapter: module.lora_A[adapter].weight.dtype,
     default_targets=DEFAULT_LORA_TARGETS, heads=output_heads, lower_site=lower_site, adapters_at=_lora_adapters,
     describe=_rank, check_site=check_site, initial_conversion=initial_conversion, changes_base=changes_base,
-    prepare_call=prepare_call)), add_lora))))
+    prepare_call=prepare_call, lowered=lowered)), add_lora))))

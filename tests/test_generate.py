@@ -257,6 +257,44 @@ def test_compiled_decoding_compiles_once_and_matches_eager(llama_pair):
         torch._dynamo.reset()
 
 
+def test_loading_and_deleting_adapters_between_compiled_generate_calls_never_recompiles():
+    """Failed before (a recompile at the first call after the load): adding an adapter re-lowers the
+    graphs, and their code named each site's adapters. Now that code reads them at run time and is the
+    same after a load, so the compiled decode steps (one adapter, and one per sequence) run on, with
+    adapters of a larger and a smaller rank than those compiled with, and after a deletion; the tokens
+    are the eager run's. (From two adapters on: a module's only adapter runs as its own plain delta.)"""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    gm = fxpeft.transform(models.llama().eval(), fxpeft.LoraConfig(r=4, lora_alpha=8, **LORA)).eval()
+    gm.add_adapter("b", fxpeft.LoraConfig(r=2, lora_alpha=4, **LORA))
+    inputs = models.hf_inputs("llama", batch=3)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0,
+              compile_config=transformers.CompileConfig(fullgraph=True, backend="eager", mode=None))  # recompiles: dynamo's
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        gm.generate(**inputs, **kw)
+        gm.generate(**inputs, **kw, adapter_names=["default", "b", "__base__"])
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for rank in (8, 2):
+                name = f"r{rank}"
+                gm.add_adapter(name, fxpeft.LoraConfig(r=rank, lora_alpha=2 * rank, **LORA))
+                gm.set_adapter(name)
+                names = [name, "b", "__base__"]
+                for options in (dict(), dict(adapter_names=names)):
+                    eager = gm.generate(**inputs, **{**kw, "compile_config": None}, **options)
+                    assert torch.equal(gm.generate(**inputs, **kw, **options), eager), (name, options)
+            gm.delete_adapter("r8")
+            gm.set_adapter("default")
+            names = ["r2", "default", "b"]
+            eager = gm.generate(**inputs, **{**kw, "compile_config": None}, adapter_names=names)
+            assert torch.equal(gm.generate(**inputs, **kw, adapter_names=names), eager)
+        assert counters["stats"]["unique_graphs"] == 2  # the dense and the mixed decode step, once each
+    finally:
+        torch._dynamo.reset()
+
+
 def test_bad_compile_configs_fail_before_any_compute(llama_pair):
     _, gm = llama_pair
     inputs = models.hf_inputs("llama", batch=2)
