@@ -125,15 +125,16 @@ def _attach(gm: PeftGraphModule, config, adapter_name: str) -> None:
     sites = find_sites(gm._fxpeft_signatures[gm._fxpeft_primary].canonical, gm, registry)
     if method.resolve_config is not None:  # stored and saved as PEFT does: "all-linear" / None resolved
         config = method.resolve_config(gm, sites, config)
-    before = {id(p) for p in gm.parameters()}
+    before = {id(p) for _, m in registry.modules_but_adapters(gm, gm.peft_config) for p in m._parameters.values()}
     adapted = method.attach(gm, sites, config, adapter_name)
     for hook in registry.attach_hooks:  # what every config may ask for besides its method (modules_to_save)
         hook(gm, config, adapter_name)
     trainable = not getattr(config, "inference_mode", False)
     constant = set(method.unsaved_containers)  # derived state (AdaLoRA's ranknum) never trains
-    for name, param in gm.named_parameters():
-        if id(param) not in before:
-            param.requires_grad_(trainable and constant.isdisjoint(name.split(".")))
+    for path, module in registry.modules_but_adapters(gm, gm.peft_config):  # the new adapter's state included
+        for name, param in module._parameters.items():
+            if param is not None and id(param) not in before:
+                param.requires_grad_(trainable and constant.isdisjoint(f"{path}.{name}".split(".")))
     if trainable:
         _set_bias_trainable(gm, config, adapted)
     gm.peft_config[adapter_name] = config
@@ -180,8 +181,11 @@ def transaction(gm: PeftGraphModule):
     """All-or-nothing edits of a transformed module: on error its adapters (children, parameters
     and buffers of every module, ParameterDict entries included), trainability and graphs are
     restored as they were."""
-    saved = {id(m): (m, dict(m._modules), dict(m._parameters), dict(m._buffers)) for m in gm.modules()}
-    flags = {id(p): (p, p.requires_grad) for p in gm.parameters()}
+    # the adapters' own state is left out: an edit adds or removes adapters, it never changes another's
+    # (so the snapshot does not grow with the adapters loaded)
+    modules = [m for _, m in registry_of(gm).modules_but_adapters(gm, gm.peft_config)]
+    saved = {id(m): (m, dict(m._modules), dict(m._parameters), dict(m._buffers)) for m in modules}
+    flags = {id(p): (p, p.requires_grad) for m in modules for p in m._parameters.values() if p is not None}
     configs, active = dict(gm.peft_config), list(gm._fxpeft_active)
     try:
         yield

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from torch import nn
 
@@ -256,6 +256,22 @@ class Registry:
             children = [(f"{path}.{name}" if path else name, child) for name, child in module._modules.items()
                         if child is not None and name not in skip and not name.startswith("_fxpeft")]
             stack.extend(reversed(children))  # pre-order, children in order, as named_modules
+
+    def modules_but_adapters(self, root: nn.Module, adapters) -> Iterator[tuple[str, nn.Module]]:
+        """``root.named_modules()`` without the state of ``adapters`` (a container's entries named by one
+        of them): what adding another adapter can change, walked in a time that grows with the
+        containers, not with the adapters they hold."""
+        containers, adapters, seen = self.containers(), set(adapters), set()
+        stack = [("", root)]
+        while stack:
+            path, module = stack.pop()
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            yield path, module
+            inside = path.rpartition(".")[2] in containers
+            stack.extend(reversed([(f"{path}.{name}" if path else name, child) for name, child in module._modules.items()
+                                   if child is not None and not (inside and name in adapters)]))
 
     def is_adapter_state(self, path: str) -> bool:
         """Whether a module path lies inside some adapter's state (``...q_proj.lora_A.default``)."""

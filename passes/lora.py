@@ -29,14 +29,14 @@ from torch import nn
 from fxpeft.canonical import Site, is_quantized, site_weight
 from fxpeft.configs import DEFAULT_LORA_TARGETS, LoraConfig
 from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict
-from fxpeft.registry import call_prepared, register_method
+from fxpeft.registry import call_prepared, register_method, registry_of
 from fxpeft.rewrite import Lowering
 from fxpeft.targets import output_heads, pattern_value
 
 from .lora_init import (LoftQConfig, check_init, init_weights, layer_init, modifies_base, plain_lora_config,
                         plain_lora_state)
 from .layer_replication import with_replication
-from .lora_parameters import ParamGate, with_parameters
+from .lora_parameters import NESTED, ParamGate, with_parameters
 from .trainable_tokens import with_tokens
 from .weight_tying import with_tying
 
@@ -530,7 +530,7 @@ def _slot_sites(gm) -> list:
     LoRA bias); ``dense``: the dense graph does too (embeddings, linear sites with several adapters)."""
     order = list(gm.peft_config)
     found = []
-    for module in gm.modules():
+    for _, module in registry_of(gm).base_modules(gm, keep=(NESTED,)):  # not into any adapter's state
         present = _lora_adapters(module)
         if not present:
             continue
