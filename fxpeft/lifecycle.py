@@ -182,7 +182,8 @@ def transaction(gm: PeftGraphModule):
     and buffers of every module, ParameterDict entries included), trainability and graphs are
     restored as they were."""
     # the adapters' own state is left out: an edit adds or removes adapters, it never changes another's
-    # (so the snapshot does not grow with the adapters loaded)
+    # (so the snapshot does not grow with the adapters loaded). One exception is not restored: bias="all"
+    # makes every bias trainable, as PEFT does, other adapters' LoRA biases (lora_bias) included
     modules = [m for _, m in registry_of(gm).modules_but_adapters(gm, gm.peft_config)]
     saved = {id(m): (m, dict(m._modules), dict(m._parameters), dict(m._buffers)) for m in modules}
     flags = {id(p): (p, p.requires_grad) for m in modules for p in m._parameters.values() if p is not None}
