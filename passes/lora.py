@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from fxpeft.canonical import Site, is_quantized, site_weight
 from fxpeft.configs import DEFAULT_LORA_TARGETS, LoraConfig
@@ -385,9 +386,25 @@ def _pick(host: list[int], positions, fetch, rank: int, dedupe: bool, slots: Opt
 MEMO = "_fxpeft_lora_stacks"  # the site module's __dict__ key of _pick's kept stacks
 
 
+class _Steps:
+    count = 0  # torch.optim steps taken in this process
+
+
+def _after_step(optimizer, args, kwargs) -> None:
+    _Steps.count += 1
+
+
+# Fused optimizers (torch's fused AdamW, Trainer's default) and writes through ``.data`` change a
+# parameter in place without bumping its version counter: every torch.optim step (third-party optimizers
+# subclass it) counts as a change of every tensor. A write through ``.data`` outside an optimizer stays
+# unseen, as it is to autograd's own checks.
+register_optimizer_step_post_hook(_after_step)
+
+
 def _version(tensor: torch.Tensor):
-    """The version counter; for an inference tensor (which keeps none) a value no later key equals."""
-    return object() if tensor.is_inference() else tensor._version
+    """The version counter and the optimizer steps taken so far; for an inference tensor (which keeps
+    no counter) a value no later key equals."""
+    return object() if tensor.is_inference() else (tensor._version, _Steps.count)
 
 
 def select_adapters(site: nn.Module, index: torch.Tensor, embedding: bool, dedupe: bool):

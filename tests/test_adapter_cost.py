@@ -121,6 +121,26 @@ def test_kept_stacks_follow_in_place_updates_and_moves(loaded):
         reference.float()
 
 
+def test_a_fused_optimizer_step_shows_in_the_next_call_without_autograd():
+    """Failed before: torch's fused AdamW (Trainer's default) updates parameters in place without
+    bumping their version counters, so the stacks kept for calls without autograd stayed as they were
+    before the step (an evaluation after training returned the untrained adapters' outputs)."""
+    torch.manual_seed(0)
+    reference, gm = lora_pair(models.TinyDecoder().eval(), _configs(3))
+    x = torch.randint(0, models.VOCAB, (2, 5))
+    optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=0.1, fused=True)
+                  for m in (reference, gm)]
+    for _ in range(2):
+        with torch.no_grad():
+            torch.testing.assert_close(gm(x), reference(x), rtol=1e-5, atol=1e-5)
+        for module, optimizer in zip((reference, gm), optimizers):
+            module(x).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
 def test_training_step_matches_peft_and_the_next_call_sees_it():
     """Gradients reach only the active adapter's own parameters (PEFT's names, no stacked copy);
     an optimizer's in-place step shows in the very next call."""
