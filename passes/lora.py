@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import operator
 import warnings
-import weakref
 from typing import Optional
 
 import torch
@@ -259,11 +258,14 @@ def lower_site(lw: Lowering, site: Site, module: nn.Module, present: list[str]):
         return None
     base_dtype = site_weight(lw.root, site).dtype
     dtype = adapter_dtype(site_weight(lw.root, site))
-    # the site module: its adapters are read there (only those in use), by the layout ``lowered`` keeps on it
+    # the site module: its adapters are read there (only those in use), by the layout ``lowered`` keeps on it;
+    # the stacks kept for calls without autograd, on the lowering root's own KeptStacks under the site's path
     owner = lw.attr(site.path)
+    _ensure_module(lw.root, KEPT_MODULE, KeptStacks)
+    kept = lw.attr(KEPT_MODULE)
     embedding = site.kind == "embedding"
     if lw.mixed:
-        picked = lw.call(select_adapters, owner, lw.sample_index, embedding, True)
+        picked = lw.call(select_adapters, owner, kept, site.path, lw.sample_index, embedding, True)
         stacks = [lw.call(operator.getitem, picked, i) for i in range(3)]
         if embedding:
             padding_idx = site.node.args[2] if len(site.node.args) > 2 else -1
@@ -273,13 +275,13 @@ def lower_site(lw: Lowering, site: Site, module: nn.Module, present: list[str]):
             delta = lw.call(lora_mixed_linear, x, *stacks)
     elif embedding:
         padding_idx = site.node.args[2] if len(site.node.args) > 2 else -1
-        picked = lw.call(select_adapters, owner, lw.slots(), True, False)
+        picked = lw.call(select_adapters, owner, kept, site.path, lw.slots(), True, False)
         a, b_t = lw.call(operator.getitem, picked, 0), lw.call(operator.getitem, picked, 1)
         delta = lw.call(lora_slots_embedding, site.input, a, b_t, padding_idx)
     else:
-        _ensure_slots_module(lw.root)
+        _ensure_module(lw.root, SLOTS_MODULE, LoraSlots)
         x = lw.cast(site.input, dtype, base_dtype)
-        delta = lw.call_module(SLOTS_MODULE, x, owner, lw.slots())
+        delta = lw.call_module(SLOTS_MODULE, x, owner, kept, site.path, lw.slots())
     return lw.call(aten.add.Tensor, site.output, lw.cast(delta, base_dtype, dtype))
 
 
@@ -407,10 +409,11 @@ def _version(tensor: torch.Tensor):
     return object() if tensor.is_inference() else (tensor._version, _Steps.count)
 
 
-def select_adapters(site: nn.Module, index: torch.Tensor, embedding: bool, dedupe: bool):
+def select_adapters(site: nn.Module, kept: nn.Module, path: str, index: torch.Tensor, embedding: bool, dedupe: bool):
     """(A stack, s·B^T stack, slot of each index entry, local adapter of each slot) for the adapters
-    ``index`` names at ``site`` (see ``_pick``): eager reads only those; compiled, see ``_stacked``."""
-    kept = _prepared(site, dedupe) if torch.compiler.is_compiling() or not dedupe else None  # eager mixed: _picked
+    ``index`` names at ``site`` (see ``_pick``): eager reads only those; compiled, see ``_stacked``.
+    ``kept``, ``path``: where ``prepare_call`` keeps the site's stacks."""
+    kept = _prepared(kept, path, dedupe) if torch.compiler.is_compiling() or not dedupe else None  # eager mixed: _picked
     if kept is not None and dedupe:  # every adapter and the zero slot, as _stacked gives them
         a, b_t, lookup = kept  # tensor ops only: adapters loaded later change shapes, not this code
         owners = torch.arange(a.shape[0], device=index.device)
@@ -479,32 +482,24 @@ def _stacked(site: nn.Module, names: tuple, positions: tuple, rank: int, index: 
 # graph reads the active slots' stacks; the mixed graph (a call with adapter_names) every adapter of
 # the site plus the zero slot, in ``_stacked``'s order.
 
-class _SiteKey:
-    """A site's key into ``_KEPT``, held in the site's ``__dict__`` (a copy of the site gets a new one)."""
+KEPT_MODULE = "_fxpeft_lora_kept"
 
 
-# id of a site's key -> (dense graph's memo, mixed graph's memo): ``_pick``'s kept stacks and what is
-# derived from them, dropped with the key. Kept outside the site module: torch.compile gives tensors
-# reached through a builtin module's attributes static shapes, and these change size when adapters are
-# loaded (they are marked dynamic instead)
-_KEPT: dict[int, tuple[dict, dict]] = {}
-KEY = "_fxpeft_lora_key"
+class KeptStacks(nn.Module):
+    """What ``prepare_call`` keeps for the sites of one lowering root (the model, or one block, each its
+    own): site path (relative to the root) -> (dense graph's memo, mixed graph's memo), ``_pick``'s kept
+    stacks and what is derived from them. Not on the site itself: torch.compile gives tensors reached
+    through a builtin module (nn.Linear) static shapes, and these change size when adapters are loaded
+    (they are marked dynamic); reached from the root, blocks sharing one code share its compiled form."""
+
+    def __init__(self):
+        super().__init__()
+        self.__dict__["stacks"] = {}
 
 
-def _memo(site: nn.Module, mixed: bool) -> Optional[dict]:
-    key = site.__dict__.get(KEY)
-    kept = None if key is None else _KEPT.get(id(key))
-    return None if kept is None else kept[mixed]
-
-
-def _new_memo(site: nn.Module, mixed: bool) -> dict:
-    key = site.__dict__.get(KEY)
-    if key is None:
-        key = site.__dict__[KEY] = _SiteKey()
-    if id(key) not in _KEPT:
-        _KEPT[id(key)] = ({}, {})
-        weakref.finalize(key, _KEPT.pop, id(key), None)
-    return _KEPT[id(key)][mixed]
+def _memo(kept: nn.Module, path: str, mixed: bool) -> Optional[dict]:
+    memos = kept.__dict__["stacks"].get(path)
+    return None if memos is None else memos[mixed]
 
 
 SITES = "_fxpeft_lora_sites"  # gm._fxpeft_memo key: _slot_sites' list
@@ -516,12 +511,12 @@ FLAT = "flat"  # beside _pick's memo: the dense stacks as two matrices, x @ A' @
 LOOKUP = "lookup"  # beside the mixed graph's memo: (positions, global adapter index -> local slot)
 
 
-def _prepared(site: nn.Module, mixed: bool, flat: bool = False):
-    """The (A, s·B^T) stacks ``prepare_call`` kept on ``site`` for this call (``flat``: as the
+def _prepared(kept: nn.Module, path: str, mixed: bool, flat: bool = False):
+    """The (A, s·B^T) stacks ``prepare_call`` kept for the site at ``path`` for this call (``flat``: as the
     matrices (in, S·R) and (S·R, out); ``mixed``: and the slot each global adapter index reads), or None."""
     if torch.is_grad_enabled() or not call_prepared():
         return None
-    kept = _memo(site, mixed)
+    kept = _memo(kept, path, mixed)
     if kept is None or MEMO not in kept:
         return None
     if mixed:
@@ -535,19 +530,28 @@ LAYOUT = "_fxpeft_lora_layout"  # site __dict__ key: (names, global positions, r
 def lowered(gm) -> None:
     """After every lowering: the layout each index-picking site's graph nodes read at run time (names,
     global positions and rank of its adapters, whether any has dropout), so that their code, the same
-    for any adapters, survives adding one (a compiled caller does not recompile)."""
+    for any adapters, survives adding one (a compiled caller does not recompile); and a KeptStacks of
+    its own for every lowering root (blocks sharing a lowering got the first one's)."""
+    seen = set()
+    for root in [gm, *(gm.get_submodule(path) for path in gm._fxpeft_block_paths)]:
+        holder = root._modules.get(KEPT_MODULE)
+        if holder is None or id(holder) in seen:
+            root._modules[KEPT_MODULE] = holder = KeptStacks()
+        seen.add(id(holder))
     sites = gm._fxpeft_memo[SITES] = _slot_sites(gm)
-    for site, names, positions, rank, _, _ in sites:
+    for site, names, positions, rank, _, _, _, _ in sites:
         site.__dict__[LAYOUT] = (names, positions, rank, any(site.lora_scaling[a].dropout > 0 for a in names))
 
 
 def _slot_sites(gm) -> list:
-    """(site module, adapter names, their global positions, rank, embedding, dense) for every module
-    whose graphs pick its adapters by an index (``lower_site``: embeddings, and linear sites without
-    LoRA bias); ``dense``: the dense graph does too (embeddings, linear sites with several adapters)."""
+    """(site module, adapter names, their global positions, rank, embedding, dense, the KeptStacks of its
+    lowering root, its path there) for every module whose graphs pick its adapters by an index
+    (``lower_site``: embeddings, and linear sites without LoRA bias); ``dense``: the dense graph does too
+    (embeddings, linear sites with several adapters)."""
     order = list(gm.peft_config)
+    blocks = sorted(gm._fxpeft_block_paths, key=len, reverse=True)
     found = []
-    for _, module in registry_of(gm).base_modules(gm, keep=(NESTED,)):  # not into any adapter's state
+    for path, module in registry_of(gm).base_modules(gm, keep=(NESTED,)):  # not into any adapter's state
         present = _lora_adapters(module)
         if not present:
             continue
@@ -556,8 +560,11 @@ def _slot_sites(gm) -> list:
                               or any(module.lora_B[a].bias is not None for a in present)):
             continue
         rank = max(_adapter_tensors(module, a, embedding)[0].shape[0] for a in present)
+        block = next((b for b in blocks if path.startswith(b + ".")), None)
+        root = gm if block is None else gm.get_submodule(block)
         found.append((module, tuple(present), tuple(order.index(a) for a in present), rank, embedding,
-                      embedding or len(present) > 1))
+                      embedding or len(present) > 1, root._modules[KEPT_MODULE],
+                      path if block is None else path[len(block) + 1:]))
     return found
 
 
@@ -567,14 +574,14 @@ def prepare_call(gm, mixed: bool) -> None:
     version of each tensor)."""
     sites = gm._fxpeft_memo.get(SITES, ())
     host = None if mixed or not sites else _host_list(gm._buffers["_fxpeft_slots"])
-    for site, names, positions, rank, embedding, dense in sites:
+    for site, names, positions, rank, embedding, dense, kept, path in sites:
         if not (mixed or dense):
             continue
         fetch = lambda j, site=site, names=names, embedding=embedding: _adapter_tensors(site, names[j], embedding)  # noqa: E731
         if type(fetch(0)[0]).__name__ == "DTensor":  # sharded (FSDP2) until its block's forward: stack per call
-            (_memo(site, mixed) or {}).clear()
+            (_memo(kept, path, mixed) or {}).clear()
             continue
-        memo = _new_memo(site, mixed)
+        memo = kept.__dict__["stacks"].setdefault(path, ({}, {}))[mixed]
         # mixed: every adapter once, then the zero slot (an index no adapter has; dedupe keeps first-use order)
         _pick(list(positions) + [-1] if mixed else host, positions, fetch, rank, mixed, memo=memo, own=True)
         stacks = memo[MEMO]
@@ -618,9 +625,9 @@ class LoraSlots(nn.Module):
     probability per adapter is data (``<path>.lora_scaling.<adapter>.p``).
     """
 
-    def forward(self, x, site, slots):
+    def forward(self, x, site, kept, path, slots):
         dropout = self.training and site.__dict__[LAYOUT][3]
-        kept = None if dropout else _prepared(site, False, flat=True)
+        kept = None if dropout else _prepared(kept, path, False, flat=True)
         if kept is not None:
             return torch.matmul(torch.matmul(x, kept[0]), kept[1])
         names, positions, rank, _ = site.__dict__[LAYOUT]
@@ -641,9 +648,9 @@ class LoraSlots(nn.Module):
         return torch.matmul(torch.matmul(x, a.reshape(-1, a.shape[-1]).t()), b_t.reshape(-1, b_t.shape[-1]))
 
 
-def _ensure_slots_module(root: nn.Module) -> None:
-    if SLOTS_MODULE not in root._modules:
-        root.add_module(SLOTS_MODULE, LoraSlots().train(root.training))
+def _ensure_module(root: nn.Module, name: str, kind: type) -> None:
+    if name not in root._modules:
+        root.add_module(name, kind().train(root.training))
 
 
 def lora_slots_embedding(ids, a, b_t, padding_idx: int = -1):
