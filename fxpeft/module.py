@@ -298,7 +298,9 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         self.__dict__["_fxpeft_code_before"] = self.__dict__.get("_fxpeft_code", {})
         self.__dict__["_fxpeft_code"] = {}
         try:
-            lowered_blocks: dict = {}
+            # kept until the next re-lowering (or dtype/device change): a signature captured later reuses these
+            # lowerings, so a block structure keeps one function whichever signatures were captured when
+            self.__dict__["_fxpeft_lowered_blocks"] = lowered_blocks = {}
             for signature in self._fxpeft_signatures.values():
                 self._lower_signature(signature, lowered_blocks)
         finally:
@@ -327,7 +329,9 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
                 signature.outlined = outline(signature.canonical, self, self._fxpeft_block_paths)
             if signature.outlined is not None:
                 top = signature.outlined.top
-                mixed_error = self._lower_blocks(signature.outlined, {} if lowered_blocks is None else lowered_blocks)
+                if lowered_blocks is None:
+                    lowered_blocks = self.__dict__.setdefault("_fxpeft_lowered_blocks", {})
+                mixed_error = self._lower_blocks(signature.outlined, lowered_blocks)
         cached = signature.example is not None and generation.cache_name_of(signature.example) is not None
         signature.graph = lower(top, self, self._fxpeft_registry, mixed=False, cached=cached)
         signature.fn = self._function(signature.graph, self)
@@ -487,6 +491,7 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         result = super()._apply(fn, recurse)
         if self._fxpeft_primary is not None and self._placement() != before:
             device, dtype = self._placement()
+            self.__dict__["_fxpeft_lowered_blocks"] = {}  # lowered for the old dtype or device
             for index, (key, signature) in enumerate(list(self._fxpeft_signatures.items())):
                 example = {k: pytree.tree_map(lambda t: _convert(t, device, dtype), v)  # also a cache's tensors
                            for k, v in signature.example.items()}
@@ -621,7 +626,8 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         result = type(self).__new__(type(self))
         memo[id(self)] = result
         state = {k: v for k, v in self.__dict__.items()
-                 if k not in ("_graph", "_fxpeft_signatures", "_fxpeft_capture_lock", "_fxpeft_registry")}
+                 if k not in ("_graph", "_fxpeft_signatures", "_fxpeft_capture_lock", "_fxpeft_registry",
+                              "_fxpeft_lowered_blocks")}
         result.__dict__.update(copy.deepcopy(state, memo))
         result.__dict__["_fxpeft_capture_lock"] = threading.Lock()
         result.__dict__["_fxpeft_registry"] = self._fxpeft_registry  # shared, as the methods are
