@@ -182,7 +182,7 @@ def test_compiled_reads_parameters_as_they_are_and_trains():
     eager = copy.deepcopy(gm)
     x = torch.randn(4, 12)
     torch._dynamo.reset()
-    compiled = torch.compile(gm, fullgraph=True, backend=models.COMPILE_BACKEND)
+    compiled = torch.compile(gm, fullgraph=True, backend="eager")  # recompiles are dynamo's own (no gradients)
     index = fxpeft.adapter_indices(gm, ["c", "a", "__base__", "c"])
     with torch.no_grad():
         compiled(x)

@@ -150,7 +150,8 @@ def test_no_recompiles_when_switching_disabling_and_mixing():
     # (growing the slot count is the one change that recompiles)
     fxpeft.set_adapter(gm, ["default", "wide"])
     fxpeft.set_adapter(gm, "default")
-    compiled = torch.compile(gm, fullgraph=True, backend=models.COMPILE_BACKEND)
+    # recompiles and graph breaks are dynamo's own: no backend needed (no gradients here)
+    compiled = torch.compile(gm, fullgraph=True, backend="eager")
     index = fxpeft.adapter_indices(gm, ["wide", "__base__"])
     with torch.no_grad():
         compiled(**inputs)
