@@ -19,7 +19,6 @@ A table maps each source op to its canonical rewrite; add a row to support anoth
 from __future__ import annotations
 
 import sys
-
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Optional

@@ -469,7 +469,7 @@ def _stacked(site: nn.Module, names: tuple, positions: tuple, rank: int, index: 
     b_rows.append(torch.zeros_like(b_rows[0]))
     a_stack, b_stack = torch.stack(a_rows), torch.stack(b_rows)  # (P + 1, R, n), (P + 1, R, m)
     if dedupe:  # every slot stays; each entry reads its adapter's
-        return (a_stack, b_stack, *_local_slots(positions, index)[:2])
+        return (a_stack, b_stack, *_local_slots(positions, index))
     none = len(names)
     local = _local_slots(positions, index)[0]
     return (a_stack.index_select(0, local), b_stack.index_select(0, local),
@@ -508,6 +508,9 @@ SITES = "_fxpeft_lora_sites"  # gm._fxpeft_memo key: _slot_sites' list
 FLAT = "flat"  # beside _pick's memo: the dense stacks as two matrices, x @ A' @ B'
 
 
+DERIVED = "derived"  # beside _pick's memo: the stacks FLAT / LOOKUP were derived from
+
+
 LOOKUP = "lookup"  # beside the mixed graph's memo: (positions, global adapter index -> local slot)
 
 
@@ -521,7 +524,7 @@ def _prepared(kept: nn.Module, path: str, mixed: bool, flat: bool = False):
         return None
     if mixed:
         return (*kept[MEMO][1:], kept[LOOKUP][1])
-    return kept[FLAT][1:] if flat else kept[MEMO][1:]
+    return kept[FLAT] if flat else kept[MEMO][1:]
 
 
 LAYOUT = "_fxpeft_lora_layout"  # site __dict__ key: (names, global positions, rank, dropout), set by ``lowered``
@@ -585,34 +588,41 @@ def prepare_call(gm, mixed: bool) -> None:
         # mixed: every adapter once, then the zero slot (an index no adapter has; dedupe keeps first-use order)
         _pick(list(positions) + [-1] if mixed else host, positions, fetch, rank, mixed, memo=memo, own=True)
         stacks = memo[MEMO]
-        if memo.get(FLAT, (None,))[0] is stacks and (not mixed or memo[LOOKUP][0] == positions):
+        if memo.get(DERIVED) is stacks and (not mixed or memo[LOOKUP][0] == positions):
             continue
+        memo[DERIVED] = stacks
         # sizes that adapters loaded later change (slots, rank) are dynamic in the compiled code from its
         # first compile: loading one does not recompile it
         if mixed:
-            memo[FLAT] = (stacks,)
-            memo[LOOKUP] = (positions, _local_slots(positions, stacks[1].new_zeros(0, dtype=torch.long))[2])
+            memo[LOOKUP] = (positions, _lookup(positions, stacks[1].device))
             for tensor in (*stacks[1:], memo[LOOKUP][1]):
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
             for tensor in stacks[1:]:
                 torch._dynamo.maybe_mark_dynamic(tensor, 1)
         else:
-            memo[FLAT] = (stacks, stacks[1].flatten(0, 1).t(), stacks[2].flatten(0, 1))
-            torch._dynamo.maybe_mark_dynamic(memo[FLAT][1], 1)
-            torch._dynamo.maybe_mark_dynamic(memo[FLAT][2], 0)
+            memo[FLAT] = (stacks[1].flatten(0, 1).t(), stacks[2].flatten(0, 1))
+            torch._dynamo.maybe_mark_dynamic(memo[FLAT][0], 1)
+            torch._dynamo.maybe_mark_dynamic(memo[FLAT][1], 0)
             for tensor in stacks[1:]:
                 torch._dynamo.maybe_mark_dynamic(tensor, 1)
 
 
 def _local_slots(positions: tuple, index: torch.Tensor):
     """Tensor ops: each index entry's local adapter (global -> local; ``len(positions)``, the zero
-    slot, for an adapter the site lacks or the empty index), each stacked slot's local adapter
-    (-1 for the zero slot), and the lookup table from global to local."""
-    none = len(positions)
-    lookup = torch.full((max(positions) + 2,), none, dtype=torch.long, device=index.device)
-    lookup[list(positions)] = torch.arange(none, device=index.device)
+    slot, for an adapter the site lacks or the empty index) and each stacked slot's local adapter
+    (-1 for the zero slot)."""
+    none, lookup = len(positions), _lookup(positions, index.device)
     owners = torch.arange(none + 1, device=index.device)
-    return lookup[index.clamp(max=lookup.shape[0] - 1)], torch.where(owners == none, -1, owners), lookup
+    return lookup[index.clamp(max=lookup.shape[0] - 1)], torch.where(owners == none, -1, owners)
+
+
+def _lookup(positions: tuple, device) -> torch.Tensor:
+    """Global adapter index -> local adapter (``len(positions)``, the zero slot, for any other index up to
+    one past the largest position; indices beyond are clamped to that last entry)."""
+    none = len(positions)
+    lookup = torch.full((max(positions) + 2,), none, dtype=torch.long, device=device)
+    lookup[list(positions)] = torch.arange(none, device=device)
+    return lookup
 
 
 SLOTS_MODULE = "_fxpeft_lora_slots"
