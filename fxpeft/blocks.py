@@ -22,7 +22,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import heapq
+import itertools
 import operator
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -333,18 +335,64 @@ def compile_blocks(gm: nn.Module, **compile_kwargs) -> list[str]:
 # for every later block (with that block's own module) and rebuilds the flat graph from the result.
 
 
-def fingerprint(module: nn.Module) -> tuple:
+def fingerprint(module: nn.Module, containers: frozenset = frozenset(), adapters: frozenset = frozenset()) -> tuple:
     """What makes two blocks compute alike: classes, tensor shapes and dtypes, plain settings (a layer
     index aside, which only a KV cache reads). Equal blocks capture alike and, with their adapters
-    attached, lower alike."""
-    parts = []
-    for path, sub in module.named_modules():
-        settings = tuple(sorted((k, v) for k, v in vars(sub).items() if not k.startswith("_") and "idx" not in k
-                                and isinstance(v, (int, float, str, bool, type(None)))))
-        tensors = tuple((n, tuple(t.shape), t.dtype) for n, t in [*sub._parameters.items(), *sub._buffers.items()]
-                        if t is not None)
-        parts.append((path, type(sub).__name__, settings, tensors))
+    attached, lower alike. An adapter's entry in a container (``q_proj.lora_A.<adapter>``, ``adapters``
+    naming the adapters, ``containers`` the containers) is read once (:func:`_entry_print`)."""
+    parts, seen, stack = [], set(), [("", module)]
+    while stack:
+        path, sub = stack.pop()
+        if id(sub) in seen:  # a module shared by two parents is read once, as named_modules does
+            continue
+        seen.add(id(sub))
+        parts.append((path, *_module_print(sub)))
+        inside = path.rpartition(".")[2] in containers
+        children = []
+        for name, child in sub._modules.items():
+            if child is not None:
+                child_path = f"{path}.{name}" if path else name
+                if inside and name in adapters:
+                    parts.append((child_path, _entry_print(child)))
+                else:
+                    children.append((child_path, child))
+        stack.extend(reversed(children))
     return tuple(parts)
+
+
+_PLAIN = (int, float, str, bool, type(None))
+
+
+def _module_print(sub: nn.Module) -> tuple:
+    settings = tuple(sorted((k, v) for k, v in vars(sub).items()
+                            if not k.startswith("_") and "idx" not in k and isinstance(v, _PLAIN)))
+    tensors = tuple((n, tuple(t.shape), t.dtype) for n, t in [*sub._parameters.items(), *sub._buffers.items()]
+                    if t is not None)
+    return type(sub).__name__, settings, tensors
+
+
+# adapter entry -> its print, read once: what lowering reads of an entry (classes, ranks, a gate's scale,
+# dtypes) is set when the adapter is attached; ``forget_entry_prints`` runs where dtypes change (``_apply``).
+# A print stands in a block's fingerprint as a small number (``_PRINT_NUMBERS``), which hashes and
+# compares in a time that does not grow with the entry.
+_ENTRY_PRINTS: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
+_PRINT_NUMBERS: dict[tuple, int] = {}
+_NEXT_NUMBER = itertools.count()  # next() is atomic: two threads never draw one number
+
+
+def _entry_print(entry: nn.Module) -> int:
+    """The fingerprint of one adapter's entry (its whole subtree) as a number, read the first time it
+    is asked for: re-reading every loaded adapter's entries made each ``add_adapter`` cost grow with the
+    adapters loaded."""
+    number = _ENTRY_PRINTS.get(entry)
+    if number is None:
+        printed = tuple((path, *_module_print(m)) for path, m in entry.named_modules())
+        number = _ENTRY_PRINTS[entry] = _PRINT_NUMBERS.setdefault(printed, next(_NEXT_NUMBER))
+    return number
+
+
+def forget_entry_prints() -> None:
+    _ENTRY_PRINTS.clear()
 
 
 def repeated_lists(tree: nn.Module, block_paths: list[str]) -> dict[str, int]:

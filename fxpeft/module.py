@@ -37,7 +37,7 @@ from torch.utils import _pytree as pytree
 
 from . import capture as capture_mod
 from . import generation, progress
-from .blocks import (Outlined, extend, find_block_paths, fingerprint, inline, install_blocks, outline,
+from .blocks import (Outlined, extend, find_block_paths, fingerprint, forget_entry_prints, inline, install_blocks, outline,
                      repeated_lists, truncated)
 from .canonical import annotate_shapes, canonicalize
 from .peft_methods import PeftModelMethods
@@ -349,6 +349,7 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         order = list(self.peft_config)
         mixed_error = None
         shared = {name for method in self._fxpeft_registry.methods for name in method.shared}
+        containers, adapters = frozenset(self._fxpeft_registry.containers()), frozenset(order)
         for count, (path, block_graph) in enumerate(outlined.blocks.items()):
             progress.step(f"lowering block {count + 1}/{len(outlined.blocks)}", count, len(outlined.blocks))
             block = self.get_submodule(path)
@@ -358,8 +359,8 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
                     block.__dict__[name] = self._modules[name]  # an alias, not a child: no state_dict entry
                 else:
                     block.__dict__.pop(name, None)
-            if ("fingerprint", path) not in lowered:  # once per relower: the walk grows with the adapters
-                lowered["fingerprint", path] = fingerprint(block)
+            if ("fingerprint", path) not in lowered:  # once per relower
+                lowered["fingerprint", path] = fingerprint(block, containers, adapters)
             key = (block_graph.key, lowered["fingerprint", path])  # what lowering reads of the block, adapters included
             if key not in lowered:
                 before = set(block._modules)
@@ -489,6 +490,7 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         of either captures every signature again (from the same module tree, now converted)."""
         before = self._placement()
         result = super()._apply(fn, recurse)
+        forget_entry_prints()  # adapters' dtypes may have changed
         if self._fxpeft_primary is not None and self._placement() != before:
             device, dtype = self._placement()
             self.__dict__["_fxpeft_lowered_blocks"] = {}  # lowered for the old dtype or device

@@ -551,7 +551,7 @@ def _slot_sites(gm) -> list:
     lowering root, its path there) for every module whose graphs pick its adapters by an index
     (``lower_site``: embeddings, and linear sites without LoRA bias); ``dense``: the dense graph does too
     (embeddings, linear sites with several adapters)."""
-    order = list(gm.peft_config)
+    position = {name: index for index, name in enumerate(gm.peft_config)}
     blocks = sorted(gm._fxpeft_block_paths, key=len, reverse=True)
     found = []
     for path, module in registry_of(gm).base_modules(gm, keep=(NESTED,)):  # not into any adapter's state
@@ -565,7 +565,7 @@ def _slot_sites(gm) -> list:
         rank = max(_adapter_tensors(module, a, embedding)[0].shape[0] for a in present)
         block = next((b for b in blocks if path.startswith(b + ".")), None)
         root = gm if block is None else gm.get_submodule(block)
-        found.append((module, tuple(present), tuple(order.index(a) for a in present), rank, embedding,
+        found.append((module, tuple(present), tuple(position[a] for a in present), rank, embedding,
                       embedding or len(present) > 1, root._modules[KEPT_MODULE],
                       path if block is None else path[len(block) + 1:]))
     return found

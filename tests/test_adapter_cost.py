@@ -4,6 +4,7 @@ benchmarks/bench_adapters.py (``--loaded``); these tests check what a call touch
 from __future__ import annotations
 
 import copy
+import sys
 
 import peft
 import pytest
@@ -344,3 +345,30 @@ def test_inference_mode_calls_and_index_tensors(loaded):
     finally:
         reference.base_model.set_adapter("t0")
         fxpeft.set_adapter(gm, "t0")
+
+
+def _python_calls(fn) -> int:
+    """Python and builtin calls made by ``fn()``: work counted the same on any machine."""
+    count = 0
+
+    def counter(frame, event, arg):
+        nonlocal count
+        count += event in ("call", "c_call")
+
+    sys.setprofile(counter)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return count
+
+
+def test_add_adapter_work_does_not_grow_with_the_adapters_loaded():
+    """Each add_adapter re-lowers the model; re-reading every loaded adapter's modules to decide which
+    blocks share code made the k-th add cost grow with k (quadratic in all)."""
+    torch.manual_seed(0)
+    config = dict(r=4, target_modules=["q_proj", "v_proj"])
+    gm = fxpeft.transform(models.llama(), fxpeft.LoraConfig(**config))
+    gm(**models.hf_inputs("llama"))  # captured once: every add below re-lowers, none captures
+    calls = [_python_calls(lambda: fxpeft.add_adapter(gm, fxpeft.LoraConfig(**config), f"a{i}")) for i in range(25)]
+    assert calls[-1] <= 1.1 * calls[1], calls  # a handful of calls per loaded adapter remain (lists of names)
