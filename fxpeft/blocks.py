@@ -58,6 +58,7 @@ class BlockGraph:
     key: str  # structure: blocks with equal keys have equal graphs
     extras: dict[str, Any] = field(default_factory=dict)  # local name -> module / tensor it reads
     origins: dict[str, str] = field(default_factory=dict)  # local name -> the root name it came from
+    cached: bool = False  # of a call with a KV cache (generation): lowered as such (``Lowering.cached``)
 
 
 @dataclass
@@ -119,7 +120,7 @@ def _relative(path: str, block: str) -> str:
     return path[len(block) + 1:]
 
 
-def _block_graph(graph: torch.fx.Graph, owner: dict, block: str, root: nn.Module):
+def _block_graph(graph: torch.fx.Graph, owner: dict, block: str, root: nn.Module, cached: bool):
     """(BlockGraph, inputs, outputs): the block's nodes copied into a graph of their own."""
     nodes = [n for n in graph.nodes if owner[n] == block]
     inside = set(nodes)
@@ -153,7 +154,8 @@ def _block_graph(graph: torch.fx.Graph, owner: dict, block: str, root: nn.Module
         values[node] = copied
     new.output(tuple(values[n] for n in outputs))
     origins = {local: original for original, local in local_names.items()}
-    return BlockGraph(new, _structure_key(new), extras, origins), inputs, outputs
+    key = _structure_key(new) + ("-cached" if cached else "")  # lowered otherwise: its own variant
+    return BlockGraph(new, key, extras, origins, cached), inputs, outputs
 
 
 def _structure_key(graph: torch.fx.Graph) -> str:
@@ -167,16 +169,17 @@ def _structure_key(graph: torch.fx.Graph) -> str:
     return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def outline(graph: torch.fx.Graph, root: nn.Module, blocks: list[str]) -> Optional[Outlined]:
+def outline(graph: torch.fx.Graph, root: nn.Module, blocks: list[str], cached: bool = False) -> Optional[Outlined]:
     """Split a flat canonical graph into a top graph calling ``blocks`` and one graph per block;
-    None when some block is not one convex region (the graph then stays flat)."""
+    None when some block is not one convex region (the graph then stays flat). ``cached``: the graph
+    reads a KV cache."""
     owner = _assign(graph, blocks)
     present = [b for b in blocks if any(owner[n] == b and n.op != "get_attr" for n in graph.nodes)]
     if not present or not all(_convex(graph, owner, b) for b in present):
         return None
     block_graphs, calls = {}, {}
     for block in present:
-        block_graphs[block], inputs, outputs = _block_graph(graph, owner, block, root)
+        block_graphs[block], inputs, outputs = _block_graph(graph, owner, block, root, cached)
         calls[block] = (inputs, outputs)
     return Outlined(_top_graph(graph, owner, calls, block_graphs), block_graphs)
 

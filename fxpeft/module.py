@@ -324,15 +324,15 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         the block (blocks of equal structure and adapter state share one lowering, kept in
         ``lowered_blocks`` across the signatures of one relower, with each block's fingerprint)."""
         top, mixed_error = signature.canonical, None
+        cached = signature.example is not None and generation.cache_name_of(signature.example) is not None
         if self._fxpeft_block_paths:
             if signature.outlined is None:
-                signature.outlined = outline(signature.canonical, self, self._fxpeft_block_paths)
+                signature.outlined = outline(signature.canonical, self, self._fxpeft_block_paths, cached)
             if signature.outlined is not None:
                 top = signature.outlined.top
                 if lowered_blocks is None:
                     lowered_blocks = self.__dict__.setdefault("_fxpeft_lowered_blocks", {})
                 mixed_error = self._lower_blocks(signature.outlined, lowered_blocks)
-        cached = signature.example is not None and generation.cache_name_of(signature.example) is not None
         signature.graph = lower(top, self, self._fxpeft_registry, mixed=False, cached=cached)
         signature.fn = self._function(signature.graph, self)
         signature.mixed_graph = signature.mixed_fn = None
@@ -364,12 +364,13 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
             key = (block_graph.key, lowered["fingerprint", path])  # what lowering reads of the block, adapters included
             if key not in lowered:
                 before = set(block._modules)
-                dense = lower(block_graph.graph, block, self._fxpeft_registry, mixed=False, adapter_order=order)
+                dense = lower(block_graph.graph, block, self._fxpeft_registry, mixed=False, adapter_order=order,
+                              cached=block_graph.cached)
                 mixed, error = None, None
                 if order:
                     try:
                         mixed = self._function(lower(block_graph.graph, block, self._fxpeft_registry, mixed=True,
-                                                     adapter_order=order), block)
+                                                     adapter_order=order, cached=block_graph.cached), block)
                     except NotImplementedError as caught:
                         error = caught
                 # helper modules rules registered while lowering (stateless): every block sharing the code reads them
@@ -436,7 +437,7 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
             mixed = kwargs.get("adapter_names") is not None
             if self._fxpeft_prepare_hooks and not torch.is_grad_enabled() and (
                     compiled or self.__dict__.get("_fxpeft_compiled_blocks") or not mixed):
-                self._prepare_call(mixed)
+                self._prepare_call(mixed, kwargs)
                 previous, _Prepared.now = _Prepared.now, True
                 try:
                     return nn.Module.__call__(self, *args, **kwargs)
@@ -445,9 +446,10 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         return nn.Module.__call__(self, *args, **kwargs)
 
     @torch.compiler.disable  # under a compiled __call__ frame the hooks' Python runs untraced
-    def _prepare_call(self, mixed: bool) -> None:
+    def _prepare_call(self, mixed: bool, kwargs: dict) -> None:
+        cached = generation.cache_name_of(kwargs) is not None  # here, not in the caller: dynamo would trace it
         for hook in self._fxpeft_prepare_hooks:
-            hook(self, mixed)
+            hook(self, mixed, cached)
 
     @torch.compiler.disable  # under a compiled __call__ frame, capture (torch.export) must run untraced
     def _ensure_signature(self, args, kwargs) -> None:

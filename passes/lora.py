@@ -8,7 +8,8 @@ State (attached beside the adapted module, PEFT's names):
 Rewrite (phase 50, output deltas), added to the site output:
     linear / embedding sites: the module's adapters stacked (padded to one rank, s folded into
     B) and gathered by the active slots (dense graph) or per sample (mixed graph);
-    linear sites with a single adapter (dense graph) and conv sites: a gated delta per adapter.
+    linear sites with a single adapter (dense graph without a KV cache) and conv sites: a gated
+    delta per adapter.
 Folding: ``delta_weight`` is what merging adds to the base weight.
 Inits that read the base weight (``init_lora_weights`` "pissa", "olora", "orthogonal", "loftq":
 passes/lora_init.py) replace A and B at linear sites after they are built, as PEFT does, and
@@ -252,8 +253,11 @@ def lower_site(lw: Lowering, site: Site, module: nn.Module, present: list[str]):
     site's adapters through the site module and picks those the index names (dense graph: the
     module's ``_fxpeft_slots``; mixed graph: each sample's adapter), so a call costs what the
     adapters it uses cost, however many are loaded (``select_adapters``). Conv sites and linear
-    sites with one adapter in the dense graph keep the form's plain gated delta (None)."""
-    if site.kind == "conv" or (site.kind == "linear" and not lw.mixed and len(present) == 1) or any(
+    sites with one adapter in the dense graph of a call without a KV cache keep the form's plain
+    gated delta (None): its dropout draws are PEFT's, and inspection shows its A and B."""
+    # a generation graph (one reading a KV cache) picks a lone adapter too: loading a second one between
+    # compiled generate calls then leaves its code as it was (no recompile)
+    if site.kind == "conv" or (site.kind == "linear" and not (lw.mixed or lw.cached) and len(present) == 1) or any(
             site.kind == "linear" and module.lora_B[a].bias is not None for a in present):  # lora_bias: plain deltas
         return None
     base_dtype = site_weight(lw.root, site).dtype
@@ -550,7 +554,7 @@ def _slot_sites(gm) -> list:
     """(site module, adapter names, their global positions, rank, embedding, dense, the KeptStacks of its
     lowering root, its path there) for every module whose graphs pick its adapters by an index
     (``lower_site``: embeddings, and linear sites without LoRA bias); ``dense``: the dense graph does too
-    (embeddings, linear sites with several adapters)."""
+    (embeddings, linear sites with several adapters; a graph reading a KV cache always does)."""
     position = {name: index for index, name in enumerate(gm.peft_config)}
     blocks = sorted(gm._fxpeft_block_paths, key=len, reverse=True)
     found = []
@@ -571,14 +575,14 @@ def _slot_sites(gm) -> list:
     return found
 
 
-def prepare_call(gm, mixed: bool) -> None:
+def prepare_call(gm, mixed: bool, cached: bool) -> None:
     """Before a call without autograd: each index-picking site's stacks for the graph the call runs,
     rebuilt only when the slots or an adapter they hold changed (``_pick``'s memo: identity, storage,
     version of each tensor)."""
     sites = gm._fxpeft_memo.get(SITES, ())
     host = None if mixed or not sites else _host_list(gm._buffers["_fxpeft_slots"])
     for site, names, positions, rank, embedding, dense, kept, path in sites:
-        if not (mixed or dense):
+        if not (mixed or dense or cached):
             continue
         fetch = lambda j, site=site, names=names, embedding=embedding: _adapter_tensors(site, names[j], embedding)  # noqa: E731
         if type(fetch(0)[0]).__name__ == "DTensor":  # sharded (FSDP2) until its block's forward: stack per call

@@ -275,6 +275,32 @@ def test_compiled_decoding_compiles_once_and_matches_eager(llama_pair):
         torch._dynamo.reset()
 
 
+def test_compiled_decoding_of_a_lone_adapter_survives_loading_another():
+    """A model with one adapter: its generation graphs pick that adapter by the slots too, so a second
+    adapter (of a larger rank) loaded between compiled generate calls does not recompile the decode step.
+    (It did: a lone adapter was a plain delta in the graph code, which a second one changed.)"""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    gm = fxpeft.transform(models.llama().eval(), fxpeft.LoraConfig(r=4, lora_alpha=8, **LORA))
+    prompt = models.hf_inputs("llama", batch=2)
+    kw = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    config = transformers.CompileConfig(fullgraph=True, backend="eager", mode=None)  # recompiles are dynamo's
+    expected = gm.generate(**prompt, **kw)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            assert torch.equal(gm.generate(**prompt, **kw, compile_config=config), expected)
+            gm.add_adapter("other", fxpeft.LoraConfig(r=8, lora_alpha=8, **LORA))
+            gm.set_adapter("other")
+            expected = gm.generate(**prompt, **kw)
+            assert torch.equal(gm.generate(**prompt, **kw, compile_config=config), expected)
+        assert counters["stats"]["unique_graphs"] == 1
+    finally:
+        torch._dynamo.reset()
+
+
 def test_bad_compile_configs_fail_before_any_compute(llama_pair):
     _, gm = llama_pair
     inputs = models.hf_inputs("llama", batch=2)
