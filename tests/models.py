@@ -44,10 +44,10 @@ def t5(layers: int = 2):
                                                num_heads=4, decoder_start_token_id=0))
 
 
-def bart():
+def bart(layers: int = 2):
     from transformers import BartConfig, BartForConditionalGeneration
-    return BartForConditionalGeneration(BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
-                                                   encoder_attention_heads=4, decoder_attention_heads=4,
+    return BartForConditionalGeneration(BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=layers,
+                                                   decoder_layers=layers, encoder_attention_heads=4, decoder_attention_heads=4,
                                                    encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64))
 
 

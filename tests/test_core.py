@@ -357,7 +357,7 @@ def test_other_keyword_sets_are_captured_on_first_use():
     assert isinstance(as_tuple, tuple)
     torch.testing.assert_close(as_tuple[0], with_types)
 
-    t5 = models.t5().eval()
+    t5 = models.t5(layers=1).eval()
     gm = fxpeft.transform(t5, fxpeft.LoraConfig(r=2, target_modules=["q", "v"]))
     inputs = models.hf_inputs("t5")
     labels = torch.randint(1, models.VOCAB, (2, 5))  # no decoder_input_ids: T5 derives them from labels
