@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .canonical import _resolve, submodule
+from .registry import ALONE, adapter_entries, walk_modules
 
 
 def find_block_paths(tree: nn.Module) -> list[str]:
@@ -343,24 +344,8 @@ def fingerprint(module: nn.Module, containers: frozenset = frozenset(), adapters
     index aside, which only a KV cache reads). Equal blocks capture alike and, with their adapters
     attached, lower alike. An adapter's entry in a container (``q_proj.lora_A.<adapter>``, ``adapters``
     naming the adapters, ``containers`` the containers) is read once (:func:`_entry_print`)."""
-    parts, seen, stack = [], set(), [("", module)]
-    while stack:
-        path, sub = stack.pop()
-        if id(sub) in seen:  # a module shared by two parents is read once, as named_modules does
-            continue
-        seen.add(id(sub))
-        parts.append((path, *_module_print(sub)))
-        inside = path.rpartition(".")[2] in containers
-        children = []
-        for name, child in sub._modules.items():
-            if child is not None:
-                child_path = f"{path}.{name}" if path else name
-                if inside and name in adapters:
-                    parts.append((child_path, _entry_print(child)))
-                else:
-                    children.append((child_path, child))
-        stack.extend(reversed(children))
-    return tuple(parts)
+    return tuple((path, *_module_print(sub)) if whole else (path, _entry_print(sub))
+                 for path, sub, whole in walk_modules(module, adapter_entries(containers, adapters, ALONE)))
 
 
 _PLAIN = (int, float, str, bool, type(None))

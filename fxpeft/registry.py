@@ -246,33 +246,16 @@ class Registry:
         """``root.named_modules()`` without what adapters added (their containers' subtrees, fxpeft's
         own ``_fxpeft*`` modules): a walk whose length does not grow with the adapters loaded. ``keep``:
         containers walked into all the same (one that nests the base module itself, PEFT's ``base_layer``)."""
-        skip, seen = self.containers() - set(keep), set()
-        stack = [("", root)]
-        while stack:
-            path, module = stack.pop()
-            if id(module) in seen:  # a module shared by two parents is walked once, as named_modules does
-                continue
-            seen.add(id(module))
-            yield path, module
-            children = [(f"{path}.{name}" if path else name, child) for name, child in module._modules.items()
-                        if child is not None and name not in skip and not name.startswith("_fxpeft")]
-            stack.extend(reversed(children))  # pre-order, children in order, as named_modules
+        skip = self.containers() - set(keep)
+        rule = lambda path, module: (SKIP, skip | {n for n in module._modules if n.startswith("_fxpeft")})  # noqa: E731
+        return ((path, module) for path, module, _ in walk_modules(root, rule))
 
     def modules_but_adapters(self, root: nn.Module, adapters) -> Iterator[tuple[str, nn.Module]]:
         """``root.named_modules()`` without the state of ``adapters`` (a container's entries named by one
         of them): what adding another adapter can change, walked in a time that grows with the
         containers, not with the adapters they hold."""
-        containers, adapters, seen = self.containers(), set(adapters), set()
-        stack = [("", root)]
-        while stack:
-            path, module = stack.pop()
-            if id(module) in seen:
-                continue
-            seen.add(id(module))
-            yield path, module
-            inside = path.rpartition(".")[2] in containers
-            stack.extend(reversed([(f"{path}.{name}" if path else name, child) for name, child in module._modules.items()
-                                   if child is not None and not (inside and name in adapters)]))
+        rule = adapter_entries(self.containers(), adapters, SKIP)
+        return ((path, module) for path, module, _ in walk_modules(root, rule))
 
     def is_adapter_state(self, path: str) -> bool:
         """Whether a module path lies inside some adapter's state (``...q_proj.lora_A.default``)."""
@@ -281,6 +264,33 @@ class Registry:
 
 
 DEFAULT = Registry()
+
+# what walk_modules does with a child: walk it and its subtree, yield it alone, or leave it out
+DESCEND, ALONE, SKIP = "descend", "alone", "skip"
+
+
+def walk_modules(root: nn.Module, rule: Callable) -> Iterator[tuple[str, nn.Module, bool]]:
+    """(path, module, descended) in ``root.named_modules()``'s order, a module shared by two parents
+    once. ``rule(path, module)`` names the module's children walked otherwise: ``(what, names)``, the
+    children in ``names`` yielded without their subtrees (ALONE) or left out (SKIP); or None."""
+    seen, stack = set(), [("", root, True)]
+    while stack:
+        path, module, descend = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield path, module, descend
+        if descend:
+            what, names = rule(path, module) or (DESCEND, ())
+            stack.extend(reversed([(f"{path}.{name}" if path else name, child, name not in names)
+                                   for name, child in module._modules.items()
+                                   if child is not None and not (what == SKIP and name in names)]))  # pre-order
+
+
+def adapter_entries(containers, adapters, what: str) -> Callable:
+    """A ``walk_modules`` rule: ``what`` for the entries of ``adapters`` in a container (``q_proj.lora_A.<adapter>``)."""
+    containers, adapters = set(containers), set(adapters)
+    return lambda path, module: (what, adapters) if path.rpartition(".")[2] in containers else None
 
 
 def register_method(method: Method, registry: Optional[Registry] = None) -> Method:
