@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import operator
 import warnings
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -546,15 +546,26 @@ def lowered(gm) -> None:
             root._modules[KEPT_MODULE] = holder = KeptStacks()
         seen.add(id(holder))
     sites = gm._fxpeft_memo[SITES] = _slot_sites(gm)
-    for site, names, positions, rank, _, _, _, _ in sites:
-        site.__dict__[LAYOUT] = (names, positions, rank, any(site.lora_scaling[a].dropout > 0 for a in names))
+    for s in sites:
+        s.site.__dict__[LAYOUT] = (s.names, s.positions, s.rank,
+                                   any(s.site.lora_scaling[a].dropout > 0 for a in s.names))
 
 
-def _slot_sites(gm) -> list:
-    """(site module, adapter names, their global positions, rank, embedding, dense, the KeptStacks of its
-    lowering root, its path there) for every module whose graphs pick its adapters by an index
-    (``lower_site``: embeddings, and linear sites without LoRA bias); ``dense``: the dense graph does too
-    (embeddings, linear sites with several adapters; a graph reading a KV cache always does)."""
+class SlotSite(NamedTuple):
+    """A module whose graphs pick its adapters by an index (``lower_site``: embeddings, and linear sites
+    without LoRA bias)."""
+
+    site: nn.Module
+    names: tuple[str, ...]  # its adapters
+    positions: tuple[int, ...]  # theirs in peft_config
+    rank: int  # the largest of theirs
+    embedding: bool
+    dense: bool  # the dense graph picks too (embeddings, several adapters; a graph with a KV cache always does)
+    kept: nn.Module  # the KeptStacks of its lowering root
+    path: str  # its path from that root
+
+
+def _slot_sites(gm) -> list[SlotSite]:
     position = {name: index for index, name in enumerate(gm.peft_config)}
     blocks = sorted(gm._fxpeft_block_paths, key=len, reverse=True)
     found = []
@@ -569,9 +580,9 @@ def _slot_sites(gm) -> list:
         rank = max(_adapter_tensors(module, a, embedding)[0].shape[0] for a in present)
         block = next((b for b in blocks if path.startswith(b + ".")), None)
         root = gm if block is None else gm.get_submodule(block)
-        found.append((module, tuple(present), tuple(position[a] for a in present), rank, embedding,
-                      embedding or len(present) > 1, root._modules[KEPT_MODULE],
-                      path if block is None else path[len(block) + 1:]))
+        found.append(SlotSite(module, tuple(present), tuple(position[a] for a in present), rank, embedding,
+                              embedding or len(present) > 1, root._modules[KEPT_MODULE],
+                              path if block is None else path[len(block) + 1:]))
     return found
 
 
