@@ -69,6 +69,20 @@ def check_layer_fields(config, regex: tuple[str, ...] = LAYER_FIELDS, pattern: b
         raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
 
 
+def check_bias(config, only: str) -> None:
+    """PEFT's ``bias`` options: 'none', 'all' or ``only`` (the method's own layers' biases)."""
+    if config.bias not in ("none", "all", only):
+        raise ValueError(f"{type(config).__name__}.bias must be 'none', 'all' or '{only}', got {config.bias!r}.")
+
+
+def check_dropout(config, field: str) -> None:
+    """A dropout probability in [0, 1] (what PEFT accepts and then computes nonsense with, or fails on later)."""
+    value = getattr(config, field)
+    if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{type(config).__name__}.{field} is a dropout probability and must be in [0, 1], "
+                         f"got {value!r}.")
+
+
 @dataclass
 class PeftConfigBase:
     """Fields every adapter method shares with PEFT's PeftConfig."""
@@ -259,8 +273,7 @@ class LoraConfig(PeftConfigBase):
             raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}.")
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
-        if self.bias not in ("none", "all", "lora_only"):
-            raise ValueError(f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}.")
+        check_bias(self, "lora_only")
         self._check_init()
         if self.lora_bias and self.init_lora_weights not in (True, False):
             raise ValueError(f"The argument lora_bias=True is only supported with init_lora_weights=True or False, got "

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fxpeft.configs import DEFAULT_LORA_TARGETS, LoraConfig, PeftConfigBase, check_layer_fields
+from fxpeft.configs import DEFAULT_LORA_TARGETS, LoraConfig, PeftConfigBase, check_bias, check_layer_fields
 from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict
 from fxpeft.registry import register_method
 
@@ -104,8 +104,7 @@ class AdaLoraConfig(PeftConfigBase):
             raise ValueError(f"AdaLoraConfig.deltaT must be a positive integer, got {self.deltaT!r}.")
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise ValueError(f"AdaLoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
-        if self.bias not in ("none", "all", "lora_only"):
-            raise ValueError(f"AdaLoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}.")
+        check_bias(self, "lora_only")
         if self.init_lora_weights not in (True, False, "gaussian"):
             raise ValueError(
                 f"AdaLoraConfig.init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}.")

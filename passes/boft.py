@@ -27,7 +27,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase
+from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_bias
 from fxpeft.forms import AdapterGate, adapter_dtype, child_dict, weight_map
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads
@@ -65,8 +65,7 @@ class BOFTConfig(PeftConfigBase):
         if not isinstance(self.init_weights, bool):
             raise ValueError(f"BOFTConfig.init_weights must be True or False, got {self.init_weights!r} (PEFT raises "
                              "'Unknown initialization' on every layer).")
-        if self.bias not in ("none", "all", "boft_only"):
-            raise ValueError(f"BOFTConfig.bias must be 'none', 'all' or 'boft_only', got {self.bias!r}.")
+        check_bias(self, "boft_only")
 
 
 def sizes(features: int, config: BOFTConfig, what: str) -> tuple[int, int]:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from fxpeft.canonical import Site
-from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_layer_fields
+from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_bias, check_layer_fields
 from fxpeft.forms import AdapterGate, additive, child_dict
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads, suffix_pattern_value
@@ -65,8 +65,7 @@ class C3AConfig(PeftConfigBase):
         if not any(self.init_weights is v or (isinstance(v, str) and self.init_weights == v) for v in INIT_WEIGHTS):
             raise ValueError(f"Unknown init_weights: {self.init_weights!r} (C3AConfig.init_weights must be one of "
                              f"{list(INIT_WEIGHTS)}).")
-        if self.bias not in ("none", "all", "c3a_only"):
-            raise ValueError(f"C3AConfig.bias must be 'none', 'all' or 'c3a_only', got {self.bias!r}.")
+        check_bias(self, "c3a_only")
 
 
 def check_site(module: nn.Module, site: Site, weight, config: C3AConfig) -> None:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from fxpeft.canonical import Site
-from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_layer_fields
+from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_bias, check_dropout, check_layer_fields
 from fxpeft.forms import AdapterGate, adapter_dtype, child_dict
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads
@@ -68,11 +68,8 @@ class DeftConfig(PeftConfigBase):
         # what PEFT refuses only when it builds a layer (r) or a dropout module
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {self.r!r}")
-        if not isinstance(self.deft_dropout, (int, float)) or not 0.0 <= self.deft_dropout <= 1.0:
-            raise ValueError(f"DeftConfig.deft_dropout is a dropout probability and must be in [0, 1], "
-                             f"got {self.deft_dropout!r}.")
-        if self.bias not in ("none", "all", "deft_only"):
-            raise ValueError(f"DeftConfig.bias must be 'none', 'all' or 'deft_only', got {self.bias!r}.")
+        check_dropout(self, "deft_dropout")
+        check_bias(self, "deft_only")
 
 
 def project(p: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from fxpeft.canonical import Site, is_quantized, site_weight
-from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_layer_fields
+from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_bias, check_dropout, check_layer_fields
 from fxpeft.forms import AdapterGate, SharedTensors, adapter_dtype, additive, child_dict
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads, pattern_value
@@ -62,11 +62,8 @@ class DeloraConfig(PeftConfigBase):
             if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
                 raise ValueError(f"`r` must be a positive integer; got {rank!r} ({key}).")
         # what PEFT accepts and then computes nonsense with, or fails on later
-        if not isinstance(self.module_dropout, (int, float)) or not 0.0 <= self.module_dropout <= 1.0:
-            raise ValueError(f"DeloraConfig.module_dropout is a dropout probability and must be in [0, 1], "
-                             f"got {self.module_dropout!r}.")
-        if self.bias not in ("none", "all", "delora_only"):
-            raise ValueError(f"DeloraConfig.bias must be 'none', 'all' or 'delora_only', got {self.bias!r}.")
+        check_dropout(self, "module_dropout")
+        check_bias(self, "delora_only")
         if self.init_weights not in (True, False):
             raise ValueError(f"DeloraConfig.init_weights must be True or False, got {self.init_weights!r}.")
 

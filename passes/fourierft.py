@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from fxpeft.canonical import Site, site_weight
-from fxpeft.configs import PeftConfigBase, check_layer_fields
+from fxpeft.configs import PeftConfigBase, check_bias, check_layer_fields
 from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads, suffix_pattern_value
@@ -69,8 +69,7 @@ class FourierFTConfig(PeftConfigBase):
         if not isinstance(self.random_loc_seed, int) or isinstance(self.random_loc_seed, bool):
             raise ValueError(f"FourierFTConfig.random_loc_seed seeds the spectral entry locations and must be an "
                              f"integer, got {self.random_loc_seed!r}.")
-        if self.bias not in ("none", "all", "fourier_only"):
-            raise ValueError(f"FourierFTConfig.bias must be 'none', 'all' or 'fourier_only', got {self.bias!r}.")
+        check_bias(self, "fourier_only")
 
 
 def check_site(module: nn.Module, site: Site, weight, config: FourierFTConfig) -> None:

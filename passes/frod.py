@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from fxpeft.canonical import Site
-from fxpeft.configs import PeftConfigBase, check_layer_fields
+from fxpeft.configs import PeftConfigBase, check_bias, check_dropout, check_layer_fields
 from fxpeft.forms import AdapterGate, SharedTensors, adapter_dtype, additive, child_dict
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads
@@ -92,11 +92,8 @@ class FrodConfig(PeftConfigBase):
         if self.sparse_rate < 0 or self.sparse_rate > 1:
             raise ValueError(f"`sparse_rate` should be between 0 and 1, got {self.sparse_rate}.")
         # what PEFT refuses only when it builds a layer or marks biases trainable
-        if not isinstance(self.frod_dropout, (int, float)) or not 0.0 <= self.frod_dropout <= 1.0:
-            raise ValueError(f"FrodConfig.frod_dropout is a dropout probability and must be in [0, 1], "
-                             f"got {self.frod_dropout!r}.")
-        if self.bias not in ("none", "all", "frod_only"):
-            raise ValueError(f"FrodConfig.bias must be 'none', 'all' or 'frod_only', got {self.bias!r}.")
+        check_dropout(self, "frod_dropout")
+        check_bias(self, "frod_only")
         if not isinstance(self.projection_prng_key, int) or isinstance(self.projection_prng_key, bool):
             raise ValueError(f"FrodConfig.projection_prng_key seeds a torch.Generator and must be an integer, "
                              f"got {self.projection_prng_key!r}.")

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from fxpeft.canonical import Site
-from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase
+from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_bias
 from fxpeft.forms import AdapterGate, adapter_dtype, child_dict
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads
@@ -66,8 +66,7 @@ class GloraConfig(PeftConfigBase):
         # what PEFT does not check (a non-positive r fails in torch.zeros; an unknown bias is ignored)
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {self.r!r}.")
-        if self.bias not in ("none", "all", "glora_only"):
-            raise ValueError(f"GloraConfig.bias must be 'none', 'all' or 'glora_only', got {self.bias!r}.")
+        check_bias(self, "glora_only")
 
 
 class LowRankPath(nn.Module):

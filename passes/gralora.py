@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from fxpeft.canonical import Site
-from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_layer_fields
+from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_bias, check_dropout, check_layer_fields
 from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads
@@ -68,11 +68,8 @@ class GraloraConfig(PeftConfigBase):
             raise ValueError(f"`r` should be a positive integer value but the value passed is {self.r}")
         if not isinstance(self.hybrid_r, int) or isinstance(self.hybrid_r, bool) or self.hybrid_r < 0:
             raise ValueError(f"`hybrid_r` should be a non-negative integer value but the value passed is {self.hybrid_r}")
-        if not isinstance(self.gralora_dropout, (int, float)) or not 0.0 <= self.gralora_dropout <= 1.0:
-            raise ValueError(f"GraloraConfig.gralora_dropout is a dropout probability and must be in [0, 1], "
-                             f"got {self.gralora_dropout!r}.")
-        if self.bias not in ("none", "all", "gralora_only"):
-            raise ValueError(f"GraloraConfig.bias must be 'none', 'all' or 'gralora_only', got {self.bias!r}.")
+        check_dropout(self, "gralora_dropout")
+        check_bias(self, "gralora_only")
         check_layer_fields(self, regex=())
 
 

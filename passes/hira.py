@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxpeft.canonical import Site, is_quantized
-from fxpeft.configs import PeftConfigBase, check_layer_fields
+from fxpeft.configs import PeftConfigBase, check_dropout, check_layer_fields
 from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads, pattern_value
@@ -89,9 +89,7 @@ class HiraConfig(PeftConfigBase):
                                                               and self.init_weights.lower() == "gaussian")):
             raise ValueError(f"Unknown initialization init_weights={self.init_weights!r}: HiraConfig.init_weights is "
                              "True, False or 'gaussian'.")
-        if not isinstance(self.hira_dropout, (int, float)) or not 0.0 <= self.hira_dropout <= 1.0:
-            raise ValueError(f"HiraConfig.hira_dropout is a dropout probability and must be in [0, 1], "
-                             f"got {self.hira_dropout!r}.")
+        check_dropout(self, "hira_dropout")
 
 
 def check_site(module: nn.Module, site: Site, weight, config: HiraConfig) -> None:

@@ -23,7 +23,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_layer_fields
+from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_bias, check_layer_fields
 from fxpeft.forms import AdapterGate, adapter_dtype, child_dict, weight_map
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads
@@ -52,8 +52,7 @@ class HRAConfig(PeftConfigBase):
         check_layer_fields(self)
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {self.r!r}.")
-        if self.bias not in ("none", "all", "hra_only"):
-            raise ValueError(f"HRAConfig.bias must be 'none', 'all' or 'hra_only', got {self.bias!r}.")
+        check_bias(self, "hra_only")
 
 
 def householder(site_module: nn.Module, adapter: str) -> torch.Tensor:

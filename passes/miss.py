@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxpeft.canonical import Site, is_quantized, site_weight
-from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_layer_fields
+from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_dropout, check_layer_fields
 from fxpeft.forms import AdapterGate, adapter_dtype, child_dict, weight_map
 from fxpeft.registry import register_method
 from fxpeft.rewrite import Lowering, samples_of
@@ -70,9 +70,7 @@ class MissConfig(PeftConfigBase):
         if self.init_weights not in (True, False, "bat", "mini"):
             raise ValueError(f"MissConfig.init_weights must be True, False, 'bat' or 'mini' (the MiSS variant), "
                              f"got {self.init_weights!r}.")
-        if not isinstance(self.miss_dropout, (int, float)) or not 0.0 <= self.miss_dropout <= 1.0:
-            raise ValueError(f"MissConfig.miss_dropout is a dropout probability and must be in [0, 1], "
-                             f"got {self.miss_dropout!r}.")
+        check_dropout(self, "miss_dropout")
         if self.bias not in ("none", "all") and not self.bias.endswith("_only"):
             raise ValueError(f"MissConfig.bias must be 'none', 'all' or 'MiSS_only', got {self.bias!r}.")
 

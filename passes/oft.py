@@ -28,7 +28,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase
+from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_bias
 from fxpeft.forms import AdapterGate, adapter_dtype, child_dict, weight_map
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads
@@ -84,8 +84,7 @@ class OFTConfig(PeftConfigBase):
         if not isinstance(self.init_weights, bool):
             raise ValueError(f"OFTConfig.init_weights must be True or False, got {self.init_weights!r} (PEFT raises "
                              "'Unknown initialization' on every layer).")
-        if self.bias not in ("none", "all", "oft_only"):
-            raise ValueError(f"OFTConfig.bias must be 'none', 'all' or 'oft_only', got {self.bias!r}.")
+        check_bias(self, "oft_only")
         if self.use_cayley_neumann and self.num_cayley_neumann_terms < 1:
             raise ValueError(f"OFTConfig.num_cayley_neumann_terms must be >= 1, got {self.num_cayley_neumann_terms}.")
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from fxpeft.canonical import Site, site_weight
-from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase
+from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_bias, check_dropout
 from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict, shared_tensors
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads
@@ -81,11 +81,8 @@ class RandLoraConfig(PeftConfigBase):
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {self.r!r} "
                              "(RandLoraConfig.r).")
-        if not isinstance(self.randlora_dropout, (int, float)) or not 0.0 <= self.randlora_dropout <= 1.0:
-            raise ValueError(f"RandLoraConfig.randlora_dropout is a dropout probability and must be in [0, 1], "
-                             f"got {self.randlora_dropout!r}.")
-        if self.bias not in ("none", "all", "randlora_only"):
-            raise ValueError(f"RandLoraConfig.bias must be 'none', 'all' or 'randlora_only', got {self.bias!r}.")
+        check_dropout(self, "randlora_dropout")
+        check_bias(self, "randlora_only")
         if not isinstance(self.projection_prng_key, int) or isinstance(self.projection_prng_key, bool):
             raise ValueError(f"RandLoraConfig.projection_prng_key seeds a torch.Generator and must be an integer, "
                              f"got {self.projection_prng_key!r}.")

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from fxpeft.canonical import Site, is_quantized
-from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_layer_fields
+from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_bias, check_dropout, check_layer_fields
 from fxpeft.forms import AdapterGate, SharedTensors, adapter_dtype, additive, child_dict
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads
@@ -82,11 +82,8 @@ class TinyLoraConfig(PeftConfigBase):
         if self.init_weights not in (True, False, "uniform"):
             raise ValueError(f"TinyLoraConfig.init_weights must be True (v = 0), 'uniform' or False (v left unset), "
                              f"got {self.init_weights!r} (PEFT would leave v unset).")
-        if not isinstance(self.tinylora_dropout, (int, float)) or not 0.0 <= self.tinylora_dropout <= 1.0:
-            raise ValueError(f"TinyLoraConfig.tinylora_dropout is a dropout probability and must be in [0, 1], "
-                             f"got {self.tinylora_dropout!r}.")
-        if self.bias not in ("none", "all", "tinylora_only"):
-            raise ValueError(f"TinyLoraConfig.bias must be 'none', 'all' or 'tinylora_only', got {self.bias!r}.")
+        check_dropout(self, "tinylora_dropout")
+        check_bias(self, "tinylora_only")
 
 
 def weight_matrix(module: nn.Module, site: Site) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from fxpeft.canonical import Site
-from fxpeft.configs import PeftConfigBase, check_layer_fields
+from fxpeft.configs import PeftConfigBase, check_bias, check_dropout, check_layer_fields
 from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads
@@ -91,11 +91,8 @@ class VBLoRAConfig(PeftConfigBase):
             raise ValueError(f"VBLoRAConfig.topk ({self.topk}) picks that many vectors from the bank, which holds "
                              f"num_vectors={self.num_vectors}: topk must not exceed num_vectors (PEFT fails when the "
                              "adapter first runs).")
-        if not isinstance(self.vblora_dropout, (int, float)) or not 0.0 <= self.vblora_dropout <= 1.0:
-            raise ValueError(f"VBLoRAConfig.vblora_dropout is a dropout probability and must be in [0, 1], "
-                             f"got {self.vblora_dropout!r}.")
-        if self.bias not in ("none", "all", "vblora_only"):
-            raise ValueError(f"VBLoRAConfig.bias must be 'none', 'all' or 'vblora_only', got {self.bias!r}.")
+        check_dropout(self, "vblora_dropout")
+        check_bias(self, "vblora_only")
 
 
 def check_site(module: nn.Module, site: Site, weight, config: VBLoRAConfig) -> None:

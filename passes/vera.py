@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from fxpeft.canonical import Site, site_weight
-from fxpeft.configs import PeftConfigBase, check_layer_fields
+from fxpeft.configs import PeftConfigBase, check_bias, check_dropout, check_layer_fields
 from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict, shared_tensors
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads
@@ -92,11 +92,8 @@ def check_config(config, prefix: str) -> None:
     if not isinstance(config.r, int) or isinstance(config.r, bool) or config.r <= 0:
         raise ValueError(f"{kind}.r must be a positive integer (PEFT: `r` should be a positive integer value), "
                          f"got {config.r!r}.")
-    dropout = getattr(config, f"{prefix}_dropout")
-    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout <= 1.0:
-        raise ValueError(f"{kind}.{prefix}_dropout is a dropout probability and must be in [0, 1], got {dropout!r}.")
-    if config.bias not in ("none", "all", f"{prefix}_only"):
-        raise ValueError(f"{kind}.bias must be 'none', 'all' or '{prefix}_only', got {config.bias!r}.")
+    check_dropout(config, f"{prefix}_dropout")
+    check_bias(config, f"{prefix}_only")
     if not isinstance(config.projection_prng_key, int) or isinstance(config.projection_prng_key, bool):
         raise ValueError(f"{kind}.projection_prng_key seeds a torch.Generator and must be an integer, "
                          f"got {config.projection_prng_key!r}.")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxpeft.canonical import Site, site_weight
-from fxpeft.configs import PeftConfigBase, check_layer_fields
+from fxpeft.configs import PeftConfigBase, check_bias, check_layer_fields
 from fxpeft.forms import adapter_dtype, additive, child_dict
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads, pattern_value
@@ -97,8 +97,7 @@ class WaveFTConfig(PeftConfigBase):
         if not isinstance(self.random_loc_seed, int) or isinstance(self.random_loc_seed, bool):
             raise ValueError(f"WaveFTConfig.random_loc_seed seeds the coefficient locations and must be an integer, "
                              f"got {self.random_loc_seed!r}.")
-        if self.bias not in ("none", "all", "waveft_only"):
-            raise ValueError(f"WaveFTConfig.bias must be 'none', 'all' or 'waveft_only', got {self.bias!r}.")
+        check_bias(self, "waveft_only")
 
 
 def n_frequencies(targets, config: WaveFTConfig) -> dict[str, int]:
