@@ -435,9 +435,9 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
             if compiled:  # eager calls capture in the dispatcher: no second binding of the arguments
                 self._ensure_signature(args, kwargs)
             mixed = kwargs.get("adapter_names") is not None
-            if self._fxpeft_prepare_hooks and not torch.is_grad_enabled() and (
-                    compiled or self.__dict__.get("_fxpeft_compiled_blocks") or not mixed):
-                self._prepare_call(mixed, kwargs)
+            compiled = compiled or bool(self.__dict__.get("_fxpeft_compiled_blocks"))
+            if self._fxpeft_prepare_hooks and not torch.is_grad_enabled() and (compiled or not mixed):
+                self._prepare_call(mixed, kwargs, compiled)
                 previous, _Prepared.now = _Prepared.now, True
                 try:
                     return nn.Module.__call__(self, *args, **kwargs)
@@ -446,10 +446,10 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         return nn.Module.__call__(self, *args, **kwargs)
 
     @torch.compiler.disable  # under a compiled __call__ frame the hooks' Python runs untraced
-    def _prepare_call(self, mixed: bool, kwargs: dict) -> None:
+    def _prepare_call(self, mixed: bool, kwargs: dict, compiled: bool) -> None:
         cached = generation.cache_name_of(kwargs) is not None  # here, not in the caller: dynamo would trace it
         for hook in self._fxpeft_prepare_hooks:
-            hook(self, mixed, cached)
+            hook(self, mixed, cached, compiled)
 
     @torch.compiler.disable  # under a compiled __call__ frame, capture (torch.export) must run untraced
     def _ensure_signature(self, args, kwargs) -> None:

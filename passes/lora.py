@@ -283,9 +283,8 @@ def lower_site(lw: Lowering, site: Site, module: nn.Module, present: list[str]):
         a, b_t = lw.call(operator.getitem, picked, 0), lw.call(operator.getitem, picked, 1)
         delta = lw.call(lora_slots_embedding, site.input, a, b_t, padding_idx)
     else:
-        _ensure_module(lw.root, SLOTS_MODULE, LoraSlots)
         x = lw.cast(site.input, dtype, base_dtype)
-        delta = lw.call_module(SLOTS_MODULE, x, owner, kept, site.path, lw.slots())
+        delta = lw.call(lora_slots, x, owner, kept, site.path, lw.slots())
     return lw.call(aten.add.Tensor, site.output, lw.cast(delta, base_dtype, dtype))
 
 
@@ -586,14 +585,15 @@ def _slot_sites(gm) -> list[SlotSite]:
     return found
 
 
-def prepare_call(gm, mixed: bool, cached: bool) -> None:
+def prepare_call(gm, mixed: bool, cached: bool, compiled: bool) -> None:
     """Before a call without autograd: each index-picking site's stacks for the graph the call runs,
     rebuilt only when the slots or an adapter they hold changed (``_pick``'s memo: identity, storage,
-    version of each tensor)."""
+    version of each tensor). A lone adapter in a generation graph is read as it is when eager
+    (``lora_slots``); compiled, from stacks, so that a second one loaded later leaves the code as it was."""
     sites = gm._fxpeft_memo.get(SITES, ())
     host = None if mixed or not sites else _host_list(gm._buffers["_fxpeft_slots"])
     for site, names, positions, rank, embedding, dense, kept, path in sites:
-        if not (mixed or dense or cached):
+        if not (mixed or dense or (cached and compiled)):
             continue
         fetch = lambda j, site=site, names=names, embedding=embedding: _adapter_tensors(site, names[j], embedding)  # noqa: E731
         if type(fetch(0)[0]).__name__ == "DTensor":  # sharded (FSDP2) until its block's forward: stack per call
@@ -640,37 +640,40 @@ def _lookup(positions: tuple, device) -> torch.Tensor:
     return lookup
 
 
-SLOTS_MODULE = "_fxpeft_lora_slots"
-
-
-class LoraSlots(nn.Module):
-    """The active adapters of a linear site in one computation: ``x [A_s1^T|A_s2^T|…] [s1·B_s1^T; …]``.
-
-    A module (stateless) only so that it can follow ``.train()/.eval()`` for LoRA dropout, whose
-    probability per adapter is data (``<path>.lora_scaling.<adapter>.p``).
-    """
-
-    def forward(self, x, site, kept, path, slots):
-        dropout = self.training and site.__dict__[LAYOUT][3]
-        kept = None if dropout else _prepared(kept, path, False, flat=True)
-        if kept is not None:
-            return torch.matmul(torch.matmul(x, kept[0]), kept[1])
-        names, positions, rank, _ = site.__dict__[LAYOUT]
-        if torch.compiler.is_compiling():
-            a, b_t, _, owners = _stacked(site, names, positions, rank, slots, False, False)  # (S, R, in/out)
-        else:
-            a, b_t, _, owners = _picked(site, names, positions, rank, slots, False, False)
-            owners = _device_list(owners, a.device) if dropout else None
-        if dropout:  # each active adapter sees its own dropout of x
-            p = [site.lora_scaling[n].p for n in names]
-            p = torch.stack(p + [torch.zeros_like(p[0])]).index_select(0, owners % (len(names) + 1))  # -1: none
-            out = None
-            for slot in range(a.shape[0]):
-                dropped = x * (torch.rand_like(x) >= p[slot]).to(x.dtype) / (1 - p[slot])
-                term = (dropped @ a[slot].t()) @ b_t[slot]
-                out = term if out is None else out + term
-            return out
-        return torch.matmul(torch.matmul(x, a.reshape(-1, a.shape[-1]).t()), b_t.reshape(-1, b_t.shape[-1]))
+def lora_slots(x, site: nn.Module, kept: nn.Module, path: str, slots: torch.Tensor) -> torch.Tensor:
+    """The active adapters of a linear site in one computation: ``x [A_s1^T|A_s2^T|…] [s1·B_s1^T; …]``;
+    LoRA dropout while the site module trains (its probability per adapter is data,
+    ``<path>.lora_scaling.<adapter>.p``). A lone adapter (a generation graph's) is read as it is when
+    eager: two linears, as PEFT computes it."""
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        names, positions, _, dropout = site.__dict__[LAYOUT]
+        if len(names) == 1 and not (site.training and dropout):
+            a, b, value = _adapter_tensors(site, names[0], False)
+            if positions[0] in _host_list(slots):
+                return torch.nn.functional.linear(torch.nn.functional.linear(x, a), b) * value
+            return x.new_zeros(*x.shape[:-1], b.shape[0])
+    # compiled: dynamo guards on what it reads, so the layout (which a load changes) is read only where needed
+    dropout = site.training and site.__dict__[LAYOUT][3]
+    kept = None if dropout else _prepared(kept, path, False, flat=True)
+    if kept is not None:
+        return torch.matmul(torch.matmul(x, kept[0]), kept[1])
+    names, positions, rank, _ = site.__dict__[LAYOUT]
+    if compiling:
+        a, b_t, _, owners = _stacked(site, names, positions, rank, slots, False, False)  # (S, R, in/out)
+    else:
+        a, b_t, _, owners = _picked(site, names, positions, rank, slots, False, False)
+        owners = _device_list(owners, a.device) if dropout else None
+    if dropout:  # each active adapter sees its own dropout of x
+        p = [site.lora_scaling[n].p for n in names]
+        p = torch.stack(p + [torch.zeros_like(p[0])]).index_select(0, owners % (len(names) + 1))  # -1: none
+        out = None
+        for slot in range(a.shape[0]):
+            dropped = x * (torch.rand_like(x) >= p[slot]).to(x.dtype) / (1 - p[slot])
+            term = (dropped @ a[slot].t()) @ b_t[slot]
+            out = term if out is None else out + term
+        return out
+    return torch.matmul(torch.matmul(x, a.reshape(-1, a.shape[-1]).t()), b_t.reshape(-1, b_t.shape[-1]))
 
 
 def _ensure_module(root: nn.Module, name: str, kind: type) -> None:
