@@ -37,8 +37,8 @@ from torch.utils import _pytree as pytree
 
 from . import capture as capture_mod
 from . import generation, progress
-from .blocks import (Outlined, extend, find_block_paths, fingerprint, forget_entry_prints, inline, install_blocks, outline,
-                     repeated_lists, truncated)
+from .blocks import (Outlined, extend, find_block_paths, fingerprint, forget_entry_prints, inline, install_blocks,
+                     outline, repeated_lists, truncated)
 from .canonical import annotate_shapes, canonicalize
 from .peft_methods import PeftModelMethods
 from .registry import DEFAULT, Registry, _Prepared

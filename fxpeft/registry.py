@@ -289,7 +289,8 @@ def walk_modules(root: nn.Module, rule: Callable) -> Iterator[tuple[str, nn.Modu
 
 
 def adapter_entries(containers, adapters, what: str) -> Callable:
-    """A ``walk_modules`` rule: ``what`` for the entries of ``adapters`` in a container (``q_proj.lora_A.<adapter>``)."""
+    """A ``walk_modules`` rule: ``what`` for the entries of ``adapters`` in a container
+    (``q_proj.lora_A.<adapter>``)."""
     containers, adapters = set(containers), set(adapters)
     return lambda path, module: (what, adapters) if path.rpartition(".")[2] in containers else None
 
