@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -163,9 +164,28 @@ def export_program(module: nn.Module, kwargs: dict[str, Any], convert_output=Non
         return auto(value)
 
     dynamic = {name: spec(value) for name, value in kwargs.items()}
-    with torch.fx.experimental._config.patch(use_duck_shape=False):
+    with _EXPORTING, torch.fx.experimental._config.patch(use_duck_shape=False), _without_stack_traces():
         return torch.export.export(keyword_module(module, list(kwargs), convert_output, convert_inputs), (), kwargs,
                                    dynamic_shapes=dynamic, strict=False)
+
+
+# torch.export is not thread-safe (its dispatch modes and config patches are process-wide): two modules
+# capturing in two threads at once made both fail with misleading errors. One export at a time.
+_EXPORTING = threading.RLock()  # re-entrant: an export that reaches a capture in the same thread goes on
+
+
+@contextlib.contextmanager
+def _without_stack_traces():
+    """Export without recording each node's Python stack (``torch.fx.config.do_not_emit_stack_traces``, a
+    module-level flag, set under ``_EXPORTING``): about 7% of a capture's time, and fxpeft reads no
+    ``stack_trace``; export's own error messages (guards, data-dependent sizes) keep theirs."""
+    config = torch.fx.config
+    before = getattr(config, "do_not_emit_stack_traces", False)
+    config.do_not_emit_stack_traces = True
+    try:
+        yield
+    finally:
+        config.do_not_emit_stack_traces = before
 
 
 def _unaliased(kwargs: dict[str, Any]) -> dict[str, Any]:
