@@ -26,7 +26,7 @@ import itertools
 import operator
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.fx
@@ -339,7 +339,7 @@ def compile_blocks(gm: nn.Module, **compile_kwargs) -> list[str]:
 # for every later block (with that block's own module) and rebuilds the flat graph from the result.
 
 
-def fingerprint(module: nn.Module, containers: frozenset = frozenset(), adapters: frozenset = frozenset()) -> tuple:
+def fingerprint(module: nn.Module, containers: Iterable[str] = (), adapters: Iterable[str] = ()) -> tuple:
     """What makes two blocks compute alike: classes, tensor shapes and dtypes, plain settings (a layer
     index aside, which only a KV cache reads). Equal blocks capture alike and, with their adapters
     attached, lower alike. An adapter's entry in a container (``q_proj.lora_A.<adapter>``, ``adapters``

@@ -349,7 +349,7 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         order = list(self.peft_config)
         mixed_error = None
         shared = {name for method in self._fxpeft_registry.methods for name in method.shared}
-        containers, adapters = frozenset(self._fxpeft_registry.containers()), frozenset(order)
+        containers = self._fxpeft_registry.containers()
         for count, (path, block_graph) in enumerate(outlined.blocks.items()):
             progress.step(f"lowering block {count + 1}/{len(outlined.blocks)}", count, len(outlined.blocks))
             block = self.get_submodule(path)
@@ -360,7 +360,7 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
                 else:
                     block.__dict__.pop(name, None)
             if ("fingerprint", path) not in lowered:  # once per relower
-                lowered["fingerprint", path] = fingerprint(block, containers, adapters)
+                lowered["fingerprint", path] = fingerprint(block, containers, order)
             key = (block_graph.key, lowered["fingerprint", path])  # what lowering reads of the block, adapters included
             if key not in lowered:
                 before = set(block._modules)

@@ -266,8 +266,8 @@ class Registry:
 
 DEFAULT = Registry()
 
-# what walk_modules does with a child: walk it and its subtree, yield it alone, or leave it out
-DESCEND, ALONE, SKIP = "descend", "alone", "skip"
+# what walk_modules does with the children a rule names: yield each without its subtree, or leave it out
+ALONE, SKIP = "alone", "skip"
 
 
 def walk_modules(root: nn.Module, rule: Callable) -> Iterator[tuple[str, nn.Module, bool]]:
@@ -282,7 +282,7 @@ def walk_modules(root: nn.Module, rule: Callable) -> Iterator[tuple[str, nn.Modu
         seen.add(id(module))
         yield path, module, descend
         if descend:
-            what, names = rule(path, module) or (DESCEND, ())
+            what, names = rule(path, module) or (SKIP, ())
             stack.extend(reversed([(f"{path}.{name}" if path else name, child, name not in names)
                                    for name, child in module._modules.items()
                                    if child is not None and not (what == SKIP and name in names)]))  # pre-order

@@ -265,7 +265,8 @@ def lower_site(lw: Lowering, site: Site, module: nn.Module, present: list[str]):
     # the site module: its adapters are read there (only those in use), by the layout ``lowered`` keeps on it;
     # the stacks kept for calls without autograd, on the lowering root's own KeptStacks under the site's path
     owner = lw.attr(site.path)
-    _ensure_module(lw.root, KEPT_MODULE, KeptStacks)
+    if KEPT_MODULE not in lw.root._modules:
+        lw.root.add_module(KEPT_MODULE, KeptStacks())
     kept = lw.attr(KEPT_MODULE)
     embedding = site.kind == "embedding"
     if lw.mixed:
@@ -674,11 +675,6 @@ def lora_slots(x, site: nn.Module, kept: nn.Module, path: str, slots: torch.Tens
             out = term if out is None else out + term
         return out
     return torch.matmul(torch.matmul(x, a.reshape(-1, a.shape[-1]).t()), b_t.reshape(-1, b_t.shape[-1]))
-
-
-def _ensure_module(root: nn.Module, name: str, kind: type) -> None:
-    if name not in root._modules:
-        root.add_module(name, kind().train(root.training))
 
 
 def lora_slots_embedding(ids, a, b_t, padding_idx: int = -1):
