@@ -691,13 +691,15 @@ def lora_slots_embedding(ids, a, b_t, padding_idx: int = -1):
 def lora_mixed_linear(x, a, b_t, entry_slot):
     """Row b of the batch gets ``x_b A_j^T s_j B_j^T``, j its adapter: the stacks hold the adapters
     the batch uses (A (S, R, in), s·B^T (S, R, out)) and a zero slot for "no adapter"; gathering per
-    sample and two batched matmuls replace a loop over adapters. With few tokens per row against the
-    slots (a decode step: one token), two plain matmuls over all slots, each row's hidden masked to its
-    own slot, cost less than gathering a copy of the stacks per row (S times LoRA's flops, no copy)."""
+    sample and two batched matmuls replace a loop over adapters. Eager, with few tokens per row against
+    the slots (a decode step: one token), two plain matmuls over all slots, each row's hidden masked to
+    its own slot, cost less than gathering a copy of the stacks per row (S times LoRA's flops, no copy).
+    Compiled code always gathers: inductor's gather is as fast there at 9 slots and does not grow with
+    them, and a choice by the slot count would guard on it (a load past the threshold would recompile)."""
     batch = entry_slot.shape[0]
     rows = x.reshape(batch, -1, x.shape[-1])
     slots, rank = a.shape[0], a.shape[1]
-    if rows.shape[1] * slots <= 16:
+    if not torch.compiler.is_compiling() and rows.shape[1] * slots <= 16:
         hidden = rows @ a.reshape(slots * rank, -1).t()  # (batch, T, S·R)
         own = (entry_slot[:, None] == torch.arange(slots, device=x.device)).to(hidden.dtype)  # (batch, S): one-hot
         hidden = (hidden.unflatten(-1, (slots, rank)) * own[:, None, :, None]).flatten(-2)

@@ -220,11 +220,14 @@ def test_generate_after_a_dtype_change():
 # ------------------------------------------------------------------------------------- compiled decoding
 
 
+EXTRA = [f"extra{i}" for i in range(15)]
+
+
 def test_compiled_decoding_compiles_once_and_matches_eager(llama_pair):
     """compile_config (as transformers takes it, also on the CPU): the decode step compiles once and
     runs on through new prompts, an adapter switch, other per-sequence adapters, and an adapter of a
-    larger rank loaded (and deleted) between calls, without a recompile; the tokens are the eager
-    run's. (Loads failed before: the graph code named each layer's adapters, so re-lowering changed
+    larger rank loaded (and deleted) between calls, without a recompile, also past 16 adapter slots
+    (a load there recompiled the mixed step once); the tokens are the eager run's. (Loads failed before: the graph code named each layer's adapters, so re-lowering changed
     it; it now reads them when it runs, with the sizes a load changes dynamic.)"""
     from torch._dynamo.utils import counters
 
@@ -259,8 +262,12 @@ def test_compiled_decoding_compiles_once_and_matches_eager(llama_pair):
                     for adapter_names, expected in zip(names, mixed):
                         assert torch.equal(gm.generate(**prompts[0], **kw, adapter_names=adapter_names), expected)
                     gm.add_adapter("c", larger)
+                    for extra in EXTRA:  # past 16 slots, where eager decoding changes its computation
+                        gm.add_adapter(extra, fxpeft.LoraConfig(r=2, **LORA))
                     expected = gm.generate(**prompts[0], **kw, adapter_names=loaded, disable_compile=True)
                     assert torch.equal(gm.generate(**prompts[0], **kw, adapter_names=loaded), expected)
+                    for extra in EXTRA:
+                        gm.delete_adapter(extra)
                 gm.delete_adapter("c")
                 gm.set_adapter("a")
                 assert torch.equal(gm.generate(**prompts[0], **kw, compile_config=config,
@@ -268,8 +275,9 @@ def test_compiled_decoding_compiles_once_and_matches_eager(llama_pair):
                                    mixed[0] if run == "mixed" else eager[0])
             assert counters["stats"]["unique_graphs"] == 1, run
     finally:
-        if "c" in gm.peft_config:
-            gm.delete_adapter("c")
+        for name in ("c", *EXTRA):
+            if name in gm.peft_config:
+                gm.delete_adapter(name)
         gm.set_adapter("a")
         gm.generation_config.compile_config = None
         torch._dynamo.reset()
