@@ -593,6 +593,10 @@ def prepare_call(gm, mixed: bool, cached: bool, compiled: bool) -> None:
     (``lora_slots``); compiled, from stacks, so that a second one loaded later leaves the code as it was."""
     sites = gm._fxpeft_memo.get(SITES, ())
     host = None if mixed or not sites else _host_list(gm._buffers["_fxpeft_slots"])
+    # a decode step usually finds everything as the last call of its kind left it: one check for all sites
+    stamp = _call_stamp(sites, host, cached and compiled)
+    if stamp is not None and gm._fxpeft_memo.get((STAMP, mixed)) == stamp:
+        return
     for site, names, positions, rank, embedding, dense, kept, path in sites:
         if not (mixed or dense or (cached and compiled)):
             continue
@@ -621,6 +625,25 @@ def prepare_call(gm, mixed: bool, cached: bool, compiled: bool) -> None:
             torch._dynamo.maybe_mark_dynamic(memo[FLAT][1], 0)
             for tensor in stacks[1:]:
                 torch._dynamo.maybe_mark_dynamic(tensor, 1)
+    gm._fxpeft_memo[STAMP, mixed] = stamp
+
+
+STAMP = "lora_call_stamp"  # gm._fxpeft_memo key (with the call's mixed flag): _call_stamp of the last prepare_call
+
+
+def _call_stamp(sites: list, host: Optional[list], lone_too: bool) -> Optional[tuple]:
+    """What ``prepare_call`` reads, in one value: the sites list (a new one per lowering), the slots, and
+    each adapter tensor's identity, storage and version (as ``_pick``'s memo keys), with the optimizer
+    steps taken. Equal to the last call's: every site's kept stacks are still right. None (no shortcut)
+    when a tensor keeps no version counter (inference tensors) or is sharded (stacked per call)."""
+    tensors = [t for s in sites for name in s.names for t in _adapter_tensors(s.site, name, s.embedding)]
+    if any(type(t).__name__ == "DTensor" for t in tensors[::3]):  # FSDP2 shards a site's adapters together
+        return None
+    try:
+        prints = tuple([(id(t), t.data_ptr(), t._version) for t in tensors])
+    except RuntimeError:  # an inference tensor: no version counter
+        return None
+    return sites, None if host is None else tuple(host), lone_too, _Steps.count, prints
 
 
 def _local_slots(positions: tuple, index: torch.Tensor):
