@@ -130,26 +130,43 @@ def test_adapter_names_per_sequence(llama_pair):
         gm.set_adapter("a")
 
 
-OTHER_METHODS = {
-    "dora": ("LoraConfig", dict(r=4, use_dora=True, **LORA)),
-    "ia3": ("IA3Config", dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
-                              init_ia3_weights=False)),
-    "adalora": ("AdaLoraConfig", dict(init_r=4, target_r=2, lora_alpha=8, total_step=10, init_lora_weights=False,
-                                      target_modules=["q_proj", "v_proj", "up_proj"])),
-}
+# test_methods.METHODS: one row per weight-adapting method (a new method adds a row there and is checked
+# here too); what those rows target on their tiny models, changed for Qwen2's layers
+QWEN2_SITES = ["q_proj", "v_proj", "down_proj"]
+ON_QWEN2 = {"road": dict(target_modules=["q_proj", "v_proj"]), "boft": dict(boft_block_num=4),
+            "trainable_tokens": dict(target_modules=["embed_tokens"], token_indices=[1, 3, 5])}
 
 
-@pytest.mark.parametrize("method", list(OTHER_METHODS))
-def test_other_weight_adapting_methods_match_peft(method):
+def test_every_weight_adapting_method_generates_as_peft(tmp_path):
+    """Every site method fxpeft has, on one module captured once: each method's adapter, random and then
+    perturbed in PEFT (so that it changes the greedy tokens), goes through PEFT's checkpoint into fxpeft,
+    generates the tokens and per-step scores PEFT's generate gives, and is deleted before the next method's."""
+    import test_methods
+
+    torch.manual_seed(0)
     model = models.qwen2().eval()
-    config_class, kwargs = OTHER_METHODS[method]
-    ours, theirs = getattr(fxpeft, config_class)(**kwargs), getattr(peft, config_class)(**kwargs)
-    reference = peft.get_peft_model(copy.deepcopy(model), theirs).eval()
-    gm = fxpeft.transform(model, ours).eval()
-    assert copy_adapter_weights(reference, gm) > 0
+    gm = fxpeft.transform(model, fxpeft.LoraConfig(r=2, target_modules=["q_proj"]))
+    gm.delete_adapter("default")  # a module with no adapter computes the base model, and takes any method's
     inputs = models.hf_inputs("qwen2", batch=2)
-    expected, got = both(reference, gm, **inputs, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
-    assert torch.equal(got, expected)
+    kw = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_scores=True)
+    base = gm.generate(**inputs, **kw).sequences
+    site = test_methods.SiteModel(models.qwen2, None, QWEN2_SITES, ["down_proj"])
+    for name, spec in test_methods.METHODS.items():
+        options = {**spec.options(site), **spec.random, **ON_QWEN2.get(name, {})}
+        torch.manual_seed(1)
+        reference = peft.get_peft_model(copy.deepcopy(model), spec.peft(**options)).eval()
+        with torch.no_grad():
+            for parameter in reference.parameters():
+                if parameter.requires_grad:
+                    parameter.add_(0.2 * torch.randn_like(parameter))
+        reference.save_pretrained(tmp_path / name)
+        gm.load_adapter(str(tmp_path / name), name)
+        gm.set_adapter(name)
+        expected, got = reference.generate(**inputs, **kw), gm.generate(**inputs, **kw)
+        assert not torch.equal(expected.sequences, base), f"{name}: the adapter does not change the tokens"
+        assert torch.equal(got.sequences, expected.sequences), name
+        torch.testing.assert_close(got.scores, expected.scores, rtol=1e-5, atol=1e-5, msg=lambda text: f"{name}: {text}")
+        gm.delete_adapter(name)
 
 
 # ------------------------------------------------------------------------------------------ bad input
