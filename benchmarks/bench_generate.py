@@ -6,12 +6,13 @@ batch size and context length (prompt tokens), greedy ``generate`` of ``--new`` 
 stamps each new token and the per-token time is the median gap between consecutive tokens (decode
 steps only; the prompt's prefill is left out), median again over interleaved repeats.
 Contenders:
-- fxpeft eager: transformers' decoding over fxpeft's graph with a static KV cache (its default);
+- fxpeft eager: transformers' decoding over fxpeft's graph with a static KV cache (its default), sized
+  per call for the prompt and the new tokens, as a user's call gets it;
 - PEFT eager: PEFT's ``generate`` with transformers' default (dynamic) cache;
 - with ``--compile``: both with ``compile_config=CompileConfig(fullgraph=True)`` (inductor; PEFT on the
   static cache, which compiled decoding needs; compiling the decode step is counted out: warm-up).
-The static cache is sized once for the longest context (``max_cache_len``), so both contexts reuse one
-compiled graph, and its decode step attends over the whole cache whatever the context: its per-token
+Compiled, the static cache is sized once for the longest context (``max_cache_len``), so both contexts
+reuse one compiled graph, and its decode step attends over the whole cache whatever the context: its per-token
 time does not grow with the context at all; the dynamic cache's grows with attention's share.
 With ``--tenants N``: N adapters loaded in both, a batch of ``--tenant-batch`` prompts (32 tokens) each
 naming its adapter (``adapter_names``, round robin): fxpeft's mixed decode vs PEFT's, and fxpeft's
@@ -115,7 +116,7 @@ def main():
     static = dict(common, cache_implementation="static", max_cache_len=cache_len)
     compiled = CompileConfig(fullgraph=True)
     compiled._compile_all_devices = True  # transformers compiles on accelerators only unless told (fxpeft sets it itself)
-    contenders = {"fxpeft eager": (gm, dict(common, max_cache_len=cache_len)), "PEFT eager": (reference, common)}
+    contenders = {"fxpeft eager": (gm, common), "PEFT eager": (reference, common)}  # eager: a cache sized per call
     if args.compile:
         contenders["fxpeft compiled"] = (gm, dict(common, max_cache_len=cache_len, compile_config=compiled))
         contenders["PEFT compiled"] = (reference, dict(static, compile_config=compiled))
@@ -143,10 +144,10 @@ def main():
                 row += f"{results[name, contexts[-1]] / results[name, contexts[0]]:>10.2f}x"
             print(row)
     if args.tenants:
-        tenants(gm, reference, config, args, common, cache_len, compiled if args.compile else None)
+        tenants(gm, reference, config, args, common, compiled if args.compile else None)
 
 
-def tenants(gm, reference, config, args, common, cache_len, compile_config=None):
+def tenants(gm, reference, config, args, common, compile_config=None):
     import peft
 
     names = ["default"] + [f"t{i}" for i in range(1, args.tenants)]
@@ -161,9 +162,9 @@ def tenants(gm, reference, config, args, common, cache_len, compile_config=None)
     ids = torch.randint(1, 8000, (args.tenant_batch, 32), device=args.device)
     inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
     per_row = [names[i % len(names)] for i in range(args.tenant_batch)]
-    contenders = {"fxpeft mixed": (gm, dict(common, max_cache_len=cache_len, adapter_names=per_row)),
+    contenders = {"fxpeft mixed": (gm, dict(common, adapter_names=per_row)),  # one prompt length: one cache size
                   "PEFT mixed": (reference, dict(common, adapter_names=per_row)),
-                  "fxpeft one adapter": (gm, dict(common, max_cache_len=cache_len))}
+                  "fxpeft one adapter": (gm, common)}
     if compile_config is not None:  # PEFT's mixed forward loops over adapters in Python: eager only
         contenders.update({f"{name} compiled": (model, dict(kw, compile_config=compile_config))
                            for name, (model, kw) in list(contenders.items()) if name.startswith("fxpeft")})
