@@ -165,7 +165,8 @@ def test_every_weight_adapting_method_generates_as_peft(tmp_path):
         expected, got = reference.generate(**inputs, **kw), gm.generate(**inputs, **kw)
         assert not torch.equal(expected.sequences, base), f"{name}: the adapter does not change the tokens"
         assert torch.equal(got.sequences, expected.sequences), name
-        torch.testing.assert_close(got.scores, expected.scores, rtol=1e-5, atol=1e-5, msg=lambda text: f"{name}: {text}")
+        torch.testing.assert_close(got.scores, expected.scores, rtol=1e-5, atol=1e-5,
+                                   msg=lambda text: f"{name}: {text}")
         gm.delete_adapter(name)
 
 
@@ -244,8 +245,9 @@ def test_compiled_decoding_compiles_once_and_matches_eager(llama_pair):
     """compile_config (as transformers takes it, also on the CPU): the decode step compiles once and
     runs on through new prompts, an adapter switch, other per-sequence adapters, and an adapter of a
     larger rank loaded (and deleted) between calls, without a recompile, also past 16 adapter slots
-    (a load there recompiled the mixed step once); the tokens are the eager run's. (Loads failed before: the graph code named each layer's adapters, so re-lowering changed
-    it; it now reads them when it runs, with the sizes a load changes dynamic.)"""
+    (a load there recompiled the mixed step once); the tokens are the eager run's. (Loads failed
+    before: the graph code named each layer's adapters, so re-lowering changed it; it now reads them
+    when it runs, with the sizes a load changes dynamic.)"""
     from torch._dynamo.utils import counters
 
     _, gm = llama_pair
