@@ -591,17 +591,18 @@ def prepare_call(gm, mixed: bool, cached: bool, compiled: bool) -> None:
     rebuilt only when the slots or an adapter they hold changed (``_pick``'s memo: identity, storage,
     version of each tensor). A lone adapter in a generation graph is read as it is when eager
     (``lora_slots``); compiled, from stacks, so that a second one loaded later leaves the code as it was."""
-    sites = gm._fxpeft_memo.get(SITES, ())
-    host = None if mixed or not sites else _host_list(gm._buffers["_fxpeft_slots"])
+    lowering, lone_too = gm._fxpeft_memo.get(SITES, ()), cached and compiled
+    sites = [s for s in lowering if mixed or s.dense or lone_too]  # those whose graph reads kept stacks
+    if not sites:
+        return
+    host = None if mixed else _host_list(gm._buffers["_fxpeft_slots"])
     # a decode step usually finds everything as the last call of its kind left it: one check for all sites
-    stamp = _call_stamp(sites, host, cached and compiled)
+    stamp = _call_stamp(lowering, sites, host, lone_too)
     if stamp is not None and gm._fxpeft_memo.get((STAMP, mixed)) == stamp:
         return
     for site, names, positions, rank, embedding, dense, kept, path in sites:
-        if not (mixed or dense or (cached and compiled)):
-            continue
         fetch = lambda j, site=site, names=names, embedding=embedding: _adapter_tensors(site, names[j], embedding)  # noqa: E731
-        if type(fetch(0)[0]).__name__ == "DTensor":  # sharded (FSDP2) until its block's forward: stack per call
+        if _sharded(fetch(0)[0]):  # sharded (FSDP2) until its block's forward: stack per call
             (_memo(kept, path, mixed) or {}).clear()
             continue
         memo = kept.__dict__["stacks"].setdefault(path, ({}, {}))[mixed]
@@ -631,19 +632,24 @@ def prepare_call(gm, mixed: bool, cached: bool, compiled: bool) -> None:
 STAMP = "lora_call_stamp"  # gm._fxpeft_memo key (with the call's mixed flag): _call_stamp of the last prepare_call
 
 
-def _call_stamp(sites: list, host: Optional[list], lone_too: bool) -> Optional[tuple]:
-    """What ``prepare_call`` reads, in one value: the sites list (a new one per lowering), the slots, and
-    each adapter tensor's identity, storage and version (as ``_pick``'s memo keys), with the optimizer
-    steps taken. Equal to the last call's: every site's kept stacks are still right. None (no shortcut)
-    when a tensor keeps no version counter (inference tensors) or is sharded (stacked per call)."""
+def _call_stamp(lowering: list, sites: list, host: Optional[list], lone_too: bool) -> Optional[tuple]:
+    """What ``prepare_call`` reads, in one value: the lowering's sites list (a new one per lowering; ``sites``,
+    those the call prepares, follow from it and ``lone_too``), the slots, and each adapter tensor's identity,
+    storage and version (as ``_pick``'s memo keys), with the optimizer steps taken. Equal to the last call's:
+    every site's kept stacks are still right. None (no shortcut) when a tensor keeps no version counter
+    (inference tensors) or is sharded (stacked per call)."""
     tensors = [t for s in sites for name in s.names for t in _adapter_tensors(s.site, name, s.embedding)]
-    if any(type(t).__name__ == "DTensor" for t in tensors[::3]):  # FSDP2 shards a site's adapters together
+    if any(_sharded(t) for t in tensors[::3]):  # FSDP2 shards a site's adapters together
         return None
     try:
         prints = tuple([(id(t), t.data_ptr(), t._version) for t in tensors])
     except RuntimeError:  # an inference tensor: no version counter
         return None
-    return sites, None if host is None else tuple(host), lone_too, _Steps.count, prints
+    return lowering, None if host is None else tuple(host), lone_too, _Steps.count, prints
+
+
+def _sharded(tensor: torch.Tensor) -> bool:
+    return type(tensor).__name__ == "DTensor"
 
 
 def _local_slots(positions: tuple, index: torch.Tensor):
