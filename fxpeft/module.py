@@ -434,6 +434,7 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
             compiled = _dynamo_active()
             if compiled:  # eager calls capture in the dispatcher: no second binding of the arguments
                 self._ensure_signature(args, kwargs)
+                generation.mark_attended(kwargs)
             mixed = kwargs.get("adapter_names") is not None
             compiled = compiled or bool(self.__dict__.get("_fxpeft_compiled_blocks"))
             if self._fxpeft_prepare_hooks and not torch.is_grad_enabled() and (compiled or not mixed):
@@ -529,7 +530,7 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
                 # the model's own name for it (transformers 5.24 calls it cache, earlier ones past_key_values)
                 name = "cache" if "cache" in self._fxpeft_arg_names else "past_key_values"
                 query = kwargs.get("decoder_input_ids", kwargs.get("input_ids"))  # the tokens the cache grows by
-                kwargs[name] = generation.cache_tensors(self, cache, query)
+                kwargs[name] = generation.attended(generation.cache_tensors(self, cache, query), kwargs)
                 kwargs["use_cache"] = True
                 if generation.virtual_tokens(cache):  # the model counts positions on from the cache's length
                     kwargs.pop("position_ids", None)

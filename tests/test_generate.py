@@ -77,10 +77,13 @@ def test_generation_config_and_streamer(llama_pair):
     assert config.cache_implementation is None  # the caller's config is not changed
 
 
-def test_decode_steps_read_one_token_and_write_the_cache_in_place(llama_pair):
+@pytest.mark.parametrize("capacity", [None, 40], ids=["sized-by-generate", "larger"])
+def test_decode_steps_read_one_token_and_write_the_cache_in_place(llama_pair, capacity):
     """The KV cache is real: after the prompt, every step's graph gets one token per sequence (so it
     cannot recompute the context), all steps run one captured graph, and the cache tensors are
-    written in place to the prompt plus the generated tokens."""
+    written in place to the prompt plus the generated tokens. Each step attends over the tokens so
+    far, as a dynamic cache holds them, not over every position of the static cache (a larger one
+    is what transformers keeps for later calls, e.g. after a compiled call with max_cache_len)."""
     _, gm = llama_pair
     inputs = models.hf_inputs("llama", batch=2, seq=7)
     seen = []
@@ -88,16 +91,18 @@ def test_decode_steps_read_one_token_and_write_the_cache_in_place(llama_pair):
 
     def recording(signature, adapter_names, batch_input, *args):
         _, call = torch.utils._pytree.tree_unflatten(list(args), signature.in_spec)
-        seen.append((signature, tuple(call["input_ids"].shape)))
+        seen.append((signature, tuple(call["input_ids"].shape), {keys.shape[2] for keys, _, _ in call["cache"]}))
         return run(gm, signature, adapter_names, batch_input, *args)
 
     gm.__dict__["_run"] = recording
     try:
-        out = gm.generate(**inputs, max_new_tokens=NEW, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+        out = gm.generate(**inputs, max_new_tokens=NEW, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+                          **({} if capacity is None else dict(max_cache_len=capacity)))
     finally:
         del gm.__dict__["_run"]
-    assert [shape for _, shape in seen] == [(2, 7)] + [(2, 1)] * (NEW - 1)
-    assert len({id(signature) for signature, _ in seen}) == 1
+    assert [shape for _, shape, _ in seen] == [(2, 7)] + [(2, 1)] * (NEW - 1)
+    assert [attended for _, _, attended in seen] == [{7 + step} for step in range(NEW)]
+    assert len({id(signature) for signature, _, _ in seen}) == 1
     cache = out.past_key_values
     assert isinstance(cache, transformers.StaticCache)
     for layer in cache.layers:
@@ -372,13 +377,14 @@ def test_seq2seq_greedy_and_beams_match_peft(seq2seq_pair):
     read them (two decoder graphs); tokens and scores equal PEFT's."""
     reference, gm, inputs = seq2seq_pair
     kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=0)  # min: tiny BART ends at once
-    seen = []
+    seen, attended = [], []
     run = type(gm)._run
 
     def recording(signature, adapter_names, batch_input, *args):
         _, call = torch.utils._pytree.tree_unflatten(list(args), signature.in_spec)
         if "cache" in call:
             seen.append((sorted(call["cache"]), tuple(call["decoder_input_ids"].shape)))
+            attended.append({keys.shape[2] for keys, _, _ in call["cache"]["self_attention"]})
         return run(gm, signature, adapter_names, batch_input, *args)
 
     gm.__dict__["_run"] = recording
@@ -392,6 +398,7 @@ def test_seq2seq_greedy_and_beams_match_peft(seq2seq_pair):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     assert seen == [(["cross_attention", "self_attention"], (3, 1))] + [
         (["cross_attention_filled", "self_attention"], (3, 1))] * (NEW - 1)
+    assert attended == [{1 + step} for step in range(NEW)]  # the decoder's tokens so far, not the whole cache
     expected, got = both(reference, gm, **inputs, **kw, num_beams=3, num_return_sequences=2)
     assert torch.equal(got, expected)
 
