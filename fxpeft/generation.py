@@ -11,7 +11,8 @@ drives the loop. What fxpeft decides is how one forward step runs:
   graph for such calls is captured once, around a cache object rebuilt over the traced tensors
   (:func:`cache_shell`), so the writes it records (``index_copy_`` of the new keys and values,
   ``add_`` on the length) land in the caller's cache. Prefill and decode share that graph (the
-  query length is a dynamic dim): a decode step reads one token and attends over the cache.
+  query length is a dynamic dim): a decode step reads one token and attends over the cache (on the
+  CPU over its filled positions only, :func:`attended`).
 - ``adapter_names=`` becomes a per-sequence index tensor passed as a model keyword, which
   transformers repeats for beams and returned sequences like any per-sequence input; the
   dispatcher runs the signature's mixed graph with it.
@@ -64,14 +65,12 @@ def cache_tensors(gm, cache, input_ids: Optional[torch.Tensor]):
         if len(filled) > 1:
             raise NotImplementedError("This EncoderDecoderCache holds the encoder's keys and values for some layers "
                                       "only; fxpeft graphs take a cross-attention cache that is empty or full.")
-        return {SELF: _layer_tensors(gm, cache.self_attention_cache, input_ids, own=True),
+        return {SELF: _layer_tensors(gm, cache.self_attention_cache, input_ids, check=True),
                 (CROSS_FILLED if filled == {True} else CROSS): _layer_tensors(gm, cache.cross_attention_cache, input_ids)}
-    return _layer_tensors(gm, cache, input_ids, own=True)
+    return _layer_tensors(gm, cache, input_ids, check=True)
 
 
-def _layer_tensors(gm, cache, input_ids, own: bool = False) -> list[tuple[torch.Tensor, ...]]:
-    """``own``: a self-attention cache (the tokens so far: allocated a position longer, see :func:`allocate`,
-    and checked against the prompt); else a cross-attention one (the encoder's length)."""
+def _layer_tensors(gm, cache, input_ids, check: bool = False) -> list[tuple[torch.Tensor, ...]]:
     from transformers.cache_utils import StaticLayer
 
     kinds = {type(layer).__name__ for layer in getattr(cache, "layers", [cache]) if type(layer) is not StaticLayer}
@@ -85,11 +84,10 @@ def _layer_tensors(gm, cache, input_ids, own: bool = False) -> list[tuple[torch.
         if shape is None or input_ids is None:
             raise NotImplementedError(f"Cannot allocate a static cache for {type(gm).__name__}: transformers gives no "
                                       "head shapes for it (or the call has no input_ids).")
-        allocate(cache, input_ids.shape[0], shape, gm.dtype, input_ids.device,
-                 spare=own and gm.__dict__.get("_fxpeft_generating", False))
+        cache.early_initialization(input_ids.shape[0], *shape, dtype=gm.dtype, device=input_ids.device)
     tensors = [(layer.keys, layer.values, layer.cumulative_length) for layer in cache.layers]
-    if own and input_ids is not None and input_ids.shape[-1] > 1:  # prefill: the only step that can overflow
-        capacity, cached = tensors[0][0].shape[2] - getattr(cache, "_fxpeft_spare", 0), int(tensors[0][2])
+    if check and input_ids is not None and input_ids.shape[-1] > 1:  # prefill: the only step that can overflow
+        capacity, cached = tensors[0][0].shape[2], int(tensors[0][2])
         if cached + input_ids.shape[-1] > capacity:
             raise ValueError(
                 f"The prompt has {input_ids.shape[-1]} tokens" + (f" (after {cached} cached)" if cached else "")
@@ -98,48 +96,52 @@ def _layer_tensors(gm, cache, input_ids, own: bool = False) -> list[tuple[torch.
     return tensors
 
 
-def attended(tensors, call: dict):
-    """The cache ``tensors`` cut to the positions the call's attention mask covers, when it covers
-    fewer than the cache holds: attention then runs over the tokens so far, as over a dynamic cache,
-    not over every position of the static cache (on a CPU, SDPA's time grows with the positions: 65
+def attended(call: dict, cache_name: str) -> None:
+    """Cuts the call's cache tensors to the positions its attention mask covers, when it covers fewer
+    than the cache holds: attention then runs over the tokens so far, as over a dynamic cache, not
+    over every position of the static cache (on a CPU SDPA's time grows with the positions: 65
     against 300 us per layer at batch 8 over 96 and 400). The cuts are views, so the graph's writes
     land in the cache. :func:`masks_for_generate` cuts generation's masks; a mask the caller passes
-    covers what it covers (a 2-D mask: the cached and the new tokens)."""
+    covers what it covers (a 2-D mask: the cached and the new tokens).
+
+    Compiled code over cut views copies them whole every step (the writes into a view become a new
+    tensor): there the cache stays whole and a 4-D mask is padded back to it, masked."""
+    tensors = call[cache_name]
     prefix = "decoder_" if "decoder_input_ids" in call or isinstance(tensors, dict) else ""
-    mask = next((leaf for leaf in pytree.tree_leaves(call.get(prefix + "attention_mask"))
-                 if isinstance(leaf, torch.Tensor)), None)
+    masks = call.get(prefix + "attention_mask")
+    mask = next((leaf for leaf in pytree.tree_leaves(masks) if isinstance(leaf, torch.Tensor)), None)
+    if mask is None:
+        return
     own = tensors[SELF] if isinstance(tensors, dict) else tensors
-    if mask is None or not mask.shape[-1] < own[0][0].shape[2]:
-        return tensors
-    length = mask.shape[-1]
-    own = [(keys[:, :, :length], values[:, :, :length], filled) for keys, values, filled in own]
-    return {**tensors, SELF: own} if isinstance(tensors, dict) else own
+    capacity = own[0][0].shape[2]
+    if torch.compiler.is_compiling():  # no test of the length (a guard): a pad of nothing where it is whole
+        call[prefix + "attention_mask"] = pytree.tree_map(lambda m: _masked_to(m, capacity), masks)
+        return
+    if mask.shape[-1] < capacity:
+        length = mask.shape[-1]
+        own = [(keys[:, :, :length], values[:, :, :length], filled) for keys, values, filled in own]
+        call[cache_name] = {**tensors, SELF: own} if isinstance(tensors, dict) else own
+
+
+def _masked_to(mask, length):
+    """A 4-D mask padded to ``length`` positions with masked ones (False, or the dtype's lowest value)."""
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 4:
+        return mask
+    fill = False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
+    return torch.nn.functional.pad(mask, (0, length - mask.shape[-1]), value=fill)
 
 
 @torch.compiler.disable  # called from the frame dynamo skips (PeftGraphModule.__call__): its callees would be traced
 def mark_attended(call: dict) -> None:
-    """Before a compiled call with a cache: the masks' last dim, the length :func:`attended` cuts the
-    cache to, grows by one each step; dynamic from the first compile, so the decode step does not
-    compile again for the second."""
+    """Before a compiled call with a cache: the masks' last dim (cut by :func:`masks_for_generate`,
+    padded back by :func:`attended`) grows by one each step; dynamic from the first compile, so the
+    decode step does not compile again for the second."""
     if cache_name_of(call) is None:
         return
     for name in ("attention_mask", "decoder_attention_mask"):
         for leaf in pytree.tree_leaves(call.get(name)):
-            if isinstance(leaf, torch.Tensor):
+            if isinstance(leaf, torch.Tensor) and leaf.device.type == "cpu":  # where attended cuts
                 torch._dynamo.maybe_mark_dynamic(leaf, leaf.ndim - 1)
-
-
-def allocate(cache, rows: int, shape: tuple, dtype: torch.dtype, device: torch.device, spare: bool = True) -> None:
-    """A static cache's tensors. With ``spare`` (a cache ``generate`` made, not the caller's), on the CPU
-    one position longer than asked: every step then attends over a strict cut of the cache
-    (:func:`attended`; the last step of a ``generate`` call would fill the cache transformers sizes),
-    and a compiled decode step, which guards on whether the cut is the whole (contiguous) tensor,
-    keeps one graph to the last token."""
-    if spare and torch.device(device).type == "cpu":
-        for layer in cache.layers:
-            layer.max_cache_len += 1
-        cache._fxpeft_spare = 1  # not the caller's: the error for a long prompt names the length asked for
-    cache.early_initialization(rows, *shape, dtype=dtype, device=device)
 
 
 def cache_written(cache) -> None:
@@ -284,17 +286,12 @@ def generate(gm, mixin_generate: Optional[Callable], *args, adapter_names=None, 
                              "model's only adapter (as in PEFT): generate without adapter_names.")
     if adapter_names is not None:
         kwargs["adapter_names"] = _adapter_index(gm, adapter_names, args, kwargs)
-    given_cache = any(kwargs.get(name) is not None for name in CACHE_NAMES)
     if prefilled:
         args = _with_virtual_tokens(gm, *prefilled[0], args, kwargs)
     _use_static_cache(kwargs, gm.generation_config)
     if getattr(gm.config, "is_encoder_decoder", False) and kwargs.get("encoder_outputs") is None:
         kwargs["encoder_outputs"] = _encoder_outputs(gm, args, kwargs)
-    gm.__dict__["_fxpeft_generating"] = not given_cache  # the cache transformers makes gets a spare position
-    try:
-        return mixin_generate(*args, **kwargs)
-    finally:
-        gm.__dict__.pop("_fxpeft_generating", None)
+    return mixin_generate(*args, **kwargs)
 
 
 def virtual_tokens(cache) -> int:
@@ -340,15 +337,14 @@ def _with_virtual_tokens(gm, method, adapter: str, args, kwargs) -> tuple:
         decoder = gm.config.get_text_config(decoder=True)
         cache = EncoderDecoderCache(StaticCache(config=decoder, max_cache_len=count + 1 + new_tokens),
                                     StaticCache(config=decoder, max_cache_len=states.shape[1]))
-        allocate(cache.self_attention_cache, rows, gm._get_static_cache_init_shape(), gm.dtype, ids.device)
-        cache.cross_attention_cache.early_initialization(rows, *gm._get_static_cache_init_shape(), dtype=gm.dtype,
-                                                         device=ids.device)
+        for part in (cache.self_attention_cache, cache.cross_attention_cache):
+            part.early_initialization(rows, *gm._get_static_cache_init_shape(), dtype=gm.dtype, device=ids.device)
         encoder = {"encoder_outputs": type(outputs)(last_hidden_state=states.repeat_interleave(expand, dim=0)),
                    "attention_mask": mask.repeat_interleave(expand, dim=0)}
         kwargs["attention_mask"] = mask
     else:
         cache = StaticCache(config=gm.config, max_cache_len=count + ids.shape[-1] + new_tokens)
-        allocate(cache, rows, gm._get_static_cache_init_shape(), gm.dtype, ids.device)
+        cache.early_initialization(rows, *gm._get_static_cache_init_shape(), dtype=gm.dtype, device=ids.device)
         encoder = {}
         kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], count), mask], dim=1)
     cache._fxpeft_virtual_tokens = method.prefill_cache(gm, adapter, cache, **encoder)
@@ -361,7 +357,8 @@ def masks_for_generate(model_masks: Optional[Callable], **kwargs):
     forward gives it to the model: the model then derives its positions as it would over the whole
     sequence (from the cache's length, or from the mask: OPT), and builds its causal mask in the
     graph. Otherwise (and in an encoder-decoder's decoder, whose positions count on from the cache's
-    length) the model's (or transformers') 4-D mask."""
+    length) the model's (or transformers') 4-D mask, cut on the CPU to the positions filled so far and
+    the new ones (the step attends over those only, :func:`attended`)."""
     cache = kwargs.get("cache")
     if virtual_tokens(cache) and not kwargs["config"].is_encoder_decoder:
         return kwargs["attention_mask"]
@@ -377,8 +374,7 @@ def masks_for_generate(model_masks: Optional[Callable], **kwargs):
 def _attended_length(cache, query: torch.Tensor) -> Optional[int]:
     """How many positions of a static cache a step attends over: those filled (none before the cache
     is allocated, by the prompt's step) and the ``query``'s (batch, new tokens, ...). Only on the CPU:
-    elsewhere reading the length would wait for the device, and compiled steps over the whole cache
-    keep one shape (CUDA graphs record one graph per shape)."""
+    elsewhere reading the length would wait for the device."""
     from transformers.cache_utils import EncoderDecoderCache, StaticLayer
 
     own = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
