@@ -12,8 +12,8 @@ Contenders:
 - with ``--compile``: both with ``compile_config=CompileConfig(fullgraph=True)`` (inductor; PEFT on the
   static cache, which compiled decoding needs; compiling the decode step is counted out: warm-up).
 Compiled, the static cache is sized once for the longest context (``max_cache_len``), so both contexts
-reuse one compiled graph. fxpeft's eager steps on the CPU attend over the filled positions of the static
-cache only (as over a dynamic cache); compiled steps (both) and steps on other devices over the whole.
+reuse one compiled graph. On the CPU fxpeft's steps (eager and compiled) attend over the filled positions
+of the static cache only, as over a dynamic cache; PEFT compiled, and fxpeft elsewhere, over the whole.
 With ``--tenants N``: N adapters loaded in both, a batch of ``--tenant-batch`` prompts (32 tokens) each
 naming its adapter (``adapter_names``, round robin): fxpeft's mixed decode vs PEFT's, and fxpeft's
 mixed decode vs the same batch with one adapter (with ``--compile`` also both compiled; PEFT's mixed

@@ -12,7 +12,7 @@ drives the loop. What fxpeft decides is how one forward step runs:
   (:func:`cache_shell`), so the writes it records (``index_copy_`` of the new keys and values,
   ``add_`` on the length) land in the caller's cache. Prefill and decode share that graph (the
   query length is a dynamic dim): a decode step reads one token and attends over the cache (on the
-  CPU over its filled positions only, :func:`attended`).
+  CPU over its filled positions only, :func:`cache_shell`).
 - ``adapter_names=`` becomes a per-sequence index tensor passed as a model keyword, which
   transformers repeats for beams and returned sequences like any per-sequence input; the
   dispatcher runs the signature's mixed graph with it.
@@ -84,10 +84,11 @@ def _layer_tensors(gm, cache, input_ids, check: bool = False) -> list[tuple[torc
         if shape is None or input_ids is None:
             raise NotImplementedError(f"Cannot allocate a static cache for {type(gm).__name__}: transformers gives no "
                                       "head shapes for it (or the call has no input_ids).")
-        cache.early_initialization(input_ids.shape[0], *shape, dtype=gm.dtype, device=input_ids.device)
+        allocate(cache, input_ids.shape[0], shape, gm.dtype, input_ids.device,
+                 spare=check and gm.__dict__.get("_fxpeft_generating", False))
     tensors = [(layer.keys, layer.values, layer.cumulative_length) for layer in cache.layers]
     if check and input_ids is not None and input_ids.shape[-1] > 1:  # prefill: the only step that can overflow
-        capacity, cached = tensors[0][0].shape[2], int(tensors[0][2])
+        capacity, cached = tensors[0][0].shape[2] - getattr(cache, "_fxpeft_spare", 0), int(tensors[0][2])
         if cached + input_ids.shape[-1] > capacity:
             raise ValueError(
                 f"The prompt has {input_ids.shape[-1]} tokens" + (f" (after {cached} cached)" if cached else "")
@@ -96,52 +97,29 @@ def _layer_tensors(gm, cache, input_ids, check: bool = False) -> list[tuple[torc
     return tensors
 
 
-def attended(call: dict, cache_name: str) -> None:
-    """Cuts the call's cache tensors to the positions its attention mask covers, when it covers fewer
-    than the cache holds: attention then runs over the tokens so far, as over a dynamic cache, not
-    over every position of the static cache (on a CPU SDPA's time grows with the positions: 65
-    against 300 us per layer at batch 8 over 96 and 400). The cuts are views, so the graph's writes
-    land in the cache. :func:`masks_for_generate` cuts generation's masks; a mask the caller passes
-    covers what it covers (a 2-D mask: the cached and the new tokens).
-
-    Compiled code over cut views copies them whole every step (the writes into a view become a new
-    tensor): there the cache stays whole and a 4-D mask is padded back to it, masked."""
-    tensors = call[cache_name]
-    prefix = "decoder_" if "decoder_input_ids" in call or isinstance(tensors, dict) else ""
-    masks = call.get(prefix + "attention_mask")
-    mask = next((leaf for leaf in pytree.tree_leaves(masks) if isinstance(leaf, torch.Tensor)), None)
-    if mask is None:
-        return
-    own = tensors[SELF] if isinstance(tensors, dict) else tensors
-    capacity = own[0][0].shape[2]
-    if torch.compiler.is_compiling():  # no test of the length (a guard): a pad of nothing where it is whole
-        call[prefix + "attention_mask"] = pytree.tree_map(lambda m: _masked_to(m, capacity), masks)
-        return
-    if mask.shape[-1] < capacity:
-        length = mask.shape[-1]
-        own = [(keys[:, :, :length], values[:, :, :length], filled) for keys, values, filled in own]
-        call[cache_name] = {**tensors, SELF: own} if isinstance(tensors, dict) else own
-
-
-def _masked_to(mask, length):
-    """A 4-D mask padded to ``length`` positions with masked ones (False, or the dtype's lowest value)."""
-    if not isinstance(mask, torch.Tensor) or mask.ndim != 4:
-        return mask
-    fill = False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
-    return torch.nn.functional.pad(mask, (0, length - mask.shape[-1]), value=fill)
-
-
 @torch.compiler.disable  # called from the frame dynamo skips (PeftGraphModule.__call__): its callees would be traced
 def mark_attended(call: dict) -> None:
-    """Before a compiled call with a cache: the masks' last dim (cut by :func:`masks_for_generate`,
-    padded back by :func:`attended`) grows by one each step; dynamic from the first compile, so the
-    decode step does not compile again for the second."""
+    """Before a compiled call with a cache: the masks' last dim (cut by :func:`masks_for_generate`: the
+    positions the step attends over, see :func:`cache_shell`) grows by one each step; dynamic from the
+    first compile, so the decode step does not compile again for the second."""
     if cache_name_of(call) is None:
         return
     for name in ("attention_mask", "decoder_attention_mask"):
         for leaf in pytree.tree_leaves(call.get(name)):
-            if isinstance(leaf, torch.Tensor) and leaf.device.type == "cpu":  # where attended cuts
+            if isinstance(leaf, torch.Tensor) and leaf.device.type == "cpu":  # where masks_for_generate cuts
                 torch._dynamo.maybe_mark_dynamic(leaf, leaf.ndim - 1)
+
+
+def allocate(cache, rows: int, shape: tuple, dtype: torch.dtype, device: torch.device, spare: bool = True) -> None:
+    """A static cache's tensors. With ``spare`` (a cache ``generate`` made, not the caller's), on the CPU
+    one position longer than asked, so that the positions a step attends over (see :func:`cache_shell`)
+    are never the whole tensor: a compiled step guards on whether they are (contiguity), and the last
+    step of a ``generate`` call would fill the cache transformers sizes."""
+    if spare and torch.device(device).type == "cpu":
+        for layer in cache.layers:
+            layer.max_cache_len += 1
+        cache._fxpeft_spare = 1  # not the caller's: the error for a long prompt names the length asked for
+    cache.early_initialization(rows, *shape, dtype=dtype, device=device)
 
 
 def cache_written(cache) -> None:
@@ -151,16 +129,22 @@ def cache_written(cache) -> None:
         cache.is_updated[layer] = True
 
 
-def cache_shell(tensors, seen_tokens=None):
+def cache_shell(tensors, seen_tokens=None, attended=None):
     """A transformers cache over the given (possibly traced) tensors; its length is the tensors' own
     (a dynamic dim under export, not a baked-in constant). ``seen_tokens``: what the self-attention
-    layers answer to ``get_seq_length`` instead of their length tensor (see :func:`_with_shell`)."""
+    layers answer to ``get_seq_length`` instead of their length tensor (see :func:`_with_shell`).
+    ``attended``: how many of the self-attention cache's first positions a step attends over (the
+    attention mask's length: the cached and the new tokens), where the static layer would attend over
+    all it holds; the new keys and values are written into the whole tensors first, and the step
+    reads a view of them (inductor copies a view written into whole every step, and reads a view
+    of an input in place). On a CPU SDPA's time grows with the positions (per layer at batch 8: 65 us
+    over 96, 300 over 400), and transformers sizes each static cache for the longest it has made."""
     from transformers.cache_utils import Cache, EncoderDecoderCache, StaticLayer
 
     if isinstance(tensors, dict):  # built field by field: __init__ would read the traced lengths as bools
         shell = EncoderDecoderCache.__new__(EncoderDecoderCache)
         cross = CROSS_FILLED if CROSS_FILLED in tensors else CROSS
-        shell.self_attention_cache = cache_shell(tensors[SELF], seen_tokens)
+        shell.self_attention_cache = cache_shell(tensors[SELF], seen_tokens, attended)
         shell.cross_attention_cache = cache_shell(tensors[cross])
         shell.is_updated = {index: cross == CROSS_FILLED for index in range(len(tensors[cross]))}
         return shell
@@ -168,6 +152,13 @@ def cache_shell(tensors, seen_tokens=None):
     class ShellLayer(StaticLayer):
         def get_seq_length(self):
             return super().get_seq_length() if seen_tokens is None else seen_tokens
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            keys, values = super().update(key_states, value_states, *args, **kwargs)
+            return (keys, values) if attended is None else (keys[:, :, :attended], values[:, :, :attended])
+
+        def get_mask_sizes(self, query_length):  # a 2-D mask's padding, the causal mask's columns
+            return super().get_mask_sizes(query_length) if attended is None else (attended, 0)
 
     layers = []
     for keys, values, length in tensors:
@@ -187,13 +178,14 @@ def _with_shell(given: dict) -> dict:
     and passes a 2-D attention mask gets a cache whose ``get_seq_length`` is the mask's length minus
     the new tokens: transformers' contract for such masks (past and new tokens), and a size export can
     reason about where the length tensor would be a data-dependent value (OPT slices its positions
-    with it)."""
+    with it). Steps attend over the positions the mask covers (``attended``, see :func:`cache_shell`)."""
     seen = None
     prefix = "decoder_" if "decoder_input_ids" in given else ""
     mask, query = given.get(prefix + "attention_mask"), given.get(prefix + "input_ids")
     if prefix + "position_ids" not in given and mask is not None and mask.ndim == 2 and query is not None:
         seen = mask.shape[-1] - query.shape[-1]
-    return {name: cache_shell(value, seen) if name in CACHE_NAMES else value for name, value in given.items()}
+    attended = next((leaf.shape[-1] for leaf in pytree.tree_leaves(mask) if isinstance(leaf, torch.Tensor)), None)
+    return {name: cache_shell(value, seen, attended) if name in CACHE_NAMES else value for name, value in given.items()}
 
 
 def _without_cache(output):
@@ -229,8 +221,8 @@ def small_example(call: dict, cache_name: str) -> dict:
         shape = list(value.shape)
         if shape[0] == batch:
             shape[0] = new_batch
-        if name == prefix + "attention_mask" and value.ndim == 4:  # (batch, 1, query, cache length)
-            shape[2:] = [new_query, new_length]
+        if name == prefix + "attention_mask" and value.ndim == 4:  # (batch, 1, query, positions attended)
+            shape[2:] = [new_query, new_length - 1]  # fewer than the cache holds: export keeps the two apart
         elif name == prefix + "attention_mask":  # (batch, cached + query): shorter than the cache, as in
             shape[-1] = max(new_query, min(shape[-1], new_length - 1))  # generation (transformers pads it then)
         elif name in (prefix + "input_ids", prefix + "position_ids", "token_type_ids"):
@@ -286,12 +278,17 @@ def generate(gm, mixin_generate: Optional[Callable], *args, adapter_names=None, 
                              "model's only adapter (as in PEFT): generate without adapter_names.")
     if adapter_names is not None:
         kwargs["adapter_names"] = _adapter_index(gm, adapter_names, args, kwargs)
+    given_cache = any(kwargs.get(name) is not None for name in CACHE_NAMES)
     if prefilled:
         args = _with_virtual_tokens(gm, *prefilled[0], args, kwargs)
     _use_static_cache(kwargs, gm.generation_config)
     if getattr(gm.config, "is_encoder_decoder", False) and kwargs.get("encoder_outputs") is None:
         kwargs["encoder_outputs"] = _encoder_outputs(gm, args, kwargs)
-    return mixin_generate(*args, **kwargs)
+    gm.__dict__["_fxpeft_generating"] = not given_cache  # the cache transformers makes gets a spare position
+    try:
+        return mixin_generate(*args, **kwargs)
+    finally:
+        gm.__dict__.pop("_fxpeft_generating", None)
 
 
 def virtual_tokens(cache) -> int:
@@ -337,14 +334,15 @@ def _with_virtual_tokens(gm, method, adapter: str, args, kwargs) -> tuple:
         decoder = gm.config.get_text_config(decoder=True)
         cache = EncoderDecoderCache(StaticCache(config=decoder, max_cache_len=count + 1 + new_tokens),
                                     StaticCache(config=decoder, max_cache_len=states.shape[1]))
-        for part in (cache.self_attention_cache, cache.cross_attention_cache):
-            part.early_initialization(rows, *gm._get_static_cache_init_shape(), dtype=gm.dtype, device=ids.device)
+        allocate(cache.self_attention_cache, rows, gm._get_static_cache_init_shape(), gm.dtype, ids.device)
+        cache.cross_attention_cache.early_initialization(rows, *gm._get_static_cache_init_shape(), dtype=gm.dtype,
+                                                         device=ids.device)
         encoder = {"encoder_outputs": type(outputs)(last_hidden_state=states.repeat_interleave(expand, dim=0)),
                    "attention_mask": mask.repeat_interleave(expand, dim=0)}
         kwargs["attention_mask"] = mask
     else:
         cache = StaticCache(config=gm.config, max_cache_len=count + ids.shape[-1] + new_tokens)
-        cache.early_initialization(rows, *gm._get_static_cache_init_shape(), dtype=gm.dtype, device=ids.device)
+        allocate(cache, rows, gm._get_static_cache_init_shape(), gm.dtype, ids.device)
         encoder = {}
         kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], count), mask], dim=1)
     cache._fxpeft_virtual_tokens = method.prefill_cache(gm, adapter, cache, **encoder)
@@ -358,7 +356,7 @@ def masks_for_generate(model_masks: Optional[Callable], **kwargs):
     sequence (from the cache's length, or from the mask: OPT), and builds its causal mask in the
     graph. Otherwise (and in an encoder-decoder's decoder, whose positions count on from the cache's
     length) the model's (or transformers') 4-D mask, cut on the CPU to the positions filled so far and
-    the new ones (the step attends over those only, :func:`attended`)."""
+    the new ones (the step attends over those only, :func:`cache_shell`)."""
     cache = kwargs.get("cache")
     if virtual_tokens(cache) and not kwargs["config"].is_encoder_decoder:
         return kwargs["attention_mask"]

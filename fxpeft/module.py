@@ -531,7 +531,6 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
                 name = "cache" if "cache" in self._fxpeft_arg_names else "past_key_values"
                 query = kwargs.get("decoder_input_ids", kwargs.get("input_ids"))  # the tokens the cache grows by
                 kwargs[name] = generation.cache_tensors(self, cache, query)
-                generation.attended(kwargs, name)
                 kwargs["use_cache"] = True
                 if generation.virtual_tokens(cache):  # the model counts positions on from the cache's length
                     kwargs.pop("position_ids", None)

@@ -5,6 +5,7 @@ import peft
 import pytest
 import torch
 import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fxpeft
 import models
@@ -19,6 +20,19 @@ def llama_pair():
     """PEFT and fxpeft Llama with the same two LoRA adapters of different ranks, "a" active."""
     torch.manual_seed(0)
     return lora_pair(models.llama().eval(), {"a": dict(r=4, lora_alpha=8, **LORA), "b": dict(r=2, lora_alpha=4, **LORA)})
+
+
+class AttendedKeys(TorchDispatchMode):
+    """How many keys each attention (SDPA, as the op runs) attends over, in call order."""
+
+    def __init__(self):
+        super().__init__()
+        self.lengths = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "scaled_dot_product" in func.overloadpacket.__name__ and type(args[1]) is torch.Tensor:  # not traced
+            self.lengths.append(args[1].shape[2])
+        return func(*args, **(kwargs or {}))
 
 
 def both(reference, gm, seed=1, **kwargs):
@@ -91,18 +105,20 @@ def test_decode_steps_read_one_token_and_write_the_cache_in_place(llama_pair, ca
 
     def recording(signature, adapter_names, batch_input, *args):
         _, call = torch.utils._pytree.tree_unflatten(list(args), signature.in_spec)
-        seen.append((signature, tuple(call["input_ids"].shape), {keys.shape[2] for keys, _, _ in call["cache"]}))
+        seen.append((signature, tuple(call["input_ids"].shape)))
         return run(gm, signature, adapter_names, batch_input, *args)
 
     gm.__dict__["_run"] = recording
     try:
-        out = gm.generate(**inputs, max_new_tokens=NEW, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
-                          **({} if capacity is None else dict(max_cache_len=capacity)))
+        with AttendedKeys() as attention:
+            out = gm.generate(**inputs, max_new_tokens=NEW, do_sample=False, pad_token_id=0,
+                              return_dict_in_generate=True, **({} if capacity is None else dict(max_cache_len=capacity)))
     finally:
         del gm.__dict__["_run"]
-    assert [shape for _, shape, _ in seen] == [(2, 7)] + [(2, 1)] * (NEW - 1)
-    assert [attended for _, _, attended in seen] == [{7 + step} for step in range(NEW)]
-    assert len({id(signature) for signature, _, _ in seen}) == 1
+    assert [shape for _, shape in seen] == [(2, 7)] + [(2, 1)] * (NEW - 1)
+    layers = gm.config.num_hidden_layers
+    assert attention.lengths == [7 + step for step in range(NEW) for _ in range(layers)]
+    assert len({id(signature) for signature, _ in seen}) == 1
     cache = out.past_key_values
     assert isinstance(cache, transformers.StaticCache)
     for layer in cache.layers:
@@ -377,20 +393,21 @@ def test_seq2seq_greedy_and_beams_match_peft(seq2seq_pair):
     read them (two decoder graphs); tokens and scores equal PEFT's."""
     reference, gm, inputs = seq2seq_pair
     kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=0)  # min: tiny BART ends at once
-    seen, attended = [], []
+    seen = []
     run = type(gm)._run
 
     def recording(signature, adapter_names, batch_input, *args):
         _, call = torch.utils._pytree.tree_unflatten(list(args), signature.in_spec)
         if "cache" in call:
             seen.append((sorted(call["cache"]), tuple(call["decoder_input_ids"].shape)))
-            attended.append({keys.shape[2] for keys, _, _ in call["cache"]["self_attention"]})
         return run(gm, signature, adapter_names, batch_input, *args)
 
+    greedy = dict(kw, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    expected = reference.generate(**inputs, **greedy)
     gm.__dict__["_run"] = recording
     try:
-        expected, got = both(reference, gm, **inputs, **kw, do_sample=False, return_dict_in_generate=True,
-                             output_scores=True)
+        with AttendedKeys() as attention:
+            got = gm.generate(**inputs, **greedy)
     finally:
         del gm.__dict__["_run"]
     assert torch.equal(got.sequences, expected.sequences)
@@ -398,7 +415,11 @@ def test_seq2seq_greedy_and_beams_match_peft(seq2seq_pair):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     assert seen == [(["cross_attention", "self_attention"], (3, 1))] + [
         (["cross_attention_filled", "self_attention"], (3, 1))] * (NEW - 1)
-    assert attended == [{1 + step} for step in range(NEW)]  # the decoder's tokens so far, not the whole cache
+    # the decoder's self-attention attends over its tokens so far, not the whole cache (the source's 7 keys:
+    # the encoder's self-attention and the cross-attention; the first 1s: the encoder's pass, see generation)
+    own = [length for length in attention.lengths if length != inputs["input_ids"].shape[1]]
+    layers = own.count(NEW)
+    assert layers and own == [1] * layers + [1 + step for step in range(NEW) for _ in range(layers)]
     expected, got = both(reference, gm, **inputs, **kw, num_beams=3, num_return_sequences=2)
     assert torch.equal(got, expected)
 
