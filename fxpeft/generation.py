@@ -65,12 +65,14 @@ def cache_tensors(gm, cache, input_ids: Optional[torch.Tensor]):
         if len(filled) > 1:
             raise NotImplementedError("This EncoderDecoderCache holds the encoder's keys and values for some layers "
                                       "only; fxpeft graphs take a cross-attention cache that is empty or full.")
-        return {SELF: _layer_tensors(gm, cache.self_attention_cache, input_ids, check=True),
+        return {SELF: _layer_tensors(gm, cache.self_attention_cache, input_ids, own=True),
                 (CROSS_FILLED if filled == {True} else CROSS): _layer_tensors(gm, cache.cross_attention_cache, input_ids)}
-    return _layer_tensors(gm, cache, input_ids, check=True)
+    return _layer_tensors(gm, cache, input_ids, own=True)
 
 
-def _layer_tensors(gm, cache, input_ids, check: bool = False) -> list[tuple[torch.Tensor, ...]]:
+def _layer_tensors(gm, cache, input_ids, own: bool = False) -> list[tuple[torch.Tensor, ...]]:
+    """``own``: a self-attention cache (the tokens so far: checked against the prompt, and allocated with a
+    spare position when ``generate`` made it, see :func:`allocate`); else a cross-attention one."""
     from transformers.cache_utils import StaticLayer
 
     kinds = {type(layer).__name__ for layer in getattr(cache, "layers", [cache]) if type(layer) is not StaticLayer}
@@ -85,9 +87,9 @@ def _layer_tensors(gm, cache, input_ids, check: bool = False) -> list[tuple[torc
             raise NotImplementedError(f"Cannot allocate a static cache for {type(gm).__name__}: transformers gives no "
                                       "head shapes for it (or the call has no input_ids).")
         allocate(cache, input_ids.shape[0], shape, gm.dtype, input_ids.device,
-                 spare=check and gm.__dict__.get("_fxpeft_generating", False))
+                 spare=own and gm.__dict__.get("_fxpeft_generating", False))
     tensors = [(layer.keys, layer.values, layer.cumulative_length) for layer in cache.layers]
-    if check and input_ids is not None and input_ids.shape[-1] > 1:  # prefill: the only step that can overflow
+    if own and input_ids is not None and input_ids.shape[-1] > 1:  # prefill: the only step that can overflow
         capacity, cached = tensors[0][0].shape[2] - getattr(cache, "_fxpeft_spare", 0), int(tensors[0][2])
         if cached + input_ids.shape[-1] > capacity:
             raise ValueError(
