@@ -509,7 +509,7 @@ def _memo(kept: nn.Module, path: str, mixed: bool) -> Optional[dict]:
 SITES = "_fxpeft_lora_sites"  # gm._fxpeft_memo key: _slot_sites' list
 
 
-FLAT = "flat"  # beside _pick's memo: the dense stacks as two matrices, x @ A' @ B'
+FLAT = "flat"  # beside _pick's memo: the dense stacks as two matrices (S·R, in) and (S·R, out)
 
 
 DERIVED = "derived"  # beside _pick's memo: the stacks FLAT / LOOKUP were derived from
@@ -520,7 +520,7 @@ LOOKUP = "lookup"  # beside the mixed graph's memo: (positions, global adapter i
 
 def _prepared(kept: nn.Module, path: str, mixed: bool, flat: bool = False):
     """The (A, s·B^T) stacks ``prepare_call`` kept for the site at ``path`` for this call (``flat``: as the
-    matrices (in, S·R) and (S·R, out); ``mixed``: and the slot each global adapter index reads), or None."""
+    matrices (S·R, in) and (S·R, out); ``mixed``: and the slot each global adapter index reads), or None."""
     if torch.is_grad_enabled() or not call_prepared():
         return None
     kept = _memo(kept, path, mixed)
@@ -621,9 +621,10 @@ def prepare_call(gm, mixed: bool, cached: bool, compiled: bool) -> None:
             for tensor in stacks[1:]:
                 torch._dynamo.maybe_mark_dynamic(tensor, 1)
         else:
-            memo[FLAT] = (stacks[1].flatten(0, 1).t(), stacks[2].flatten(0, 1))
-            torch._dynamo.maybe_mark_dynamic(memo[FLAT][0], 1)
-            torch._dynamo.maybe_mark_dynamic(memo[FLAT][1], 0)
+            # not views (detach: the same storage, no _base): dynamo guards a view's base too, in Python
+            memo[FLAT] = (stacks[1].flatten(0, 1).detach(), stacks[2].flatten(0, 1).detach())
+            for tensor in memo[FLAT]:
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
             for tensor in stacks[1:]:
                 torch._dynamo.maybe_mark_dynamic(tensor, 1)
     gm._fxpeft_memo[STAMP, mixed] = stamp
@@ -687,7 +688,7 @@ def lora_slots(x, site: nn.Module, kept: nn.Module, path: str, slots: torch.Tens
     dropout = site.training and site.__dict__[LAYOUT][3]
     kept = None if dropout else _prepared(kept, path, False, flat=True)
     if kept is not None:
-        return torch.matmul(torch.matmul(x, kept[0]), kept[1])
+        return torch.matmul(torch.nn.functional.linear(x, kept[0]), kept[1])
     names, positions, rank, _ = site.__dict__[LAYOUT]
     if compiling:
         a, b_t, _, owners = _stacked(site, names, positions, rank, slots, False, False)  # (S, R, in/out)
