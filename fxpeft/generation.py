@@ -99,7 +99,6 @@ def _layer_tensors(gm, cache, input_ids, own: bool = False) -> list[tuple[torch.
     return tensors
 
 
-@torch.compiler.disable  # called from the frame dynamo skips (PeftGraphModule.__call__): its callees would be traced
 def mark_attended(call: dict) -> None:
     """Before a compiled call with a cache: the masks' last dim (cut by :func:`masks_for_generate`: the
     positions the step attends over, see :func:`cache_shell`) grows by one each step; dynamic from the

@@ -431,14 +431,15 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         their own memo) and marks the call as prepared while it runs (``call_prepared``: one flag for
         the process, so a call in another thread that skipped the hooks may see it set)."""
         if not torch.compiler.is_compiling():
-            compiled = _dynamo_active()
-            if compiled:  # eager calls capture in the dispatcher: no second binding of the arguments
-                self._ensure_signature(args, kwargs)
-                generation.mark_attended(kwargs)
+            frame = _dynamo_active()  # this call runs compiled code
             mixed = kwargs.get("adapter_names") is not None
-            compiled = compiled or bool(self.__dict__.get("_fxpeft_compiled_blocks"))
-            if self._fxpeft_prepare_hooks and not torch.is_grad_enabled() and (compiled or not mixed):
+            compiled = frame or bool(self.__dict__.get("_fxpeft_compiled_blocks"))
+            prepare = bool(self._fxpeft_prepare_hooks) and not torch.is_grad_enabled() and (compiled or not mixed)
+            if frame:  # eager calls capture in the dispatcher: no second binding of the arguments
+                self._before_compiled_call(args, kwargs, mixed, prepare)
+            elif prepare:
                 self._prepare_call(mixed, kwargs, compiled)
+            if prepare:
                 previous, _Prepared.now = _Prepared.now, True
                 try:
                     return nn.Module.__call__(self, *args, **kwargs)
@@ -446,17 +447,19 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
                     _Prepared.now = previous
         return nn.Module.__call__(self, *args, **kwargs)
 
-    @torch.compiler.disable  # under a compiled __call__ frame the hooks' Python runs untraced
-    def _prepare_call(self, mixed: bool, kwargs: dict, compiled: bool) -> None:
-        cached = generation.cache_name_of(kwargs) is not None  # here, not in the caller: dynamo would trace it
-        for hook in self._fxpeft_prepare_hooks:
-            hook(self, mixed, cached, compiled)
-
-    @torch.compiler.disable  # under a compiled __call__ frame, capture (torch.export) must run untraced
-    def _ensure_signature(self, args, kwargs) -> None:
-        if self._fxpeft_primary is not None:
+    @torch.compiler.disable  # called from the frame dynamo skips: its callees would be traced (one call: each costs)
+    def _before_compiled_call(self, args, kwargs, mixed: bool, prepare: bool) -> None:
+        if self._fxpeft_primary is not None:  # capture (torch.export) must run untraced
             call, _ = self._bind(args, dict(kwargs))
             self._signature(call)
+        generation.mark_attended(kwargs)
+        if prepare:
+            self._prepare_call(mixed, kwargs, True)
+
+    def _prepare_call(self, mixed: bool, kwargs: dict, compiled: bool) -> None:
+        cached = generation.cache_name_of(kwargs) is not None
+        for hook in self._fxpeft_prepare_hooks:
+            hook(self, mixed, cached, compiled)
 
     def _signature(self, call: dict) -> Signature:
         key = capture_mod.signature_key(call, ranks=generation.cache_name_of(call) is not None)
