@@ -30,6 +30,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from fxpeft.canonical import Site, is_quantized, site_weight
 from fxpeft.configs import DEFAULT_LORA_TARGETS, LoraConfig
 from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict
+from fxpeft.generation import generate_call
 from fxpeft.registry import call_prepared, register_method, registry_of
 from fxpeft.rewrite import Lowering
 from fxpeft.targets import output_heads, pattern_value
@@ -589,16 +590,22 @@ def _slot_sites(gm) -> list[SlotSite]:
 def prepare_call(gm, mixed: bool, cached: bool, compiled: bool) -> None:
     """Before a call without autograd: each index-picking site's stacks for the graph the call runs,
     rebuilt only when the slots or an adapter they hold changed (``_pick``'s memo: identity, storage,
-    version of each tensor). A lone adapter in a generation graph is read as it is when eager
-    (``lora_slots``); compiled, from stacks, so that a second one loaded later leaves the code as it was."""
+    version of each tensor), checked once per ``generate`` call and per other call. A lone adapter in a
+    generation graph is read as it is when eager (``lora_slots``); compiled, from stacks, so that a second one
+    loaded later leaves the code as it was."""
     lowering, lone_too = gm._fxpeft_memo.get(SITES, ()), cached and compiled
     sites = [s for s in lowering if mixed or s.dense or lone_too]  # those whose graph reads kept stacks
     if not sites:
         return
     host = None if mixed else _host_list(gm._buffers["_fxpeft_slots"])
+    # a later step of the same generate call reads the adapters as its first step found them (generate_call)
+    step = generate_call(gm), lowering, None if host is None else tuple(host), lone_too
+    if step[0] is not None and gm._fxpeft_memo.get((STEP, mixed)) == step:
+        return
     # a decode step usually finds everything as the last call of its kind left it: one check for all sites
     stamp = _call_stamp(lowering, sites, host, lone_too)
     if stamp is not None and gm._fxpeft_memo.get((STAMP, mixed)) == stamp:
+        gm._fxpeft_memo[STEP, mixed] = step
         return
     for site, names, positions, rank, embedding, dense, kept, path in sites:
         fetch = lambda j, site=site, names=names, embedding=embedding: _adapter_tensors(site, names[j], embedding)  # noqa: E731
@@ -628,9 +635,11 @@ def prepare_call(gm, mixed: bool, cached: bool, compiled: bool) -> None:
             for tensor in stacks[1:]:
                 torch._dynamo.maybe_mark_dynamic(tensor, 1)
     gm._fxpeft_memo[STAMP, mixed] = stamp
+    gm._fxpeft_memo[STEP, mixed] = step
 
 
 STAMP = "lora_call_stamp"  # gm._fxpeft_memo key (with the call's mixed flag): _call_stamp of the last prepare_call
+STEP = "lora_generate_step"  # beside it: the generate call, lowering and slots the last prepare_call found
 
 
 def _call_stamp(lowering: list, sites: list, host: Optional[list], lone_too: bool) -> Optional[tuple]:
