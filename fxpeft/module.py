@@ -449,9 +449,12 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
 
     @torch.compiler.disable  # called from the frame dynamo skips: its callees would be traced (one call: each costs)
     def _before_compiled_call(self, args, kwargs, mixed: bool, prepare: bool) -> None:
-        if self._fxpeft_primary is not None:  # capture (torch.export) must run untraced
-            call, _ = self._bind(args, dict(kwargs))
+        # a decode step of a generate call passes what the step before it passed: no second look
+        step = generation.generate_call(self), len(args), tuple((name, _step_value(value)) for name, value in kwargs.items())
+        if self._fxpeft_primary is not None and (step[0] is None or self.__dict__.get("_fxpeft_step") != step):
+            call, _ = self._bind(args, dict(kwargs))  # capture (torch.export) must run untraced
             self._signature(call)
+            self.__dict__["_fxpeft_step"] = step
         generation.mark_attended(kwargs)
         if prepare:
             self._prepare_call(mixed, kwargs, True)
@@ -653,6 +656,13 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
             "A PeftGraphModule cannot be pickled (torch.save(module)). Save the adapter with "
             "fxpeft.save_pretrained, or the weights with module.state_dict()."
         )
+
+
+def _step_value(value):
+    """What tells one generate step's keyword apart from another's (the cache: the same object)."""
+    if isinstance(value, torch.Tensor):
+        return value.ndim
+    return value if isinstance(value, (bool, int, float, str, type(None))) else id(value)
 
 
 try:  # set while torch.compile runs a call: dynamo skips __call__'s frame, not the frames it calls
