@@ -286,23 +286,25 @@ def generate(gm, mixin_generate: Optional[Callable], *args, adapter_names=None, 
     if getattr(gm.config, "is_encoder_decoder", False) and kwargs.get("encoder_outputs") is None:
         kwargs["encoder_outputs"] = _encoder_outputs(gm, args, kwargs)
     gm.__dict__["_fxpeft_generating"] = not given_cache  # the cache transformers makes gets a spare position
-    gm.__dict__[GENERATE_CALL] = object()
+    previous, _Generate.call = _Generate.call, object()
     try:
         return mixin_generate(*args, **kwargs)
     finally:
         gm.__dict__.pop("_fxpeft_generating", None)
-        gm.__dict__.pop(GENERATE_CALL, None)
+        _Generate.call = previous
 
 
-GENERATE_CALL = "_fxpeft_generate_call"
+class _Generate:
+    call = None  # see generate_call
 
 
-def generate_call(gm) -> Optional[object]:
-    """A token of the ``generate`` call running (None outside one). Prepare hooks check the adapters
-    at its first step and trust what they prepared for the steps after: one generation reads one set
-    of adapters (a change made while it runs, by a streamer or another thread, is read from the next
-    call on), and a decode step does not read every adapter tensor again."""
-    return gm.__dict__.get(GENERATE_CALL)
+def generate_call() -> Optional[object]:
+    """A token of the ``generate`` call running (None outside one; one for the process, as
+    ``call_prepared``). What the adapters give a step (stacks, picks) is checked against them at the
+    call's first step and trusted for the steps after: one generation reads one set of adapters (a
+    change made while it runs, by a streamer or another thread, is read from the next call on; an
+    optimizer step at once), and a decode step does not read every adapter tensor again."""
+    return _Generate.call
 
 
 def virtual_tokens(cache) -> int:

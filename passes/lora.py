@@ -426,11 +426,10 @@ def select_adapters(site: nn.Module, kept: nn.Module, path: str, index: torch.Te
     if kept is not None:  # owners are only read with dropout, which embeddings have not
         slots = torch.arange(index.shape[0], device=index.device)
         return kept[0], kept[1], slots, slots
-    names, positions, rank, _ = site.__dict__[LAYOUT]
+    layout = site.__dict__[LAYOUT]
     if torch.compiler.is_compiling():
-        return _stacked(site, names, positions, rank, index, embedding, dedupe)
-    a, b_t, entry_slot, owners = _picked(site, names, positions, rank, index, embedding, dedupe)
-    return a, b_t, _device_list(entry_slot, a.device), _device_list(owners, a.device)
+        return _stacked(site, *layout[:3], index, embedding, dedupe)
+    return _picked(site, layout, index, embedding, dedupe, True)
 
 
 def _device_list(values: list[int], device: torch.device) -> torch.Tensor:
@@ -451,12 +450,27 @@ def _device_list(values: list[int], device: torch.device) -> torch.Tensor:
 _DEVICE_LISTS: dict = {}
 
 
-def _picked(site: nn.Module, names: tuple, positions: tuple, rank: int, index: torch.Tensor, embedding: bool,
-            dedupe: bool):
-    """Eager :func:`select_adapters` with the slot lists left on the host."""
-    fetch = lambda j: _adapter_tensors(site, names[j], embedding)  # noqa: E731
+def _picked(site: nn.Module, layout: tuple, index: torch.Tensor, embedding: bool, dedupe: bool, on_device: bool):
+    """Eager :func:`select_adapters` (``on_device``: the slot lists as tensors, else lists). Without autograd
+    kept on the site: a later step of the same generate call with the same index takes it as it is, without
+    reading the adapters again (generate_call)."""
+    names, positions, rank, _ = layout
+    host = _host_list(index)
     memo = None if torch.is_grad_enabled() else site.__dict__  # with autograd, stacks are built per call
-    return _pick(_host_list(index), positions, fetch, rank, dedupe, memo=memo)
+    step = None if memo is None or generate_call() is None else (generate_call(), _Steps.count, layout, tuple(host),
+                                                                 dedupe, on_device)
+    if step is not None and memo.get(PICKED, (None,))[0] == step:
+        return memo[PICKED][1]
+    fetch = lambda j: _adapter_tensors(site, names[j], embedding)  # noqa: E731
+    picked = a, b_t, entry_slot, owners = _pick(host, positions, fetch, rank, dedupe, memo=memo)
+    if on_device:
+        picked = a, b_t, _device_list(entry_slot, a.device), _device_list(owners, a.device)
+    if step is not None:
+        memo[PICKED] = step, picked
+    return picked
+
+
+PICKED = "_fxpeft_lora_picked"  # the site module's __dict__ key: the step _picked last answered, and its answer
 
 
 def _stacked(site: nn.Module, names: tuple, positions: tuple, rank: int, index: torch.Tensor, embedding: bool,
@@ -599,7 +613,7 @@ def prepare_call(gm, mixed: bool, cached: bool, compiled: bool) -> None:
         return
     host = None if mixed else _host_list(gm._buffers["_fxpeft_slots"])
     # a later step of the same generate call reads the adapters as its first step found them (generate_call)
-    step = generate_call(gm), lowering, None if host is None else tuple(host), lone_too
+    step = generate_call(), _Steps.count, lowering, None if host is None else tuple(host), lone_too
     if step[0] is not None and gm._fxpeft_memo.get((STEP, mixed)) == step:
         return
     # a decode step usually finds everything as the last call of its kind left it: one check for all sites
@@ -639,7 +653,7 @@ def prepare_call(gm, mixed: bool, cached: bool, compiled: bool) -> None:
 
 
 STAMP = "lora_call_stamp"  # gm._fxpeft_memo key (with the call's mixed flag): _call_stamp of the last prepare_call
-STEP = "lora_generate_step"  # beside it: the generate call, lowering and slots the last prepare_call found
+STEP = "lora_generate_step"  # beside it: the generate call, steps, lowering and slots the last prepare_call found
 
 
 def _call_stamp(lowering: list, sites: list, host: Optional[list], lone_too: bool) -> Optional[tuple]:
@@ -702,8 +716,7 @@ def lora_slots(x, site: nn.Module, kept: nn.Module, path: str, slots: torch.Tens
     if compiling:
         a, b_t, _, owners = _stacked(site, names, positions, rank, slots, False, False)  # (S, R, in/out)
     else:
-        a, b_t, _, owners = _picked(site, names, positions, rank, slots, False, False)
-        owners = _device_list(owners, a.device) if dropout else None
+        a, b_t, _, owners = _picked(site, site.__dict__[LAYOUT], slots, False, False, dropout)
     if dropout:  # each active adapter sees its own dropout of x
         p = [site.lora_scaling[n].p for n in names]
         p = torch.stack(p + [torch.zeros_like(p[0])]).index_select(0, owners % (len(names) + 1))  # -1: none

@@ -352,15 +352,18 @@ def test_compiled_decoding_of_a_lone_adapter_survives_loading_another():
         torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_decoding_reads_adapters_written_in_place_between_calls(llama_pair, compiled):
-    """Steps after the first of a generate call trust the stacks it prepared (two adapters: the dense
-    graph picks them, eager too); the next call checks the adapters again: weights written in place (no
-    optimizer step, no load) between two generate calls give PEFT's tokens for the new weights."""
+@pytest.mark.parametrize("run", ["eager", "compiled", "mixed"])
+def test_decoding_reads_adapters_written_in_place_between_calls(llama_pair, run):
+    """Steps after the first of a generate call trust the stacks it prepared and the adapters it picked
+    (two adapters: the dense graph picks them, eager too); the next call checks the adapters again:
+    weights written in place (no optimizer step, no load) between two generate calls give PEFT's tokens
+    for the new weights."""
     reference, gm = llama_pair
     prompt = models.hf_inputs("llama", batch=2)
     kw = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=0)
-    if compiled:
+    if run == "mixed":
+        kw["adapter_names"] = ["a", "b"]
+    if run == "compiled":
         kw["compile_config"] = transformers.CompileConfig(fullgraph=True, backend="eager", mode=None)
     written = [p for model in (reference, gm) for name, p in model.named_parameters() if "lora_B.a" in name]
     kept = [p.detach().clone() for p in written]
