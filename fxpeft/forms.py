@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from .canonical import Site, site_weight, submodule
-from .registry import Method, registry_of, site_rule
+from .generation import generate_call
+from .registry import Method, call_prepared, optimizer_steps, registry_of, site_rule
 from .rewrite import Lowering, samples_of
 from .targets import is_targeted, unmatched_target_error
 
@@ -348,11 +349,89 @@ def scaling(*, name: str, config_type: type, create: Callable, vector: Callable,
     bias); a vector entry below ``min_scale`` in magnitude refuses to merge, since unmerging
     divides by it.
     """
-    adapters_at, _ = _gates_of(gates)
+    adapters_at, gate_of = _gates_of(gates)
+    layout_key = f"_fxpeft_{name}_layout"  # site __dict__: side (scales input) -> names, positions, kept at
+    kept_name = f"_fxpeft_{name}_kept"  # a KeptFactors child of every lowering root (see lowered)
 
-    def per_feature(lw: Lowering, site: Site, module: nn.Module, adapters: list[str], dtype):
+    def factors(module: nn.Module, holder: nn.Module, key: str, gates: torch.Tensor, inputs: bool, dtype):
+        """A generation graph's per-feature factors at one side of a site, read when it runs, so that its
+        code names no adapter (one loaded between compiled generate calls leaves it as it was): in a
+        prepared call those ``prepare_call`` kept, else the product of the site's gated vectors."""
+        if not torch.is_grad_enabled() and call_prepared():
+            kept = holder.__dict__["factors"].get(key)
+            if kept is not None:
+                return kept
+        return gated_product(module, gates, inputs, dtype)
+
+    def gated_product(module: nn.Module, gates: torch.Tensor, inputs: bool, dtype):
+        names, positions, *_ = module.__dict__[layout_key][inputs]
+        total = None
+        for adapter, position in zip(names, positions):
+            v = vector(module, adapter).reshape(-1).to(dtype)
+            g = gate_of(module, adapter).value * gates[position]
+            gated = (v - 1) * g + 1
+            total = gated if total is None else total * gated
+        return total
+
+    def lowered(gm) -> None:
+        """After every lowering: a KeptFactors of its own for every lowering root (blocks sharing a lowering
+        got the first one's; a generation graph captured later finds them), and each site's layout: its
+        adapters on each side, their positions in the gates, and where prepared factors go (the KeptFactors
+        of each root the site is in, under its path from there)."""
+        roots, seen = {"": gm, **{path: gm.get_submodule(path) for path in gm._fxpeft_block_paths}}, set()
+        for root in roots.values():
+            holder = root._modules.get(kept_name)
+            if holder is None or id(holder) in seen:
+                root._modules[kept_name] = holder = KeptFactors()
+            seen.add(id(holder))
+        order = list(gm.peft_config)
+        for path, module in registry_of(gm).base_modules(gm):
+            adapters = adapters_at(module)
+            if not adapters:
+                module.__dict__.pop(layout_key, None)
+                continue
+            at = [(roots[prefix]._modules[kept_name], path[len(prefix) + 1:] if prefix else path) for prefix in roots
+                  if not prefix or path.startswith(prefix + ".")]
+            layout = {}
+            for side in (True, False):
+                names = tuple(a for a in adapters if scales_input(module, a) == side)
+                if names:
+                    label = "input" if side else "output"
+                    layout[side] = (names, tuple(order.index(a) for a in names),
+                                    [(holder, f"{relative}:{label}") for holder, relative in at])
+            module.__dict__[layout_key] = layout
+
+    def prepare_call(gm, mixed: bool, cached: bool, compiled: bool) -> None:
+        """Before a generation step without autograd: each site's factors, once per ``generate`` call
+        (``generation.generate_call``) and per other call."""
+        if mixed or not cached:
+            return
+        step = generate_call(), optimizer_steps()
+        if step[0] is not None and gm._fxpeft_memo.get((kept_name, "step")) == step:
+            return
+        sites = gm._fxpeft_memo.get(kept_name)
+        if sites is None:
+            sites = gm._fxpeft_memo[kept_name] = [module for _, module in registry_of(gm).base_modules(gm)
+                                                  if module.__dict__.get(layout_key)]
+        gates = gm._buffers["_fxpeft_gates"]
+        with torch.no_grad():
+            for module in sites:
+                dtype = (getattr(module, "weight_spec", None) or module.weight).dtype  # after .to() too
+                for side, (_, _, at) in module.__dict__[layout_key].items():
+                    product = gated_product(module, gates, side, dtype)
+                    for holder, key in at:
+                        holder.__dict__["factors"][key] = product
+        gm._fxpeft_memo[kept_name, "step"] = step
+
+    def per_feature(lw: Lowering, site: Site, module: nn.Module, adapters: list[str], dtype, inputs: bool):
         """The product of the adapters' gated vectors: (features,) in dense graphs, (batch, features)
-        in mixed ones."""
+        in mixed ones; a dense generation graph reads them when it runs (``factors``)."""
+        if lw.cached and not lw.mixed:
+            if kept_name not in lw.root._modules:
+                lw.root.add_module(kept_name, KeptFactors())
+            key = f"{site.path}:{'input' if inputs else 'output'}"
+            return lw.call(factors, lw.attr(site.path), lw.attr(kept_name), key, lw.attr("_fxpeft_gates"), inputs,
+                           dtype)
         total = None
         for adapter in adapters:
             v = lw.call(aten.reshape.default, lw.attr(_param_path(site, module, adapter)), [-1])
@@ -384,7 +463,7 @@ def scaling(*, name: str, config_type: type, create: Callable, vector: Callable,
         adapters = [a for a in adapters_at(module) if scales_input(module, a)]
         dtype = site_weight(lw.root, site).dtype
         channels = 1 if site.kind == "conv" else -1
-        scaled = scale(lw, site.input, per_feature(lw, site, module, adapters, dtype), channels)
+        scaled = scale(lw, site.input, per_feature(lw, site, module, adapters, dtype, True), channels)
         return lw.replace_op(site, input=scaled)
 
     def rewrite_outputs(lw: Lowering, site: Site):
@@ -392,7 +471,7 @@ def scaling(*, name: str, config_type: type, create: Callable, vector: Callable,
         adapters = [a for a in adapters_at(module) if not scales_input(module, a)]
         dtype = site_weight(lw.root, site).dtype
         channels = 1 if site.kind == "conv" else -1
-        return scale(lw, site.output, per_feature(lw, site, module, adapters, dtype), channels)
+        return scale(lw, site.output, per_feature(lw, site, module, adapters, dtype, False), channels)
 
     def fold(gm, site, module, adapter, weight, bias, sign):
         v = vector(module, adapter).detach().reshape(-1).to(weight.dtype)
@@ -415,7 +494,17 @@ def scaling(*, name: str, config_type: type, create: Callable, vector: Callable,
                        rewrite_outputs, phase=60))
     return _site_method(name=name, config_type=config_type, create=create, kinds=kinds, containers=containers,
                         gates=gates, default_targets=default_targets, heads=heads, adapters_at=None,
-                        rules=rules, fold=fold, **fields)
+                        rules=rules, fold=fold, prepare_call=prepare_call, lowered=lowered, **fields)
+
+
+class KeptFactors(nn.Module):
+    """What a scaling method's ``prepare_call`` keeps for the sites of one lowering root: key (site path
+    and side) -> per-feature factors. Not on the site: torch.compile reads a builtin module's tensors
+    (an nn.Linear's) differently."""
+
+    def __init__(self):
+        super().__init__()
+        self.__dict__["factors"] = {}
 
 
 def _weight_axis(site: Site, inputs: bool) -> int:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .canonical import BASE_LINEAR_TYPES, BASE_SITE_OPS, Site
 
@@ -165,6 +166,26 @@ class Method:
 
 class _Prepared:
     now = False  # whether the call running went through the prepare hooks (see call_prepared)
+
+
+class _Steps:
+    count = 0  # torch.optim steps taken in this process
+
+
+def optimizer_steps() -> int:
+    """How many torch.optim steps this process has taken. Fused optimizers (torch's fused AdamW, Trainer's
+    default) and writes through ``.data`` change a parameter in place without bumping its version counter:
+    state derived from adapter tensors counts every step (third-party optimizers subclass torch.optim's) as
+    a change of every tensor. A write through ``.data`` outside an optimizer stays unseen, as it is to
+    autograd's own checks."""
+    return _Steps.count
+
+
+def _after_step(optimizer, args, kwargs) -> None:
+    _Steps.count += 1
+
+
+register_optimizer_step_post_hook(_after_step)
 
 
 def call_prepared() -> bool:

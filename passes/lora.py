@@ -25,13 +25,12 @@ from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from fxpeft.canonical import Site, is_quantized, site_weight
 from fxpeft.configs import DEFAULT_LORA_TARGETS, LoraConfig
 from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict
 from fxpeft.generation import generate_call
-from fxpeft.registry import call_prepared, register_method, registry_of
+from fxpeft.registry import call_prepared, optimizer_steps, register_method, registry_of
 from fxpeft.rewrite import Lowering
 from fxpeft.targets import output_heads, pattern_value
 
@@ -393,25 +392,10 @@ def _pick(host: list[int], positions, fetch, rank: int, dedupe: bool, slots: Opt
 MEMO = "_fxpeft_lora_stacks"  # the site module's __dict__ key of _pick's kept stacks
 
 
-class _Steps:
-    count = 0  # torch.optim steps taken in this process
-
-
-def _after_step(optimizer, args, kwargs) -> None:
-    _Steps.count += 1
-
-
-# Fused optimizers (torch's fused AdamW, Trainer's default) and writes through ``.data`` change a
-# parameter in place without bumping its version counter: every torch.optim step (third-party optimizers
-# subclass it) counts as a change of every tensor. A write through ``.data`` outside an optimizer stays
-# unseen, as it is to autograd's own checks.
-register_optimizer_step_post_hook(_after_step)
-
-
 def _version(tensor: torch.Tensor):
-    """The version counter and the optimizer steps taken so far; for an inference tensor (which keeps
-    no counter) a value no later key equals."""
-    return object() if tensor.is_inference() else (tensor._version, _Steps.count)
+    """The version counter and the optimizer steps taken so far (``registry.optimizer_steps``); for an
+    inference tensor (which keeps no counter) a value no later key equals."""
+    return object() if tensor.is_inference() else (tensor._version, optimizer_steps())
 
 
 def select_adapters(site: nn.Module, kept: nn.Module, path: str, index: torch.Tensor, embedding: bool, dedupe: bool):
@@ -457,8 +441,8 @@ def _picked(site: nn.Module, layout: tuple, index: torch.Tensor, embedding: bool
     names, positions, rank, _ = layout
     host = _host_list(index)
     memo = None if torch.is_grad_enabled() else site.__dict__  # with autograd, stacks are built per call
-    step = None if memo is None or generate_call() is None else (generate_call(), _Steps.count, layout, tuple(host),
-                                                                 dedupe, on_device)
+    step = None if memo is None or generate_call() is None else (
+        generate_call(), optimizer_steps(), layout, tuple(host), dedupe, on_device)
     if step is not None and memo.get(PICKED, (None,))[0] == step:
         return memo[PICKED][1]
     fetch = lambda j: _adapter_tensors(site, names[j], embedding)  # noqa: E731
@@ -613,7 +597,7 @@ def prepare_call(gm, mixed: bool, cached: bool, compiled: bool) -> None:
         return
     host = None if mixed else _host_list(gm._buffers["_fxpeft_slots"])
     # a later step of the same generate call reads the adapters as its first step found them (generate_call)
-    step = generate_call(), _Steps.count, lowering, None if host is None else tuple(host), lone_too
+    step = generate_call(), optimizer_steps(), lowering, None if host is None else tuple(host), lone_too
     if step[0] is not None and gm._fxpeft_memo.get((STEP, mixed)) == step:
         return
     # a decode step usually finds everything as the last call of its kind left it: one check for all sites
@@ -669,7 +653,7 @@ def _call_stamp(lowering: list, sites: list, host: Optional[list], lone_too: boo
         prints = tuple([(id(t), t.data_ptr(), t._version) for t in tensors])
     except RuntimeError:  # an inference tensor: no version counter
         return None
-    return lowering, None if host is None else tuple(host), lone_too, _Steps.count, prints
+    return lowering, None if host is None else tuple(host), lone_too, optimizer_steps(), prints
 
 
 def _sharded(tensor: torch.Tensor) -> bool:

@@ -248,12 +248,18 @@ def test_a_forward_loop_with_a_static_cache_matches_peft(llama_pair):
         torch.testing.assert_close(ours.keys, theirs.keys, rtol=1e-5, atol=1e-5)
 
 
-def test_generate_after_a_dtype_change():
-    gm = fxpeft.transform(models.llama().eval(), fxpeft.LoraConfig(r=2, **LORA)).eval()
+IA3 = dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False)
+
+
+@pytest.mark.parametrize("config", [fxpeft.LoraConfig(r=2, **LORA), fxpeft.IA3Config(**IA3)], ids=["lora", "ia3"])
+def test_generate_after_a_dtype_change(config):
+    torch.manual_seed(0)
+    gm = fxpeft.transform(models.llama().eval(), config).eval()
     inputs = models.hf_inputs("llama", batch=2)
     before = gm.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
     gm.to(torch.float64)  # captures every signature again, the cache's included
     assert torch.equal(gm.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0), before)
+    assert gm(**inputs).logits.dtype == torch.float64
 
 
 # ------------------------------------------------------------------------------------- compiled decoding
@@ -346,6 +352,37 @@ def test_compiled_decoding_of_a_lone_adapter_survives_loading_another():
             gm.add_adapter("other", fxpeft.LoraConfig(r=8, lora_alpha=8, **LORA))
             gm.set_adapter("other")
             expected = gm.generate(**prompt, **kw)
+            assert torch.equal(gm.generate(**prompt, **kw, compile_config=config), expected)
+        assert counters["stats"]["unique_graphs"] == 1
+    finally:
+        torch._dynamo.reset()
+
+
+def test_compiled_decoding_of_ia3_survives_loading_another():
+    """IA3 (the scaling form): a generation graph reads each site's factors when it runs, so a second IA3
+    adapter loaded between compiled generate calls, and a switch to it, do not recompile the decode step;
+    the tokens are the eager run's. (It recompiled: the graph code named each site's adapters.)"""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    base = models.llama().eval()
+    gm = fxpeft.transform(base, fxpeft.IA3Config(**IA3))
+    prompt = models.hf_inputs("llama", batch=2)
+    kw = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    config = transformers.CompileConfig(fullgraph=True, backend="eager", mode=None)  # recompiles are dynamo's
+    expected = gm.generate(**prompt, **kw)
+    assert not torch.equal(expected, base.generate(**prompt, **kw))  # the adapter changes the tokens
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            assert torch.equal(gm.generate(**prompt, **kw, compile_config=config), expected)
+            gm.add_adapter("other", fxpeft.IA3Config(**IA3))
+            gm.set_adapter("other")
+            other = gm.generate(**prompt, **kw)
+            assert not torch.equal(other, expected)
+            assert torch.equal(gm.generate(**prompt, **kw, compile_config=config), other)
+            gm.set_adapter("default")
             assert torch.equal(gm.generate(**prompt, **kw, compile_config=config), expected)
         assert counters["stats"]["unique_graphs"] == 1
     finally:
