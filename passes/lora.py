@@ -562,6 +562,7 @@ class SlotSite(NamedTuple):
     dense: bool  # the dense graph picks too (embeddings, several adapters; a graph with a KV cache always does)
     kept: nn.Module  # the KeptStacks of its lowering root
     path: str  # its path from that root
+    named: dict  # position -> adapter name
 
 
 def _slot_sites(gm) -> list[SlotSite]:
@@ -581,7 +582,8 @@ def _slot_sites(gm) -> list[SlotSite]:
         root = gm if block is None else gm.get_submodule(block)
         found.append(SlotSite(module, tuple(present), tuple(position[a] for a in present), rank, embedding,
                               embedding or len(present) > 1, root._modules[KEPT_MODULE],
-                              path if block is None else path[len(block) + 1:]))
+                              path if block is None else path[len(block) + 1:],
+                              {position[a]: a for a in present}))
     return found
 
 
@@ -605,7 +607,7 @@ def prepare_call(gm, mixed: bool, cached: bool, compiled: bool) -> None:
     if stamp is not None and gm._fxpeft_memo.get((STAMP, mixed)) == stamp:
         gm._fxpeft_memo[STEP, mixed] = step
         return
-    for site, names, positions, rank, embedding, dense, kept, path in sites:
+    for site, names, positions, rank, embedding, dense, kept, path, _ in sites:
         fetch = lambda j, site=site, names=names, embedding=embedding: _adapter_tensors(site, names[j], embedding)  # noqa: E731
         if _sharded(fetch(0)[0]):  # sharded (FSDP2) until its block's forward: stack per call
             (_memo(kept, path, mixed) or {}).clear()
@@ -642,11 +644,13 @@ STEP = "lora_generate_step"  # beside it: the generate call, steps, lowering and
 
 def _call_stamp(lowering: list, sites: list, host: Optional[list], lone_too: bool) -> Optional[tuple]:
     """What ``prepare_call`` reads, in one value: the lowering's sites list (a new one per lowering; ``sites``,
-    those the call prepares, follow from it and ``lone_too``), the slots, and each adapter tensor's identity,
-    storage and version (as ``_pick``'s memo keys), with the optimizer steps taken. Equal to the last call's:
-    every site's kept stacks are still right. None (no shortcut) when a tensor keeps no version counter
-    (inference tensors) or is sharded (stacked per call)."""
-    tensors = [t for s in sites for name in s.names for t in _adapter_tensors(s.site, name, s.embedding)]
+    those the call prepares, follow from it and ``lone_too``), the slots, and the identity, storage and version
+    of each tensor of the adapters the call's stacks hold (as ``_pick``'s memo keys: the dense graph's, those
+    in the slots, however many are loaded; the mixed graph's, all), with the optimizer steps taken. Equal to
+    the last call's: every site's kept stacks are still right. None (no shortcut) when a tensor keeps no
+    version counter (inference tensors) or is sharded (stacked per call)."""
+    tensors = [t for s in sites for name in (s.names if host is None else [s.named[p] for p in host if p in s.named])
+               for t in _adapter_tensors(s.site, name, s.embedding)]
     if any(_sharded(t) for t in tensors[::3]):  # FSDP2 shards a site's adapters together
         return None
     try:

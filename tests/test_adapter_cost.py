@@ -77,6 +77,31 @@ def test_a_call_reads_only_the_adapters_it_uses(loaded):
         fxpeft.set_adapter(gm, "t0")
 
 
+def test_a_call_without_autograd_checks_only_the_active_adapters(loaded, monkeypatch):
+    """Before a call without autograd the kept stacks are checked against the tensors they copy: those of
+    the adapters in the slots, not of every adapter loaded. (Failed before: every loaded adapter's tensors
+    were read before each call, which made one active among 30 loaded take 1.96x the time of one loaded
+    on the bench model, eager, and 2.08x compiled.)"""
+    from fxpeft.passes import lora
+
+    _model, _reference, gm = loaded
+    x = torch.randint(0, models.VOCAB, (2, 5))
+    read = lora._adapter_tensors
+    looked_at = []
+    monkeypatch.setattr(lora, "_adapter_tensors", lambda site, name, embedding: looked_at.append(name) or read(
+        site, name, embedding))
+    try:
+        for active in (["t7"], ["t3", "t20"]):
+            fxpeft.set_adapter(gm, active if len(active) > 1 else active[0])
+            with torch.no_grad():
+                gm(x)  # the stacks are built
+                looked_at.clear()
+                gm(x)  # and checked
+            assert set(looked_at) == set(active)
+    finally:
+        fxpeft.set_adapter(gm, "t0")
+
+
 def test_thirty_adapters_loaded_match_peft(loaded):
     _model, reference, gm = loaded
     x = torch.randint(0, models.VOCAB, (6, 5))
