@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from .canonical import Site, site_weight, submodule
-from .generation import generate_call
-from .registry import Method, call_prepared, optimizer_steps, registry_of, site_rule
+from .generation import generate_step
+from .registry import Method, call_prepared, registry_of, site_rule
 from .rewrite import Lowering, samples_of
 from .targets import is_targeted, unmatched_target_error
 
@@ -403,11 +403,11 @@ def scaling(*, name: str, config_type: type, create: Callable, vector: Callable,
 
     def prepare_call(gm, mixed: bool, cached: bool, compiled: bool) -> None:
         """Before a generation step without autograd: each site's factors, once per ``generate`` call
-        (``generation.generate_call``) and per other call."""
+        (``generation.generate_step``) and per other call."""
         if mixed or not cached:
             return
-        step = generate_call(), optimizer_steps()
-        if step[0] is not None and gm._fxpeft_memo.get((kept_name, "step")) == step:
+        step = generate_step()
+        if step is not None and gm._fxpeft_memo.get((kept_name, "step")) == step:
             return
         sites = gm._fxpeft_memo.get(kept_name)
         if sites is None:

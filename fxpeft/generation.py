@@ -36,6 +36,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from . import capture as capture_mod
+from .registry import optimizer_steps
 
 CACHE_NAMES = ("cache", "past_key_values")  # transformers 5.24 renamed past_key_values (deprecated until 5.40)
 
@@ -295,16 +296,17 @@ def generate(gm, mixin_generate: Optional[Callable], *args, adapter_names=None, 
 
 
 class _Generate:
-    call = None  # see generate_call
+    call = None  # a token of the generate call running (see generate_step)
 
 
-def generate_call() -> Optional[object]:
-    """A token of the ``generate`` call running (None outside one; one for the process, as
-    ``call_prepared``). What the adapters give a step (stacks, picks) is checked against them at the
-    call's first step and trusted for the steps after: one generation reads one set of adapters (a
-    change made while it runs, by a streamer or another thread, is read from the next call on; an
-    optimizer step at once), and a decode step does not read every adapter tensor again."""
-    return _Generate.call
+def generate_step(*state) -> Optional[tuple]:
+    """Inside a ``generate`` call, the key of what a step derives from the adapters (stacks, picks,
+    factors, its signature): a token of the call (one for the process, as ``call_prepared``), the
+    optimizer steps taken and ``state``, whatever else it depends on; None outside one. A later step
+    whose key is equal reuses what the first derived: one generation reads one set of adapters (a change
+    made while it runs, by a streamer or another thread, is read from the next call on; an optimizer
+    step at once), and a decode step does not read every adapter tensor again."""
+    return None if _Generate.call is None else (_Generate.call, optimizer_steps(), *state)
 
 
 def virtual_tokens(cache) -> int:
@@ -350,9 +352,9 @@ def _with_virtual_tokens(gm, method, adapter: str, args, kwargs) -> tuple:
         decoder = gm.config.get_text_config(decoder=True)
         cache = EncoderDecoderCache(StaticCache(config=decoder, max_cache_len=count + 1 + new_tokens),
                                     StaticCache(config=decoder, max_cache_len=states.shape[1]))
-        allocate(cache.self_attention_cache, rows, gm._get_static_cache_init_shape(), gm.dtype, ids.device)
-        cache.cross_attention_cache.early_initialization(rows, *gm._get_static_cache_init_shape(), dtype=gm.dtype,
-                                                         device=ids.device)
+        shape = gm._get_static_cache_init_shape()
+        allocate(cache.self_attention_cache, rows, shape, gm.dtype, ids.device)
+        allocate(cache.cross_attention_cache, rows, shape, gm.dtype, ids.device, spare=False)
         encoder = {"encoder_outputs": type(outputs)(last_hidden_state=states.repeat_interleave(expand, dim=0)),
                    "attention_mask": mask.repeat_interleave(expand, dim=0)}
         kwargs["attention_mask"] = mask

@@ -450,8 +450,8 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
     @torch.compiler.disable  # called from the frame dynamo skips: its callees would be traced (one call: each costs)
     def _before_compiled_call(self, args, kwargs, mixed: bool, prepare: bool) -> None:
         # a decode step of a generate call passes what the step before it passed: no second look
-        step = generation.generate_call(), len(args), tuple((name, _step_value(value)) for name, value in kwargs.items())
-        if self._fxpeft_primary is not None and (step[0] is None or self.__dict__.get("_fxpeft_step") != step):
+        step = generation.generate_step(len(args), tuple((name, _step_value(value)) for name, value in kwargs.items()))
+        if self._fxpeft_primary is not None and (step is None or self.__dict__.get("_fxpeft_step") != step):
             call, _ = self._bind(args, dict(kwargs))  # capture (torch.export) must run untraced
             self._signature(call)
             self.__dict__["_fxpeft_step"] = step

@@ -29,7 +29,7 @@ from torch import nn
 from fxpeft.canonical import Site, is_quantized, site_weight
 from fxpeft.configs import DEFAULT_LORA_TARGETS, LoraConfig
 from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict
-from fxpeft.generation import generate_call
+from fxpeft.generation import generate_step
 from fxpeft.registry import call_prepared, optimizer_steps, register_method, registry_of
 from fxpeft.rewrite import Lowering
 from fxpeft.targets import output_heads, pattern_value
@@ -437,12 +437,11 @@ _DEVICE_LISTS: dict = {}
 def _picked(site: nn.Module, layout: tuple, index: torch.Tensor, embedding: bool, dedupe: bool, on_device: bool):
     """Eager :func:`select_adapters` (``on_device``: the slot lists as tensors, else lists). Without autograd
     kept on the site: a later step of the same generate call with the same index takes it as it is, without
-    reading the adapters again (generate_call)."""
+    reading the adapters again (generate_step)."""
     names, positions, rank, _ = layout
     host = _host_list(index)
     memo = None if torch.is_grad_enabled() else site.__dict__  # with autograd, stacks are built per call
-    step = None if memo is None or generate_call() is None else (
-        generate_call(), optimizer_steps(), layout, tuple(host), dedupe, on_device)
+    step = None if memo is None else generate_step(layout, tuple(host), dedupe, on_device)
     if step is not None and memo.get(PICKED, (None,))[0] == step:
         return memo[PICKED][1]
     fetch = lambda j: _adapter_tensors(site, names[j], embedding)  # noqa: E731
@@ -598,9 +597,9 @@ def prepare_call(gm, mixed: bool, cached: bool, compiled: bool) -> None:
     if not sites:
         return
     host = None if mixed else _host_list(gm._buffers["_fxpeft_slots"])
-    # a later step of the same generate call reads the adapters as its first step found them (generate_call)
-    step = generate_call(), optimizer_steps(), lowering, None if host is None else tuple(host), lone_too
-    if step[0] is not None and gm._fxpeft_memo.get((STEP, mixed)) == step:
+    # a later step of the same generate call reads the adapters as its first step found them (generate_step)
+    step = generate_step(lowering, None if host is None else tuple(host), lone_too)
+    if step is not None and gm._fxpeft_memo.get((STEP, mixed)) == step:
         return
     # a decode step usually finds everything as the last call of its kind left it: one check for all sites
     stamp = _call_stamp(lowering, sites, host, lone_too)
@@ -700,11 +699,12 @@ def lora_slots(x, site: nn.Module, kept: nn.Module, path: str, slots: torch.Tens
     kept = None if dropout else _prepared(kept, path, False, flat=True)
     if kept is not None:
         return torch.matmul(torch.nn.functional.linear(x, kept[0]), kept[1])
-    names, positions, rank, _ = site.__dict__[LAYOUT]
+    layout = site.__dict__[LAYOUT]
+    names, positions, rank, _ = layout
     if compiling:
         a, b_t, _, owners = _stacked(site, names, positions, rank, slots, False, False)  # (S, R, in/out)
     else:
-        a, b_t, _, owners = _picked(site, site.__dict__[LAYOUT], slots, False, False, dropout)
+        a, b_t, _, owners = _picked(site, layout, slots, False, False, dropout)
     if dropout:  # each active adapter sees its own dropout of x
         p = [site.lora_scaling[n].p for n in names]
         p = torch.stack(p + [torch.zeros_like(p[0])]).index_select(0, owners % (len(names) + 1))  # -1: none
