@@ -24,15 +24,20 @@ Neither ever changes the graph, so a compiled module does not recompile.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+import functools
+import weakref
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import nn
+
+from torch.fx.graph_module import _forward_from_src
 
 from .canonical import Site, site_weight, submodule
 from .generation import generate_step
 from .registry import Method, call_prepared, registry_of, site_rule
 from .rewrite import Lowering, samples_of
+from .state import sites_by_path
 from .targets import is_targeted, unmatched_target_error
 
 aten = torch.ops.aten
@@ -265,7 +270,8 @@ def additive(*, name: str, config_type: type, create: Callable, delta: Callable,
              kinds=("linear", "conv", "embedding"),
              default_targets: Optional[dict] = None, heads: Optional[Callable] = None,
              lower_site: Optional[Callable] = None, adapters_at: Optional[Callable] = None, phase: int = 50,
-             scales_itself: bool = False, delta_bias: Optional[Callable] = None, **fields) -> Method:
+             scales_itself: bool = False, delta_bias: Optional[Callable] = None,
+             delta_factors: Optional[Callable] = None, sampled: Optional[Callable] = None, **fields) -> Method:
     """A method adding ``g Δ(x)`` to a site's output.
 
     ``create(module, site, weight_spec, config, adapter)`` makes the adapter's state beside the
@@ -284,6 +290,13 @@ def additive(*, name: str, config_type: type, create: Callable, delta: Callable,
     site the method cannot take; all targeted sites are checked before any is created
     (:func:`attach_sites`). ``prepare(gm, targets, config, adapter)`` (optional, every form takes it)
     then makes or checks the state the method shares across sites (:class:`SharedTensors`).
+
+    Generation graphs (those reading a KV cache) compute a linear site's deltas from ``ΔW`` instead,
+    kept once per ``generate`` call (:class:`_KeptDeltas`): ``delta_factors(gm, site, module,
+    adapter)`` (optional) gives a low-rank ``ΔW`` as ``(A, B)``, ``A`` (r, in) and ``B`` (out, r)
+    with ``B A`` the scaled ``ΔW`` as (out, in), so that they cost what ``Δ(x)`` costs; ``()`` for an
+    adapter changing no weight, None where only ``delta_weight`` says it; ``sampled(module, adapter)``
+    (optional) says an adapter's delta is random in eval mode too (PVeRA's ``sample_at_inference``).
     """
     site_adapters = adapters_at or _gates_of(gates)[0]
 
@@ -309,6 +322,8 @@ def additive(*, name: str, config_type: type, create: Callable, delta: Callable,
             fast = lower_site(lw, site, module, present)
             if fast is not None:
                 return fast
+        if lw.cached and not lw.mixed and kept is not None and site.kind == "linear":
+            return kept.rewrite(lw, site)
         output = site.output
         for adapter in present:
             output = lw.call(aten.add.Tensor, output, one_delta(lw, site, module, adapter))
@@ -323,10 +338,177 @@ def additive(*, name: str, config_type: type, create: Callable, delta: Callable,
             bias = bias + sign * bias_change.to(bias.dtype)
         return weight + sign * delta_weight(gm, site, module, adapter).to(weight.dtype), bias
 
+    # dense generation graphs read each linear site's delta from what prepare_call keeps (the method's ΔW);
+    # a method lowering sites its own way (LoRA) keeps what it needs itself
+    kept = None if delta_weight is None or lower_site is not None else _KeptDeltas(
+        name, site_adapters, _gates_of(gates)[1], one_delta, delta_weight, delta_bias, delta_factors, sampled)
+    if kept is not None:
+        fields["lowered"] = _chained(fields.get("lowered"), kept.lowered)
+        fields["prepare_call"] = _chained(fields.get("prepare_call"), kept.prepare_call)
     rule = site_rule(name, lambda site, module: bool(site_adapters(module)), rewrite, phase=phase)
     return _site_method(name=name, config_type=config_type, create=create, kinds=kinds, containers=containers,
                         gates=gates, default_targets=default_targets, heads=heads, adapters_at=adapters_at,
                         rules=(rule,), fold=fold, **fields)
+
+
+def _chained(first: Optional[Callable], second: Callable) -> Callable:
+    """A hook running a method's own ``first`` (if any), then the form's ``second``."""
+    if first is None:
+        return second
+
+    def both(*args):
+        first(*args)
+        second(*args)
+
+    return both
+
+
+class GenerationLayout(NamedTuple):
+    """What a dense generation graph's node reads of one site of an additive method when it runs (set by
+    ``lowered``): its adapters, where prepared deltas go, and what computing them needs."""
+
+    names: tuple[str, ...]  # its adapters
+    positions: tuple[int, ...]  # theirs in the gates
+    site: Site  # its site in the model's graph (the path from the model)
+    # the transformed model, where delta_weight reads state (VeRA's projections): a weak reference, so that
+    # copying a submodule does not copy the whole model (a copy of the model is lowered again: its own)
+    model: weakref.ref
+    places: list  # kept_places
+    programs: tuple  # per adapter: program(model, x), its gated delta as the plain lowering computes it
+
+
+class _KeptDeltas:
+    """The additive form in dense generation graphs (those reading a KV cache): one node per linear site
+    (``delta``) reads, in a prepared call in eval mode, what ``prepare_call`` kept for it once per
+    ``generate`` call: the active adapters' gated ``ΔW`` summed, or with the method's ``delta_factors``
+    (low rank: ``ΔW = B A``) their factors concatenated, ``[A_1; A_2; …]`` and ``[g_1 B_1, g_2 B_2, …]``,
+    and the summed bias change. The graph's code thus names no adapter: one loaded between compiled
+    generate calls does not recompile the decode step. Otherwise (autograd, training: dropout and the
+    methods' own randomness; or an adapter ``sampled`` in eval too) the node runs each adapter's delta
+    as the plain lowering computes it (``GenerationLayout.programs``)."""
+
+    def __init__(self, name, adapters_at, gate_of, one_delta, delta_weight, delta_bias, delta_factors, sampled):
+        self.layout_key = f"_fxpeft_{name}_generation"  # site __dict__: GenerationLayout
+        self.kept_name = f"_fxpeft_{name}_kept"  # a KeptTensors child of every lowering root (kept_roots)
+        self.adapters_at, self.gate_of, self.one_delta = adapters_at, gate_of, one_delta
+        self.delta_weight, self.delta_bias, self.delta_factors, self.sampled = (delta_weight, delta_bias,
+                                                                                 delta_factors, sampled)
+        # what the graph calls: a function (not a bound method) with the form's state
+        self.delta = functools.partial(_generation_delta, self)
+        functools.update_wrapper(self.delta, _generation_delta)
+
+    def rewrite(self, lw: Lowering, site: Site):
+        if self.kept_name not in lw.root._modules:
+            lw.root.add_module(self.kept_name, KeptTensors())
+        dtype = adapter_dtype(site_weight(lw.root, site))
+        value = lw.call(self.delta, site.input, lw.attr(site.path), lw.attr(self.kept_name), site.path, dtype)
+        return lw.call(aten.add.Tensor, site.output, value)
+
+    def lowered(self, gm) -> None:
+        roots, sites, order, registry = kept_roots(gm, self.kept_name), None, list(gm.peft_config), registry_of(gm)
+        for path, module in registry.base_modules(gm):
+            names = tuple(self.adapters_at(module))
+            if names and sites is None:
+                sites = sites_by_path(gm)
+            site = sites.get(path) if names else None
+            if site is None or site.kind != "linear":
+                module.__dict__.pop(self.layout_key, None)
+                continue
+            module.__dict__[self.layout_key] = GenerationLayout(
+                names, tuple(order.index(a) for a in names), site, weakref.ref(gm),
+                kept_places(roots, self.kept_name, path),
+                tuple(self.program(gm, registry, site, module, a) for a in names))
+
+    def program(self, gm, registry, site: Site, module: nn.Module, adapter: str) -> Callable:
+        """``program(model, x)``: the adapter's gated delta at the site, lowered as in a graph without a cache."""
+        graph = torch.fx.Graph()
+        x = graph.placeholder("x")
+        end = graph.output(None)
+        lw = Lowering(graph, gm, registry)
+        lw._start = end  # gates are read after the input
+        with graph.inserting_before(end):
+            end.args = (self.one_delta(lw, dataclasses.replace(site, node=x, input=x, output=x), module, adapter),)
+        code = graph.python_code(root_module="self")
+        return _forward_from_src(code.src, code.globals, {})
+
+    def prepare_call(self, gm, mixed: bool, cached: bool, compiled: bool) -> None:
+        """Before a generation step without autograd: each site's kept delta, once per ``generate`` call
+        (``generation.generate_step``) and per other call."""
+        if mixed or not cached:
+            return
+        step = generate_step()
+        if step is not None and gm._fxpeft_memo.get((self.kept_name, "step")) == step:
+            return
+        sites = gm._fxpeft_memo.get(self.kept_name)
+        if sites is None:
+            sites = gm._fxpeft_memo[self.kept_name] = [module for _, module in registry_of(gm).base_modules(gm)
+                                                       if self.layout_key in module.__dict__]
+        gates = gm._buffers["_fxpeft_gates"]
+        active = gates.tolist()  # one host read: adapters switched off are left out
+        with torch.no_grad():
+            for module in sites:
+                layout = module.__dict__[self.layout_key]
+                kept = self.summed(module, layout, gates, active)
+                for holder, key in layout.places:
+                    holder.__dict__["tensors"][key] = kept
+        gm._fxpeft_memo[self.kept_name, "step"] = step
+
+    def summed(self, module: nn.Module, layout: GenerationLayout, gates: torch.Tensor, active: list):
+        """(down, up, dense, bias, out features): the active adapters' gated deltas, in the dtype the graph
+        computes them in (the site's adapter dtype); None where an active adapter is ``sampled``."""
+        model = layout.model()
+        weight = site_weight(model, layout.site)
+        dtype, out_features = adapter_dtype(weight), weight.shape[-1 if layout.site.fan_in_fan_out else 0]
+        downs, ups, dense, bias = [], [], None, None
+        for adapter, position in zip(layout.names, layout.positions):
+            if not active[position] or self.gate_of(module, adapter).merged:
+                continue
+            if self.sampled is not None and self.sampled(module, adapter):
+                return None
+            coefficient = gates[position].to(dtype)
+            factors = None if self.delta_factors is None else self.delta_factors(model, layout.site, module, adapter)
+            if factors:
+                downs.append(factors[0].to(dtype))
+                ups.append((factors[1].to(dtype) * coefficient).t())
+            elif factors is None:
+                change = self.delta_weight(model, layout.site, module, adapter)
+                change = (change.t() if layout.site.fan_in_fan_out else change).to(dtype) * coefficient
+                dense = change if dense is None else dense + change
+            change = None if self.delta_bias is None else self.delta_bias(model, layout.site, module, adapter)
+            if change is not None:
+                change = change.to(dtype) * coefficient
+                bias = change if bias is None else bias + change
+        down = up = None
+        if downs:  # copies, not views: dynamo guards a view's base too; the rank is dynamic
+            down, up = torch.cat(downs).contiguous(), torch.cat(ups).contiguous()
+            torch._dynamo.maybe_mark_dynamic(down, 0)
+            torch._dynamo.maybe_mark_dynamic(up, 0)
+        return down, up, dense, bias, out_features
+
+
+def _generation_delta(form: _KeptDeltas, x: torch.Tensor, module: nn.Module, holder: nn.Module, key: str,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """A dense generation graph's delta at one linear site (see :class:`_KeptDeltas`), in ``x``'s dtype."""
+    if not torch.is_grad_enabled() and call_prepared() and not module.training:
+        kept = holder.__dict__["tensors"].get(key)
+        if kept is not None:
+            down, up, dense, bias, out_features = kept
+            h = x.to(dtype)
+            total = None if down is None else torch.matmul(torch.nn.functional.linear(h, down), up)
+            if dense is not None:
+                total = torch.nn.functional.linear(h, dense) if total is None else \
+                    total + torch.nn.functional.linear(h, dense)
+            if bias is not None:
+                total = bias.expand(*h.shape[:-1], out_features) if total is None else total + bias
+            return (h.new_zeros(*h.shape[:-1], out_features) if total is None else total).to(x.dtype)
+    # dynamo reads the layout (which a load changes) only here
+    layout = module.__dict__[form.layout_key]
+    model = layout.model()
+    total = None
+    for program in layout.programs:
+        term = program(model, x)
+        total = term if total is None else total + term
+    return total
 
 
 def masked_samples(delta: torch.Tensor, index: torch.Tensor, slot: int) -> torch.Tensor:
@@ -351,14 +533,14 @@ def scaling(*, name: str, config_type: type, create: Callable, vector: Callable,
     """
     adapters_at, gate_of = _gates_of(gates)
     layout_key = f"_fxpeft_{name}_layout"  # site __dict__: side (scales input) -> names, positions, kept at
-    kept_name = f"_fxpeft_{name}_kept"  # a KeptFactors child of every lowering root (see lowered)
+    kept_name = f"_fxpeft_{name}_kept"  # a KeptTensors child of every lowering root (kept_roots)
 
     def factors(module: nn.Module, holder: nn.Module, key: str, gates: torch.Tensor, inputs: bool, dtype):
         """A generation graph's per-feature factors at one side of a site, read when it runs, so that its
         code names no adapter (one loaded between compiled generate calls leaves it as it was): in a
         prepared call those ``prepare_call`` kept, else the product of the site's gated vectors."""
         if not torch.is_grad_enabled() and call_prepared():
-            kept = holder.__dict__["factors"].get(key)
+            kept = holder.__dict__["tensors"].get(key)
             if kept is not None:
                 return kept
         return gated_product(module, gates, inputs, dtype)
@@ -374,31 +556,22 @@ def scaling(*, name: str, config_type: type, create: Callable, vector: Callable,
         return total
 
     def lowered(gm) -> None:
-        """After every lowering: a KeptFactors of its own for every lowering root (blocks sharing a lowering
-        got the first one's; a generation graph captured later finds them), and each site's layout: its
-        adapters on each side, their positions in the gates, and where prepared factors go (the KeptFactors
-        of each root the site is in, under its path from there)."""
-        roots, seen = {"": gm, **{path: gm.get_submodule(path) for path in gm._fxpeft_block_paths}}, set()
-        for root in roots.values():
-            holder = root._modules.get(kept_name)
-            if holder is None or id(holder) in seen:
-                root._modules[kept_name] = holder = KeptFactors()
-            seen.add(id(holder))
+        """After every lowering: each site's layout: its adapters on each side, their positions in the gates,
+        and where prepared factors go (:func:`kept_places`)."""
+        roots = kept_roots(gm, kept_name)
         order = list(gm.peft_config)
         for path, module in registry_of(gm).base_modules(gm):
             adapters = adapters_at(module)
             if not adapters:
                 module.__dict__.pop(layout_key, None)
                 continue
-            at = [(roots[prefix]._modules[kept_name], path[len(prefix) + 1:] if prefix else path) for prefix in roots
-                  if not prefix or path.startswith(prefix + ".")]
             layout = {}
             for side in (True, False):
                 names = tuple(a for a in adapters if scales_input(module, a) == side)
                 if names:
                     label = "input" if side else "output"
                     layout[side] = (names, tuple(order.index(a) for a in names),
-                                    [(holder, f"{relative}:{label}") for holder, relative in at])
+                                    [(holder, f"{key}:{label}") for holder, key in kept_places(roots, kept_name, path)])
             module.__dict__[layout_key] = layout
 
     def prepare_call(gm, mixed: bool, cached: bool, compiled: bool) -> None:
@@ -420,7 +593,7 @@ def scaling(*, name: str, config_type: type, create: Callable, vector: Callable,
                 for side, (_, _, at) in module.__dict__[layout_key].items():
                     product = gated_product(module, gates, side, dtype)
                     for holder, key in at:
-                        holder.__dict__["factors"][key] = product
+                        holder.__dict__["tensors"][key] = product
         gm._fxpeft_memo[kept_name, "step"] = step
 
     def per_feature(lw: Lowering, site: Site, module: nn.Module, adapters: list[str], dtype, inputs: bool):
@@ -428,7 +601,7 @@ def scaling(*, name: str, config_type: type, create: Callable, vector: Callable,
         in mixed ones; a dense generation graph reads them when it runs (``factors``)."""
         if lw.cached and not lw.mixed:
             if kept_name not in lw.root._modules:
-                lw.root.add_module(kept_name, KeptFactors())
+                lw.root.add_module(kept_name, KeptTensors())
             key = f"{site.path}:{'input' if inputs else 'output'}"
             return lw.call(factors, lw.attr(site.path), lw.attr(kept_name), key, lw.attr("_fxpeft_gates"), inputs,
                            dtype)
@@ -497,14 +670,33 @@ def scaling(*, name: str, config_type: type, create: Callable, vector: Callable,
                         rules=rules, fold=fold, prepare_call=prepare_call, lowered=lowered, **fields)
 
 
-class KeptFactors(nn.Module):
-    """What a scaling method's ``prepare_call`` keeps for the sites of one lowering root: key (site path
-    and side) -> per-feature factors. Not on the site: torch.compile reads a builtin module's tensors
-    (an nn.Linear's) differently."""
+class KeptTensors(nn.Module):
+    """What a method's ``prepare_call`` keeps for the sites of one lowering root, read by its generation
+    graphs: key (a site's path from that root, and what) -> tensors. Not on the site: torch.compile
+    reads a builtin module's tensors (an nn.Linear's) differently."""
 
     def __init__(self):
         super().__init__()
-        self.__dict__["factors"] = {}
+        self.__dict__["tensors"] = {}
+
+
+def kept_roots(gm, kept_name: str) -> dict:
+    """Every lowering root (path -> the model or a block) with a KeptTensors of its own under ``kept_name``:
+    blocks sharing a lowering got the first one's, and a generation graph captured later finds them."""
+    roots, seen = {"": gm, **{path: gm.get_submodule(path) for path in gm._fxpeft_block_paths}}, set()
+    for root in roots.values():
+        holder = root._modules.get(kept_name)
+        if holder is None or id(holder) in seen:
+            root._modules[kept_name] = holder = KeptTensors()
+        seen.add(id(holder))
+    return roots
+
+
+def kept_places(roots: dict, kept_name: str, path: str) -> list:
+    """Where ``prepare_call`` writes what it keeps for the site at ``path``: (the KeptTensors of each root the
+    site is in, the site's path from there); a generation graph may be outlined into blocks."""
+    return [(root._modules[kept_name], path[len(prefix) + 1:] if prefix else path) for prefix, root in roots.items()
+            if not prefix or path.startswith(prefix + ".")]
 
 
 def _weight_axis(site: Site, inputs: bool) -> int:

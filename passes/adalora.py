@@ -463,6 +463,14 @@ def conv2d_like(x, kernel, stride, padding, dilation):
     return F.conv2d(x, kernel, None, stride, padding, dilation)
 
 
+def delta_factors(gm, site, module: nn.Module, adapter: str) -> Optional[tuple[Tensor, Tensor]]:
+    """A linear site's ΔW as (out, in) = B' A': A' = A ⊙ E, B' = B s / (ranknum + ε)."""
+    if site.kind != "linear":
+        return None
+    scale = module.adalora_gate[adapter].scale / (module.ranknum[adapter] + RANKNUM_EPS)
+    return module.lora_A[adapter] * module.lora_E[adapter], module.lora_B[adapter] * scale
+
+
 def delta_weight(gm, site, module: nn.Module, adapter: str) -> Tensor:
     scaling = module.adalora_gate[adapter].scale
     delta = adalora_delta_weight(module.lora_A[adapter], module.lora_E[adapter], module.lora_B[adapter], scaling,
@@ -538,6 +546,7 @@ def saved_state(gm, adapter: str, tensors: dict) -> dict:
 
 _METHOD = additive(
     name="adalora", config_type=AdaLoraConfig, create=add_adalora, delta=delta, delta_weight=delta_weight,
+    delta_factors=delta_factors,
     containers=CONTAINERS, gates="adalora_gate", dropouts="lora_dropout", scales_itself=True,
     dtype_of=lambda module, adapter: module.lora_A[adapter].dtype, kinds=("linear", "conv"),
     default_targets=DEFAULT_LORA_TARGETS, adapters_at=_adalora_adapters, unsaved_containers=("ranknum",),

@@ -91,7 +91,8 @@ def delta_bias(gm, site: Site, module: nn.Module, adapter: str) -> torch.Tensor:
 
 METHOD = register_method(additive(
     name="beft", config_type=BeftConfig, create=add_beft, delta=delta, delta_weight=delta_weight,
-    delta_bias=delta_bias, containers=("beft_bias",), gates="beft_gate", kinds=("linear",),
+    delta_bias=delta_bias, delta_factors=lambda gm, site, module, adapter: (),  # it changes the bias alone
+    containers=("beft_bias",), gates="beft_gate", kinds=("linear",),
     check_site=nn_linear_only("BEFT"),
     dtype_of=lambda module, adapter: module.beft_bias[adapter].dtype,
     default_targets=DEFAULT_BEFT_TARGETS, heads=output_heads,

@@ -117,6 +117,13 @@ def delta(lw, site: Site, module: nn.Module, adapter: str, x):
                                       for name in ("delora_A", "delora_B", "delora_lambda", "delora_w_norm")))
 
 
+def delta_factors(gm, site: Site, module: nn.Module, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """ΔW as (out, in) = B' A': A' = A with its columns times w_norm, B' = B diag(s) times the scale."""
+    a, b = module.delora_A[adapter], module.delora_B[adapter]
+    up = b * row_scale(a, b, module.delora_lambda[adapter]) * module.delora_gate[adapter].scale
+    return a * module.delora_w_norm[adapter], up
+
+
 def delta_weight(gm, site: Site, module: nn.Module, adapter: str) -> torch.Tensor:
     """PEFT's ``get_delta_weight``: B diag(s) A, its columns times w_norm."""
     a, b = module.delora_A[adapter], module.delora_B[adapter]
@@ -126,6 +133,7 @@ def delta_weight(gm, site: Site, module: nn.Module, adapter: str) -> torch.Tenso
 
 METHOD = register_method(additive(
     name="delora", config_type=DeloraConfig, create=add_delora, delta=delta, delta_weight=delta_weight,
+    delta_factors=delta_factors,
     containers=("delora_A", "delora_B", "delora_lambda", "delora_w_norm", "delora_dropout"), gates="delora_gate",
     dropouts="delora_dropout", kinds=("linear",), check_site=check_site,
     dtype_of=lambda module, adapter: module.delora_A[adapter].dtype,

@@ -128,17 +128,23 @@ def delta(lw, site: Site, module: nn.Module, adapter: str, x):
 
 def delta_weight(gm, site: Site, module: nn.Module, adapter: str) -> torch.Tensor:
     """PEFT's ``get_delta_weight``: the mean half only, (λ_b B[:out]) (λ_d[:r] A[:r, :in])."""
+    down, up = delta_factors(gm, site, module, adapter)
+    weight = up @ down
+    return weight.T if site.fan_in_fan_out else weight
+
+
+def delta_factors(gm, site: Site, module: nn.Module, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean's ΔW as (out, in) = B' A': A' = λ_d[:r] A[:r, :in], B' = λ_b B[:out] times the scale."""
     out_f, in_f = vera.out_in(site, site_weight(gm, site))
     pvera_a, pvera_b = gm._modules["pvera_A"][adapter], gm._modules["pvera_B"][adapter]
     rank = pvera_b.shape[1]
-    lambda_b = module.pvera_lambda_b[adapter].unsqueeze(-1)
-    lambda_d = module.pvera_lambda_d[adapter][:rank].unsqueeze(-1)
-    weight = (lambda_b * pvera_b[:out_f, :]) @ (lambda_d * pvera_a[:rank, :in_f]) * module.pvera_gate[adapter].scale
-    return weight.T if site.fan_in_fan_out else weight
+    down = module.pvera_lambda_d[adapter][:rank].unsqueeze(-1) * pvera_a[:rank, :in_f]
+    return down, module.pvera_lambda_b[adapter].unsqueeze(-1) * pvera_b[:out_f, :] * module.pvera_gate[adapter].scale
 
 
 METHOD = register_method(additive(
     name="pvera", config_type=PveraConfig, create=add_pvera, delta=delta, delta_weight=delta_weight,
+    delta_factors=delta_factors, sampled=lambda module, adapter: module.pvera_gate[adapter].sample_at_inference,
     containers=CONTAINERS, shared=(PROJECTIONS.a, PROJECTIONS.b), gates="pvera_gate", dropouts="pvera_dropout",
     kinds=("linear",), dtype_of=lambda module, adapter: module.pvera_lambda_d[adapter].dtype,
     prepare=vera.shared_projections(PROJECTIONS), checkpoint_keys=vera.projection_checkpoint_keys(PROJECTIONS),

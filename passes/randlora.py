@@ -216,16 +216,23 @@ def delta(lw, site: Site, module: nn.Module, adapter: str, x):
     return lw.call(aten.linear.default, hidden, lw.call(operator.getitem, bases, 1))
 
 
-def delta_weight(gm, site: Site, module: nn.Module, adapter: str) -> torch.Tensor:
-    """PEFT's ``get_delta_weight``: second · first (out, in) times s (in float32 for half-precision bases on
-    the CPU, as PEFT), transposed for Conv1D."""
+def delta_factors(gm, site: Site, module: nn.Module, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """ΔW as (out, in) = second · first, the second times s (as ``delta_weight``, in float32 for half bases
+    on the CPU)."""
     out_f, in_f = out_in(site, site_weight(gm, site))
     tensors = [gm._modules["randlora_A"][adapter], gm._modules["randlora_B"][adapter],
                module.randlora_lambda[adapter], module.randlora_gamma[adapter]]
     if tensors[0].device.type == "cpu" and tensors[0].dtype in (torch.float16, torch.bfloat16):
         tensors = [t.float() for t in tensors]
     first, second = scaled_bases(*tensors, out_f, in_f)
-    weight = (second @ first) * module.randlora_gate[adapter].scale
+    return first, second * module.randlora_gate[adapter].scale
+
+
+def delta_weight(gm, site: Site, module: nn.Module, adapter: str) -> torch.Tensor:
+    """PEFT's ``get_delta_weight``: second · first (out, in) times s (in float32 for half-precision bases on
+    the CPU, as PEFT), transposed for Conv1D."""
+    first, second = delta_factors(gm, site, module, adapter)
+    weight = second @ first
     return weight.T if site.fan_in_fan_out else weight
 
 
@@ -262,6 +269,7 @@ def loaded_state(gm, adapter: str, tensors: dict) -> dict:
 
 METHOD = register_method(additive(
     name="randlora", config_type=RandLoraConfig, create=add_randlora, delta=delta, delta_weight=delta_weight,
+    delta_factors=delta_factors,
     containers=CONTAINERS, shared=SHARED, gates="randlora_gate", dropouts="randlora_dropout", kinds=("linear",),
     dtype_of=lambda module, adapter: module.randlora_lambda[adapter].dtype, prepare=prepare,
     saved_state=saved_state, loaded_state=loaded_state,

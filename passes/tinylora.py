@@ -181,13 +181,19 @@ def delta(lw, site: Site, module: nn.Module, adapter: str, x):
 def delta_weight(gm, site: Site, module: nn.Module, adapter: str) -> torch.Tensor:
     """PEFT's ``get_delta_weight``: B R A (in float32 for half-precision factors on the CPU, as PEFT), in the
     layout of the site's weight."""
+    a, b = delta_factors(gm, site, module, adapter)
+    weight = b @ a
+    return weight.T if site.fan_in_fan_out else weight
+
+
+def delta_factors(gm, site: Site, module: nn.Module, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """ΔW as (out, in) = B' A': A' = R A, B' = B times the scale."""
     tensors = [module.tinylora_A[adapter], module.tinylora_B[adapter],
                mix(gm.tinylora_v[adapter][module.tinylora_gate[adapter].group], module.tinylora_P[adapter])]
     if tensors[0].device.type == "cpu" and tensors[0].dtype in (torch.float16, torch.bfloat16):
         tensors = [t.float() for t in tensors]
     a, b, mixed = tensors
-    weight = b @ mixed @ a * module.tinylora_gate[adapter].scale
-    return weight.T if site.fan_in_fan_out else weight
+    return mixed @ a, b * module.tinylora_gate[adapter].scale
 
 
 def loaded_state(gm, adapter: str, tensors: dict) -> dict:
@@ -215,6 +221,7 @@ def loaded_state(gm, adapter: str, tensors: dict) -> dict:
 
 METHOD = register_method(additive(
     name="tinylora", config_type=TinyLoraConfig, create=add_dropout, delta=delta, delta_weight=delta_weight,
+    delta_factors=delta_factors,
     containers=CONTAINERS, shared=SHARED, gates="tinylora_gate", dropouts="tinylora_dropout",
     kinds=("linear", "embedding"), dtype_of=lambda module, adapter: module.tinylora_A[adapter].dtype,
     prepare=prepare, loaded_state=loaded_state, default_targets=DEFAULT_LORA_TARGETS, heads=output_heads,

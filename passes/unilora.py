@@ -144,18 +144,24 @@ def delta(lw, site: Site, module: nn.Module, adapter: str, x):
 def delta_weight(gm, site: Site, module: nn.Module, adapter: str) -> torch.Tensor:
     """PEFT's ``get_delta_weight``: B A (in float32 for a half-precision θ on the CPU, as PEFT), transposed
     for Conv1D."""
+    a, b = delta_factors(gm, site, module, adapter)
+    weight = b @ a
+    return weight.T if site.fan_in_fan_out else weight
+
+
+def delta_factors(gm, site: Site, module: nn.Module, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """ΔW as (out, in) = B A, B times the scale."""
     theta = gm._modules["unilora_theta_d"][adapter]
     a_scales, b_scales = module.unilora_scales_A[adapter], module.unilora_scales_B[adapter]
     if theta.device.type == "cpu" and theta.dtype in (torch.float16, torch.bfloat16):
         theta, a_scales, b_scales = theta.float(), a_scales.float(), b_scales.float()
     a = factor(theta, module.unilora_indices_A[adapter], a_scales)
-    b = factor(theta, module.unilora_indices_B[adapter], b_scales)
-    weight = (b @ a) * module.unilora_gate[adapter].scale
-    return weight.T if site.fan_in_fan_out else weight
+    return a, factor(theta, module.unilora_indices_B[adapter], b_scales) * module.unilora_gate[adapter].scale
 
 
 METHOD = register_method(additive(
     name="unilora", config_type=UniLoraConfig, create=add_unilora, delta=delta, delta_weight=delta_weight,
+    delta_factors=delta_factors,
     containers=CONTAINERS, shared=SHARED, gates="unilora_gate", dropouts="unilora_dropout", kinds=("linear",),
     dtype_of=lambda module, adapter: module.unilora_scales_A[adapter].dtype, prepare=prepare,
     default_targets=DEFAULT_LORA_TARGETS, heads=output_heads,

@@ -171,13 +171,19 @@ def delta(lw, site: Site, module: nn.Module, adapter: str, x):
 def delta_weight(gm, site: Site, module: nn.Module, adapter: str) -> torch.Tensor:
     """PEFT's ``get_delta_weight``: B A (in float32 for a half-precision adapter on the CPU, as PEFT),
     transposed for Conv1D."""
+    a, b = delta_factors(gm, site, module, adapter)
+    weight = b @ a
+    return weight.T if site.fan_in_fan_out else weight
+
+
+def delta_factors(gm, site: Site, module: nn.Module, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """ΔW as (out, in) = B A, B times the scale."""
     logits_a, logits_b = module.vblora_logits_A[adapter], module.vblora_logits_B[adapter]
     bank = gm._modules["vblora_vector_bank"][adapter]
     if logits_a.device.type == "cpu" and logits_a.dtype in (torch.float16, torch.bfloat16):
         logits_a, logits_b, bank = logits_a.float(), logits_b.float(), bank.float()
     topk = module.vblora_gate[adapter].topk
-    weight = matrix_b(logits_b, bank, topk) @ matrix_a(logits_a, bank, topk) * module.vblora_gate[adapter].scale
-    return weight.T if site.fan_in_fan_out else weight
+    return matrix_a(logits_a, bank, topk), matrix_b(logits_b, bank, topk) * module.vblora_gate[adapter].scale
 
 
 def index_dtype(num_vectors: int) -> torch.dtype:
@@ -254,6 +260,7 @@ def print_savable_parameters(gm) -> None:
 
 METHOD = register_method(additive(
     name="vblora", config_type=VBLoRAConfig, create=add_vblora, delta=delta, delta_weight=delta_weight,
+    delta_factors=delta_factors,
     containers=CONTAINERS, shared=SHARED, gates="vblora_gate", dropouts="vblora_dropout", kinds=("linear",),
     dtype_of=lambda module, adapter: module.vblora_logits_A[adapter].dtype, check_site=check_site, prepare=prepare,
     saved_state=saved_state, loaded_state=loaded_state,

@@ -216,12 +216,18 @@ def delta(lw, site: Site, module: nn.Module, adapter: str, x):
 
 def delta_weight(gm, site: Site, module: nn.Module, adapter: str) -> torch.Tensor:
     """PEFT's ``get_delta_weight``: (λ_b B[:out]) (λ_d A[:, :in]), transposed for Conv1D."""
+    down, up = delta_factors(gm, site, module, adapter)
+    weight = up @ down
+    return weight.T if site.fan_in_fan_out else weight
+
+
+def delta_factors(gm, site: Site, module: nn.Module, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """ΔW as (out, in) = B' A': A' = λ_d A[:, :in] (r, in), B' = λ_b B[:out] times the scale (out, r)."""
     out_f, in_f = out_in(site, site_weight(gm, site))
     vera_a, vera_b = gm._modules["vera_A"][adapter], gm._modules["vera_B"][adapter]
-    lambda_b = module.vera_lambda_b[adapter].unsqueeze(-1)
-    lambda_d = module.vera_lambda_d[adapter].unsqueeze(-1)
-    weight = (lambda_b * vera_b[:out_f, :]) @ (lambda_d * vera_a[:, :in_f]) * module.vera_gate[adapter].scale
-    return weight.T if site.fan_in_fan_out else weight
+    down = module.vera_lambda_d[adapter].unsqueeze(-1) * vera_a[:, :in_f]
+    up = module.vera_lambda_b[adapter].unsqueeze(-1) * vera_b[:out_f, :] * module.vera_gate[adapter].scale
+    return down, up
 
 
 def projection_checkpoint_keys(spec: Projections):
@@ -255,6 +261,7 @@ checkpoint_keys = projection_checkpoint_keys(VERA_PROJECTIONS)
 
 METHOD = register_method(additive(
     name="vera", config_type=VeraConfig, create=add_vera, delta=delta, delta_weight=delta_weight,
+    delta_factors=delta_factors,
     containers=CONTAINERS, shared=SHARED, gates="vera_gate", dropouts="vera_dropout", kinds=("linear",),
     dtype_of=lambda module, adapter: module.vera_lambda_d[adapter].dtype, prepare=prepare,
     checkpoint_keys=checkpoint_keys,

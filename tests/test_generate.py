@@ -358,15 +358,25 @@ def test_compiled_decoding_of_a_lone_adapter_survives_loading_another():
         torch._dynamo.reset()
 
 
-def test_compiled_decoding_of_ia3_survives_loading_another():
-    """IA3 (the scaling form): a generation graph reads each site's factors when it runs, so a second IA3
-    adapter loaded between compiled generate calls, and a switch to it, do not recompile the decode step;
-    the tokens are the eager run's. (It recompiled: the graph code named each site's adapters.)"""
+SITES = dict(target_modules=["k_proj", "v_proj", "down_proj"])
+READ_WHEN_RUN = {  # methods whose generation graphs read each site's adapters when they run
+    "ia3": lambda: fxpeft.IA3Config(**IA3),  # the scaling form: per-feature factors
+    "vera": lambda: fxpeft.VeraConfig(r=4, init_weights=False, **SITES),  # additive, low rank: factors kept
+    "loha": lambda: fxpeft.LoHaConfig(r=2, alpha=4, init_weights=False, **SITES),  # additive: ΔW kept
+}
+
+
+@pytest.mark.parametrize("name", list(READ_WHEN_RUN))
+def test_compiled_decoding_survives_loading_another_adapter(name):
+    """IA3 (the scaling form) and the additive form's methods: a generation graph reads each site's
+    factors or ΔW (prepared once per generate call) when it runs, so a second adapter loaded between
+    compiled generate calls, and a switch to it, do not recompile the decode step; the tokens are the
+    eager run's. (It recompiled: the graph code named each site's adapters.)"""
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
     base = models.llama().eval()
-    gm = fxpeft.transform(base, fxpeft.IA3Config(**IA3))
+    gm = fxpeft.transform(base, READ_WHEN_RUN[name]())
     prompt = models.hf_inputs("llama", batch=2)
     kw = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=0)
     config = transformers.CompileConfig(fullgraph=True, backend="eager", mode=None)  # recompiles are dynamo's
@@ -377,7 +387,7 @@ def test_compiled_decoding_of_ia3_survives_loading_another():
     try:
         with torch._dynamo.config.patch(error_on_recompile=True):
             assert torch.equal(gm.generate(**prompt, **kw, compile_config=config), expected)
-            gm.add_adapter("other", fxpeft.IA3Config(**IA3))
+            gm.add_adapter("other", READ_WHEN_RUN[name]())
             gm.set_adapter("other")
             other = gm.generate(**prompt, **kw)
             assert not torch.equal(other, expected)
@@ -387,6 +397,34 @@ def test_compiled_decoding_of_ia3_survives_loading_another():
         assert counters["stats"]["unique_graphs"] == 1
     finally:
         torch._dynamo.reset()
+
+
+def test_generation_graphs_compute_deltas_afresh_with_autograd_and_in_training():
+    """The additive form's generation graph, called with a KV cache and autograd (or while training),
+    computes each adapter's delta from its weights as the graph without a cache does: the logits of a
+    prepared call, gradients into the adapter, and dropout in training."""
+    torch.manual_seed(0)
+    gm = fxpeft.transform(models.llama().eval(), fxpeft.VeraConfig(r=4, init_weights=False, vera_dropout=0.5, **SITES))
+    inputs = models.hf_inputs("llama", batch=2)
+
+    def logits(**kwargs):
+        cache = transformers.StaticCache(config=gm.config, max_cache_len=12)
+        return gm(**inputs, cache=cache, use_cache=True, **kwargs).logits
+
+    with torch.no_grad():
+        prepared = logits()
+    with torch.enable_grad():
+        traced = logits()
+    torch.testing.assert_close(traced, prepared, rtol=1e-5, atol=1e-5)
+    traced.sum().backward()
+    grads = [p.grad for n, p in gm.named_parameters() if "vera_lambda" in n]
+    assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    gm.train()
+    with torch.no_grad():
+        assert not torch.allclose(logits(), prepared)  # dropout acts
+    gm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(logits(), prepared, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("run", ["eager", "compiled", "mixed"])
