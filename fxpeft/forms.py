@@ -322,7 +322,7 @@ def additive(*, name: str, config_type: type, create: Callable, delta: Callable,
             fast = lower_site(lw, site, module, present)
             if fast is not None:
                 return fast
-        if lw.cached and not lw.mixed and kept is not None and site.kind == "linear":
+        if lw.cached and kept is not None and site.kind == "linear":
             return kept.rewrite(lw, site)
         output = site.output
         for adapter in present:
@@ -338,8 +338,8 @@ def additive(*, name: str, config_type: type, create: Callable, delta: Callable,
             bias = bias + sign * bias_change.to(bias.dtype)
         return weight + sign * delta_weight(gm, site, module, adapter).to(weight.dtype), bias
 
-    # dense generation graphs read each linear site's delta from what prepare_call keeps (the method's ΔW);
-    # a method lowering sites its own way (LoRA) keeps what it needs itself
+    # generation graphs read each linear site's deltas from what prepare_call keeps (the method's ΔW); a
+    # method lowering sites its own way (LoRA) keeps what it needs itself
     kept = None if delta_weight is None or lower_site is not None else _KeptDeltas(
         name, site_adapters, _gates_of(gates)[1], one_delta, delta_weight, delta_bias, delta_factors, sampled)
     if kept is not None:
@@ -364,44 +364,47 @@ def _chained(first: Optional[Callable], second: Callable) -> Callable:
 
 
 class GenerationLayout(NamedTuple):
-    """What a dense generation graph's node reads of one site of an additive method when it runs (set by
+    """What a generation graph's node reads of one linear site of an additive method when it runs (set by
     ``lowered``): its adapters, where prepared deltas go, and what computing them needs."""
 
     names: tuple[str, ...]  # its adapters
-    positions: tuple[int, ...]  # theirs in the gates
+    positions: tuple[int, ...]  # theirs in the gates (and in a mixed batch's index)
     site: Site  # its site in the model's graph (the path from the model)
     # the transformed model, where delta_weight reads state (VeRA's projections): a weak reference, so that
     # copying a submodule does not copy the whole model (a copy of the model is lowered again: its own)
     model: weakref.ref
     places: list  # kept_places
-    programs: tuple  # per adapter: program(model, x), its gated delta as the plain lowering computes it
+    programs: dict  # mixed -> per adapter, program(model, [index,] x): its delta as the plain lowering computes it
 
 
 class _KeptDeltas:
-    """The additive form in dense generation graphs (those reading a KV cache): one node per linear site
-    (``delta``) reads, in a prepared call in eval mode, what ``prepare_call`` kept for it once per
-    ``generate`` call: the active adapters' gated ``ΔW`` summed, or with the method's ``delta_factors``
-    (low rank: ``ΔW = B A``) their factors concatenated, ``[A_1; A_2; …]`` and ``[g_1 B_1, g_2 B_2, …]``,
-    and the summed bias change. The graph's code thus names no adapter: one loaded between compiled
-    generate calls does not recompile the decode step. Otherwise (autograd, training: dropout and the
-    methods' own randomness; or an adapter ``sampled`` in eval too) the node runs each adapter's delta
-    as the plain lowering computes it (``GenerationLayout.programs``)."""
+    """The additive form in generation graphs (those reading a KV cache): one node per linear site reads,
+    in a prepared call in eval mode, what ``prepare_call`` kept for it once per ``generate`` call, so that
+    the graph's code names no adapter and one loaded between compiled generate calls does not recompile
+    the decode step. Dense graphs: the active adapters' gated ``ΔW`` summed or, with the method's
+    ``delta_factors`` (low rank: ``ΔW = B A``), their factors side by side, ``[A_1; A_2; …]`` and
+    ``[g_1 B_1, g_2 B_2, …]``, and the summed bias change. Mixed graphs (``adapter_names``): every
+    adapter's, stacked with a zero slot, each sample reading its own. Otherwise (autograd, training:
+    dropout and the methods' own randomness; or an adapter ``sampled`` in eval too) the node runs each
+    adapter's delta as the plain lowering computes it (``GenerationLayout.programs``)."""
 
     def __init__(self, name, adapters_at, gate_of, one_delta, delta_weight, delta_bias, delta_factors, sampled):
         self.layout_key = f"_fxpeft_{name}_generation"  # site __dict__: GenerationLayout
+        self.programs_key = f"_fxpeft_{name}_programs"  # site __dict__: what program() built, by what it read
         self.kept_name = f"_fxpeft_{name}_kept"  # a KeptTensors child of every lowering root (kept_roots)
         self.adapters_at, self.gate_of, self.one_delta = adapters_at, gate_of, one_delta
         self.delta_weight, self.delta_bias, self.delta_factors, self.sampled = (delta_weight, delta_bias,
                                                                                  delta_factors, sampled)
-        # what the graph calls: a function (not a bound method) with the form's state
-        self.delta = functools.partial(_generation_delta, self)
-        functools.update_wrapper(self.delta, _generation_delta)
+        # what the graphs call: functions (not bound methods) with the form's state
+        self.dense = functools.update_wrapper(functools.partial(_dense_delta, self), _dense_delta)
+        self.mixed = functools.update_wrapper(functools.partial(_mixed_delta, self), _mixed_delta)
 
     def rewrite(self, lw: Lowering, site: Site):
         if self.kept_name not in lw.root._modules:
             lw.root.add_module(self.kept_name, KeptTensors())
         dtype = adapter_dtype(site_weight(lw.root, site))
-        value = lw.call(self.delta, site.input, lw.attr(site.path), lw.attr(self.kept_name), site.path, dtype)
+        args = (site.input, lw.attr(site.path), lw.attr(self.kept_name), site.path, dtype)
+        value = lw.call(self.mixed, *args, lw.sample_index) if lw.mixed else lw.call(self.dense, *args)
         return lw.call(aten.add.Tensor, site.output, value)
 
     def lowered(self, gm) -> None:
@@ -413,31 +416,40 @@ class _KeptDeltas:
             site = sites.get(path) if names else None
             if site is None or site.kind != "linear":
                 module.__dict__.pop(self.layout_key, None)
+                module.__dict__.pop(self.programs_key, None)
                 continue
+            positions = tuple(order.index(a) for a in names)
+            built, programs = module.__dict__.get(self.programs_key, {}), {}
+            for mixed in (False, True):
+                for adapter, position in zip(names, positions):
+                    # what the lowering bakes in: the adapter's state (its gate is new when it is), position, dtypes
+                    key = (adapter, id(self.gate_of(module, adapter)), position, mixed, site_weight(gm, site).dtype)
+                    programs[key] = built.get(key) or self.program(gm, registry, order, site, module, adapter, mixed)
+            module.__dict__[self.programs_key] = programs
             module.__dict__[self.layout_key] = GenerationLayout(
-                names, tuple(order.index(a) for a in names), site, weakref.ref(gm),
-                kept_places(roots, self.kept_name, path),
-                tuple(self.program(gm, registry, site, module, a) for a in names))
+                names, positions, site, weakref.ref(gm), kept_places(roots, self.kept_name, path),
+                {mixed: tuple(fn for key, fn in programs.items() if key[3] == mixed) for mixed in (False, True)})
 
-    def program(self, gm, registry, site: Site, module: nn.Module, adapter: str) -> Callable:
-        """``program(model, x)``: the adapter's gated delta at the site, lowered as in a graph without a cache."""
+    def program(self, gm, registry, order, site: Site, module: nn.Module, adapter: str, mixed: bool) -> Callable:
+        """``program(model, [index,] x)``: the adapter's delta at the site (gated in dense graphs, masked to its
+        samples in mixed ones), lowered as in a graph without a cache."""
         graph = torch.fx.Graph()
         x = graph.placeholder("x")
         end = graph.output(None)
-        lw = Lowering(graph, gm, registry)
-        lw._start = end  # gates are read after the input
+        lw = Lowering(graph, gm, registry, mixed, order)  # a mixed one takes the index first
+        lw._start = end  # gates are read after the inputs
         with graph.inserting_before(end):
             end.args = (self.one_delta(lw, dataclasses.replace(site, node=x, input=x, output=x), module, adapter),)
         code = graph.python_code(root_module="self")
         return _forward_from_src(code.src, code.globals, {})
 
     def prepare_call(self, gm, mixed: bool, cached: bool, compiled: bool) -> None:
-        """Before a generation step without autograd: each site's kept delta, once per ``generate`` call
-        (``generation.generate_step``) and per other call."""
-        if mixed or not cached:
+        """Before a generation step without autograd: each site's kept deltas for the graph the call runs,
+        once per ``generate`` call (``generation.generate_step``) and per other call."""
+        if not cached:
             return
         step = generate_step()
-        if step is not None and gm._fxpeft_memo.get((self.kept_name, "step")) == step:
+        if step is not None and gm._fxpeft_memo.get((self.kept_name, "step", mixed)) == step:
             return
         sites = gm._fxpeft_memo.get(self.kept_name)
         if sites is None:
@@ -448,66 +460,142 @@ class _KeptDeltas:
         with torch.no_grad():
             for module in sites:
                 layout = module.__dict__[self.layout_key]
-                kept = self.summed(module, layout, gates, active)
+                kept = self.stacked(module, layout) if mixed else self.summed(module, layout, gates, active)
                 for holder, key in layout.places:
-                    holder.__dict__["tensors"][key] = kept
-        gm._fxpeft_memo[self.kept_name, "step"] = step
+                    holder.__dict__["tensors"][key, mixed] = kept
+        gm._fxpeft_memo[self.kept_name, "step", mixed] = step
+
+    def parts(self, module: nn.Module, layout: GenerationLayout, adapter: str, dtype: torch.dtype):
+        """One adapter's (down, up, dense, bias), each None where it has none: up as (r, out), dense as
+        (out, in); None (no parts) for a ``sampled`` adapter."""
+        if self.sampled is not None and self.sampled(module, adapter):
+            return None
+        model = layout.model()
+        factors = None if self.delta_factors is None else self.delta_factors(model, layout.site, module, adapter)
+        down = up = dense = None
+        if factors:
+            down, up = factors[0].to(dtype), factors[1].to(dtype).t()
+        elif factors is None:
+            dense = self.delta_weight(model, layout.site, module, adapter)
+            dense = (dense.t() if layout.site.fan_in_fan_out else dense).to(dtype)
+        bias = None if self.delta_bias is None else self.delta_bias(model, layout.site, module, adapter)
+        return down, up, dense, None if bias is None else bias.to(dtype)
 
     def summed(self, module: nn.Module, layout: GenerationLayout, gates: torch.Tensor, active: list):
         """(down, up, dense, bias, out features): the active adapters' gated deltas, in the dtype the graph
         computes them in (the site's adapter dtype); None where an active adapter is ``sampled``."""
-        model = layout.model()
-        weight = site_weight(model, layout.site)
+        weight = site_weight(layout.model(), layout.site)
         dtype, out_features = adapter_dtype(weight), weight.shape[-1 if layout.site.fan_in_fan_out else 0]
         downs, ups, dense, bias = [], [], None, None
         for adapter, position in zip(layout.names, layout.positions):
             if not active[position] or self.gate_of(module, adapter).merged:
                 continue
-            if self.sampled is not None and self.sampled(module, adapter):
+            parts = self.parts(module, layout, adapter, dtype)
+            if parts is None:
                 return None
             coefficient = gates[position].to(dtype)
-            factors = None if self.delta_factors is None else self.delta_factors(model, layout.site, module, adapter)
-            if factors:
-                downs.append(factors[0].to(dtype))
-                ups.append((factors[1].to(dtype) * coefficient).t())
-            elif factors is None:
-                change = self.delta_weight(model, layout.site, module, adapter)
-                change = (change.t() if layout.site.fan_in_fan_out else change).to(dtype) * coefficient
-                dense = change if dense is None else dense + change
-            change = None if self.delta_bias is None else self.delta_bias(model, layout.site, module, adapter)
-            if change is not None:
-                change = change.to(dtype) * coefficient
-                bias = change if bias is None else bias + change
+            if parts[0] is not None:
+                downs.append(parts[0])
+                ups.append(parts[1] * coefficient)
+            if parts[2] is not None:
+                dense = parts[2] * coefficient if dense is None else dense + parts[2] * coefficient
+            if parts[3] is not None:
+                bias = parts[3] * coefficient if bias is None else bias + parts[3] * coefficient
         down = up = None
         if downs:  # copies, not views: dynamo guards a view's base too; the rank is dynamic
-            down, up = torch.cat(downs).contiguous(), torch.cat(ups).contiguous()
-            torch._dynamo.maybe_mark_dynamic(down, 0)
-            torch._dynamo.maybe_mark_dynamic(up, 0)
+            down, up = _dynamic(torch.cat(downs), 0), _dynamic(torch.cat(ups), 0)
         return down, up, dense, bias, out_features
 
+    def stacked(self, module: nn.Module, layout: GenerationLayout):
+        """(down, up, dense, bias, lookup, out features) for the mixed graph: every adapter's parts stacked
+        (S + 1, …) with a zero last slot (ranks padded with zeros), and each global adapter index's slot;
+        None where an adapter is ``sampled``."""
+        weight = site_weight(layout.model(), layout.site)
+        dtype, out_features = adapter_dtype(weight), weight.shape[-1 if layout.site.fan_in_fan_out else 0]
+        every = [self.parts(module, layout, adapter, dtype) for adapter in layout.names]
+        if any(parts is None for parts in every):
+            return None
+        every = [parts if not self.gate_of(module, adapter).merged else (None,) * 4  # merged: no delta
+                 for adapter, parts in zip(layout.names, every)]
+        stacks = [None] * 4
+        rank = max((parts[0].shape[0] for parts in every if parts[0] is not None), default=0)
+        for i, like in enumerate([(rank, weight.shape[-1] if not layout.site.fan_in_fan_out else weight.shape[0]),
+                                  (rank, out_features), None, (out_features,)]):
+            present = [parts[i] for parts in every if parts[i] is not None]
+            if not present:
+                continue
+            shape = like if like is not None else present[0].shape
+            stack = present[0].new_zeros(len(every) + 1, *shape)
+            for slot, parts in enumerate(every):
+                if parts[i] is not None:
+                    stack[slot, :parts[i].shape[0]] = parts[i]
+            stacks[i] = _dynamic(_dynamic(stack, 0), 1) if i < 2 else _dynamic(stack, 0)
+        lookup = torch.full((max(layout.positions) + 2,), len(every), dtype=torch.long, device=weight.device)
+        lookup[list(layout.positions)] = torch.arange(len(every), device=weight.device)
+        return (*stacks, _dynamic(lookup, 0), out_features)
 
-def _generation_delta(form: _KeptDeltas, x: torch.Tensor, module: nn.Module, holder: nn.Module, key: str,
-                      dtype: torch.dtype) -> torch.Tensor:
+
+def _dynamic(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    """A size adapters loaded later change (how many, the largest rank): dynamic from the first compile."""
+    torch._dynamo.maybe_mark_dynamic(tensor, dim)
+    return tensor
+
+
+def _kept(form: _KeptDeltas, module: nn.Module, holder: nn.Module, key: str, mixed: bool):
+    """What ``prepare_call`` kept for the site, where this call may read it (a prepared call in eval mode)."""
+    if torch.is_grad_enabled() or not call_prepared() or module.training:
+        return None
+    return holder.__dict__["tensors"].get((key, mixed))
+
+
+def _dense_delta(form: _KeptDeltas, x: torch.Tensor, module: nn.Module, holder: nn.Module, key: str,
+                 dtype: torch.dtype) -> torch.Tensor:
     """A dense generation graph's delta at one linear site (see :class:`_KeptDeltas`), in ``x``'s dtype."""
-    if not torch.is_grad_enabled() and call_prepared() and not module.training:
-        kept = holder.__dict__["tensors"].get(key)
-        if kept is not None:
-            down, up, dense, bias, out_features = kept
-            h = x.to(dtype)
-            total = None if down is None else torch.matmul(torch.nn.functional.linear(h, down), up)
-            if dense is not None:
-                total = torch.nn.functional.linear(h, dense) if total is None else \
-                    total + torch.nn.functional.linear(h, dense)
-            if bias is not None:
-                total = bias.expand(*h.shape[:-1], out_features) if total is None else total + bias
-            return (h.new_zeros(*h.shape[:-1], out_features) if total is None else total).to(x.dtype)
-    # dynamo reads the layout (which a load changes) only here
-    layout = module.__dict__[form.layout_key]
-    model = layout.model()
+    kept = _kept(form, module, holder, key, False)
+    if kept is None:  # dynamo reads the layout (which a load changes) only here
+        layout = module.__dict__[form.layout_key]
+        return _summed(program(layout.model(), x) for program in layout.programs[False])
+    down, up, dense, bias, out_features = kept
+    h = x.to(dtype)
+    total = _summed([torch.matmul(torch.nn.functional.linear(h, down), up) if down is not None else None,
+                     torch.nn.functional.linear(h, dense) if dense is not None else None, bias])
+    if total is None:
+        total = h.new_zeros(*h.shape[:-1], out_features)
+    return total.expand(*h.shape[:-1], out_features).to(x.dtype)
+
+
+def _mixed_delta(form: _KeptDeltas, x: torch.Tensor, module: nn.Module, holder: nn.Module, key: str,
+                 dtype: torch.dtype, index: torch.Tensor) -> torch.Tensor:
+    """A mixed generation graph's delta at one linear site: each sample's adapter's (see :class:`_KeptDeltas`)."""
+    kept = _kept(form, module, holder, key, True)
+    if kept is None:
+        layout = module.__dict__[form.layout_key]
+        return _summed(program(layout.model(), index, x) for program in layout.programs[True])
+    down, up, dense, bias, lookup, out_features = kept
+    slots = lookup[index.clamp(max=lookup.shape[0] - 1)]  # "__base__" (past every adapter): the zero slot
+    if x.shape[0] != slots.shape[0]:  # rows: the batch flattened with a later dimension, batch first
+        slots = slots.repeat_interleave(x.shape[0] // slots.shape[0])
+    h = x.to(dtype).reshape(x.shape[0], -1, x.shape[-1])  # (rows, tokens, in)
     total = None
-    for program in layout.programs:
-        term = program(model, x)
-        total = term if total is None else total + term
+    if down is not None:
+        total = torch.bmm(torch.bmm(h, down.index_select(0, slots).transpose(1, 2)), up.index_select(0, slots))
+    if dense is not None:  # every slot's ΔW on every row, then each row's own: no per-row copy of a weight
+        every = torch.einsum("nti,soi->ntso", h, dense)
+        own = every.gather(2, slots.view(-1, 1, 1, 1).expand(-1, h.shape[1], 1, out_features)).squeeze(2)
+        total = own if total is None else total + own
+    if bias is not None:
+        own = bias.index_select(0, slots).unsqueeze(1)
+        total = own.expand(-1, h.shape[1], -1) if total is None else total + own
+    if total is None:
+        total = h.new_zeros(*h.shape[:-1], out_features)
+    return total.reshape(*x.shape[:-1], out_features).to(x.dtype)
+
+
+def _summed(terms):
+    total = None
+    for term in terms:
+        if term is not None:
+            total = term if total is None else total + term
     return total
 
 
@@ -535,25 +623,40 @@ def scaling(*, name: str, config_type: type, create: Callable, vector: Callable,
     layout_key = f"_fxpeft_{name}_layout"  # site __dict__: side (scales input) -> names, positions, kept at
     kept_name = f"_fxpeft_{name}_kept"  # a KeptTensors child of every lowering root (kept_roots)
 
-    def factors(module: nn.Module, holder: nn.Module, key: str, gates: torch.Tensor, inputs: bool, dtype):
+    def factors(module: nn.Module, holder: nn.Module, key: str, gates: torch.Tensor, inputs: bool, dtype,
+                index: Optional[torch.Tensor] = None):
         """A generation graph's per-feature factors at one side of a site, read when it runs, so that its
         code names no adapter (one loaded between compiled generate calls leaves it as it was): in a
-        prepared call those ``prepare_call`` kept, else the product of the site's gated vectors."""
+        prepared call those ``prepare_call`` kept, else the product of the site's gated vectors. Mixed
+        graphs (``index``: each sample's adapter): (batch, features), each sample's adapter's."""
         if not torch.is_grad_enabled() and call_prepared():
-            kept = holder.__dict__["tensors"].get(key)
-            if kept is not None:
+            kept = holder.__dict__["tensors"].get((key, index is not None))
+            if kept is not None and index is None:
                 return kept
-        return gated_product(module, gates, inputs, dtype)
+            if kept is not None:
+                stack, lookup = kept
+                return stack.index_select(0, lookup[index.clamp(max=lookup.shape[0] - 1)])
+        return gated_product(module, gates, inputs, dtype, index)
 
-    def gated_product(module: nn.Module, gates: torch.Tensor, inputs: bool, dtype):
+    def gated_product(module: nn.Module, gates: torch.Tensor, inputs: bool, dtype, index=None):
         names, positions, *_ = module.__dict__[layout_key][inputs]
         total = None
         for adapter, position in zip(names, positions):
             v = vector(module, adapter).reshape(-1).to(dtype)
-            g = gate_of(module, adapter).value * gates[position]
-            gated = (v - 1) * g + 1
+            on = gates[position] if index is None else (index == position).to(dtype).unsqueeze(1)
+            gated = (v - 1) * (gate_of(module, adapter).value * on) + 1
             total = gated if total is None else total * gated
         return total
+
+    def stacked(module: nn.Module, inputs: bool, dtype):
+        """The mixed graph's factors: every adapter's gated vector stacked (S + 1, features) with a last slot
+        of ones (no adapter), and each global adapter index's slot."""
+        names, positions, *_ = module.__dict__[layout_key][inputs]
+        rows = [(vector(module, a).reshape(-1).to(dtype) - 1) * gate_of(module, a).value.to(dtype) + 1 for a in names]
+        stack = torch.stack([*rows, torch.ones_like(rows[0])])
+        lookup = torch.full((max(positions) + 2,), len(names), dtype=torch.long, device=stack.device)
+        lookup[list(positions)] = torch.arange(len(names), device=stack.device)
+        return _dynamic(stack, 0), _dynamic(lookup, 0)
 
     def lowered(gm) -> None:
         """After every lowering: each site's layout: its adapters on each side, their positions in the gates,
@@ -575,12 +678,12 @@ def scaling(*, name: str, config_type: type, create: Callable, vector: Callable,
             module.__dict__[layout_key] = layout
 
     def prepare_call(gm, mixed: bool, cached: bool, compiled: bool) -> None:
-        """Before a generation step without autograd: each site's factors, once per ``generate`` call
-        (``generation.generate_step``) and per other call."""
-        if mixed or not cached:
+        """Before a generation step without autograd: each site's factors for the graph the call runs, once
+        per ``generate`` call (``generation.generate_step``) and per other call."""
+        if not cached:
             return
         step = generate_step()
-        if step is not None and gm._fxpeft_memo.get((kept_name, "step")) == step:
+        if step is not None and gm._fxpeft_memo.get((kept_name, "step", mixed)) == step:
             return
         sites = gm._fxpeft_memo.get(kept_name)
         if sites is None:
@@ -591,20 +694,20 @@ def scaling(*, name: str, config_type: type, create: Callable, vector: Callable,
             for module in sites:
                 dtype = (getattr(module, "weight_spec", None) or module.weight).dtype  # after .to() too
                 for side, (_, _, at) in module.__dict__[layout_key].items():
-                    product = gated_product(module, gates, side, dtype)
+                    kept = stacked(module, side, dtype) if mixed else gated_product(module, gates, side, dtype)
                     for holder, key in at:
-                        holder.__dict__["tensors"][key] = product
-        gm._fxpeft_memo[kept_name, "step"] = step
+                        holder.__dict__["tensors"][key, mixed] = kept
+        gm._fxpeft_memo[kept_name, "step", mixed] = step
 
     def per_feature(lw: Lowering, site: Site, module: nn.Module, adapters: list[str], dtype, inputs: bool):
         """The product of the adapters' gated vectors: (features,) in dense graphs, (batch, features)
-        in mixed ones; a dense generation graph reads them when it runs (``factors``)."""
-        if lw.cached and not lw.mixed:
+        in mixed ones; a generation graph reads them when it runs (``factors``)."""
+        if lw.cached:
             if kept_name not in lw.root._modules:
                 lw.root.add_module(kept_name, KeptTensors())
             key = f"{site.path}:{'input' if inputs else 'output'}"
             return lw.call(factors, lw.attr(site.path), lw.attr(kept_name), key, lw.attr("_fxpeft_gates"), inputs,
-                           dtype)
+                           dtype, lw.sample_index)
         total = None
         for adapter in adapters:
             v = lw.call(aten.reshape.default, lw.attr(_param_path(site, module, adapter)), [-1])

@@ -306,7 +306,12 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         finally:
             del self.__dict__["_fxpeft_code_before"]
         self.graph = self._fxpeft_signatures[self._fxpeft_primary].graph
-        for hook in dict.fromkeys(m.lowered for m, _ in methods if m.lowered is not None):
+        self._after_lowering()
+
+    def _after_lowering(self) -> None:
+        """The methods' ``lowered`` hooks, once each."""
+        methods = [self._fxpeft_registry.method_for(config) for config in self.peft_config.values()]
+        for hook in dict.fromkeys(m.lowered for m in methods if m.lowered is not None):
             hook(self)
 
     def _function(self, graph: torch.fx.Graph, root: nn.Module) -> Callable:
@@ -508,6 +513,7 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
                            for k, v in signature.example.items()}
                 self._capture_signature(example, key, index=index, widen=False)
             self.graph = self._fxpeft_signatures[self._fxpeft_primary].graph
+            self._after_lowering()  # what they derived may hold dtypes and devices too
         if "_fxpeft_gates" in self._buffers:
             self.sync_gates()  # .to() gave each block its own copy of the gates: share one again
         return result

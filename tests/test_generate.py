@@ -251,7 +251,9 @@ def test_a_forward_loop_with_a_static_cache_matches_peft(llama_pair):
 IA3 = dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False)
 
 
-@pytest.mark.parametrize("config", [fxpeft.LoraConfig(r=2, **LORA), fxpeft.IA3Config(**IA3)], ids=["lora", "ia3"])
+@pytest.mark.parametrize("config", [fxpeft.LoraConfig(r=2, **LORA), fxpeft.IA3Config(**IA3),
+                                    fxpeft.VeraConfig(r=4, init_weights=False, target_modules=["q_proj", "v_proj"])],
+                         ids=["lora", "ia3", "vera"])
 def test_generate_after_a_dtype_change(config):
     torch.manual_seed(0)
     gm = fxpeft.transform(models.llama().eval(), config).eval()
@@ -370,8 +372,9 @@ READ_WHEN_RUN = {  # methods whose generation graphs read each site's adapters w
 def test_compiled_decoding_survives_loading_another_adapter(name):
     """IA3 (the scaling form) and the additive form's methods: a generation graph reads each site's
     factors or ΔW (prepared once per generate call) when it runs, so a second adapter loaded between
-    compiled generate calls, and a switch to it, do not recompile the decode step; the tokens are the
-    eager run's. (It recompiled: the graph code named each site's adapters.)"""
+    compiled generate calls, and a switch to it, do not recompile the decode step, nor, with
+    adapter_names, the mixed one; the tokens are the eager run's, each sequence's those of its adapter
+    alone. (It recompiled: the graph code named each site's adapters.)"""
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
@@ -380,21 +383,25 @@ def test_compiled_decoding_survives_loading_another_adapter(name):
     prompt = models.hf_inputs("llama", batch=2)
     kw = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=0)
     config = transformers.CompileConfig(fullgraph=True, backend="eager", mode=None)  # recompiles are dynamo's
-    expected = gm.generate(**prompt, **kw)
-    assert not torch.equal(expected, base.generate(**prompt, **kw))  # the adapter changes the tokens
+    expected, plain = gm.generate(**prompt, **kw), base.generate(**prompt, **kw)
+    assert not torch.equal(expected, plain)  # the adapter changes the tokens
     torch._dynamo.reset()
     counters.clear()
     try:
+        assert torch.equal(gm.generate(**prompt, **kw, compile_config=config), expected)
+        mixed = gm.generate(**prompt, **kw, adapter_names=["default", "__base__"], compile_config=config)
+        assert torch.equal(mixed, torch.stack([expected[0], plain[1]]))  # a second graph: a "recompile"
         with torch._dynamo.config.patch(error_on_recompile=True):
-            assert torch.equal(gm.generate(**prompt, **kw, compile_config=config), expected)
             gm.add_adapter("other", READ_WHEN_RUN[name]())
             gm.set_adapter("other")
             other = gm.generate(**prompt, **kw)
             assert not torch.equal(other, expected)
             assert torch.equal(gm.generate(**prompt, **kw, compile_config=config), other)
+            mixed = gm.generate(**prompt, **kw, adapter_names=["other", "default"], compile_config=config)
+            assert torch.equal(mixed, torch.stack([other[0], expected[1]]))
             gm.set_adapter("default")
             assert torch.equal(gm.generate(**prompt, **kw, compile_config=config), expected)
-        assert counters["stats"]["unique_graphs"] == 1
+        assert counters["stats"]["unique_graphs"] == 2  # the dense and the mixed decode step
     finally:
         torch._dynamo.reset()
 
@@ -411,14 +418,22 @@ def test_generation_graphs_compute_deltas_afresh_with_autograd_and_in_training()
         cache = transformers.StaticCache(config=gm.config, max_cache_len=12)
         return gm(**inputs, cache=cache, use_cache=True, **kwargs).logits
 
-    with torch.no_grad():
-        prepared = logits()
+    gm.add_adapter("other", fxpeft.VeraConfig(r=4, init_weights=False, **SITES))
+    prepared = {}
+    for name in ("other", "default"):
+        gm.set_adapter(name)
+        with torch.no_grad():
+            prepared[name] = logits()
     with torch.enable_grad():
         traced = logits()
-    torch.testing.assert_close(traced, prepared, rtol=1e-5, atol=1e-5)
-    traced.sum().backward()
-    grads = [p.grad for n, p in gm.named_parameters() if "vera_lambda" in n]
+        mixed = logits(adapter_names=["other", "default"])  # each sample its own adapter's
+    torch.testing.assert_close(traced, prepared["default"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed, torch.stack([prepared["other"][0], prepared["default"][1]]), rtol=1e-5,
+                               atol=1e-5)
+    (traced.sum() + mixed.sum()).backward()
+    grads = [p.grad for n, p in gm.named_parameters() if "vera_lambda" in n and n.endswith(".default")]
     assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    prepared = prepared["default"]
     gm.train()
     with torch.no_grad():
         assert not torch.allclose(logits(), prepared)  # dropout acts
