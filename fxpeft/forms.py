@@ -384,7 +384,8 @@ class _KeptDeltas:
     the decode step. Dense graphs: the active adapters' gated ``ΔW`` summed or, with the method's
     ``delta_factors`` (low rank: ``ΔW = B A``), their factors side by side, ``[A_1; A_2; …]`` and
     ``[g_1 B_1, g_2 B_2, …]``, and the summed bias change. Mixed graphs (``adapter_names``): every
-    adapter's, stacked with a zero slot, each sample reading its own. Otherwise (autograd, training:
+    adapter's factors and bias change, stacked with a zero slot, each sample reading its own (not for a
+    dense ``ΔW``: one per adapter would cost a weight each). Otherwise (autograd, training:
     dropout and the methods' own randomness; or an adapter ``sampled`` in eval too) the node runs each
     adapter's delta as the plain lowering computes it (``GenerationLayout.programs``)."""
 
@@ -507,28 +508,29 @@ class _KeptDeltas:
         return down, up, dense, bias, out_features
 
     def stacked(self, module: nn.Module, layout: GenerationLayout):
-        """(down, up, dense, bias, lookup, out features) for the mixed graph: every adapter's parts stacked
-        (S + 1, …) with a zero last slot (ranks padded with zeros), and each global adapter index's slot;
-        None where an adapter is ``sampled``."""
+        """(down, up, bias, lookup, out features) for the mixed graph: every adapter's parts stacked (S + 1, …)
+        with a zero last slot (ranks padded with zeros), and each global adapter index's slot. None where an
+        adapter is ``sampled`` or has a dense ΔW only (a stack would hold a weight-sized tensor per adapter:
+        those compute their deltas when they run)."""
         weight = site_weight(layout.model(), layout.site)
         dtype, out_features = adapter_dtype(weight), weight.shape[-1 if layout.site.fan_in_fan_out else 0]
         every = [self.parts(module, layout, adapter, dtype) for adapter in layout.names]
-        if any(parts is None for parts in every):
+        if any(parts is None or parts[2] is not None for parts in every):
             return None
         every = [parts if not self.gate_of(module, adapter).merged else (None,) * 4  # merged: no delta
                  for adapter, parts in zip(layout.names, every)]
-        stacks = [None] * 4
+        stacks = [None] * 3
         rank = max((parts[0].shape[0] for parts in every if parts[0] is not None), default=0)
-        for i, like in enumerate([(rank, weight.shape[-1] if not layout.site.fan_in_fan_out else weight.shape[0]),
-                                  (rank, out_features), None, (out_features,)]):
-            present = [parts[i] for parts in every if parts[i] is not None]
+        in_features = weight.shape[0 if layout.site.fan_in_fan_out else -1]
+        for i, (part, shape) in enumerate([(0, (rank, in_features)), (1, (rank, out_features)),
+                                           (3, (out_features,))]):
+            present = [parts[part] for parts in every if parts[part] is not None]
             if not present:
                 continue
-            shape = like if like is not None else present[0].shape
             stack = present[0].new_zeros(len(every) + 1, *shape)
             for slot, parts in enumerate(every):
-                if parts[i] is not None:
-                    stack[slot, :parts[i].shape[0]] = parts[i]
+                if parts[part] is not None:
+                    stack[slot, :parts[part].shape[0]] = parts[part]
             stacks[i] = _dynamic(_dynamic(stack, 0), 1) if i < 2 else _dynamic(stack, 0)
         lookup = torch.full((max(layout.positions) + 2,), len(every), dtype=torch.long, device=weight.device)
         lookup[list(layout.positions)] = torch.arange(len(every), device=weight.device)
@@ -571,7 +573,7 @@ def _mixed_delta(form: _KeptDeltas, x: torch.Tensor, module: nn.Module, holder: 
     if kept is None:
         layout = module.__dict__[form.layout_key]
         return _summed(program(layout.model(), index, x) for program in layout.programs[True])
-    down, up, dense, bias, lookup, out_features = kept
+    down, up, bias, lookup, out_features = kept
     slots = lookup[index.clamp(max=lookup.shape[0] - 1)]  # "__base__" (past every adapter): the zero slot
     if x.shape[0] != slots.shape[0]:  # rows: the batch flattened with a later dimension, batch first
         slots = slots.repeat_interleave(x.shape[0] // slots.shape[0])
@@ -579,10 +581,6 @@ def _mixed_delta(form: _KeptDeltas, x: torch.Tensor, module: nn.Module, holder: 
     total = None
     if down is not None:
         total = torch.bmm(torch.bmm(h, down.index_select(0, slots).transpose(1, 2)), up.index_select(0, slots))
-    if dense is not None:  # every slot's ΔW on every row, then each row's own: no per-row copy of a weight
-        every = torch.einsum("nti,soi->ntso", h, dense)
-        own = every.gather(2, slots.view(-1, 1, 1, 1).expand(-1, h.shape[1], 1, out_features)).squeeze(2)
-        total = own if total is None else total + own
     if bias is not None:
         own = bias.index_select(0, slots).unsqueeze(1)
         total = own.expand(-1, h.shape[1], -1) if total is None else total + own

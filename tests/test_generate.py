@@ -364,7 +364,9 @@ SITES = dict(target_modules=["k_proj", "v_proj", "down_proj"])
 READ_WHEN_RUN = {  # methods whose generation graphs read each site's adapters when they run
     "ia3": lambda: fxpeft.IA3Config(**IA3),  # the scaling form: per-feature factors
     "vera": lambda: fxpeft.VeraConfig(r=4, init_weights=False, **SITES),  # additive, low rank: factors kept
-    "loha": lambda: fxpeft.LoHaConfig(r=2, alpha=4, init_weights=False, **SITES),  # additive: ΔW kept
+    # additive, a dense ΔW: kept summed for the dense graph; the mixed graph computes each adapter's (a load
+    # recompiles it once: stacks would hold a weight-sized tensor per adapter)
+    "loha": lambda: fxpeft.LoHaConfig(r=2, alpha=4, init_weights=False, **SITES),
 }
 
 
@@ -397,11 +399,12 @@ def test_compiled_decoding_survives_loading_another_adapter(name):
             other = gm.generate(**prompt, **kw)
             assert not torch.equal(other, expected)
             assert torch.equal(gm.generate(**prompt, **kw, compile_config=config), other)
-            mixed = gm.generate(**prompt, **kw, adapter_names=["other", "default"], compile_config=config)
-            assert torch.equal(mixed, torch.stack([other[0], expected[1]]))
             gm.set_adapter("default")
             assert torch.equal(gm.generate(**prompt, **kw, compile_config=config), expected)
-        assert counters["stats"]["unique_graphs"] == 2  # the dense and the mixed decode step
+        with torch._dynamo.config.patch(error_on_recompile=name != "loha"):
+            mixed = gm.generate(**prompt, **kw, adapter_names=["other", "default"], compile_config=config)
+        assert torch.equal(mixed, torch.stack([other[0], expected[1]]))
+        assert counters["stats"]["unique_graphs"] == (2 if name != "loha" else 3)  # the dense and mixed steps
     finally:
         torch._dynamo.reset()
 
