@@ -292,7 +292,7 @@ def additive(*, name: str, config_type: type, create: Callable, delta: Callable,
     then makes or checks the state the method shares across sites (:class:`SharedTensors`).
 
     Generation graphs (those reading a KV cache) compute a linear site's deltas from ``ΔW`` instead,
-    kept once per ``generate`` call (:class:`_KeptDeltas`): ``delta_factors(gm, site, module,
+    kept once per ``generate`` call (:class:`_KeptSites`): ``delta_factors(gm, site, module,
     adapter)`` (optional) gives a low-rank ``ΔW`` as ``(A, B)``, ``A`` (r, in) and ``B`` (out, r)
     with ``B A`` the scaled ``ΔW`` as (out, in), so that they cost what ``Δ(x)`` costs; ``()`` for an
     adapter changing no weight, None where only ``delta_weight`` says it; ``sampled(module, adapter)``
@@ -315,6 +315,12 @@ def additive(*, name: str, config_type: type, create: Callable, delta: Callable,
             value = lw.call(masked_samples, value, lw.sample_index, lw.adapter_order.index(adapter))
         return lw.cast(value, base_dtype, dtype)
 
+    def plain(lw: Lowering, site: Site, module: nn.Module, adapters: list[str]):
+        output = site.output
+        for adapter in adapters:
+            output = lw.call(aten.add.Tensor, output, one_delta(lw, site, module, adapter))
+        return output
+
     def rewrite(lw: Lowering, site: Site):
         module = lw.module(site.path)
         present = site_adapters(module)
@@ -324,10 +330,20 @@ def additive(*, name: str, config_type: type, create: Callable, delta: Callable,
                 return fast
         if lw.cached and kept is not None and site.kind == "linear":
             return kept.rewrite(lw, site)
-        output = site.output
-        for adapter in present:
-            output = lw.call(aten.add.Tensor, output, one_delta(lw, site, module, adapter))
-        return output
+        return plain(lw, site, module, present)
+
+    def parts(model, site: Site, module: nn.Module, adapter: str, dtype) -> Optional[SiteParts]:
+        if sampled is not None and sampled(module, adapter):
+            return None
+        factors = None if delta_factors is None else delta_factors(model, site, module, adapter)
+        down = up = dense = None
+        if factors:
+            down, up = factors[0].to(dtype), factors[1].to(dtype).t()
+        elif factors is None:
+            dense = delta_weight(model, site, module, adapter)
+            dense = (dense.t() if site.fan_in_fan_out else dense).to(dtype)
+        bias = None if delta_bias is None else delta_bias(model, site, module, adapter)
+        return SiteParts(None, down, up, dense, None if bias is None else bias.to(dtype))
 
     def fold(gm, site, module, adapter, weight, bias, sign):
         bias_change = delta_bias(gm, site, module, adapter) if delta_bias is not None else None
@@ -340,15 +356,20 @@ def additive(*, name: str, config_type: type, create: Callable, delta: Callable,
 
     # generation graphs read each linear site's deltas from what prepare_call keeps (the method's ΔW); a
     # method lowering sites its own way (LoRA) keeps what it needs itself
-    kept = None if delta_weight is None or lower_site is not None else _KeptDeltas(
-        name, site_adapters, _gates_of(gates)[1], one_delta, delta_weight, delta_bias, delta_factors, sampled)
+    kept = None if delta_weight is None or lower_site is not None else _KeptSites(
+        name, site_adapters, _gates_of(gates)[1], parts, plain)
     if kept is not None:
-        fields["lowered"] = _chained(fields.get("lowered"), kept.lowered)
-        fields["prepare_call"] = _chained(fields.get("prepare_call"), kept.prepare_call)
+        _kept_hooks(fields, kept)
     rule = site_rule(name, lambda site, module: bool(site_adapters(module)), rewrite, phase=phase)
     return _site_method(name=name, config_type=config_type, create=create, kinds=kinds, containers=containers,
                         gates=gates, default_targets=default_targets, heads=heads, adapters_at=adapters_at,
                         rules=(rule,), fold=fold, **fields)
+
+
+def _kept_hooks(fields: dict, kept) -> None:
+    """A form's kept-per-call hooks, after the method's own ``lowered`` and ``prepare_call`` if it has any."""
+    fields["lowered"] = _chained(fields.get("lowered"), kept.lowered)
+    fields["prepare_call"] = _chained(fields.get("prepare_call"), kept.prepare_call)
 
 
 def _chained(first: Optional[Callable], second: Callable) -> Callable:
@@ -364,49 +385,59 @@ def _chained(first: Optional[Callable], second: Callable) -> Callable:
 
 
 class GenerationLayout(NamedTuple):
-    """What a generation graph's node reads of one linear site of an additive method when it runs (set by
-    ``lowered``): its adapters, where prepared deltas go, and what computing them needs."""
+    """What a generation graph's node reads of one linear site of a method when it runs (set by ``lowered``):
+    its adapters, where prepared tensors go, and what computing them needs."""
 
     names: tuple[str, ...]  # its adapters
     positions: tuple[int, ...]  # theirs in the gates (and in a mixed batch's index)
     site: Site  # its site in the model's graph (the path from the model)
-    # the transformed model, where delta_weight reads state (VeRA's projections): a weak reference, so that
-    # copying a submodule does not copy the whole model (a copy of the model is lowered again: its own)
+    # the transformed model, where a method reads state kept there (VeRA's projections): a weak reference, so
+    # that copying a submodule does not copy the whole model (a copy of the model is lowered again: its own)
     model: weakref.ref
     places: list  # kept_places
-    programs: dict  # mixed -> per adapter, program(model, [index,] x): its delta as the plain lowering computes it
+    programs: dict  # mixed -> program(model, [index,] x, y): the site's new output, as the plain lowering has it
 
 
-class _KeptDeltas:
-    """The additive form in generation graphs (those reading a KV cache): one node per linear site reads,
-    in a prepared call in eval mode, what ``prepare_call`` kept for it once per ``generate`` call, so that
-    the graph's code names no adapter and one loaded between compiled generate calls does not recompile
-    the decode step. Dense graphs: the active adapters' gated ``ΔW`` summed or, with the method's
-    ``delta_factors`` (low rank: ``ΔW = B A``), their factors side by side, ``[A_1; A_2; …]`` and
-    ``[g_1 B_1, g_2 B_2, …]``, and the summed bias change. Mixed graphs (``adapter_names``): every
-    adapter's factors and bias change, stacked with a zero slot, each sample reading its own (not for a
-    dense ``ΔW``: one per adapter would cost a weight each). Otherwise (autograd, training:
-    dropout and the methods' own randomness; or an adapter ``sampled`` in eval too) the node runs each
-    adapter's delta as the plain lowering computes it (``GenerationLayout.programs``)."""
+class SiteParts(NamedTuple):
+    """One adapter at one linear site as a generation graph applies it in eval: ``y ← k ⊙ y + B (A x) + D x +
+    b`` (each part None where it has none): ``k`` (out,), ``A`` (r, in), ``B`` given as ``up`` (r, out), ``D``
+    (out, in), ``b`` (out,), with the adapter's scale and without its gate."""
 
-    def __init__(self, name, adapters_at, gate_of, one_delta, delta_weight, delta_bias, delta_factors, sampled):
+    k: Optional[torch.Tensor] = None
+    down: Optional[torch.Tensor] = None
+    up: Optional[torch.Tensor] = None
+    dense: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None
+
+
+class _KeptSites:
+    """A site method in generation graphs (those reading a KV cache): one node per linear site reads, in a
+    prepared call in eval mode, what ``prepare_call`` kept for it once per ``generate`` call, so that the
+    graph's code names no adapter and one loaded between compiled generate calls does not recompile the
+    decode step. The method gives each adapter as :class:`SiteParts` (``parts(model, site, module, adapter,
+    dtype)``; None for one whose eval output is random: PVeRA's ``sample_at_inference``). Dense graphs: the
+    active adapters composed in order into one ``K ⊙ y + [B_1 …](A_1; …] x) + D x + b`` (low-rank factors
+    side by side); mixed graphs (``adapter_names``): every adapter's parts stacked with a slot for none,
+    each sample reading its own (not where an adapter has a dense ``D``: a stack would hold a weight per
+    adapter). Otherwise (eager mixed calls, autograd, training: dropout and the methods' own randomness)
+    the node runs the site as the plain lowering computes it (``lower(lw, site, module, adapters)``, built
+    into ``GenerationLayout.programs``)."""
+
+    def __init__(self, name, adapters_at, gate_of, parts: Callable, lower: Callable):
         self.layout_key = f"_fxpeft_{name}_generation"  # site __dict__: GenerationLayout
-        self.programs_key = f"_fxpeft_{name}_programs"  # site __dict__: what program() built, by what it read
+        self.programs_key = f"_fxpeft_{name}_programs"  # site __dict__: (what program() read, the programs)
         self.kept_name = f"_fxpeft_{name}_kept"  # a KeptTensors child of every lowering root (kept_roots)
-        self.adapters_at, self.gate_of, self.one_delta = adapters_at, gate_of, one_delta
-        self.delta_weight, self.delta_bias, self.delta_factors, self.sampled = (delta_weight, delta_bias,
-                                                                                 delta_factors, sampled)
+        self.adapters_at, self.gate_of, self.parts, self.lower = adapters_at, gate_of, parts, lower
         # what the graphs call: functions (not bound methods) with the form's state
-        self.dense = functools.update_wrapper(functools.partial(_dense_delta, self), _dense_delta)
-        self.mixed = functools.update_wrapper(functools.partial(_mixed_delta, self), _mixed_delta)
+        self.dense = functools.update_wrapper(functools.partial(_dense_site, self), _dense_site)
+        self.mixed = functools.update_wrapper(functools.partial(_mixed_site, self), _mixed_site)
 
     def rewrite(self, lw: Lowering, site: Site):
         if self.kept_name not in lw.root._modules:
             lw.root.add_module(self.kept_name, KeptTensors())
         dtype = adapter_dtype(site_weight(lw.root, site))
-        args = (site.input, lw.attr(site.path), lw.attr(self.kept_name), site.path, dtype)
-        value = lw.call(self.mixed, *args, lw.sample_index) if lw.mixed else lw.call(self.dense, *args)
-        return lw.call(aten.add.Tensor, site.output, value)
+        args = (site.input, site.output, lw.attr(site.path), lw.attr(self.kept_name), site.path, dtype)
+        return lw.call(self.mixed, *args, lw.sample_index) if lw.mixed else lw.call(self.dense, *args)
 
     def lowered(self, gm) -> None:
         roots, sites, order, registry = kept_roots(gm, self.kept_name), None, list(gm.peft_config), registry_of(gm)
@@ -420,32 +451,31 @@ class _KeptDeltas:
                 module.__dict__.pop(self.programs_key, None)
                 continue
             positions = tuple(order.index(a) for a in names)
-            built, programs = module.__dict__.get(self.programs_key, {}), {}
-            for mixed in (False, True):
-                for adapter, position in zip(names, positions):
-                    # what the lowering bakes in: the adapter's state (its gate is new when it is), position, dtypes
-                    key = (adapter, id(self.gate_of(module, adapter)), position, mixed, site_weight(gm, site).dtype)
-                    programs[key] = built.get(key) or self.program(gm, registry, order, site, module, adapter, mixed)
-            module.__dict__[self.programs_key] = programs
+            # what the lowering bakes in: the adapters' state (a gate is new when its adapter is), positions, dtypes
+            key = (tuple(zip(names, positions, (id(self.gate_of(module, a)) for a in names))),
+                   site_weight(gm, site).dtype)
+            built = module.__dict__.get(self.programs_key)
+            programs = built[1] if built is not None and built[0] == key else {
+                mixed: self.program(gm, registry, order, site, module, names, mixed) for mixed in (False, True)}
+            module.__dict__[self.programs_key] = (key, programs)
             module.__dict__[self.layout_key] = GenerationLayout(
-                names, positions, site, weakref.ref(gm), kept_places(roots, self.kept_name, path),
-                {mixed: tuple(fn for key, fn in programs.items() if key[3] == mixed) for mixed in (False, True)})
+                names, positions, site, weakref.ref(gm), kept_places(roots, self.kept_name, path), programs)
 
-    def program(self, gm, registry, order, site: Site, module: nn.Module, adapter: str, mixed: bool) -> Callable:
-        """``program(model, [index,] x)``: the adapter's delta at the site (gated in dense graphs, masked to its
-        samples in mixed ones), lowered as in a graph without a cache."""
+    def program(self, gm, registry, order, site: Site, module: nn.Module, names, mixed: bool) -> Callable:
+        """``program(model, [index,] x, y)``: the site's output ``y`` with its adapters applied to input ``x``,
+        lowered as in a graph without a cache (a mixed one takes each sample's adapter index first)."""
         graph = torch.fx.Graph()
-        x = graph.placeholder("x")
+        x, y = graph.placeholder("x"), graph.placeholder("y")
         end = graph.output(None)
-        lw = Lowering(graph, gm, registry, mixed, order)  # a mixed one takes the index first
+        lw = Lowering(graph, gm, registry, mixed, order)
         lw._start = end  # gates are read after the inputs
         with graph.inserting_before(end):
-            end.args = (self.one_delta(lw, dataclasses.replace(site, node=x, input=x, output=x), module, adapter),)
+            end.args = (self.lower(lw, dataclasses.replace(site, node=y, input=x, output=y), module, list(names)),)
         code = graph.python_code(root_module="self")
         return _forward_from_src(code.src, code.globals, {})
 
     def prepare_call(self, gm, mixed: bool, cached: bool, compiled: bool) -> None:
-        """Before a generation step without autograd: each site's kept deltas for the graph the call runs,
+        """Before a generation step without autograd: each site's kept tensors for the graph the call runs,
         once per ``generate`` call (``generation.generate_step``) and per other call."""
         if not cached:
             return
@@ -461,79 +491,74 @@ class _KeptDeltas:
         with torch.no_grad():
             for module in sites:
                 layout = module.__dict__[self.layout_key]
-                kept = self.stacked(module, layout) if mixed else self.summed(module, layout, gates, active)
+                kept = self.stacked(module, layout) if mixed else self.composed(module, layout, gates, active)
                 for holder, key in layout.places:
                     holder.__dict__["tensors"][key, mixed] = kept
         gm._fxpeft_memo[self.kept_name, "step", mixed] = step
 
-    def parts(self, module: nn.Module, layout: GenerationLayout, adapter: str, dtype: torch.dtype):
-        """One adapter's (down, up, dense, bias), each None where it has none: up as (r, out), dense as
-        (out, in); None (no parts) for a ``sampled`` adapter."""
-        if self.sampled is not None and self.sampled(module, adapter):
-            return None
-        model = layout.model()
-        factors = None if self.delta_factors is None else self.delta_factors(model, layout.site, module, adapter)
-        down = up = dense = None
-        if factors:
-            down, up = factors[0].to(dtype), factors[1].to(dtype).t()
-        elif factors is None:
-            dense = self.delta_weight(model, layout.site, module, adapter)
-            dense = (dense.t() if layout.site.fan_in_fan_out else dense).to(dtype)
-        bias = None if self.delta_bias is None else self.delta_bias(model, layout.site, module, adapter)
-        return down, up, dense, None if bias is None else bias.to(dtype)
-
-    def summed(self, module: nn.Module, layout: GenerationLayout, gates: torch.Tensor, active: list):
-        """(down, up, dense, bias, out features): the active adapters' gated deltas, in the dtype the graph
-        computes them in (the site's adapter dtype); None where an active adapter is ``sampled``."""
+    def _features(self, layout: GenerationLayout):
+        """(adapter dtype, in features, out features) of the layout's site."""
         weight = site_weight(layout.model(), layout.site)
-        dtype, out_features = adapter_dtype(weight), weight.shape[-1 if layout.site.fan_in_fan_out else 0]
-        downs, ups, dense, bias = [], [], None, None
+        ins, outs = weight.shape[-1], weight.shape[0]
+        return adapter_dtype(weight), *((outs, ins) if layout.site.fan_in_fan_out else (ins, outs))
+
+    def composed(self, module: nn.Module, layout: GenerationLayout, gates: torch.Tensor, active: list):
+        """(k, down, up, dense, bias, out features): the active adapters composed in order, each gated, in the
+        dtype the graph computes them in (the site's adapter dtype); None where one gives no parts."""
+        dtype, _, out_features = self._features(layout)
+        k, downs, ups, dense, bias = None, [], [], None, None
         for adapter, position in zip(layout.names, layout.positions):
             if not active[position] or self.gate_of(module, adapter).merged:
                 continue
-            parts = self.parts(module, layout, adapter, dtype)
+            parts = self.parts(layout.model(), layout.site, module, adapter, dtype)
             if parts is None:
                 return None
-            coefficient = gates[position].to(dtype)
-            if parts[0] is not None:
-                downs.append(parts[0])
-                ups.append(parts[1] * coefficient)
-            if parts[2] is not None:
-                dense = parts[2] * coefficient if dense is None else dense + parts[2] * coefficient
-            if parts[3] is not None:
-                bias = parts[3] * coefficient if bias is None else bias + parts[3] * coefficient
+            g = gates[position].to(dtype)
+            if parts.k is not None:  # what came before is scaled too: y ← k ⊙ y + …
+                step = (parts.k - 1) * g + 1
+                k = step if k is None else k * step
+                ups = [up * step for up in ups]
+                dense = None if dense is None else dense * step.unsqueeze(-1)
+                bias = None if bias is None else bias * step
+            if parts.down is not None:
+                downs.append(parts.down)
+                ups.append(parts.up * g)
+            if parts.dense is not None:
+                dense = parts.dense * g if dense is None else dense + parts.dense * g
+            if parts.bias is not None:
+                bias = parts.bias * g if bias is None else bias + parts.bias * g
         down = up = None
         if downs:  # copies, not views: dynamo guards a view's base too; the rank is dynamic
             down, up = _dynamic(torch.cat(downs), 0), _dynamic(torch.cat(ups), 0)
-        return down, up, dense, bias, out_features
+        return k, down, up, dense, bias, out_features
 
     def stacked(self, module: nn.Module, layout: GenerationLayout):
-        """(down, up, bias, lookup, out features) for the mixed graph: every adapter's parts stacked (S + 1, …)
-        with a zero last slot (ranks padded with zeros), and each global adapter index's slot. None where an
-        adapter is ``sampled`` or has a dense ΔW only (a stack would hold a weight-sized tensor per adapter:
-        those compute their deltas when they run)."""
-        weight = site_weight(layout.model(), layout.site)
-        dtype, out_features = adapter_dtype(weight), weight.shape[-1 if layout.site.fan_in_fan_out else 0]
-        every = [self.parts(module, layout, adapter, dtype) for adapter in layout.names]
-        if any(parts is None or parts[2] is not None for parts in every):
+        """(k, down, up, bias, lookup, out features) for the mixed graph: every adapter's parts stacked
+        (S + 1, …) with a last slot for none (ranks padded with zeros), and each global adapter index's slot;
+        None where an adapter gives no parts or a dense ``D``."""
+        dtype, in_features, out_features = self._features(layout)
+        every = [None if self.gate_of(module, adapter).merged else  # merged: no delta (not mixed anyway)
+                 self.parts(layout.model(), layout.site, module, adapter, dtype) or False for adapter in layout.names]
+        if any(parts is False or (parts is not None and parts.dense is not None) for parts in every):
             return None
-        every = [parts if not self.gate_of(module, adapter).merged else (None,) * 4  # merged: no delta
-                 for adapter, parts in zip(layout.names, every)]
-        stacks = [None] * 3
-        rank = max((parts[0].shape[0] for parts in every if parts[0] is not None), default=0)
-        in_features = weight.shape[0 if layout.site.fan_in_fan_out else -1]
-        for i, (part, shape) in enumerate([(0, (rank, in_features)), (1, (rank, out_features)),
-                                           (3, (out_features,))]):
-            present = [parts[part] for parts in every if parts[part] is not None]
-            if not present:
-                continue
-            stack = present[0].new_zeros(len(every) + 1, *shape)
-            for slot, parts in enumerate(every):
-                if parts[part] is not None:
-                    stack[slot, :parts[part].shape[0]] = parts[part]
-            stacks[i] = _dynamic(_dynamic(stack, 0), 1) if i < 2 else _dynamic(stack, 0)
-        lookup = torch.full((max(layout.positions) + 2,), len(every), dtype=torch.long, device=weight.device)
-        lookup[list(layout.positions)] = torch.arange(len(every), device=weight.device)
+        every = [parts or SiteParts() for parts in every]
+        rank = max((parts.down.shape[0] for parts in every if parts.down is not None), default=0)
+        stacks = []
+        for field, shape, empty in [("k", (out_features,), 1.0), ("down", (rank, in_features), 0.0),
+                                    ("up", (rank, out_features), 0.0), ("bias", (out_features,), 0.0)]:
+            present = [getattr(parts, field) for parts in every if getattr(parts, field) is not None]
+            stack = None
+            if present:
+                stack = present[0].new_full((len(every) + 1, *shape), empty)
+                for slot, parts in enumerate(every):
+                    part = getattr(parts, field)
+                    if part is not None:
+                        stack[slot, :part.shape[0]] = part
+                stack = _dynamic(_dynamic(stack, 0), 1) if field in ("down", "up") else _dynamic(stack, 0)
+            stacks.append(stack)
+        device = site_weight(layout.model(), layout.site).device
+        lookup = torch.full((max(layout.positions) + 2,), len(every), dtype=torch.long, device=device)
+        lookup[list(layout.positions)] = torch.arange(len(every), device=device)
         return (*stacks, _dynamic(lookup, 0), out_features)
 
 
@@ -543,50 +568,54 @@ def _dynamic(tensor: torch.Tensor, dim: int) -> torch.Tensor:
     return tensor
 
 
-def _kept(form: _KeptDeltas, module: nn.Module, holder: nn.Module, key: str, mixed: bool):
+def _kept(form: _KeptSites, module: nn.Module, holder: nn.Module, key: str, mixed: bool):
     """What ``prepare_call`` kept for the site, where this call may read it (a prepared call in eval mode)."""
     if torch.is_grad_enabled() or not call_prepared() or module.training:
         return None
     return holder.__dict__["tensors"].get((key, mixed))
 
 
-def _dense_delta(form: _KeptDeltas, x: torch.Tensor, module: nn.Module, holder: nn.Module, key: str,
-                 dtype: torch.dtype) -> torch.Tensor:
-    """A dense generation graph's delta at one linear site (see :class:`_KeptDeltas`), in ``x``'s dtype."""
+def _dense_site(form: _KeptSites, x: torch.Tensor, y: torch.Tensor, module: nn.Module, holder: nn.Module, key: str,
+                dtype: torch.dtype) -> torch.Tensor:
+    """A dense generation graph's output at one linear site (see :class:`_KeptSites`)."""
     kept = _kept(form, module, holder, key, False)
     if kept is None:  # dynamo reads the layout (which a load changes) only here
         layout = module.__dict__[form.layout_key]
-        return _summed(program(layout.model(), x) for program in layout.programs[False])
-    down, up, dense, bias, out_features = kept
+        return layout.programs[False](layout.model(), x, y)
+    k, down, up, dense, bias, _ = kept
     h = x.to(dtype)
-    total = _summed([torch.matmul(torch.nn.functional.linear(h, down), up) if down is not None else None,
+    delta = _summed([torch.matmul(torch.nn.functional.linear(h, down), up) if down is not None else None,
                      torch.nn.functional.linear(h, dense) if dense is not None else None, bias])
-    if total is None:
-        total = h.new_zeros(*h.shape[:-1], out_features)
-    return total.expand(*h.shape[:-1], out_features).to(x.dtype)
+    return _applied(y, k, delta, dtype)
 
 
-def _mixed_delta(form: _KeptDeltas, x: torch.Tensor, module: nn.Module, holder: nn.Module, key: str,
-                 dtype: torch.dtype, index: torch.Tensor) -> torch.Tensor:
-    """A mixed generation graph's delta at one linear site: each sample's adapter's (see :class:`_KeptDeltas`)."""
+def _mixed_site(form: _KeptSites, x: torch.Tensor, y: torch.Tensor, module: nn.Module, holder: nn.Module, key: str,
+                dtype: torch.dtype, index: torch.Tensor) -> torch.Tensor:
+    """A mixed generation graph's output at one linear site: each sample's adapter's (see :class:`_KeptSites`)."""
     kept = _kept(form, module, holder, key, True)
     if kept is None:
         layout = module.__dict__[form.layout_key]
-        return _summed(program(layout.model(), index, x) for program in layout.programs[True])
-    down, up, bias, lookup, out_features = kept
-    slots = lookup[index.clamp(max=lookup.shape[0] - 1)]  # "__base__" (past every adapter): the zero slot
+        return layout.programs[True](layout.model(), index, x, y)
+    k, down, up, bias, lookup, out_features = kept
+    slots = lookup[index.clamp(max=lookup.shape[0] - 1)]  # "__base__" (past every adapter): the empty slot
     if x.shape[0] != slots.shape[0]:  # rows: the batch flattened with a later dimension, batch first
         slots = slots.repeat_interleave(x.shape[0] // slots.shape[0])
     h = x.to(dtype).reshape(x.shape[0], -1, x.shape[-1])  # (rows, tokens, in)
-    total = None
-    if down is not None:
-        total = torch.bmm(torch.bmm(h, down.index_select(0, slots).transpose(1, 2)), up.index_select(0, slots))
-    if bias is not None:
-        own = bias.index_select(0, slots).unsqueeze(1)
-        total = own.expand(-1, h.shape[1], -1) if total is None else total + own
-    if total is None:
-        total = h.new_zeros(*h.shape[:-1], out_features)
-    return total.reshape(*x.shape[:-1], out_features).to(x.dtype)
+    delta = _summed([
+        torch.bmm(torch.bmm(h, down.index_select(0, slots).transpose(1, 2)), up.index_select(0, slots))
+        if down is not None else None,
+        bias.index_select(0, slots).unsqueeze(1) if bias is not None else None])
+    rows = y.reshape(y.shape[0], -1, out_features)
+    new = _applied(rows, None if k is None else k.index_select(0, slots).unsqueeze(1), delta, dtype)
+    return new.reshape(y.shape)
+
+
+def _applied(y: torch.Tensor, k: Optional[torch.Tensor], delta: Optional[torch.Tensor], dtype) -> torch.Tensor:
+    """``k ⊙ y + delta`` (computed in ``dtype``, returned in ``y``'s), either part maybe None."""
+    if k is None:
+        return y if delta is None else y + delta.to(y.dtype)
+    scaled = y.to(dtype) * k
+    return (scaled if delta is None else scaled + delta).to(y.dtype)
 
 
 def _summed(terms):
