@@ -864,19 +864,29 @@ def broadcast_per_sample(factors: torch.Tensor, like: torch.Tensor, dim: int) ->
 def weight_map(*, name: str, config_type: type, create: Callable, lower_site: Callable, fold: Callable,
                containers: tuple[str, ...], gates: str, kinds=("linear",), default_targets: Optional[dict] = None,
                heads: Optional[Callable] = None, adapters_at: Optional[Callable] = None, phase: int = 40,
-               **fields) -> Method:
+               site_parts: Optional[Callable] = None, **fields) -> Method:
     """A method whose site computes with a function of its weight.
 
     ``lower_site(lw, site, module, adapters)`` inserts the site's new output (it may call
     ``lw.replace_op(site, weight=...)`` to run the op on the mapped weight, or compute the same
     thing cheaper); ``fold(gm, site, module, adapter, weight, bias, sign)`` folds the map into the
     float weight (sign 1) or unfolds it (-1), keeping on the gate's ``stash`` what unfolding needs.
+    ``site_parts(model, site, module, adapter, dtype)`` (optional) gives one adapter at a linear site
+    in eval as :class:`SiteParts`: generation graphs then read them, kept once per ``generate`` call
+    (:class:`_KeptSites`), and an adapter loaded between compiled generate calls does not recompile.
     """
     site_adapters = adapters_at or _gates_of(gates)[0]
 
     def rewrite(lw: Lowering, site: Site):
-        return lower_site(lw, site, lw.module(site.path), site_adapters(lw.module(site.path)))
+        module = lw.module(site.path)
+        if lw.cached and kept is not None and site.kind == "linear":
+            return kept.rewrite(lw, site)
+        return lower_site(lw, site, module, site_adapters(module))
 
+    kept = None if site_parts is None else _KeptSites(name, site_adapters, _gates_of(gates)[1], site_parts,
+                                                       lower_site)
+    if kept is not None:
+        _kept_hooks(fields, kept)
     rule = site_rule(name, lambda site, module: bool(site_adapters(module)), rewrite, phase=phase)
     return _site_method(name=name, config_type=config_type, create=create, kinds=kinds, containers=containers,
                         gates=gates, default_targets=default_targets, heads=heads, adapters_at=adapters_at,

@@ -23,7 +23,7 @@ from torch import nn
 
 from fxpeft.canonical import Site, is_quantized, site_weight
 from fxpeft.configs import DEFAULT_LORA_TARGETS, LoraConfig
-from fxpeft.forms import adapter_dtype, child_dict, masked_samples, weight_map
+from fxpeft.forms import SiteParts, adapter_dtype, child_dict, masked_samples, weight_map
 from fxpeft.registry import register_method
 from fxpeft.rewrite import Lowering
 from fxpeft.targets import output_heads
@@ -253,6 +253,17 @@ def fold(gm, site: Site, module: nn.Module, adapter: str, weight, bias, sign):
     return weight / (m / gate.stash).view(shape) - delta, bias
 
 
+def site_parts(gm, site: Site, module: nn.Module, adapter: str, dtype: torch.dtype) -> SiteParts:
+    """One adapter at a linear site in eval, ungated: ``y ← c ⊙ y + (c s B) A x - (c - 1) ⊙ b`` (``lower_site``'s
+    dense form with the adapter on)."""
+    gate = module.lora_scaling[adapter]
+    norm = dora_norm(module, adapter, site.weight.rpartition(".")[2], site.kind, site.fan_in_fan_out, gate.scale)
+    c = module.lora_magnitude_vector[adapter].weight.reshape(-1).to(dtype) / norm.to(dtype)
+    up = (module.lora_B[adapter].weight.to(dtype) * (c * gate.scale).unsqueeze(-1)).t()
+    bias = None if site.bias is None else -(c - 1) * gm.get_parameter(site.bias).to(dtype)
+    return SiteParts(c, module.lora_A[adapter].weight.to(dtype), up, None, bias)
+
+
 def _dora_adapters(module: nn.Module) -> list[str]:
     holder = module._modules.get("lora_magnitude_vector")
     return list(holder.keys()) if holder is not None else []
@@ -260,7 +271,8 @@ def _dora_adapters(module: nn.Module) -> list[str]:
 
 METHOD = register_method(with_replication(with_tying(with_tokens(weight_map(
     name="dora", config_type=LoraConfig, applies=lambda config: config.use_dora, create=add_dora,
-    lower_site=lower_site, fold=fold, containers=(*lora.CONTAINERS, "lora_magnitude_vector"), gates="lora_scaling",
+    lower_site=lower_site, fold=fold, site_parts=site_parts, containers=(*lora.CONTAINERS, "lora_magnitude_vector"),
+    gates="lora_scaling",
     kinds=("linear", "conv", "embedding"), default_targets=DEFAULT_LORA_TARGETS, heads=output_heads,
     adapters_at=_dora_adapters, phase=50, describe=lambda module, adapter: lora._rank(module, adapter) + " dora",
     check_site=lora.check_site, changes_base=lora.changes_base,

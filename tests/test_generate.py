@@ -166,6 +166,10 @@ def test_every_weight_adapting_method_generates_as_peft(tmp_path):
 
     torch.manual_seed(0)
     model = models.qwen2().eval()
+    with torch.no_grad():  # Qwen2's q, k, v biases: not the zeros a new model has (methods that change them)
+        for name, parameter in model.named_parameters():
+            if name.endswith(".bias"):
+                parameter.normal_(0, 0.02)
     gm = fxpeft.transform(model, fxpeft.LoraConfig(r=2, target_modules=["q_proj"]))
     gm.delete_adapter("default")  # a module with no adapter computes the base model, and takes any method's
     inputs = models.hf_inputs("qwen2", batch=2)
@@ -367,12 +371,14 @@ READ_WHEN_RUN = {  # methods whose generation graphs read each site's adapters w
     # additive, a dense ΔW: kept summed for the dense graph; the mixed graph computes each adapter's (a load
     # recompiles it once: stacks would hold a weight-sized tensor per adapter)
     "loha": lambda: fxpeft.LoHaConfig(r=2, alpha=4, init_weights=False, **SITES),
+    # a weight map with SiteParts: per-feature factors and low-rank factors kept
+    "dora": lambda: fxpeft.LoraConfig(r=2, use_dora=True, init_lora_weights=False, **SITES),
 }
 
 
 @pytest.mark.parametrize("name", list(READ_WHEN_RUN))
 def test_compiled_decoding_survives_loading_another_adapter(name):
-    """IA3 (the scaling form) and the additive form's methods: a generation graph reads each site's
+    """IA3 (the scaling form), the additive form's methods and DoRA: a generation graph reads each site's
     factors or ΔW (prepared once per generate call) when it runs, so a second adapter loaded between
     compiled generate calls, and a switch to it, do not recompile the decode step, nor, with
     adapter_names, the mixed one; the tokens are the eager run's, each sequence's those of its adapter
