@@ -30,11 +30,10 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import nn
-
 from torch.fx.graph_module import _forward_from_src
 
 from .canonical import Site, site_weight, submodule
-from .generation import generate_step
+from .generation import generate_step, reads_cache
 from .registry import Method, call_prepared, registry_of, site_rule
 from .rewrite import Lowering, samples_of
 from .state import sites_by_path
@@ -440,9 +439,14 @@ class _KeptSites:
         return lw.call(self.mixed, *args, lw.sample_index) if lw.mixed else lw.call(self.dense, *args)
 
     def lowered(self, gm) -> None:
+        """Each linear site's GenerationLayout, once the model has a generation graph (a model that never
+        generates builds no programs)."""
         roots, sites, order, registry = kept_roots(gm, self.kept_name), None, list(gm.peft_config), registry_of(gm)
+        generates = any(reads_cache(signature) for signature in gm._fxpeft_signatures.values())
+        for key in (self.kept_name, (self.kept_name, "step", False), (self.kept_name, "step", True)):
+            gm._fxpeft_memo.pop(key, None)  # prepared before these layouts (a generation graph captured just now)
         for path, module in registry.base_modules(gm):
-            names = tuple(self.adapters_at(module))
+            names = tuple(self.adapters_at(module)) if generates else ()
             if names and sites is None:
                 sites = sites_by_path(gm)
             site = sites.get(path) if names else None

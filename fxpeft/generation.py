@@ -259,6 +259,11 @@ def cache_name_of(call: dict) -> Optional[str]:
     return next((name for name in CACHE_NAMES if name in call), None)
 
 
+def reads_cache(signature) -> bool:
+    """Whether a captured signature's graphs read a KV cache (generation graphs: ``Lowering.cached``)."""
+    return signature.example is not None and cache_name_of(signature.example) is not None
+
+
 # ---------------------------------------------------------------------------------------------- generate
 
 

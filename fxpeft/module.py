@@ -329,7 +329,7 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         the block (blocks of equal structure and adapter state share one lowering, kept in
         ``lowered_blocks`` across the signatures of one relower, with each block's fingerprint)."""
         top, mixed_error = signature.canonical, None
-        cached = signature.example is not None and generation.cache_name_of(signature.example) is not None
+        cached = generation.reads_cache(signature)
         if self._fxpeft_block_paths:
             if signature.outlined is None:
                 signature.outlined = outline(signature.canonical, self, self._fxpeft_block_paths, cached)
@@ -496,7 +496,10 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
             block_paths, capture = (), lambda model: generation.capture_with_cache(model, kwargs, cache_name, widen)
         signature = capture_canonical(self._fxpeft_source, self, index, block_paths, capture, self._fxpeft_registry)
         self._lower_signature(signature)
+        new = key not in self._fxpeft_signatures  # not one captured again after .to() (which runs the hooks)
         self._fxpeft_signatures[key] = signature
+        if cache_name is not None and new:  # a generation graph: what methods keep for those (Method.lowered)
+            self._after_lowering()
         return signature
 
     def _apply(self, fn, recurse=True):
