@@ -270,7 +270,8 @@ def additive(*, name: str, config_type: type, create: Callable, delta: Callable,
              default_targets: Optional[dict] = None, heads: Optional[Callable] = None,
              lower_site: Optional[Callable] = None, adapters_at: Optional[Callable] = None, phase: int = 50,
              scales_itself: bool = False, delta_bias: Optional[Callable] = None,
-             delta_factors: Optional[Callable] = None, sampled: Optional[Callable] = None, **fields) -> Method:
+             delta_factors: Optional[Callable] = None, sampled: Optional[Callable] = None,
+             site_parts: Optional[Callable] = None, **fields) -> Method:
     """A method adding ``g Δ(x)`` to a site's output.
 
     ``create(module, site, weight_spec, config, adapter)`` makes the adapter's state beside the
@@ -295,7 +296,9 @@ def additive(*, name: str, config_type: type, create: Callable, delta: Callable,
     adapter)`` (optional) gives a low-rank ``ΔW`` as ``(A, B)``, ``A`` (r, in) and ``B`` (out, r)
     with ``B A`` the scaled ``ΔW`` as (out, in), so that they cost what ``Δ(x)`` costs; ``()`` for an
     adapter changing no weight, None where only ``delta_weight`` says it; ``sampled(module, adapter)``
-    (optional) says an adapter's delta is random in eval mode too (PVeRA's ``sample_at_inference``).
+    (optional) says an adapter's delta is random in eval mode too (PVeRA's ``sample_at_inference``);
+    ``site_parts(model, site, module, adapter, dtype)`` (optional) gives the adapter as
+    :class:`SiteParts` itself, for a method whose ΔW is not ``delta_weight``'s (weight-dependent ones).
     """
     site_adapters = adapters_at or _gates_of(gates)[0]
 
@@ -355,8 +358,8 @@ def additive(*, name: str, config_type: type, create: Callable, delta: Callable,
 
     # generation graphs read each linear site's deltas from what prepare_call keeps (the method's ΔW); a
     # method lowering sites its own way (LoRA) keeps what it needs itself
-    kept = None if delta_weight is None or lower_site is not None else _KeptSites(
-        name, site_adapters, _gates_of(gates)[1], parts, plain)
+    kept = None if (delta_weight is None and site_parts is None) or lower_site is not None else _KeptSites(
+        name, site_adapters, _gates_of(gates)[1], site_parts or parts, plain)
     if kept is not None:
         _kept_hooks(fields, kept)
     rule = site_rule(name, lambda site, module: bool(site_adapters(module)), rewrite, phase=phase)

@@ -125,20 +125,26 @@ def deft_delta(site_module: nn.Module, adapter: str, x: torch.Tensor, weight, bi
     return (inner @ q.t()).to(x.dtype)
 
 
-def deft_change(site_module: nn.Module, adapter: str, w0: torch.Tensor, b0):
-    """PEFT's ``get_delta_weight``: Q_P (s R - rightᵀ W0), or -Q_P rightᵀ W0 with ``para``."""
+def deft_factors(site_module: nn.Module, adapter: str, w0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ΔW as (out, in) = Q_P M: M = s R - rightᵀ W0 (r, in), or -rightᵀ W0 with ``para``; Q_P (out, r)."""
     gate = site_module.deft_gate[adapter]
     q, right = project(site_module.deft_P[adapter], gate.decomposition)
     factor = right.t() @ logical(w0, gate)
     if gate.para:
-        delta = -(q @ factor)
-    else:
-        delta = q @ (site_module.deft_R[adapter].to(torch.float32) * gate.injection - factor)
-    return (delta.t() if gate.fan_in_fan_out else delta), None
+        return -factor, q
+    return site_module.deft_R[adapter].to(torch.float32) * gate.injection - factor, q
+
+
+def deft_change(site_module: nn.Module, adapter: str, w0: torch.Tensor, b0):
+    """PEFT's ``get_delta_weight``: Q_P (s R - rightᵀ W0), or -Q_P rightᵀ W0 with ``para``."""
+    down, up = deft_factors(site_module, adapter, w0)
+    delta = up @ down
+    return (delta.t() if site_module.deft_gate[adapter].fan_in_fan_out else delta), None
 
 
 METHOD = register_method(weight_delta.method(
     name="deft", config_type=DeftConfig, create=add_deft, gates="deft_gate", delta=deft_delta, change=deft_change,
+    factors=deft_factors,
     reads_weight=False, containers=("deft_P", "deft_R", "deft_dropout"), kinds=("linear",),
     dtype_of=lambda module, adapter: module.deft_P[adapter].dtype,
     default_targets=DEFAULT_LORA_TARGETS, heads=output_heads,

@@ -16,13 +16,13 @@ subtracts the stashed change, giving back W0 up to rounding.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from fxpeft.canonical import Site, is_quantized
-from fxpeft.forms import additive
+from fxpeft.forms import SiteParts, additive
 from fxpeft.registry import Method
 
 
@@ -31,9 +31,23 @@ def float_weight(site_module: nn.Module) -> torch.Tensor:
     return site_module.dequantize() if is_quantized(site_module) else site_module.weight
 
 
-def method(*, gates: str, delta: Callable, change: Callable, reads_weight: bool = True, **fields) -> Method:
+def method(*, gates: str, delta: Callable, change: Callable, reads_weight: bool = True,
+           factors: Optional[Callable] = None, **fields) -> Method:
     """The additive form's method for ``delta`` (``fields``: the form's other arguments), folding
-    ``change`` against the weight before the site's first merge (see the module docstring)."""
+    ``change`` against the weight before the site's first merge (see the module docstring). Generation
+    graphs read each adapter's change against the weight as it is, kept once per ``generate`` call: a
+    dense ΔW and Δb, or, with ``factors(site_module, adapter, W) -> (A (r, in), B (out, r))``, the
+    low-rank ``ΔW = B A`` of a method changing no bias."""
+
+    def parts(model, site: Site, module: nn.Module, adapter: str, dtype) -> SiteParts:
+        weight = float_weight(module).detach()
+        if factors is not None:
+            down, up = factors(module, adapter, weight)
+            return SiteParts(down=down.to(dtype), up=up.to(dtype).t())
+        bias = model.get_parameter(site.bias).detach() if site.bias is not None else None
+        delta_w, delta_b = change(module, adapter, weight, bias)
+        return SiteParts(dense=(delta_w.t() if site.fan_in_fan_out else delta_w).to(dtype),
+                         bias=None if delta_b is None else delta_b.to(dtype))
 
     def insert(lw, site: Site, module: nn.Module, adapter: str, x):
         owner = lw.attr(site.path)
@@ -44,7 +58,7 @@ def method(*, gates: str, delta: Callable, change: Callable, reads_weight: bool 
         return lw.call(delta, owner, adapter, x, weight, bias, site.output)
 
     # the form's own fold (``W + delta_weight``) is replaced below, so it needs no delta_weight
-    form = additive(gates=gates, delta=insert, delta_weight=None, **fields)
+    form = additive(gates=gates, delta=insert, delta_weight=None, site_parts=parts, **fields)
     return dataclasses.replace(form, fold=folding(gates=gates, change=change))
 
 
