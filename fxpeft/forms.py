@@ -458,9 +458,9 @@ class _KeptSites:
                 module.__dict__.pop(self.programs_key, None)
                 continue
             positions = tuple(order.index(a) for a in names)
-            # what the lowering bakes in: the adapters' state (a gate is new when its adapter is), positions, dtypes
-            key = (tuple(zip(names, positions, (id(self.gate_of(module, a)) for a in names))),
-                   site_weight(gm, site).dtype)
+            # what the lowering bakes in: the adapters (a gate is new when its adapter is: compared as the
+            # object, not its id, which a new one may reuse), positions, dtypes
+            key = (tuple(zip(names, positions, (self.gate_of(module, a) for a in names))), site_weight(gm, site).dtype)
             built = module.__dict__.get(self.programs_key)
             programs = built[1] if built is not None and built[0] == key else {
                 mixed: self.program(gm, registry, order, site, module, names, mixed) for mixed in (False, True)}
@@ -575,7 +575,7 @@ def _dynamic(tensor: torch.Tensor, dim: int) -> torch.Tensor:
     return tensor
 
 
-def _kept(form: _KeptSites, module: nn.Module, holder: nn.Module, key: str, mixed: bool):
+def _kept(module: nn.Module, holder: nn.Module, key: str, mixed: bool):
     """What ``prepare_call`` kept for the site, where this call may read it (a prepared call in eval mode)."""
     if torch.is_grad_enabled() or not call_prepared() or module.training:
         return None
@@ -585,7 +585,7 @@ def _kept(form: _KeptSites, module: nn.Module, holder: nn.Module, key: str, mixe
 def _dense_site(form: _KeptSites, x: torch.Tensor, y: torch.Tensor, module: nn.Module, holder: nn.Module, key: str,
                 dtype: torch.dtype) -> torch.Tensor:
     """A dense generation graph's output at one linear site (see :class:`_KeptSites`)."""
-    kept = _kept(form, module, holder, key, False)
+    kept = _kept(module, holder, key, False)
     if kept is None:  # dynamo reads the layout (which a load changes) only here
         layout = module.__dict__[form.layout_key]
         return layout.programs[False](layout.model(), x, y)
@@ -599,7 +599,7 @@ def _dense_site(form: _KeptSites, x: torch.Tensor, y: torch.Tensor, module: nn.M
 def _mixed_site(form: _KeptSites, x: torch.Tensor, y: torch.Tensor, module: nn.Module, holder: nn.Module, key: str,
                 dtype: torch.dtype, index: torch.Tensor) -> torch.Tensor:
     """A mixed generation graph's output at one linear site: each sample's adapter's (see :class:`_KeptSites`)."""
-    kept = _kept(form, module, holder, key, True)
+    kept = _kept(module, holder, key, True)
     if kept is None:
         layout = module.__dict__[form.layout_key]
         return layout.programs[True](layout.model(), index, x, y)
