@@ -415,19 +415,28 @@ def test_compiled_decoding_survives_loading_another_adapter(name):
         torch._dynamo.reset()
 
 
-def test_generation_graphs_compute_deltas_afresh_with_autograd_and_in_training():
-    """The additive form's generation graph, called with a KV cache and autograd (or while training),
-    computes each adapter's delta from its weights as the graph without a cache does: the logits of a
-    prepared call, gradients into the adapter, and dropout in training."""
+WITH_DROPOUT = {  # the additive form (low rank) and a weight map with SiteParts
+    "vera": lambda dropout=0.0: fxpeft.VeraConfig(r=4, init_weights=False, vera_dropout=dropout, **SITES),
+    "dora": lambda dropout=0.0: fxpeft.LoraConfig(r=2, use_dora=True, init_lora_weights=False, lora_dropout=dropout,
+                                                  **SITES),
+}
+
+
+@pytest.mark.parametrize("name", list(WITH_DROPOUT))
+def test_generation_graphs_compute_deltas_afresh_with_autograd_and_in_training(name):
+    """A generation graph reading kept adapters, called with a KV cache and autograd (or while training),
+    computes each site as the graph without a cache does: the logits of a prepared call (each sample its
+    own adapter's in a mixed batch), gradients into the adapter, and dropout in training."""
     torch.manual_seed(0)
-    gm = fxpeft.transform(models.llama().eval(), fxpeft.VeraConfig(r=4, init_weights=False, vera_dropout=0.5, **SITES))
+    config = WITH_DROPOUT[name]
+    gm = fxpeft.transform(models.llama().eval(), config(dropout=0.5))
     inputs = models.hf_inputs("llama", batch=2)
 
     def logits(**kwargs):
         cache = transformers.StaticCache(config=gm.config, max_cache_len=12)
         return gm(**inputs, cache=cache, use_cache=True, **kwargs).logits
 
-    gm.add_adapter("other", fxpeft.VeraConfig(r=4, init_weights=False, **SITES))
+    gm.add_adapter("other", config())
     prepared = {}
     for name in ("other", "default"):
         gm.set_adapter(name)
@@ -440,7 +449,7 @@ def test_generation_graphs_compute_deltas_afresh_with_autograd_and_in_training()
     torch.testing.assert_close(mixed, torch.stack([prepared["other"][0], prepared["default"][1]]), rtol=1e-5,
                                atol=1e-5)
     (traced.sum() + mixed.sum()).backward()
-    grads = [p.grad for n, p in gm.named_parameters() if "vera_lambda" in n and n.endswith(".default")]
+    grads = [p.grad for p in gm.parameters() if p.requires_grad]  # the active adapter's
     assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
     prepared = prepared["default"]
     gm.train()
