@@ -33,7 +33,7 @@ from torch import nn
 from torch.fx.graph_module import _forward_from_src
 
 from .canonical import Site, site_weight, submodule
-from .generation import generate_step, reads_cache
+from .generation import KeptTensors, generate_step, reads_cache
 from .registry import Method, call_prepared, registry_of, site_rule
 from .rewrite import Lowering, samples_of
 from .state import sites_by_path
@@ -805,16 +805,6 @@ def scaling(*, name: str, config_type: type, create: Callable, vector: Callable,
     return _site_method(name=name, config_type=config_type, create=create, kinds=kinds, containers=containers,
                         gates=gates, default_targets=default_targets, heads=heads, adapters_at=None,
                         rules=rules, fold=fold, prepare_call=prepare_call, lowered=lowered, **fields)
-
-
-class KeptTensors(nn.Module):
-    """What a method's ``prepare_call`` keeps for the sites of one lowering root, read by its generation
-    graphs: key (a site's path from that root, and what) -> tensors. Not on the site: torch.compile
-    reads a builtin module's tensors (an nn.Linear's) differently."""
-
-    def __init__(self):
-        super().__init__()
-        self.__dict__["tensors"] = {}
 
 
 def kept_roots(gm, kept_name: str) -> dict:

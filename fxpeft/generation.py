@@ -298,10 +298,32 @@ def generate(gm, mixin_generate: Optional[Callable], *args, adapter_names=None, 
     finally:
         gm.__dict__.pop("_fxpeft_generating", None)
         _Generate.call = previous
+        if previous is None:  # not a generate call inside another's (an assistant's): that one reads them still
+            release_kept(gm)
 
 
 class _Generate:
     call = None  # a token of the generate call running (see generate_step)
+
+
+class KeptTensors(torch.nn.Module):
+    """What a method's ``prepare_call`` keeps for the sites of one lowering root, read by its generation
+    graphs: key (a site's path from that root, and what) -> tensors. Not on the site: torch.compile
+    reads a builtin module's tensors (an nn.Linear's) differently. Emptied when a ``generate`` call ends
+    (:func:`release_kept`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.__dict__["tensors"] = {}
+
+
+def release_kept(gm) -> None:
+    """After a ``generate`` call: what methods kept for it goes (a dense ΔW per adapted layer must not
+    outlive the generation); the next call prepares it again, once."""
+    for root in [gm, *(gm.get_submodule(path) for path in gm._fxpeft_block_paths)]:
+        for child in root._modules.values():
+            if isinstance(child, KeptTensors):
+                child.__dict__["tensors"].clear()
 
 
 def generate_step(*state) -> Optional[tuple]:

@@ -411,6 +411,9 @@ def test_compiled_decoding_survives_loading_another_adapter(name):
             mixed = gm.generate(**prompt, **kw, adapter_names=["other", "default"], compile_config=config)
         assert torch.equal(mixed, torch.stack([other[0], expected[1]]))
         assert counters["stats"]["unique_graphs"] == (2 if name != "loha" else 3)  # the dense and mixed steps
+        # what was kept for a generation (LoHa: a weight-sized ΔW per layer) does not outlive it
+        kept = [module for module in gm.modules() if isinstance(module, fxpeft.generation.KeptTensors)]
+        assert kept and not any(module.tensors for module in kept)
     finally:
         torch._dynamo.reset()
 
