@@ -498,7 +498,10 @@ class _KeptSites:
         with torch.no_grad():
             for module in sites:
                 layout = module.__dict__[self.layout_key]
-                kept = self.stacked(module, layout) if mixed else self.composed(module, layout, gates, active)
+                if any(_sharded(p) for p in module.parameters()):  # FSDP2, outside the block's forward: afresh
+                    kept = None
+                else:
+                    kept = self.stacked(module, layout) if mixed else self.composed(module, layout, gates, active)
                 for holder, key in layout.places:
                     holder.__dict__["tensors"][key, mixed] = kept
         gm._fxpeft_memo[self.kept_name, "step", mixed] = step
@@ -567,6 +570,10 @@ class _KeptSites:
         lookup = torch.full((max(layout.positions) + 2,), len(every), dtype=torch.long, device=device)
         lookup[list(layout.positions)] = torch.arange(len(every), device=device)
         return (*stacks, _dynamic(lookup, 0), out_features)
+
+
+def _sharded(tensor: torch.Tensor) -> bool:
+    return type(tensor).__name__ == "DTensor"
 
 
 def _dynamic(tensor: torch.Tensor, dim: int) -> torch.Tensor:
