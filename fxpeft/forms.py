@@ -426,6 +426,7 @@ class _KeptSites:
     into ``GenerationLayout.programs``)."""
 
     def __init__(self, name, adapters_at, gate_of, parts: Callable, lower: Callable):
+        self.name = name
         self.layout_key = f"_fxpeft_{name}_generation"  # site __dict__: GenerationLayout
         self.programs_key = f"_fxpeft_{name}_programs"  # site __dict__: (what program() read, the programs)
         self.kept_name = f"_fxpeft_{name}_kept"  # a KeptTensors child of every lowering root (kept_roots)
@@ -478,6 +479,10 @@ class _KeptSites:
         lw._start = end  # gates are read after the inputs
         with graph.inserting_before(end):
             end.args = (self.lower(lw, dataclasses.replace(site, node=y, input=x, output=y), module, list(names)),)
+        if not any(node is y for node in graph.nodes):  # replace_op copied the "op" (y) and erased it
+            raise NotImplementedError(
+                f"{self.name}'s lower_site runs the op at {site.path} again on other operands (replace_op): a "
+                "method giving site_parts must lower its sites from the op's input and output (see forms.weight_map).")
         code = graph.python_code(root_module="self")
         return _forward_from_src(code.src, code.globals, {})
 
@@ -878,6 +883,9 @@ def weight_map(*, name: str, config_type: type, create: Callable, lower_site: Ca
     ``site_parts(model, site, module, adapter, dtype)`` (optional) gives one adapter at a linear site
     in eval as :class:`SiteParts`: generation graphs then read them, kept once per ``generate`` call
     (:class:`_KeptSites`), and an adapter loaded between compiled generate calls does not recompile.
+    It needs a ``lower_site`` that computes from the op's input and output (DoRA's), not one that runs
+    the op again on other operands (the orthogonal family's ``replace_op``): where the kept parts do not
+    apply, the generation graph runs ``lower_site`` on the op's output.
     """
     site_adapters = adapters_at or _gates_of(gates)[0]
 
