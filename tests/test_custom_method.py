@@ -11,8 +11,8 @@ from torch import nn
 
 import fxpeft
 from fxpeft.configs import PeftConfigBase
-from fxpeft.forms import AdapterGate, additive, child_dict
-from models import MLP
+from fxpeft.forms import AdapterGate, SiteParts, additive, child_dict, weight_map
+from models import MLP, hf_inputs, llama
 
 aten = torch.ops.aten
 
@@ -112,3 +112,51 @@ def test_fxpeft_own_registry_is_untouched(registry):
     assert all(m.name != "outer" for m in fxpeft.registry.DEFAULT.methods)
     with pytest.raises(TypeError, match="No fxpeft method handles OuterConfig"):
         fxpeft.transform(MLP(), OuterConfig(target_modules=["fc1"]))
+
+
+def greedy_without_cache(gm, inputs: dict, steps: int) -> torch.Tensor:
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    with torch.no_grad():
+        for _ in range(steps):
+            ids = torch.cat([ids, gm(input_ids=ids, attention_mask=mask).logits[:, -1:].argmax(-1)], 1)
+            mask = torch.cat([mask, mask[:, -1:]], 1)
+    return ids
+
+
+def test_registered_method_generates_from_its_delta_weight(registry):
+    """A registered additive method's generation graphs read the ΔW its delta_weight gives (kept once per
+    generate call): the tokens of greedy decoding without a cache, where its graph computes its formula."""
+    torch.manual_seed(0)
+    gm = fxpeft.transform(llama().eval(), OuterConfig(target_modules=["q_proj", "v_proj"], scale=2.0),
+                          registry=registry).eval()
+    inputs = hf_inputs("llama", batch=2)
+    got = gm.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, greedy_without_cache(gm, inputs, 4))
+    with fxpeft.disable_adapters(gm):
+        assert not torch.equal(got, gm.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0))
+
+
+def test_site_parts_need_a_lowering_from_the_ops_output():
+    """A weight map giving site_parts whose lower_site runs the op again (replace_op) is told so, by name,
+    when its generation graph is built, instead of generating from the op's output taken for the op."""
+    def lower_site(lw, site, module, adapters):  # W (2 x): the op on a doubled input
+        return lw.replace_op(site, input=lw.call(aten.mul.Tensor, site.input, 2.0))
+
+    def create_doubled(module, site, weight, config, adapter):
+        child_dict(module, "doubled_gate")[adapter] = AdapterGate(1.0)
+
+    mine = fxpeft.registry.DEFAULT.copy()
+    mine.add_method(weight_map(
+        name="doubled", config_type=DoubledConfig, create=create_doubled, lower_site=lower_site,
+        fold=lambda gm, site, module, adapter, weight, bias, sign: (weight * 2.0 ** sign, bias),
+        containers=(), gates="doubled_gate", site_parts=lambda gm, site, module, adapter, dtype: SiteParts()))
+    gm = fxpeft.transform(llama().eval(), DoubledConfig(target_modules=["q_proj"]), registry=mine).eval()
+    with pytest.raises(NotImplementedError, match="doubled's lower_site runs the op .* again"):
+        gm.generate(**hf_inputs("llama", batch=2), max_new_tokens=2, do_sample=False, pad_token_id=0)
+
+
+@dataclasses.dataclass
+class DoubledConfig(PeftConfigBase):
+    target_modules: Optional[Union[list[str], str]] = None
+
+    peft_type = "TOY_DOUBLED"
