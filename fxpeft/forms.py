@@ -417,7 +417,8 @@ class _KeptSites:
     prepared call in eval mode, what ``prepare_call`` kept for it once per ``generate`` call, so that the
     graph's code names no adapter and one loaded between compiled generate calls does not recompile the
     decode step. The method gives each adapter as :class:`SiteParts` (``parts(model, site, module, adapter,
-    dtype)``; None for one whose eval output is random: PVeRA's ``sample_at_inference``). Dense graphs: the
+    dtype)``; None where parts cannot say it: an eval output that is random, PVeRA's ``sample_at_inference``,
+    or adapters that chain through the weight, MiSS's bat). Dense graphs: the
     active adapters composed in order into one ``K ⊙ y + [B_1 …](A_1; …] x) + D x + b`` (low-rank factors
     side by side); mixed graphs (``adapter_names``): every adapter's parts stacked with a slot for none,
     each sample reading its own (not where an adapter has a dense ``D``: a stack would hold a weight per

@@ -31,7 +31,7 @@ from torch import nn
 
 from fxpeft.canonical import Site, is_quantized, site_weight
 from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_dropout, check_layer_fields
-from fxpeft.forms import AdapterGate, adapter_dtype, child_dict, weight_map
+from fxpeft.forms import AdapterGate, SiteParts, adapter_dtype, child_dict, weight_map
 from fxpeft.registry import register_method
 from fxpeft.rewrite import Lowering, samples_of
 from fxpeft.targets import output_heads
@@ -186,6 +186,22 @@ def _gate(lw: Lowering, site: Site, adapter: str, like):
     return lw.call(aten.mul.Tensor, value, lw.gate(adapter))
 
 
+def site_parts(gm, site: Site, module: nn.Module, adapter: str, dtype: torch.dtype) -> Optional[SiteParts]:
+    """The adapter at a linear site in eval, ungated: balance / mini as the low-rank ΔW = Dᵀ S (S (r, in) sums
+    the inputs i with i mod r = k into k), bat as its dense ΔW of the weight as it is; None for bat beside
+    another bat adapter (they chain through the weight: the site computes as lowered)."""
+    block = module.miss_block[adapter].detach().to(dtype)
+    out_f, in_f = site_weight(gm, site).shape
+    if module.miss_gate[adapter].variant == "bat":
+        if sum(gate.variant == "bat" for gate in module.miss_gate.values()) > 1:
+            return None
+        weight = float_weight(module, site.weight[len(site.path) + 1:]).detach()
+        return SiteParts(dense=bat_delta(weight.to(dtype), block))
+    r = block.shape[0]
+    sums = (torch.arange(in_f, device=block.device) % r == torch.arange(r, device=block.device)[:, None]).to(dtype)
+    return SiteParts(down=sums, up=full_block(block, out_f))
+
+
 def lower_site(lw: Lowering, site: Site, module: nn.Module, adapters: list[str]):
     spec = site_weight(lw.root, site)
     out_f, in_f = spec.shape
@@ -234,6 +250,7 @@ def fold(gm, site: Site, module: nn.Module, adapter: str, weight, bias, sign):
 
 METHOD = register_method(weight_map(
     name="miss", config_type=MissConfig, create=add_miss, check_site=check_site, lower_site=lower_site, fold=fold,
+    site_parts=site_parts,
     containers=("miss_block", "miss_dropout"), gates="miss_gate", kinds=("linear",),
     default_targets=DEFAULT_LORA_TARGETS, heads=output_heads, phase=50,
     describe=lambda module, adapter: f"{module.miss_gate[adapter].variant} {tuple(module.miss_block[adapter].shape)}"))

@@ -118,7 +118,9 @@ def greedy_without_cache(gm, inputs: dict, steps: int) -> torch.Tensor:
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     with torch.no_grad():
         for _ in range(steps):
-            ids = torch.cat([ids, gm(input_ids=ids, attention_mask=mask).logits[:, -1:].argmax(-1)], 1)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate counts them past left padding
+            logits = gm(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+            ids = torch.cat([ids, logits[:, -1:].argmax(-1)], 1)
             mask = torch.cat([mask, mask[:, -1:]], 1)
     return ids
 

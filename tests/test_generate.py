@@ -371,14 +371,15 @@ READ_WHEN_RUN = {  # methods whose generation graphs read each site's adapters w
     # additive, a dense ΔW: kept summed for the dense graph; the mixed graph computes each adapter's (a load
     # recompiles it once: stacks would hold a weight-sized tensor per adapter)
     "loha": lambda: fxpeft.LoHaConfig(r=2, alpha=4, init_weights=False, **SITES),
-    # a weight map with SiteParts: per-feature factors and low-rank factors kept
+    # weight maps with SiteParts: per-feature factors and low-rank factors kept
     "dora": lambda: fxpeft.LoraConfig(r=2, use_dora=True, init_lora_weights=False, **SITES),
+    "miss": lambda: fxpeft.MissConfig(r=2, init_weights=False, **SITES),
 }
 
 
 @pytest.mark.parametrize("name", list(READ_WHEN_RUN))
 def test_compiled_decoding_survives_loading_another_adapter(name):
-    """IA3 (the scaling form), the additive form's methods and DoRA: a generation graph reads each site's
+    """IA3 (the scaling form), the additive form's methods, DoRA and MiSS: a generation graph reads each site's
     factors or ΔW (prepared once per generate call) when it runs, so a second adapter loaded between
     compiled generate calls, and a switch to it, do not recompile the decode step, nor, with
     adapter_names, the mixed one; the tokens are the eager run's, each sequence's those of its adapter
