@@ -271,7 +271,7 @@ def additive(*, name: str, config_type: type, create: Callable, delta: Callable,
              lower_site: Optional[Callable] = None, adapters_at: Optional[Callable] = None, phase: int = 50,
              scales_itself: bool = False, delta_bias: Optional[Callable] = None,
              delta_factors: Optional[Callable] = None, sampled: Optional[Callable] = None,
-             site_parts: Optional[Callable] = None, **fields) -> Method:
+             site_parts: Optional[Callable] = None, kept_where: Optional[Callable] = None, **fields) -> Method:
     """A method adding ``g Δ(x)`` to a site's output.
 
     ``create(module, site, weight_spec, config, adapter)`` makes the adapter's state beside the
@@ -299,6 +299,8 @@ def additive(*, name: str, config_type: type, create: Callable, delta: Callable,
     (optional) says an adapter's delta is random in eval mode too (PVeRA's ``sample_at_inference``);
     ``site_parts(model, site, module, adapter, dtype)`` (optional) gives the adapter as
     :class:`SiteParts` itself, for a method whose ΔW is not ``delta_weight``'s (weight-dependent ones).
+    A method with its own ``lower_site`` takes this path only where ``lower_site`` declines a linear site
+    of a generation graph, which ``kept_where(module, adapters)`` says (LoRA: its ``lora_bias`` sites).
     """
     site_adapters = adapters_at or _gates_of(gates)[0]
 
@@ -357,9 +359,10 @@ def additive(*, name: str, config_type: type, create: Callable, delta: Callable,
         return weight + sign * delta_weight(gm, site, module, adapter).to(weight.dtype), bias
 
     # generation graphs read each linear site's deltas from what prepare_call keeps (the method's ΔW); a
-    # method lowering sites its own way (LoRA) keeps what it needs itself
-    kept = None if (delta_weight is None and site_parts is None) or lower_site is not None else _KeptSites(
-        name, site_adapters, _gates_of(gates)[1], site_parts or parts, plain)
+    # method lowering sites its own way (LoRA) keeps what it needs itself, except where kept_where says
+    readable = delta_weight is not None or site_parts is not None
+    kept = None if not readable or (lower_site is not None and kept_where is None) else _KeptSites(
+        name, site_adapters, _gates_of(gates)[1], site_parts or parts, plain, where=kept_where)
     if kept is not None:
         _kept_hooks(fields, kept)
     rule = site_rule(name, lambda site, module: bool(site_adapters(module)), rewrite, phase=phase)
@@ -426,12 +429,14 @@ class _KeptSites:
     the node runs the site as the plain lowering computes it (``lower(lw, site, module, adapters)``, built
     into ``GenerationLayout.programs``)."""
 
-    def __init__(self, name, adapters_at, gate_of, parts: Callable, lower: Callable):
+    def __init__(self, name, adapters_at, gate_of, parts: Callable, lower: Callable,
+                 where: Optional[Callable] = None):
         self.name = name
         self.layout_key = f"_fxpeft_{name}_generation"  # site __dict__: GenerationLayout
         self.programs_key = f"_fxpeft_{name}_programs"  # site __dict__: (what program() read, the programs)
-        self.kept_name = f"_fxpeft_{name}_kept"  # a KeptTensors child of every lowering root (kept_roots)
+        self.kept_name = f"_fxpeft_{name}_parts"  # a KeptTensors child of every lowering root (kept_roots)
         self.adapters_at, self.gate_of, self.parts, self.lower = adapters_at, gate_of, parts, lower
+        self.where = where  # (module, adapters) -> whether the site's generation graphs take this path
         # what the graphs call: functions (not bound methods) with the form's state
         self.dense = functools.update_wrapper(functools.partial(_dense_site, self), _dense_site)
         self.mixed = functools.update_wrapper(functools.partial(_mixed_site, self), _mixed_site)
@@ -455,7 +460,7 @@ class _KeptSites:
             if names and sites is None:
                 sites = sites_by_path(gm)
             site = sites.get(path) if names else None
-            if site is None or site.kind != "linear":
+            if site is None or site.kind != "linear" or (self.where is not None and not self.where(module, names)):
                 module.__dict__.pop(self.layout_key, None)
                 module.__dict__.pop(self.programs_key, None)
                 continue

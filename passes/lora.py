@@ -780,6 +780,13 @@ def delta_weight(gm, site: Site, module: nn.Module, adapter: str) -> torch.Tenso
     return conv(a.transpose(0, 1), b).transpose(0, 1) * scale
 
 
+def delta_factors(gm, site: Site, module: nn.Module, adapter: str) -> Optional[tuple]:
+    """A linear site's ΔW as (out, in) = (s B) A (generation graphs of ``lora_bias`` sites)."""
+    if site.kind != "linear":
+        return None
+    return module.lora_A[adapter].weight, module.lora_B[adapter].weight * module.lora_scaling[adapter].scale
+
+
 def delta_bias(gm, site: Site, module: nn.Module, adapter: str) -> Optional[torch.Tensor]:
     """lora_bias: s * (B's bias), what merging adds to the base bias."""
     b = module.lora_B[adapter] if "lora_B" in module._modules and adapter in module.lora_B else None
@@ -803,6 +810,8 @@ def _lora_adapters(module: nn.Module) -> list[str]:
 
 METHOD = register_method(with_parameters(with_replication(with_tying(with_tokens(additive(
     name="lora", config_type=LoraConfig, create=add_lora, delta=delta, delta_weight=delta_weight, delta_bias=delta_bias,
+    delta_factors=delta_factors, kept_where=lambda module, adapters: any(  # where lower_site declines: lora_bias
+        a in module._modules.get("lora_B", {}) and module.lora_B[a].bias is not None for a in adapters),
     containers=CONTAINERS, gates="lora_scaling", dropouts="lora_dropout",
     dtype_of=lambda module, adapter: module.lora_A[adapter].weight.dtype,
     default_targets=DEFAULT_LORA_TARGETS, heads=output_heads, lower_site=lower_site, adapters_at=_lora_adapters,

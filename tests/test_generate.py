@@ -367,6 +367,8 @@ def test_compiled_decoding_of_a_lone_adapter_survives_loading_another():
 SITES = dict(target_modules=["k_proj", "v_proj", "down_proj"])
 READ_WHEN_RUN = {  # methods whose generation graphs read each site's adapters when they run
     "ia3": lambda: fxpeft.IA3Config(**IA3),  # the scaling form: per-feature factors
+    # LoRA's own stacks do not take lora_bias: those sites read the additive form's kept factors and bias
+    "lora_bias": lambda: fxpeft.LoraConfig(r=2, lora_bias=True, init_lora_weights=False, **SITES),
     "vera": lambda: fxpeft.VeraConfig(r=4, init_weights=False, **SITES),  # additive, low rank: factors kept
     # additive, a dense ΔW: kept summed for the dense graph; the mixed graph computes each adapter's (a load
     # recompiles it once: stacks would hold a weight-sized tensor per adapter)
@@ -379,18 +381,18 @@ READ_WHEN_RUN = {  # methods whose generation graphs read each site's adapters w
 
 @pytest.mark.parametrize("name", list(READ_WHEN_RUN))
 def test_compiled_decoding_survives_loading_another_adapter(name):
-    """IA3 (the scaling form), the additive form's methods, DoRA and MiSS: a generation graph reads each site's
-    factors or ΔW (prepared once per generate call) when it runs, so a second adapter loaded between
-    compiled generate calls, and a switch to it, do not recompile the decode step, nor, with
-    adapter_names, the mixed one; the tokens are the eager run's, each sequence's those of its adapter
-    alone. (It recompiled: the graph code named each site's adapters.)"""
+    """IA3 (the scaling form), the additive form's methods (LoRA's lora_bias sites too), DoRA and MiSS: a
+    generation graph reads each site's factors or ΔW (prepared once per generate call) when it runs, so a
+    second adapter loaded between compiled generate calls, and a switch to it, do not recompile the decode
+    step, nor, with adapter_names, the mixed one; the tokens are the eager run's, each sequence's those of
+    its adapter alone. (It recompiled: the graph code named each site's adapters.)"""
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
     base = models.llama().eval()
     gm = fxpeft.transform(base, READ_WHEN_RUN[name]())
     prompt = models.hf_inputs("llama", batch=2)
-    kw = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)  # rows of one length
     config = transformers.CompileConfig(fullgraph=True, backend="eager", mode=None)  # recompiles are dynamo's
     expected, plain = gm.generate(**prompt, **kw), base.generate(**prompt, **kw)
     assert not torch.equal(expected, plain)  # the adapter changes the tokens
