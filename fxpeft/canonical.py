@@ -60,6 +60,11 @@ class WeightSpec(NamedTuple):
     device: torch.device
 
 
+def is_sharded(tensor) -> bool:
+    """A DTensor: a parameter FSDP2 sharded (whole only inside its block's forward)."""
+    return type(tensor).__name__ == "DTensor"
+
+
 def is_quantized(module: nn.Module) -> bool:
     """A quantized layer (passes/quantize.py): it stores a packed weight and offers its logical
     ``weight_spec``, ``dequantize()``, ``requantize_(weight)`` and ``float_module(weight)``."""

@@ -32,8 +32,8 @@ import torch
 from torch import nn
 from torch.fx.graph_module import _forward_from_src
 
-from .canonical import Site, site_weight, submodule
-from .generation import KeptTensors, generate_step, reads_cache
+from .canonical import Site, is_sharded, site_weight, submodule
+from .generation import KeptTensors, generate_step, kept_places, kept_roots, reads_cache
 from .registry import Method, call_prepared, registry_of, site_rule
 from .rewrite import Lowering, samples_of
 from .state import sites_by_path
@@ -509,7 +509,7 @@ class _KeptSites:
         with torch.no_grad():
             for module in sites:
                 layout = module.__dict__[self.layout_key]
-                if any(_sharded(p) for p in module.parameters()):  # FSDP2, outside the block's forward: afresh
+                if any(is_sharded(p) for p in module.parameters()):  # FSDP2, outside the block's forward: afresh
                     kept = None
                 else:
                     kept = self.stacked(module, layout) if mixed else self.composed(module, layout, gates, active)
@@ -578,13 +578,7 @@ class _KeptSites:
                 stack = _dynamic(_dynamic(stack, 0), 1) if field in ("down", "up") else _dynamic(stack, 0)
             stacks.append(stack)
         device = site_weight(layout.model(), layout.site).device
-        lookup = torch.full((max(layout.positions) + 2,), len(every), dtype=torch.long, device=device)
-        lookup[list(layout.positions)] = torch.arange(len(every), device=device)
-        return (*stacks, _dynamic(lookup, 0), out_features)
-
-
-def _sharded(tensor: torch.Tensor) -> bool:
-    return type(tensor).__name__ == "DTensor"
+        return (*stacks, _dynamic(slot_lookup(layout.positions, device), 0), out_features)
 
 
 def _dynamic(tensor: torch.Tensor, dim: int) -> torch.Tensor:
@@ -622,7 +616,7 @@ def _mixed_site(form: _KeptSites, x: torch.Tensor, y: torch.Tensor, module: nn.M
         layout = module.__dict__[form.layout_key]
         return layout.programs[True](layout.model(), index, x, y)
     k, down, up, bias, lookup, out_features = kept
-    slots = lookup[index.clamp(max=lookup.shape[0] - 1)]  # "__base__" (past every adapter): the empty slot
+    slots = slots_of(lookup, index)
     if x.shape[0] != slots.shape[0]:  # rows: the batch flattened with a later dimension, batch first
         slots = slots.repeat_interleave(x.shape[0] // slots.shape[0])
     h = x.to(dtype).reshape(x.shape[0], -1, x.shape[-1])  # (rows, tokens, in)
@@ -649,6 +643,20 @@ def _summed(terms):
         if term is not None:
             total = term if total is None else total + term
     return total
+
+
+def slot_lookup(positions: tuple, device) -> torch.Tensor:
+    """Mixed batches over stacked adapters: global adapter index -> local slot (``len(positions)``, the empty
+    slot, for any other index up to one past the largest position; :func:`slots_of` clamps those beyond)."""
+    none = len(positions)
+    lookup = torch.full((max(positions) + 2,), none, dtype=torch.long, device=device)
+    lookup[list(positions)] = torch.arange(none, device=device)
+    return lookup
+
+
+def slots_of(lookup: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Each sample's slot ("__base__", past every adapter: the empty one)."""
+    return lookup[index.clamp(max=lookup.shape[0] - 1)]
 
 
 def masked_samples(delta: torch.Tensor, index: torch.Tensor, slot: int) -> torch.Tensor:
@@ -687,7 +695,7 @@ def scaling(*, name: str, config_type: type, create: Callable, vector: Callable,
                 return kept
             if kept is not None:
                 stack, lookup = kept
-                return stack.index_select(0, lookup[index.clamp(max=lookup.shape[0] - 1)])
+                return stack.index_select(0, slots_of(lookup, index))
         return gated_product(module, gates, inputs, dtype, index)
 
     def gated_product(module: nn.Module, gates: torch.Tensor, inputs: bool, dtype, index=None):
@@ -706,9 +714,7 @@ def scaling(*, name: str, config_type: type, create: Callable, vector: Callable,
         names, positions, *_ = module.__dict__[layout_key][inputs]
         rows = [(vector(module, a).reshape(-1).to(dtype) - 1) * gate_of(module, a).value.to(dtype) + 1 for a in names]
         stack = torch.stack([*rows, torch.ones_like(rows[0])])
-        lookup = torch.full((max(positions) + 2,), len(names), dtype=torch.long, device=stack.device)
-        lookup[list(positions)] = torch.arange(len(names), device=stack.device)
-        return _dynamic(stack, 0), _dynamic(lookup, 0)
+        return _dynamic(stack, 0), _dynamic(slot_lookup(positions, stack.device), 0)
 
     def lowered(gm) -> None:
         """After every lowering: each site's layout: its adapters on each side, their positions in the gates,
@@ -823,25 +829,6 @@ def scaling(*, name: str, config_type: type, create: Callable, vector: Callable,
     return _site_method(name=name, config_type=config_type, create=create, kinds=kinds, containers=containers,
                         gates=gates, default_targets=default_targets, heads=heads, adapters_at=None,
                         rules=rules, fold=fold, prepare_call=prepare_call, lowered=lowered, **fields)
-
-
-def kept_roots(gm, kept_name: str) -> dict:
-    """Every lowering root (path -> the model or a block) with a KeptTensors of its own under ``kept_name``:
-    blocks sharing a lowering got the first one's, and a generation graph captured later finds them."""
-    roots, seen = {"": gm, **{path: gm.get_submodule(path) for path in gm._fxpeft_block_paths}}, set()
-    for root in roots.values():
-        holder = root._modules.get(kept_name)
-        if holder is None or id(holder) in seen:
-            root._modules[kept_name] = holder = KeptTensors()
-        seen.add(id(holder))
-    return roots
-
-
-def kept_places(roots: dict, kept_name: str, path: str) -> list:
-    """Where ``prepare_call`` writes what it keeps for the site at ``path``: (the KeptTensors of each root the
-    site is in, the site's path from there); a generation graph may be outlined into blocks."""
-    return [(root._modules[kept_name], path[len(prefix) + 1:] if prefix else path) for prefix, root in roots.items()
-            if not prefix or path.startswith(prefix + ".")]
 
 
 def _weight_axis(site: Site, inputs: bool) -> int:

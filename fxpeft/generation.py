@@ -317,10 +317,34 @@ class KeptTensors(torch.nn.Module):
         self.__dict__["tensors"] = {}
 
 
+def lowering_roots(gm) -> dict:
+    """Path -> every module a graph is lowered for: the model (""), and each block."""
+    return {"": gm, **{path: gm.get_submodule(path) for path in gm._fxpeft_block_paths}}
+
+
+def kept_roots(gm, kept_name: str, kind: type = KeptTensors) -> dict:
+    """:func:`lowering_roots`, each given a holder of its own (``kind``) under ``kept_name``: blocks sharing a
+    lowering got the first one's, and a generation graph captured later finds them."""
+    roots, seen = lowering_roots(gm), set()
+    for root in roots.values():
+        holder = root._modules.get(kept_name)
+        if holder is None or id(holder) in seen:
+            root._modules[kept_name] = holder = kind()
+        seen.add(id(holder))
+    return roots
+
+
+def kept_places(roots: dict, kept_name: str, path: str) -> list:
+    """Where ``prepare_call`` writes what it keeps for the site at ``path``: (the KeptTensors of each root the
+    site is in, the site's path from there); a generation graph may be outlined into blocks."""
+    return [(root._modules[kept_name], path[len(prefix) + 1:] if prefix else path) for prefix, root in roots.items()
+            if not prefix or path.startswith(prefix + ".")]
+
+
 def release_kept(gm) -> None:
     """After a ``generate`` call: what methods kept for it goes (a dense ΔW per adapted layer must not
     outlive the generation); the next call prepares it again, once."""
-    for root in [gm, *(gm.get_submodule(path) for path in gm._fxpeft_block_paths)]:
+    for root in lowering_roots(gm).values():
         for child in root._modules.values():
             if isinstance(child, KeptTensors):
                 child.__dict__["tensors"].clear()

@@ -39,7 +39,7 @@ from . import capture as capture_mod
 from . import generation, progress
 from .blocks import (Outlined, extend, find_block_paths, fingerprint, forget_entry_prints, inline, install_blocks,
                      outline, repeated_lists, truncated)
-from .canonical import annotate_shapes, canonicalize
+from .canonical import annotate_shapes, canonicalize, is_sharded
 from .peft_methods import PeftModelMethods
 from .registry import DEFAULT, Registry, _Prepared
 from .rewrite import lower
@@ -483,7 +483,7 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         return signature
 
     def _capture_signature(self, kwargs: dict, key, index: Optional[int] = None, widen: bool = True) -> Signature:
-        if any(type(p).__name__ == "DTensor" for p in self.parameters()):
+        if any(is_sharded(p) for p in self.parameters()):
             raise RuntimeError(
                 f"This module was sharded (FSDP2) before a call with {sorted(kwargs)} was captured, and capture traces "
                 "the full weights: call it once with these keywords before fully_shard / fxpeft.shard.")

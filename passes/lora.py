@@ -26,10 +26,10 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from fxpeft.canonical import Site, is_quantized, site_weight
+from fxpeft.canonical import Site, is_quantized, is_sharded, site_weight
 from fxpeft.configs import DEFAULT_LORA_TARGETS, LoraConfig
-from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict
-from fxpeft.generation import generate_step
+from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict, slot_lookup, slots_of
+from fxpeft.generation import generate_step, kept_roots
 from fxpeft.registry import call_prepared, optimizer_steps, register_method, registry_of
 from fxpeft.rewrite import Lowering
 from fxpeft.targets import output_heads, pattern_value
@@ -257,8 +257,8 @@ def lower_site(lw: Lowering, site: Site, module: nn.Module, present: list[str]):
     gated delta (None): its dropout draws are PEFT's, and inspection shows its A and B."""
     # a generation graph (one reading a KV cache) picks a lone adapter too: loading a second one between
     # compiled generate calls then leaves its code as it was (no recompile)
-    if site.kind == "conv" or (site.kind == "linear" and not (lw.mixed or lw.cached) and len(present) == 1) or any(
-            site.kind == "linear" and module.lora_B[a].bias is not None for a in present):  # lora_bias: plain deltas
+    if site.kind == "conv" or (site.kind == "linear" and not (lw.mixed or lw.cached) and len(present) == 1) or (
+            site.kind == "linear" and _with_bias(module, present)):  # lora_bias: plain deltas (or the form's kept ones)
         return None
     base_dtype = site_weight(lw.root, site).dtype
     dtype = adapter_dtype(site_weight(lw.root, site))
@@ -406,7 +406,7 @@ def select_adapters(site: nn.Module, kept: nn.Module, path: str, index: torch.Te
     if kept is not None and dedupe:  # every adapter and the zero slot, as _stacked gives them
         a, b_t, lookup = kept  # tensor ops only: adapters loaded later change shapes, not this code
         owners = torch.arange(a.shape[0], device=index.device)
-        return a, b_t, lookup[index.clamp(max=lookup.shape[0] - 1)], torch.where(owners == a.shape[0] - 1, -1, owners)
+        return a, b_t, slots_of(lookup, index), torch.where(owners == a.shape[0] - 1, -1, owners)
     if kept is not None:  # owners are only read with dropout, which embeddings have not
         slots = torch.arange(index.shape[0], device=index.device)
         return kept[0], kept[1], slots, slots
@@ -537,12 +537,7 @@ def lowered(gm) -> None:
     global positions and rank of its adapters, whether any has dropout), so that their code, the same
     for any adapters, survives adding one (a compiled caller does not recompile); and a KeptStacks of
     its own for every lowering root (blocks sharing a lowering got the first one's)."""
-    seen = set()
-    for root in [gm, *(gm.get_submodule(path) for path in gm._fxpeft_block_paths)]:
-        holder = root._modules.get(KEPT_MODULE)
-        if holder is None or id(holder) in seen:
-            root._modules[KEPT_MODULE] = holder = KeptStacks()
-        seen.add(id(holder))
+    kept_roots(gm, KEPT_MODULE, KeptStacks)
     sites = gm._fxpeft_memo[SITES] = _slot_sites(gm)
     for s in sites:
         s.site.__dict__[LAYOUT] = (s.names, s.positions, s.rank,
@@ -573,8 +568,7 @@ def _slot_sites(gm) -> list[SlotSite]:
         if not present:
             continue
         embedding = "lora_embedding_A" in module._modules and present[0] in module.lora_embedding_A
-        if not embedding and (not isinstance(module.lora_A[present[0]], nn.Linear)
-                              or any(module.lora_B[a].bias is not None for a in present)):
+        if not embedding and (not isinstance(module.lora_A[present[0]], nn.Linear) or _with_bias(module, present)):
             continue
         rank = max(_adapter_tensors(module, a, embedding)[0].shape[0] for a in present)
         block = next((b for b in blocks if path.startswith(b + ".")), None)
@@ -608,7 +602,7 @@ def prepare_call(gm, mixed: bool, cached: bool, compiled: bool) -> None:
         return
     for site, names, positions, rank, embedding, dense, kept, path, _ in sites:
         fetch = lambda j, site=site, names=names, embedding=embedding: _adapter_tensors(site, names[j], embedding)  # noqa: E731
-        if _sharded(fetch(0)[0]):  # sharded (FSDP2) until its block's forward: stack per call
+        if is_sharded(fetch(0)[0]):  # sharded (FSDP2) until its block's forward: stack per call
             (_memo(kept, path, mixed) or {}).clear()
             continue
         memo = kept.__dict__["stacks"].setdefault(path, ({}, {}))[mixed]
@@ -621,7 +615,7 @@ def prepare_call(gm, mixed: bool, cached: bool, compiled: bool) -> None:
         # sizes that adapters loaded later change (slots, rank) are dynamic in the compiled code from its
         # first compile: loading one does not recompile it
         if mixed:
-            memo[LOOKUP] = (positions, _lookup(positions, stacks[1].device))
+            memo[LOOKUP] = (positions, slot_lookup(positions, stacks[1].device))
             for tensor in (*stacks[1:], memo[LOOKUP][1]):
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
             for tensor in stacks[1:]:
@@ -650,7 +644,7 @@ def _call_stamp(lowering: list, sites: list, host: Optional[list], lone_too: boo
     version counter (inference tensors) or is sharded (stacked per call)."""
     tensors = [t for s in sites for name in (s.names if host is None else [s.named[p] for p in host if p in s.named])
                for t in _adapter_tensors(s.site, name, s.embedding)]
-    if any(_sharded(t) for t in tensors[::3]):  # FSDP2 shards a site's adapters together
+    if any(is_sharded(t) for t in tensors[::3]):  # FSDP2 shards a site's adapters together
         return None
     try:
         prints = tuple([(id(t), t.data_ptr(), t._version) for t in tensors])
@@ -659,26 +653,12 @@ def _call_stamp(lowering: list, sites: list, host: Optional[list], lone_too: boo
     return lowering, None if host is None else tuple(host), lone_too, optimizer_steps(), prints
 
 
-def _sharded(tensor: torch.Tensor) -> bool:
-    return type(tensor).__name__ == "DTensor"
-
-
 def _local_slots(positions: tuple, index: torch.Tensor):
     """Tensor ops: each index entry's local adapter (global -> local; ``len(positions)``, the zero
     slot, for an adapter the site lacks or the empty index) and each stacked slot's local adapter
     (-1 for the zero slot)."""
-    none, lookup = len(positions), _lookup(positions, index.device)
-    owners = torch.arange(none + 1, device=index.device)
-    return lookup[index.clamp(max=lookup.shape[0] - 1)], torch.where(owners == none, -1, owners)
-
-
-def _lookup(positions: tuple, device) -> torch.Tensor:
-    """Global adapter index -> local adapter (``len(positions)``, the zero slot, for any other index up to
-    one past the largest position; indices beyond are clamped to that last entry)."""
-    none = len(positions)
-    lookup = torch.full((max(positions) + 2,), none, dtype=torch.long, device=device)
-    lookup[list(positions)] = torch.arange(none, device=device)
-    return lookup
+    none, owners = len(positions), torch.arange(len(positions) + 1, device=index.device)
+    return slots_of(slot_lookup(positions, index.device), index), torch.where(owners == none, -1, owners)
 
 
 def lora_slots(x, site: nn.Module, kept: nn.Module, path: str, slots: torch.Tensor) -> torch.Tensor:
@@ -799,6 +779,12 @@ def _rank(module: nn.Module, adapter: str) -> str:
     return f"r={a.shape[0]}"
 
 
+def _with_bias(module: nn.Module, adapters) -> bool:
+    """Whether one of ``adapters`` at a linear site has ``lora_bias`` (a bias on B)."""
+    holder = module._modules.get("lora_B")
+    return holder is not None and any(a in holder and holder[a].bias is not None for a in adapters)
+
+
 def _lora_adapters(module: nn.Module) -> list[str]:
     """The module's plain LoRA adapters (DoRA adapters, passes/dora.py, share LoRA's state)."""
     scales = module._modules.get("lora_scaling")
@@ -810,8 +796,7 @@ def _lora_adapters(module: nn.Module) -> list[str]:
 
 METHOD = register_method(with_parameters(with_replication(with_tying(with_tokens(additive(
     name="lora", config_type=LoraConfig, create=add_lora, delta=delta, delta_weight=delta_weight, delta_bias=delta_bias,
-    delta_factors=delta_factors, kept_where=lambda module, adapters: any(  # where lower_site declines: lora_bias
-        a in module._modules.get("lora_B", {}) and module.lora_B[a].bias is not None for a in adapters),
+    delta_factors=delta_factors, kept_where=_with_bias,  # lower_site declines lora_bias sites
     containers=CONTAINERS, gates="lora_scaling", dropouts="lora_dropout",
     dtype_of=lambda module, adapter: module.lora_A[adapter].weight.dtype,
     default_targets=DEFAULT_LORA_TARGETS, heads=output_heads, lower_site=lower_site, adapters_at=_lora_adapters,
