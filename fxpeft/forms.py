@@ -297,7 +297,7 @@ def additive(*, name: str, config_type: type, create: Callable, delta: Callable,
     with ``B A`` the scaled ``ΔW`` as (out, in), so that they cost what ``Δ(x)`` costs; ``()`` for an
     adapter changing no weight, None where only ``delta_weight`` says it; ``sampled(module, adapter)``
     (optional) says an adapter's delta is random in eval mode too (PVeRA's ``sample_at_inference``);
-    ``site_parts(model, site, module, adapter, dtype)`` (optional) gives the adapter as
+    ``site_parts(model, site, module, adapter, dtype, alone)`` (optional) gives the adapter as
     :class:`SiteParts` itself, for a method whose ΔW is not ``delta_weight``'s (weight-dependent ones).
     A method with its own ``lower_site`` takes this path only where ``lower_site`` declines a linear site
     of a generation graph, which ``kept_where(module, adapters)`` says (LoRA: its ``lora_bias`` sites).
@@ -336,7 +336,7 @@ def additive(*, name: str, config_type: type, create: Callable, delta: Callable,
             return kept.rewrite(lw, site)
         return plain(lw, site, module, present)
 
-    def parts(model, site: Site, module: nn.Module, adapter: str, dtype) -> Optional[SiteParts]:
+    def parts(model, site: Site, module: nn.Module, adapter: str, dtype, alone: bool) -> Optional[SiteParts]:
         if sampled is not None and sampled(module, adapter):
             return None
         factors = None if delta_factors is None else delta_factors(model, site, module, adapter)
@@ -406,13 +406,16 @@ class GenerationLayout(NamedTuple):
 class SiteParts(NamedTuple):
     """One adapter at one linear site as a generation graph applies it in eval: ``y ← k ⊙ y + B (A x) + D x +
     b`` (each part None where it has none): ``k`` (out,), ``A`` (r, in), ``B`` given as ``up`` (r, out), ``D``
-    (out, in), ``b`` (out,), with the adapter's scale and without its gate."""
+    (out, in), ``b`` (out,), with the adapter's scale and without its gate. A method whose site runs its op
+    on a mapped input (``weight_map(maps_input=True)``) may also give ``Q`` as ``rotation`` (n, b, b): the op
+    then reads ``x Q``, Q block-diagonal (n blocks of b × b; a dense Q is one block), while A and D read x."""
 
     k: Optional[torch.Tensor] = None
     down: Optional[torch.Tensor] = None
     up: Optional[torch.Tensor] = None
     dense: Optional[torch.Tensor] = None
     bias: Optional[torch.Tensor] = None
+    rotation: Optional[torch.Tensor] = None
 
 
 class _KeptSites:
@@ -420,18 +423,22 @@ class _KeptSites:
     prepared call in eval mode, what ``prepare_call`` kept for it once per ``generate`` call, so that the
     graph's code names no adapter and one loaded between compiled generate calls does not recompile the
     decode step. The method gives each adapter as :class:`SiteParts` (``parts(model, site, module, adapter,
-    dtype)``; None where parts cannot say it: an eval output that is random, PVeRA's ``sample_at_inference``,
-    or adapters that chain through the weight, MiSS's bat). Dense graphs: the
+    dtype, alone)``, ``alone``: whether it is the only adapter the site applies, so that adapters chaining
+    through the weight (HRA's reflections, MiSS's bat) can give a form that composes, or None; None too where
+    parts cannot say it: an eval output that is random, PVeRA's ``sample_at_inference``). Dense graphs: the
     active adapters composed in order into one ``K ⊙ y + [B_1 …](A_1; …] x) + D x + b`` (low-rank factors
     side by side); mixed graphs (``adapter_names``): every adapter's parts stacked with a slot for none,
     each sample reading its own (not where an adapter has a dense ``D``: a stack would hold a weight per
     adapter). Otherwise (eager mixed calls, autograd, training: dropout and the methods' own randomness)
     the node runs the site as the plain lowering computes it (``lower(lw, site, module, adapters)``, built
-    into ``GenerationLayout.programs``)."""
+    into ``GenerationLayout.programs``). With ``maps_input`` (a lowering running the op on a mapped input,
+    the orthogonal family's) a first node maps the op's input (``SiteParts.rotation``, or the lowering's
+    part before the op) and the graph's own op runs between the two nodes."""
 
     def __init__(self, name, adapters_at, gate_of, parts: Callable, lower: Callable,
-                 where: Optional[Callable] = None):
+                 where: Optional[Callable] = None, maps_input: bool = False):
         self.name = name
+        self.maps_input = maps_input
         self.layout_key = f"_fxpeft_{name}_generation"  # site __dict__: GenerationLayout
         self.programs_key = f"_fxpeft_{name}_programs"  # site __dict__: (what program() read, the programs)
         self.kept_name = f"_fxpeft_{name}_parts"  # a KeptTensors child of every lowering root (kept_roots)
@@ -440,13 +447,18 @@ class _KeptSites:
         # what the graphs call: functions (not bound methods) with the form's state
         self.dense = functools.update_wrapper(functools.partial(_dense_site, self), _dense_site)
         self.mixed = functools.update_wrapper(functools.partial(_mixed_site, self), _mixed_site)
+        self.dense_input = functools.update_wrapper(functools.partial(_dense_input, self), _dense_input)
+        self.mixed_input = functools.update_wrapper(functools.partial(_mixed_input, self), _mixed_input)
 
     def rewrite(self, lw: Lowering, site: Site):
         if self.kept_name not in lw.root._modules:
             lw.root.add_module(self.kept_name, KeptTensors())
         dtype = adapter_dtype(site_weight(lw.root, site))
-        args = (site.input, site.output, lw.attr(site.path), lw.attr(self.kept_name), site.path, dtype)
-        return lw.call(self.mixed, *args, lw.sample_index) if lw.mixed else lw.call(self.dense, *args)
+        state = (lw.attr(site.path), lw.attr(self.kept_name), site.path, dtype, *([lw.sample_index] * lw.mixed))
+        x = site.input
+        if self.maps_input:
+            lw.replace_op(site, input=lw.call(self.mixed_input if lw.mixed else self.dense_input, x, *state))
+        return lw.call(self.mixed if lw.mixed else self.dense, x, site.output, *state)
 
     def lowered(self, gm) -> None:
         """Each linear site's GenerationLayout, once the model has a generation graph (a model that never
@@ -470,27 +482,40 @@ class _KeptSites:
             key = (tuple(zip(names, positions, (self.gate_of(module, a) for a in names))), site_weight(gm, site).dtype)
             built = module.__dict__.get(self.programs_key)
             programs = built[1] if built is not None and built[0] == key else {
-                mixed: self.program(gm, registry, order, site, module, names, mixed) for mixed in (False, True)}
+                key: program for mixed in (False, True)
+                for key, program in self.programs(gm, registry, order, site, module, names, mixed).items()}
             module.__dict__[self.programs_key] = (key, programs)
             module.__dict__[self.layout_key] = GenerationLayout(
                 names, positions, site, weakref.ref(gm), kept_places(roots, self.kept_name, path), programs)
 
-    def program(self, gm, registry, order, site: Site, module: nn.Module, names, mixed: bool) -> Callable:
-        """``program(model, [index,] x, y)``: the site's output ``y`` with its adapters applied to input ``x``,
-        lowered as in a graph without a cache (a mixed one takes each sample's adapter index first)."""
+    def programs(self, gm, registry, order, site: Site, module: nn.Module, names, mixed: bool) -> dict:
+        """The site's plain lowering (as in a graph without a cache) as small programs: ``mixed`` →
+        ``program(model, [index,] x, y)``, the site's output with its adapters applied, from the op's input x
+        and output y (a mixed one takes each sample's adapter index first); where the lowering runs the op on
+        a mapped input, also ``(mixed, "input")`` → ``program(model, [index,] x)``, that input: the lowering
+        is split at the op, which the generation graph runs between the two."""
         graph = torch.fx.Graph()
-        x, y = graph.placeholder("x"), graph.placeholder("y")
+        x = graph.placeholder("x")
+        op = graph.call_function(_op_stand_in, (x,))
         end = graph.output(None)
         lw = Lowering(graph, gm, registry, mixed, order)
-        lw._start = end  # gates are read after the inputs
+        lw._start = op  # gates are read after the inputs
+        lowered = dataclasses.replace(site, node=op, input=x, output=op)
         with graph.inserting_before(end):
-            end.args = (self.lower(lw, dataclasses.replace(site, node=y, input=x, output=y), module, list(names)),)
-        if not any(node is y for node in graph.nodes):  # replace_op copied the "op" (y) and erased it
-            raise NotImplementedError(
-                f"{self.name}'s lower_site runs the op at {site.path} again on other operands (replace_op): a "
-                "method giving site_parts must lower its sites from the op's input and output (see forms.weight_map).")
-        code = graph.python_code(root_module="self")
-        return _forward_from_src(code.src, code.globals, {})
+            end.args = (self.lower(lw, lowered, module, list(names)),)
+        inputs = {lw.sample_index: "fxpeft_adapter_index"} if mixed else {}
+        inputs[x] = "x"
+        programs = {mixed: _program(graph, {**inputs, lowered.node: "y"}, end.args[0])}
+        if lowered.node is not op:  # replace_op: the op on a mapped input
+            if not self.maps_input:
+                raise NotImplementedError(
+                    f"{self.name}'s lower_site runs the op at {site.path} on another input (replace_op): "
+                    "weight_map(maps_input=True) says so, and the generation graph then runs the op between the "
+                    "mapped input and the output.")
+            programs[mixed, "input"] = _program(graph, inputs, lowered.input)
+        elif self.maps_input:
+            programs[mixed, "input"] = _program(graph, inputs, x)
+        return programs
 
     def prepare_call(self, gm, mixed: bool, cached: bool, compiled: bool) -> None:
         """Before a generation step without autograd: each site's kept tensors for the graph the call runs,
@@ -524,14 +549,14 @@ class _KeptSites:
         return adapter_dtype(weight), *((outs, ins) if layout.site.fan_in_fan_out else (ins, outs))
 
     def composed(self, module: nn.Module, layout: GenerationLayout, gates: torch.Tensor, active: list):
-        """(k, down, up, dense, bias, out features): the active adapters composed in order, each gated, in the
-        dtype the graph computes them in (the site's adapter dtype); None where one gives no parts."""
+        """(k, down, up, dense, bias, rotation, out features): the active adapters composed in order, each gated,
+        in the dtype the graph computes them in (the site's adapter dtype); None where one gives no parts."""
         dtype, _, out_features = self._features(layout)
-        k, downs, ups, dense, bias = None, [], [], None, None
-        for adapter, position in zip(layout.names, layout.positions):
-            if not active[position] or self.gate_of(module, adapter).merged:
-                continue
-            parts = self.parts(layout.model(), layout.site, module, adapter, dtype)
+        k, downs, ups, dense, bias, rotation = None, [], [], None, None, None
+        acting = [(adapter, position) for adapter, position in zip(layout.names, layout.positions)
+                  if active[position] and not self.gate_of(module, adapter).merged]
+        for adapter, position in acting:
+            parts = self.parts(layout.model(), layout.site, module, adapter, dtype, len(acting) == 1)
             if parts is None:
                 return None
             g = gates[position].to(dtype)
@@ -548,18 +573,25 @@ class _KeptSites:
                 dense = parts.dense * g if dense is None else dense + parts.dense * g
             if parts.bias is not None:
                 bias = parts.bias * g if bias is None else bias + parts.bias * g
+            if parts.rotation is not None:  # x Q_n ⋯ Q_1: the op's input meets the last adapter's Q first
+                q = _toward_identity(parts.rotation, g)
+                rotation = q if rotation is None else _blocks_product(q, rotation)
         down = up = None
         if downs:  # copies, not views: dynamo guards a view's base too; the rank is dynamic
             down, up = _dynamic(torch.cat(downs), 0), _dynamic(torch.cat(ups), 0)
-        return k, down, up, dense, bias, out_features
+        if rotation is not None:  # how an adapter loaded later blocks its Q may differ
+            rotation = _dynamic(_dynamic(_dynamic(rotation.clone(), 0), 1), 2)
+        return k, down, up, dense, bias, rotation, out_features
 
     def stacked(self, module: nn.Module, layout: GenerationLayout):
-        """(k, down, up, bias, lookup, out features) for the mixed graph: every adapter's parts stacked
-        (S + 1, …) with a last slot for none (ranks padded with zeros), and each global adapter index's slot;
-        None where an adapter gives no parts or a dense ``D``."""
+        """(k, down, up, bias, rotation, lookup, out features) for the mixed graph: every adapter's parts
+        stacked (S + 1, …) with a last slot for none (ranks padded with zeros, rotations the identity, dense
+        where adapters' blocks differ), and each global adapter index's slot; None where an adapter gives no
+        parts or a dense ``D``."""
         dtype, in_features, out_features = self._features(layout)
         every = [None if self.gate_of(module, adapter).merged else  # merged: no delta (not mixed anyway)
-                 self.parts(layout.model(), layout.site, module, adapter, dtype) or False for adapter in layout.names]
+                 self.parts(layout.model(), layout.site, module, adapter, dtype, True) or False
+                 for adapter in layout.names]
         if any(parts is False or (parts is not None and parts.dense is not None) for parts in every):
             return None
         every = [parts or SiteParts() for parts in every]
@@ -577,8 +609,44 @@ class _KeptSites:
                         stack[slot, :part.shape[0]] = part
                 stack = _dynamic(_dynamic(stack, 0), 1) if field in ("down", "up") else _dynamic(stack, 0)
             stacks.append(stack)
+        stacks.append(_stacked_rotations([parts.rotation for parts in every], in_features))
         device = site_weight(layout.model(), layout.site).device
         return (*stacks, _dynamic(slot_lookup(layout.positions, device), 0), out_features)
+
+
+def _toward_identity(q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``I + g (Q - I)`` block by block: Q where the adapter acts, the identity where it does not."""
+    eye = torch.eye(q.shape[-1], device=q.device, dtype=q.dtype)
+    return eye + g * (q - eye)
+
+
+def _dense_blocks(q: torch.Tensor) -> torch.Tensor:
+    """Blocks (n, b, b) as one dense block (1, n b, n b)."""
+    return q if q.shape[0] == 1 else torch.block_diag(*q.unbind(0)).unsqueeze(0)
+
+
+def _blocks_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``A B`` of block-diagonal matrices, block by block where their blocks agree, else dense."""
+    if a.shape != b.shape:
+        a, b = _dense_blocks(a), _dense_blocks(b)
+    return torch.matmul(a, b)
+
+
+def _stacked_rotations(rotations: list, features: int) -> Optional[torch.Tensor]:
+    """Each adapter's Q stacked (S + 1, n, b, b), the identity for an adapter without one and the last
+    slot (all dense (S + 1, 1, d, d) where their blocks differ); None where none has a Q."""
+    present = [q for q in rotations if q is not None]
+    if not present:
+        return None
+    if any(q.shape != present[0].shape for q in present):
+        rotations = [None if q is None else _dense_blocks(q) for q in rotations]
+        present = [q for q in rotations if q is not None]
+    n, b = present[0].shape[:2]
+    stack = torch.eye(b, device=present[0].device, dtype=present[0].dtype).repeat(len(rotations) + 1, n, 1, 1)
+    for slot, q in enumerate(rotations):
+        if q is not None:
+            stack[slot] = q
+    return _dynamic(_dynamic(_dynamic(_dynamic(stack, 0), 1), 2), 3)
 
 
 def _dynamic(tensor: torch.Tensor, dim: int) -> torch.Tensor:
@@ -601,7 +669,7 @@ def _dense_site(form: _KeptSites, x: torch.Tensor, y: torch.Tensor, module: nn.M
     if kept is None:  # dynamo reads the layout (which a load changes) only here
         layout = module.__dict__[form.layout_key]
         return layout.programs[False](layout.model(), x, y)
-    k, down, up, dense, bias, _ = kept
+    k, down, up, dense, bias, _, _ = kept
     h = x.to(dtype)
     delta = _summed([torch.matmul(torch.nn.functional.linear(h, down), up) if down is not None else None,
                      torch.nn.functional.linear(h, dense) if dense is not None else None, bias])
@@ -615,10 +683,8 @@ def _mixed_site(form: _KeptSites, x: torch.Tensor, y: torch.Tensor, module: nn.M
     if kept is None:
         layout = module.__dict__[form.layout_key]
         return layout.programs[True](layout.model(), index, x, y)
-    k, down, up, bias, lookup, out_features = kept
-    slots = slots_of(lookup, index)
-    if x.shape[0] != slots.shape[0]:  # rows: the batch flattened with a later dimension, batch first
-        slots = slots.repeat_interleave(x.shape[0] // slots.shape[0])
+    k, down, up, bias, _, lookup, out_features = kept
+    slots = _row_slots(lookup, index, x)
     h = x.to(dtype).reshape(x.shape[0], -1, x.shape[-1])  # (rows, tokens, in)
     delta = _summed([
         torch.bmm(torch.bmm(h, down.index_select(0, slots).transpose(1, 2)), up.index_select(0, slots))
@@ -627,6 +693,69 @@ def _mixed_site(form: _KeptSites, x: torch.Tensor, y: torch.Tensor, module: nn.M
     rows = y.reshape(y.shape[0], -1, out_features)
     new = _applied(rows, None if k is None else k.index_select(0, slots).unsqueeze(1), delta, dtype)
     return new.reshape(y.shape)
+
+
+def _dense_input(form: _KeptSites, x: torch.Tensor, module: nn.Module, holder: nn.Module, key: str,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """A dense generation graph's input to the op at one linear site of a ``maps_input`` method: ``x Q``."""
+    kept = _kept(module, holder, key, False)
+    if kept is None:
+        layout = module.__dict__[form.layout_key]
+        return layout.programs[False, "input"](layout.model(), x)
+    rotation = kept[5]
+    if rotation is None:
+        return x
+    n, b = rotation.shape[0], rotation.shape[1]
+    blocks = x.to(dtype).reshape(*x.shape[:-1], n, b)
+    return torch.einsum("...nb,nbc->...nc", blocks, rotation).reshape(x.shape).to(x.dtype)
+
+
+def _mixed_input(form: _KeptSites, x: torch.Tensor, module: nn.Module, holder: nn.Module, key: str,
+                 dtype: torch.dtype, index: torch.Tensor) -> torch.Tensor:
+    """A mixed generation graph's input to the op at one linear site of a ``maps_input`` method: each
+    sample's ``x Q``, its adapter's Q."""
+    kept = _kept(module, holder, key, True)
+    if kept is None:
+        layout = module.__dict__[form.layout_key]
+        return layout.programs[True, "input"](layout.model(), index, x)
+    rotation, lookup = kept[4], kept[5]
+    if rotation is None:
+        return x
+    n, b = rotation.shape[1], rotation.shape[2]
+    rows = rotation.index_select(0, _row_slots(lookup, index, x))  # (rows, n, b, b)
+    blocks = x.to(dtype).reshape(x.shape[0], -1, n, b)  # (rows, tokens, n, b)
+    return torch.einsum("rtnb,rnbc->rtnc", blocks, rows).reshape(x.shape).to(x.dtype)
+
+
+def _row_slots(lookup: torch.Tensor, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Each row's slot: rows are the batch, or the batch flattened with a later dimension (batch first)."""
+    slots = slots_of(lookup, index)
+    if x.shape[0] != slots.shape[0]:
+        slots = slots.repeat_interleave(x.shape[0] // slots.shape[0])
+    return slots
+
+
+def _op_stand_in(x: torch.Tensor) -> torch.Tensor:
+    """The site's op in a program's lowering: the programs are split at it, never run."""
+    raise AssertionError("the site's op stands in a lowering only")
+
+
+def _program(graph: torch.fx.Graph, inputs: dict, out: torch.fx.Node) -> Callable:
+    """``program(model, *inputs)``: the nodes of ``graph`` computing ``out`` from ``inputs`` (node -> the
+    placeholder's name, in order), compiled to a function; nodes needing anything else are left out."""
+    part, env = torch.fx.Graph(), {}
+    for node, name in inputs.items():
+        env[node] = part.placeholder(name)
+    for node in graph.nodes:
+        if node not in env and node.op not in ("placeholder", "output") and all(
+                arg in env for arg in node.all_input_nodes):
+            env[node] = part.node_copy(node, env.__getitem__)
+    part.output(env[out])
+    for node in reversed(part.nodes):  # what out does not need (random draws included: the other part's)
+        if node.op != "placeholder" and node.op != "output" and not node.users:
+            part.erase_node(node)
+    code = part.python_code(root_module="self")
+    return _forward_from_src(code.src, code.globals, {})
 
 
 def _applied(y: torch.Tensor, k: Optional[torch.Tensor], delta: Optional[torch.Tensor], dtype) -> torch.Tensor:
@@ -866,19 +995,21 @@ def broadcast_per_sample(factors: torch.Tensor, like: torch.Tensor, dim: int) ->
 def weight_map(*, name: str, config_type: type, create: Callable, lower_site: Callable, fold: Callable,
                containers: tuple[str, ...], gates: str, kinds=("linear",), default_targets: Optional[dict] = None,
                heads: Optional[Callable] = None, adapters_at: Optional[Callable] = None, phase: int = 40,
-               site_parts: Optional[Callable] = None, **fields) -> Method:
+               site_parts: Optional[Callable] = None, maps_input: bool = False, **fields) -> Method:
     """A method whose site computes with a function of its weight.
 
     ``lower_site(lw, site, module, adapters)`` inserts the site's new output (it may call
     ``lw.replace_op(site, weight=...)`` to run the op on the mapped weight, or compute the same
     thing cheaper); ``fold(gm, site, module, adapter, weight, bias, sign)`` folds the map into the
     float weight (sign 1) or unfolds it (-1), keeping on the gate's ``stash`` what unfolding needs.
-    ``site_parts(model, site, module, adapter, dtype)`` (optional) gives one adapter at a linear site
+    ``site_parts(model, site, module, adapter, dtype, alone)`` (optional) gives one adapter at a linear site
     in eval as :class:`SiteParts`: generation graphs then read them, kept once per ``generate`` call
     (:class:`_KeptSites`), and an adapter loaded between compiled generate calls does not recompile.
-    It needs a ``lower_site`` that computes from the op's input and output (DoRA's), not one that runs
-    the op again on other operands (the orthogonal family's ``replace_op``): where the kept parts do not
-    apply, the generation graph runs ``lower_site`` on the op's output.
+    Where the kept parts do not apply, generation graphs run ``lower_site`` as small programs from the
+    op's input and output; a ``lower_site`` running the op on a mapped input (``replace_op(site,
+    input=…)``: the orthogonal family) says so with ``maps_input``: the generation graph then maps the
+    input in a node of its own (``SiteParts.rotation``, or the lowering's part before the op), runs the op
+    on it, and applies the rest in a second node.
     """
     site_adapters = adapters_at or _gates_of(gates)[0]
 
@@ -889,7 +1020,7 @@ def weight_map(*, name: str, config_type: type, create: Callable, lower_site: Ca
         return lower_site(lw, site, module, site_adapters(module))
 
     kept = None if site_parts is None else _KeptSites(name, site_adapters, _gates_of(gates)[1], site_parts,
-                                                       lower_site)
+                                                       lower_site, maps_input=maps_input)
     if kept is not None:
         _kept_hooks(fields, kept)
     rule = site_rule(name, lambda site, module: bool(site_adapters(module)), rewrite, phase=phase)

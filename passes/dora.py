@@ -253,7 +253,7 @@ def fold(gm, site: Site, module: nn.Module, adapter: str, weight, bias, sign):
     return weight / (m / gate.stash).view(shape) - delta, bias
 
 
-def site_parts(gm, site: Site, module: nn.Module, adapter: str, dtype: torch.dtype) -> SiteParts:
+def site_parts(gm, site: Site, module: nn.Module, adapter: str, dtype: torch.dtype, alone: bool) -> SiteParts:
     """One adapter at a linear site in eval, ungated: ``y ← c ⊙ y + (c s B) A x - (c - 1) ⊙ b`` (``lower_site``'s
     dense form with the adapter on)."""
     gate = module.lora_scaling[adapter]

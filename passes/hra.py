@@ -24,7 +24,9 @@ import torch
 from torch import nn
 
 from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_bias, check_layer_fields
-from fxpeft.forms import AdapterGate, adapter_dtype, child_dict, weight_map
+from fxpeft.canonical import Site
+from fxpeft.forms import AdapterGate, SiteParts, adapter_dtype, child_dict, weight_map
+from .weight_delta import float_weight
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads
 
@@ -100,6 +102,27 @@ def hra_matrix(site_module: nn.Module, adapter: str) -> torch.Tensor:
     return householder(site_module, adapter).t()
 
 
+def site_parts(gm, site: Site, module: nn.Module, adapter: str, dtype: torch.dtype, alone: bool) -> SiteParts:
+    """The adapter at a linear site in eval. Alone there, low rank: the reflections' product is
+    ``P = H_{r-1} ⋯ H_0 = I + U C U^T`` (C r × r, built one reflection at a time: ``P H_k`` changes column k
+    of C by ``-2 (e_k + C U^T u_k)``; Gram-Schmidt: C = -2 I), so ``W (x P)`` is ``y + ((x U C)) (W U)^T``,
+    as cheap as the reflections; beside another acting HRA adapter (they chain), Q = H^T dense."""
+    if not alone:
+        return SiteParts(rotation=hra_matrix(module, adapter).to(dtype).unsqueeze(0))
+    u = module.hra_u[adapter].to(dtype)
+    rank = u.shape[1]
+    if module.hra_gate[adapter].apply_gs:
+        u, c = gram_schmidt(u), -2 * torch.eye(rank, device=u.device, dtype=dtype)
+    else:
+        u = u / u.norm(dim=0)
+        c, overlap = torch.zeros(rank, rank, device=u.device, dtype=dtype), u.t() @ u
+        for k in reversed(range(rank)):  # x meets H_{r-1} first
+            c[:, k] -= 2 * (torch.eye(rank, device=u.device, dtype=dtype)[k] + c @ overlap[:, k])
+    weight = float_weight(module).detach()
+    weight = (weight.t() if site.fan_in_fan_out else weight).to(dtype)
+    return SiteParts(down=(u @ c).t(), up=(weight @ u).t())
+
+
 def check_site(module: nn.Module, site, weight_spec, config: HRAConfig) -> None:
     orthogonal.check_site_kinds("HRA", module, site, ("linear", "conv"))
 
@@ -127,7 +150,7 @@ def add_hra(module: nn.Module, site, weight_spec, config: HRAConfig, adapter: st
 METHOD = register_method(weight_map(
     name="hra", config_type=HRAConfig, create=add_hra, check_site=check_site,
     lower_site=orthogonal.lowering(gates="hra_gate", rotate=hra_rotate, matrix=hra_matrix),
-    fold=orthogonal.folding(gates="hra_gate", matrix=hra_matrix),
+    fold=orthogonal.folding(gates="hra_gate", matrix=hra_matrix), maps_input=True, site_parts=site_parts,
     containers=("hra_u",), gates="hra_gate", kinds=("linear", "conv"), default_targets=DEFAULT_LORA_TARGETS,
     heads=output_heads,
     describe=lambda module, adapter: f"r={module.hra_u[adapter].shape[1]}" + (

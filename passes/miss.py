@@ -186,14 +186,15 @@ def _gate(lw: Lowering, site: Site, adapter: str, like):
     return lw.call(aten.mul.Tensor, value, lw.gate(adapter))
 
 
-def site_parts(gm, site: Site, module: nn.Module, adapter: str, dtype: torch.dtype) -> Optional[SiteParts]:
+def site_parts(gm, site: Site, module: nn.Module, adapter: str, dtype: torch.dtype,
+               alone: bool) -> Optional[SiteParts]:
     """The adapter at a linear site in eval, ungated: balance / mini as the low-rank ΔW = Dᵀ S (S (r, in) sums
-    the inputs i with i mod r = k into k), bat as its dense ΔW of the weight as it is; None for bat beside
-    another bat adapter (they chain through the weight: the site computes as lowered)."""
+    the inputs i with i mod r = k into k), bat as its dense ΔW of the weight as it is; None for bat not alone
+    beside another bat adapter (they chain through the weight: the site computes as lowered)."""
     block = module.miss_block[adapter].detach().to(dtype)
     out_f, in_f = site_weight(gm, site).shape
     if module.miss_gate[adapter].variant == "bat":
-        if sum(gate.variant == "bat" for gate in module.miss_gate.values()) > 1:
+        if not alone and sum(gate.variant == "bat" for gate in module.miss_gate.values()) > 1:
             return None
         weight = float_weight(module, site.weight[len(site.path) + 1:]).detach()
         return SiteParts(dense=bat_delta(weight.to(dtype), block))

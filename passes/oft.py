@@ -155,6 +155,11 @@ class OFTRotation(nn.Module):
         blocks = cayley(self.skew(self.weight), self.neumann, self.terms)
         return dropout(blocks) if dropout is not None else blocks
 
+    def kept_blocks(self) -> torch.Tensor:
+        """R's blocks (rank, b, b) as eval computes them (a shared block repeated)."""
+        blocks = self.blocks()
+        return blocks.expand(self.rank, *blocks.shape[1:])
+
     def rotate(self, v: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         """``v R`` over v's last dim, block by block."""
         if self.block_share:
@@ -259,7 +264,8 @@ def add_oft(module: nn.Module, site, weight_spec, config: OFTConfig, adapter: st
 METHOD = register_method(weight_map(
     name="oft", config_type=OFTConfig, create=add_oft, check_site=check_site,
     lower_site=orthogonal.lowering(gates="oft_gate", rotate=oft_rotate, matrix=oft_matrix),
-    fold=orthogonal.folding(gates="oft_gate", matrix=merged_matrix),
+    fold=orthogonal.folding(gates="oft_gate", matrix=merged_matrix), maps_input=True,
+    site_parts=orthogonal.parts(rotation=lambda module, adapter: _rotation(module, adapter).kept_blocks()),
     containers=("oft_R", "oft_embedding_R", "oft_dropout"), gates="oft_gate", kinds=("linear", "conv", "embedding"),
     default_targets=DEFAULT_LORA_TARGETS, heads=output_heads,
     describe=lambda module, adapter: _rotation(module, adapter).extra_repr()))

@@ -17,6 +17,9 @@ cheaply where Q is structured (OFT's blocks, HRA's reflections),
   conv on its mapped weight replaces the output for its samples;
 - embedding sites: the output rows rotated, adapters in order.
 
+Generation graphs (``site_parts``: :func:`parts`, HRA's own) keep Q once per ``generate`` call and run the
+site's op on ``x Q`` (``weight_map(maps_input=True)``), so loading an adapter does not recompile them.
+
 Each adapter enters as ``v + g (f(v) - v)``, ``g`` its gate times whether it acts (a 0-dim value,
 or the per-sample mask in mixed graphs), so activity and merging stay data. Merging folds the map
 into the weight and keeps (Q, s) on the gate's stash; unmerging applies their inverses (Q is only
@@ -31,7 +34,7 @@ from torch import nn
 
 from fxpeft.canonical import Site, site_weight
 from fxpeft.configs import check_layer_fields
-from fxpeft.forms import adapter_dtype
+from fxpeft.forms import SiteParts, adapter_dtype
 from fxpeft.rewrite import Lowering, samples_of
 
 aten = torch.ops.aten
@@ -136,6 +139,21 @@ def lowering(*, gates: str, rotate: Callable, matrix: Callable, scale: Optional[
         return out
 
     return lower_site
+
+
+def parts(*, rotation: Callable, scale: Optional[Callable] = None) -> Callable:
+    """The weight-map form's ``site_parts`` at a linear site in eval (no dropout): the input turned by Q,
+    given as its blocks by ``rotation(m, a)`` (n, b, b; a dense Q is one block), and BOFT's scale s on
+    ``y - b`` as ``k = s`` and the bias shift ``(1 - s) b``."""
+
+    def site_parts(gm, site: Site, module: nn.Module, adapter: str, dtype: torch.dtype, alone: bool) -> SiteParts:
+        k = bias = None
+        if scale is not None:
+            k = scale(module, adapter).to(dtype)
+            bias = None if site.bias is None else (1 - k) * gm.get_parameter(site.bias).to(dtype)
+        return SiteParts(k=k, bias=bias, rotation=rotation(module, adapter).to(dtype))
+
+    return site_parts
 
 
 def folding(*, gates: str, matrix: Callable, scale: Optional[Callable] = None) -> Callable:

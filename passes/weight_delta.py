@@ -39,7 +39,7 @@ def method(*, gates: str, delta: Callable, change: Callable, reads_weight: bool 
     dense ΔW and Δb, or, with ``factors(site_module, adapter, W) -> (A (r, in), B (out, r))``, the
     low-rank ``ΔW = B A`` of a method changing no bias."""
 
-    def parts(model, site: Site, module: nn.Module, adapter: str, dtype) -> SiteParts:
+    def parts(model, site: Site, module: nn.Module, adapter: str, dtype, alone: bool) -> SiteParts:
         weight = float_weight(module).detach()
         if factors is not None:
             down, up = factors(module, adapter, weight)

@@ -7,6 +7,7 @@ from typing import Optional, Union
 
 import pytest
 import torch
+import transformers
 from torch import nn
 
 import fxpeft
@@ -138,23 +139,41 @@ def test_registered_method_generates_from_its_delta_weight(registry):
         assert not torch.equal(got, gm.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0))
 
 
-def test_site_parts_need_a_lowering_from_the_ops_output():
-    """A weight map giving site_parts whose lower_site runs the op again (replace_op) is told so, by name,
-    when its generation graph is built, instead of generating from the op's output taken for the op."""
+def test_a_weight_map_running_its_op_on_a_mapped_input_says_so_and_generates():
+    """A weight map whose lower_site runs the op on a mapped input (replace_op) and gives site_parts must
+    say so (maps_input): without it, building its generation graph is refused by name, instead of taking
+    the op's output for the op; with it, the input is mapped before the op, from the kept rotation
+    (generate: the tokens of greedy decoding without a cache) or the lowering's part before the op."""
     def lower_site(lw, site, module, adapters):  # W (2 x): the op on a doubled input
         return lw.replace_op(site, input=lw.call(aten.mul.Tensor, site.input, 2.0))
 
     def create_doubled(module, site, weight, config, adapter):
         child_dict(module, "doubled_gate")[adapter] = AdapterGate(1.0)
 
-    mine = fxpeft.registry.DEFAULT.copy()
-    mine.add_method(weight_map(
-        name="doubled", config_type=DoubledConfig, create=create_doubled, lower_site=lower_site,
-        fold=lambda gm, site, module, adapter, weight, bias, sign: (weight * 2.0 ** sign, bias),
-        containers=(), gates="doubled_gate", site_parts=lambda gm, site, module, adapter, dtype: SiteParts()))
-    gm = fxpeft.transform(llama().eval(), DoubledConfig(target_modules=["q_proj"]), registry=mine).eval()
-    with pytest.raises(NotImplementedError, match="doubled's lower_site runs the op .* again"):
-        gm.generate(**hf_inputs("llama", batch=2), max_new_tokens=2, do_sample=False, pad_token_id=0)
+    def doubled(**fields):
+        def parts(gm, site, module, adapter, dtype, alone):  # Q = 2 I, as blocks of one feature
+            return SiteParts(rotation=torch.full((gm.get_parameter(site.weight).shape[1], 1, 1), 2.0, dtype=dtype))
+
+        mine = fxpeft.registry.DEFAULT.copy()
+        mine.add_method(weight_map(
+            name="doubled", config_type=DoubledConfig, create=create_doubled, lower_site=lower_site,
+            fold=lambda gm, site, module, adapter, weight, bias, sign: (weight * 2.0 ** sign, bias),
+            containers=(), gates="doubled_gate", site_parts=parts, **fields))
+        torch.manual_seed(0)
+        return fxpeft.transform(llama().eval(), DoubledConfig(target_modules=["v_proj", "down_proj"]),
+                                registry=mine).eval()
+
+    inputs = hf_inputs("llama", batch=2)
+    with pytest.raises(NotImplementedError, match=r"doubled.s lower_site runs the op .*maps_input=True"):
+        doubled().generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    gm = doubled(maps_input=True)
+    got = gm.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, greedy_without_cache(gm, inputs, 4))
+    with fxpeft.disable_adapters(gm):
+        assert not torch.equal(got, gm.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0))
+    with torch.enable_grad():  # a cached call with autograd: the lowering's part before the op
+        cache = transformers.StaticCache(config=gm.config, max_cache_len=12)
+        torch.testing.assert_close(gm(**inputs, cache=cache, use_cache=True).logits, gm(**inputs).logits)
 
 
 @dataclasses.dataclass

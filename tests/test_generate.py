@@ -376,6 +376,10 @@ READ_WHEN_RUN = {  # methods whose generation graphs read each site's adapters w
     # weight maps with SiteParts: per-feature factors and low-rank factors kept
     "dora": lambda: fxpeft.LoraConfig(r=2, use_dora=True, init_lora_weights=False, **SITES),
     "miss": lambda: fxpeft.MissConfig(r=2, init_weights=False, **SITES),
+    # the orthogonal family: the op runs on x Q (OFT's blocks, BOFT's butterfly with its scale); HRA low rank
+    "oft": lambda: fxpeft.OFTConfig(r=4, oft_block_size=0, init_weights=False, **SITES),
+    "boft": lambda: fxpeft.BOFTConfig(boft_block_size=0, boft_block_num=4, boft_n_butterfly_factor=2, init_weights=False, **SITES),
+    "hra": lambda: fxpeft.HRAConfig(r=3, init_weights=False, **SITES),
 }
 
 
@@ -421,10 +425,52 @@ def test_compiled_decoding_survives_loading_another_adapter(name):
         torch._dynamo.reset()
 
 
-WITH_DROPOUT = {  # the additive form (low rank) and a weight map with SiteParts
+CHAINED = {  # two adapters whose maps chain at a site, shaped differently (kept blocks go dense to compose)
+    "oft": (fxpeft.OFTConfig(r=4, oft_block_size=0, init_weights=False, **SITES),
+            fxpeft.OFTConfig(r=2, oft_block_size=0, init_weights=False, **SITES)),
+    "boft": (fxpeft.BOFTConfig(boft_block_size=0, boft_block_num=4, init_weights=False, **SITES),
+             fxpeft.BOFTConfig(boft_block_size=0, boft_block_num=2, init_weights=False, **SITES)),
+    "hra": (fxpeft.HRAConfig(r=3, init_weights=False, **SITES), fxpeft.HRAConfig(r=2, init_weights=False, **SITES)),
+}
+
+
+@pytest.mark.parametrize("name", list(CHAINED))
+def test_kept_maps_chain_as_the_graph_without_a_cache_does(name):
+    """The orthogonal family at once: two active adapters' maps compose in a generation graph (blocks of
+    different sizes as dense products, HRA's low-rank form as dense reflections) as in the graph without a
+    cache; in a compiled mixed decode, each sequence's tokens are those of its adapter alone."""
+    torch.manual_seed(0)
+    gm = fxpeft.transform(models.llama().eval(), CHAINED[name][0])
+    gm.add_adapter("other", CHAINED[name][1])
+    inputs = models.hf_inputs("llama", batch=2)
+    gm.set_adapter(["default", "other"])
+    with torch.no_grad():
+        expected = gm(**inputs).logits
+        for _ in range(2):  # the first call captures the generation graph, the second reads what it kept
+            cache = transformers.StaticCache(config=gm.config, max_cache_len=12)
+            torch.testing.assert_close(gm(**inputs, cache=cache, use_cache=True).logits, expected,
+                                       rtol=1e-5, atol=1e-5)
+    kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    alone = {}
+    for adapter in ("default", "other"):
+        gm.set_adapter(adapter)
+        alone[adapter] = gm.generate(**inputs, **kw)
+    assert not torch.equal(alone["default"], alone["other"])
+    torch._dynamo.reset()
+    try:
+        config = transformers.CompileConfig(fullgraph=True, backend="eager", mode=None)
+        mixed = gm.generate(**inputs, **kw, adapter_names=["other", "default"], compile_config=config)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(mixed, torch.stack([alone["other"][0], alone["default"][1]]))
+
+
+WITH_DROPOUT = {  # the additive form (low rank), a weight map with SiteParts, one mapping the op's input
     "vera": lambda dropout=0.0: fxpeft.VeraConfig(r=4, init_weights=False, vera_dropout=dropout, **SITES),
     "dora": lambda dropout=0.0: fxpeft.LoraConfig(r=2, use_dora=True, init_lora_weights=False, lora_dropout=dropout,
                                                   **SITES),
+    "boft": lambda dropout=0.0: fxpeft.BOFTConfig(boft_block_size=0, boft_block_num=4, init_weights=False,
+                                                  boft_dropout=dropout, **SITES),
 }
 
 
