@@ -33,7 +33,7 @@ from torch import nn
 from torch.fx.graph_module import _forward_from_src
 
 from .canonical import Site, is_sharded, site_weight, submodule
-from .generation import KeptTensors, generate_step, kept_places, kept_roots, reads_cache
+from .generation import KEPT_HOLDERS, KeptTensors, generate_step, kept_places, kept_roots, reads_cache
 from .registry import Method, call_prepared, registry_of, site_rule
 from .rewrite import Lowering, samples_of
 from .state import sites_by_path
@@ -400,7 +400,7 @@ class GenerationLayout(NamedTuple):
     # that copying a submodule does not copy the whole model (a copy of the model is lowered again: its own)
     model: weakref.ref
     places: list  # kept_places
-    programs: dict  # mixed -> program(model, [index,] x, y): the site's new output, as the plain lowering has it
+    programs: dict  # "dense" / "mixed" (and "… input") -> the plain lowering as programs (_KeptSites.programs)
 
 
 class SiteParts(NamedTuple):
@@ -416,6 +416,13 @@ class SiteParts(NamedTuple):
     dense: Optional[torch.Tensor] = None
     bias: Optional[torch.Tensor] = None
     rotation: Optional[torch.Tensor] = None
+
+
+def no_parts(model, site: Site, module: nn.Module, adapter: str, dtype, alone: bool) -> None:
+    """``site_parts`` for a method with no kept form (RoAd's pair rotations, Lily's input-dependent router):
+    its generation graphs still name no adapter; they run the site's plain lowering, as an opaque op when
+    compiled without autograd (:func:`_run_program`), so a load does not recompile them."""
+    return None
 
 
 class _KeptSites:
@@ -485,15 +492,17 @@ class _KeptSites:
                 key: program for mixed in (False, True)
                 for key, program in self.programs(gm, registry, order, site, module, names, mixed).items()}
             module.__dict__[self.programs_key] = (key, programs)
-            module.__dict__[self.layout_key] = GenerationLayout(
-                names, positions, site, weakref.ref(gm), kept_places(roots, self.kept_name, path), programs)
+            places = kept_places(roots, self.kept_name, path)
+            for holder, key in places:
+                holder.__dict__["sites"][key] = module
+            module.__dict__[self.layout_key] = GenerationLayout(names, positions, site, weakref.ref(gm), places, programs)
 
     def programs(self, gm, registry, order, site: Site, module: nn.Module, names, mixed: bool) -> dict:
-        """The site's plain lowering (as in a graph without a cache) as small programs: ``mixed`` →
+        """The site's plain lowering (as in a graph without a cache) as small programs: "dense" / "mixed" →
         ``program(model, [index,] x, y)``, the site's output with its adapters applied, from the op's input x
         and output y (a mixed one takes each sample's adapter index first); where the lowering runs the op on
-        a mapped input, also ``(mixed, "input")`` → ``program(model, [index,] x)``, that input: the lowering
-        is split at the op, which the generation graph runs between the two."""
+        a mapped input, also "dense input" / "mixed input" → ``program(model, [index,] x)``, that input: the
+        lowering is split at the op, which the generation graph runs between the two."""
         graph = torch.fx.Graph()
         x = graph.placeholder("x")
         op = graph.call_function(_op_stand_in, (x,))
@@ -505,16 +514,17 @@ class _KeptSites:
             end.args = (self.lower(lw, lowered, module, list(names)),)
         inputs = {lw.sample_index: "fxpeft_adapter_index"} if mixed else {}
         inputs[x] = "x"
-        programs = {mixed: _program(graph, {**inputs, lowered.node: "y"}, end.args[0])}
+        which = "mixed" if mixed else "dense"
+        programs = {which: _program(graph, {**inputs, lowered.node: "y"}, end.args[0])}
         if lowered.node is not op:  # replace_op: the op on a mapped input
             if not self.maps_input:
                 raise NotImplementedError(
                     f"{self.name}'s lower_site runs the op at {site.path} on another input (replace_op): "
                     "weight_map(maps_input=True) says so, and the generation graph then runs the op between the "
                     "mapped input and the output.")
-            programs[mixed, "input"] = _program(graph, inputs, lowered.input)
+            programs[f"{which} input"] = _program(graph, inputs, lowered.input)
         elif self.maps_input:
-            programs[mixed, "input"] = _program(graph, inputs, x)
+            programs[f"{which} input"] = _program(graph, inputs, x)
         return programs
 
     def prepare_call(self, gm, mixed: bool, cached: bool, compiled: bool) -> None:
@@ -666,9 +676,8 @@ def _dense_site(form: _KeptSites, x: torch.Tensor, y: torch.Tensor, module: nn.M
                 dtype: torch.dtype) -> torch.Tensor:
     """A dense generation graph's output at one linear site (see :class:`_KeptSites`)."""
     kept = _kept(module, holder, key, False)
-    if kept is None:  # dynamo reads the layout (which a load changes) only here
-        layout = module.__dict__[form.layout_key]
-        return layout.programs[False](layout.model(), x, y)
+    if kept is None:
+        return _run_program(form, module, holder, key, "dense", x, y)
     k, down, up, dense, bias, _, _ = kept
     h = x.to(dtype)
     delta = _summed([torch.matmul(torch.nn.functional.linear(h, down), up) if down is not None else None,
@@ -681,8 +690,7 @@ def _mixed_site(form: _KeptSites, x: torch.Tensor, y: torch.Tensor, module: nn.M
     """A mixed generation graph's output at one linear site: each sample's adapter's (see :class:`_KeptSites`)."""
     kept = _kept(module, holder, key, True)
     if kept is None:
-        layout = module.__dict__[form.layout_key]
-        return layout.programs[True](layout.model(), index, x, y)
+        return _run_program(form, module, holder, key, "mixed", index, x, y)
     k, down, up, bias, _, lookup, out_features = kept
     slots = _row_slots(lookup, index, x)
     h = x.to(dtype).reshape(x.shape[0], -1, x.shape[-1])  # (rows, tokens, in)
@@ -700,8 +708,7 @@ def _dense_input(form: _KeptSites, x: torch.Tensor, module: nn.Module, holder: n
     """A dense generation graph's input to the op at one linear site of a ``maps_input`` method: ``x Q``."""
     kept = _kept(module, holder, key, False)
     if kept is None:
-        layout = module.__dict__[form.layout_key]
-        return layout.programs[False, "input"](layout.model(), x)
+        return _run_program(form, module, holder, key, "dense input", x)
     rotation = kept[5]
     if rotation is None:
         return x
@@ -716,8 +723,7 @@ def _mixed_input(form: _KeptSites, x: torch.Tensor, module: nn.Module, holder: n
     sample's ``x Q``, its adapter's Q."""
     kept = _kept(module, holder, key, True)
     if kept is None:
-        layout = module.__dict__[form.layout_key]
-        return layout.programs[True, "input"](layout.model(), index, x)
+        return _run_program(form, module, holder, key, "mixed input", index, x)
     rotation, lookup = kept[4], kept[5]
     if rotation is None:
         return x
@@ -725,6 +731,32 @@ def _mixed_input(form: _KeptSites, x: torch.Tensor, module: nn.Module, holder: n
     rows = rotation.index_select(0, _row_slots(lookup, index, x))  # (rows, n, b, b)
     blocks = x.to(dtype).reshape(x.shape[0], -1, n, b)  # (rows, tokens, n, b)
     return torch.einsum("rtnb,rnbc->rtnc", blocks, rows).reshape(x.shape).to(x.dtype)
+
+
+def _run_program(form: _KeptSites, module: nn.Module, holder: nn.Module, key: str, which: str, *inputs: torch.Tensor):
+    """The site's plain lowering (``GenerationLayout.programs[which]``), where nothing kept applies. Traced
+    by torch.compile without autograd, it is the opaque op ``fxpeft::site_program``: the compiled graph
+    names no adapter, so loading one (or a mixed step of dense-ΔW adapters) does not recompile it; with
+    autograd dynamo traces the program itself, so that gradients reach the adapters."""
+    if torch.compiler.is_compiling() and not torch.is_grad_enabled():  # the holder's token: blocks sharing a graph
+        return torch.ops.fxpeft.site_program(holder.token, key, form.layout_key, which, list(inputs))
+    layout = module.__dict__[form.layout_key]
+    return layout.programs[which](layout.model(), *inputs)
+
+
+@torch.library.custom_op("fxpeft::site_program", mutates_args=())
+def _site_program(token: torch.Tensor, key: str, layout_key: str, which: str, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """One site's program, run eagerly from a compiled generation graph (see :func:`_run_program`): the site
+    at ``key`` of the lowering root whose KeptTensors holds ``token``."""
+    layout = KEPT_HOLDERS[int(token)].__dict__["sites"][key].__dict__[layout_key]
+    out = layout.programs[which](layout.model(), *inputs)
+    storages = {t.untyped_storage().data_ptr() for t in inputs}
+    return out.clone() if out.untyped_storage().data_ptr() in storages else out  # an op's output owns its memory
+
+
+@_site_program.register_fake
+def _(token: torch.Tensor, key: str, layout_key: str, which: str, inputs: list[torch.Tensor]) -> torch.Tensor:
+    return torch.empty_like(inputs[-1])  # the output y's, or the input x's
 
 
 def _row_slots(lookup: torch.Tensor, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
+import weakref
 from typing import Any, Callable, Optional
 
 import torch
@@ -310,11 +312,27 @@ class KeptTensors(torch.nn.Module):
     """What a method's ``prepare_call`` keeps for the sites of one lowering root, read by its generation
     graphs: key (a site's path from that root, and what) -> tensors. Not on the site: torch.compile
     reads a builtin module's tensors (an nn.Linear's) differently. Emptied when a ``generate`` call ends
-    (:func:`release_kept`)."""
+    (:func:`release_kept`). ``sites`` (path -> the site's module) and ``token`` (a number no other live
+    holder has, as a tensor a compiled graph reads) let an op in a compiled graph find a site of this
+    root when it runs (forms.site_program): blocks sharing one graph pass their own holder."""
 
     def __init__(self):
         super().__init__()
         self.__dict__["tensors"] = {}
+        self.__dict__["sites"] = {}
+        self.register_buffer("token", torch.zeros((), dtype=torch.long), persistent=False)
+        self.own_token()
+
+    def own_token(self) -> None:
+        """Take a token of its own unless it has one (a copied holder has its original's)."""
+        if KEPT_HOLDERS.get(int(self.token)) is not self:
+            with torch.no_grad():
+                self.token.fill_(next(_TOKENS))
+            KEPT_HOLDERS[int(self.token)] = self
+
+
+KEPT_HOLDERS: "weakref.WeakValueDictionary[int, KeptTensors]" = weakref.WeakValueDictionary()  # token -> holder
+_TOKENS = itertools.count(1)
 
 
 def lowering_roots(gm) -> dict:
@@ -330,6 +348,8 @@ def kept_roots(gm, kept_name: str, kind: type = KeptTensors) -> dict:
         holder = root._modules.get(kept_name)
         if holder is None or id(holder) in seen:
             root._modules[kept_name] = holder = kind()
+        elif isinstance(holder, KeptTensors):
+            holder.own_token()
         seen.add(id(holder))
     return roots
 

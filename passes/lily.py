@@ -30,7 +30,7 @@ from torch import nn
 
 from fxpeft.canonical import Site
 from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_layer_fields
-from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict
+from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict, no_parts
 from fxpeft.registry import register_method
 from fxpeft.rewrite import samples_of
 from fxpeft.targets import output_heads
@@ -144,7 +144,8 @@ def refuse_merge(gm, site, module, adapter, weight, bias, sign):
 # nothing left to do; merging would fold ΔW, which Lily has none of (``refuse_merge``).
 METHOD = register_method(dataclasses.replace(additive(
     name="lily", config_type=LilyConfig, create=lambda *args: None, prepare=add_lily_everywhere, delta=delta,
-    delta_weight=None, containers=("lily_A", "lily_B", "lily_router"), gates="lily_gate", kinds=("linear",),
+    delta_weight=None, site_parts=no_parts, containers=("lily_A", "lily_B", "lily_router"), gates="lily_gate",
+    kinds=("linear",),
     dtype_of=lambda module, adapter: module.lily_A[adapter].weight.dtype, check_site=check_site,
     default_targets=DEFAULT_LORA_TARGETS, heads=output_heads,
     describe=lambda module, adapter: "r={} num_B={}".format(module.lily_A[adapter].out_features,

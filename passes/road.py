@@ -28,7 +28,7 @@ from torch import nn
 
 from fxpeft.canonical import Site, site_weight
 from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase
-from fxpeft.forms import AdapterGate, adapter_dtype, child_dict, weight_map
+from fxpeft.forms import AdapterGate, adapter_dtype, child_dict, no_parts, weight_map
 from fxpeft.registry import register_method
 from fxpeft.rewrite import Lowering
 from fxpeft.targets import output_heads
@@ -159,5 +159,5 @@ def fold(gm, site: Site, module: nn.Module, adapter: str, weight, bias, sign):
 METHOD = register_method(weight_map(
     name="road", config_type=RoadConfig, create=add_road, check_site=check_site, lower_site=lower_site, fold=fold,
     containers=("road_theta", "road_alpha"), gates="road_gate", kinds=("linear",),
-    default_targets=DEFAULT_LORA_TARGETS, heads=output_heads, phase=60,
+    default_targets=DEFAULT_LORA_TARGETS, heads=output_heads, phase=60, site_parts=no_parts,
     describe=lambda module, adapter: "{0.variant} group_size={0.group_size}".format(module.road_gate[adapter])))
