@@ -408,7 +408,9 @@ class SiteParts(NamedTuple):
     b`` (each part None where it has none): ``k`` (out,), ``A`` (r, in), ``B`` given as ``up`` (r, out), ``D``
     (out, in), ``b`` (out,), with the adapter's scale and without its gate. A method whose site runs its op
     on a mapped input (``weight_map(maps_input=True)``) may also give ``Q`` as ``rotation`` (n, b, b): the op
-    then reads ``x Q``, Q block-diagonal (n blocks of b × b; a dense Q is one block), while A and D read x."""
+    then reads ``x Q``, Q block-diagonal (n blocks of b × b; a dense Q is one block), while A and D read x.
+    ``turn`` (out,) and ``partner`` (out,) indices mix output features in pairs: ``+ t ⊙ y[partner]`` (RoAd;
+    one such adapter at a site: two chain)."""
 
     k: Optional[torch.Tensor] = None
     down: Optional[torch.Tensor] = None
@@ -416,10 +418,12 @@ class SiteParts(NamedTuple):
     dense: Optional[torch.Tensor] = None
     bias: Optional[torch.Tensor] = None
     rotation: Optional[torch.Tensor] = None
+    turn: Optional[torch.Tensor] = None
+    partner: Optional[torch.Tensor] = None
 
 
 def no_parts(model, site: Site, module: nn.Module, adapter: str, dtype, alone: bool) -> None:
-    """``site_parts`` for a method with no kept form (RoAd's pair rotations, Lily's input-dependent router):
+    """``site_parts`` for a method with no kept form (Lily: its router is not linear in the input):
     its generation graphs still name no adapter; they run the site's plain lowering, as an opaque op when
     compiled without autograd (:func:`_run_program`), so a load does not recompile them."""
     return None
@@ -559,15 +563,19 @@ class _KeptSites:
         return adapter_dtype(weight), *((outs, ins) if layout.site.fan_in_fan_out else (ins, outs))
 
     def composed(self, module: nn.Module, layout: GenerationLayout, gates: torch.Tensor, active: list):
-        """(k, down, up, dense, bias, rotation, out features): the active adapters composed in order, each gated,
-        in the dtype the graph computes them in (the site's adapter dtype); None where one gives no parts."""
+        """(k, down, up, dense, bias, rotation, turn, partner, out features): the active adapters composed in
+        order, each gated, in the dtype the graph computes them in (the site's adapter dtype); None where one
+        gives no parts."""
         dtype, _, out_features = self._features(layout)
-        k, downs, ups, dense, bias, rotation = None, [], [], None, None, None
+        k, downs, ups, dense, bias, rotation, turn, partner = None, [], [], None, None, None, None, None
         acting = [(adapter, position) for adapter, position in zip(layout.names, layout.positions)
                   if active[position] and not self.gate_of(module, adapter).merged]
         for adapter, position in acting:
             parts = self.parts(layout.model(), layout.site, module, adapter, dtype, len(acting) == 1)
             if parts is None:
+                return None
+            if parts.turn is not None and (turn is not None or k is not None or downs or dense is not None
+                                           or bias is not None):  # t ⊙ y[partner] reads the op's own output
                 return None
             g = gates[position].to(dtype)
             if parts.k is not None:  # what came before is scaled too: y ← k ⊙ y + …
@@ -576,6 +584,9 @@ class _KeptSites:
                 ups = [up * step for up in ups]
                 dense = None if dense is None else dense * step.unsqueeze(-1)
                 bias = None if bias is None else bias * step
+                turn = None if turn is None else turn * step
+            if parts.turn is not None:
+                turn, partner = parts.turn * g, parts.partner
             if parts.down is not None:
                 downs.append(parts.down)
                 ups.append(parts.up * g)
@@ -591,10 +602,10 @@ class _KeptSites:
             down, up = _dynamic(torch.cat(downs), 0), _dynamic(torch.cat(ups), 0)
         if rotation is not None:  # how an adapter loaded later blocks its Q may differ
             rotation = _dynamic(_dynamic(_dynamic(rotation.clone(), 0), 1), 2)
-        return k, down, up, dense, bias, rotation, out_features
+        return k, down, up, dense, bias, rotation, turn, partner, out_features
 
     def stacked(self, module: nn.Module, layout: GenerationLayout):
-        """(k, down, up, bias, rotation, lookup, out features) for the mixed graph: every adapter's parts
+        """(k, down, up, bias, turn, rotation, partner, lookup, out features) for the mixed graph: every adapter's parts
         stacked (S + 1, …) with a last slot for none (ranks padded with zeros, rotations the identity, dense
         where adapters' blocks differ), and each global adapter index's slot; None where an adapter gives no
         parts or a dense ``D``."""
@@ -608,7 +619,8 @@ class _KeptSites:
         rank = max((parts.down.shape[0] for parts in every if parts.down is not None), default=0)
         stacks = []
         for field, shape, empty in [("k", (out_features,), 1.0), ("down", (rank, in_features), 0.0),
-                                    ("up", (rank, out_features), 0.0), ("bias", (out_features,), 0.0)]:
+                                    ("up", (rank, out_features), 0.0), ("bias", (out_features,), 0.0),
+                                    ("turn", (out_features,), 0.0)]:
             present = [getattr(parts, field) for parts in every if getattr(parts, field) is not None]
             stack = None
             if present:
@@ -621,6 +633,14 @@ class _KeptSites:
             stacks.append(stack)
         stacks.append(_stacked_rotations([parts.rotation for parts in every], in_features))
         device = site_weight(layout.model(), layout.site).device
+        partners = None
+        if any(parts.partner is not None for parts in every):  # a slot without: itself, times a zero turn
+            partners = torch.arange(out_features, device=device).repeat(len(every) + 1, 1)
+            for slot, parts in enumerate(every):
+                if parts.partner is not None:
+                    partners[slot] = parts.partner
+            partners = _dynamic(partners, 0)
+        stacks.append(partners)
         return (*stacks, _dynamic(slot_lookup(layout.positions, device), 0), out_features)
 
 
@@ -678,10 +698,11 @@ def _dense_site(form: _KeptSites, x: torch.Tensor, y: torch.Tensor, module: nn.M
     kept = _kept(module, holder, key, False)
     if kept is None:
         return _run_program(form, module, holder, key, "dense", x, y)
-    k, down, up, dense, bias, _, _ = kept
+    k, down, up, dense, bias, _, turn, partner, _ = kept
     h = x.to(dtype)
     delta = _summed([torch.matmul(torch.nn.functional.linear(h, down), up) if down is not None else None,
-                     torch.nn.functional.linear(h, dense) if dense is not None else None, bias])
+                     torch.nn.functional.linear(h, dense) if dense is not None else None, bias,
+                     y.to(dtype).index_select(-1, partner) * turn if turn is not None else None])
     return _applied(y, k, delta, dtype)
 
 
@@ -691,14 +712,16 @@ def _mixed_site(form: _KeptSites, x: torch.Tensor, y: torch.Tensor, module: nn.M
     kept = _kept(module, holder, key, True)
     if kept is None:
         return _run_program(form, module, holder, key, "mixed", index, x, y)
-    k, down, up, bias, _, lookup, out_features = kept
+    k, down, up, bias, turn, _, partner, lookup, out_features = kept
     slots = _row_slots(lookup, index, x)
     h = x.to(dtype).reshape(x.shape[0], -1, x.shape[-1])  # (rows, tokens, in)
+    rows = y.reshape(y.shape[0], -1, out_features)
     delta = _summed([
+        torch.gather(rows.to(dtype), -1, partner.index_select(0, slots).unsqueeze(1).expand(rows.shape))
+        * turn.index_select(0, slots).unsqueeze(1) if turn is not None else None,
         torch.bmm(torch.bmm(h, down.index_select(0, slots).transpose(1, 2)), up.index_select(0, slots))
         if down is not None else None,
         bias.index_select(0, slots).unsqueeze(1) if bias is not None else None])
-    rows = y.reshape(y.shape[0], -1, out_features)
     new = _applied(rows, None if k is None else k.index_select(0, slots).unsqueeze(1), delta, dtype)
     return new.reshape(y.shape)
 
@@ -709,7 +732,7 @@ def _dense_input(form: _KeptSites, x: torch.Tensor, module: nn.Module, holder: n
     kept = _kept(module, holder, key, False)
     if kept is None:
         return _run_program(form, module, holder, key, "dense input", x)
-    rotation = kept[5]
+    rotation = kept[5]  # (k, down, up, dense, bias, rotation, …)
     if rotation is None:
         return x
     n, b = rotation.shape[0], rotation.shape[1]
@@ -724,7 +747,7 @@ def _mixed_input(form: _KeptSites, x: torch.Tensor, module: nn.Module, holder: n
     kept = _kept(module, holder, key, True)
     if kept is None:
         return _run_program(form, module, holder, key, "mixed input", index, x)
-    rotation, lookup = kept[4], kept[5]
+    rotation, lookup = kept[5], kept[7]  # (k, down, up, bias, turn, rotation, partner, lookup, …)
     if rotation is None:
         return x
     n, b = rotation.shape[1], rotation.shape[2]

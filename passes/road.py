@@ -28,7 +28,7 @@ from torch import nn
 
 from fxpeft.canonical import Site, site_weight
 from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase
-from fxpeft.forms import AdapterGate, adapter_dtype, child_dict, no_parts, weight_map
+from fxpeft.forms import AdapterGate, SiteParts, adapter_dtype, child_dict, weight_map
 from fxpeft.registry import register_method
 from fxpeft.rewrite import Lowering
 from fxpeft.targets import output_heads
@@ -90,6 +90,21 @@ def road_rotate(module: nn.Module, adapter: str, y: torch.Tensor, g: torch.Tenso
     c1, c2 = columns(module, adapter)
     g = g.to(c1.dtype)
     return y * (g * c1 + (1 - g)) + rotate_half(y, module.road_gate[adapter].group_size) * (g * c2)
+
+
+def site_parts(gm, site: Site, module: nn.Module, adapter: str, dtype: torch.dtype, alone: bool):
+    """The adapter at a site in eval: ``y ← c1 ⊙ y + (±c2) ⊙ y[partner]``, each feature's pair partner
+    (j = i ± group_size/2 in its group; rotate_half's sign folded into the turn); None beside another
+    acting RoAd adapter (rotations of pairs chain)."""
+    if not alone:
+        return None
+    c1, c2 = columns(module, adapter)
+    features, half = c1.shape[0], module.road_gate[adapter].group_size // 2
+    position = torch.arange(features, device=c1.device)
+    first = (position % (2 * half)) < half  # rotate_half: (-y_j, y_i)
+    partner = torch.where(first, position + half, position - half)
+    sign = torch.where(first, -1.0, 1.0).to(c2.device, c2.dtype)
+    return SiteParts(k=c1.detach().to(dtype), turn=(c2.detach() * sign).to(dtype), partner=partner)
 
 
 def matrix(module: nn.Module, adapter: str) -> torch.Tensor:
@@ -159,5 +174,5 @@ def fold(gm, site: Site, module: nn.Module, adapter: str, weight, bias, sign):
 METHOD = register_method(weight_map(
     name="road", config_type=RoadConfig, create=add_road, check_site=check_site, lower_site=lower_site, fold=fold,
     containers=("road_theta", "road_alpha"), gates="road_gate", kinds=("linear",),
-    default_targets=DEFAULT_LORA_TARGETS, heads=output_heads, phase=60, site_parts=no_parts,
+    default_targets=DEFAULT_LORA_TARGETS, heads=output_heads, phase=60, site_parts=site_parts,
     describe=lambda module, adapter: "{0.variant} group_size={0.group_size}".format(module.road_gate[adapter])))

@@ -433,20 +433,24 @@ def test_compiled_decoding_survives_loading_another_adapter(name):
         torch._dynamo.reset()
 
 
-CHAINED = {  # two adapters whose maps chain at a site, shaped differently (kept blocks go dense to compose)
+CHAINED = {  # two adapters whose maps chain at a site, shaped differently (kept blocks go dense to compose;
+    # RoAd's pairs: the plain lowering, and in mixed steps each adapter's own partners)
     "oft": (fxpeft.OFTConfig(r=4, oft_block_size=0, init_weights=False, **SITES),
             fxpeft.OFTConfig(r=2, oft_block_size=0, init_weights=False, **SITES)),
     "boft": (fxpeft.BOFTConfig(boft_block_size=0, boft_block_num=4, init_weights=False, **SITES),
              fxpeft.BOFTConfig(boft_block_size=0, boft_block_num=2, init_weights=False, **SITES)),
     "hra": (fxpeft.HRAConfig(r=3, init_weights=False, **SITES), fxpeft.HRAConfig(r=2, init_weights=False, **SITES)),
+    "road": (fxpeft.RoadConfig(variant="road_2", group_size=4, init_weights=False, **SITES),
+             fxpeft.RoadConfig(variant="road_1", group_size=2, init_weights=False, **SITES)),
 }
 
 
 @pytest.mark.parametrize("name", list(CHAINED))
 def test_kept_maps_chain_as_the_graph_without_a_cache_does(name):
-    """The orthogonal family at once: two active adapters' maps compose in a generation graph (blocks of
-    different sizes as dense products, HRA's low-rank form as dense reflections) as in the graph without a
-    cache; in a compiled mixed decode, each sequence's tokens are those of its adapter alone."""
+    """The orthogonal family and RoAd at once: two active adapters' maps compose in a generation graph (blocks
+    of different sizes as dense products, HRA's low-rank form as dense reflections, RoAd's pairs as lowered)
+    as in the graph without a cache; in a compiled mixed decode, each sequence's tokens are those of its
+    adapter alone."""
     torch.manual_seed(0)
     gm = fxpeft.transform(models.llama().eval(), CHAINED[name][0])
     gm.add_adapter("other", CHAINED[name][1])
