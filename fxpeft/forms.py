@@ -410,7 +410,8 @@ class SiteParts(NamedTuple):
     on a mapped input (``weight_map(maps_input=True)``) may also give ``Q`` as ``rotation`` (n, b, b): the op
     then reads ``x Q``, Q block-diagonal (n blocks of b × b; a dense Q is one block), while A and D read x.
     ``turn`` (out,) and ``partner`` (out,) indices mix output features in pairs: ``+ t ⊙ y[partner]`` (RoAd;
-    one such adapter at a site: two chain)."""
+    one such adapter at a site: two chain). ``call`` (a function, its tensors) adds ``function(x, *tensors)``,
+    traced in the generation graph (Lily: its router is not linear in x; not in mixed graphs)."""
 
     k: Optional[torch.Tensor] = None
     down: Optional[torch.Tensor] = None
@@ -420,13 +421,7 @@ class SiteParts(NamedTuple):
     rotation: Optional[torch.Tensor] = None
     turn: Optional[torch.Tensor] = None
     partner: Optional[torch.Tensor] = None
-
-
-def no_parts(model, site: Site, module: nn.Module, adapter: str, dtype, alone: bool) -> None:
-    """``site_parts`` for a method with no kept form (Lily: its router is not linear in the input):
-    its generation graphs still name no adapter; they run the site's plain lowering, as an opaque op when
-    compiled without autograd (:func:`_run_program`), so a load does not recompile them."""
-    return None
+    call: Optional[tuple] = None
 
 
 class _KeptSites:
@@ -563,11 +558,11 @@ class _KeptSites:
         return adapter_dtype(weight), *((outs, ins) if layout.site.fan_in_fan_out else (ins, outs))
 
     def composed(self, module: nn.Module, layout: GenerationLayout, gates: torch.Tensor, active: list):
-        """(k, down, up, dense, bias, rotation, turn, partner, out features): the active adapters composed in
+        """(k, down, up, dense, bias, rotation, turn, partner, calls, out features): the active adapters composed in
         order, each gated, in the dtype the graph computes them in (the site's adapter dtype); None where one
         gives no parts."""
         dtype, _, out_features = self._features(layout)
-        k, downs, ups, dense, bias, rotation, turn, partner = None, [], [], None, None, None, None, None
+        k, downs, ups, dense, bias, rotation, turn, partner, calls = None, [], [], None, None, None, None, None, []
         acting = [(adapter, position) for adapter, position in zip(layout.names, layout.positions)
                   if active[position] and not self.gate_of(module, adapter).merged]
         for adapter, position in acting:
@@ -585,8 +580,12 @@ class _KeptSites:
                 dense = None if dense is None else dense * step.unsqueeze(-1)
                 bias = None if bias is None else bias * step
                 turn = None if turn is None else turn * step
+                calls = [(function, tensors, scale * step) for function, tensors, scale in calls]
             if parts.turn is not None:
                 turn, partner = parts.turn * g, parts.partner
+            if parts.call is not None:  # copies marked dynamic: an adapter loaded later may be shaped otherwise
+                function, tensors = parts.call
+                calls.append((function, tuple(_dynamic_all(t.clone()) for t in tensors), g))
             if parts.down is not None:
                 downs.append(parts.down)
                 ups.append(parts.up * g)
@@ -602,7 +601,7 @@ class _KeptSites:
             down, up = _dynamic(torch.cat(downs), 0), _dynamic(torch.cat(ups), 0)
         if rotation is not None:  # how an adapter loaded later blocks its Q may differ
             rotation = _dynamic(_dynamic(_dynamic(rotation.clone(), 0), 1), 2)
-        return k, down, up, dense, bias, rotation, turn, partner, out_features
+        return k, down, up, dense, bias, rotation, turn, partner, calls, out_features
 
     def stacked(self, module: nn.Module, layout: GenerationLayout):
         """(k, down, up, bias, turn, rotation, partner, lookup, out features) for the mixed graph: every adapter's parts
@@ -613,7 +612,8 @@ class _KeptSites:
         every = [None if self.gate_of(module, adapter).merged else  # merged: no delta (not mixed anyway)
                  self.parts(layout.model(), layout.site, module, adapter, dtype, True) or False
                  for adapter in layout.names]
-        if any(parts is False or (parts is not None and parts.dense is not None) for parts in every):
+        if any(parts is False or (parts is not None and (parts.dense is not None or parts.call is not None))
+               for parts in every):
             return None
         every = [parts or SiteParts() for parts in every]
         rank = max((parts.down.shape[0] for parts in every if parts.down is not None), default=0)
@@ -679,6 +679,12 @@ def _stacked_rotations(rotations: list, features: int) -> Optional[torch.Tensor]
     return _dynamic(_dynamic(_dynamic(_dynamic(stack, 0), 1), 2), 3)
 
 
+def _dynamic_all(tensor: torch.Tensor) -> torch.Tensor:
+    for dim in range(tensor.dim()):
+        _dynamic(tensor, dim)
+    return tensor
+
+
 def _dynamic(tensor: torch.Tensor, dim: int) -> torch.Tensor:
     """A size adapters loaded later change (how many, the largest rank): dynamic from the first compile."""
     torch._dynamo.maybe_mark_dynamic(tensor, dim)
@@ -698,11 +704,12 @@ def _dense_site(form: _KeptSites, x: torch.Tensor, y: torch.Tensor, module: nn.M
     kept = _kept(module, holder, key, False)
     if kept is None:
         return _run_program(form, module, holder, key, "dense", x, y)
-    k, down, up, dense, bias, _, turn, partner, _ = kept
+    k, down, up, dense, bias, _, turn, partner, calls, _ = kept
     h = x.to(dtype)
     delta = _summed([torch.matmul(torch.nn.functional.linear(h, down), up) if down is not None else None,
                      torch.nn.functional.linear(h, dense) if dense is not None else None, bias,
-                     y.to(dtype).index_select(-1, partner) * turn if turn is not None else None])
+                     y.to(dtype).index_select(-1, partner) * turn if turn is not None else None,
+                     *(function(h, *tensors) * scale for function, tensors, scale in calls)])
     return _applied(y, k, delta, dtype)
 
 

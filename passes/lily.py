@@ -30,7 +30,7 @@ from torch import nn
 
 from fxpeft.canonical import Site
 from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_layer_fields
-from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict, no_parts
+from fxpeft.forms import AdapterGate, SiteParts, adapter_dtype, additive, child_dict
 from fxpeft.registry import register_method
 from fxpeft.rewrite import samples_of
 from fxpeft.targets import output_heads
@@ -126,6 +126,20 @@ def lily_delta(x: torch.Tensor, a: torch.Tensor, router: torch.Tensor, b: torch.
     return torch.matmul(hidden, combined)
 
 
+def kept_delta(x: torch.Tensor, a: torch.Tensor, router: torch.Tensor, b: torch.Tensor,
+               scale: torch.Tensor) -> torch.Tensor:
+    """The scaled delta from kept tensors (the expert count from the router's rows), for generation graphs."""
+    return lily_delta(x, a, router, b, router.shape[0]) * scale
+
+
+def site_parts(gm, site: Site, module: nn.Module, adapter: str, dtype: torch.dtype, alone: bool) -> SiteParts:
+    """The adapter in eval as a traced call on its tensors: its router is not linear in x (the routing mean
+    runs over the batch's tokens at every step)."""
+    weights = [module._modules[c][adapter].weight.detach() for c in ("lily_A", "lily_router", "lily_B")]
+    scale = torch.tensor(module.lily_gate[adapter].scale, dtype=weights[0].dtype, device=weights[0].device)
+    return SiteParts(call=(kept_delta, (*weights, scale)))
+
+
 def delta(lw, site: Site, module: nn.Module, adapter: str, x):
     weights = [lw.attr(f"{site.path}.{c}.{adapter}.weight") for c in ("lily_A", "lily_router", "lily_B")]
     num_b = module.lily_gate[adapter].num_b
@@ -144,7 +158,7 @@ def refuse_merge(gm, site, module, adapter, weight, bias, sign):
 # nothing left to do; merging would fold ΔW, which Lily has none of (``refuse_merge``).
 METHOD = register_method(dataclasses.replace(additive(
     name="lily", config_type=LilyConfig, create=lambda *args: None, prepare=add_lily_everywhere, delta=delta,
-    delta_weight=None, site_parts=no_parts, containers=("lily_A", "lily_B", "lily_router"), gates="lily_gate",
+    delta_weight=None, site_parts=site_parts, containers=("lily_A", "lily_B", "lily_router"), gates="lily_gate",
     kinds=("linear",),
     dtype_of=lambda module, adapter: module.lily_A[adapter].weight.dtype, check_site=check_site,
     default_targets=DEFAULT_LORA_TARGETS, heads=output_heads,
