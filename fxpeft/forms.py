@@ -424,6 +424,37 @@ class SiteParts(NamedTuple):
     call: Optional[tuple] = None
 
 
+class _Composed(NamedTuple):
+    """What a dense generation graph reads of one site (:meth:`_KeptSites.composed`): the active adapters'
+    parts composed, ``calls`` a list of (function, tensors, scale)."""
+
+    k: Optional[torch.Tensor]
+    down: Optional[torch.Tensor]
+    up: Optional[torch.Tensor]
+    dense: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    rotation: Optional[torch.Tensor]
+    turn: Optional[torch.Tensor]
+    partner: Optional[torch.Tensor]
+    calls: list
+    out_features: int
+
+
+class _Stacked(NamedTuple):
+    """What a mixed generation graph reads of one site (:meth:`_KeptSites.stacked`): every adapter's parts
+    stacked (S + 1, …), and each global adapter index's slot (``lookup``)."""
+
+    k: Optional[torch.Tensor]
+    down: Optional[torch.Tensor]
+    up: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    turn: Optional[torch.Tensor]
+    rotation: Optional[torch.Tensor]
+    partner: Optional[torch.Tensor]
+    lookup: torch.Tensor
+    out_features: int
+
+
 class _KeptSites:
     """A site method in generation graphs (those reading a KV cache): one node per linear site reads, in a
     prepared call in eval mode, what ``prepare_call`` kept for it once per ``generate`` call, so that the
@@ -558,9 +589,8 @@ class _KeptSites:
         return adapter_dtype(weight), *((outs, ins) if layout.site.fan_in_fan_out else (ins, outs))
 
     def composed(self, module: nn.Module, layout: GenerationLayout, gates: torch.Tensor, active: list):
-        """(k, down, up, dense, bias, rotation, turn, partner, calls, out features): the active adapters composed in
-        order, each gated, in the dtype the graph computes them in (the site's adapter dtype); None where one
-        gives no parts."""
+        """The active adapters composed in order, each gated, in the dtype the graph computes them in (the
+        site's adapter dtype); None where one gives no parts."""
         dtype, _, out_features = self._features(layout)
         k, downs, ups, dense, bias, rotation, turn, partner, calls = None, [], [], None, None, None, None, None, []
         acting = [(adapter, position) for adapter, position in zip(layout.names, layout.positions)
@@ -601,11 +631,10 @@ class _KeptSites:
             down, up = _dynamic(torch.cat(downs), 0), _dynamic(torch.cat(ups), 0)
         if rotation is not None:  # how an adapter loaded later blocks its Q may differ
             rotation = _dynamic(_dynamic(_dynamic(rotation.clone(), 0), 1), 2)
-        return k, down, up, dense, bias, rotation, turn, partner, calls, out_features
+        return _Composed(k, down, up, dense, bias, rotation, turn, partner, calls, out_features)
 
     def stacked(self, module: nn.Module, layout: GenerationLayout):
-        """(k, down, up, bias, turn, rotation, partner, lookup, out features) for the mixed graph: every adapter's parts
-        stacked (S + 1, …) with a last slot for none (ranks padded with zeros, rotations the identity, dense
+        """Every adapter's parts stacked (S + 1, …) for the mixed graph, with a last slot for none (ranks padded with zeros, rotations the identity, dense
         where adapters' blocks differ), and each global adapter index's slot; None where an adapter gives no
         parts or a dense ``D``."""
         dtype, in_features, out_features = self._features(layout)
@@ -641,7 +670,7 @@ class _KeptSites:
                     partners[slot] = parts.partner
             partners = _dynamic(partners, 0)
         stacks.append(partners)
-        return (*stacks, _dynamic(slot_lookup(layout.positions, device), 0), out_features)
+        return _Stacked(*stacks, _dynamic(slot_lookup(layout.positions, device), 0), out_features)
 
 
 def _toward_identity(q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -704,13 +733,13 @@ def _dense_site(form: _KeptSites, x: torch.Tensor, y: torch.Tensor, module: nn.M
     kept = _kept(module, holder, key, False)
     if kept is None:
         return _run_program(form, module, holder, key, "dense", x, y)
-    k, down, up, dense, bias, _, turn, partner, calls, _ = kept
     h = x.to(dtype)
-    delta = _summed([torch.matmul(torch.nn.functional.linear(h, down), up) if down is not None else None,
-                     torch.nn.functional.linear(h, dense) if dense is not None else None, bias,
-                     y.to(dtype).index_select(-1, partner) * turn if turn is not None else None,
-                     *(function(h, *tensors) * scale for function, tensors, scale in calls)])
-    return _applied(y, k, delta, dtype)
+    delta = _summed([
+        torch.matmul(torch.nn.functional.linear(h, kept.down), kept.up) if kept.down is not None else None,
+        torch.nn.functional.linear(h, kept.dense) if kept.dense is not None else None, kept.bias,
+        y.to(dtype).index_select(-1, kept.partner) * kept.turn if kept.turn is not None else None,
+        *(function(h, *tensors) * scale for function, tensors, scale in kept.calls)])
+    return _applied(y, kept.k, delta, dtype)
 
 
 def _mixed_site(form: _KeptSites, x: torch.Tensor, y: torch.Tensor, module: nn.Module, holder: nn.Module, key: str,
@@ -719,8 +748,8 @@ def _mixed_site(form: _KeptSites, x: torch.Tensor, y: torch.Tensor, module: nn.M
     kept = _kept(module, holder, key, True)
     if kept is None:
         return _run_program(form, module, holder, key, "mixed", index, x, y)
-    k, down, up, bias, turn, _, partner, lookup, out_features = kept
-    slots = _row_slots(lookup, index, x)
+    k, down, up, bias, turn, partner = kept.k, kept.down, kept.up, kept.bias, kept.turn, kept.partner
+    slots, out_features = _row_slots(kept.lookup, index, x), kept.out_features
     h = x.to(dtype).reshape(x.shape[0], -1, x.shape[-1])  # (rows, tokens, in)
     rows = y.reshape(y.shape[0], -1, out_features)
     delta = _summed([
@@ -739,7 +768,7 @@ def _dense_input(form: _KeptSites, x: torch.Tensor, module: nn.Module, holder: n
     kept = _kept(module, holder, key, False)
     if kept is None:
         return _run_program(form, module, holder, key, "dense input", x)
-    rotation = kept[5]  # (k, down, up, dense, bias, rotation, …)
+    rotation = kept.rotation
     if rotation is None:
         return x
     n, b = rotation.shape[0], rotation.shape[1]
@@ -754,7 +783,7 @@ def _mixed_input(form: _KeptSites, x: torch.Tensor, module: nn.Module, holder: n
     kept = _kept(module, holder, key, True)
     if kept is None:
         return _run_program(form, module, holder, key, "mixed input", index, x)
-    rotation, lookup = kept[5], kept[7]  # (k, down, up, bias, turn, rotation, partner, lookup, …)
+    rotation, lookup = kept.rotation, kept.lookup
     if rotation is None:
         return x
     n, b = rotation.shape[1], rotation.shape[2]
