@@ -71,6 +71,12 @@ def is_quantized(module: nn.Module) -> bool:
     return hasattr(type(module), "weight_spec")
 
 
+def float_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """The weight a site's module computes with: its parameter ``name``, or a quantized layer's dequantized
+    weight."""
+    return module.dequantize() if is_quantized(module) else getattr(module, name)
+
+
 def site_weight(root: nn.Module, site: "Site") -> WeightSpec:
     """The weight a site computes with, as the float layer had it: a quantized module reports
     its ``weight_spec``, any other site its weight parameter."""

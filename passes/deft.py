@@ -25,7 +25,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from fxpeft.canonical import Site
+from fxpeft.canonical import Site, float_weight
 from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_bias, check_dropout, check_layer_fields
 from fxpeft.forms import AdapterGate, adapter_dtype, child_dict
 from fxpeft.registry import register_method
@@ -100,7 +100,7 @@ def add_deft(module: nn.Module, site: Site, weight_spec, config: DeftConfig, ada
     if not config.para:
         if config.init_weights:
             _, right = project(p, config.decomposition_method)
-            weight = logical(weight_delta.float_weight(module).detach().to(p.device), gate)
+            weight = logical(float_weight(module).detach().to(p.device), gate)
             rows = right.t() @ weight / gate.injection
         else:
             rows = nn.init.normal_(torch.empty(r, in_f), mean=0.0, std=0.02 * config.init_scale)

@@ -23,7 +23,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from fxpeft.canonical import Site, is_quantized, site_weight
+from fxpeft.canonical import Site, is_quantized
 from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_bias, check_dropout, check_layer_fields
 from fxpeft.forms import AdapterGate, SharedTensors, adapter_dtype, additive, child_dict
 from fxpeft.registry import register_method

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxpeft.canonical import Site, is_quantized, site_weight
+from fxpeft.canonical import Site, float_weight, site_weight
 from fxpeft.configs import DEFAULT_LORA_TARGETS, LoraConfig
 from fxpeft.forms import SiteParts, adapter_dtype, child_dict, masked_samples, weight_map
 from fxpeft.registry import register_method
@@ -87,10 +87,6 @@ class Magnitude(nn.Module):
         return f"features={self.weight.numel()}"
 
 
-def _float_weight(site_module: nn.Module, weight_name: str) -> torch.Tensor:
-    return site_module.dequantize() if is_quantized(site_module) else getattr(site_module, weight_name)
-
-
 def _scaled_lora_weight(module: nn.Module, site: Site, adapter: str, scale) -> torch.Tensor:
     """s B A in the stored layout of the site's weight, as a graph computes it (grads flow)."""
     if site.kind == "embedding":
@@ -114,7 +110,7 @@ def dora_norm(site_module: nn.Module, adapter: str, weight_name: str, site_kind:
     stored = getattr(site_module, weight_name)  # a quantized layer's packed weight: changes when it is requantized
 
     def combined():
-        weight = _float_weight(site_module, weight_name).detach()
+        weight = float_weight(site_module, weight_name).detach()
         return weight + _scaled_lora_weight(site_module, site, adapter, scale).detach().to(weight.dtype)
 
     norm = site_module.lora_magnitude_vector[adapter].norm((stored, *sources), combined)
@@ -127,7 +123,7 @@ def dora_dropped_base(site_module: nn.Module, adapter: str, weight_name: str, dr
     magnitude = site_module.lora_magnitude_vector[adapter]
     if not magnitude.training:
         return base
-    return magnitude.dropped_base(dropped, _float_weight(site_module, weight_name).to(dropped.dtype))
+    return magnitude.dropped_base(dropped, float_weight(site_module, weight_name).to(dropped.dtype))
 
 
 def dora_embedding_delta(ids: torch.Tensor, a: torch.Tensor, b: torch.Tensor, padding_idx: int) -> torch.Tensor:
@@ -234,7 +230,7 @@ def add_dora(module: nn.Module, site: Site, weight, config: LoraConfig, adapter:
     lora.add_lora(module, site, weight, config, adapter)
     scale = module.lora_scaling[adapter].scale
     with torch.no_grad():
-        base = _float_weight(module, site.weight.rpartition(".")[2]).detach().to(adapter_dtype(weight))
+        base = float_weight(module, site.weight.rpartition(".")[2]).detach().to(adapter_dtype(weight))
         norm = norm_of(base + _scaled_lora_weight(module, site, adapter, scale), feature_axis(site))
     magnitude = norm if site.kind != "conv" else norm.view(1, -1, *([1] * (base.dim() - 2)))
     child_dict(module, "lora_magnitude_vector")[adapter] = Magnitude(magnitude.clone(), site, module)

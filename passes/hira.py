@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxpeft.canonical import Site, is_quantized
+from fxpeft.canonical import Site, float_weight
 from fxpeft.configs import PeftConfigBase, check_dropout, check_layer_fields
 from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict
 from fxpeft.registry import register_method
@@ -139,11 +139,6 @@ def modulation(a: torch.Tensor, b: torch.Tensor, kind: str, fan_in_fan_out: bool
         return (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)).reshape(b.shape[0], *a.shape[1:])
     product = b @ a
     return product.T if fan_in_fan_out else product
-
-
-def float_weight(site_module: nn.Module, weight_name: str) -> torch.Tensor:
-    """The weight the site computes with: a quantized layer's dequantized one."""
-    return site_module.dequantize() if is_quantized(site_module) else getattr(site_module, weight_name)
 
 
 def hira_delta(x, site_module: nn.Module, weight_name: str, a, b, kind: str, fan_in_fan_out: bool, conv: tuple):

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxpeft.canonical import Site, is_quantized, site_weight
+from fxpeft.canonical import Site, float_weight, site_weight
 from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_dropout, check_layer_fields
 from fxpeft.forms import AdapterGate, SiteParts, adapter_dtype, child_dict, weight_map
 from fxpeft.registry import register_method
@@ -168,11 +168,6 @@ def _unblocks(blocks: torch.Tensor) -> torch.Tensor:
 def bat_delta(weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
     """PEFT's ``get_delta_weight``: blocks(W) B + B, back in W's layout."""
     return _unblocks(_blocks(weight.to(block.dtype), block.shape[-1]) @ block + block)
-
-
-def float_weight(site_module: nn.Module, weight_name: str) -> torch.Tensor:
-    """The weight a site computes with: a quantized layer's dequantized one."""
-    return site_module.dequantize() if is_quantized(site_module) else getattr(site_module, weight_name)
 
 
 # ----------------------------------------------------------------------------- lowering and merging

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxpeft.canonical import Site, is_quantized
+from fxpeft.canonical import Site, float_weight
 from fxpeft.configs import PeftConfigBase
 from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict, resolve_targets
 from fxpeft.registry import register_method
@@ -139,7 +139,7 @@ def check_site(module: nn.Module, site: Site, weight_spec, config: OSFConfig) ->
 def add_osf(module: nn.Module, site: Site, weight_spec, config: OSFConfig, adapter: str) -> None:
     """PEFT's ``decompose_weight_matrix``: float32 SVD, factors rounded to the base's dtype (then held
     in the adapter's), the trainable ones drawn anew with ``init_weights=False``."""
-    weight = module.dequantize() if is_quantized(module) else module.weight
+    weight = float_weight(module)
     base_dtype, dtype, device = weight_spec.dtype, adapter_dtype(weight_spec), weight_spec.device
     u, s, vh = torch.linalg.svd(weight.detach().to(torch.float32), full_matrices=False)
     k = min(preserved_rank(config, site.path, min(weight_spec.shape)), s.shape[0])

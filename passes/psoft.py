@@ -26,7 +26,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from fxpeft.canonical import Site, is_quantized
+from fxpeft.canonical import Site, float_weight
 from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_layer_fields
 from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict, resolve_targets
 from fxpeft.registry import register_method
@@ -220,7 +220,7 @@ def add_psoft(module: nn.Module, site: Site, weight_spec, config: PsoftConfig, a
     child_dict(module, "psoft_R")[adapter] = rotation
     child_dict(module, "psoft_dropout")[adapter] = (
         nn.Dropout(config.psoft_dropout) if config.psoft_dropout > 0 else nn.Identity())
-    weight = module.dequantize() if is_quantized(module) else module.weight
+    weight = float_weight(module)
     a, b = principal_subspace(weight, config)
     child_dict(module, "psoft_gate")[adapter] = PsoftGate(
         config.psoft_alpha / config.r, config.psoft_dropout, a.to(dtype), b.to(dtype)).to(device)

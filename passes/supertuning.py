@@ -24,7 +24,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from fxpeft.canonical import Site, is_quantized, site_weight
+from fxpeft.canonical import Site, float_weight, site_weight
 from fxpeft.configs import PeftConfigBase
 from fxpeft.forms import AdapterGate, SharedTensors, adapter_dtype, additive, child_dict
 from fxpeft.registry import register_method
@@ -103,7 +103,7 @@ def prepare(gm, targets, config: SupertuningConfig, adapter: str) -> None:
 
 def add_supertuning(module: nn.Module, site: Site, weight, config: SupertuningConfig, adapter: str) -> None:
     """PEFT's ``update_layer``: the support from |W|, then the values, then (Supra) A and B."""
-    base = (module.dequantize() if is_quantized(module) else module.weight).detach()
+    base = float_weight(module).detach()
     count = entries(weight, config)
     _, indices = torch.topk(base.abs().flatten(), k=count, largest=config.select_top)
     if "supertuning_indices" not in module._modules:  # persistent or not for every adapter here, as PEFT's BufferDict

@@ -25,7 +25,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from fxpeft.canonical import Site, is_quantized
+from fxpeft.canonical import Site, float_weight
 from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_bias, check_dropout, check_layer_fields
 from fxpeft.forms import AdapterGate, SharedTensors, adapter_dtype, additive, child_dict
 from fxpeft.registry import register_method
@@ -88,7 +88,7 @@ class TinyLoraConfig(PeftConfigBase):
 
 def weight_matrix(module: nn.Module, site: Site) -> torch.Tensor:
     """M, the float matrix the SVD is of: (out, in) for linear sites, the embedding table as stored."""
-    weight = module.dequantize() if is_quantized(module) else getattr(module, site.weight.rsplit(".", 1)[-1])
+    weight = float_weight(module, site.weight.rsplit(".", 1)[-1])
     return weight.detach().T if site.fan_in_fan_out else weight.detach()
 
 

@@ -21,14 +21,9 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from fxpeft.canonical import Site, is_quantized
+from fxpeft.canonical import Site, float_weight, is_quantized
 from fxpeft.forms import SiteParts, additive
 from fxpeft.registry import Method
-
-
-def float_weight(site_module: nn.Module) -> torch.Tensor:
-    """The weight the site computes with: a quantized linear's dequantized weight."""
-    return site_module.dequantize() if is_quantized(site_module) else site_module.weight
 
 
 def method(*, gates: str, delta: Callable, change: Callable, reads_weight: bool = True,
