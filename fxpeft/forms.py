@@ -624,19 +624,19 @@ class _KeptSites:
             if parts.bias is not None:
                 bias = parts.bias * g if bias is None else bias + parts.bias * g
             if parts.rotation is not None:  # x Q_n ⋯ Q_1: the op's input meets the last adapter's Q first
-                q = _toward_identity(parts.rotation, g)
+                q = toward_identity(parts.rotation, g)
                 rotation = q if rotation is None else _blocks_product(q, rotation)
         down = up = None
         if downs:  # copies, not views: dynamo guards a view's base too; the rank is dynamic
             down, up = _dynamic(torch.cat(downs), 0), _dynamic(torch.cat(ups), 0)
         if rotation is not None:  # how an adapter loaded later blocks its Q may differ
-            rotation = _dynamic(_dynamic(_dynamic(rotation.clone(), 0), 1), 2)
+            rotation = _dynamic_all(rotation.clone())
         return _Composed(k, down, up, dense, bias, rotation, turn, partner, calls, out_features)
 
     def stacked(self, module: nn.Module, layout: GenerationLayout):
-        """Every adapter's parts stacked (S + 1, …) for the mixed graph, with a last slot for none (ranks padded with zeros, rotations the identity, dense
-        where adapters' blocks differ), and each global adapter index's slot; None where an adapter gives no
-        parts or a dense ``D``."""
+        """Every adapter's parts stacked (S + 1, …) for the mixed graph, with a last slot for none (ranks
+        padded with zeros, rotations the identity, dense where adapters' blocks differ), and each global
+        adapter index's slot; None where an adapter gives no parts, a dense ``D`` or a ``call``."""
         dtype, in_features, out_features = self._features(layout)
         every = [None if self.gate_of(module, adapter).merged else  # merged: no delta (not mixed anyway)
                  self.parts(layout.model(), layout.site, module, adapter, dtype, True) or False
@@ -660,7 +660,7 @@ class _KeptSites:
                         stack[slot, :part.shape[0]] = part
                 stack = _dynamic(_dynamic(stack, 0), 1) if field in ("down", "up") else _dynamic(stack, 0)
             stacks.append(stack)
-        stacks.append(_stacked_rotations([parts.rotation for parts in every], in_features))
+        stacks.append(_stacked_rotations([parts.rotation for parts in every]))
         device = site_weight(layout.model(), layout.site).device
         partners = None
         if any(parts.partner is not None for parts in every):  # a slot without: itself, times a zero turn
@@ -673,10 +673,12 @@ class _KeptSites:
         return _Stacked(*stacks, _dynamic(slot_lookup(layout.positions, device), 0), out_features)
 
 
-def _toward_identity(q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``I + g (Q - I)`` block by block: Q where the adapter acts, the identity where it does not."""
+def toward_identity(q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``I + g (Q - I)`` for square matrices or blocks (…, n, n) and a 0-dim gate: Q where the adapter acts,
+    the identity where it does not (``v (I + g (Q - I))`` is ``v + g (v Q - v)``: the small matrix gated
+    instead of the activations)."""
     eye = torch.eye(q.shape[-1], device=q.device, dtype=q.dtype)
-    return eye + g * (q - eye)
+    return eye + g.to(q.dtype) * (q - eye)
 
 
 def _dense_blocks(q: torch.Tensor) -> torch.Tensor:
@@ -691,7 +693,7 @@ def _blocks_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.matmul(a, b)
 
 
-def _stacked_rotations(rotations: list, features: int) -> Optional[torch.Tensor]:
+def _stacked_rotations(rotations: list) -> Optional[torch.Tensor]:
     """Each adapter's Q stacked (S + 1, n, b, b), the identity for an adapter without one and the last
     slot (all dense (S + 1, 1, d, d) where their blocks differ); None where none has a Q."""
     present = [q for q in rotations if q is not None]
@@ -705,10 +707,11 @@ def _stacked_rotations(rotations: list, features: int) -> Optional[torch.Tensor]
     for slot, q in enumerate(rotations):
         if q is not None:
             stack[slot] = q
-    return _dynamic(_dynamic(_dynamic(_dynamic(stack, 0), 1), 2), 3)
+    return _dynamic_all(stack)
 
 
 def _dynamic_all(tensor: torch.Tensor) -> torch.Tensor:
+    """Every size of a kept tensor dynamic (its shapes come from the adapters loaded)."""
     for dim in range(tensor.dim()):
         _dynamic(tensor, dim)
     return tensor

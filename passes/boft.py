@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_bias
-from fxpeft.forms import AdapterGate, adapter_dtype, child_dict, weight_map
+from fxpeft.forms import AdapterGate, adapter_dtype, child_dict, toward_identity, weight_map
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads
 
@@ -162,7 +162,7 @@ def boft_rotate(site_module: nn.Module, adapter: str, v: torch.Tensor, gate: tor
     """``v + g (v B - v)``; in dense graphs (a 0-dim gate) as ``v (I + g (B - I))``."""
     b = butterfly(site_module, adapter).to(v.dtype)
     if gate.dim() == 0:
-        return v @ orthogonal.toward_identity(b, gate)
+        return v @ toward_identity(b, gate)
     return orthogonal.blend(v, v @ b, gate)
 
 

@@ -104,19 +104,19 @@ def hra_matrix(site_module: nn.Module, adapter: str) -> torch.Tensor:
 def site_parts(gm, site: Site, module: nn.Module, adapter: str, dtype: torch.dtype, alone: bool) -> SiteParts:
     """The adapter at a linear site in eval. Alone there, low rank: the reflections' product is
     ``P = H_{r-1} ⋯ H_0 = I + U C U^T`` (C r × r, built one reflection at a time: ``P H_k`` changes column k
-    of C by ``-2 (e_k + C U^T u_k)``; Gram-Schmidt: C = -2 I), so ``W (x P)`` is ``y + ((x U C)) (W U)^T``,
+    of C by ``-2 (e_k + C U^T u_k)``; Gram-Schmidt: C = -2 I), so ``W (x P)`` is ``y + (x U C) (W U)^T``,
     as cheap as the reflections; beside another acting HRA adapter (they chain), Q = H^T dense."""
     if not alone:
         return SiteParts(rotation=hra_matrix(module, adapter).to(dtype).unsqueeze(0))
     u = module.hra_u[adapter].to(dtype)
-    rank = u.shape[1]
+    eye = torch.eye(u.shape[1], device=u.device, dtype=dtype)
     if module.hra_gate[adapter].apply_gs:
-        u, c = gram_schmidt(u), -2 * torch.eye(rank, device=u.device, dtype=dtype)
+        u, c = gram_schmidt(u), -2 * eye
     else:
         u = u / u.norm(dim=0)
-        c, overlap = torch.zeros(rank, rank, device=u.device, dtype=dtype), u.t() @ u
-        for k in reversed(range(rank)):  # x meets H_{r-1} first
-            c[:, k] -= 2 * (torch.eye(rank, device=u.device, dtype=dtype)[k] + c @ overlap[:, k])
+        c, overlap = torch.zeros_like(eye), u.t() @ u
+        for k in reversed(range(eye.shape[0])):  # x meets H_{r-1} first
+            c[:, k] -= 2 * (eye[k] + c @ overlap[:, k])
     weight = float_weight(module).detach()
     weight = (weight.t() if site.fan_in_fan_out else weight).to(dtype)
     return SiteParts(down=(u @ c).t(), up=(weight @ u).t())

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_bias
-from fxpeft.forms import AdapterGate, adapter_dtype, child_dict, weight_map
+from fxpeft.forms import AdapterGate, adapter_dtype, child_dict, toward_identity, weight_map
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads
 
@@ -209,7 +209,7 @@ def oft_rotate(site_module: nn.Module, adapter: str, v: torch.Tensor, gate: torc
     rotation = _rotation(site_module, adapter)
     blocks = rotation.blocks(site_module.oft_dropout[adapter])
     if gate.dim() == 0:
-        return rotation.rotate(v.to(blocks.dtype), orthogonal.toward_identity(blocks, gate)).to(v.dtype)
+        return rotation.rotate(v.to(blocks.dtype), toward_identity(blocks, gate)).to(v.dtype)
     return orthogonal.blend(v, rotation.rotate(v.to(blocks.dtype), blocks).to(v.dtype), gate)
 
 

@@ -7,7 +7,7 @@ site's weight is turned by, and BOFT adds a per-output scale ``s``:
 
 A method supplies its math as graph functions of (site module, adapter): ``rotate(m, a, v, g)``
 = ``v + g (v Q - v)`` over v's last dim, g the gate (0-dim in dense graphs, where a method may
-fold it into Q with :func:`toward_identity`; per sample in mixed ones: :func:`blend`), computed
+fold it into Q with ``fxpeft.forms.toward_identity``; per sample in mixed ones: :func:`blend`), computed
 cheaply where Q is structured (OFT's blocks, HRA's reflections),
 ``matrix(m, a)`` = Q (d, d) and, for BOFT, ``scale(m, a)`` = s (out,). This file lowers them:
 
@@ -43,13 +43,6 @@ aten = torch.ops.aten
 def blend(v: torch.Tensor, mapped: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``v + g (mapped - v)``: the adapter's map where it acts (g = 1), v where it does not (g = 0)."""
     return v + g.to(v.dtype) * (mapped - v)
-
-
-def toward_identity(q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``I + g (Q - I)`` for square matrices or blocks (…, n, n) and a 0-dim gate: ``v (I + g (Q - I))``
-    is ``v + g (v Q - v)``, so dense graphs gate the small matrix instead of the activations."""
-    eye = torch.eye(q.shape[-1], device=q.device, dtype=q.dtype)
-    return eye + g.to(q.dtype) * (q - eye)
 
 
 def gated_scale(s: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
