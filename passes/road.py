@@ -99,11 +99,10 @@ def site_parts(gm, site: Site, module: nn.Module, adapter: str, dtype: torch.dty
     if not alone:
         return None
     c1, c2 = columns(module, adapter)
-    features, half = c1.shape[0], module.road_gate[adapter].group_size // 2
-    position = torch.arange(features, device=c1.device)
-    first = (position % (2 * half)) < half  # rotate_half: (-y_j, y_i)
-    partner = torch.where(first, position + half, position - half)
-    sign = torch.where(first, -1.0, 1.0).to(c2.device, c2.dtype)
+    # rotate_half of 1, 2, …: each feature's partner (|value| - 1) and sign, paired as the lowering pairs them
+    counting = torch.arange(1, c1.shape[0] + 1, device=c1.device, dtype=torch.float64)
+    turned = rotate_half(counting, module.road_gate[adapter].group_size)
+    partner, sign = turned.abs().long() - 1, turned.sign().to(c2.dtype)
     return SiteParts(k=c1.detach().to(dtype), turn=(c2.detach() * sign).to(dtype), partner=partner)
 
 
