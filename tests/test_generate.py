@@ -378,9 +378,10 @@ READ_WHEN_RUN = {  # methods whose generation graphs read each site's adapters w
     "miss": lambda: fxpeft.MissConfig(r=2, init_weights=False, **SITES),
     # the orthogonal family: the op runs on x Q (OFT's blocks, BOFT's butterfly with its scale); HRA low rank
     "oft": lambda: fxpeft.OFTConfig(r=4, oft_block_size=0, init_weights=False, **SITES),
-    "boft": lambda: fxpeft.BOFTConfig(boft_block_size=0, boft_block_num=4, boft_n_butterfly_factor=2, init_weights=False, **SITES),
+    "boft": lambda: fxpeft.BOFTConfig(boft_block_size=0, boft_block_num=4, boft_n_butterfly_factor=2,
+                                      init_weights=False, **SITES),
     "hra": lambda: fxpeft.HRAConfig(r=3, init_weights=False, **SITES),
-    # no kept form: the plain lowering as an opaque op in compiled graphs (RoAd's pair rotations, Lily's router)
+    # RoAd: its pair rotations kept; Lily: its delta traced on kept tensors (its mixed step: the opaque op)
     "road": lambda: fxpeft.RoadConfig(variant="road_2", group_size=4, init_weights=False, **SITES),
     "lily": lambda: fxpeft.LilyConfig(r=2, num_B=2, init_weights=False, **SITES),
 }
