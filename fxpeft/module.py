@@ -289,7 +289,7 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         self.__dict__.pop("_fxpeft_merged", None)  # adapters added or deleted: state.merged_adapters walks again
         self.__dict__["_fxpeft_dropped"] = self._dropped_inputs()
         methods = [(self._fxpeft_registry.method_for(config), name) for name, config in self.peft_config.items()]
-        self.__dict__["_fxpeft_output_hooks"] = [(m, name) for m, name in methods if m.adjust_output is not None]
+        self.__dict__["_fxpeft_loss_hooks"] = [(m, name) for m, name in methods if m.adjust_loss is not None]
         self.__dict__["_fxpeft_prepare_hooks"] = list(dict.fromkeys(m.prepare_call for m, _ in methods
                                                                      if m.prepare_call is not None))
         self.__dict__["_fxpeft_memo"] = {}  # what prepare hooks derive from the adapters that exist (gone on relower)
@@ -573,8 +573,11 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
                 generation.cache_written(cache)
                 if isinstance(output, dict):
                     output[written] = cache  # what the graph wrote into
-        for method, adapter in self._fxpeft_output_hooks:  # e.g. a regulariser added to the loss
-            output = method.adjust_output(self, adapter, output)
+        # the loss first: a call without one (inference, generate) never reads the hooks, so its compiled code
+        # does not depend on how many adapters have one (loading an AdaLoRA adapter recompiled a decode step)
+        if isinstance(getattr(output, "loss", None), torch.Tensor):
+            for method, adapter in self._fxpeft_loss_hooks:  # e.g. a regulariser
+                output.loss = method.adjust_loss(self, adapter, output.loss)
         return output
 
     def __getattr__(self, name: str):

@@ -125,9 +125,9 @@ class Method:
     # writes instead of the checkpoint's tensors and config (LoRA: an adapter whose init rewrote the base
     # weights, as plain LoRA for the original base, PEFT's conversion). None: the method refuses the option
     initial_conversion: Optional[Callable] = None
-    # ``adjust_output(gm, adapter, output) -> output`` after every call while the adapter exists
-    # (AdaLoRA adds its regulariser to the loss)
-    adjust_output: Optional[Callable] = None
+    # ``adjust_loss(gm, adapter, loss) -> loss`` after every call returning a loss while the adapter exists
+    # (AdaLoRA adds its regulariser)
+    adjust_loss: Optional[Callable] = None
     # ``changes_base(config) -> bool``: attaching rewrites base weights (PiSSA, OLoRA, LoftQ inits):
     # edits with such a config keep a copy of the model's weights to put back if they fail
     changes_base: Optional[Callable[[Any], bool]] = None

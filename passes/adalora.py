@@ -513,17 +513,15 @@ def update_and_allocate(gm, global_step: int):
     return allocators[adapter].step(sites_of(gm, adapter), global_step)
 
 
-def add_orthogonal_regulariser(gm, adapter: str, output):
+def add_orthogonal_regulariser(gm, adapter: str, loss: Tensor) -> Tensor:
     """PEFT adds ``orth_reg_weight`` times the mean ‖AAᵀ − I‖ / ‖BᵀB − I‖ of the trainable adapter
     to a returned loss, for models with a task type (PEFT's wrapper calls the base model directly
     otherwise)."""
     config = gm.peft_config[adapter]
-    loss = getattr(output, "loss", None)
-    if config.inference_mode or config.task_type is None or not isinstance(loss, Tensor):
-        return output
+    if config.inference_mode or config.task_type is None:
+        return loss
     pairs = [(a, b) for a, _, b in sites_of(gm, adapter).values()]
-    output.loss = loss + orth_regularization(pairs, config.orth_reg_weight)
-    return output
+    return loss + orth_regularization(pairs, config.orth_reg_weight)
 
 
 def saved_state(gm, adapter: str, tensors: dict) -> dict:
@@ -550,7 +548,7 @@ _METHOD = additive(
     containers=CONTAINERS, gates="adalora_gate", dropouts="lora_dropout", scales_itself=True,
     dtype_of=lambda module, adapter: module.lora_A[adapter].dtype, kinds=("linear", "conv"),
     default_targets=DEFAULT_LORA_TARGETS, adapters_at=_adalora_adapters, unsaved_containers=("ranknum",),
-    saved_state=saved_state, adjust_output=add_orthogonal_regulariser,
+    saved_state=saved_state, adjust_loss=add_orthogonal_regulariser,
     module_methods=(("update_and_allocate", update_and_allocate),),
     describe=lambda module, adapter: f"r={int((module.lora_E[adapter] != 0).sum())}/{module.lora_E[adapter].shape[0]}")
 METHOD = register_method(dataclasses.replace(_METHOD, attach=functools.partial(attach, site_attach=_METHOD.attach)))

@@ -158,10 +158,24 @@ ON_QWEN2 = {"road": dict(target_modules=["q_proj", "v_proj"]), "boft": dict(boft
             "trainable_tokens": dict(target_modules=["embed_tokens"], token_indices=[1, 3, 5])}
 
 
+def loaded_from_peft(gm, model, config, tmp_path, name: str):
+    """PEFT's adapter on a copy of ``model``, random and then perturbed (so that it changes the greedy tokens),
+    loaded into ``gm`` through PEFT's checkpoint as ``name`` and set active; PEFT's model is returned."""
+    torch.manual_seed(1)
+    reference = peft.get_peft_model(copy.deepcopy(model), config).eval()
+    with torch.no_grad():
+        for parameter in reference.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.2 * torch.randn_like(parameter))
+    reference.save_pretrained(tmp_path / name)
+    gm.load_adapter(str(tmp_path / name), name)
+    gm.set_adapter(name)
+    return reference
+
+
 def test_every_weight_adapting_method_generates_as_peft(tmp_path):
-    """Every site method fxpeft has, on one module captured once: each method's adapter, random and then
-    perturbed in PEFT (so that it changes the greedy tokens), goes through PEFT's checkpoint into fxpeft,
-    generates the tokens and per-step scores PEFT's generate gives, and is deleted before the next method's."""
+    """Every site method fxpeft has, on one module captured once: each method's adapter, made in PEFT
+    (loaded_from_peft), generates the tokens and per-step scores PEFT's generate gives, and is deleted before the next method's."""
     import test_methods
 
     torch.manual_seed(0)
@@ -178,15 +192,7 @@ def test_every_weight_adapting_method_generates_as_peft(tmp_path):
     site = test_methods.SiteModel(models.qwen2, None, QWEN2_SITES, ["down_proj"])
     for name, spec in test_methods.METHODS.items():
         options = {**spec.options(site), **spec.random, **ON_QWEN2.get(name, {})}
-        torch.manual_seed(1)
-        reference = peft.get_peft_model(copy.deepcopy(model), spec.peft(**options)).eval()
-        with torch.no_grad():
-            for parameter in reference.parameters():
-                if parameter.requires_grad:
-                    parameter.add_(0.2 * torch.randn_like(parameter))
-        reference.save_pretrained(tmp_path / name)
-        gm.load_adapter(str(tmp_path / name), name)
-        gm.set_adapter(name)
+        reference = loaded_from_peft(gm, model, spec.peft(**options), tmp_path, name)
         expected, got = reference.generate(**inputs, **kw), gm.generate(**inputs, **kw)
         assert not torch.equal(expected.sequences, base), f"{name}: the adapter does not change the tokens"
         assert torch.equal(got.sequences, expected.sequences), name
@@ -370,6 +376,10 @@ READ_WHEN_RUN = {  # methods whose generation graphs read each site's adapters w
     # LoRA's own stacks do not take lora_bias: those sites read the additive form's kept factors and bias
     "lora_bias": lambda: fxpeft.LoraConfig(r=2, lora_bias=True, init_lora_weights=False, **SITES),
     "vera": lambda: fxpeft.VeraConfig(r=4, init_weights=False, **SITES),  # additive, low rank: factors kept
+    # the same, and its loss hook is not read by a call without a loss (it recompiled: the hook list's length)
+    # (one trainable AdaLoRA adapter at a time, as PEFT: these are for inference)
+    "adalora": lambda: fxpeft.AdaLoraConfig(init_r=2, total_step=10, init_lora_weights=False, task_type="CAUSAL_LM",
+                                            inference_mode=True, **SITES),
     # additive, a dense ΔW: kept summed for the dense graph; the mixed graph runs each site's plain lowering
     # as an opaque op (stacks would hold a weight-sized tensor per adapter)
     "loha": lambda: fxpeft.LoHaConfig(r=2, alpha=4, init_weights=False, **SITES),
@@ -634,6 +644,49 @@ def test_seq2seq_adapter_names_match_peft(seq2seq_pair):
     expected, got = both(reference, gm, **inputs, max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=0,
                          do_sample=False, adapter_names=["b", "__base__", "a"])
     assert torch.equal(got, expected)
+
+
+SEQ2SEQ_METHODS = {  # one of each kind of generation-graph reading, on layers of the encoder and the decoder
+    # (self- and cross-attention); each changes the greedy tokens of its model
+    "t5": (["q", "v", "wo"], ["wo"], ["ia3", "oft", "hra", "road", "lily"]),
+    "bart": (["q_proj", "v_proj", "fc2"], ["fc2"], ["dora", "vera", "lokr", "miss", "waveft"]),
+}
+
+
+@pytest.mark.parametrize("name", list(SEQ2SEQ_METHODS))
+def test_seq2seq_weight_adapting_methods_generate_as_peft(name, tmp_path):
+    """Methods other than LoRA on encoder-decoder models, each loaded from PEFT's checkpoint into one module
+    captured once: tokens and scores equal PEFT's generate; with adapter_names each sequence gets what it gets
+    generated in a batch of its adapter's sequences alone."""
+    import test_methods
+
+    targets, feedforward, methods = SEQ2SEQ_METHODS[name]
+    torch.manual_seed(0)
+    model = getattr(models, name)().eval()
+    gm = fxpeft.transform(model, fxpeft.LoraConfig(r=2, target_modules=targets[:1]))
+    gm.delete_adapter("default")
+    inputs = models.hf_inputs("bart", batch=3)  # row 0 padded
+    kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    base = gm.generate(**inputs, **kw)
+    site = test_methods.SiteModel(getattr(models, name), None, targets, feedforward)
+    rows = lambda picked: {key: value[picked] for key, value in inputs.items()}  # noqa: E731
+    for method in methods:
+        spec = test_methods.METHODS[method]
+        options = {**spec.options(site), **spec.random}
+        if method == "road":  # its row targets the MLP's layer by name
+            options.update(target_modules=targets[:2])
+        reference = loaded_from_peft(gm, model, spec.peft(**options), tmp_path, method)
+        scored = dict(kw, return_dict_in_generate=True, output_scores=True)
+        expected, got = reference.generate(**inputs, **scored), gm.generate(**inputs, **scored)
+        assert not torch.equal(expected.sequences, base), f"{method}: the adapter does not change the tokens"
+        assert torch.equal(got.sequences, expected.sequences), method
+        for ours, theirs in zip(got.scores, expected.scores, strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5, msg=lambda text: f"{method}: {text}")
+        mixed = gm.generate(**inputs, **kw, adapter_names=[method, "__base__", method])
+        assert torch.equal(mixed[[0, 2]], gm.generate(**rows([0, 2]), **kw)), method
+        with gm.disable_adapter():
+            assert torch.equal(mixed[1], gm.generate(**rows([1]), **kw)[0]), method
+        gm.delete_adapter(method)
 
 
 # ------------------------------------------------------------------------- prompt and prefix tuning
