@@ -31,7 +31,7 @@ from torch import nn
 
 from fxpeft.canonical import Site
 from fxpeft.configs import PeftConfigBase
-from fxpeft.forms import AdapterGate, child_dict, weight_map
+from fxpeft.forms import AdapterGate, chained, child_dict, weight_map
 from fxpeft.registry import Method, register_method, registry_of
 from fxpeft.rewrite import Lowering, samples_of
 from fxpeft.targets import input_embedding_path, tied_to_embedding
@@ -120,11 +120,35 @@ def tie_tokens(gm, source_path: str, adapter: str, save_tied: bool) -> list[str]
 # ----------------------------------------------------------------------------- rewrite
 
 
-def rows_replaced(weight: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
-    """``weight`` with rows ``indices`` replaced by ``rows`` where ``on`` (a 0-dim gate) is nonzero,
-    else kept: which adapters act is data, so switching never changes the graph."""
-    kept = weight.index_select(0, indices)
-    return weight.index_copy(0, indices, torch.where(on > 0, rows.to(weight.dtype), kept))
+def tokens_embedded(ids: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor, on: torch.Tensor,
+                    padding_idx: int, scale_grad_by_freq: bool) -> torch.Tensor:
+    """An embedding's output ``y`` with each token of ``indices`` given its row of ``rows`` where ``on`` (a
+    0-dim gate, or a per-row mask) is nonzero: what the op computes on the weight with those rows replaced,
+    without copying the weight. The rows' gradients are the op's too: none for ``padding_idx``, divided
+    by the token's count in ``ids`` with ``scale_grad_by_freq``."""
+    match = ids.unsqueeze(-1) == indices  # (..., k)
+    value = rows.index_select(0, match.int().argmax(-1).flatten()).view(*ids.shape, rows.shape[-1]).to(y.dtype)
+    if padding_idx >= 0:
+        value = torch.where((ids == padding_idx).unsqueeze(-1), value.detach(), value)
+    if scale_grad_by_freq:  # value stays, its gradient scales
+        share = (1 / _counts(ids, match)).unsqueeze(-1).to(value.dtype)
+        value = value.detach() + (value - value.detach()) * share
+    return torch.where(match.any(-1, keepdim=True) & (on > 0), value, y)
+
+
+def _counts(ids: torch.Tensor, match: torch.Tensor) -> torch.Tensor:
+    """Each position's token's count in ``ids`` (1 where the token is none of the rows')."""
+    per_row = match.flatten(0, -2).sum(0)  # (k,)
+    return torch.where(match.any(-1), per_row.index_select(0, match.int().argmax(-1).flatten()).view(ids.shape),
+                       torch.ones_like(ids)).to(torch.float32)
+
+
+def tokens_projected(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor, on: torch.Tensor,
+                     bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """A linear layer's output ``y`` (its weight tied to the embedding) with the outputs of ``indices`` computed
+    from ``rows`` where ``on`` is nonzero: the op on the weight with those rows replaced, without copying it."""
+    value = torch.nn.functional.linear(x, rows.to(x.dtype), None if bias is None else bias.index_select(0, indices))
+    return y.index_copy(-1, indices, torch.where(on > 0, value.to(y.dtype), y.index_select(-1, indices)))
 
 
 def _rows(lw: Lowering, site: Site, module: nn.Module, adapter: str):
@@ -132,22 +156,32 @@ def _rows(lw: Lowering, site: Site, module: nn.Module, adapter: str):
     return lw.attr(f"{source}.{DELTA}.{adapter}"), lw.attr(f"{site.path}.{GATE}.{adapter}.indices")
 
 
+def _tokens(lw: Lowering, site: Site, module: nn.Module, adapter: str, y, on):
+    """``y`` with the adapter's rows (where ``on``), from the op's input and output (the op runs as it is)."""
+    rows, indices = _rows(lw, site, module, adapter)
+    if site.kind == "embedding":  # aten.embedding(weight, ids, padding_idx=-1, scale_grad_by_freq=False, …)
+        args, kwargs = site.node.args, site.node.kwargs
+        padding_idx = args[2] if len(args) > 2 else kwargs.get("padding_idx", -1)
+        by_freq = args[3] if len(args) > 3 else kwargs.get("scale_grad_by_freq", False)
+        return lw.call(tokens_embedded, site.input, y, indices, rows, on, padding_idx, by_freq)
+    if site.fan_in_fan_out:
+        raise NotImplementedError(f"Trainable tokens at {site.path}: its weight is stored (in, out), not as an "
+                                  "embedding's rows.")
+    return lw.call(tokens_projected, site.input, y, indices, rows, on, lw.attr(site.bias) if site.bias else None)
+
+
 def lower_site(lw: Lowering, site: Site, module: nn.Module, adapters: list[str]):
-    """Dense graph: the op runs on the weight with every adapter's rows in turn (gated). Mixed graph:
-    the op runs once more per adapter on its weight, and each sample keeps its adapter's result."""
-    if not lw.mixed:
-        weight = site.weight_node
-        for adapter in adapters:
-            rows, indices = _rows(lw, site, module, adapter)
-            on = lw.call(aten.mul.Tensor, lw.attr(f"{site.path}.{GATE}.{adapter}.value"), lw.gate(adapter))
-            weight = lw.call(rows_replaced, weight, indices, rows, on)
-        return lw.replace_op(site, weight=weight)
+    """Dense graph: every adapter's rows in turn (gated), a later adapter's over an earlier one's. Mixed
+    graph: each sample its adapter's rows. Either way from the op's output: the weight is never copied
+    (PEFT's layer copies it with the rows replaced at every call)."""
     out = site.output
     for adapter in adapters:
-        rows, indices = _rows(lw, site, module, adapter)
         on = lw.attr(f"{site.path}.{GATE}.{adapter}.value")
-        value = lw.copy(site.node, {site.weight_node: lw.call(rows_replaced, site.weight_node, indices, rows, on)})
-        out = lw.call(per_sample, lw.sample_index, lw.adapter_order.index(adapter), value, out)
+        if not lw.mixed:
+            out = _tokens(lw, site, module, adapter, out, lw.call(aten.mul.Tensor, on, lw.gate(adapter)))
+        else:
+            chosen = _tokens(lw, site, module, adapter, out, on)
+            out = lw.call(per_sample, lw.sample_index, lw.adapter_order.index(adapter), chosen, out)
     return out
 
 
@@ -195,7 +229,7 @@ def _attach(base_attach):
 
 _FORM = weight_map(name="trainable_tokens", config_type=TrainableTokensConfig, create=_create, lower_site=lower_site,
                    fold=fold, containers=(DELTA,), gates=GATE, kinds=("embedding",), phase=40, describe=describe,
-                   resolve_config=_resolve)
+                   resolve_config=_resolve, kept_kinds=("embedding", "linear"))  # linear: a head tied to the embedding
 METHOD = register_method(dataclasses.replace(_FORM, attach=_attach(_FORM.attach)))
 
 
@@ -278,8 +312,10 @@ def with_tokens(method: Method) -> Method:
             parts.insert(0, method.describe(module, adapter))
         return " ".join(parts)
 
+    # generation graphs read the rows when they run (a load between compiled generate calls: no recompile)
     return dataclasses.replace(
         method, attach=attach, adapters_at=adapters_at, gate=gate, fold=both_fold, describe=both_describe,
+        lowered=chained(method.lowered, METHOD.lowered), prepare_call=chained(method.prepare_call, METHOD.prepare_call),
         containers=(*method.containers, DELTA, GATE),
         checkpoint_renames=(*method.checkpoint_renames, (f".{DELTA}", f".token_adapter.{DELTA}")))
 

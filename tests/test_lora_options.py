@@ -122,6 +122,33 @@ def test_trainable_tokens_equal_peft(case, tie, tmp_path):
     assert all(torch.equal(p, frozen[n]) for n, p in loaded.named_parameters() if n in frozen)
 
 
+
+@pytest.mark.parametrize("options", [{}, dict(padding_idx=5), dict(scale_grad_by_freq=True)],
+                         ids=["plain", "padding", "by-frequency"])
+@pytest.mark.parametrize("tie", [True, False])
+def test_trainable_tokens_gradients_equal_peft(options, tie):
+    """The rows act from the op's output (no copy of the weight); their gradients are those of the op on the
+    weight with the rows replaced, as PEFT computes it: none for a padding token, divided by each token's
+    count with scale_grad_by_freq (IDS holds 5 twice and 7 three times), through a tied head too."""
+    def build():
+        model = tiny_llama(tie)
+        for name, value in options.items():
+            setattr(model.model.embed_tokens, name, value)
+        return model
+
+    config = dict(token_indices=[1, 5, 7], init_weights=False)
+    _, reference, gm, _ = pair(build, fxpeft.TrainableTokensConfig(**config), peft.TrainableTokensConfig(**config))
+    expected, got = logits(reference.train(), grad=True), logits(gm.train(), grad=True)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    weights = torch.randn_like(expected)
+    (expected * weights).sum().backward()
+    (got * weights).sum().backward()
+    theirs = {peft_key(n): p.grad for n, p in reference.named_parameters() if p.requires_grad}
+    for name, param in gm.named_parameters():
+        if param.requires_grad:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+            torch.testing.assert_close(param.grad, theirs[name], rtol=1e-5, atol=1e-5, msg=lambda text: f"{name}: {text}")
+
 def test_trainable_tokens_switching_and_mixed_batches():
     """Activity is data: disabled / other adapters read the base rows; a mixed batch equals
     per-sample calls; several token adapters apply in order."""
