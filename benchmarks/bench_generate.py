@@ -1,7 +1,8 @@
 """Generation: fxpeft vs PEFT ``generate`` side by side in one process, per-token decode time.
 
 Llama-shaped model (hidden 512, 4 layers, vocab 8000), LoRA r=16 on all seven projections (``--method``:
-DoRA, VeRA, LoHa, IA3, OFT (blocks of 32), BOFT (blocks of 32), HRA (r=16), RoAd or Lily instead), random adapters made by PEFT and loaded into fxpeft from PEFT's files
+DoRA, VeRA, LoHa, IA3, OFT (blocks of 32), BOFT (blocks of 32), HRA (r=16), RoAd or Lily instead, or LoRA plus
+100 trainable token rows), random adapters made by PEFT and loaded into fxpeft from PEFT's files
 (greedy tokens checked equal before timing). For each
 batch size and context length (prompt tokens), greedy ``generate`` of ``--new`` tokens; a streamer
 stamps each new token and the per-token time is the median gap between consecutive tokens (decode
@@ -21,7 +22,7 @@ mixed decode vs the same batch with one adapter (with ``--compile`` also both co
 forward stays eager: it loops over adapters in Python).
 Absolute times on shared machines are noise: read the ratios. Run:
 python benchmarks/bench_generate.py [--batch 1,8] [--context 32,256] [--new 16] [--compile]
-                                    [--method lora|dora|vera|loha|ia3|oft|boft|hra|road|lily]
+                                    [--method lora|dora|vera|loha|ia3|oft|boft|hra|road|lily|lora_tokens]
                                     [--tenants 8 --tenant-batch 32] [--device cuda]
 """
 from __future__ import annotations
@@ -52,6 +53,8 @@ METHODS = {
     "road": lambda peft, config: peft.RoadConfig(variant="road_2", group_size=32, target_modules=TARGETS,
                                                  init_weights=False),
     "lily": lambda peft, config: peft.LilyConfig(r=16, target_modules=TARGETS, init_weights=False),
+    # LoRA plus 100 trainable token rows of the embedding (PEFT's layer copies the embedding at every step)
+    "lora_tokens": lambda peft, config: peft.LoraConfig(**config, trainable_token_indices=list(range(0, 8000, 80))),
 }
 
 

@@ -291,16 +291,18 @@ def additive(*, name: str, config_type: type, create: Callable, delta: Callable,
     (:func:`attach_sites`). ``prepare(gm, targets, config, adapter)`` (optional, every form takes it)
     then makes or checks the state the method shares across sites (:class:`SharedTensors`).
 
-    Generation graphs (those reading a KV cache) compute a linear site's deltas from ``ΔW`` instead,
-    kept once per ``generate`` call (:class:`_KeptSites`): ``delta_factors(gm, site, module,
+    Generation graphs (those reading a KV cache) read each site's adapters when they run
+    (:class:`_KeptSites`), so that a load between compiled generate calls does not recompile: conv and
+    embedding sites run the plain lowering as a program, linear sites compute their deltas from ``ΔW``
+    instead, kept once per ``generate`` call: ``delta_factors(gm, site, module,
     adapter)`` (optional) gives a low-rank ``ΔW`` as ``(A, B)``, ``A`` (r, in) and ``B`` (out, r)
     with ``B A`` the scaled ``ΔW`` as (out, in), so that they cost what ``Δ(x)`` costs; ``()`` for an
     adapter changing no weight, None where only ``delta_weight`` says it; ``sampled(module, adapter)``
     (optional) says an adapter's delta is random in eval mode too (PVeRA's ``sample_at_inference``);
     ``site_parts(model, site, module, adapter, dtype, alone)`` (optional) gives the adapter as
     :class:`SiteParts` itself, for a method whose ΔW is not ``delta_weight``'s (weight-dependent ones).
-    A method with its own ``lower_site`` takes this path only where ``lower_site`` declines a linear site
-    of a generation graph, which ``kept_where(module, adapters)`` says (LoRA: its ``lora_bias`` sites).
+    A method with its own ``lower_site`` takes this path only where ``lower_site`` declines a site of a
+    generation graph, which ``kept_where(site, module, adapters)`` says (LoRA: conv and ``lora_bias`` sites).
     """
     site_adapters = adapters_at or _gates_of(gates)[0]
 
@@ -332,7 +334,7 @@ def additive(*, name: str, config_type: type, create: Callable, delta: Callable,
             fast = lower_site(lw, site, module, present)
             if fast is not None:
                 return fast
-        if lw.cached and kept is not None and site.kind == "linear":
+        if lw.cached and kept is not None and site.kind in kept.kinds:
             return kept.rewrite(lw, site)
         return plain(lw, site, module, present)
 
@@ -362,7 +364,7 @@ def additive(*, name: str, config_type: type, create: Callable, delta: Callable,
     # method lowering sites its own way (LoRA) keeps what it needs itself, except where kept_where says
     readable = delta_weight is not None or site_parts is not None
     kept = None if not readable or (lower_site is not None and kept_where is None) else _KeptSites(
-        name, site_adapters, _gates_of(gates)[1], site_parts or parts, plain, where=kept_where)
+        name, site_adapters, _gates_of(gates)[1], site_parts or parts, plain, where=kept_where, kinds=kinds)
     if kept is not None:
         _kept_hooks(fields, kept)
     rule = site_rule(name, lambda site, module: bool(site_adapters(module)), rewrite, phase=phase)
@@ -373,12 +375,12 @@ def additive(*, name: str, config_type: type, create: Callable, delta: Callable,
 
 def _kept_hooks(fields: dict, kept) -> None:
     """A form's kept-per-call hooks, after the method's own ``lowered`` and ``prepare_call`` if it has any."""
-    fields["lowered"] = _chained(fields.get("lowered"), kept.lowered)
-    fields["prepare_call"] = _chained(fields.get("prepare_call"), kept.prepare_call)
+    fields["lowered"] = chained(fields.get("lowered"), kept.lowered)
+    fields["prepare_call"] = chained(fields.get("prepare_call"), kept.prepare_call)
 
 
-def _chained(first: Optional[Callable], second: Callable) -> Callable:
-    """A hook running a method's own ``first`` (if any), then the form's ``second``."""
+def chained(first: Optional[Callable], second: Callable) -> Callable:
+    """A hook running ``first`` (a method's own, if any), then ``second`` (a form's, or a wrapped method's)."""
     if first is None:
         return second
 
@@ -473,14 +475,15 @@ class _KeptSites:
     part before the op) and the graph's own op runs between the two nodes."""
 
     def __init__(self, name, adapters_at, gate_of, parts: Callable, lower: Callable,
-                 where: Optional[Callable] = None, maps_input: bool = False):
+                 where: Optional[Callable] = None, maps_input: bool = False, kinds=("linear",)):
         self.name = name
         self.maps_input = maps_input
+        self.kinds = kinds  # the site kinds its generation graphs read this way (parts: linear sites only)
         self.layout_key = f"_fxpeft_{name}_generation"  # site __dict__: GenerationLayout
         self.programs_key = f"_fxpeft_{name}_programs"  # site __dict__: (what program() read, the programs)
         self.kept_name = f"_fxpeft_{name}_parts"  # a KeptTensors child of every lowering root (kept_roots)
         self.adapters_at, self.gate_of, self.parts, self.lower = adapters_at, gate_of, parts, lower
-        self.where = where  # (module, adapters) -> whether the site's generation graphs take this path
+        self.where = where  # (site, module, adapters) -> whether the site's generation graphs take this path
         # what the graphs call: functions (not bound methods) with the form's state
         self.dense = functools.update_wrapper(functools.partial(_dense_site, self), _dense_site)
         self.mixed = functools.update_wrapper(functools.partial(_mixed_site, self), _mixed_site)
@@ -493,14 +496,14 @@ class _KeptSites:
         dtype = adapter_dtype(site_weight(lw.root, site))
         state = (lw.attr(site.path), lw.attr(self.kept_name), site.path, dtype, *([lw.sample_index] * lw.mixed))
         x = site.input
-        if self.maps_input:
+        if self.maps_input and site.kind == "linear":  # (an embedding's is the token ids)
             lw.replace_op(site, input=lw.call(self.mixed_input if lw.mixed else self.dense_input, x, *state))
         return lw.call(self.mixed if lw.mixed else self.dense, x, site.output, *state)
 
     def lowered(self, gm) -> None:
         """Each linear site's GenerationLayout, once the model has a generation graph (a model that never
         generates builds no programs)."""
-        roots, sites, order, registry = kept_roots(gm, self.kept_name), None, list(gm.peft_config), registry_of(gm)
+        roots, sites, order, registry = None, None, list(gm.peft_config), registry_of(gm)
         generates = any(reads_cache(signature) for signature in gm._fxpeft_signatures.values())
         for key in (self.kept_name, (self.kept_name, "step", False), (self.kept_name, "step", True)):
             gm._fxpeft_memo.pop(key, None)  # prepared before these layouts (a generation graph captured just now)
@@ -509,7 +512,8 @@ class _KeptSites:
             if names and sites is None:
                 sites = sites_by_path(gm)
             site = sites.get(path) if names else None
-            if site is None or site.kind != "linear" or (self.where is not None and not self.where(module, names)):
+            if site is None or site.kind not in self.kinds or (
+                    self.where is not None and not self.where(site, module, names)):
                 module.__dict__.pop(self.layout_key, None)
                 module.__dict__.pop(self.programs_key, None)
                 continue
@@ -522,6 +526,7 @@ class _KeptSites:
                 key: program for mixed in (False, True)
                 for key, program in self.programs(gm, registry, order, site, module, names, mixed).items()}
             module.__dict__[self.programs_key] = (key, programs)
+            roots = roots or kept_roots(gm, self.kept_name)  # holders only where a site has adapters
             places = kept_places(roots, self.kept_name, path)
             for holder, key in places:
                 holder.__dict__["sites"][key] = module
@@ -569,13 +574,15 @@ class _KeptSites:
         if sites is None:
             sites = gm._fxpeft_memo[self.kept_name] = [module for _, module in registry_of(gm).base_modules(gm)
                                                        if self.layout_key in module.__dict__]
+        if not sites:  # e.g. LoRA's trainable tokens, where no adapter has rows
+            return
         gates = gm._buffers["_fxpeft_gates"]
         active = gates.tolist()  # one host read: adapters switched off are left out
         with torch.no_grad():
             for module in sites:
                 layout = module.__dict__[self.layout_key]
-                if any(is_sharded(p) for p in module.parameters()):  # FSDP2, outside the block's forward: afresh
-                    kept = None
+                if layout.site.kind != "linear" or any(is_sharded(p) for p in module.parameters()):
+                    kept = None  # parts say linear sites only; FSDP2, outside the block's forward: afresh
                 else:
                     kept = self.stacked(module, layout) if mixed else self.composed(module, layout, gates, active)
                 for holder, key in layout.places:
@@ -827,6 +834,11 @@ def _row_slots(lookup: torch.Tensor, index: torch.Tensor, x: torch.Tensor) -> to
     if x.shape[0] != slots.shape[0]:
         slots = slots.repeat_interleave(x.shape[0] // slots.shape[0])
     return slots
+
+
+def _no_parts(*args) -> None:
+    """A method giving no :class:`SiteParts`: its generation graphs run its programs."""
+    return None
 
 
 def _op_stand_in(x: torch.Tensor) -> torch.Tensor:
@@ -1089,7 +1101,8 @@ def broadcast_per_sample(factors: torch.Tensor, like: torch.Tensor, dim: int) ->
 def weight_map(*, name: str, config_type: type, create: Callable, lower_site: Callable, fold: Callable,
                containers: tuple[str, ...], gates: str, kinds=("linear",), default_targets: Optional[dict] = None,
                heads: Optional[Callable] = None, adapters_at: Optional[Callable] = None, phase: int = 40,
-               site_parts: Optional[Callable] = None, maps_input: bool = False, **fields) -> Method:
+               site_parts: Optional[Callable] = None, maps_input: bool = False, kept_kinds=None,
+               **fields) -> Method:
     """A method whose site computes with a function of its weight.
 
     ``lower_site(lw, site, module, adapters)`` inserts the site's new output (it may call
@@ -1103,18 +1116,21 @@ def weight_map(*, name: str, config_type: type, create: Callable, lower_site: Ca
     op's input and output; a ``lower_site`` running the op on a mapped input (``replace_op(site,
     input=…)``: the orthogonal family) says so with ``maps_input``: the generation graph then maps the
     input in a node of its own (``SiteParts.rotation``, or the lowering's part before the op), runs the op
-    on it, and applies the rest in a second node.
+    on it, and applies the rest in a second node. ``kept_kinds``: the site kinds whose generation graphs
+    read the adapters so (default: linear sites, where ``site_parts`` is given); on other kinds, and for a
+    method without ``site_parts``, the programs always (a ``lower_site`` computing from the op's output).
     """
     site_adapters = adapters_at or _gates_of(gates)[0]
 
     def rewrite(lw: Lowering, site: Site):
         module = lw.module(site.path)
-        if lw.cached and kept is not None and site.kind == "linear":
+        if lw.cached and kept is not None and site.kind in kept.kinds:
             return kept.rewrite(lw, site)
         return lower_site(lw, site, module, site_adapters(module))
 
-    kept = None if site_parts is None else _KeptSites(name, site_adapters, _gates_of(gates)[1], site_parts,
-                                                       lower_site, maps_input=maps_input)
+    kept_kinds = kept_kinds or (("linear",) if site_parts is not None else ())
+    kept = None if not kept_kinds else _KeptSites(name, site_adapters, _gates_of(gates)[1], site_parts or _no_parts,
+                                                  lower_site, maps_input=maps_input, kinds=kept_kinds)
     if kept is not None:
         _kept_hooks(fields, kept)
     rule = site_rule(name, lambda site, module: bool(site_adapters(module)), rewrite, phase=phase)

@@ -269,7 +269,8 @@ METHOD = register_method(with_replication(with_tying(with_tokens(weight_map(
     name="dora", config_type=LoraConfig, applies=lambda config: config.use_dora, create=add_dora,
     lower_site=lower_site, fold=fold, site_parts=site_parts, containers=(*lora.CONTAINERS, "lora_magnitude_vector"),
     gates="lora_scaling",
-    kinds=("linear", "conv", "embedding"), default_targets=DEFAULT_LORA_TARGETS, heads=output_heads,
+    kinds=("linear", "conv", "embedding"), kept_kinds=("linear", "conv", "embedding"),
+    default_targets=DEFAULT_LORA_TARGETS, heads=output_heads,
     adapters_at=_dora_adapters, phase=50, describe=lambda module, adapter: lora._rank(module, adapter) + " dora",
     check_site=lora.check_site, changes_base=lora.changes_base,
     checkpoint_renames=(("lora_magnitude_vector.weight", "lora_magnitude_vector"),))), add_dora)))

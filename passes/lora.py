@@ -785,6 +785,11 @@ def _with_bias(module: nn.Module, adapters) -> bool:
     return holder is not None and any(a in holder and holder[a].bias is not None for a in adapters)
 
 
+def _declined(site: Site, module: nn.Module, adapters) -> bool:
+    """The sites of generation graphs lower_site leaves to the form's kept deltas: conv sites, lora_bias ones."""
+    return site.kind == "conv" or _with_bias(module, adapters)
+
+
 def _lora_adapters(module: nn.Module) -> list[str]:
     """The module's plain LoRA adapters (DoRA adapters, passes/dora.py, share LoRA's state)."""
     scales = module._modules.get("lora_scaling")
@@ -796,7 +801,7 @@ def _lora_adapters(module: nn.Module) -> list[str]:
 
 METHOD = register_method(with_parameters(with_replication(with_tying(with_tokens(additive(
     name="lora", config_type=LoraConfig, create=add_lora, delta=delta, delta_weight=delta_weight, delta_bias=delta_bias,
-    delta_factors=delta_factors, kept_where=_with_bias,  # lower_site declines lora_bias sites
+    delta_factors=delta_factors, kept_where=_declined,
     containers=CONTAINERS, gates="lora_scaling", dropouts="lora_dropout",
     dtype_of=lambda module, adapter: module.lora_A[adapter].weight.dtype,
     default_targets=DEFAULT_LORA_TARGETS, heads=output_heads, lower_site=lower_site, adapters_at=_lora_adapters,

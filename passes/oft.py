@@ -267,5 +267,6 @@ METHOD = register_method(weight_map(
     fold=orthogonal.folding(gates="oft_gate", matrix=merged_matrix), maps_input=True,
     site_parts=orthogonal.parts(rotation=lambda module, adapter: _rotation(module, adapter).kept_blocks()),
     containers=("oft_R", "oft_embedding_R", "oft_dropout"), gates="oft_gate", kinds=("linear", "conv", "embedding"),
+    kept_kinds=("linear", "embedding"),  # conv sites run on the mapped weight: their graphs name the adapters
     default_targets=DEFAULT_LORA_TARGETS, heads=output_heads,
     describe=lambda module, adapter: _rotation(module, adapter).extra_repr()))

@@ -8,11 +8,33 @@ from torch import nn
 VOCAB = 96
 
 
-def llama():
+def llama(tie: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
     return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        tie_word_embeddings=tie))
 
+
+
+class PointwiseConv(nn.Module):
+    """A linear layer as a kernel-1 Conv1d over the sequence: a conv site that a decode step runs."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.conv = nn.Conv1d(linear.in_features, linear.out_features, 1, bias=linear.bias is not None)
+        with torch.no_grad():
+            self.conv.weight.copy_(linear.weight.unsqueeze(-1))
+
+    def forward(self, x):
+        return self.conv(x.transpose(1, 2)).transpose(1, 2)
+
+
+def llama_with_conv():
+    """Llama whose MLPs' down_proj is a PointwiseConv (conv sites in its generation graphs)."""
+    model = llama()
+    for layer in model.model.layers:
+        layer.mlp.down_proj = PointwiseConv(layer.mlp.down_proj)
+    return model
 
 def qwen2():
     from transformers import Qwen2Config, Qwen2ForCausalLM

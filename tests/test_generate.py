@@ -1,5 +1,6 @@
 """gm.generate: transformers' decoding over fxpeft's graphs with a static KV cache, against PEFT's generate."""
 import copy
+import functools
 
 import peft
 import pytest
@@ -371,6 +372,11 @@ def test_compiled_decoding_of_a_lone_adapter_survives_loading_another():
 
 
 SITES = dict(target_modules=["k_proj", "v_proj", "down_proj"])
+CONV_CONFIGS = {  # methods at conv sites (models.llama_with_conv's down_proj.conv): config class, fields
+    "lora": ("LoraConfig", dict(r=2, init_lora_weights=False, target_modules=["conv", "v_proj"])),
+    "loha": ("LoHaConfig", dict(r=2, alpha=256, init_weights=False, target_modules=["conv"])),  # a ΔW that shows
+    "dora": ("LoraConfig", dict(r=2, use_dora=True, init_lora_weights=False, target_modules=["conv"])),
+}
 READ_WHEN_RUN = {  # methods whose generation graphs read each site's adapters when they run
     "ia3": lambda: fxpeft.IA3Config(**IA3),  # the scaling form: per-feature factors
     # LoRA's own stacks do not take lora_bias: those sites read the additive form's kept factors and bias
@@ -394,22 +400,33 @@ READ_WHEN_RUN = {  # methods whose generation graphs read each site's adapters w
     # RoAd: its pair rotations kept; Lily: its delta traced on kept tensors (its mixed step: the opaque op)
     "road": lambda: fxpeft.RoadConfig(variant="road_2", group_size=4, init_weights=False, **SITES),
     "lily": lambda: fxpeft.LilyConfig(r=2, num_B=2, init_weights=False, **SITES),
+    # trainable tokens (the embedding and the head tied to it): the rows from the op's output, as a program
+    # OFT at the embedding (its output rows rotated), as a program
+    "oft_embedding": lambda: fxpeft.OFTConfig(r=4, oft_block_size=0, init_weights=False,
+                                              target_modules=["embed_tokens", "k_proj"]),
+    "tokens": lambda: fxpeft.TrainableTokensConfig(token_indices=list(range(0, models.VOCAB, 2)), init_weights=False),
+    "lora_tokens": lambda: fxpeft.LoraConfig(r=2, init_lora_weights=False, trainable_token_indices=[1, 4, 9], **SITES),
+    # conv sites (models.llama_with_conv): the plain lowering as a program (LoRA's stacks take linear sites only)
+    **{f"{name}_conv": functools.partial(getattr(fxpeft, kind), **fields) for name, (kind, fields) in CONV_CONFIGS.items()},
 }
+MODELS = {"tokens": lambda: models.llama(tie=True),  # the head computes with the rows too
+          **{f"{name}_conv": models.llama_with_conv for name in CONV_CONFIGS}}  # the others: models.llama
 BATCH_DEPENDENT = {"lily"}  # routes by the mean over its batch's tokens: a sequence alone routes otherwise
 
 
 @pytest.mark.parametrize("name", list(READ_WHEN_RUN))
 def test_compiled_decoding_survives_loading_another_adapter(name):
     """IA3 (the scaling form), the additive form's methods (LoRA's lora_bias sites too), the weight maps
-    (DoRA, MiSS, the orthogonal family, RoAd) and Lily: a generation graph reads each site's factors, ΔW or
-    Q (prepared once per generate call) when it runs, or runs its plain lowering as an opaque op, so a
+    (DoRA, MiSS, the orthogonal family, RoAd), Lily, trainable tokens and conv sites: a generation graph reads
+    each site's factors, ΔW or Q (prepared once per generate call) when it runs, or runs its plain lowering as
+    an opaque op, so a
     second adapter loaded between compiled generate calls, and a switch to it, do not recompile the decode
     step, nor, with adapter_names, the mixed one; the tokens are the eager run's, each sequence's those of
     its adapter alone. (It recompiled: the graph code named each site's adapters.)"""
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
-    base = models.llama().eval()
+    base = MODELS.get(name, models.llama)().eval()
     gm = fxpeft.transform(base, READ_WHEN_RUN[name]())
     prompt = models.hf_inputs("llama", batch=2)
     kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)  # rows of one length
@@ -443,6 +460,30 @@ def test_compiled_decoding_survives_loading_another_adapter(name):
     finally:
         torch._dynamo.reset()
 
+
+
+@pytest.mark.parametrize("name", list(CONV_CONFIGS))
+def test_conv_sites_generate_as_peft(name):
+    """Adapters at conv sites of a decoder (run from each generation graph as programs): greedy tokens and
+    scores equal PEFT's generate."""
+    torch.manual_seed(0)
+    model = models.llama_with_conv().eval()
+    kind, fields = CONV_CONFIGS[name]
+    reference = peft.get_peft_model(copy.deepcopy(model), getattr(peft, kind)(**fields)).eval()
+    gm = fxpeft.transform(model, getattr(fxpeft, kind)(**fields)).eval()
+    with torch.no_grad():
+        for parameter in reference.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.3 * torch.randn_like(parameter))
+    assert copy_adapter_weights(reference, gm) > 0
+    inputs = models.hf_inputs("llama", batch=2)
+    kw = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_scores=True)
+    expected, got = reference.generate(**inputs, **kw), gm.generate(**inputs, **kw)
+    with gm.disable_adapter():
+        assert not torch.equal(gm.generate(**inputs, **kw).sequences, expected.sequences)
+    assert torch.equal(got.sequences, expected.sequences)
+    for ours, theirs in zip(got.scores, expected.scores, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 CHAINED = {  # two adapters whose maps chain at a site, shaped differently (kept blocks go dense to compose;
     # RoAd's pairs: the plain lowering, and in mixed steps each adapter's own partners)
