@@ -687,6 +687,32 @@ def test_seq2seq_adapter_names_match_peft(seq2seq_pair):
     assert torch.equal(got, expected)
 
 
+
+def test_seq2seq_compiled_decoding_compiles_once(seq2seq_pair):
+    """T5 and BART with compile_config: tokens equal eager decoding, dense and mixed; a set_adapter switch
+    and another call do not recompile."""
+    from torch._dynamo.utils import counters
+
+    reference, gm, inputs = seq2seq_pair
+    kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=0, do_sample=False)
+    config = transformers.CompileConfig(fullgraph=True, backend="eager", mode=None)  # recompiles are dynamo's
+    names = ["b", "__base__", "a"]
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        assert torch.equal(gm.generate(**inputs, **kw, compile_config=config), gm.generate(**inputs, **kw))
+        assert torch.equal(gm.generate(**inputs, **kw, adapter_names=names, compile_config=config),
+                           gm.generate(**inputs, **kw, adapter_names=names))
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            gm.set_adapter("b")
+            expected = gm.generate(**inputs, **kw)
+            assert torch.equal(gm.generate(**inputs, **kw, compile_config=config), expected)
+            assert not torch.equal(expected, reference.generate(**inputs, **kw))  # PEFT's is still on "a"
+        assert counters["stats"]["unique_graphs"] == 2  # the dense and mixed decoder steps
+    finally:
+        gm.set_adapter("a")
+        torch._dynamo.reset()
+
 SEQ2SEQ_METHODS = {  # one of each kind of generation-graph reading, on layers of the encoder and the decoder
     # (self- and cross-attention); each changes the greedy tokens of its model
     "t5": (["q", "v", "wo"], ["wo"], ["ia3", "oft", "hra", "road", "lily"]),
@@ -821,6 +847,44 @@ def test_seq2seq_prompt_methods_match_peft_forward(name, method):
             torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
             assert torch.equal(got.sequences[:, step], theirs.argmax(-1))  # greedy over PEFT's forward
 
+
+
+@pytest.mark.parametrize("name,method", [("llama", "prefix"), ("opt", "prompt"), ("bart", "prefix")])
+def test_prompt_methods_compiled_decoding_compiles_once(name, method):
+    """Prompt and prefix tuning with compile_config: the virtual tokens go into the cache before the compiled
+    steps, which equal eager decoding and do not recompile on a second call."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    config_class, kwargs = PROMPT_METHODS[method]
+    task = "SEQ_2_SEQ_LM" if name == "bart" else "CAUSAL_LM"
+    gm = fxpeft.transform(getattr(models, name)().eval(), getattr(fxpeft, config_class)(task_type=task, **kwargs)).eval()
+    with torch.no_grad():
+        for param in gm.parameters():
+            if param.requires_grad:
+                param.normal_()
+    inputs = models.hf_inputs("bart" if name == "bart" else name, batch=2)
+    kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=0, do_sample=False, eos_token_id=None,
+              return_dict_in_generate=True, output_logits=True,
+              **(dict(forced_bos_token_id=None, forced_eos_token_id=None) if name == "bart" else {}))
+    config = transformers.CompileConfig(fullgraph=True, backend="eager", mode=None)  # recompiles are dynamo's
+
+    def same(got, expected):
+        assert torch.equal(got.sequences, expected.sequences)
+        torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), rtol=1e-5, atol=1e-5)
+
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        expected = gm.generate(**inputs, **kw)
+        with gm.disable_adapter():
+            assert not torch.allclose(torch.stack(gm.generate(**inputs, **kw).logits), torch.stack(expected.logits))
+        same(gm.generate(**inputs, **kw, compile_config=config), expected)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            same(gm.generate(**inputs, **kw, compile_config=config), expected)
+        assert counters["stats"]["unique_graphs"] == 1
+    finally:
+        torch._dynamo.reset()
 
 # ------------------------------------------------------------------------------------------ deployment
 
