@@ -104,7 +104,7 @@ def adapters_loaded(base, counts, repeats, device):
              "attention_mask": torch.ones(8, 1, dtype=torch.long, device=device)}
     per_sample = ["task0", "__base__"] * 4
     torch._dynamo.reset()
-    contenders, first = {}, None
+    contenders = {}
     for count in counts:
         names, reference, gm = build(copy.deepcopy(base), count)
         reference, gm = reference.to(device), gm.to(device)

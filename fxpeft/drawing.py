@@ -172,7 +172,7 @@ class _SvgLayout:
                f'viewBox="0 0 {total_w:.0f} {total_h:.0f}" font-family="monospace" font-size="{FONT_SIZE}">',
                '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" markerHeight="7" '
                'orient="auto-start-reverse"><path d="M 0 0 L 10 5 L 0 10 z" fill="#555"/></marker></defs>',
-               f'<rect width="100%" height="100%" fill="white"/>',
+               '<rect width="100%" height="100%" fill="white"/>',
                f'<text x="{self.GAP_X}" y="{LINE_H * 1.2:.1f}" font-weight="bold">{html.escape(self.picture.title)}</text>']
         for source, target in self.picture.edges:
             (sx, sy), (tx, ty) = place[source], place[target]

@@ -23,7 +23,7 @@ from torch import nn
 from fxpeft.registry import DEFAULT, Method
 from fxpeft.targets import input_embedding_path, tied_to_embedding
 
-from . import modules_to_save  # its attach hook makes the copies this file's hook ties: registered first
+from . import modules_to_save  # noqa: F401  its attach hook makes the copies this file's hook ties: registered first
 
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT's names for "an embedding is part of the adapter"
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import sys
 
-import peft
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode

@@ -10,7 +10,6 @@ import re
 import shutil
 
 import pytest
-import torch
 
 import fxpeft
 import models
