@@ -111,6 +111,10 @@ class Site:
                      if self.weight in (_attr_target(arg), _transposed_attr(arg))), None)
 
 
+def adapter_dtype(weight) -> torch.dtype:
+    """PEFT's autocast_adapter_dtype: half-precision bases get float32 adapters."""
+    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+
 # --------------------------------------------------------------------------- helpers
 
 

@@ -314,7 +314,7 @@ class KeptTensors(torch.nn.Module):
     reads a builtin module's tensors (an nn.Linear's) differently. Emptied when a ``generate`` call ends
     (:func:`release_kept`). ``sites`` (path -> the site's module) and ``token`` (a number no other live
     holder has, as a tensor a compiled graph reads) let an op in a compiled graph find a site of this
-    root when it runs (forms.site_program): blocks sharing one graph pass their own holder."""
+    root when it runs (kept.site_program): blocks sharing one graph pass their own holder."""
 
     def __init__(self):
         super().__init__()

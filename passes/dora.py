@@ -23,7 +23,8 @@ from torch import nn
 
 from fxpeft.canonical import Site, float_weight, site_weight
 from fxpeft.configs import DEFAULT_LORA_TARGETS, LoraConfig
-from fxpeft.forms import SiteParts, adapter_dtype, child_dict, masked_samples, weight_map
+from fxpeft.forms import adapter_dtype, child_dict, masked_samples, weight_map
+from fxpeft.kept import SiteParts
 from fxpeft.registry import register_method
 from fxpeft.rewrite import Lowering
 from fxpeft.targets import output_heads

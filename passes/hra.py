@@ -23,9 +23,10 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_bias, check_layer_fields
 from fxpeft.canonical import Site, float_weight
-from fxpeft.forms import AdapterGate, SiteParts, adapter_dtype, child_dict, weight_map
+from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_bias, check_layer_fields
+from fxpeft.forms import AdapterGate, adapter_dtype, child_dict, weight_map
+from fxpeft.kept import SiteParts
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads
 

@@ -30,7 +30,8 @@ from torch import nn
 
 from fxpeft.canonical import Site
 from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_layer_fields
-from fxpeft.forms import AdapterGate, SiteParts, adapter_dtype, additive, child_dict
+from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict
+from fxpeft.kept import SiteParts
 from fxpeft.registry import register_method
 from fxpeft.rewrite import samples_of
 from fxpeft.targets import output_heads

@@ -28,8 +28,9 @@ from torch import nn
 
 from fxpeft.canonical import Site, is_quantized, is_sharded, site_weight
 from fxpeft.configs import DEFAULT_LORA_TARGETS, LoraConfig
-from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict, slot_lookup, slots_of
+from fxpeft.forms import AdapterGate, adapter_dtype, additive, child_dict
 from fxpeft.generation import generate_step, kept_roots
+from fxpeft.kept import slot_lookup, slots_of
 from fxpeft.registry import call_prepared, optimizer_steps, register_method, registry_of
 from fxpeft.rewrite import Lowering
 from fxpeft.targets import output_heads, pattern_value

@@ -31,7 +31,8 @@ from torch import nn
 
 from fxpeft.canonical import Site, float_weight, site_weight
 from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_dropout, check_layer_fields
-from fxpeft.forms import AdapterGate, SiteParts, adapter_dtype, child_dict, weight_map
+from fxpeft.forms import AdapterGate, adapter_dtype, child_dict, weight_map
+from fxpeft.kept import SiteParts
 from fxpeft.registry import register_method
 from fxpeft.rewrite import Lowering, samples_of
 from fxpeft.targets import output_heads

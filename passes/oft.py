@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase, check_bias
-from fxpeft.forms import AdapterGate, adapter_dtype, child_dict, toward_identity, weight_map
+from fxpeft.forms import AdapterGate, adapter_dtype, child_dict, weight_map
+from fxpeft.kept import toward_identity
 from fxpeft.registry import register_method
 from fxpeft.targets import output_heads
 

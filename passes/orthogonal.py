@@ -7,7 +7,7 @@ site's weight is turned by, and BOFT adds a per-output scale ``s``:
 
 A method supplies its math as graph functions of (site module, adapter): ``rotate(m, a, v, g)``
 = ``v + g (v Q - v)`` over v's last dim, g the gate (0-dim in dense graphs, where a method may
-fold it into Q with ``fxpeft.forms.toward_identity``; per sample in mixed ones: :func:`blend`), computed
+fold it into Q with ``fxpeft.kept.toward_identity``; per sample in mixed ones: :func:`blend`), computed
 cheaply where Q is structured (OFT's blocks, HRA's reflections),
 ``matrix(m, a)`` = Q (d, d) and, for BOFT, ``scale(m, a)`` = s (out,). This file lowers them:
 
@@ -34,7 +34,8 @@ from torch import nn
 
 from fxpeft.canonical import Site, site_weight
 from fxpeft.configs import check_layer_fields
-from fxpeft.forms import SiteParts, adapter_dtype
+from fxpeft.forms import adapter_dtype
+from fxpeft.kept import SiteParts
 from fxpeft.rewrite import Lowering, samples_of
 
 aten = torch.ops.aten

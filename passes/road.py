@@ -28,7 +28,8 @@ from torch import nn
 
 from fxpeft.canonical import Site, site_weight
 from fxpeft.configs import DEFAULT_LORA_TARGETS, PeftConfigBase
-from fxpeft.forms import AdapterGate, SiteParts, adapter_dtype, child_dict, weight_map
+from fxpeft.forms import AdapterGate, adapter_dtype, child_dict, weight_map
+from fxpeft.kept import SiteParts
 from fxpeft.registry import register_method
 from fxpeft.rewrite import Lowering
 from fxpeft.targets import output_heads

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from fxpeft.canonical import Site, float_weight, is_quantized
-from fxpeft.forms import SiteParts, additive
+from fxpeft.forms import additive
+from fxpeft.kept import SiteParts
 from fxpeft.registry import Method
 
 

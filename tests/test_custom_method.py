@@ -12,7 +12,8 @@ from torch import nn
 
 import fxpeft
 from fxpeft.configs import PeftConfigBase
-from fxpeft.forms import AdapterGate, SiteParts, additive, child_dict, weight_map
+from fxpeft.forms import AdapterGate, additive, child_dict, weight_map
+from fxpeft.kept import SiteParts
 from models import MLP, hf_inputs, llama
 
 aten = torch.ops.aten
