@@ -14,6 +14,24 @@ def _seed():
     torch.manual_seed(0)
 
 
+
+@pytest.fixture(scope="module")
+def llama_pair():
+    """PEFT and fxpeft Llama with the same two LoRA adapters of different ranks, "a" active."""
+    import models
+    from peft_oracle import two_adapters_pair
+    torch.manual_seed(0)
+    return two_adapters_pair(models.llama().eval())
+
+
+@pytest.fixture(scope="module", params=["t5", "bart"])
+def seq2seq_pair(request):
+    """The same for T5 and BART, with inputs of three rows (row 0 padded)."""
+    import models
+    from peft_oracle import two_adapters_pair
+    torch.manual_seed(0)
+    return two_adapters_pair(getattr(models, request.param)().eval()) + (models.hf_inputs("bart", batch=3),)
+
 class _FileProgress:
     """One line per test file as its last test ends, when the suite runs on several xdist workers
     (``.ci/run`` does): xdist's own output is a row of dots that names no file."""

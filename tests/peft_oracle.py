@@ -83,6 +83,14 @@ def lora_pair(model, configs: dict):
     return reference.eval(), gm.eval()
 
 
+ALL_LINEAR = dict(init_lora_weights=False, target_modules="all-linear")  # B random: the adapters act
+
+
+def two_adapters_pair(model):
+    """:func:`lora_pair` with adapters "a" (r=4) and "b" (r=2) on every linear layer, "a" active."""
+    return lora_pair(model, {"a": dict(r=4, lora_alpha=8, **ALL_LINEAR), "b": dict(r=2, lora_alpha=4, **ALL_LINEAR)})
+
+
 def assert_both_refuse_config(config_name: str, kwargs: dict, rule: str) -> None:
     """fxpeft's and PEFT's ``config_name`` both raise ValueError at construction, naming ``rule``."""
     import pytest
