@@ -315,10 +315,11 @@ def test_seq2seq_adapter_names_match_peft(seq2seq_pair):
 
 
 
-SEQ2SEQ_METHODS = {  # one of each kind of generation-graph reading, on layers of the encoder and the decoder
-    # (self- and cross-attention); each changes the greedy tokens of its model
-    "t5": (["q", "v", "wo"], ["wo"], ["ia3", "oft", "hra", "road", "lily"]),
-    "bart": (["q_proj", "v_proj", "fc2"], ["fc2"], ["dora", "vera", "lokr", "miss", "waveft"]),
+SEQ2SEQ_METHODS = {  # one of each kind of generation-graph reading (scaling, rotation, pair turns, a traced call;
+    # per-feature factors, low-rank factors, a dense ΔW), on layers of the encoder and the decoder (self- and
+    # cross-attention); each changes the greedy tokens of its model
+    "t5": (["q", "v", "wo"], ["wo"], ["ia3", "oft", "road", "lily"]),
+    "bart": (["q_proj", "v_proj", "fc2"], ["fc2"], ["dora", "vera", "lokr"]),
 }
 
 
