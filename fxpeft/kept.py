@@ -27,7 +27,7 @@ from .state import sites_by_path
 
 
 class GenerationLayout(NamedTuple):
-    """What a generation graph's node reads of one linear site of a method when it runs (set by ``lowered``):
+    """What a generation graph's node reads of one site of a method when it runs (set by ``lowered``):
     its adapters, where prepared tensors go, and what computing them needs."""
 
     names: tuple[str, ...]  # its adapters
@@ -93,7 +93,7 @@ class _Stacked(NamedTuple):
 
 
 class KeptSites:
-    """A site method in generation graphs (those reading a KV cache): one node per linear site reads, in a
+    """A site method in generation graphs (those reading a KV cache): one node per site of ``kinds`` reads, in a
     prepared call in eval mode, what ``prepare_call`` kept for it once per ``generate`` call, so that the
     graph's code names no adapter and one loaded between compiled generate calls does not recompile the
     decode step. The method gives each adapter as :class:`SiteParts` (``parts(model, site, module, adapter,
@@ -103,11 +103,12 @@ class KeptSites:
     active adapters composed in order into one ``K ⊙ y + [B_1 …](A_1; …] x) + D x + b`` (low-rank factors
     side by side); mixed graphs (``adapter_names``): every adapter's parts stacked with a slot for none,
     each sample reading its own (not where an adapter has a dense ``D``: a stack would hold a weight per
-    adapter). Otherwise (eager mixed calls, autograd, training: dropout and the methods' own randomness)
-    the node runs the site as the plain lowering computes it (``lower(lw, site, module, adapters)``, built
+    adapter). Parts describe linear sites only. Otherwise (conv and embedding sites, eager mixed calls,
+    autograd, training: dropout and the methods' own randomness) the node runs the site as the plain
+    lowering computes it (``lower(lw, site, module, adapters)``, built
     into ``GenerationLayout.programs``). With ``maps_input`` (a lowering running the op on a mapped input,
     the orthogonal family's) a first node maps the op's input (``SiteParts.rotation``, or the lowering's
-    part before the op) and the graph's own op runs between the two nodes."""
+    part before the op) and the graph's own op runs between the two nodes (linear sites)."""
 
     def __init__(self, name, adapters_at, gate_of, parts: Callable, lower: Callable,
                  where: Optional[Callable] = None, maps_input: bool = False, kinds=("linear",)):
@@ -136,8 +137,8 @@ class KeptSites:
         return lw.call(self.mixed if lw.mixed else self.dense, x, site.output, *state)
 
     def lowered(self, gm) -> None:
-        """Each linear site's GenerationLayout, once the model has a generation graph (a model that never
-        generates builds no programs)."""
+        """Each site's GenerationLayout (sites of ``kinds``), once the model has a generation graph (a model
+        that never generates builds no programs)."""
         roots, sites, order, registry = None, None, list(gm.peft_config), registry_of(gm)
         generates = any(reads_cache(signature) for signature in gm._fxpeft_signatures.values())
         for key in (self.kept_name, (self.kept_name, "step", False), (self.kept_name, "step", True)):
@@ -374,7 +375,7 @@ def _kept(module: nn.Module, holder: nn.Module, key: str, mixed: bool):
 
 def _dense_site(form: KeptSites, x: torch.Tensor, y: torch.Tensor, module: nn.Module, holder: nn.Module, key: str,
                 dtype: torch.dtype) -> torch.Tensor:
-    """A dense generation graph's output at one linear site (see :class:`KeptSites`)."""
+    """A dense generation graph's output at one site (see :class:`KeptSites`)."""
     kept = _kept(module, holder, key, False)
     if kept is None:
         return _run_program(form, module, holder, key, "dense", x, y)
@@ -389,7 +390,7 @@ def _dense_site(form: KeptSites, x: torch.Tensor, y: torch.Tensor, module: nn.Mo
 
 def _mixed_site(form: KeptSites, x: torch.Tensor, y: torch.Tensor, module: nn.Module, holder: nn.Module, key: str,
                 dtype: torch.dtype, index: torch.Tensor) -> torch.Tensor:
-    """A mixed generation graph's output at one linear site: each sample's adapter's (see :class:`KeptSites`)."""
+    """A mixed generation graph's output at one site: each sample's adapter's (see :class:`KeptSites`)."""
     kept = _kept(module, holder, key, True)
     if kept is None:
         return _run_program(form, module, holder, key, "mixed", index, x, y)

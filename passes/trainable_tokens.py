@@ -2,9 +2,12 @@
 
 PEFT's ``TrainableTokensConfig`` (a method of its own) and ``LoraConfig(trainable_token_indices=...)``
 (LoRA plus trainable tokens on the embedding) share this state and rewrite. The weight-map form
-(fxpeft/forms.py): the site computes with
+(fxpeft/forms.py): the site computes what the op computes with
 
     W' = W with rows idx replaced by the adapter's rows    (``index_copy``, as PEFT's forward)
+
+but from the op's own output, without copying W: an embedding's output gets the rows where the ids are
+in idx, a tied head's outputs for idx are computed from the rows.
 
 State (beside the embedding module, PEFT's names):
     <path>.trainable_tokens_delta.<adapter>     the rows (k, dim), trainable; PEFT's key
@@ -123,7 +126,7 @@ def tie_tokens(gm, source_path: str, adapter: str, save_tied: bool) -> list[str]
 def tokens_embedded(ids: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor, on: torch.Tensor,
                     padding_idx: int, scale_grad_by_freq: bool) -> torch.Tensor:
     """An embedding's output ``y`` with each token of ``indices`` given its row of ``rows`` where ``on`` (a
-    0-dim gate, or a per-row mask) is nonzero: what the op computes on the weight with those rows replaced,
+    0-dim gate) is nonzero: what the op computes on the weight with those rows replaced,
     without copying the weight. The rows' gradients are the op's too: none for ``padding_idx``, divided
     by the token's count in ``ids`` with ``scale_grad_by_freq``."""
     match = ids.unsqueeze(-1) == indices  # (..., k)
