@@ -125,13 +125,16 @@ def _attach(gm: PeftGraphModule, config, adapter_name: str) -> None:
     sites = find_sites(gm._fxpeft_signatures[gm._fxpeft_primary].canonical, gm, registry)
     if method.resolve_config is not None:  # stored and saved as PEFT does: "all-linear" / None resolved
         config = method.resolve_config(gm, sites, config)
-    before = {id(p) for _, m in registry.modules_but_adapters(gm, gm.peft_config) for p in m._parameters.values()}
+    existing = [m for _, m in registry.modules_but_adapters(gm, gm.peft_config)]
+    before, known = {id(p) for m in existing for p in m._parameters.values()}, {id(m) for m in existing}
     adapted = method.attach(gm, sites, config, adapter_name)
     for hook in registry.attach_hooks:  # what every config may ask for besides its method (modules_to_save)
         hook(gm, config, adapter_name)
     trainable = not getattr(config, "inference_mode", False)
     constant = set(method.unsaved_containers)  # derived state (AdaLoRA's ranknum) never trains
     for path, module in registry.modules_but_adapters(gm, gm.peft_config):  # the new adapter's state included
+        if id(module) not in known:  # its dropouts follow the module's mode (an eval module stays deterministic)
+            module.training = gm.training
         for name, param in module._parameters.items():
             if param is not None and id(param) not in before:
                 param.requires_grad_(trainable and constant.isdisjoint(f"{path}.{name}".split(".")))

@@ -55,6 +55,28 @@ def test_adding_and_loading_keeps_others_trainability(tmp_path):
     assert fxpeft.active_adapters(gm) == ["default"]
 
 
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_an_added_adapter_follows_the_modules_mode(training, tmp_path):
+    """add_adapter and load_adapter make the new adapter's modules (its dropouts) in the module's mode: added to
+    an eval-mode module, an adapter with dropout computes the same outputs call after call. (They were made in
+    training mode, nn.Module's default, as PEFT's are: an eval module's outputs changed from call to call.) A
+    base module set to another mode on purpose (a frozen norm) keeps it."""
+    gm = fxpeft.transform(models.llama().train(training), fxpeft.LoraConfig(r=2, target_modules=["q_proj"]))
+    held = gm.model.norm.train(not training)  # set by the user: not the new adapter's to change
+    fxpeft.save_pretrained(gm, str(tmp_path))
+    fxpeft.add_adapter(gm, fxpeft.LoraConfig(r=2, lora_dropout=0.5, init_lora_weights=False,
+                                             target_modules=["v_proj"]), "drop")
+    fxpeft.load_adapter(gm, str(tmp_path), "loaded")
+    dropouts = [m for name, m in gm.named_modules() if isinstance(m, torch.nn.Dropout) and name.endswith((".drop",
+                                                                                                           ".loaded"))]
+    assert dropouts and all(m.training == training for m in dropouts) and held.training != training
+    if not training:
+        fxpeft.set_adapter(gm, "drop")
+        inputs = models.hf_inputs("llama")
+        with torch.no_grad():
+            assert torch.equal(gm(**inputs).logits, gm(**inputs).logits)
+
 def test_delete_adapter_states():
     model = models.llama().eval()
     reference, gm = lora_pair(model, CONFIGS)
