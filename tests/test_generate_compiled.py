@@ -1,6 +1,7 @@
 """gm.generate with compile_config: the decode step compiles once and does not recompile across steps, adapter
 switches, per-sequence adapters, or adapters loaded between calls (each method's generation graphs read the
 adapters when they run); split from test_generate.py so that the suite's workers share the load."""
+import contextlib
 import copy
 import functools
 
@@ -161,12 +162,15 @@ def test_compiled_decoding_survives_loading_another_adapter(name, bare):
     an opaque op, so a second adapter loaded between compiled generate calls, and a switch to it, do not
     recompile the decode step, nor, with adapter_names, the mixed one; the tokens are the eager run's, each
     sequence's those of its adapter alone. (It recompiled: the graph code named each site's adapters.)"""
-    from torch._dynamo.utils import counters
-
     base, gm = bare(MODELS.get(name, models.llama))
     torch.manual_seed(0)
-    gm.add_adapter("default", READ_WHEN_RUN[name]())
-    gm.set_adapter("default")
+    with adapters(gm, default=READ_WHEN_RUN[name]()):
+        check_survives(name, base, gm)
+
+
+def check_survives(name, base, gm):
+    from torch._dynamo.utils import counters
+
     prompt = models.hf_inputs("llama", batch=2)
     kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)  # rows of one length
     config = transformers.CompileConfig(fullgraph=True, backend="eager", mode=None)  # recompiles are dynamo's
@@ -174,32 +178,27 @@ def test_compiled_decoding_survives_loading_another_adapter(name, bare):
     assert not torch.equal(expected, plain)  # the adapter changes the tokens
     torch._dynamo.reset()
     counters.clear()
-    try:
+    assert torch.equal(gm.generate(**prompt, **kw, compile_config=config), expected)
+    names = ["default", "__base__"]
+    mixed = gm.generate(**prompt, **kw, adapter_names=names, compile_config=config)  # a second graph
+    assert torch.equal(mixed, gm.generate(**prompt, **kw, adapter_names=names))
+    assert name in BATCH_DEPENDENT or torch.equal(mixed, torch.stack([expected[0], plain[1]]))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        gm.add_adapter("other", READ_WHEN_RUN[name]())
+        gm.set_adapter("other")
+        other = gm.generate(**prompt, **kw)
+        assert not torch.equal(other, expected)
+        assert torch.equal(gm.generate(**prompt, **kw, compile_config=config), other)
+        gm.set_adapter("default")
         assert torch.equal(gm.generate(**prompt, **kw, compile_config=config), expected)
-        names = ["default", "__base__"]
-        mixed = gm.generate(**prompt, **kw, adapter_names=names, compile_config=config)  # a second graph
+        names = ["other", "default"]
+        mixed = gm.generate(**prompt, **kw, adapter_names=names, compile_config=config)
         assert torch.equal(mixed, gm.generate(**prompt, **kw, adapter_names=names))
-        assert name in BATCH_DEPENDENT or torch.equal(mixed, torch.stack([expected[0], plain[1]]))
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            gm.add_adapter("other", READ_WHEN_RUN[name]())
-            gm.set_adapter("other")
-            other = gm.generate(**prompt, **kw)
-            assert not torch.equal(other, expected)
-            assert torch.equal(gm.generate(**prompt, **kw, compile_config=config), other)
-            gm.set_adapter("default")
-            assert torch.equal(gm.generate(**prompt, **kw, compile_config=config), expected)
-            names = ["other", "default"]
-            mixed = gm.generate(**prompt, **kw, adapter_names=names, compile_config=config)
-            assert torch.equal(mixed, gm.generate(**prompt, **kw, adapter_names=names))
-        assert name in BATCH_DEPENDENT or torch.equal(mixed, torch.stack([other[0], expected[1]]))
-        assert counters["stats"]["unique_graphs"] == 2  # the dense and mixed steps
-        # what was kept for a generation (LoHa: a weight-sized ΔW per layer) does not outlive it
-        kept = [module for module in gm.modules() if isinstance(module, fxpeft.generation.KeptTensors)]
-        assert kept and not any(module.tensors for module in kept)
-    finally:
-        for adapter in list(gm.peft_config):
-            gm.delete_adapter(adapter)
-        torch._dynamo.reset()
+    assert name in BATCH_DEPENDENT or torch.equal(mixed, torch.stack([other[0], expected[1]]))
+    assert counters["stats"]["unique_graphs"] == 2  # the dense and mixed steps
+    # what was kept for a generation (LoHa: a weight-sized ΔW per layer) does not outlive it
+    kept = [module for module in gm.modules() if isinstance(module, fxpeft.generation.KeptTensors)]
+    assert kept and not any(module.tensors for module in kept)
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +217,21 @@ def bare():
         return made[factory]
 
     return get
+
+
+@contextlib.contextmanager
+def adapters(gm, **configs):
+    """``gm`` (from ``bare``) with these adapters added, the first active; deleted again on leaving."""
+    try:
+        for name, config in configs.items():
+            gm.add_adapter(name, config)
+        gm.set_adapter(next(iter(configs)))
+        yield gm
+    finally:
+        for name in list(gm.peft_config):
+            gm.delete_adapter(name)
+        gm.eval()
+        torch._dynamo.reset()
 
 
 
@@ -257,14 +271,18 @@ CHAINED = {  # two adapters whose maps chain at a site, shaped differently (kept
 
 
 @pytest.mark.parametrize("name", list(CHAINED))
-def test_kept_maps_chain_as_the_graph_without_a_cache_does(name):
+def test_kept_maps_chain_as_the_graph_without_a_cache_does(name, bare):
     """The orthogonal family and RoAd at once: two active adapters' maps compose in a generation graph (blocks
     of different sizes as dense products, HRA's low-rank form as dense reflections, RoAd's pairs as lowered)
     as in the graph without a cache; in a compiled mixed decode, each sequence's tokens are those of its
     adapter alone."""
+    _, gm = bare(models.llama)
     torch.manual_seed(0)
-    gm = fxpeft.transform(models.llama().eval(), CHAINED[name][0])
-    gm.add_adapter("other", CHAINED[name][1])
+    with adapters(gm, default=CHAINED[name][0], other=CHAINED[name][1]):
+        check_chained(gm)
+
+
+def check_chained(gm):
     inputs = models.hf_inputs("llama", batch=2)
     gm.set_adapter(["default", "other"])
     with torch.no_grad():
@@ -298,20 +316,24 @@ WITH_DROPOUT = {  # the additive form (low rank), a weight map with SiteParts, o
 
 
 @pytest.mark.parametrize("name", list(WITH_DROPOUT))
-def test_generation_graphs_compute_deltas_afresh_with_autograd_and_in_training(name):
+def test_generation_graphs_compute_deltas_afresh_with_autograd_and_in_training(name, bare):
     """A generation graph reading kept adapters, called with a KV cache and autograd (or while training),
     computes each site as the graph without a cache does: the logits of a prepared call (each sample its
     own adapter's in a mixed batch), gradients into the adapter, and dropout in training."""
+    _, gm = bare(models.llama)
     torch.manual_seed(0)
     config = WITH_DROPOUT[name]
-    gm = fxpeft.transform(models.llama().eval(), config(dropout=0.5))
+    with adapters(gm, default=config(dropout=0.5), other=config()):
+        check_afresh(gm)
+
+
+def check_afresh(gm):
     inputs = models.hf_inputs("llama", batch=2)
 
     def logits(**kwargs):
         cache = transformers.StaticCache(config=gm.config, max_cache_len=12)
         return gm(**inputs, cache=cache, use_cache=True, **kwargs).logits
 
-    gm.add_adapter("other", config())
     prepared = {}
     for name in ("other", "default"):
         gm.set_adapter(name)
