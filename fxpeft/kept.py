@@ -207,18 +207,19 @@ class KeptSites:
         if step is not None and gm._fxpeft_memo.get((self.kept_name, "step", mixed)) == step:
             return
         sites = gm._fxpeft_memo.get(self.kept_name)
-        if sites is None:
-            sites = gm._fxpeft_memo[self.kept_name] = [module for _, module in registry_of(gm).base_modules(gm)
-                                                       if self.layout_key in module.__dict__]
-        if not sites:  # e.g. LoRA's trainable tokens, where no adapter has rows
+        if sites is None:  # parts say linear sites only: the others (and a method giving none) run programs
+            sites = gm._fxpeft_memo[self.kept_name] = [] if self.parts is no_parts else [
+                module for _, module in registry_of(gm).base_modules(gm)
+                if self.layout_key in module.__dict__ and module.__dict__[self.layout_key].site.kind == "linear"]
+        if not sites:  # nothing to keep: no host read of the gates
             return
         gates = gm._buffers["_fxpeft_gates"]
         active = gates.tolist()  # one host read: adapters switched off are left out
         with torch.no_grad():
             for module in sites:
                 layout = module.__dict__[self.layout_key]
-                if layout.site.kind != "linear" or any(is_sharded(p) for p in module.parameters()):
-                    kept = None  # parts say linear sites only; FSDP2, outside the block's forward: afresh
+                if any(is_sharded(p) for p in module.parameters()):  # FSDP2, outside the block's forward: afresh
+                    kept = None
                 else:
                     kept = self.stacked(module, layout) if mixed else self.composed(module, layout, gates, active)
                 for holder, key in layout.places:

@@ -130,20 +130,14 @@ def tokens_embedded(ids: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, r
     without copying the weight. The rows' gradients are the op's too: none for ``padding_idx``, divided
     by the token's count in ``ids`` with ``scale_grad_by_freq``."""
     match = ids.unsqueeze(-1) == indices  # (..., k)
-    value = rows.index_select(0, match.int().argmax(-1).flatten()).view(*ids.shape, rows.shape[-1]).to(y.dtype)
+    row = match.int().argmax(-1).flatten()  # each position's row (any, where its token has none: masked below)
+    value = rows.index_select(0, row).view(*ids.shape, rows.shape[-1]).to(y.dtype)
     if padding_idx >= 0:
         value = torch.where((ids == padding_idx).unsqueeze(-1), value.detach(), value)
-    if scale_grad_by_freq:  # value stays, its gradient scales
-        share = (1 / _counts(ids, match)).unsqueeze(-1).to(value.dtype)
-        value = value.detach() + (value - value.detach()) * share
+    if scale_grad_by_freq:  # value stays, its gradient scales by 1 / the token's count (at least 1: finite)
+        counts = match.flatten(0, -2).sum(0).clamp(min=1).index_select(0, row).view(*ids.shape, 1)
+        value = value.detach() + (value - value.detach()) / counts.to(value.dtype)
     return torch.where(match.any(-1, keepdim=True) & (on > 0), value, y)
-
-
-def _counts(ids: torch.Tensor, match: torch.Tensor) -> torch.Tensor:
-    """Each position's token's count in ``ids`` (1 where the token is none of the rows')."""
-    per_row = match.flatten(0, -2).sum(0)  # (k,)
-    return torch.where(match.any(-1), per_row.index_select(0, match.int().argmax(-1).flatten()).view(ids.shape),
-                       torch.ones_like(ids)).to(torch.float32)
 
 
 def tokens_projected(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor, on: torch.Tensor,
