@@ -591,7 +591,7 @@ def broadcast_per_sample(factors: torch.Tensor, like: torch.Tensor, dim: int) ->
 def weight_map(*, name: str, config_type: type, create: Callable, lower_site: Callable, fold: Callable,
                containers: tuple[str, ...], gates: str, kinds=("linear",), default_targets: Optional[dict] = None,
                heads: Optional[Callable] = None, adapters_at: Optional[Callable] = None, phase: int = 40,
-               site_parts: Optional[Callable] = None, maps_input: bool = False, kept_kinds=None,
+               site_parts: Optional[Callable] = None, maps: Optional[dict] = None, kept_kinds=None,
                **fields) -> Method:
     """A method whose site computes with a function of its weight.
 
@@ -603,10 +603,12 @@ def weight_map(*, name: str, config_type: type, create: Callable, lower_site: Ca
     in eval as :class:`SiteParts`: generation graphs then read them, kept once per ``generate`` call
     (:class:`KeptSites`), and an adapter loaded between compiled generate calls does not recompile.
     Where the kept parts do not apply, generation graphs run ``lower_site`` as small programs from the
-    op's input and output; a ``lower_site`` running the op on a mapped input (``replace_op(site,
-    input=…)``: the orthogonal family) says so with ``maps_input``: the generation graph then maps the
-    input in a node of its own (``SiteParts.rotation``, or the lowering's part before the op), runs the op
-    on it, and applies the rest in a second node. ``kept_kinds``: the site kinds whose generation graphs
+    op's input and output; a ``lower_site`` running the op on a mapped operand (``replace_op``: the
+    orthogonal family) says which by site kind with ``maps``: "input" (``replace_op(site, input=…)``), the
+    generation graph then maps the input in a node of its own (``SiteParts.rotation``, or the lowering's
+    part before the op), runs the op on it, and applies the rest in a second node; "weight"
+    (``replace_op(site, weight=…)``, the op's output being the site's), a node maps the weight and the
+    graph's op runs on it (in mixed graphs, the lowering from the op's output). ``kept_kinds``: the site kinds whose generation graphs
     read the adapters so (default: linear sites, where ``site_parts`` is given); on other kinds, and for a
     method without ``site_parts``, the programs always (a ``lower_site`` computing from the op's output).
     """
@@ -620,7 +622,7 @@ def weight_map(*, name: str, config_type: type, create: Callable, lower_site: Ca
 
     kept_kinds = kept_kinds or (("linear",) if site_parts is not None else ())
     kept = None if not kept_kinds else KeptSites(name, site_adapters, _gates_of(gates)[1], site_parts or no_parts,
-                                                  lower_site, maps_input=maps_input, kinds=kept_kinds)
+                                                  lower_site, maps=maps, kinds=kept_kinds)
     if kept is not None:
         _kept_hooks(fields, kept)
     rule = site_rule(name, lambda site, module: bool(site_adapters(module)), rewrite, phase=phase)

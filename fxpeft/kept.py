@@ -37,14 +37,14 @@ class GenerationLayout(NamedTuple):
     # that copying a submodule does not copy the whole model (a copy of the model is lowered again: its own)
     model: weakref.ref
     places: list  # kept_places
-    programs: dict  # "dense" / "mixed" (and "… input") -> the plain lowering as programs (KeptSites.programs)
+    programs: dict  # "dense" / "mixed" (and "… input", "dense weight") -> the plain lowering as programs (KeptSites.programs)
 
 
 class SiteParts(NamedTuple):
     """One adapter at one linear site as a generation graph applies it in eval: ``y ← k ⊙ y + B (A x) + D x +
     b`` (each part None where it has none): ``k`` (out,), ``A`` (r, in), ``B`` given as ``up`` (r, out), ``D``
     (out, in), ``b`` (out,), with the adapter's scale and without its gate. A method whose site runs its op
-    on a mapped input (``weight_map(maps_input=True)``) may also give ``Q`` as ``rotation`` (n, b, b): the op
+    on a mapped input (``weight_map(maps={"linear": "input"})``) may also give ``Q`` as ``rotation`` (n, b, b): the op
     then reads ``x Q``, Q block-diagonal (n blocks of b × b; a dense Q is one block), while A and D read x.
     ``turn`` (out,) and ``partner`` (out,) indices mix output features in pairs: ``+ t ⊙ y[partner]`` (RoAd;
     one such adapter at a site: two chain). ``call`` (a function, its tensors) adds ``function(x, *tensors)``,
@@ -106,14 +106,17 @@ class KeptSites:
     adapter). Parts describe linear sites only. Otherwise (conv and embedding sites, eager mixed calls,
     autograd, training: dropout and the methods' own randomness) the node runs the site as the plain
     lowering computes it (``lower(lw, site, module, adapters)``, built
-    into ``GenerationLayout.programs``). With ``maps_input`` (a lowering running the op on a mapped input,
-    the orthogonal family's) a first node maps the op's input (``SiteParts.rotation``, or the lowering's
-    part before the op) and the graph's own op runs between the two nodes (linear sites)."""
+    into ``GenerationLayout.programs``). ``maps`` (site kind -> "input" or "weight") names the kinds where
+    the lowering runs the op on a mapped operand (the orthogonal family's: ``x Q`` at linear sites, ``W Q^T``
+    at conv sites): "input", a first node maps the op's input (``SiteParts.rotation``, or the lowering's part
+    before the op) and the graph's own op runs between the two nodes; "weight", in dense graphs a node maps
+    the op's weight (the lowering's part before the op, whose output is the site's) and the graph's own op
+    runs on it (mixed graphs: the lowering from the op's output, as for other kinds)."""
 
     def __init__(self, name, adapters_at, gate_of, parts: Callable, lower: Callable,
-                 where: Optional[Callable] = None, maps_input: bool = False, kinds=("linear",)):
+                 where: Optional[Callable] = None, maps: Optional[dict] = None, kinds=("linear",)):
         self.name = name
-        self.maps_input = maps_input
+        self.maps = maps or {}
         self.kinds = kinds  # the site kinds its generation graphs read this way (parts: linear sites only)
         self.layout_key = f"_fxpeft_{name}_generation"  # site __dict__: GenerationLayout
         self.programs_key = f"_fxpeft_{name}_programs"  # site __dict__: (what program() read, the programs)
@@ -125,15 +128,18 @@ class KeptSites:
         self.mixed = functools.update_wrapper(functools.partial(_mixed_site, self), _mixed_site)
         self.dense_input = functools.update_wrapper(functools.partial(_dense_input, self), _dense_input)
         self.mixed_input = functools.update_wrapper(functools.partial(_mixed_input, self), _mixed_input)
+        self.dense_weight = functools.update_wrapper(functools.partial(_dense_weight, self), _dense_weight)
 
     def rewrite(self, lw: Lowering, site: Site):
         if self.kept_name not in lw.root._modules:
             lw.root.add_module(self.kept_name, KeptTensors())
         dtype = adapter_dtype(site_weight(lw.root, site))
         state = (lw.attr(site.path), lw.attr(self.kept_name), site.path, dtype, *([lw.sample_index] * lw.mixed))
-        x = site.input
-        if self.maps_input and site.kind == "linear":  # (an embedding's is the token ids)
+        x, operand = site.input, self.maps.get(site.kind)
+        if operand == "input":
             lw.replace_op(site, input=lw.call(self.mixed_input if lw.mixed else self.dense_input, x, *state))
+        elif operand == "weight" and not lw.mixed:  # the op on the mapped weight is the site's output
+            return lw.replace_op(site, weight=lw.call(self.dense_weight, site.weight_node, *state))
         return lw.call(self.mixed if lw.mixed else self.dense, x, site.output, *state)
 
     def lowered(self, gm) -> None:
@@ -171,31 +177,36 @@ class KeptSites:
     def programs(self, gm, registry, order, site: Site, module: nn.Module, names, mixed: bool) -> dict:
         """The site's plain lowering (as in a graph without a cache) as small programs: "dense" / "mixed" →
         ``program(model, [index,] x, y)``, the site's output with its adapters applied, from the op's input x
-        and output y (a mixed one takes each sample's adapter index first); where the lowering runs the op on
-        a mapped input, also "dense input" / "mixed input" → ``program(model, [index,] x)``, that input: the
-        lowering is split at the op, which the generation graph runs between the two."""
+        and output y (a mixed one takes each sample's adapter index first). Where the lowering runs the op on
+        a mapped operand (``maps``) it is split at the op, which the generation graph runs between the parts:
+        also "dense input" / "mixed input" → ``program(model, [index,] x)``, the op's input, or "dense weight"
+        → ``program(model, w)``, its weight."""
         graph = torch.fx.Graph()
         x = graph.placeholder("x")
-        op = graph.call_function(_op_stand_in, (x,))
+        op = _op_copy(graph, site, x)
         end = graph.output(None)
         lw = Lowering(graph, gm, registry, mixed, order)
         lw._start = op  # gates are read after the inputs
         lowered = dataclasses.replace(site, node=op, input=x, output=op)
+        weight = lowered.weight_node
+        position = op.args.index(weight) if weight in op.args else None
         with graph.inserting_before(end):
             end.args = (self.lower(lw, lowered, module, list(names)),)
         inputs = {lw.sample_index: "fxpeft_adapter_index"} if mixed else {}
         inputs[x] = "x"
         which = "mixed" if mixed else "dense"
         programs = {which: _program(graph, {**inputs, lowered.node: "y"}, end.args[0])}
-        if lowered.node is not op:  # replace_op: the op on a mapped input
-            if not self.maps_input:
-                raise NotImplementedError(
-                    f"{self.name}'s lower_site runs the op at {site.path} on another input (replace_op): "
-                    "weight_map(maps_input=True) says so, and the generation graph then runs the op between the "
-                    "mapped input and the output.")
+        operand = self.maps.get(site.kind)
+        if operand == "input":  # (x itself, where the lowering did not map it)
             programs[f"{which} input"] = _program(graph, inputs, lowered.input)
-        elif self.maps_input:
-            programs[f"{which} input"] = _program(graph, inputs, x)
+        elif operand == "weight" and not mixed and position is not None and end.args[0] is lowered.node:
+            programs["dense weight"] = _program(graph, {weight: "w"}, lowered.node.args[position])
+        elif lowered.node is not op or operand == "weight" and not mixed:
+            raise NotImplementedError(
+                f"{self.name}'s lower_site runs the op at {site.path} on another operand (replace_op): "
+                f"weight_map(maps={{{site.kind!r}: 'input'}}) says so for a mapped input, and the generation "
+                "graph then runs the op between the mapped input and the output; 'weight' for a mapped weight, "
+                "the op's output being the site's.")
         return programs
 
     def prepare_call(self, gm, mixed: bool, cached: bool, compiled: bool) -> None:
@@ -411,7 +422,7 @@ def _mixed_site(form: KeptSites, x: torch.Tensor, y: torch.Tensor, module: nn.Mo
 
 def _dense_input(form: KeptSites, x: torch.Tensor, module: nn.Module, holder: nn.Module, key: str,
                  dtype: torch.dtype) -> torch.Tensor:
-    """A dense generation graph's input to the op at one linear site of a ``maps_input`` method: ``x Q``."""
+    """A dense generation graph's input to the op at one linear site whose lowering maps it (``maps``): ``x Q``."""
     kept = _kept(module, holder, key, False)
     if kept is None:
         return _run_program(form, module, holder, key, "dense input", x)
@@ -423,9 +434,16 @@ def _dense_input(form: KeptSites, x: torch.Tensor, module: nn.Module, holder: nn
     return torch.einsum("...nb,nbc->...nc", blocks, rotation).reshape(x.shape).to(x.dtype)
 
 
+def _dense_weight(form: KeptSites, w: torch.Tensor, module: nn.Module, holder: nn.Module, key: str,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """A dense generation graph's weight for the op at one site whose lowering maps it (``maps``): always
+    its program (no parts describe a weight)."""
+    return _run_program(form, module, holder, key, "dense weight", w)
+
+
 def _mixed_input(form: KeptSites, x: torch.Tensor, module: nn.Module, holder: nn.Module, key: str,
                  dtype: torch.dtype, index: torch.Tensor) -> torch.Tensor:
-    """A mixed generation graph's input to the op at one linear site of a ``maps_input`` method: each
+    """A mixed generation graph's input to the op at one linear site whose lowering maps it (``maps``): each
     sample's ``x Q``, its adapter's Q."""
     kept = _kept(module, holder, key, True)
     if kept is None:
@@ -476,6 +494,19 @@ def _row_slots(lookup: torch.Tensor, index: torch.Tensor, x: torch.Tensor) -> to
 def no_parts(*args) -> None:
     """A method giving no :class:`SiteParts`: its generation graphs run its programs."""
     return None
+
+
+def _op_copy(graph: torch.fx.Graph, site: Site, x: torch.fx.Node) -> torch.fx.Node:
+    """The site's op in a program's lowering: a copy reading ``x`` and the model's attributes (a mixed
+    graph's lowering may run it on other weights: a conv's per adapter), or a stand-in where it reads other
+    nodes. Programs take its output as their input y, never computing it for that."""
+    env = {site.input: x}
+    for arg in site.node.all_input_nodes:
+        if arg is not site.input:
+            if arg.op != "get_attr":
+                return graph.call_function(_op_stand_in, (x,))
+            env[arg] = graph.get_attr(arg.target)
+    return graph.node_copy(site.node, env.__getitem__)
 
 
 def _op_stand_in(x: torch.Tensor) -> torch.Tensor:

@@ -218,8 +218,9 @@ def _describe(module: nn.Module, adapter: str) -> str:
 METHOD = register_method(weight_map(
     name="boft", config_type=BOFTConfig, create=add_boft, check_site=check_site,
     lower_site=orthogonal.lowering(gates="boft_gate", rotate=boft_rotate, matrix=boft_matrix, scale=boft_scale),
-    fold=orthogonal.folding(gates="boft_gate", matrix=merged_matrix, scale=boft_scale), maps_input=True,
+    fold=orthogonal.folding(gates="boft_gate", matrix=merged_matrix, scale=boft_scale), maps=orthogonal.MAPS,
     site_parts=orthogonal.parts(rotation=lambda module, adapter: merged_matrix(module, adapter).unsqueeze(0),
                                 scale=boft_scale),
     containers=("boft_R", "boft_s", "boft_dropout"), gates="boft_gate", kinds=("linear", "conv"),
+    kept_kinds=("linear", "conv"),
     default_targets=DEFAULT_LORA_TARGETS, heads=output_heads, describe=_describe))

@@ -150,8 +150,8 @@ def add_hra(module: nn.Module, site, weight_spec, config: HRAConfig, adapter: st
 METHOD = register_method(weight_map(
     name="hra", config_type=HRAConfig, create=add_hra, check_site=check_site,
     lower_site=orthogonal.lowering(gates="hra_gate", rotate=hra_rotate, matrix=hra_matrix),
-    fold=orthogonal.folding(gates="hra_gate", matrix=hra_matrix), maps_input=True, site_parts=site_parts,
-    containers=("hra_u",), gates="hra_gate", kinds=("linear", "conv"), default_targets=DEFAULT_LORA_TARGETS,
-    heads=output_heads,
+    fold=orthogonal.folding(gates="hra_gate", matrix=hra_matrix), maps=orthogonal.MAPS, site_parts=site_parts,
+    containers=("hra_u",), gates="hra_gate", kinds=("linear", "conv"), kept_kinds=("linear", "conv"),
+    default_targets=DEFAULT_LORA_TARGETS, heads=output_heads,
     describe=lambda module, adapter: f"r={module.hra_u[adapter].shape[1]}" + (
         " gram-schmidt" if module.hra_gate[adapter].apply_gs else "")))

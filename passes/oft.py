@@ -265,9 +265,9 @@ def add_oft(module: nn.Module, site, weight_spec, config: OFTConfig, adapter: st
 METHOD = register_method(weight_map(
     name="oft", config_type=OFTConfig, create=add_oft, check_site=check_site,
     lower_site=orthogonal.lowering(gates="oft_gate", rotate=oft_rotate, matrix=oft_matrix),
-    fold=orthogonal.folding(gates="oft_gate", matrix=merged_matrix), maps_input=True,
+    fold=orthogonal.folding(gates="oft_gate", matrix=merged_matrix), maps=orthogonal.MAPS,
     site_parts=orthogonal.parts(rotation=lambda module, adapter: _rotation(module, adapter).kept_blocks()),
     containers=("oft_R", "oft_embedding_R", "oft_dropout"), gates="oft_gate", kinds=("linear", "conv", "embedding"),
-    kept_kinds=("linear", "embedding"),  # conv sites run on the mapped weight: their graphs name the adapters
+    kept_kinds=("linear", "conv", "embedding"),
     default_targets=DEFAULT_LORA_TARGETS, heads=output_heads,
     describe=lambda module, adapter: _rotation(module, adapter).extra_repr()))

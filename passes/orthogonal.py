@@ -18,7 +18,9 @@ cheaply where Q is structured (OFT's blocks, HRA's reflections),
 - embedding sites: the output rows rotated, adapters in order.
 
 Generation graphs (``site_parts``: :func:`parts`, HRA's own) keep Q once per ``generate`` call and run the
-site's op on ``x Q`` (``weight_map(maps_input=True)``), so loading an adapter does not recompile them.
+site's op on ``x Q`` (``weight_map(maps=MAPS)``); at conv sites a node maps the weight (the dense
+lowering's part before the op), and embeddings and mixed conv steps run the lowering from the op's output:
+the graphs name no adapter, so loading one does not recompile them.
 
 Each adapter enters as ``v + g (f(v) - v)``, ``g`` its gate times whether it acts (a 0-dim value,
 or the per-sample mask in mixed graphs), so activity and merging stay data. Merging folds the map
@@ -39,6 +41,7 @@ from fxpeft.kept import SiteParts
 from fxpeft.rewrite import Lowering, samples_of
 
 aten = torch.ops.aten
+MAPS = {"linear": "input", "conv": "weight"}  # the operand the dense lowering maps, by site kind (weight_map)
 
 
 def blend(v: torch.Tensor, mapped: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

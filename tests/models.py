@@ -17,16 +17,17 @@ def llama(tie: bool = False):
 
 
 class PointwiseConv(nn.Module):
-    """A linear layer as a kernel-1 Conv1d over the sequence: a conv site that a decode step runs."""
+    """A linear layer as a 1 × 1 Conv2d over the sequence (PEFT's orthogonal methods take Conv2d only): a
+    conv site that a decode step runs."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        self.conv = nn.Conv1d(linear.in_features, linear.out_features, 1, bias=linear.bias is not None)
+        self.conv = nn.Conv2d(linear.in_features, linear.out_features, 1, bias=linear.bias is not None)
         with torch.no_grad():
-            self.conv.weight.copy_(linear.weight.unsqueeze(-1))
+            self.conv.weight.copy_(linear.weight[:, :, None, None])
 
     def forward(self, x):
-        return self.conv(x.transpose(1, 2)).transpose(1, 2)
+        return self.conv(x.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)
 
 
 def llama_with_conv():

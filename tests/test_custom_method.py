@@ -142,7 +142,7 @@ def test_registered_method_generates_from_its_delta_weight(registry):
 
 def test_a_weight_map_running_its_op_on_a_mapped_input_says_so_and_generates():
     """A weight map whose lower_site runs the op on a mapped input (replace_op) and gives site_parts must
-    say so (maps_input): without it, building its generation graph is refused by name, instead of taking
+    say so (maps): without it, building its generation graph is refused by name, instead of taking
     the op's output for the op; with it, the input is mapped before the op, from the kept rotation
     (generate: the tokens of greedy decoding without a cache) or the lowering's part before the op."""
     def lower_site(lw, site, module, adapters):  # W (2 x): the op on a doubled input
@@ -165,9 +165,9 @@ def test_a_weight_map_running_its_op_on_a_mapped_input_says_so_and_generates():
                                 registry=mine).eval()
 
     inputs = hf_inputs("llama", batch=2)
-    with pytest.raises(NotImplementedError, match=r"doubled.s lower_site runs the op .*maps_input=True"):
+    with pytest.raises(NotImplementedError, match=r"doubled.s lower_site runs the op .*maps=\{'linear': 'input'\}"):
         doubled().generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0)
-    gm = doubled(maps_input=True)
+    gm = doubled(maps={"linear": "input"})
     got = gm.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert torch.equal(got, greedy_without_cache(gm, inputs, 4))
     with fxpeft.disable_adapters(gm):

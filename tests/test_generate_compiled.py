@@ -115,6 +115,11 @@ CONV_CONFIGS = {  # methods at conv sites (models.llama_with_conv's down_proj.co
     "lora": ("LoraConfig", dict(r=2, init_lora_weights=False, target_modules=["conv", "v_proj"])),
     "loha": ("LoHaConfig", dict(r=2, alpha=256, init_weights=False, target_modules=["conv"])),  # a ΔW that shows
     "dora": ("LoraConfig", dict(r=2, use_dora=True, init_lora_weights=False, target_modules=["conv"])),
+    # the orthogonal family: dense steps run the op on the mapped weight, mixed ones each adapter's op
+    "oft": ("OFTConfig", dict(r=4, oft_block_size=0, init_weights=False, target_modules=["conv"])),
+    # (one butterfly factor: PEFT without its CUDA kernel computes one whatever the config says)
+    "boft": ("BOFTConfig", dict(boft_block_size=0, boft_block_num=4, init_weights=False, target_modules=["conv"])),
+    "hra": ("HRAConfig", dict(r=8, init_weights=False, target_modules=["conv"])),
 }
 READ_WHEN_RUN = {  # methods whose generation graphs read each site's adapters when they run
     "ia3": lambda: fxpeft.IA3Config(**IA3),  # the scaling form: per-feature factors
