@@ -57,10 +57,11 @@ def is_cache(value) -> bool:
 SELF, CROSS, CROSS_FILLED = "self_attention", "cross_attention", "cross_attention_filled"
 
 
-def cache_tensors(gm, cache, input_ids: Optional[torch.Tensor]):
+def cache_tensors(gm, cache, query: Optional[torch.Tensor]):
     """The (keys, values, cumulative_length) of each layer of a static cache, allocated here if the
     cache has not been used yet (for an ``EncoderDecoderCache`` a dict, see ``SELF``). Raises for
-    caches the graphs cannot write, and for a prompt longer than the cache."""
+    caches the graphs cannot write, and for a prompt longer than the cache. ``query``: the tokens the
+    cache grows by, as ids (batch, tokens) or embeddings (batch, tokens, hidden)."""
     from transformers.cache_utils import EncoderDecoderCache
 
     if isinstance(cache, EncoderDecoderCache):
@@ -68,12 +69,12 @@ def cache_tensors(gm, cache, input_ids: Optional[torch.Tensor]):
         if len(filled) > 1:
             raise NotImplementedError("This EncoderDecoderCache holds the encoder's keys and values for some layers "
                                       "only; fxpeft graphs take a cross-attention cache that is empty or full.")
-        return {SELF: _layer_tensors(gm, cache.self_attention_cache, input_ids, own=True),
-                (CROSS_FILLED if filled == {True} else CROSS): _layer_tensors(gm, cache.cross_attention_cache, input_ids)}
-    return _layer_tensors(gm, cache, input_ids, own=True)
+        return {SELF: _layer_tensors(gm, cache.self_attention_cache, query, own=True),
+                (CROSS_FILLED if filled == {True} else CROSS): _layer_tensors(gm, cache.cross_attention_cache, query)}
+    return _layer_tensors(gm, cache, query, own=True)
 
 
-def _layer_tensors(gm, cache, input_ids, own: bool = False) -> list[tuple[torch.Tensor, ...]]:
+def _layer_tensors(gm, cache, query, own: bool = False) -> list[tuple[torch.Tensor, ...]]:
     """``own``: a self-attention cache (the tokens so far: checked against the prompt, and allocated with a
     spare position when ``generate`` made it, see :func:`allocate`); else a cross-attention one."""
     from transformers.cache_utils import StaticLayer
@@ -86,19 +87,19 @@ def _layer_tensors(gm, cache, input_ids, own: bool = False) -> list[tuple[torch.
             "static cache), or pass a transformers.StaticCache.")
     if not all(layer.is_initialized for layer in cache.layers):
         shape = gm._get_static_cache_init_shape()
-        if shape is None or input_ids is None:
+        if shape is None or query is None:
             raise NotImplementedError(f"Cannot allocate a static cache for {type(gm).__name__}: transformers gives no "
-                                      "head shapes for it (or the call has no input_ids).")
-        allocate(cache, input_ids.shape[0], shape, gm.dtype, input_ids.device,
+                                      "head shapes for it (or the call has neither input_ids nor inputs_embeds).")
+        allocate(cache, query.shape[0], shape, gm.dtype, query.device,
                  spare=own and gm.__dict__.get("_fxpeft_generating", False))
     tensors = [(layer.keys, layer.values, layer.cumulative_length) for layer in cache.layers]
-    if own and input_ids is not None and input_ids.shape[-1] > 1:  # prefill: the only step that can overflow
+    if own and query is not None and query.shape[1] > 1:  # prefill: the only step that can overflow
         capacity, cached = tensors[0][0].shape[2] - getattr(cache, "_fxpeft_spare", 0), int(tensors[0][2])
-        if cached + input_ids.shape[-1] > capacity:
+        if cached + query.shape[1] > capacity:
             raise ValueError(
-                f"The prompt has {input_ids.shape[-1]} tokens" + (f" (after {cached} cached)" if cached else "")
+                f"The prompt has {query.shape[1]} tokens" + (f" (after {cached} cached)" if cached else "")
                 + f" but the KV cache holds {capacity}: use a cache with max_cache_len >= "
-                f"{cached + input_ids.shape[-1]} plus the tokens to generate.")
+                f"{cached + query.shape[1]} plus the tokens to generate.")
     return tensors
 
 
@@ -119,11 +120,51 @@ def allocate(cache, rows: int, shape: tuple, dtype: torch.dtype, device: torch.d
     one position longer than asked, so that the positions a step attends over (see :func:`cache_shell`)
     are never the whole tensor: a compiled step guards on whether they are (contiguity), and the last
     step of a ``generate`` call would fill the cache transformers sizes."""
-    if spare and torch.device(device).type == "cpu":
+    if spare:  # not the caller's: the error for a long prompt names the length asked for; a later call may grow it
+        cache._fxpeft_spare = int(torch.device(device).type == "cpu")
         for layer in cache.layers:
-            layer.max_cache_len += 1
-        cache._fxpeft_spare = 1  # not the caller's: the error for a long prompt names the length asked for
+            layer.max_cache_len += cache._fxpeft_spare
     cache.early_initialization(rows, *shape, dtype=dtype, device=device)
+
+
+def fit_given_cache(gm, args: tuple, kwargs: dict) -> None:
+    """A decoder's static cache passed to ``generate`` after it was used (a returned one, to continue from:
+    ``past_key_values=out.cache``) that cannot hold this call's tokens and the new ones: grown, keeping what
+    it holds, where an earlier ``generate`` made it (sized for that call; PEFT's default dynamic cache grows,
+    and a script continuing from it should run; a compiled decode step compiles again for the longer cache),
+    else a clear error before any compute (transformers would fail at the step that overflows)."""
+    from transformers.cache_utils import StaticLayer
+
+    cache = next((kwargs[name] for name in CACHE_NAMES if kwargs.get(name) is not None), None)
+    layers = getattr(cache, "layers", None)
+    prompt = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+    if (not layers or getattr(gm.config, "is_encoder_decoder", False) or not isinstance(prompt, torch.Tensor)
+            or not all(type(layer) is StaticLayer and layer.is_initialized for layer in layers)):
+        return  # (a cache not allocated yet is sized by its first step; other kinds are refused there)
+    needed = prompt.shape[1] + new_tokens(gm, kwargs, prompt.shape[1])
+    spare = getattr(cache, "_fxpeft_spare", None)
+    capacity = layers[0].max_cache_len - (spare or 0)
+    if needed <= capacity:
+        return
+    if spare is None:
+        raise ValueError(f"The KV cache holds {capacity} positions but this call needs {needed} ({prompt.shape[1]} "
+                         f"tokens so far and {needed - prompt.shape[1]} to generate): pass a cache with max_cache_len "
+                         f">= {needed}, or none.")
+    for layer in layers:
+        for name in ("keys", "values"):
+            old = getattr(layer, name)
+            new = old.new_zeros(*old.shape[:2], needed + spare, old.shape[3])
+            new[:, :, :old.shape[2]] = old
+            torch._dynamo.mark_static_address(new)
+            setattr(layer, name, new)
+        layer.max_cache_len = needed + spare
+
+
+def new_tokens(gm, kwargs: dict, prompt_length: int) -> int:
+    """The most tokens this ``generate`` call makes (its generation config, updated by its arguments)."""
+    config = copy.deepcopy(kwargs.get("generation_config") or gm.generation_config)
+    config.update(**{k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask")})
+    return config.max_new_tokens if config.max_new_tokens is not None else config.max_length - prompt_length
 
 
 def cache_written(cache) -> None:
@@ -185,9 +226,9 @@ def _with_shell(given: dict) -> dict:
     with it). Steps attend over the positions the mask covers (``attended``, see :func:`cache_shell`)."""
     seen = None
     prefix = "decoder_" if "decoder_input_ids" in given else ""
-    mask, query = given.get(prefix + "attention_mask"), given.get(prefix + "input_ids")
+    mask, query = given.get(prefix + "attention_mask"), given.get(prefix + "input_ids", given.get(prefix + "inputs_embeds"))
     if prefix + "position_ids" not in given and mask is not None and mask.ndim == 2 and query is not None:
-        seen = mask.shape[-1] - query.shape[-1]
+        seen = mask.shape[-1] - query.shape[1]
     attended = next((leaf.shape[-1] for leaf in pytree.tree_leaves(mask) if isinstance(leaf, torch.Tensor)), None)
     return {name: cache_shell(value, seen, attended) if name in CACHE_NAMES else value for name, value in given.items()}
 
@@ -215,7 +256,8 @@ def small_example(call: dict, cache_name: str) -> dict:
     decoder = "decoder_input_ids" in call or isinstance(cache, dict)
     prefix = "decoder_" if decoder else ""
     batch, length = keys.shape[0], keys.shape[2]
-    query = call[prefix + "input_ids"].shape[-1] if prefix + "input_ids" in call else 2
+    given = call.get(prefix + "input_ids", call.get(prefix + "inputs_embeds"))
+    query = given.shape[1] if given is not None else 2
     new_batch, new_query = max(batch, 2), max(query, 2)
     new_length = max(new_query + 1, min(length, new_query + 2))
 
@@ -288,6 +330,7 @@ def generate(gm, mixin_generate: Optional[Callable], *args, adapter_names=None, 
     if adapter_names is not None:
         kwargs["adapter_names"] = _adapter_index(gm, adapter_names, args, kwargs)
     given_cache = any(kwargs.get(name) is not None for name in CACHE_NAMES)
+    fit_given_cache(gm, args, kwargs)
     if prefilled:
         args = _with_virtual_tokens(gm, *prefilled[0], args, kwargs)
     _use_static_cache(kwargs, gm.generation_config)
@@ -408,7 +451,7 @@ def _with_virtual_tokens(gm, method, adapter: str, args, kwargs) -> tuple:
     kwargs["input_ids"] = ids
     config = copy.deepcopy(kwargs.get("generation_config") or gm.generation_config)
     config.update(**{k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask")})
-    new_tokens = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - ids.shape[-1]
+    new = new_tokens(gm, kwargs, ids.shape[-1])
     count = gm.peft_config[adapter].num_virtual_tokens
     expand = max(config.num_beams or 1, config.num_return_sequences or 1)
     rows = ids.shape[0] * expand
@@ -416,12 +459,12 @@ def _with_virtual_tokens(gm, method, adapter: str, args, kwargs) -> tuple:
     mask = torch.ones_like(ids) if mask is None else mask
     if getattr(gm.config, "is_encoder_decoder", False):
         if config.max_new_tokens is None:
-            new_tokens = config.max_length - 1  # the decoder starts from one token
+            new = config.max_length - 1  # the decoder starts from one token
         outputs = kwargs["encoder_outputs"] = _encoder_outputs(gm, (), kwargs)
         states = outputs.last_hidden_state
         mask = torch.cat([mask.new_ones(mask.shape[0], states.shape[1] - mask.shape[1]), mask], dim=1)
         decoder = gm.config.get_text_config(decoder=True)
-        cache = EncoderDecoderCache(StaticCache(config=decoder, max_cache_len=count + 1 + new_tokens),
+        cache = EncoderDecoderCache(StaticCache(config=decoder, max_cache_len=count + 1 + new),
                                     StaticCache(config=decoder, max_cache_len=states.shape[1]))
         shape = gm._get_static_cache_init_shape()
         allocate(cache.self_attention_cache, rows, shape, gm.dtype, ids.device)
@@ -430,7 +473,7 @@ def _with_virtual_tokens(gm, method, adapter: str, args, kwargs) -> tuple:
                    "attention_mask": mask.repeat_interleave(expand, dim=0)}
         kwargs["attention_mask"] = mask
     else:
-        cache = StaticCache(config=gm.config, max_cache_len=count + ids.shape[-1] + new_tokens)
+        cache = StaticCache(config=gm.config, max_cache_len=count + ids.shape[-1] + new)
         allocate(cache, rows, gm._get_static_cache_init_shape(), gm.dtype, ids.device)
         encoder = {}
         kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], count), mask], dim=1)

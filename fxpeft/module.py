@@ -544,7 +544,8 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
             if generation.is_cache(cache):
                 # the model's own name for it (transformers 5.24 calls it cache, earlier ones past_key_values)
                 name = "cache" if "cache" in self._fxpeft_arg_names else "past_key_values"
-                query = kwargs.get("decoder_input_ids", kwargs.get("input_ids"))  # the tokens the cache grows by
+                query = next((kwargs[n] for n in ("decoder_input_ids", "decoder_inputs_embeds", "input_ids",
+                                                  "inputs_embeds") if n in kwargs), None)  # what the cache grows by
                 kwargs[name] = generation.cache_tensors(self, cache, query)
                 kwargs["use_cache"] = True
                 if generation.virtual_tokens(cache):  # the model counts positions on from the cache's length

@@ -231,6 +231,39 @@ def test_a_prompt_longer_than_the_cache_names_both_lengths(llama_pair):
         gm.generate(**inputs, max_new_tokens=2, pad_token_id=0, cache=transformers.DynamicCache(config=gm.config))
 
 
+def test_generation_continues_from_the_cache_it_returned(llama_pair):
+    """A returned cache passed back to continue (multi-turn decoding): fxpeft's static cache, sized for the call
+    that made it, grows (PEFT's dynamic one does), and the tokens equal PEFT's, dense and with adapter_names; a
+    static cache the caller made too short for the call is refused before any compute, naming both lengths."""
+    reference, gm = llama_pair
+    inputs = models.hf_inputs("llama", batch=2)
+    kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    for extra in ({}, dict(adapter_names=["b", "__base__"])):
+        first = [model.generate(**inputs, **kw, **extra, return_dict_in_generate=True) for model in (reference, gm)]
+        assert torch.equal(first[0].sequences, first[1].sequences)
+        mask = torch.cat([inputs["attention_mask"], torch.ones(2, NEW, dtype=torch.long)], 1)
+        expected, got = (model.generate(input_ids=out.sequences, attention_mask=mask, cache=out.cache, **kw, **extra)
+                         for model, out in zip((reference, gm), first))
+        assert got.shape[1] == inputs["input_ids"].shape[1] + 2 * NEW
+        assert torch.equal(got, expected)
+    cache = transformers.StaticCache(config=gm.config, max_cache_len=12)
+    gm(**inputs, cache=cache, use_cache=True)  # 7 tokens in a cache of 12
+    held = [layer.keys.clone() for layer in cache.layers]
+    with pytest.raises(ValueError, match=r"holds 12 positions but this call needs 13 \(7 tokens so far and 6 to"):
+        gm.generate(**inputs, **kw, cache=cache)
+    assert all(torch.equal(layer.keys, keys) for layer, keys in zip(cache.layers, held))
+
+
+def test_generation_from_inputs_embeds_matches_peft(llama_pair):
+    """generate(inputs_embeds=...) (a decoder-only model: the new tokens only), as PEFT's."""
+    reference, gm = llama_pair
+    inputs = models.hf_inputs("llama", batch=2)
+    embeds = gm.get_input_embeddings()(inputs["input_ids"]).detach()
+    expected, got = both(reference, gm, inputs_embeds=embeds, attention_mask=inputs["attention_mask"],
+                         max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    assert got.shape == (2, NEW) and torch.equal(got, expected)
+
+
 def test_a_forward_loop_with_a_static_cache_matches_peft(llama_pair):
     """Called directly (a user's own decoding loop, 2-d masks, either cache keyword), the graph
     writes the cache it is given and returns it, as the model does."""
