@@ -16,19 +16,21 @@ Contenders:
 Compiled, the static cache is sized once for the longest context (``max_cache_len``), so both contexts
 reuse one compiled graph. On the CPU fxpeft's steps (eager and compiled) attend over the filled positions
 of the static cache only, as over a dynamic cache; PEFT compiled, and fxpeft elsewhere, over the whole.
-With ``--tenants N``: N adapters loaded in both, a batch of ``--tenant-batch`` prompts (32 tokens) each
+With ``--tenants N``: N adapters loaded in both (LoRA, or ``--method road``: the methods PEFT's
+``adapter_names`` takes here), a batch of ``--tenant-batch`` prompts (32 tokens) each
 naming its adapter (``adapter_names``, round robin): fxpeft's mixed decode vs PEFT's, and fxpeft's
 mixed decode vs the same batch with one adapter (with ``--compile`` also both compiled; PEFT's mixed
 forward stays eager: it loops over adapters in Python).
 Absolute times on shared machines are noise: read the ratios. Run:
 python benchmarks/bench_generate.py [--batch 1,8] [--context 32,256] [--new 16] [--compile]
                                     [--method lora|dora|vera|loha|ia3|oft|boft|hra|road|lily|lora_tokens]
-                                    [--tenants 8 --tenant-batch 32] [--device cuda]
+                                    [--tenants 8 --tenant-batch 32 [--method lora|road]] [--device cuda]
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import tempfile
 import time
@@ -56,6 +58,7 @@ METHODS = {
     # LoRA plus 100 trainable token rows of the embedding (PEFT's layer copies the embedding at every step)
     "lora_tokens": lambda peft, config: peft.LoraConfig(**config, trainable_token_indices=list(range(0, 8000, 80))),
 }
+MIXED = {"lora", "road"}  # the methods above whose mixed batches PEFT runs (adapter_names)
 
 
 def llama_512():
@@ -130,10 +133,11 @@ def main():
     parser.add_argument("--tenant-batch", type=int, default=32)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--method", default="lora", choices=sorted(METHODS),
-                        help="the adapter's method (the multi-tenant rows: LoRA only)")
+                        help="the adapter's method (the multi-tenant rows: lora or road)")
     args = parser.parse_args()
-    if args.tenants and args.method != "lora":
-        parser.error("--tenants compares LoRA's mixed batches (PEFT's adapter_names): leave --method out")
+    if args.tenants and args.method not in MIXED:
+        parser.error(f"--tenants compares mixed batches (PEFT's adapter_names), which PEFT runs for {sorted(MIXED)} "
+                     "of these methods")
     torch.manual_seed(0)
     batches = [int(b) for b in args.batch.split(",") if b]  # --batch "": the multi-tenant rows only
     contexts = [int(c) for c in args.context.split(",")]
@@ -185,14 +189,12 @@ def tenants(gm, reference, config, args, common, compile_config=None):
     import peft
 
     names = ["default"] + [f"t{i}" for i in range(1, args.tenants)]
-    for name in names[1:]:
-        reference.add_adapter(name, peft.LoraConfig(**config))
-        fxpeft.add_adapter(gm, fxpeft.LoraConfig(**config), name)
-    ours = dict(gm.named_parameters())
-    with torch.no_grad():
-        for key, value in reference.named_parameters():
-            if "lora_" in key:
-                ours[key.removeprefix("base_model.model.")].copy_(value)
+    for name in names[1:]:  # random adapters (init_weights=False), moved to fxpeft through PEFT's files
+        reference.add_adapter(name, METHODS[args.method](peft, config))
+    with tempfile.TemporaryDirectory() as directory:
+        reference.save_pretrained(directory, selected_adapters=names[1:])
+        for name in names[1:]:
+            gm.load_adapter(os.path.join(directory, name), name)
     ids = torch.randint(1, 8000, (args.tenant_batch, 32), device=args.device)
     inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
     per_row = [names[i % len(names)] for i in range(args.tenant_batch)]

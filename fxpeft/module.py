@@ -432,14 +432,15 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         """Under ``torch.compile(gm)`` (dynamo skips this frame, see below and ``_skip_call_frame``),
         captures a call signature seen for the first time before the forward runs, eagerly, so a
         compiled module works from its very first call (eager calls capture in the dispatcher). Runs
-        the methods' prepare hooks before calls without autograd (not eager mixed calls, which keep
-        their own memo) and marks the call as prepared while it runs (``call_prepared``: one flag for
+        the methods' prepare hooks before calls without autograd (not eager mixed calls without a cache,
+        whose picks keep their own memo; a generation step reads what they keep once per generate call) and marks the call as prepared while it runs (``call_prepared``: one flag for
         the process, so a call in another thread that skipped the hooks may see it set)."""
         if not torch.compiler.is_compiling():
             frame = _dynamo_active()  # this call runs compiled code
             mixed = kwargs.get("adapter_names") is not None
             compiled = frame or bool(self.__dict__.get("_fxpeft_compiled_blocks"))
-            prepare = bool(self._fxpeft_prepare_hooks) and not torch.is_grad_enabled() and (compiled or not mixed)
+            prepare = bool(self._fxpeft_prepare_hooks) and not torch.is_grad_enabled() and (
+                compiled or not mixed or generation.cache_name_of(kwargs) is not None)
             if frame:  # eager calls capture in the dispatcher: no second binding of the arguments
                 self._before_compiled_call(args, kwargs, mixed, prepare)
             elif prepare:

@@ -587,6 +587,8 @@ def prepare_call(gm, mixed: bool, cached: bool, compiled: bool) -> None:
     version of each tensor), checked once per ``generate`` call and per other call. A lone adapter in a
     generation graph is read as it is when eager (``lora_slots``); compiled, from stacks, so that a second one
     loaded later leaves the code as it was."""
+    if mixed and not compiled:  # eager mixed graphs pick the adapters each call names (_picked)
+        return
     lowering, lone_too = gm._fxpeft_memo.get(SITES, ()), cached and compiled
     sites = [s for s in lowering if mixed or s.dense or lone_too]  # those whose graph reads kept stacks
     if not sites:

@@ -9,6 +9,7 @@ import peft
 import pytest
 import torch
 import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fxpeft
 import models
@@ -204,6 +205,45 @@ def check_survives(name, base, gm):
     # what was kept for a generation (LoHa: a weight-sized ΔW per layer) does not outlive it
     kept = [module for module in gm.modules() if isinstance(module, fxpeft.generation.KeptTensors)]
     assert kept and not any(module.tensors for module in kept)
+
+
+class _Ops(TorchDispatchMode):
+    """How many aten ops run."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", ["road", "ia3", "vera"])
+def test_an_eager_mixed_decode_step_does_not_grow_with_the_adapters_loaded(name, bare):
+    """An eager generate with adapter_names reads each site's adapters stacked, kept once per generate call
+    (RoAd's pairs, IA3's factors, VeRA's low-rank factors): a decode step runs as many ops with five adapters
+    loaded as with two. (It ran each site's plain mixed lowering, one branch per adapter loaded: RoAd decoded
+    at 0.78x PEFT's adapter_names speed in bench_generate.py --tenants 4 --method road, 1.45x now.)"""
+    _, gm = bare(models.llama)
+    prompt = models.hf_inputs("llama", batch=2)
+
+    def per_step():
+        counts = []
+        for new in (2, 5):
+            with torch.no_grad(), _Ops() as ops:
+                gm.generate(**prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
+                            adapter_names=["default", "other"])
+            counts.append(ops.count)
+        return (counts[1] - counts[0]) / 3
+
+    torch.manual_seed(0)
+    with adapters(gm, default=READ_WHEN_RUN[name](), other=READ_WHEN_RUN[name]()):
+        gm.generate(**prompt, max_new_tokens=2, do_sample=False, pad_token_id=0, adapter_names=["default", "other"])
+        two = per_step()
+        for extra in ("c", "d", "e"):
+            gm.add_adapter(extra, READ_WHEN_RUN[name]())
+        assert per_step() == two
 
 
 @pytest.fixture(scope="module")
