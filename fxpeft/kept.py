@@ -4,7 +4,7 @@ A graph reading a KV cache (a decode step) must not name adapters in its code, o
 compiled ``generate`` calls recompiles it. So each site's node reads, in a prepared call without autograd,
 what ``prepare_call`` kept once per ``generate`` call: the active adapters' :class:`SiteParts` composed
 (dense graphs) or stacked with a slot per adapter (mixed graphs, ``adapter_names``). Where parts do not
-apply (autograd, training, eager mixed calls, conv and embedding sites, methods giving none), the node runs
+apply (autograd, training, conv and embedding sites, methods giving none), the node runs
 the site's plain lowering as a small program (``GenerationLayout.programs``), from torch.compile without
 autograd as the opaque op ``fxpeft::site_program``. The forms (fxpeft/forms.py) build one per method.
 """
@@ -103,7 +103,7 @@ class KeptSites:
     active adapters composed in order into one ``K ⊙ y + [B_1 …](A_1; …] x) + D x + b`` (low-rank factors
     side by side); mixed graphs (``adapter_names``): every adapter's parts stacked with a slot for none,
     each sample reading its own (not where an adapter has a dense ``D``: a stack would hold a weight per
-    adapter). Parts describe linear sites only. Otherwise (conv and embedding sites, eager mixed calls,
+    adapter). Parts describe linear sites only. Otherwise (conv and embedding sites,
     autograd, training: dropout and the methods' own randomness) the node runs the site as the plain
     lowering computes it (``lower(lw, site, module, adapters)``, built
     into ``GenerationLayout.programs``). ``maps`` (site kind -> "input" or "weight") names the kinds where
