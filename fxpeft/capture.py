@@ -145,25 +145,29 @@ def keyword_module(module: nn.Module, names: list[str], convert_output=None, con
     return KeywordModule()
 
 
-def export_program(module: nn.Module, kwargs: dict[str, Any], convert_output=None, convert_inputs=None):
+def export_program(module: nn.Module, kwargs: dict[str, Any], convert_output=None, convert_inputs=None,
+                   fixed: Optional[dict] = None):
     """torch.export of ``module(**kwargs)``, non-strict, every tensor dim ``Dim.AUTO`` (also of tensors
     nested in lists, tuples and dicts) and duck sizing off, so that equal example sizes do not force equal
-    dimensions."""
-    def auto(value):  # sizes 1 would be specialised anyway (with a warning): left static
+    dimensions. ``fixed``: input name -> ``dims(tensor)``, the dims of each tensor under it that stay static
+    (sizes the model fixes: export's symbolic reasoning about them costs time)."""
+    def auto(value, keep):  # sizes 1 would be specialised anyway (with a warning): left static
         if not isinstance(value, torch.Tensor):
             return None
-        return {d: torch.export.Dim.AUTO for d in range(value.ndim) if value.shape[d] != 1}
+        kept = keep(value)
+        return {d: torch.export.Dim.AUTO for d in range(value.ndim) if value.shape[d] != 1 and d not in kept}
 
-    def spec(value):  # the dynamic_shapes tree export wants: other pytree nodes (a ModelOutput) as lists of children
+    def spec(value, keep):  # the dynamic_shapes tree export wants: other pytree nodes (a ModelOutput) as lists of children
         if type(value) in (list, tuple):
-            return type(value)(spec(v) for v in value)
+            return type(value)(spec(v, keep) for v in value)
         if type(value) is dict:
-            return {k: spec(v) for k, v in value.items()}
+            return {k: spec(v, keep) for k, v in value.items()}
         if type(value) in pytree.SUPPORTED_NODES:
-            return [spec(child) for child in pytree.SUPPORTED_NODES[type(value)].flatten_fn(value)[0]]
-        return auto(value)
+            return [spec(child, keep) for child in pytree.SUPPORTED_NODES[type(value)].flatten_fn(value)[0]]
+        return auto(value, keep)
 
-    dynamic = {name: spec(value) for name, value in kwargs.items()}
+    fixed = fixed or {}
+    dynamic = {name: spec(value, fixed.get(name, _no_dims)) for name, value in kwargs.items()}
     with _EXPORTING, torch.fx.experimental._config.patch(use_duck_shape=False), _without_stack_traces():
         return torch.export.export(keyword_module(module, list(kwargs), convert_output, convert_inputs), (), kwargs,
                                    dynamic_shapes=dynamic, strict=False)
@@ -203,16 +207,20 @@ def _unaliased(kwargs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _no_dims(tensor: torch.Tensor) -> tuple:
+    return ()
+
+
 def export_call(model: nn.Module, kwargs: dict[str, Any], widen: bool = False, convert_inputs=None,
-                convert_output=None) -> Captured:
+                convert_output=None, fixed: Optional[dict] = None) -> Captured:
     """Capture one keyword signature with torch.export (``convert_inputs``/``convert_output``: see
-    :func:`keyword_module`)."""
+    :func:`keyword_module`; ``fixed``: see :func:`export_program`)."""
     if widen:
         kwargs = {name: _widen(value) for name, value in kwargs.items()}
     kwargs = _unaliased(kwargs)
     try:
         with _tracing_state(model):
-            program = export_program(model, kwargs, convert_output, convert_inputs)
+            program = export_program(model, kwargs, convert_output, convert_inputs, fixed)
     except Exception as error:
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__} with inputs {sorted(kwargs)}: "

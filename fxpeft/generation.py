@@ -43,6 +43,15 @@ from .registry import optimizer_steps
 CACHE_NAMES = ("cache", "past_key_values")  # transformers 5.24 renamed past_key_values (deprecated until 5.40)
 
 
+def _kv_fixed(tensor: torch.Tensor) -> tuple:
+    """A KV cache's (batch, heads, positions, head size) tensors: heads and head size are the model's, static
+    when captured (T5's first generate call: 10.4 -> 8.0 s on the tests' tiny model)."""
+    return (1, 3) if tensor.ndim == 4 else ()
+
+
+CACHE_FIXED = {name: _kv_fixed for name in CACHE_NAMES}  # capture.export_program's fixed
+
+
 def is_cache(value) -> bool:
     try:
         from transformers.cache_utils import Cache
@@ -296,7 +305,8 @@ def small_example(call: dict, cache_name: str) -> dict:
 def capture_with_cache(model, call: dict, cache_name: str, widen: bool) -> capture_mod.Captured:
     """Export ``model`` for a call whose ``cache_name`` input is a list of (keys, values, length)."""
     example = small_example(call, cache_name) if widen else call
-    return capture_mod.export_call(model, example, convert_inputs=_with_shell, convert_output=_without_cache)
+    return capture_mod.export_call(model, example, convert_inputs=_with_shell, convert_output=_without_cache,
+                                   fixed=CACHE_FIXED)
 
 
 def cache_name_of(call: dict) -> Optional[str]:
@@ -706,7 +716,7 @@ def decoding_files(model) -> dict:
             "cache": [(layer.keys, layer.values, layer.cumulative_length) for layer in cache.layers],
             "use_cache": True, "return_dict": True}
     with torch.no_grad():
-        program = capture_mod.export_program(model.eval(), call, convert_inputs=_with_shell,
+        program = capture_mod.export_program(model.eval(), call, convert_inputs=_with_shell, fixed=CACHE_FIXED,
                                              convert_output=lambda output: {"logits": output.logits})
     config = model.generation_config
     spec = {"layers": len(cache.layers), "heads": heads, "head_dim": head_dim, "dtype": str(model.dtype).removeprefix("torch."),
@@ -747,7 +757,7 @@ def _seq2seq_decoding_files(model, heads: int, head_dim: int) -> dict:
         call = {"encoder_outputs": (states,), "attention_mask": mask, "decoder_input_ids": start,
                 "cache": {SELF: layers(6), cross: cross_layers}, "use_cache": True, "return_dict": True}
         with torch.no_grad():
-            steps[name] = capture_mod.export_program(model.eval(), call, convert_inputs=_with_shell,
+            steps[name] = capture_mod.export_program(model.eval(), call, convert_inputs=_with_shell, fixed=CACHE_FIXED,
                                                      convert_output=lambda output: {"logits": output.logits})
     config = model.generation_config
     spec = {"layers": len(call["cache"][SELF]), "heads": heads, "head_dim": head_dim,
