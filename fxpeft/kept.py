@@ -61,25 +61,11 @@ class SiteParts(NamedTuple):
     call: Optional[tuple] = None
 
 
-class _Composed(NamedTuple):
-    """What a dense generation graph reads of one site (:meth:`KeptSites.composed`): the active adapters'
-    parts composed, ``calls`` a list of (function, tensors, scale)."""
-
-    k: Optional[torch.Tensor]
-    down: Optional[torch.Tensor]
-    up: Optional[torch.Tensor]
-    dense: Optional[torch.Tensor]
-    bias: Optional[torch.Tensor]
-    rotation: Optional[torch.Tensor]
-    turn: Optional[torch.Tensor]
-    partner: Optional[torch.Tensor]
-    calls: list
-    out_features: int
-
-
-class _Stacked(NamedTuple):
-    """What a mixed generation graph reads of one site (:meth:`KeptSites.stacked`): every adapter's parts
-    stacked (S + 1, …), and each global adapter index's slot (``lookup``)."""
+class _Kept(NamedTuple):
+    """What a generation graph's node reads of one site, kept by ``prepare_call``: in a dense graph the active
+    adapters' parts composed (:meth:`KeptSites.composed`; ``calls`` a list of (function, tensors, scale)), in a
+    mixed graph every adapter's parts stacked (S + 1, …) with each global adapter index's slot in ``lookup``
+    (:meth:`KeptSites.stacked`; no ``dense`` nor ``calls`` there)."""
 
     k: Optional[torch.Tensor]
     down: Optional[torch.Tensor]
@@ -88,8 +74,10 @@ class _Stacked(NamedTuple):
     turn: Optional[torch.Tensor]
     rotation: Optional[torch.Tensor]
     partner: Optional[torch.Tensor]
-    lookup: torch.Tensor
     out_features: int
+    dense: Optional[torch.Tensor] = None
+    calls: tuple = ()
+    lookup: Optional[torch.Tensor] = None
 
 
 class KeptSites:
@@ -286,7 +274,7 @@ class KeptSites:
             down, up = dynamic(torch.cat(downs), 0), dynamic(torch.cat(ups), 0)
         if rotation is not None:  # how an adapter loaded later blocks its Q may differ
             rotation = _dynamic_all(rotation.clone())
-        return _Composed(k, down, up, dense, bias, rotation, turn, partner, calls, out_features)
+        return _Kept(k, down, up, bias, turn, rotation, partner, out_features, dense=dense, calls=calls)
 
     def stacked(self, module: nn.Module, layout: GenerationLayout):
         """Every adapter's parts stacked (S + 1, …) for the mixed graph, with a last slot for none (ranks
@@ -325,7 +313,7 @@ class KeptSites:
                     partners[slot] = parts.partner
             partners = dynamic(partners, 0)
         stacks.append(partners)
-        return _Stacked(*stacks, dynamic(slot_lookup(layout.positions, device), 0), out_features)
+        return _Kept(*stacks, out_features, lookup=dynamic(slot_lookup(layout.positions, device), 0))
 
 
 def toward_identity(q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
