@@ -433,8 +433,9 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         captures a call signature seen for the first time before the forward runs, eagerly, so a
         compiled module works from its very first call (eager calls capture in the dispatcher). Runs
         the methods' prepare hooks before calls without autograd (not eager mixed calls without a cache,
-        whose picks keep their own memo; a generation step reads what they keep once per generate call) and marks the call as prepared while it runs (``call_prepared``: one flag for
-        the process, so a call in another thread that skipped the hooks may see it set)."""
+        whose picks keep their own memo; a generation step reads what they keep once per generate call)
+        and marks the call as prepared while it runs (``call_prepared``: one flag for the process, so a
+        call in another thread that skipped the hooks may see it set)."""
         if not torch.compiler.is_compiling():
             frame = _dynamo_active()  # this call runs compiled code
             mixed = kwargs.get("adapter_names") is not None
