@@ -91,9 +91,10 @@ def _layer_tensors(gm, cache, query, own: bool = False) -> list[tuple[torch.Tens
     kinds = {type(layer).__name__ for layer in getattr(cache, "layers", [cache]) if type(layer) is not StaticLayer}
     if kinds:
         raise NotImplementedError(
-            f"fxpeft graphs decode with transformers' static cache (StaticCache, one StaticLayer per layer); this "
-            f"{type(cache).__name__} holds {sorted(kinds)}. Call generate without a cache object (fxpeft picks the "
-            "static cache), or pass a transformers.StaticCache.")
+            f"fxpeft graphs decode with transformers' static cache (StaticCache, one StaticLayer per layer; a "
+            f"decoder's DynamicCache of plain layers is read as one); this {type(cache).__name__} holds "
+            f"{sorted(kinds)}. Call generate without a cache object (fxpeft picks the static cache), or pass a "
+            "transformers.StaticCache or DynamicCache.")
     if not all(layer.is_initialized for layer in cache.layers):
         shape = gm._get_static_cache_init_shape()
         if shape is None or query is None:
@@ -167,6 +168,69 @@ def fit_given_cache(gm, args: tuple, kwargs: dict) -> None:
             torch._dynamo.mark_static_address(new)
             setattr(layer, name, new)
         layer.max_cache_len = needed + spare
+
+
+def is_dynamic(cache) -> bool:
+    """transformers' DynamicCache of plain layers (a decoder's default cache): fxpeft's graphs read it as a
+    static cache over what it holds (:func:`static_over`), appended to after the call (:func:`written_back`)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def static_over(gm, dynamic, length: int, spare: bool = False):
+    """A static cache ``length`` positions long holding what ``dynamic`` holds (allocated now where that is
+    anything, else by the first step; ``spare``: see :func:`allocate`), to be written back into it."""
+    from transformers import StaticCache
+
+    static, held = StaticCache(config=gm.config, max_cache_len=length), dynamic.get_seq_length()
+    if held:
+        first = dynamic.layers[0].keys
+        allocate(static, first.shape[0], gm._get_static_cache_init_shape(), first.dtype, first.device, spare)
+        with torch.no_grad():
+            for mine, theirs in zip(static.layers, dynamic.layers):
+                mine.keys[:, :, :held] = theirs.keys
+                mine.values[:, :, :held] = theirs.values
+                mine.cumulative_length.fill_(held)
+    static._fxpeft_dynamic = (dynamic, held)
+    return static
+
+
+def written_back(static):
+    """The DynamicCache ``static`` was made over (:func:`static_over`), with the positions written since
+    appended, as the model's own steps over it would have."""
+    dynamic, held = static._fxpeft_dynamic
+    for index, layer in enumerate(static.layers):
+        filled = int(layer.cumulative_length) if layer.is_initialized else held
+        if filled > held:
+            dynamic.update(layer.keys[:, :, held:filled].clone(), layer.values[:, :, held:filled].clone(), index)
+    return dynamic
+
+
+def _dynamic_to_static(gm, args: tuple, kwargs: dict):
+    """``generate`` with a DynamicCache (given, or ``cache_implementation="dynamic"``) on a decoder: the call
+    decodes over a static cache holding what it holds, sized for the call (written back when it ends, see
+    :func:`written_back`); the static cache, or None."""
+    from transformers import DynamicCache
+
+    name = next((name for name in CACHE_NAMES if kwargs.get(name) is not None), None)
+    config = kwargs.get("generation_config") or gm.generation_config
+    asked = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None)) == "dynamic"
+    if getattr(gm.config, "is_encoder_decoder", False) or not (is_dynamic(kwargs.get(name)) or asked and name is None):
+        return None
+    prompt = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs", kwargs.get("inputs_embeds")))
+    if prompt is None:
+        return None
+    if name is None:  # asked for by name: the call returns a DynamicCache, as transformers' would
+        name = "cache" if "cache" in gm._fxpeft_arg_names else "past_key_values"
+        kwargs[name] = DynamicCache(config=gm.config)
+        kwargs.pop("cache_implementation", None)
+        if kwargs.get("generation_config") is not None:
+            kwargs["generation_config"] = copy.deepcopy(kwargs["generation_config"])
+            kwargs["generation_config"].cache_implementation = None
+    length = prompt.shape[1] + new_tokens(call_config(gm, kwargs), prompt.shape[1])
+    kwargs[name] = static = static_over(gm, kwargs[name], length, spare=True)
+    return static
 
 
 def call_config(gm, kwargs: dict):
@@ -344,7 +408,8 @@ def generate(gm, mixin_generate: Optional[Callable], *args, adapter_names=None, 
                              "model's only adapter (as in PEFT): generate without adapter_names.")
     if adapter_names is not None:
         kwargs["adapter_names"] = _adapter_index(gm, adapter_names, args, kwargs)
-    given_cache = any(kwargs.get(name) is not None for name in CACHE_NAMES)
+    over_dynamic = None if prefilled else _dynamic_to_static(gm, args, kwargs)
+    given_cache = over_dynamic is None and any(kwargs.get(name) is not None for name in CACHE_NAMES)
     fit_given_cache(gm, args, kwargs)
     if prefilled:
         args = _with_virtual_tokens(gm, *prefilled[0], args, kwargs)
@@ -354,7 +419,13 @@ def generate(gm, mixin_generate: Optional[Callable], *args, adapter_names=None, 
     gm.__dict__["_fxpeft_generating"] = not given_cache  # the cache transformers makes gets a spare position
     previous, _Generate.call = _Generate.call, object()
     try:
-        return mixin_generate(*args, **kwargs)
+        output = mixin_generate(*args, **kwargs)
+        if over_dynamic is not None:  # the caller's DynamicCache, holding what this call wrote
+            dynamic = written_back(over_dynamic)
+            for name in CACHE_NAMES if isinstance(output, dict) else ():
+                if output.get(name) is over_dynamic:
+                    output[name] = dynamic
+        return output
     finally:
         gm.__dict__.pop("_fxpeft_generating", None)
         _Generate.call = previous

@@ -564,7 +564,11 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
             batch_input = None if adapter_names is None else (args[0] if args else next(iter(kwargs.values())))
             output = self._run(self._fxpeft_signatures[None], adapter_names, batch_input, *args, **kwargs)
         else:
-            cache = next((kwargs[name] for name in generation.CACHE_NAMES if kwargs.get(name) is not None), None)
+            name = next((name for name in generation.CACHE_NAMES if kwargs.get(name) is not None), None)
+            given = cache = kwargs.get(name)
+            if generation.is_dynamic(cache) and not getattr(self.config, "is_encoder_decoder", False):
+                query = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+                cache = kwargs[name] = generation.static_over(self, cache, cache.get_seq_length() + query.shape[1])
             kwargs, adapter_names = self._bind(args, kwargs)
             signature = self._signature(kwargs)
             batch_input = None if adapter_names is None else next(
@@ -574,6 +578,8 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
             written = generation.cache_name_of(kwargs)
             if written is not None:
                 generation.cache_written(cache)
+                if cache is not given:  # the caller's DynamicCache, holding what the graph wrote
+                    cache = generation.written_back(cache)
                 if isinstance(output, dict):
                     output[written] = cache  # what the graph wrote into
         # the loss first: a call without one (inference, generate) never reads the hooks, so its compiled code

@@ -227,8 +227,10 @@ def test_a_prompt_longer_than_the_cache_names_both_lengths(llama_pair):
     cache = transformers.StaticCache(config=gm.config, max_cache_len=5)
     with pytest.raises(ValueError, match="prompt has 7 tokens but the KV cache holds 5"):
         gm.generate(**inputs, max_new_tokens=2, pad_token_id=0, cache=cache)
-    with pytest.raises(NotImplementedError, match="static cache"):
-        gm.generate(**inputs, max_new_tokens=2, pad_token_id=0, cache=transformers.DynamicCache(config=gm.config))
+    sliding = transformers.cache_utils.Cache(
+        layers=[transformers.cache_utils.DynamicSlidingWindowLayer(sliding_window=4) for _ in range(2)])
+    with pytest.raises(NotImplementedError, match="static cache .*DynamicSlidingWindowLayer"):
+        gm.generate(**inputs, max_new_tokens=2, pad_token_id=0, cache=sliding)
 
 
 def test_generation_continues_from_the_cache_it_returned(llama_pair):
@@ -252,6 +254,53 @@ def test_generation_continues_from_the_cache_it_returned(llama_pair):
     with pytest.raises(ValueError, match=r"holds 12 positions but this call needs 13 \(7 tokens so far and 6 to"):
         gm.generate(**inputs, **kw, cache=cache)
     assert all(torch.equal(layer.keys, keys) for layer, keys in zip(cache.layers, held))
+
+
+def test_dynamic_caches_are_read_and_written_as_peft_writes_them(llama_pair):
+    """A DynamicCache (transformers' default, a multi-turn script's) given to generate, asked for by name, or
+    given to a forward call: the graphs read it as a static cache over what it holds (one per generate call,
+    also compiled), and the caller's object ends up holding what PEFT's holds; tokens equal PEFT's."""
+    reference, gm = llama_pair
+    inputs = models.hf_inputs("llama", batch=2)
+    kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    compiled = transformers.CompileConfig(fullgraph=True, backend="eager", mode=None)
+    from torch._dynamo.utils import counters
+
+    def assert_same(ours, theirs):
+        assert type(ours) is transformers.DynamicCache and len(ours.layers) == len(theirs.layers)
+        for mine, peft_layer in zip(ours.layers, theirs.layers):
+            torch.testing.assert_close(mine.keys, peft_layer.keys, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(mine.values, peft_layer.values, rtol=1e-5, atol=1e-5)
+
+    for extra in ({}, dict(compile_config=compiled)):
+        caches = [transformers.DynamicCache(config=gm.config) for _ in range(2)]
+        expected = reference.generate(**inputs, **kw, cache=caches[0], return_dict_in_generate=True)
+        torch._dynamo.reset()
+        counters.clear()
+        with torch._dynamo.config.patch(error_on_recompile=True):  # one static cache for the call, its steps one graph
+            got = gm.generate(**inputs, **kw, **extra, cache=caches[1], return_dict_in_generate=True)
+        # compiled: transformers compiles no step over a DynamicCache (not compileable); over the static one, once
+        assert counters["stats"]["unique_graphs"] == (1 if extra else 0)
+        assert torch.equal(got.sequences, expected.sequences) and got.cache is caches[1]
+        assert_same(caches[1], caches[0])
+        mask = torch.cat([inputs["attention_mask"], torch.ones(2, NEW, dtype=torch.long)], 1)  # the next turn
+        expected = reference.generate(input_ids=expected.sequences, attention_mask=mask, cache=caches[0], **kw)
+        assert torch.equal(gm.generate(input_ids=got.sequences, attention_mask=mask, cache=caches[1], **kw, **extra),
+                           expected)
+        assert_same(caches[1], caches[0])
+    expected, got = (model.generate(**inputs, **kw, cache_implementation="dynamic", return_dict_in_generate=True)
+                     for model in (reference, gm))
+    assert torch.equal(got.sequences, expected.sequences)
+    assert_same(got.cache, expected.cache)
+    with torch.no_grad():  # a prompt's cache made by a forward call, reused by generate calls (transformers' docs)
+        prompt_caches = [model(**inputs, cache=transformers.DynamicCache(config=gm.config)).cache
+                         for model in (reference, gm)]
+    assert_same(prompt_caches[1], prompt_caches[0])
+    longer = {"input_ids": torch.cat([inputs["input_ids"], inputs["input_ids"][:, -3:]], 1),
+              "attention_mask": torch.cat([inputs["attention_mask"], torch.ones(2, 3, dtype=torch.long)], 1)}
+    expected, got = (model.generate(**longer, **kw, cache=copy.deepcopy(cache))
+                     for model, cache in zip((reference, gm), prompt_caches))
+    assert torch.equal(got, expected)
 
 
 def test_generation_from_inputs_embeds_matches_peft(llama_pair):

@@ -451,8 +451,8 @@ def test_bad_compile_configs_fail_before_any_compute(llama_pair):
             gm.generate(**inputs, max_new_tokens=2, compile_config=CompileConfig(backend=lambda graph, inputs: graph))
         with pytest.raises(ValueError, match="static KV cache, but this call asks for no cache"):
             gm.generate(**inputs, max_new_tokens=2, use_cache=False, compile_config=CompileConfig())
-        with pytest.raises(ValueError, match="cache_implementation='dynamic'"):
-            gm.generate(**inputs, max_new_tokens=2, cache_implementation="dynamic", compile_config=CompileConfig())
+        with pytest.raises(ValueError, match="cache_implementation='offloaded'"):  # ("dynamic": read as static)
+            gm.generate(**inputs, max_new_tokens=2, cache_implementation="offloaded", compile_config=CompileConfig())
     finally:
         del gm.__dict__["_run"]
     assert calls == []
