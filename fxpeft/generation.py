@@ -92,7 +92,8 @@ def _layer_tensors(gm, cache, query, own: bool = False) -> list[tuple[torch.Tens
     if kinds:
         raise NotImplementedError(
             f"fxpeft graphs decode with transformers' static cache (StaticCache, one StaticLayer per layer; a "
-            f"decoder's DynamicCache of plain layers is read as one); this {type(cache).__name__} holds "
+            f"decoder's DynamicCache of plain layers is read as one, except by a module torch.compile wraps: "
+            f"generate's compile_config reads it); this {type(cache).__name__} holds "
             f"{sorted(kinds)}. Call generate without a cache object (fxpeft picks the static cache), or pass a "
             "transformers.StaticCache or DynamicCache.")
     if not all(layer.is_initialized for layer in cache.layers):
@@ -138,29 +139,30 @@ def allocate(cache, rows: int, shape: tuple, dtype: torch.dtype, device: torch.d
 
 
 def fit_given_cache(gm, args: tuple, kwargs: dict) -> None:
-    """A decoder's static cache passed to ``generate`` after it was used (a returned one, to continue from:
-    ``past_key_values=out.cache``) that cannot hold this call's tokens and the new ones: grown, keeping what
-    it holds, where an earlier ``generate`` made it (sized for that call; PEFT's default dynamic cache grows,
-    and a script continuing from it should run; a compiled decode step compiles again for the longer cache),
-    else a clear error before any compute (transformers would fail at the step that overflows)."""
+    """A decoder's static cache passed to ``generate`` that cannot hold this call's tokens and the new ones
+    (the last new token is never fed back: ``max_length - 1`` positions, as transformers sizes its own): grown,
+    keeping what it holds, where an earlier ``generate`` made it (a returned one, to continue from:
+    ``cache=out.cache``; sized for that call: PEFT's default dynamic cache grows, and a script continuing from
+    it should run; a compiled decode step compiles again for the longer cache), else a clear error naming
+    both lengths before any compute (transformers would fail at the step that overflows)."""
     from transformers.cache_utils import StaticLayer
 
-    cache = next((kwargs[name] for name in CACHE_NAMES if kwargs.get(name) is not None), None)
-    layers = getattr(cache, "layers", None)
-    prompt = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
-    if (not layers or getattr(gm.config, "is_encoder_decoder", False) or not isinstance(prompt, torch.Tensor)
-            or not all(type(layer) is StaticLayer and layer.is_initialized for layer in layers)):
-        return  # (a cache not allocated yet is sized by its first step; other kinds are refused there)
-    needed = prompt.shape[1] + new_tokens(call_config(gm, kwargs), prompt.shape[1])
+    cache = given_cache(kwargs)
+    layers, prompt = getattr(cache, "layers", None), prompt_of(args, kwargs)
+    if (not layers or getattr(gm.config, "is_encoder_decoder", False) or prompt is None
+            or not all(type(layer) is StaticLayer for layer in layers)):
+        return  # (other kinds are refused by the first step)
+    needed = prompt.shape[1] + new_tokens(call_config(gm, kwargs), prompt.shape[1]) - 1
     spare = getattr(cache, "_fxpeft_spare", None)
     capacity = layers[0].max_cache_len - (spare or 0)
     if needed <= capacity:
         return
-    if spare is None:
-        raise ValueError(f"The KV cache holds {capacity} positions but this call needs {needed} ({prompt.shape[1]} "
-                         f"tokens so far and {needed - prompt.shape[1]} to generate): pass a cache with max_cache_len "
-                         f">= {needed}, or none.")
-    for layer in layers:
+    if spare is None:  # the caller's: sized as they chose
+        raise ValueError((f"The prompt has {prompt.shape[1]} tokens but the KV cache holds {capacity}" if
+                          prompt.shape[1] > capacity else f"The KV cache holds {capacity} positions but this call "
+                          f"needs {needed} ({prompt.shape[1]} tokens so far, then the new ones)")
+                         + f": use a cache with max_cache_len >= {needed}, or none.")
+    for layer in layers:  # (made by generate: allocated)
         for name in ("keys", "values"):
             old = getattr(layer, name)
             new = old.new_zeros(*old.shape[:2], needed + spare, old.shape[3])
@@ -168,6 +170,17 @@ def fit_given_cache(gm, args: tuple, kwargs: dict) -> None:
             torch._dynamo.mark_static_address(new)
             setattr(layer, name, new)
         layer.max_cache_len = needed + spare
+
+
+def given_cache(kwargs: dict):
+    """The cache object a call is given (under either of its names), or None."""
+    return next((kwargs[name] for name in CACHE_NAMES if kwargs.get(name) is not None), None)
+
+
+def prompt_of(args: tuple, kwargs: dict, names=("input_ids", "inputs", "inputs_embeds")) -> Optional[torch.Tensor]:
+    """A call's prompt: its first positional argument, or the first of ``names`` it is given."""
+    found = args[0] if args else next((kwargs[name] for name in names if kwargs.get(name) is not None), None)
+    return found if isinstance(found, torch.Tensor) else None
 
 
 def is_dynamic(cache) -> bool:
@@ -213,22 +226,22 @@ def _dynamic_to_static(gm, args: tuple, kwargs: dict):
     :func:`written_back`); the static cache, or None."""
     from transformers import DynamicCache
 
-    name = next((name for name in CACHE_NAMES if kwargs.get(name) is not None), None)
+    cache = given_cache(kwargs)
+    name = next((name for name in CACHE_NAMES if kwargs.get(name) is cache), None) if cache is not None else None
     config = kwargs.get("generation_config") or gm.generation_config
     asked = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None)) == "dynamic"
-    if getattr(gm.config, "is_encoder_decoder", False) or not (is_dynamic(kwargs.get(name)) or asked and name is None):
-        return None
-    prompt = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs", kwargs.get("inputs_embeds")))
-    if prompt is None:
+    prompt = prompt_of(args, kwargs)
+    if (getattr(gm.config, "is_encoder_decoder", False) or prompt is None
+            or not (is_dynamic(kwargs.get(name)) or asked and name is None)):
         return None
     if name is None:  # asked for by name: the call returns a DynamicCache, as transformers' would
         name = "cache" if "cache" in gm._fxpeft_arg_names else "past_key_values"
         kwargs[name] = DynamicCache(config=gm.config)
-        kwargs.pop("cache_implementation", None)
         if kwargs.get("generation_config") is not None:
             kwargs["generation_config"] = copy.deepcopy(kwargs["generation_config"])
             kwargs["generation_config"].cache_implementation = None
-    length = prompt.shape[1] + new_tokens(call_config(gm, kwargs), prompt.shape[1])
+        kwargs["cache_implementation"] = None  # (the model's config may name it too: not with a cache object)
+    length = prompt.shape[1] + new_tokens(call_config(gm, kwargs), prompt.shape[1]) - 1
     kwargs[name] = static = static_over(gm, kwargs[name], length, spare=True)
     return static
 
@@ -409,14 +422,14 @@ def generate(gm, mixin_generate: Optional[Callable], *args, adapter_names=None, 
     if adapter_names is not None:
         kwargs["adapter_names"] = _adapter_index(gm, adapter_names, args, kwargs)
     over_dynamic = None if prefilled else _dynamic_to_static(gm, args, kwargs)
-    given_cache = over_dynamic is None and any(kwargs.get(name) is not None for name in CACHE_NAMES)
+    callers_cache = over_dynamic is None and given_cache(kwargs) is not None
     fit_given_cache(gm, args, kwargs)
     if prefilled:
         args = _with_virtual_tokens(gm, *prefilled[0], args, kwargs)
     _use_static_cache(kwargs, gm.generation_config)
     if getattr(gm.config, "is_encoder_decoder", False) and kwargs.get("encoder_outputs") is None:
         kwargs["encoder_outputs"] = _encoder_outputs(gm, args, kwargs)
-    gm.__dict__["_fxpeft_generating"] = not given_cache  # the cache transformers makes gets a spare position
+    gm.__dict__["_fxpeft_generating"] = not callers_cache  # the cache transformers makes gets a spare position
     previous, _Generate.call = _Generate.call, object()
     try:
         output = mixin_generate(*args, **kwargs)

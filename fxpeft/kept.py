@@ -168,7 +168,8 @@ class KeptSites:
         and output y (a mixed one takes each sample's adapter index first). Where the lowering runs the op on
         a mapped operand (``maps``) it is split at the op, which the generation graph runs between the parts:
         also "dense input" / "mixed input" → ``program(model, [index,] x)``, the op's input, or "dense weight"
-        → ``program(model, w)``, its weight."""
+        → ``program(model, w)``, its weight (from the op's own weight ``w`` where the lowering reads that node;
+        a lowering reading the weight itself leaves ``w`` to shape the opaque op's output)."""
         graph = torch.fx.Graph()
         x = graph.placeholder("x")
         op = _op_copy(graph, site, x)

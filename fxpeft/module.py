@@ -441,7 +441,7 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
             mixed = kwargs.get("adapter_names") is not None
             compiled = frame or bool(self.__dict__.get("_fxpeft_compiled_blocks"))
             prepare = bool(self._fxpeft_prepare_hooks) and not torch.is_grad_enabled() and (
-                compiled or not mixed or generation.cache_name_of(kwargs) is not None)
+                compiled or not mixed or generation.given_cache(kwargs) is not None)
             if frame:  # eager calls capture in the dispatcher: no second binding of the arguments
                 self._before_compiled_call(args, kwargs, mixed, prepare)
             elif prepare:
@@ -564,10 +564,10 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
             batch_input = None if adapter_names is None else (args[0] if args else next(iter(kwargs.values())))
             output = self._run(self._fxpeft_signatures[None], adapter_names, batch_input, *args, **kwargs)
         else:
-            name = next((name for name in generation.CACHE_NAMES if kwargs.get(name) is not None), None)
-            given = cache = kwargs.get(name)
+            given = cache = generation.given_cache(kwargs)
             if generation.is_dynamic(cache) and not getattr(self.config, "is_encoder_decoder", False):
-                query = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+                query = generation.prompt_of(args, kwargs, ("input_ids", "inputs_embeds"))
+                name = next(name for name in generation.CACHE_NAMES if kwargs.get(name) is cache)
                 cache = kwargs[name] = generation.static_over(self, cache, cache.get_seq_length() + query.shape[1])
             kwargs, adapter_names = self._bind(args, kwargs)
             signature = self._signature(kwargs)

@@ -146,9 +146,9 @@ class Method:
     # (``Lowering.cached``) then leave the virtual tokens to it. None: such a method cannot generate
     prefill_cache: Optional[Callable] = None
     # ``prepare_call(gm, mixed, cached, compiled)``: run outside compiled code before a call without autograd
-    # that is compiled (``compiled``: the module or its blocks), or eager without adapter_names (``mixed``:
-    # with adapter_names; ``cached``: with a KV cache, a generation step, whose graphs ``Lowering.cached``
-    # lowered), while the method's
+    # that is compiled (``compiled``: the module or its blocks), eager without adapter_names, or eager with
+    # adapter_names and a KV cache (``mixed``: with adapter_names; ``cached``: with a KV cache, a generation
+    # step, whose graphs ``Lowering.cached`` lowered), while the method's
     # adapters are loaded: refreshes what its graphs may read instead of recomputing it per call (LoRA:
     # the active adapters' stacks, rebuilt only when a tensor they copy changed). A graph may trust
     # such state only while ``call_prepared()`` holds.

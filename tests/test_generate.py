@@ -248,12 +248,16 @@ def test_generation_continues_from_the_cache_it_returned(llama_pair):
                          for model, out in zip((reference, gm), first))
         assert got.shape[1] == inputs["input_ids"].shape[1] + 2 * NEW
         assert torch.equal(got, expected)
-    cache = transformers.StaticCache(config=gm.config, max_cache_len=12)
-    gm(**inputs, cache=cache, use_cache=True)  # 7 tokens in a cache of 12
+    cache = transformers.StaticCache(config=gm.config, max_cache_len=11)  # 7 + 6 new needs 12: the last not fed back
+    gm(**inputs, cache=cache, use_cache=True)
     held = [layer.keys.clone() for layer in cache.layers]
-    with pytest.raises(ValueError, match=r"holds 12 positions but this call needs 13 \(7 tokens so far and 6 to"):
+    with pytest.raises(ValueError, match=r"holds 11 positions but this call needs 12 \(7 tokens so far"):
         gm.generate(**inputs, **kw, cache=cache)
     assert all(torch.equal(layer.keys, keys) for layer, keys in zip(cache.layers, held))
+    with pytest.raises(ValueError, match=r"holds 11 positions but this call needs 12"):  # one not used yet too
+        gm.generate(**inputs, **kw, cache=transformers.StaticCache(config=gm.config, max_cache_len=11))
+    fits = gm.generate(**inputs, **kw, cache=transformers.StaticCache(config=gm.config, max_cache_len=12))
+    assert torch.equal(fits, reference.generate(**inputs, **kw))
 
 
 def test_dynamic_caches_are_read_and_written_as_peft_writes_them(llama_pair):
@@ -301,6 +305,11 @@ def test_dynamic_caches_are_read_and_written_as_peft_writes_them(llama_pair):
     expected, got = (model.generate(**longer, **kw, cache=copy.deepcopy(cache))
                      for model, cache in zip((reference, gm), prompt_caches))
     assert torch.equal(got, expected)
+    step = dict(input_ids=inputs["input_ids"][:, -1:], attention_mask=longer["attention_mask"][:, :8])
+    with torch.no_grad():  # a forward call over a filled one (the dispatcher copies it in, appends the new position)
+        expected, got = (model(**step, cache=cache).logits for model, cache in zip((reference, gm), prompt_caches))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert_same(prompt_caches[1], prompt_caches[0])
 
 
 def test_generation_from_inputs_embeds_matches_peft(llama_pair):
