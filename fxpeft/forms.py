@@ -608,9 +608,10 @@ def weight_map(*, name: str, config_type: type, create: Callable, lower_site: Ca
     generation graph then maps the input in a node of its own (``SiteParts.rotation``, or the lowering's
     part before the op), runs the op on it, and applies the rest in a second node; "weight"
     (``replace_op(site, weight=…)``, the op's output being the site's), a node maps the weight and the
-    graph's op runs on it (in mixed graphs, the lowering from the op's output). ``kept_kinds``: the site kinds whose generation graphs
-    read the adapters so (default: linear sites, where ``site_parts`` is given); on other kinds, and for a
-    method without ``site_parts``, the programs always (a ``lower_site`` computing from the op's output).
+    graph's op runs on it (in mixed graphs, the lowering from the op's output). ``kept_kinds``: the site
+    kinds whose generation graphs read the adapters so (default: linear sites, where ``site_parts`` is
+    given); on other kinds, and for a method without ``site_parts``, the programs always (a ``lower_site``
+    computing from the op's output).
     """
     site_adapters = adapters_at or _gates_of(gates)[0]
 

@@ -147,12 +147,12 @@ def fit_given_cache(gm, args: tuple, kwargs: dict) -> None:
     both lengths before any compute (transformers would fail at the step that overflows)."""
     from transformers.cache_utils import StaticLayer
 
-    cache = given_cache(kwargs)
+    cache = kwargs.get(cache_name_of(kwargs))
     layers, prompt = getattr(cache, "layers", None), prompt_of(args, kwargs)
     if (not layers or getattr(gm.config, "is_encoder_decoder", False) or prompt is None
             or not all(type(layer) is StaticLayer for layer in layers)):
         return  # (other kinds are refused by the first step)
-    needed = prompt.shape[1] + new_tokens(call_config(gm, kwargs), prompt.shape[1]) - 1
+    needed = positions_needed(gm, kwargs, prompt)
     spare = getattr(cache, "_fxpeft_spare", None)
     capacity = layers[0].max_cache_len - (spare or 0)
     if needed <= capacity:
@@ -172,9 +172,10 @@ def fit_given_cache(gm, args: tuple, kwargs: dict) -> None:
         layer.max_cache_len = needed + spare
 
 
-def given_cache(kwargs: dict):
-    """The cache object a call is given (under either of its names), or None."""
-    return next((kwargs[name] for name in CACHE_NAMES if kwargs.get(name) is not None), None)
+def positions_needed(gm, kwargs: dict, prompt: torch.Tensor) -> int:
+    """The cache positions a ``generate`` call fills after ``prompt`` (the tokens so far): ``max_length - 1``,
+    the last new token never being fed back (transformers sizes its own static cache so)."""
+    return prompt.shape[1] + new_tokens(call_config(gm, kwargs), prompt.shape[1]) - 1
 
 
 def prompt_of(args: tuple, kwargs: dict, names=("input_ids", "inputs", "inputs_embeds")) -> Optional[torch.Tensor]:
@@ -226,8 +227,7 @@ def _dynamic_to_static(gm, args: tuple, kwargs: dict):
     :func:`written_back`); the static cache, or None."""
     from transformers import DynamicCache
 
-    cache = given_cache(kwargs)
-    name = next((name for name in CACHE_NAMES if kwargs.get(name) is cache), None) if cache is not None else None
+    name = cache_name_of(kwargs)
     config = kwargs.get("generation_config") or gm.generation_config
     asked = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None)) == "dynamic"
     prompt = prompt_of(args, kwargs)
@@ -241,8 +241,7 @@ def _dynamic_to_static(gm, args: tuple, kwargs: dict):
             kwargs["generation_config"] = copy.deepcopy(kwargs["generation_config"])
             kwargs["generation_config"].cache_implementation = None
         kwargs["cache_implementation"] = None  # (the model's config may name it too: not with a cache object)
-    length = prompt.shape[1] + new_tokens(call_config(gm, kwargs), prompt.shape[1]) - 1
-    kwargs[name] = static = static_over(gm, kwargs[name], length, spare=True)
+    kwargs[name] = static = static_over(gm, kwargs[name], positions_needed(gm, kwargs, prompt), spare=True)
     return static
 
 
@@ -392,7 +391,8 @@ def capture_with_cache(model, call: dict, cache_name: str, widen: bool) -> captu
 
 
 def cache_name_of(call: dict) -> Optional[str]:
-    return next((name for name in CACHE_NAMES if name in call), None)
+    """The name a call gives its KV cache under (one of ``CACHE_NAMES``), or None: it has none."""
+    return next((name for name in CACHE_NAMES if call.get(name) is not None), None)
 
 
 def reads_cache(signature) -> bool:
@@ -422,7 +422,7 @@ def generate(gm, mixin_generate: Optional[Callable], *args, adapter_names=None, 
     if adapter_names is not None:
         kwargs["adapter_names"] = _adapter_index(gm, adapter_names, args, kwargs)
     over_dynamic = None if prefilled else _dynamic_to_static(gm, args, kwargs)
-    callers_cache = over_dynamic is None and given_cache(kwargs) is not None
+    callers_cache = over_dynamic is None and cache_name_of(kwargs) is not None
     fit_given_cache(gm, args, kwargs)
     if prefilled:
         args = _with_virtual_tokens(gm, *prefilled[0], args, kwargs)
@@ -539,7 +539,7 @@ def _with_virtual_tokens(gm, method, adapter: str, args, kwargs) -> tuple:
     self-attention cache, computed against each row's encoder outputs."""
     from transformers import EncoderDecoderCache, StaticCache
 
-    if any(kwargs.get(name) is not None for name in CACHE_NAMES) or kwargs.get("use_cache") is False:
+    if cache_name_of(kwargs) is not None or kwargs.get("use_cache") is False:
         raise ValueError(f"generate with {method.name} builds its own KV cache (the virtual tokens go into it "
                          "first): call it without a cache object and without use_cache=False.")
     if args:
@@ -654,7 +654,7 @@ def _use_static_cache(kwargs: dict, default_config) -> None:
     it runs on every device (see :func:`checked_compile_config`)."""
     given = kwargs.get("generation_config")
     config = given if given is not None else default_config
-    chosen = (any(kwargs.get(name) is not None for name in CACHE_NAMES) or kwargs.get("use_cache") is False
+    chosen = (cache_name_of(kwargs) is not None or kwargs.get("use_cache") is False
               or kwargs.get("cache_implementation") is not None
               or (config is not None and (config.cache_implementation is not None or config.use_cache is False)))
     compile_config = kwargs.get("compile_config")

@@ -441,7 +441,7 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
             mixed = kwargs.get("adapter_names") is not None
             compiled = frame or bool(self.__dict__.get("_fxpeft_compiled_blocks"))
             prepare = bool(self._fxpeft_prepare_hooks) and not torch.is_grad_enabled() and (
-                compiled or not mixed or generation.given_cache(kwargs) is not None)
+                compiled or not mixed or generation.cache_name_of(kwargs) is not None)
             if frame:  # eager calls capture in the dispatcher: no second binding of the arguments
                 self._before_compiled_call(args, kwargs, mixed, prepare)
             elif prepare:
@@ -546,8 +546,8 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
             if generation.is_cache(cache):
                 # the model's own name for it (transformers 5.24 calls it cache, earlier ones past_key_values)
                 name = "cache" if "cache" in self._fxpeft_arg_names else "past_key_values"
-                query = next((kwargs[n] for n in ("decoder_input_ids", "decoder_inputs_embeds", "input_ids",
-                                                  "inputs_embeds") if n in kwargs), None)  # what the cache grows by
+                query = generation.prompt_of((), kwargs, ("decoder_input_ids", "decoder_inputs_embeds", "input_ids",
+                                                          "inputs_embeds"))  # what the cache grows by
                 kwargs[name] = generation.cache_tensors(self, cache, query)
                 kwargs["use_cache"] = True
                 if generation.virtual_tokens(cache):  # the model counts positions on from the cache's length
@@ -564,10 +564,10 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
             batch_input = None if adapter_names is None else (args[0] if args else next(iter(kwargs.values())))
             output = self._run(self._fxpeft_signatures[None], adapter_names, batch_input, *args, **kwargs)
         else:
-            given = cache = generation.given_cache(kwargs)
+            name = generation.cache_name_of(kwargs)
+            given = cache = kwargs.get(name)
             if generation.is_dynamic(cache) and not getattr(self.config, "is_encoder_decoder", False):
                 query = generation.prompt_of(args, kwargs, ("input_ids", "inputs_embeds"))
-                name = next(name for name in generation.CACHE_NAMES if kwargs.get(name) is cache)
                 cache = kwargs[name] = generation.static_over(self, cache, cache.get_seq_length() + query.shape[1])
             kwargs, adapter_names = self._bind(args, kwargs)
             signature = self._signature(kwargs)
