@@ -62,6 +62,8 @@ from .passes.lily import LilyConfig  # noqa: E402
 from .passes.frod import FrodConfig  # noqa: E402
 from .passes.waveft import WaveFTConfig  # noqa: E402
 from .passes.adamss import AdamssConfig  # noqa: E402
+from .passes.cartridge import (CartridgeConfig, CartridgeEncoder, compose_cartridge_adapters,  # noqa: E402
+                               initialize_kv_prefix_from_past_key_values, initialize_kv_prefix_from_text)
 
 __all__ = [
     "transform", "add_adapter", "load_adapter", "from_pretrained", "save_pretrained", "delete_adapter",
@@ -96,4 +98,6 @@ __all__ = [
     "FrodConfig",
     "WaveFTConfig",
     "AdamssConfig",
+    "CartridgeConfig", "CartridgeEncoder", "initialize_kv_prefix_from_past_key_values",
+    "initialize_kv_prefix_from_text", "compose_cartridge_adapters",
 ]

@@ -131,7 +131,8 @@ def _attach(gm: PeftGraphModule, config, adapter_name: str) -> None:
     for hook in registry.attach_hooks:  # what every config may ask for besides its method (modules_to_save)
         hook(gm, config, adapter_name)
     trainable = not getattr(config, "inference_mode", False)
-    constant = set(method.unsaved_containers)  # derived state (AdaLoRA's ranknum) never trains
+    # derived state (AdaLoRA's ranknum) and what a method keeps frozen (Cartridge's first tokens) never train
+    constant = {*method.unsaved_containers, *method.untrained}
     for path, module in registry.modules_but_adapters(gm, gm.peft_config):  # the new adapter's state included
         if id(module) not in known:  # its dropouts follow the module's mode (an eval module stays deterministic)
             module.training = gm.training

@@ -109,6 +109,8 @@ class Method:
     checkpoint_renames: tuple[tuple[str, str], ...] = ()
     # containers whose tensors PEFT does not save (derived or constant state)
     unsaved_containers: tuple[str, ...] = ()
+    # names of adapter parameters that never train, though saved (Cartridge's frozen leading tokens)
+    untrained: tuple[str, ...] = ()
     # ``saved_state(gm, adapter, {key: tensor}) -> {key: tensor}``: what a checkpoint holds, where it
     # is not the module's tensors as they are (AdaLoRA saves its sites cut to their allocated rank)
     saved_state: Optional[Callable] = None

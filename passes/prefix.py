@@ -184,27 +184,33 @@ def prefix_layout(lw: Lowering) -> tuple[list[torch.fx.Node], int, int, int]:
 # ----------------------------------------------------------------------------- attach
 
 
-def resolve_prefix_config(gm, sites, config: PrefixTuningConfig) -> PrefixTuningConfig:
-    """The layout read from the graph (PEFT's numbers for transformers models, GQA included); a
-    config that states another layout (a checkpoint for another model) is an error."""
+def resolve_kv_layout(gm, sites, config):
+    """The layout read from the graph (PEFT's numbers for transformers models, GQA included), for any
+    config served as per-layer keys and values; a config that states another layout (a checkpoint for
+    another model) is an error."""
     _, layers, heads, head_dim = prefix_layout(primary_lowering(gm))
     found = {"num_layers": layers, "num_attention_heads": heads, "token_dim": heads * head_dim}
+    name = type(config).__name__
     if _decoder_path(gm) is not None:  # PEFT's seq2seq cache: self- and cross-attention parts
         if config.task_type != "SEQ_2_SEQ_LM":  # PEFT lays other tasks' tables out differently
             raise NotImplementedError(
-                f"Prefix tuning on encoder-decoder models needs task_type='SEQ_2_SEQ_LM' (PEFT's seq2seq table "
+                f"{name} on encoder-decoder models needs task_type='SEQ_2_SEQ_LM' (PEFT's seq2seq table "
                 f"layout), got {config.task_type!r}: other task types lay the table out differently and are not "
                 "implemented. Set task_type='SEQ_2_SEQ_LM', or use PromptTuningConfig.")
         found["num_transformer_submodules"] = 2
     stated = {k: getattr(config, k) for k in found if getattr(config, k) is not None}
     wrong = {k: (v, found[k]) for k, v in stated.items() if v != found[k]}
     if wrong:
-        raise ValueError("PrefixTuningConfig does not fit this model (stated, found in the graph): "
+        raise ValueError(f"{name} does not fit this model (stated, found in the graph): "
                          + ", ".join(f"{k}={v}" for k, v in wrong.items())
                          + ". Was the config or checkpoint made for another model?")
-    resolved = {"num_transformer_submodules": config.num_transformer_submodules or 1, **found,
-                "encoder_hidden_size": config.encoder_hidden_size or found["token_dim"]}
-    return dataclasses.replace(config, **resolved)
+    return dataclasses.replace(config, **{"num_transformer_submodules": config.num_transformer_submodules or 1,
+                                          **found})
+
+
+def resolve_prefix_config(gm, sites, config: PrefixTuningConfig) -> PrefixTuningConfig:
+    config = resolve_kv_layout(gm, sites, config)
+    return dataclasses.replace(config, encoder_hidden_size=config.encoder_hidden_size or config.token_dim)
 
 
 def attach(gm, sites, config: PrefixTuningConfig, adapter: str) -> list[str]:
@@ -346,12 +352,6 @@ def _position_inputs(lw: Lowering) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
             if decoder is None or (innermost_module(consumer) or "").startswith(decoder + ".")]
 
 
-def match(lw: Lowering):
-    adapter = active_prompt_adapter(lw, PrefixTuningConfig)
-    if adapter is not None and not lw.cached:  # a graph with a KV cache finds the prefixes in it (prefill_prefixes)
-        yield adapter
-
-
 def rewrite(lw: Lowering, adapter: str) -> None:
     config = lw.root.peft_config[adapter]
     count = config.num_virtual_tokens
@@ -402,9 +402,21 @@ def prefill_prefixes(gm, adapter: str, cache, **encoder) -> int:
     return count
 
 
-register_method(Method(name="prefix_tuning", config_type=PrefixTuningConfig, attach=attach, containers=CONTAINERS,
-                       rules=(Rule(name="prefix_tuning", match=match, rewrite=rewrite, phase=20),),
-                       resolve_config=resolve_prefix_config, exclusive=True, activity_in_graph=True,
-                       mixed_batches=False, saved_tensors=prompt_embeddings, load_saved=load_prompt_embeddings,
-                       checkpoint_prefix="base_model.", dropped_inputs=dropped_token_types, whole_graph=True,
-                       prefill_cache=prefill_prefixes))
+def kv_prefix_method(name: str, config_type: type, **hooks) -> Method:
+    """A method served like prefix tuning: ``prompt_encoder.<adapter>()`` gives the (n, layers·2·token_dim)
+    table (``attach`` puts it there, ``resolve_config`` resolves the layout), which this file's rewrite
+    puts in front of every attention's keys and values and ``prefill_prefixes`` writes into a KV cache."""
+    def match(lw: Lowering):
+        adapter = active_prompt_adapter(lw, config_type)
+        if adapter is not None and not lw.cached:  # a graph with a KV cache finds the prefixes in it (prefill)
+            yield adapter
+
+    return Method(name=name, config_type=config_type, containers=CONTAINERS,
+                  rules=(Rule(name=name, match=match, rewrite=rewrite, phase=20),), exclusive=True,
+                  activity_in_graph=True, mixed_batches=False, saved_tensors=prompt_embeddings,
+                  checkpoint_prefix="base_model.", dropped_inputs=dropped_token_types, whole_graph=True,
+                  prefill_cache=prefill_prefixes, **hooks)
+
+
+register_method(kv_prefix_method("prefix_tuning", PrefixTuningConfig, attach=attach,
+                                 resolve_config=resolve_prefix_config, load_saved=load_prompt_embeddings))
