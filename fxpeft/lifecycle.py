@@ -101,14 +101,14 @@ def _attach(gm: PeftGraphModule, config, adapter_name: str) -> None:
             "choose another adapter_name or delete it first."
         )
     registry = registry_of(gm)
-    alone = [name for name in gm.peft_config if method_of(gm, name).exclusive]
+    method = registry.method_for(config)
+    alone = [name for name in gm.peft_config if method_of(gm, name).exclusive and method_of(gm, name) is not method]
     if alone:
         raise ValueError(
             f"Cannot add adapter {adapter_name!r}: {method_of(gm, alone[0]).name} adapter {alone[0]!r} changes the "
-            "sequence the model sees, so it must be the model's only adapter (as in PEFT). Transform a fresh model "
-            "instead."
+            "sequence the model sees, so it must be the model's only adapter type (as in PEFT; adapters of its own "
+            "type may be added and switched between). Transform a fresh model instead."
         )
-    method = registry.method_for(config)
     if method.whole_graph and gm._fxpeft_block_paths:
         raise ValueError(
             f"{type(config).__name__} rewrites the whole model as one graph, and this module was built with one graph "
@@ -317,6 +317,9 @@ def set_adapter(gm: PeftGraphModule, adapter_name: Union[str, Sequence[str]]) ->
     _require_transformed(gm)
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
     check_known(gm, names)
+    if len(names) > 1 and any(method_of(gm, name).exclusive for name in names):
+        raise ValueError(f"Adapters {names} cannot act together: {method_of(gm, names[0]).name} adapters change the "
+                         "sequence the model sees, one at a time (as in PEFT). Set one of them.")
     if merged_adapters(gm):
         warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
         unmerge_adapter(gm)

@@ -96,7 +96,7 @@ class Method:
     rules: tuple[Rule, ...] = ()
     describe: Optional[Callable[[nn.Module, str], str]] = None  # (module, adapter) -> "r=8" for inspection
     # What sequence methods (prompt, prefix tuning) need, each its own switch:
-    exclusive: bool = False  # its adapter must be the model's only one
+    exclusive: bool = False  # its adapters share the model with no other method's, one acting at a time
     activity_in_graph: bool = False  # whether it acts changes the graph (set_adapter re-lowers)
     mixed_batches: bool = True  # adapter_names= may pick it per sample
     whole_graph: bool = False  # its rules see the whole model as one graph (no per-block graphs)

@@ -160,11 +160,14 @@ def model_dims(gm) -> dict:
 
 
 def check_alone(gm, config, adapter: str) -> None:
-    if gm.peft_config:
+    """Adapters of the config's own type may share the model, one active at a time (PEFT's add_adapter
+    and set_adapter); any other adapter may not."""
+    others = sorted(name for name, existing in gm.peft_config.items() if type(existing) is not type(config))
+    if others:
         raise ValueError(
             f"Cannot add {type(config).__name__} adapter {adapter!r}: the model already has adapters "
-            f"{sorted(gm.peft_config)}. A prompt-learning adapter changes the sequence the model sees, so it must "
-            "be the model's only adapter (as in PEFT); transform a fresh model for it.")
+            f"{others}. A prompt-learning adapter changes the sequence the model sees, so it must be the model's "
+            "only adapter type (as in PEFT); transform a fresh model for it.")
 
 
 def resolve_prompt_config(gm, sites, config: PromptLearningConfig) -> PromptLearningConfig:

@@ -135,3 +135,15 @@ def seeded_pair(model, fx_config, peft_config, seed: int = 0):
     reference = peft.get_peft_model(copy.deepcopy(model), peft_config).eval()
     torch.manual_seed(seed)
     return reference, fxpeft.transform(model, fx_config).eval()
+
+
+def switched_outputs(reference, gm, inputs, names) -> dict:
+    """Logits per adapter as ``set_adapter`` switches both models through ``names``; each equals PEFT's."""
+    outputs = {}
+    for name in names:
+        reference.set_adapter(name)
+        gm.set_adapter(name)
+        with torch.no_grad():
+            outputs[name] = gm(**inputs).logits
+            torch.testing.assert_close(outputs[name], reference(**inputs).logits, rtol=1e-5, atol=1e-5)
+    return outputs

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import fxpeft
 import models
-from peft_oracle import assert_same_saved_tensors
+from peft_oracle import assert_same_saved_tensors, switched_outputs
 from test_generate import NEW, peft_greedy
 from test_prefix import _decoder_with_prefixes
 
@@ -245,6 +245,41 @@ def test_compose_matches_peft(tmp_path):
         fxpeft.compose_cartridge_adapters([paths[0], str(tmp_path / "lora")], output_path=tmp_path / "bad")
 
 
+def test_several_cartridges_switch_like_peft(tmp_path):
+    """PEFT's add_adapter / set_adapter with prompt-learning adapters: several loaded, one acting."""
+    model, reference, gm = _pair("llama")
+    second = dict(task_type="CAUSAL_LM", num_virtual_tokens=2, num_frozen_tokens=0)
+    torch.manual_seed(2)
+    reference.add_adapter("other", peft.CartridgeConfig(**second))
+    torch.manual_seed(2)
+    gm.add_adapter("other", fxpeft.CartridgeConfig(**second))
+    assert torch.equal(gm.prompt_encoder.other(), reference.prompt_encoder.other.weight)
+    assert gm.active_adapters == ["default"]
+    inputs = models.hf_inputs("llama", batch=2, seq=7)
+    outputs = switched_outputs(reference, gm, inputs, ("default", "other", "default"))
+    assert (outputs["default"] - outputs["other"]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="one at a time"):
+        gm.set_adapter(["default", "other"])
+    with pytest.raises(ValueError, match="only adapter type"):
+        gm.add_adapter("lora", fxpeft.LoraConfig(r=2, target_modules=["q_proj"]))
+
+    gm.save_pretrained(str(tmp_path))  # both adapters, the second in its own folder, as PEFT writes them
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path))
+    reloaded.load_adapter(str(tmp_path / "other"), "other")
+    loaded = fxpeft.from_pretrained(model, str(tmp_path))
+    loaded.load_adapter(str(tmp_path / "other"), "other")
+    for name in ("other", "default"):
+        reloaded.set_adapter(name)
+        loaded.set_adapter(name)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(**inputs).logits, outputs[name], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(reloaded(**inputs).logits, outputs[name], rtol=1e-5, atol=1e-5)
+    loaded.set_adapter("other")
+    reloaded.set_adapter("other")
+    expected, _ = peft_greedy(reloaded.eval(), inputs["input_ids"], inputs["attention_mask"], 3)
+    assert torch.equal(loaded.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0), expected)
+
+
 def test_bad_input_gets_clear_errors(tmp_path):
     mlp = models.MLP()
     with pytest.raises(ValueError, match="no scaled_dot_product_attention"):
@@ -255,8 +290,8 @@ def test_bad_input_gets_clear_errors(tmp_path):
         fxpeft.transform(model, fxpeft.CartridgeConfig(num_virtual_tokens=2, num_layers=5))
     assert all(p.requires_grad for p in model.parameters())
     gm = fxpeft.transform(model, fxpeft.CartridgeConfig(num_virtual_tokens=2))
-    with pytest.raises(ValueError, match="must be the model's only adapter"):
-        fxpeft.add_adapter(gm, fxpeft.CartridgeConfig(num_virtual_tokens=2), "other")
+    with pytest.raises(ValueError, match="only adapter type"):
+        fxpeft.add_adapter(gm, fxpeft.PrefixTuningConfig(num_virtual_tokens=2), "other")
     fxpeft.save_pretrained(gm, str(tmp_path))
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps(dict(config, num_virtual_tokens=3)))

@@ -10,7 +10,7 @@ import torch
 
 import fxpeft
 import models
-from peft_oracle import assert_same_saved_tensors
+from peft_oracle import assert_same_saved_tensors, switched_outputs
 
 TASKS = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS", "t5": "SEQ_2_SEQ_LM"}
 CASES = [  # (model, PEFT config class, fxpeft config class, extra config)
@@ -280,3 +280,19 @@ def test_written_out_lstm_equals_nn_lstm_over_layers_with_gradients():
     expected_grads = {n: p.grad for n, p in reference.named_parameters()} | {"input": steps.grad}
     for name, grad in expected_grads.items():
         torch.testing.assert_close(ours_grads[name], grad, msg=name)
+
+
+@pytest.mark.parametrize("config_type", ["PromptTuningConfig", "PrefixTuningConfig"])
+def test_several_prompt_adapters_switch_like_peft(config_type):
+    """PEFT's add_adapter / set_adapter with prompt-learning adapters of one type: several loaded, one acting
+    (Cartridge's own test covers saving and loading several)."""
+    model = models.llama().eval()
+    reference = peft.get_peft_model(copy.deepcopy(model), getattr(peft, config_type)(
+        task_type="CAUSAL_LM", num_virtual_tokens=3)).eval()
+    reference.add_adapter("other", getattr(peft, config_type)(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    gm = fxpeft.transform(model, getattr(fxpeft, config_type)(task_type="CAUSAL_LM", num_virtual_tokens=3)).eval()
+    gm.add_adapter("other", getattr(fxpeft, config_type)(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    gm.prompt_encoder.load_state_dict(reference.prompt_encoder.state_dict())
+    inputs = models.hf_inputs("llama", batch=2, seq=6)
+    outputs = switched_outputs(reference, gm, inputs, ("default", "other", "default"))
+    assert outputs["default"].shape != outputs["other"].shape or (outputs["default"] - outputs["other"]).abs().max() > 1e-3
