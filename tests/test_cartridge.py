@@ -14,7 +14,7 @@ import fxpeft
 import models
 from peft_oracle import assert_same_saved_tensors, switched_outputs
 from test_generate import NEW, peft_greedy
-from test_prefix import _decoder_with_prefixes
+from test_prefix import _decoder_with_prefixes, _seq2seq_calls
 
 COUNT = 4
 
@@ -88,6 +88,27 @@ def test_peft_checkpoint_loads_both_ways_with_equal_outputs(name, tmp_path):
     reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "fx")).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**full).logits, gm(**full).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_bart_decoder_self_attention_cartridge_matches_peft(tmp_path):
+    """Encoder-decoder: the table goes in front of the decoder's self-attentions only, in PEFT's seq2seq order."""
+    model = models.bart().eval()
+    call = _seq2seq_calls()[0]
+    config = dict(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3)
+    torch.manual_seed(1)
+    reference = peft.get_peft_model(copy.deepcopy(model), peft.CartridgeConfig(**config)).eval()
+    torch.manual_seed(1)
+    gm = fxpeft.transform(model, fxpeft.CartridgeConfig(**config), example_inputs=call).eval()
+    assert {row.path for row in fxpeft.inspect(gm).rows} == {f"model.decoder.layers.{i}.self_attn" for i in range(2)}
+    with torch.no_grad():
+        got, expected = gm(**call), reference(**call)
+        assert (got.logits - model(**call).logits).abs().max() > 1e-3
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.loss, expected.loss, rtol=1e-5, atol=1e-5)
+    fxpeft.save_pretrained(gm, str(tmp_path))
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**call).logits, got.logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name,frozen", [("llama", 1), ("qwen2", 2), ("gpt2", 0)])
