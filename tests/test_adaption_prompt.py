@@ -206,3 +206,37 @@ def test_bad_input_leaves_model_alone():
         fxpeft.transform(eager, configs("llama")[0])
     assert all(torch.equal(v, before[k][0]) and v.requires_grad == before[k][1] for k, v in eager.named_parameters())
     assert not any("adaption" in k for k in eager.state_dict())
+
+
+def test_mistral_bfloat16_and_compiled_switching():
+    """Mistral (PEFT's third layout entry, Llama's code path) in bfloat16: PEFT keeps the prompt and gate
+    in the base dtype (no adapter autocast for this type), so do we, and outputs are PEFT's exactly;
+    compiled, switching adapters is data (no recompile)."""
+    from transformers import MistralConfig, MistralForCausalLM
+    model = MistralForCausalLM(MistralConfig(vocab_size=models.VOCAB, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=64)).eval().to(torch.bfloat16)
+    inputs = models.hf_inputs("llama")
+    reference, gm = seeded_pair(model, *configs("llama", adapter_layers=2))
+    assert {p.dtype for p in gm.parameters() if p.requires_grad} == {torch.bfloat16}
+    open_gates(reference, gm)
+    torch.manual_seed(3)
+    gm.add_adapter("other", configs("llama")[0])
+    open_gates(gm, adapter="other", start=-1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(**inputs).logits, reference(**inputs).logits, rtol=0, atol=0)
+        expected = {}
+        for adapter in ("other", "default"):
+            gm.set_adapter(adapter)
+            expected[adapter] = gm(**inputs).logits
+        torch._dynamo.reset()
+        compiled = torch.compile(gm, fullgraph=True, backend=models.COMPILE_BACKEND)
+        compiled(**inputs)
+        try:
+            torch._dynamo.config.error_on_recompile = True
+            for adapter in ("other", "default", "other"):
+                gm.set_adapter(adapter)
+                torch.testing.assert_close(compiled(**inputs).logits, expected[adapter], rtol=0, atol=0)
+        finally:
+            torch._dynamo.config.error_on_recompile = False
+            torch._dynamo.reset()
