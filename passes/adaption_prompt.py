@@ -149,7 +149,9 @@ def targeted_paths(gm, config: AdaptionPromptConfig) -> list[str]:
 
 def attach(gm, sites, config: AdaptionPromptConfig, adapter: str) -> list[str]:
     """``config`` arrives resolved (``resolve_config``). The prompts are drawn in layer order on the
-    attention's device and in its query weight's dtype (float32 for integer weights), as PEFT draws them."""
+    attention's device and in its projections' dtype (float32 for integer weights), as PEFT draws them
+    (PEFT reads q_proj's / c_proj's dtype; a model's projections share one). No float32 autocast on
+    half-precision bases: PEFT's adapter autocast skips this type."""
     layout = LAYOUTS[_model_type(gm)]
     paths = targeted_paths(gm, config)
     lowering = primary_lowering(gm)
@@ -218,6 +220,8 @@ def _projected(lw: Lowering, site, prompt: torch.fx.Node) -> torch.fx.Node:
 
 
 def rewrite(lw: Lowering, path: str) -> None:
+    if lw.mixed:  # no mixed graph is made (calls with adapter_names= are refused: Method.mixed_batches)
+        raise NotImplementedError("Adaption prompts cannot be picked per sample (PEFT has no adapter_names for them).")
     module = lw.module(path)
     parts = attention_parts(lw, path, _layout_of(module))
     output = parts["output"]
