@@ -99,6 +99,7 @@ class Method:
     exclusive: bool = False  # its adapter must be the model's only one
     activity_in_graph: bool = False  # whether it acts changes the graph (set_adapter re-lowers)
     mixed_batches: bool = True  # adapter_names= may pick it per sample
+    one_active: bool = False  # at most one of its adapters acts at a time (set_adapter refuses more, as PEFT)
     whole_graph: bool = False  # its rules see the whole model as one graph (no per-block graphs)
     # computed tensors its checkpoint holds (``saved_tensors(gm, adapter) -> {key: tensor}``, read
     # back by ``load_saved(gm, adapter, {key: tensor})``) instead of its containers' own, under this prefix

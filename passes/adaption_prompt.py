@@ -17,7 +17,8 @@ State, PEFT's names beside the attention module: ``<attn>.adaption_prompt.<adapt
 hidden), drawn N(0, 1) in layer order as PEFT draws it, and ``<attn>.adaption_gate.<adapter>`` (1,),
 zero. Checkpoints hold both under PEFT's keys (``...self_attn.adaption_prompt``). Several adapters may
 exist, one acts (PEFT swaps modules; here each adapter's output is multiplied by its activity gate,
-so switching is data). No merging (PEFT has none), no per-sample adapters.
+so switching is data; ``set_adapter`` refuses several names, as PEFT). No merging (PEFT has none), no
+per-sample adapters.
 """
 from __future__ import annotations
 
@@ -255,6 +256,6 @@ def _layout_of(module: nn.Module) -> AttentionLayout:
 
 METHOD = register_method(Method(
     name="adaption_prompt", config_type=AdaptionPromptConfig, attach=attach, resolve_config=resolve_config,
-    containers=(PROMPTS, GATES), adapters_at=adapters_at, mixed_batches=False,
+    containers=(PROMPTS, GATES), adapters_at=adapters_at, mixed_batches=False, one_active=True,
     rules=(Rule(name="adaption_prompt", match=match, rewrite=rewrite, phase=20),),
     describe=lambda module, adapter: f"adapter_len={module._modules[PROMPTS][adapter].shape[1]}"))

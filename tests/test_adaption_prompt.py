@@ -166,6 +166,11 @@ def test_several_adapters_switch_as_peft(tmp_path):
         assert (outputs["default"] - outputs["other"]).abs().max() > 1e-2
         with fxpeft.disable_adapters(gm):
             torch.testing.assert_close(gm(**inputs).logits, base, rtol=0, atol=1e-6)
+        with pytest.raises(TypeError):  # PEFT: one adapter name (a list is no key of its configs)
+            reference.set_adapter(["default", "other"])
+        with pytest.raises(ValueError, match="one at a time"):
+            gm.set_adapter(["default", "other"])
+        assert gm.active_adapters == ["other"]
         with pytest.raises(NotImplementedError, match="Mixed batches"):  # PEFT has no per-sample adapters for it
             gm(**inputs, adapter_names=["default", "other"])
 
