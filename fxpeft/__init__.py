@@ -64,6 +64,7 @@ from .passes.waveft import WaveFTConfig  # noqa: E402
 from .passes.adamss import AdamssConfig  # noqa: E402
 from .passes.cartridge import (CartridgeConfig, CartridgeEncoder, compose_cartridge_adapters,  # noqa: E402
                                initialize_kv_prefix_from_past_key_values, initialize_kv_prefix_from_text)
+from .passes.adaption_prompt import AdaptionPromptConfig  # noqa: E402
 
 __all__ = [
     "transform", "add_adapter", "load_adapter", "from_pretrained", "save_pretrained", "delete_adapter",
@@ -100,4 +101,5 @@ __all__ = [
     "AdamssConfig",
     "CartridgeConfig", "CartridgeEncoder", "initialize_kv_prefix_from_past_key_values",
     "initialize_kv_prefix_from_text", "compose_cartridge_adapters",
+    "AdaptionPromptConfig",
 ]

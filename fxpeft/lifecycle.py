@@ -317,9 +317,10 @@ def set_adapter(gm: PeftGraphModule, adapter_name: Union[str, Sequence[str]]) ->
     _require_transformed(gm)
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
     check_known(gm, names)
-    if len(names) > 1 and any(method_of(gm, name).exclusive for name in names):
-        raise ValueError(f"Adapters {names} cannot act together: {method_of(gm, names[0]).name} adapters change the "
-                         "sequence the model sees, one at a time (as in PEFT). Set one of them.")
+    single = [name for name in names if method_of(gm, name).one_active]
+    if len(names) > 1 and single:
+        raise ValueError(f"{method_of(gm, single[0]).name} adapters act one at a time (as in PEFT), but set_adapter "
+                         f"was given {names}: pass one adapter name.")
     if merged_adapters(gm):
         warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
         unmerge_adapter(gm)

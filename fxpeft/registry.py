@@ -96,9 +96,10 @@ class Method:
     rules: tuple[Rule, ...] = ()
     describe: Optional[Callable[[nn.Module, str], str]] = None  # (module, adapter) -> "r=8" for inspection
     # What sequence methods (prompt, prefix tuning) need, each its own switch:
-    exclusive: bool = False  # its adapters share the model with no other method's, one acting at a time
+    exclusive: bool = False  # its adapters share the model with no other method's (prompt learning)
     activity_in_graph: bool = False  # whether it acts changes the graph (set_adapter re-lowers)
     mixed_batches: bool = True  # adapter_names= may pick it per sample
+    one_active: bool = False  # at most one of its adapters acts at a time (set_adapter refuses more, as PEFT)
     whole_graph: bool = False  # its rules see the whole model as one graph (no per-block graphs)
     # computed tensors its checkpoint holds (``saved_tensors(gm, adapter) -> {key: tensor}``, read
     # back by ``load_saved(gm, adapter, {key: tensor})``) instead of its containers' own, under this prefix

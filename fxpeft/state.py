@@ -65,7 +65,8 @@ def merged_adapters(gm) -> list[str]:
 def remember_merged(gm) -> list[str]:
     found = []
     for _, module, method, name in adapter_modules(gm, list(gm.peft_config)):
-        if method.gate(module, name).merged and name not in found:
+        # a method without gates (no fold: adaption prompts) is never merged
+        if method.gate is not None and method.gate(module, name).merged and name not in found:
             found.append(name)
     gm.__dict__["_fxpeft_merged"] = found
     return found

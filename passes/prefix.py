@@ -412,7 +412,7 @@ def kv_prefix_method(name: str, config_type: type, **hooks) -> Method:
             yield adapter
 
     return Method(name=name, config_type=config_type, containers=CONTAINERS,
-                  rules=(Rule(name=name, match=match, rewrite=rewrite, phase=20),), exclusive=True,
+                  rules=(Rule(name=name, match=match, rewrite=rewrite, phase=20),), exclusive=True, one_active=True,
                   activity_in_graph=True, mixed_batches=False, saved_tensors=prompt_embeddings,
                   checkpoint_prefix="base_model.", dropped_inputs=dropped_token_types, whole_graph=True,
                   prefill_cache=prefill_prefixes, **hooks)

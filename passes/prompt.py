@@ -354,7 +354,8 @@ def load_prompt_embeddings(gm, adapter: str, weights: dict[str, torch.Tensor]) -
 DEFAULT.add_rule(Rule(name="prompt_tuning", match=match, rewrite=rewrite, phase=20))  # both methods' prompts
 for _name, _config_type in (("prompt_tuning", PromptTuningConfig), ("p_tuning", PromptEncoderConfig)):
     register_method(Method(name=_name, config_type=_config_type, attach=attach, containers=CONTAINERS,
-                           resolve_config=resolve_prompt_config, exclusive=True, activity_in_graph=True,
-                           mixed_batches=False, saved_tensors=prompt_embeddings, load_saved=load_prompt_embeddings,
+                           resolve_config=resolve_prompt_config, exclusive=True, one_active=True,
+                           activity_in_graph=True, mixed_batches=False, saved_tensors=prompt_embeddings,
+                           load_saved=load_prompt_embeddings,
                            checkpoint_prefix="base_model.", dropped_inputs=dropped_inputs,
                            prefill_cache=prefill_prompt))
