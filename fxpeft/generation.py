@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import inspect
 import itertools
+import warnings
 import weakref
 from typing import Any, Callable, Optional
 
@@ -208,6 +209,31 @@ def static_over(gm, dynamic, length: int, spare: bool = False):
                 mine.cumulative_length.fill_(held)
     static._fxpeft_dynamic = (dynamic, held)
     return static
+
+
+def cache_for_use_cache(gm, kwargs: dict) -> None:
+    """A forward call with ``use_cache=True`` and no cache object: transformers' model returns the cache it
+    made, which a caller's own decoding loop passes back with the next token. fxpeft's graphs are captured
+    without one and returned None (the next step then ran without the tokens before it, silently). A
+    decoder's call gets a DynamicCache here, read and written as one the caller passed (:func:`static_over`);
+    where none can be given, a warning says so."""
+    if kwargs.get("use_cache") is not True or cache_name_of(kwargs) is not None:
+        return
+    names = [name for name in CACHE_NAMES if name in gm._fxpeft_arg_names]
+    if not names:
+        return
+    why = ("it is an encoder-decoder model (pass an EncoderDecoderCache of two StaticCaches to get one)"
+           if getattr(gm.config, "is_encoder_decoder", False) else
+           "autograd is on (training graphs take no cache)" if torch.is_grad_enabled() else
+           f"adapter {gm._fxpeft_prefilled!r} puts its virtual tokens into the cache first (gm.generate does)"
+           if gm._fxpeft_prefilled is not None else None)
+    if why is not None:
+        warnings.warn(f"use_cache=True: this call returns no KV cache, as {why}; a decoding loop that passes "
+                      "the returned cache back would run each step without the tokens before it.", stacklevel=4)
+        return
+    from transformers import DynamicCache
+
+    kwargs[names[0]] = DynamicCache(config=gm.config)
 
 
 def written_back(static):
@@ -527,6 +553,12 @@ def virtual_tokens(cache) -> int:
     return getattr(cache, "_fxpeft_virtual_tokens", 0)
 
 
+def made_for_virtual_tokens(cache) -> bool:
+    """Whether ``generate`` made the cache for a prompt method (its virtual tokens written in, or, in an
+    encoder-decoder model, in the encoder's outputs): graphs with a cache skip those methods' rewrites."""
+    return hasattr(cache, "_fxpeft_virtual_tokens")
+
+
 def _with_virtual_tokens(gm, method, adapter: str, args, kwargs) -> tuple:
     """Generation with prompt or prefix tuning: a static cache sized for the virtual tokens too, their
     keys and values written into it once (``Method.prefill_cache``), and an attention mask with as many
@@ -575,6 +607,7 @@ def _with_virtual_tokens(gm, method, adapter: str, args, kwargs) -> tuple:
         allocate(cache, rows, gm._get_static_cache_init_shape(), gm.dtype, ids.device)
         encoder = {}
         kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], count), mask], dim=1)
+    cache._fxpeft_virtual_tokens = count  # for the prefill's own forward calls over the cache (they write them)
     cache._fxpeft_virtual_tokens = method.prefill_cache(gm, adapter, cache, **encoder)
     kwargs["cache"] = cache
     return args

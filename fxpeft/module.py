@@ -288,6 +288,7 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         self.sync_gates()
         self.__dict__.pop("_fxpeft_merged", None)  # adapters added or deleted: state.merged_adapters walks again
         self.__dict__["_fxpeft_dropped"] = self._dropped_inputs()
+        self.__dict__["_fxpeft_prefilled"] = self._prefilled_adapter()
         methods = [(self._fxpeft_registry.method_for(config), name) for name, config in self.peft_config.items()]
         self.__dict__["_fxpeft_loss_hooks"] = [(m, name) for m, name in methods if m.adjust_loss is not None]
         self.__dict__["_fxpeft_prepare_hooks"] = list(dict.fromkeys(m.prepare_call for m, _ in methods
@@ -397,6 +398,15 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
             if method is not None and method.dropped_inputs is not None:
                 dropped |= method.dropped_inputs(config)
         return frozenset(dropped)
+
+    def _prefilled_adapter(self) -> Optional[str]:
+        """The active adapter whose virtual tokens a graph with a KV cache reads from the cache
+        (``Method.prefill_cache``: prompt and prefix methods), or None."""
+        for name in self._fxpeft_active:
+            config = self.peft_config.get(name)
+            if config is not None and self._fxpeft_registry.method_for(config).prefill_cache is not None:
+                return name
+        return None
 
     def sync_gates(self) -> None:
         """The graph reads which adapters act from two buffers, updated in place (no recompile):
@@ -544,6 +554,12 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         if cache_name is not None:
             cache = kwargs.pop(cache_name)
             if generation.is_cache(cache):
+                if self._fxpeft_prefilled is not None and not generation.made_for_virtual_tokens(cache):
+                    raise ValueError(
+                        f"Adapter {self._fxpeft_prefilled!r} ({self.peft_config[self._fxpeft_prefilled].peft_type}) "
+                        "puts its virtual tokens into the KV cache first, and the cache object given does not "
+                        "hold them (the call would run without the adapter). Use gm.generate(...), which fills the "
+                        "cache so and decodes over it, or call without a cache object.")
                 # the model's own name for it (transformers 5.24 calls it cache, earlier ones past_key_values)
                 name = "cache" if "cache" in self._fxpeft_arg_names else "past_key_values"
                 query = generation.prompt_of((), kwargs, ("decoder_input_ids", "decoder_inputs_embeds", "input_ids",
@@ -564,6 +580,8 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
             batch_input = None if adapter_names is None else (args[0] if args else next(iter(kwargs.values())))
             output = self._run(self._fxpeft_signatures[None], adapter_names, batch_input, *args, **kwargs)
         else:
+            if not torch.compiler.is_compiling():
+                generation.cache_for_use_cache(self, kwargs)
             name = generation.cache_name_of(kwargs)
             given = cache = kwargs.get(name)
             if generation.is_dynamic(cache) and not getattr(self.config, "is_encoder_decoder", False):

@@ -342,6 +342,28 @@ def test_a_forward_loop_with_a_static_cache_matches_peft(llama_pair):
         torch.testing.assert_close(ours.keys, theirs.keys, rtol=1e-5, atol=1e-5)
 
 
+def test_a_forward_loop_asking_for_a_cache_matches_peft(llama_pair):
+    """``use_cache=True`` without a cache object (the usual hand-written decoding loop): the call returns a
+    DynamicCache holding the prompt, as the model's does, and each step fed that cache back gives PEFT's
+    logits and cache (fxpeft returned None, and the loop's next step ran without the tokens before it)."""
+    reference, gm = llama_pair
+    inputs = models.hf_inputs("llama", batch=2)
+    with torch.no_grad():
+        outputs = [model(**inputs, use_cache=True) for model in (reference, gm)]
+        mask = inputs["attention_mask"]
+        for _ in range(3):
+            assert type(outputs[1].cache) is transformers.DynamicCache
+            torch.testing.assert_close(outputs[1].logits, outputs[0].logits, rtol=1e-5, atol=1e-5)
+            for ours, theirs in zip(outputs[1].cache.layers, outputs[0].cache.layers):
+                torch.testing.assert_close(ours.keys, theirs.keys, rtol=1e-5, atol=1e-5)
+            mask = torch.cat([mask, mask[:, -1:]], 1)
+            token = outputs[0].logits[:, -1:].argmax(-1)
+            outputs = [model(input_ids=token, attention_mask=mask, cache=out.cache, use_cache=True)
+                       for model, out in zip((reference, gm), outputs)]
+    with pytest.warns(UserWarning, match="returns no KV cache, as autograd is on"):  # training graphs take none
+        assert gm(**inputs, use_cache=True).cache is None
+
+
 IA3 = dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False)
 
 
@@ -513,6 +535,12 @@ def test_prompt_methods_match_peft_forward(name, method):
         gm.generate(**inputs, max_new_tokens=2, adapter_names=["default", "default"])
     with pytest.raises(ValueError, match="builds its own KV cache"):
         gm.generate(**inputs, max_new_tokens=2, use_cache=False)
+    # a forward call's cache lacks the virtual tokens: refused (it ran without the adapter, silently)
+    with pytest.raises(ValueError, match="puts its virtual tokens into the KV cache first"):
+        gm(**inputs, cache=transformers.DynamicCache(config=gm.config))
+    if method == "prefix" and name == "llama":  # asked for by use_cache=True: none is returned, and it says so
+        with torch.no_grad(), pytest.warns(UserWarning, match="returns no KV cache, as adapter 'default' puts"):
+            assert gm(**inputs, use_cache=True).cache is None
 
 
 @pytest.mark.parametrize("name,method", [("bart", "p-tuning"), ("bart", "prefix")])  # prompt tuning: p-tuning's path
