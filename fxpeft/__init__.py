@@ -62,6 +62,7 @@ from .passes.lily import LilyConfig  # noqa: E402
 from .passes.frod import FrodConfig  # noqa: E402
 from .passes.waveft import WaveFTConfig  # noqa: E402
 from .passes.adamss import AdamssConfig  # noqa: E402
+from .passes.multitask_prompt_tuning import MultitaskPromptTuningConfig, MultitaskPromptTuningInit  # noqa: E402
 
 __all__ = [
     "transform", "add_adapter", "load_adapter", "from_pretrained", "save_pretrained", "delete_adapter",
@@ -96,4 +97,5 @@ __all__ = [
     "FrodConfig",
     "WaveFTConfig",
     "AdamssConfig",
+    "MultitaskPromptTuningConfig", "MultitaskPromptTuningInit",
 ]

@@ -24,3 +24,4 @@ from . import lily  # noqa: F401,E402
 from . import frod  # noqa: E402,F401
 from . import waveft  # noqa: E402,F401
 from . import adamss  # noqa: E402,F401
+from . import multitask_prompt_tuning  # noqa: E402,F401
