@@ -63,6 +63,7 @@ from .passes.frod import FrodConfig  # noqa: E402
 from .passes.waveft import WaveFTConfig  # noqa: E402
 from .passes.adamss import AdamssConfig  # noqa: E402
 from .passes.multitask_prompt_tuning import MultitaskPromptTuningConfig, MultitaskPromptTuningInit  # noqa: E402
+from .passes.poly import PolyConfig  # noqa: E402
 
 __all__ = [
     "transform", "add_adapter", "load_adapter", "from_pretrained", "save_pretrained", "delete_adapter",
@@ -98,4 +99,5 @@ __all__ = [
     "WaveFTConfig",
     "AdamssConfig",
     "MultitaskPromptTuningConfig", "MultitaskPromptTuningInit",
+    "PolyConfig",
 ]

@@ -25,3 +25,4 @@ from . import frod  # noqa: E402,F401
 from . import waveft  # noqa: E402,F401
 from . import adamss  # noqa: E402,F401
 from . import multitask_prompt_tuning  # noqa: E402,F401
+from . import poly  # noqa: E402,F401
