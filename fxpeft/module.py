@@ -418,6 +418,8 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         # active adapters' methods need theirs. Plain data for the dispatcher, kept here (activity changes call this)
         registry = self._fxpeft_registry
         methods = {name: registry.method_for(config) for name, config in self.peft_config.items()}
+        # what a call may pass (any registered method's, unless the model takes the name itself)
+        self.__dict__["_fxpeft_call_names"] = tuple(n for n in registry.call_inputs() if n not in self._fxpeft_arg_names)
         self.__dict__["_fxpeft_call_inputs"] = tuple(dict.fromkeys(
             n for method in methods.values() for n in method.call_inputs if n not in self._fxpeft_arg_names))
         self.__dict__["_fxpeft_needed_inputs"] = {
@@ -548,8 +550,7 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
     def _call_inputs(self, kwargs: dict) -> dict:
         """The per-call inputs (``Method.call_inputs``: PEFT's ``task_ids``) taken out of ``kwargs``, as the
         keywords the graphs take them under; checked against what the adapters read and need."""
-        given = {name: kwargs.pop(name) for name in self._fxpeft_registry.call_inputs()
-                 if name not in self._fxpeft_arg_names and name in kwargs}
+        given = {name: kwargs.pop(name) for name in self._fxpeft_call_names if name in kwargs}
         for name, value in given.items():
             if value is not None and name not in self._fxpeft_call_inputs:
                 readers = sorted({m.name for m in self._fxpeft_registry.methods if name in m.call_inputs})

@@ -176,6 +176,23 @@ def test_generate_equals_greedy_over_peft_s_forward():
         gm.generate(**inputs, max_new_tokens=2)
 
 
+def test_seq2seq_generate_equals_peft_s():
+    """T5 (encoder-only prompt): the encoder runs once with task_ids, its outputs carry each row's prompt."""
+    model = models.t5().eval()
+    reference = peft.get_peft_model(copy.deepcopy(model), peft.MultitaskPromptTuningConfig(
+        **CASES["t5"], **SIZES)).eval()
+    with torch.no_grad():
+        for param in reference.prompt_encoder.parameters():
+            param.normal_()
+    gm = fxpeft.transform(model, fxpeft.MultitaskPromptTuningConfig(**CASES["t5"], **SIZES)).eval()
+    gm.prompt_encoder.load_state_dict(reference.prompt_encoder.state_dict())
+    inputs, _ = _inputs("t5")
+    kw = dict(max_new_tokens=5, do_sample=False, suppress_tokens=[0, 1])  # the tiny T5 otherwise emits pad / eos
+    expected = reference.generate(**inputs, task_ids=TASK_IDS, **kw)
+    assert torch.equal(gm.generate(**inputs, task_ids=TASK_IDS, **kw), expected)
+    assert not torch.equal(expected, model.generate(**inputs, **kw))  # the prompt changes the tokens
+
+
 def test_task_ids_errors_and_disabled_adapter():
     model = models.llama().eval()
     gm = fxpeft.transform(model, fxpeft.MultitaskPromptTuningConfig(task_type="CAUSAL_LM", **SIZES))
