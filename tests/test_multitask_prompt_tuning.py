@@ -248,3 +248,15 @@ def test_compiled_module_reads_task_ids_as_data(_fresh_dynamo):
             torch.testing.assert_close(compiled(**inputs, task_ids=task_ids).logits,
                                        gm(**inputs, task_ids=task_ids).logits, rtol=1e-5, atol=1e-5)
     assert counter.frame_count == 1
+
+
+def test_compiled_generate_reads_task_ids_as_data(_fresh_dynamo):
+    """generate with compile_config: other task vectors run the same compiled step (no recompile), with the
+    eager tokens."""
+    torch.manual_seed(0)
+    gm = fxpeft.transform(models.llama().eval(), fxpeft.MultitaskPromptTuningConfig(
+        task_type="CAUSAL_LM", **SIZES)).eval()
+    with torch.no_grad():
+        for param in gm.prompt_encoder.parameters():
+            param.normal_()
+    models.assert_compiled_generate_reads_task_ids(gm)

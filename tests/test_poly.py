@@ -228,3 +228,15 @@ def test_compiled_blocks_read_task_ids_as_data_and_train_checkpointed(_fresh_dyn
     assert grads[0] and grads[0].keys() == grads[1].keys()
     for key in grads[0]:
         torch.testing.assert_close(grads[1][key], grads[0][key], rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_generate_reads_task_ids_as_data(_fresh_dynamo):
+    """generate with compile_config: other task vectors run the same compiled step (no recompile), with the
+    eager tokens."""
+    torch.manual_seed(0)
+    gm = fxpeft.transform(models.llama().eval(), fxpeft.PolyConfig(**SIZES)).eval()
+    with torch.no_grad():
+        for name, param in gm.named_parameters():
+            if "module_logits" in name:
+                param.normal_(0, 2)
+    models.assert_compiled_generate_reads_task_ids(gm)
