@@ -4,7 +4,10 @@ Each sample's virtual tokens are a shared prompt times (elementwise) a low-rank 
 ``prompt[b] = P ⊙ (prefix_task_cols[t_b] @ prefix_task_rows[t_b])`` with ``P`` (tokens, dim),
 ``prefix_task_cols`` (tasks, tokens, ranks), ``prefix_task_rows`` (tasks, ranks, dim), ``t = task_ids``.
 Everything else is prompt tuning's (passes/prompt.py: its rule inserts the prompt, calling the encoder
-with the per-call ``task_ids`` the graph takes as an input: ``Method.call_inputs``).
+with the per-call ``task_ids`` the graph takes as an input: ``Method.call_inputs``). Seq2seq with
+``num_transformer_submodules=2`` (PEFT's default there): PEFT's forward also puts the prompt's second half in
+front of the decoder's inputs and -100 in front of the labels (``multitask_prompt_decoder`` below); its
+generate uses the encoder's half only, as graphs with a cache do here.
 
 State (PEFT's names): ``prompt_encoder.<adapter>.embedding.weight``, ``.prefix_task_cols``,
 ``.prefix_task_rows``. Checkpoint: ``prompt_embeddings`` (the shared prompt itself, not a product),
@@ -20,11 +23,11 @@ import torch
 from torch import nn
 
 from fxpeft.configs import PromptLearningConfig, PromptTuningConfig
-from fxpeft.registry import Method, register_method
-from fxpeft.rewrite import primary_lowering
+from fxpeft.registry import DEFAULT, Method, Rule, register_method
+from fxpeft.rewrite import Lowering, primary_lowering
 
-from .prompt import (CONTAINERS, _init_ids, check_alone, dropped_inputs, prefill_prompt, resolve_prompt_config,
-                     token_embedding)
+from .prompt import (CONTAINERS, _extend_input, _feeding_input, _init_ids, active_prompt_adapter, check_alone, dropped_inputs,
+                     prefill_prompt, resolve_prompt_config, token_embedding, with_prompt, with_virtual_positions)
 
 
 class MultitaskPromptTuningInit(str, enum.Enum):
@@ -115,11 +118,6 @@ def _source_state(config: MultitaskPromptTuningConfig, device) -> dict:
 def attach(gm, sites, config: MultitaskPromptTuningConfig, adapter: str) -> list[str]:
     """``config`` arrives resolved (``resolve_prompt_config``)."""
     check_alone(gm, config, adapter)
-    if config.num_transformer_submodules == 2:
-        raise NotImplementedError(
-            "Multitask prompt tuning with num_transformer_submodules=2 (PEFT's default for SEQ_2_SEQ_LM) also puts the "
-            "prompt's second half in front of the decoder's inputs, which fxpeft does not do yet: pass "
-            "num_transformer_submodules=1 (the prompt in front of the encoder's inputs only).")
     site, _ = token_embedding(primary_lowering(gm))
     word_embeddings = gm.get_parameter(site.weight)
     total = config.num_virtual_tokens * config.num_transformer_submodules
@@ -139,6 +137,68 @@ def attach(gm, sites, config: MultitaskPromptTuningConfig, adapter: str) -> list
     return []
 
 
+# ----------------------------------------------------------------------------- the decoder's half (seq2seq)
+
+
+def match_decoder(lw: Lowering):
+    """PEFT's seq2seq MPT forward with ``num_transformer_submodules=2``: the prompt's second half goes in front
+    of the decoder's inputs too (its generate uses the encoder's half only: graphs with a cache are left alone)."""
+    adapter = active_prompt_adapter(lw, (MultitaskPromptTuningConfig,))
+    config = lw.root.peft_config.get(adapter) if adapter is not None else None
+    if config is not None and config.num_transformer_submodules == 2 and not lw.cached:
+        if _decoder_embedding(lw) is not None:
+            yield adapter
+
+
+def _decoder_embedding(lw: Lowering):
+    """The embedding site reading the token table (the same parameter) besides the encoder's token embedding."""
+    token, _ = token_embedding(lw)
+    table = lw.root.get_parameter(token.weight)
+    return next((s for s in lw.sites if s.kind == "embedding" and s is not token
+                 and lw.root.get_parameter(s.weight) is table), None)
+
+
+def second_half(prompt: torch.Tensor, count: int) -> torch.Tensor:
+    return prompt[:, count:]
+
+
+# decoder inputs along its sequence and what their virtual positions hold: PEFT puts -100 in front of the labels;
+# where PEFT fails (decoder ids or mask given) the ids get fillers and the mask ones
+DECODER_INPUTS = {"labels": -100, "decoder_input_ids": 0, "decoder_attention_mask": 1}
+
+
+def started_after(ids: torch.Tensor, count: int, start: int) -> torch.Tensor:
+    """Decoder ids the model shifted from the extended labels: the first after the virtual positions is the
+    decoder start, as in PEFT's shift of the labels themselves (the shift put a -100's pad there)."""
+    ids = ids.clone()
+    ids[:, count] = start
+    return ids
+
+
+def rewrite_decoder(lw: Lowering, adapter: str) -> None:
+    count = lw.root.peft_config[adapter].num_virtual_tokens
+    for node in [n for n in lw.graph.nodes if n.op == "placeholder" and n.target in DECODER_INPUTS]:
+        _extend_input(lw, node, with_virtual_positions, count, DECODER_INPUTS[node.target])
+    site = _decoder_embedding(lw)
+    lw.tag["fxpeft_site"] = site.path
+    start = getattr(getattr(lw.root, "config", None), "decoder_start_token_id", None)
+    if _feeding_input(site.input) is None and start is not None:  # ids the model made from the labels
+        with lw.graph.inserting_before(site.node):
+            started = lw.call(started_after, site.input, count, start)
+        site.node.replace_input_with(site.input, started)
+        site.input = started
+    embeds = site.output
+    users = list(embeds.users)
+    task_ids = lw.call_input("task_ids")
+    with lw.graph.inserting_before(embeds.next):  # in order, right after the embedding
+        prompt = lw.call_module(f"prompt_encoder.{adapter}", task_ids)
+        half = lw.call(second_half, prompt, count)
+        replaced = lw.call(with_prompt, embeds, half, count)
+    for user in users:
+        user.replace_input_with(embeds, replaced)
+    site.output = replaced
+
+
 TENSORS = {"prompt_embeddings": "embedding.weight", "prefix_task_cols": "prefix_task_cols",
            "prefix_task_rows": "prefix_task_rows"}
 
@@ -153,6 +213,7 @@ def load_saved(gm, adapter: str, weights: dict[str, torch.Tensor]) -> None:
     gm.prompt_encoder[adapter].load_state_dict({name: weights[key] for key, name in TENSORS.items()})
 
 
+DEFAULT.add_rule(Rule(name="multitask_prompt_decoder", match=match_decoder, rewrite=rewrite_decoder, phase=20))
 register_method(Method(name="multitask_prompt_tuning", config_type=MultitaskPromptTuningConfig, attach=attach,
                        containers=CONTAINERS, resolve_config=resolve_prompt_config, exclusive=True,
                        activity_in_graph=True, mixed_batches=False, saved_tensors=saved_tensors, load_saved=load_saved,

@@ -13,9 +13,11 @@ import models
 from peft_oracle import assert_same_saved_tensors
 
 TASK_IDS = torch.tensor([0, 2])
-# T5: PEFT's default num_transformer_submodules=2 also prepends the prompt's second half to the decoder
-# inputs; fxpeft takes the encoder-only form (num_transformer_submodules=1), whose forward PEFT runs alike
-CASES = {"llama": dict(task_type="CAUSAL_LM"), "t5": dict(task_type="SEQ_2_SEQ_LM", num_transformer_submodules=1)}
+# T5: PEFT's default num_transformer_submodules=2 puts the prompt's second half in front of the decoder's inputs
+# (its forward; its generate uses the encoder's half only); 1: the encoder's inputs only
+CASES = {"llama": dict(task_type="CAUSAL_LM"), "t5": dict(task_type="SEQ_2_SEQ_LM"),
+         "t5-encoder": dict(task_type="SEQ_2_SEQ_LM", num_transformer_submodules=1),
+         "bart": dict(task_type="SEQ_2_SEQ_LM")}  # BART: decoder start (2) is not pad (1)
 SIZES = dict(num_virtual_tokens=3, num_tasks=3, num_ranks=2)
 
 
@@ -29,15 +31,16 @@ def _inputs(name):
 @pytest.fixture(scope="module", params=list(CASES))
 def pair(request, tmp_path_factory):
     """(name, base model, PEFT model, fxpeft module from PEFT's checkpoint, PEFT's folder)."""
-    name = request.param
-    model = models.HF_MODELS[name]().eval()
+    case = request.param
+    name = case.split("-")[0]
+    model = getattr(models, name)().eval()
     torch.manual_seed(0)
     reference = peft.get_peft_model(copy.deepcopy(model), peft.MultitaskPromptTuningConfig(
-        **CASES[name], **SIZES)).eval()
+        **CASES[case], **SIZES)).eval()
     with torch.no_grad():  # tasks that differ clearly
         reference.prompt_encoder.default.prefix_task_cols.normal_()
         reference.prompt_encoder.default.prefix_task_rows.normal_()
-    folder = tmp_path_factory.mktemp(f"mpt-{name}")
+    folder = tmp_path_factory.mktemp(f"mpt-{case}")
     reference.save_pretrained(folder / "peft")
     gm = fxpeft.from_pretrained(model, str(folder / "peft"))
     return name, model, reference, gm, folder
@@ -176,15 +179,38 @@ def test_generate_equals_greedy_over_peft_s_forward():
         gm.generate(**inputs, max_new_tokens=2)
 
 
-def test_seq2seq_generate_equals_peft_s():
-    """T5 (encoder-only prompt): the encoder runs once with task_ids, its outputs carry each row's prompt."""
+def test_seq2seq_decoder_half_where_peft_fails():
+    """With decoder ids given (PEFT's seq2seq MPT forward then fails: it builds the decoder's inputs from the
+    labels only) they get the prompt's second half in front as the labels-only call does: equal outputs."""
     model = models.t5().eval()
     reference = peft.get_peft_model(copy.deepcopy(model), peft.MultitaskPromptTuningConfig(
         **CASES["t5"], **SIZES)).eval()
+    gm = fxpeft.transform(model, fxpeft.MultitaskPromptTuningConfig(**CASES["t5"], **SIZES)).eval()
+    gm.prompt_encoder.load_state_dict(reference.prompt_encoder.state_dict())
+    inputs, labels = _inputs("t5")
+    with torch.no_grad():
+        expected = reference(**inputs, labels=labels, task_ids=TASK_IDS)
+        decoder_ids = model._shift_right(labels)
+        got = gm(**inputs, labels=labels, decoder_input_ids=decoder_ids, task_ids=TASK_IDS)
+        torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.loss, expected.loss, rtol=1e-5, atol=1e-5)
+        masked = gm(**inputs, decoder_input_ids=decoder_ids, decoder_attention_mask=torch.ones_like(decoder_ids),
+                    task_ids=TASK_IDS)
+        torch.testing.assert_close(masked.logits, expected.logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["t5", "t5-encoder"])
+def test_seq2seq_generate_equals_peft_s(case):
+    """The encoder runs once with task_ids, its outputs carry each row's prompt (PEFT's generate puts the
+    encoder's half alone in front, whatever num_transformer_submodules says)."""
+    model = models.t5().eval()
+    torch.manual_seed(0)
+    reference = peft.get_peft_model(copy.deepcopy(model), peft.MultitaskPromptTuningConfig(
+        **CASES[case], **SIZES)).eval()
     with torch.no_grad():
         for param in reference.prompt_encoder.parameters():
             param.normal_()
-    gm = fxpeft.transform(model, fxpeft.MultitaskPromptTuningConfig(**CASES["t5"], **SIZES)).eval()
+    gm = fxpeft.transform(model, fxpeft.MultitaskPromptTuningConfig(**CASES[case], **SIZES)).eval()
     gm.prompt_encoder.load_state_dict(reference.prompt_encoder.state_dict())
     inputs, _ = _inputs("t5")
     kw = dict(max_new_tokens=5, do_sample=False, suppress_tokens=[0, 1])  # the tiny T5 otherwise emits pad / eos
@@ -202,10 +228,6 @@ def test_task_ids_errors_and_disabled_adapter():
     with torch.no_grad(), fxpeft.disable_adapters(gm):  # the base model: task_ids not needed, accepted (as PEFT)
         torch.testing.assert_close(gm(**inputs).logits, model(**inputs).logits)
         torch.testing.assert_close(gm(**inputs, task_ids=TASK_IDS).logits, model(**inputs).logits)
-    t5 = models.t5()
-    with pytest.raises(NotImplementedError, match="num_transformer_submodules=1"):
-        fxpeft.transform(t5, fxpeft.MultitaskPromptTuningConfig(task_type="SEQ_2_SEQ_LM", **SIZES))
-    assert all(p.requires_grad for p in t5.parameters())
     lora = fxpeft.transform(model, fxpeft.LoraConfig(target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="no adapter of this model reads it.*without task_ids"):
         lora(**inputs, task_ids=TASK_IDS)
