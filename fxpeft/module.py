@@ -422,10 +422,9 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         self.__dict__["_fxpeft_call_names"] = tuple(n for n in registry.call_inputs() if n not in self._fxpeft_arg_names)
         self.__dict__["_fxpeft_call_inputs"] = tuple(dict.fromkeys(
             n for method in methods.values() for n in method.call_inputs if n not in self._fxpeft_arg_names))
-        self.__dict__["_fxpeft_needed_inputs"] = {
-            n: name for name in self._fxpeft_active if name in methods for n in (
-                methods[name].call_inputs_needed(self.peft_config[name]) if methods[name].call_inputs_needed
-                else methods[name].call_inputs) if n in self._fxpeft_call_inputs}
+        self.__dict__["_fxpeft_needed_inputs"] = {  # input -> an active adapter that cannot run without it
+            n: name for name in self._fxpeft_active if name in methods
+            for n in methods[name].call_inputs if n in self._fxpeft_call_inputs}
 
     def _write_buffer(self, name: str, values: torch.Tensor) -> None:
         current = self._buffers.get(name)

@@ -162,10 +162,8 @@ class Method:
     # per-call inputs its graphs read besides the model's own (PEFT's ``task_ids``): the result's forward and
     # generate take them by name, and while an adapter of the method exists every lowered graph (blocks too)
     # takes each as an input (``Lowering.call_input``), so their values are data, never code (a compiled
-    # graph does not recompile per value). ``call_inputs_needed(config) -> names`` it cannot run without
-    # while it acts (default: all of them)
+    # graph does not recompile per value); a call without one while such an adapter acts is an error
     call_inputs: tuple[str, ...] = ()
-    call_inputs_needed: Optional[Callable] = None
 
     @property
     def is_adapter(self) -> bool:
