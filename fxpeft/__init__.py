@@ -65,6 +65,8 @@ from .passes.adamss import AdamssConfig  # noqa: E402
 from .passes.cartridge import (CartridgeConfig, CartridgeEncoder, compose_cartridge_adapters,  # noqa: E402
                                initialize_kv_prefix_from_past_key_values, initialize_kv_prefix_from_text)
 from .passes.adaption_prompt import AdaptionPromptConfig  # noqa: E402
+from .passes.multitask_prompt_tuning import MultitaskPromptTuningConfig, MultitaskPromptTuningInit  # noqa: E402
+from .passes.poly import PolyConfig  # noqa: E402
 
 __all__ = [
     "transform", "add_adapter", "load_adapter", "from_pretrained", "save_pretrained", "delete_adapter",
@@ -102,4 +104,6 @@ __all__ = [
     "CartridgeConfig", "CartridgeEncoder", "initialize_kv_prefix_from_past_key_values",
     "initialize_kv_prefix_from_text", "compose_cartridge_adapters",
     "AdaptionPromptConfig",
+    "MultitaskPromptTuningConfig", "MultitaskPromptTuningInit",
+    "PolyConfig",
 ]

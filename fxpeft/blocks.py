@@ -247,7 +247,8 @@ class Block(nn.Module):
         self.gradient_checkpointing = False  # the attribute transformers' tools read
         self.checkpoint_options: dict = {}  # torch.utils.checkpoint's keywords, and offload
 
-    def forward(self, *inputs, variant: str, adapter_index: Optional[torch.Tensor] = None):
+    def forward(self, *inputs, variant: str, adapter_index: Optional[torch.Tensor] = None, **call_inputs):
+        """``call_inputs``: the per-call inputs its graphs take (``Method.call_inputs``), by keyword."""
         dense, mixed = self.variants[variant]
         fn, args = (dense, inputs) if adapter_index is None else (mixed, (adapter_index, *inputs))
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -261,13 +262,13 @@ class Block(nn.Module):
                 full = list(args)
                 for i, value in zip(differentiable, values):
                     full[i] = value
-                return fn(self, *full)
+                return fn(self, *full, **call_inputs)
 
             with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) if offload \
                     else contextlib.nullcontext():
                 # non-reentrant: adapter parameters inside get gradients although the inputs need none
                 return checkpoint(recompute, *(args[i] for i in differentiable), use_reentrant=False, **options)
-        return fn(self, *args)
+        return fn(self, *args, **call_inputs)
 
     def extra_repr(self) -> str:
         return f"fxpeft block of {self.block_class}"

@@ -607,8 +607,11 @@ def _with_virtual_tokens(gm, method, adapter: str, args, kwargs) -> tuple:
         allocate(cache, rows, gm._get_static_cache_init_shape(), gm.dtype, ids.device)
         encoder = {}
         kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], count), mask], dim=1)
+    # the per-call inputs the method reads (task_ids), one row per cache row as transformers will expand them
+    call_inputs = {name: kwargs[name].repeat_interleave(expand, dim=0) for name in method.call_inputs
+                   if isinstance(kwargs.get(name), torch.Tensor)}
     cache._fxpeft_virtual_tokens = count  # for the prefill's own forward calls over the cache (they write them)
-    cache._fxpeft_virtual_tokens = method.prefill_cache(gm, adapter, cache, **encoder)
+    cache._fxpeft_virtual_tokens = method.prefill_cache(gm, adapter, cache, **encoder, **call_inputs)
     kwargs["cache"] = cache
     return args
 
@@ -651,8 +654,8 @@ def _encoder_outputs(gm, args, kwargs):
     one forward with a one-token decoder input, whose ``encoder_*`` outputs are the encoder's."""
     from transformers.modeling_outputs import BaseModelOutput
 
-    inputs = {name: kwargs[name] for name in ("input_ids", "inputs_embeds", "attention_mask", "adapter_names")
-              if kwargs.get(name) is not None}
+    inputs = {name: kwargs[name] for name in ("input_ids", "inputs_embeds", "attention_mask", "adapter_names",
+                                              *gm._fxpeft_registry.call_inputs()) if kwargs.get(name) is not None}
     if args or kwargs.get("inputs") is not None:
         inputs["input_ids"] = args[0] if args else kwargs["inputs"]
     prompt = inputs.get("input_ids", inputs.get("inputs_embeds"))

@@ -42,7 +42,7 @@ from .blocks import (Outlined, extend, find_block_paths, fingerprint, forget_ent
 from .canonical import annotate_shapes, canonicalize, is_sharded
 from .peft_methods import PeftModelMethods
 from .registry import DEFAULT, Registry, _Prepared
-from .rewrite import lower
+from .rewrite import call_input_name, lower
 
 # fxpeft graphs never return a KV cache: a caller's use_cache is replaced by use_cache=False
 IGNORED_KWARGS = frozenset({"use_cache"})
@@ -204,17 +204,19 @@ def register_extras(root: nn.Module, extras: dict) -> None:
             setattr(root, name, value)
 
 
-def _signed_forward(source: type) -> Callable:
+def _signed_forward(source: type, call_inputs: tuple[str, ...] = ()) -> Callable:
     """The result's forward: the dispatcher behind the source class's forward signature (names,
-    defaults, annotations), plus PEFT's ``adapter_names`` where the model takes no ``**kwargs``."""
+    defaults, annotations), plus PEFT's ``adapter_names`` and the per-call inputs methods read
+    (``call_inputs``: PEFT's ``task_ids``) where the model takes no ``**kwargs``."""
 
     def forward(self, *args, **kwargs):
         return self._dispatch(*args, **kwargs)
 
     signature = inspect.signature(source.forward)
     params = list(signature.parameters.values())
-    if "adapter_names" not in signature.parameters and not any(p.kind is p.VAR_KEYWORD for p in params):
-        params.append(inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None))
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+                   for name in ("adapter_names", *call_inputs) if name not in signature.parameters]
     forward.__signature__ = signature.replace(parameters=params)
     forward.__doc__ = source.forward.__doc__
     return forward
@@ -228,12 +230,12 @@ def _model_class(source: type) -> type:
                                              "__module__": source.__module__})
 
 
-def result_class(tree: nn.Module) -> type:
+def result_class(tree: nn.Module, registry: Registry = DEFAULT) -> type:
     """The class of one result: PeftGraphModule behind the model's forward signature and, for a
     transformers model, in front of the model's own class."""
     source = type(tree)
     bases = (PeftGraphModule,) + ((_model_class(source),) if capture_mod.is_transformers_model(tree) else ())
-    forward = _signed_forward(source)
+    forward = _signed_forward(source, registry.call_inputs())
     return type(f"Fxpeft{source.__name__}", bases, {"forward": forward, "_fxpeft_forward": forward,
                                                     "_fxpeft_result_class": True})
 
@@ -247,7 +249,7 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         if "_fxpeft_result_class" in vars(cls):
             return object.__new__(cls)
         tree = args[0] if args else kwargs["tree"]
-        return object.__new__(result_class(tree))
+        return object.__new__(result_class(tree, args[6] if len(args) > 6 else kwargs.get("registry", DEFAULT)))
 
     def __init__(self, tree: nn.Module, signatures: dict, primary_key, source: nn.Module, arg_names: list[str],
                  block_paths: Sequence[str] = (), registry: Registry = DEFAULT):
@@ -339,13 +341,15 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
                 if lowered_blocks is None:
                     lowered_blocks = self.__dict__.setdefault("_fxpeft_lowered_blocks", {})
                 mixed_error = self._lower_blocks(signature.outlined, lowered_blocks)
-        signature.graph = lower(top, self, self._fxpeft_registry, mixed=False, cached=cached)
+        call_inputs = self._fxpeft_call_inputs
+        signature.graph = lower(top, self, self._fxpeft_registry, mixed=False, cached=cached, call_inputs=call_inputs)
         signature.fn = self._function(signature.graph, self)
         signature.mixed_graph = signature.mixed_fn = None
         signature.mixed_error = mixed_error
         if self.peft_config and mixed_error is None:
             try:
-                signature.mixed_graph = lower(top, self, self._fxpeft_registry, mixed=True, cached=cached)
+                signature.mixed_graph = lower(top, self, self._fxpeft_registry, mixed=True, cached=cached,
+                                              call_inputs=call_inputs)
                 signature.mixed_fn = self._function(signature.mixed_graph, self)
             except NotImplementedError as error:  # only calls with adapter_names= need this graph
                 signature.mixed_error = error
@@ -371,12 +375,13 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
             if key not in lowered:
                 before = set(block._modules)
                 dense = lower(block_graph.graph, block, self._fxpeft_registry, mixed=False, adapter_order=order,
-                              cached=block_graph.cached)
+                              cached=block_graph.cached, call_inputs=self._fxpeft_call_inputs)
                 mixed, error = None, None
                 if order:
                     try:
                         mixed = self._function(lower(block_graph.graph, block, self._fxpeft_registry, mixed=True,
-                                                     adapter_order=order, cached=block_graph.cached), block)
+                                                     adapter_order=order, cached=block_graph.cached,
+                                                     call_inputs=self._fxpeft_call_inputs), block)
                     except NotImplementedError as caught:
                         error = caught
                 # helper modules rules registered while lowering (stateless): every block sharing the code reads them
@@ -419,6 +424,17 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         count = max(1, len(active), current.numel() if current is not None else 1)
         self._write_buffer("_fxpeft_gates", torch.tensor([1.0 if n in self._fxpeft_active else 0.0 for n in names]))
         self._write_buffer("_fxpeft_slots", torch.tensor(active + [len(names)] * (count - len(active))))
+        # per-call inputs (Method.call_inputs): every graph takes those of the methods whose adapters exist; the
+        # active adapters' methods need theirs. Plain data for the dispatcher, kept here (activity changes call this)
+        registry = self._fxpeft_registry
+        methods = {name: registry.method_for(config) for name, config in self.peft_config.items()}
+        # what a call may pass (any registered method's, unless the model takes the name itself)
+        self.__dict__["_fxpeft_call_names"] = tuple(n for n in registry.call_inputs() if n not in self._fxpeft_arg_names)
+        self.__dict__["_fxpeft_call_inputs"] = tuple(dict.fromkeys(
+            n for method in methods.values() for n in method.call_inputs if n not in self._fxpeft_arg_names))
+        self.__dict__["_fxpeft_needed_inputs"] = {  # input -> an active adapter that cannot run without it
+            n: name for name in self._fxpeft_active if name in methods
+            for n in methods[name].call_inputs if n in self._fxpeft_call_inputs}
 
     def _write_buffer(self, name: str, values: torch.Tensor) -> None:
         current = self._buffers.get(name)
@@ -469,7 +485,7 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         # a decode step of a generate call passes what the step before it passed: no second look
         step = generation.generate_step(len(args), tuple((name, _step_value(value)) for name, value in kwargs.items()))
         if self._fxpeft_primary is not None and (step is None or self.__dict__.get("_fxpeft_step") != step):
-            call, _ = self._bind(args, dict(kwargs))  # capture (torch.export) must run untraced
+            call, _, _ = self._bind(args, dict(kwargs))  # capture (torch.export) must run untraced
             self._signature(call)
             self.__dict__["_fxpeft_step"] = step
         generation.mark_attended(kwargs)
@@ -540,14 +556,33 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         return (next(iter(devices)) if len(devices) == 1 else tuple(sorted(map(str, devices))),
                 next(iter(dtypes)) if len(dtypes) == 1 else tuple(sorted(map(str, dtypes))))
 
-    def _bind(self, args, kwargs: dict) -> tuple[dict, Any]:
-        """An exported graph's call as the keyword inputs it takes, and ``adapter_names``. A KV cache
-        object becomes its tensors (the graph writes into them)."""
+    def _call_inputs(self, kwargs: dict) -> dict:
+        """The per-call inputs (``Method.call_inputs``: PEFT's ``task_ids``) taken out of ``kwargs``, as the
+        keywords the graphs take them under; checked against what the adapters read and need."""
+        given = {name: kwargs.pop(name) for name in self._fxpeft_call_names if name in kwargs}
+        for name, value in given.items():
+            if value is not None and name not in self._fxpeft_call_inputs:
+                readers = sorted({m.name for m in self._fxpeft_registry.methods if name in m.call_inputs})
+                raise ValueError(f"{name} was passed, but no adapter of this model reads it (adapters: "
+                                 f"{sorted(self.peft_config) or 'none'}; {name} is read by {', '.join(readers)} "
+                                 f"adapters): call the model without {name}.")
+        for name, adapter in self._fxpeft_needed_inputs.items():
+            if given.get(name) is None:
+                config = self.peft_config[adapter]
+                raise ValueError(f"{name} cannot be None: the active adapter {adapter!r} "
+                                 f"({type(config).__name__}) reads it per sample; pass {name}=<tensor of shape "
+                                 "(batch,)> to the call (and to generate).")
+        return {call_input_name(name): given.get(name) for name in self._fxpeft_call_inputs}
+
+    def _bind(self, args, kwargs: dict) -> tuple[dict, Any, dict]:
+        """An exported graph's call as the keyword inputs it takes, ``adapter_names`` and the per-call
+        inputs (``_call_inputs``). A KV cache object becomes its tensors (the graph writes into them)."""
         for name, value in zip(self._fxpeft_arg_names, args):
             if name in kwargs:
                 raise TypeError(f"forward() got multiple values for argument {name!r}")
             kwargs[name] = value
         adapter_names = kwargs.pop("adapter_names", None)
+        call_inputs = self._call_inputs(kwargs)
         kwargs = {k: v for k, v in kwargs.items()
                   if v is not None and k not in IGNORED_KWARGS and k not in self._fxpeft_dropped}
         cache_name = generation.cache_name_of(kwargs)
@@ -568,17 +603,19 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
                 kwargs["use_cache"] = True
                 if generation.virtual_tokens(cache):  # the model counts positions on from the cache's length
                     kwargs.pop("position_ids", None)
-                return kwargs, adapter_names
+                return kwargs, adapter_names, call_inputs
             kwargs[cache_name] = cache
         if self._fxpeft_no_cache:
             kwargs["use_cache"] = False
-        return kwargs, adapter_names
+        return kwargs, adapter_names, call_inputs
 
     def _dispatch(self, *args, **kwargs):
         if self._fxpeft_primary is None:  # symbolic trace: the graph takes the original arguments
             adapter_names = kwargs.pop("adapter_names", None)
+            call_inputs = self._call_inputs(kwargs)
             batch_input = None if adapter_names is None else (args[0] if args else next(iter(kwargs.values())))
-            output = self._run(self._fxpeft_signatures[None], adapter_names, batch_input, *args, **kwargs)
+            output = self._run(self._fxpeft_signatures[None], adapter_names, batch_input, *args, **kwargs,
+                               **call_inputs)
         else:
             if not torch.compiler.is_compiling():
                 generation.cache_for_use_cache(self, kwargs)
@@ -587,11 +624,12 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
             if generation.is_dynamic(cache) and not getattr(self.config, "is_encoder_decoder", False):
                 query = generation.prompt_of(args, kwargs, ("input_ids", "inputs_embeds"))
                 cache = kwargs[name] = generation.static_over(self, cache, cache.get_seq_length() + query.shape[1])
-            kwargs, adapter_names = self._bind(args, kwargs)
+            kwargs, adapter_names, call_inputs = self._bind(args, kwargs)
             signature = self._signature(kwargs)
             batch_input = None if adapter_names is None else next(
                 v for v in kwargs.values() if isinstance(v, torch.Tensor))
-            flat = self._run(signature, adapter_names, batch_input, *capture_mod.flatten_call(kwargs, signature.in_spec))
+            flat = self._run(signature, adapter_names, batch_input, *capture_mod.flatten_call(kwargs, signature.in_spec),
+                             **call_inputs)
             output = capture_mod.unflatten_output(list(flat), signature.out_spec)
             written = generation.cache_name_of(kwargs)
             if written is not None:

@@ -174,8 +174,10 @@ class PeftModelMethods:
 
     def _validate_model_kwargs(self, model_kwargs: dict) -> None:
         """transformers' check of generate's model keywords against the forward signature, which keeps the
-        model's own signature: ``adapter_names`` (the per-sequence index generate passes on) is ours."""
-        model_kwargs = {k: v for k, v in model_kwargs.items() if k != "adapter_names"}
+        model's own signature: ``adapter_names`` (the per-sequence index generate passes on) and the per-call
+        inputs methods read (``Method.call_inputs``: task_ids; the dispatcher checks them) are ours."""
+        ours = {"adapter_names", *self._fxpeft_registry.call_inputs()}
+        model_kwargs = {k: v for k, v in model_kwargs.items() if k not in ours}
         super()._validate_model_kwargs(model_kwargs)
 
 

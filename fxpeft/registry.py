@@ -146,7 +146,8 @@ class Method:
     # tokens (prompt, prefix tuning) writes their keys and values into every row of an empty KV cache
     # once (an encoder-decoder's: its decoder self-attention cache; ``encoder`` then holds
     # ``encoder_outputs`` and ``attention_mask``, one row per cache row); graphs that read a cache
-    # (``Lowering.cached``) then leave the virtual tokens to it. None: such a method cannot generate
+    # (``Lowering.cached``) then leave the virtual tokens to it; the method's ``call_inputs`` given to generate
+    # come as keywords too, one row per cache row. None: such a method cannot generate
     prefill_cache: Optional[Callable] = None
     # ``prepare_call(gm, mixed, cached, compiled)``: run outside compiled code before a call without autograd
     # that is compiled (``compiled``: the module or its blocks), eager without adapter_names, or eager with
@@ -161,6 +162,11 @@ class Method:
     # names, positions and rank), so that adding or deleting an adapter leaves that code as it was and a
     # compiled caller does not recompile (the driver reuses code whose text did not change)
     lowered: Optional[Callable] = None
+    # per-call inputs its graphs read besides the model's own (PEFT's ``task_ids``): the result's forward and
+    # generate take them by name, and while an adapter of the method exists every lowered graph (blocks too)
+    # takes each as an input (``Lowering.call_input``), so their values are data, never code (a compiled
+    # graph does not recompile per value); a call without one while such an adapter acts is an error
+    call_inputs: tuple[str, ...] = ()
 
     @property
     def is_adapter(self) -> bool:
@@ -259,6 +265,10 @@ class Registry:
         known = ", ".join(sorted({m.config_type.__name__ for m in self.methods}))
         raise TypeError(f"No fxpeft method handles {type(config).__name__}; supported configs: {known}. "
                         "A custom method is registered with fxpeft.register_method (see fxpeft/registry.py).")
+
+    def call_inputs(self) -> tuple[str, ...]:
+        """Every per-call input some method reads (``Method.call_inputs``), in registration order."""
+        return tuple(dict.fromkeys(name for m in self.methods for name in m.call_inputs))
 
     def config_types(self) -> dict[str, type]:
         """peft_type -> config class, for every adapter method (what checkpoints may name)."""

@@ -27,7 +27,7 @@ class Lowering:
     """One graph being lowered: the graph, the module tree it reads from, and its sites."""
 
     def __init__(self, graph: torch.fx.Graph, root: nn.Module, registry, mixed: bool = False,
-                 adapter_order: Optional[list[str]] = None, cached: bool = False):
+                 adapter_order: Optional[list[str]] = None, cached: bool = False, call_inputs: tuple[str, ...] = ()):
         self.graph = graph
         self.cached = cached  # the graph reads and writes a KV cache (generation; see Method.prefill_cache)
         self.root = root  # the module the graph reads: the result, or one of its blocks
@@ -40,9 +40,25 @@ class Lowering:
         if mixed:
             with graph.inserting_before(next(iter(graph.nodes))):
                 self.sample_index = graph.placeholder("fxpeft_adapter_index")
+        self._call_inputs: dict[str, torch.fx.Node] = {}
+        for name in call_inputs:
+            self.call_input(name)
         self._start = next(iter(graph.nodes))  # gates are read at the top, before any use
         self._gates: dict[str, torch.fx.Node] = {}  # keyed by adapter name: any string is a valid name
         self._slots: Optional[torch.fx.Node] = None
+
+    def call_input(self, name: str) -> torch.fx.Node:
+        """The graph input holding the per-call input ``name`` (``Method.call_inputs``: PEFT's ``task_ids``),
+        a keyword placeholder ``fxpeft_<name>`` (default None) after the model's inputs, added on first use."""
+        if name not in self._call_inputs:
+            placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+            where = self.graph.inserting_after(placeholders[-1]) if placeholders else \
+                self.graph.inserting_before(next(iter(self.graph.nodes)))
+            with where:
+                node = self.graph.placeholder(call_input_name(name), default_value=None)
+            node.meta["fxpeft_rule"] = "call_inputs"
+            self._call_inputs[name] = node
+        return self._call_inputs[name]
 
     def slots(self) -> torch.fx.Node:
         """The indices of the active adapters (``len(adapter_order)``: an empty slot)."""
@@ -113,6 +129,11 @@ class Lowering:
         return new
 
 
+def call_input_name(name: str) -> str:
+    """The keyword a lowered graph (and a block's forward) takes a per-call input under."""
+    return f"fxpeft_{name}"
+
+
 def samples_of(index: torch.Tensor, slot: int, like: torch.Tensor) -> torch.Tensor:
     """Mixed graphs: a bool mask, broadcastable to ``like``, of the rows whose sample's adapter is
     ``slot`` (rows may be the batch flattened with a later dimension, batch first)."""
@@ -152,16 +173,20 @@ def _apply_site_rewrite(lowering: Lowering, rule, site: Site) -> None:
 
 
 def lower(canonical: torch.fx.Graph, root: nn.Module, registry, mixed: bool = False,
-          adapter_order: Optional[list[str]] = None, cached: bool = False) -> torch.fx.Graph:
+          adapter_order: Optional[list[str]] = None, cached: bool = False,
+          call_inputs: tuple[str, ...] = ()) -> torch.fx.Graph:
     """The executable graph: ``canonical`` with every rule of ``registry`` applied, reading
     ``root``'s adapter state. In a mixed graph, calls of blocks (fxpeft/blocks.py) pass the
-    per-sample index on."""
+    per-sample index on; the graph takes each of ``call_inputs`` (``Lowering.call_input``) and passes
+    it on to the blocks it calls."""
     graph = copy_graph(canonical)
-    lowering = Lowering(graph, root, registry, mixed, adapter_order, cached)
-    if mixed:
-        for node in graph.nodes:
-            if node.meta.get("fxpeft_block"):
+    lowering = Lowering(graph, root, registry, mixed, adapter_order, cached, call_inputs)
+    for node in graph.nodes:
+        if node.meta.get("fxpeft_block"):
+            if mixed:
                 node.update_kwarg("adapter_index", lowering.sample_index)
+            for name in call_inputs:
+                node.update_kwarg(call_input_name(name), lowering.call_input(name))
     for rule in registry.rules:
         for candidate in list(rule.match(lowering)):
             lowering.tag = {"fxpeft_rule": rule.name}

@@ -26,3 +26,5 @@ from . import waveft  # noqa: E402,F401
 from . import adamss  # noqa: E402,F401
 from . import cartridge  # noqa: E402,F401
 from . import adaption_prompt  # noqa: E402,F401
+from . import multitask_prompt_tuning  # noqa: E402,F401
+from . import poly  # noqa: E402,F401

@@ -236,8 +236,11 @@ def restarted_positions(position_ids: torch.Tensor, count: int):
 
 
 def with_prompt(embeds: torch.Tensor, prompt: torch.Tensor, count: int):
-    """The embeddings of the extended ids with the virtual positions replaced by the prompt."""
-    prompt = prompt[:count].to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
+    """The embeddings of the extended ids with the virtual positions replaced by the prompt: one for
+    the whole batch (tokens, dim), or one per sample (batch, tokens, dim: multitask prompt tuning)."""
+    if prompt.dim() == 2:
+        prompt = prompt.unsqueeze(0).expand(embeds.shape[0], -1, -1)
+    prompt = prompt[:, :count].to(embeds.dtype)
     return torch.cat([prompt, embeds[:, count:]], dim=1)
 
 
@@ -293,8 +296,10 @@ def rewrite(lw: Lowering, adapter: str) -> None:
     _extend_input(lw, ids, with_virtual_positions, count, 0)
     embeds = site.output
     users = list(embeds.users)
+    # an encoder may read per-call inputs (Method.call_inputs: multitask prompt tuning's task_ids)
+    call_inputs = [lw.call_input(name) for name in lw.registry.method_for(config).call_inputs]
     with lw.graph.inserting_after(embeds):
-        prompt = lw.call_module(f"prompt_encoder.{adapter}")
+        prompt = lw.call_module(f"prompt_encoder.{adapter}", *call_inputs)
     with lw.graph.inserting_after(prompt):
         replaced = lw.call(with_prompt, embeds, prompt, count)
     for user in users:
@@ -310,20 +315,23 @@ def rewrite(lw: Lowering, adapter: str) -> None:
 # ----------------------------------------------------------------------------- generation
 
 
-def prefill_prompt(gm, adapter: str, cache, **encoder) -> int:
+def prefill_prompt(gm, adapter: str, cache, encoder_outputs=None, attention_mask=None, **call_inputs) -> int:
     """The prompt's keys and values into every row of an empty KV cache: the model run on the prompt
     as input embeddings at positions 0..n-1 (causal attention: the virtual tokens see only each other,
     so their keys and values are the same for every sequence, as in PEFT's forward over the whole
     sequence). Graphs with a cache skip this method's rewrite; the real tokens follow in the cache.
     Encoder-decoder: nothing to write; PEFT prepends prompt and p-tuning tokens to the encoder's input
-    alone (whatever ``num_transformer_submodules`` says), so they are in the encoder's outputs."""
-    if encoder:
+    alone (whatever ``num_transformer_submodules`` says), so they are in the encoder's outputs.
+    ``call_inputs``: what the encoder reads per row (``Method.call_inputs``), passed to it and to the call."""
+    if encoder_outputs is not None:
         return 0
     count = gm.peft_config[adapter].num_virtual_tokens
     rows = cache.layers[0].keys.shape[0]
     with torch.no_grad():
-        prompt = gm.prompt_encoder[adapter]()[:count].to(gm.get_input_embeddings().weight.dtype)
-        gm(inputs_embeds=prompt.unsqueeze(0).expand(rows, -1, -1), cache=cache, use_cache=True)
+        prompt = gm.prompt_encoder[adapter](*call_inputs.values())
+        prompt = prompt.unsqueeze(0).expand(rows, -1, -1) if prompt.dim() == 2 else prompt
+        gm(inputs_embeds=prompt[:, :count].to(gm.get_input_embeddings().weight.dtype), cache=cache, use_cache=True,
+           **call_inputs)
     return count
 
 

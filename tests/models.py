@@ -185,6 +185,25 @@ CUSTOM_MODELS = {
 COMPILE_BACKEND = "aot_eager"
 
 
+def assert_compiled_generate_reads_task_ids(gm) -> None:
+    """generate with compile_config on a tiny-Llama result whose adapter reads ``task_ids``: other task
+    vectors run the same compiled step (no recompile) and give the eager tokens, which differ per task."""
+    import transformers
+    from torch._dynamo.utils import counters
+
+    inputs = hf_inputs("llama", batch=2)
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    tasks = [torch.tensor([0, 2]), torch.tensor([1, 0])]
+    eager = [gm.generate(**inputs, task_ids=task_ids, **kw) for task_ids in tasks]
+    assert not torch.equal(eager[0], eager[1])
+    config = transformers.CompileConfig(fullgraph=True, backend=COMPILE_BACKEND, mode=None)
+    counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for task_ids, expected in zip(tasks, eager):
+            assert torch.equal(gm.generate(**inputs, task_ids=task_ids, compile_config=config, **kw), expected)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 class Conv1DNet(nn.Module):
     """One GPT-2-style Conv1D layer (weight stored (in, out)), named as GPT-2's."""
 
