@@ -25,3 +25,4 @@ from . import frod  # noqa: E402,F401
 from . import waveft  # noqa: E402,F401
 from . import adamss  # noqa: E402,F401
 from . import adaption_prompt  # noqa: E402,F401
+from . import cpt  # noqa: E402,F401
