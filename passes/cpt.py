@@ -116,14 +116,14 @@ def attach(gm, sites, config: CPTConfig, adapter: str) -> list[str]:
 
 
 def decay_weights(types: torch.Tensor, factor: float) -> torch.Tensor:
-    """Per position: ``factor ** k``, k the number of the row's label types above its own (1 elsewhere)."""
-    weights = torch.ones(types.shape, device=types.device)
-    for row, row_types in enumerate(types):
-        value = 1.0
-        for label_type in row_types[(row_types > 0) & (row_types % 4 == 0)].unique().flip(0):
-            weights[row][row_types == label_type] = value
-            value *= factor  # PEFT's running product
-    return weights
+    """Per position: ``factor ** k``, k the number of distinct label types of its row above its own type
+    (1 elsewhere). Counted without ``unique`` (whose size depends on the data), so it compiles whole:
+    each label position j above adds 1 / (how often the row holds type_j)."""
+    labels = (types > 0) & (types % 4 == 0)
+    same = (types.unsqueeze(-1) == types.unsqueeze(-2)).sum(-1)  # how often each position's type occurs
+    above = labels.unsqueeze(-2) & (types.unsqueeze(-2) > types.unsqueeze(-1))  # [row, i, j]: j's type above i's
+    later = (above.double() / same.unsqueeze(-2)).sum(-1).round()
+    return torch.where(labels, torch.full_like(later, factor).pow(later), 1.0).float()
 
 
 def cpt_loss(gm, adapter: str, output, inputs: dict) -> torch.Tensor:
@@ -146,7 +146,7 @@ def cpt_loss(gm, adapter: str, output, inputs: dict) -> torch.Tensor:
     weights = kept.float()
     if config.opt_weighted_loss_type == "decay":
         weights = weights * decay_weights(types, config.opt_loss_decay_factor)
-    return (losses[kept] * weights[kept]).mean()
+    return (losses * weights).sum() / kept.sum()  # the mean over kept positions (others weigh 0)
 
 
 # ----------------------------------------------------------------------------- registration

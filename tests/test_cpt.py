@@ -198,3 +198,30 @@ def test_one_cpt_adapter_per_model_and_bad_input_leaves_the_model_alone():
     with pytest.raises(ValueError, match="cpt_token_ids.*must have the same length"):
         fxpeft.transform(models.llama(), fxpeft.CPTConfig(task_type="CAUSAL_LM", cpt_token_ids=[1], cpt_mask=[1, 1]))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.fixture
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_compiled_training_step_matches_eager(_fresh_dynamo):
+    """The projection, the gradient mask and the weighted loss compile whole (fullgraph)."""
+    _, _, gm = _pair("llama")
+    compiled = torch.compile(gm, fullgraph=True, dynamic=True, backend=models.COMPILE_BACKEND)
+    inputs = models.hf_inputs("llama", batch=2, seq=7)
+    call = dict(inputs, labels=models.hf_labels("llama", inputs), input_type_mask=QUERY_TYPES)
+    delta = gm.prompt_encoder.default.delta_embedding.weight
+    results = []
+    for module in (gm, compiled):
+        with torch.no_grad():
+            delta.copy_(torch.randn(delta.shape, generator=torch.Generator().manual_seed(0)))
+        loss = module(**call).loss
+        loss.backward()
+        results.append((loss.detach(), delta.detach().clone(), delta.grad.clone()))
+        delta.grad = None
+    for eager, compiled_result in zip(*results):
+        torch.testing.assert_close(compiled_result, eager, rtol=1e-5, atol=1e-6)
+    assert results[0][2].abs().sum() > 0
