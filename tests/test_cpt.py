@@ -142,11 +142,12 @@ def test_training_steps_equal_peft_with_projection_and_frozen_label_rows():
     assert bool((norms[~labels_rows] >= eps[~labels_rows] * (1 - 1e-4)).all())  # clipped, not below
 
 
-def test_checkpoints_both_ways_and_generation(tmp_path):
-    model, reference, gm = _pair("qwen2")
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_checkpoints_both_ways_and_generation(name, tmp_path):
+    model, reference, gm = _pair(name)
     _perturb(reference, gm)
-    inputs = models.hf_inputs("qwen2", batch=2, seq=7)
-    labels = models.hf_labels("qwen2", inputs)
+    inputs = models.hf_inputs(name, batch=2, seq=7)
+    labels = models.hf_labels(name, inputs)
     reference.save_pretrained(tmp_path / "peft")
     fxpeft.save_pretrained(gm, str(tmp_path / "fx"))
     assert_same_saved_tensors(tmp_path / "peft", tmp_path / "fx")
@@ -168,7 +169,7 @@ def test_checkpoints_both_ways_and_generation(tmp_path):
 
     with pytest.raises(ValueError, match="trainable"):  # PEFT's rule for every prompt-learning checkpoint
         peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "peft"), is_trainable=True)
-    fresh = models.qwen2()
+    fresh = models.HF_MODELS[name]()
     with pytest.raises(ValueError, match="inference only"):
         fxpeft.from_pretrained(fresh, str(tmp_path / "peft"), is_trainable=True)
     assert all(p.requires_grad for p in fresh.parameters())
