@@ -108,6 +108,7 @@ def test_training_steps_equal_peft_with_projection_and_frozen_label_rows():
     _, reference, gm = _pair("llama")
     assert {n for n, p in gm.named_parameters() if p.requires_grad} == {
         n.removeprefix("base_model.") for n, p in reference.named_parameters() if p.requires_grad}
+    assert fxpeft.trainable_parameters(gm) == reference.get_nb_trainable_parameters()
     _perturb(reference, gm, seed=1)
     start = gm.prompt_encoder.default.delta_embedding.weight.detach().clone()
     inputs = models.hf_inputs("llama", batch=2, seq=7)
