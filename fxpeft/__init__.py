@@ -48,6 +48,7 @@ from .passes.delora import DeloraConfig  # noqa: E402
 from .passes.gralora import GraloraConfig  # noqa: E402
 from .passes.c3a import C3AConfig  # noqa: E402
 from .passes.pvera import PveraConfig  # noqa: E402
+from .passes.cpt import CPTConfig  # noqa: E402
 from .passes.glora import GloraConfig  # noqa: E402
 from .passes.peanut import PeanutConfig  # noqa: E402
 from .passes.deft import DeftConfig  # noqa: E402
@@ -89,6 +90,7 @@ __all__ = [
     "DeloraConfig",
     "GraloraConfig",
     "C3AConfig",
+    "CPTConfig",
     "PveraConfig", "GloraConfig", "PeanutConfig", "DeftConfig",
     "VBLoRAConfig",
     "RandLoraConfig",

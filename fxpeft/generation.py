@@ -443,8 +443,8 @@ def generate(gm, mixin_generate: Optional[Callable], *args, adapter_names=None, 
         if method.prefill_cache is None:
             raise NotImplementedError(f"fxpeft cannot generate with {method.name} adapters ({name!r}).")
         if adapter_names is not None:
-            raise ValueError(f"adapter_names picks adapters per sequence, but {method.name} adapter {name!r} is the "
-                             "model's only adapter (as in PEFT): generate without adapter_names.")
+            raise ValueError(f"adapter_names picks adapters per sequence, but {method.name} adapter {name!r} is "
+                             "one acting on the whole batch (as in PEFT): generate without adapter_names.")
     if adapter_names is not None:
         kwargs["adapter_names"] = _adapter_index(gm, adapter_names, args, kwargs)
     over_dynamic = None if prefilled else _dynamic_to_static(gm, args, kwargs)

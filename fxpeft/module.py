@@ -293,6 +293,7 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         self.__dict__["_fxpeft_prefilled"] = self._prefilled_adapter()
         methods = [(self._fxpeft_registry.method_for(config), name) for name, config in self.peft_config.items()]
         self.__dict__["_fxpeft_loss_hooks"] = [(m, name) for m, name in methods if m.adjust_loss is not None]
+        self.__dict__["_fxpeft_call_losses"] = [(m, name) for m, name in methods if m.call_loss is not None]
         self.__dict__["_fxpeft_prepare_hooks"] = list(dict.fromkeys(m.prepare_call for m, _ in methods
                                                                      if m.prepare_call is not None))
         self.__dict__["_fxpeft_memo"] = {}  # what prepare hooks derive from the adapters that exist (gone on relower)
@@ -610,6 +611,8 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         return kwargs, adapter_names, call_inputs
 
     def _dispatch(self, *args, **kwargs):
+        # the call's inputs by name, for a method computing the loss itself (before any is dropped)
+        named = dict(zip(self._fxpeft_arg_names, args), **kwargs) if self._fxpeft_call_losses else None
         if self._fxpeft_primary is None:  # symbolic trace: the graph takes the original arguments
             adapter_names = kwargs.pop("adapter_names", None)
             call_inputs = self._call_inputs(kwargs)
@@ -641,6 +644,9 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         # the loss first: a call without one (inference, generate) never reads the hooks, so its compiled code
         # does not depend on how many adapters have one (loading an AdaLoRA adapter recompiled a decode step)
         if isinstance(getattr(output, "loss", None), torch.Tensor):
+            for method, adapter in self._fxpeft_call_losses:
+                if adapter in self._fxpeft_active:
+                    output.loss = method.call_loss(self, adapter, output, named)
             for method, adapter in self._fxpeft_loss_hooks:  # e.g. a regulariser
                 output.loss = method.adjust_loss(self, adapter, output.loss)
         return output

@@ -131,6 +131,10 @@ class Method:
     # ``adjust_loss(gm, adapter, loss) -> loss`` after every call returning a loss while the adapter exists
     # (AdaLoRA adds its regulariser)
     adjust_loss: Optional[Callable] = None
+    # ``call_loss(gm, adapter, output, inputs) -> loss``: while the adapter acts, the loss of a call returning
+    # one, computed by the method from the output and the call's inputs by name (inputs it drops included)
+    # in place of the model's (CPT's weighted loss over its labels and ``input_type_mask``); before adjust_loss
+    call_loss: Optional[Callable] = None
     # ``changes_base(config) -> bool``: attaching rewrites base weights (PiSSA, OLoRA, LoftQ inits):
     # edits with such a config keep a copy of the model's weights to put back if they fail
     changes_base: Optional[Callable[[Any], bool]] = None
