@@ -354,14 +354,14 @@ def check_initial_conversion(gm, adapter: str) -> None:
             "OLoRA …) into plain LoRA. Save without it.")
 
 
-def _write_json(path: str, data: dict) -> None:
+def write_json(path: str, data: dict) -> None:
     with open(path, "w") as handle:
         json.dump(data, handle, indent=2, sort_keys=True)
 
 
 def rewrite_config(directory: str, data: dict) -> None:
     """Replace the ``adapter_config.json`` of an existing checkpoint folder, keeping its other files."""
-    atomic_write(directory, {CONFIG_NAME: lambda path: _write_json(path, data)}, unit=(CONFIG_NAME,))
+    atomic_write(directory, {CONFIG_NAME: lambda path: write_json(path, data)}, unit=(CONFIG_NAME,))
 
 
 def save_adapter(gm, directory: str, adapter: str, safe_serialization: bool = True,
@@ -404,7 +404,7 @@ def save_adapter(gm, directory: str, adapter: str, safe_serialization: bool = Tr
         tensors, config = method.initial_conversion(gm, adapter, tensors, config, initial_directory)
 
     def write_config(path):
-        _write_json(path, config)
+        write_json(path, config)
 
     if safe_serialization:
         writers = {SAFETENSORS_NAME: lambda path: save_file(tensors, path, metadata={"format": "pt"})}

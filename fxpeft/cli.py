@@ -224,7 +224,7 @@ def cmd_convert(args) -> None:
                                  "fxpeft will reject them")
             tensors = _unshared(weights)
             atomic_write(target, {SAFETENSORS_NAME: lambda p: save_file(tensors, p, metadata={"format": "pt"}),
-                                  CONFIG_NAME: lambda p: _write_json(p, data)})
+                                  CONFIG_NAME: lambda p: write_json(p, data)})
             lines.append(f"{len(weights)} tensors re-saved as safetensors"
                          + ("" if args.model else " (pass --model MODEL_DIR to check every key against the model)"))
         print(f"{path} -> {target}:")
@@ -232,7 +232,7 @@ def cmd_convert(args) -> None:
             print(f"  {line}")
 
 
-def _write_json(path: str, data: dict) -> None:
+def write_json(path: str, data: dict) -> None:
     with open(path, "w") as handle:
         json.dump(data, handle, indent=2, sort_keys=True)
 

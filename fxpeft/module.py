@@ -44,7 +44,8 @@ from .peft_methods import PeftModelMethods
 from .registry import DEFAULT, Registry, _Prepared
 from .rewrite import call_input_name, lower
 
-# fxpeft graphs never return a KV cache: a caller's use_cache is replaced by use_cache=False
+# without a cache object fxpeft graphs return no KV cache: a caller's use_cache is replaced by use_cache=False
+# (a call asking for one with use_cache=True is given a DynamicCache first: generation.cache_for_use_cache)
 IGNORED_KWARGS = frozenset({"use_cache"})
 
 

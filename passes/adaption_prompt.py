@@ -36,7 +36,7 @@ from fxpeft.forms import child_dict
 from fxpeft.registry import Method, Rule, register_method, registry_of
 from fxpeft.rewrite import Lowering, primary_lowering
 
-from .prefix import _arg, _is_attention, _shape
+from .prefix import is_attention, node_arg, node_shape
 
 PROMPTS, GATES = "adaption_prompt", "adaption_gate"
 
@@ -112,7 +112,7 @@ def _in_scope(node: torch.fx.Node, path: str) -> bool:
 def attention_parts(lw: Lowering, path: str, layout: AttentionLayout) -> dict:
     """What the rewrite reads of the attention module at ``path``: its SDPA node (queries), its output
     node (the one value leaving the module) and its projection sites; a ValueError naming what is missing."""
-    attentions = [n for n in lw.graph.nodes if _is_attention(n, lw.root) and innermost_module(n) == path]
+    attentions = [n for n in lw.graph.nodes if is_attention(n, lw.root) and innermost_module(n) == path]
     if len(attentions) != 1:
         raise ValueError(f"Adaption prompts need one scaled_dot_product_attention in {path!r}, found "
                          f"{len(attentions)}. Attention written out as matmul + softmax (attn_implementation="
@@ -129,8 +129,8 @@ def attention_parts(lw: Lowering, path: str, layout: AttentionLayout) -> dict:
     if missing:
         raise ValueError(f"Adaption prompts read the attention's projections {missing}, which are not linear "
                          "layers in this model's graph.")
-    query = _arg(attentions[0], 0, "query")
-    if _shape(query) is None or len(_shape(query)) != 4:
+    query = node_arg(attentions[0], 0, "query")
+    if node_shape(query) is None or len(node_shape(query)) != 4:
         raise ValueError(f"Adaption prompts read the heads of {path!r} from the graph's shapes, which it lacks.")
     return {"query": query, "output": leaving[0], **found}
 
@@ -160,7 +160,7 @@ def attach(gm, sites, config: AdaptionPromptConfig, adapter: str) -> list[str]:
     for path in paths:
         weight = gm.get_parameter(parts[path]["key"].weight)
         dtype = weight.dtype if weight.is_floating_point() else torch.float32
-        hidden = _shape(parts[path]["output"])[-1]
+        hidden = node_shape(parts[path]["output"])[-1]
         prompt = torch.empty(1, config.adapter_len, hidden, device=weight.device, dtype=dtype).normal_()
         module = gm.get_submodule(path)
         child_dict(module, PROMPTS, nn.ParameterDict)[adapter] = nn.Parameter(prompt)
@@ -217,7 +217,7 @@ def match(lw: Lowering):
 
 def _projected(lw: Lowering, site, prompt: torch.fx.Node) -> torch.fx.Node:
     """The site's own op (weight, bias, quantization) run on the prompt."""
-    return lw.copy(site.node, {site.input: lw.call(prompt_tokens, prompt, len(_shape(site.input)))})
+    return lw.copy(site.node, {site.input: lw.call(prompt_tokens, prompt, len(node_shape(site.input)))})
 
 
 def rewrite(lw: Lowering, path: str) -> None:

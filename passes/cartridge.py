@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from fxpeft.checkpoint import CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME, _write_json, load_config, load_weights
+from fxpeft.checkpoint import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, load_config, load_weights, write_json
 from fxpeft.configs import PrefixTuningConfig, PromptLearningConfig
 from fxpeft.passes.prefix import kv_prefix_method, resolve_kv_layout
 from fxpeft.passes.prompt import check_alone
@@ -218,7 +218,7 @@ def compose_cartridge_adapters(adapter_paths: Sequence[str | os.PathLike], *, ou
     table = torch.cat([load_weights(p)["prompt_embeddings"] for p in paths], dim=0)
     composed = dataclasses.replace(configs[0], num_virtual_tokens=table.shape[0])
     os.makedirs(output_path, exist_ok=True)
-    _write_json(os.path.join(output_path, CONFIG_NAME), composed.to_dict())
+    write_json(os.path.join(output_path, CONFIG_NAME), composed.to_dict())
     if safe_serialization:
         from safetensors.torch import save_file
         save_file({"prompt_embeddings": table}, os.path.join(output_path, SAFETENSORS_NAME), metadata={"format": "pt"})

@@ -26,8 +26,9 @@ from fxpeft.configs import PromptLearningConfig, PromptTuningConfig
 from fxpeft.registry import DEFAULT, Method, Rule, register_method
 from fxpeft.rewrite import Lowering, primary_lowering
 
-from .prompt import (CONTAINERS, _extend_input, _feeding_input, _init_ids, active_prompt_adapter, check_alone, dropped_inputs,
-                     prefill_prompt, resolve_prompt_config, token_embedding, with_prompt, with_virtual_positions)
+from .prompt import (CONTAINERS, active_prompt_adapter, check_alone, dropped_inputs, extend_input, feeding_input,
+                     init_ids, prefill_prompt, resolve_prompt_config, token_embedding, with_prompt,
+                     with_virtual_positions)
 
 
 class MultitaskPromptTuningInit(str, enum.Enum):
@@ -123,7 +124,7 @@ def attach(gm, sites, config: MultitaskPromptTuningConfig, adapter: str) -> list
     total = config.num_virtual_tokens * config.num_transformer_submodules
     encoder = MultitaskPromptEmbedding(total, config.token_dim, config.num_tasks, config.num_ranks)
     if not config.inference_mode:  # a loaded adapter's tensors come from its checkpoint
-        ids = _init_ids(config, total, word_embeddings.shape[0])
+        ids = init_ids(config, total, word_embeddings.shape[0])
         with torch.no_grad():
             if ids is not None:
                 encoder.embedding.weight.copy_(word_embeddings.detach()[ids.to(word_embeddings.device)].float())
@@ -178,11 +179,11 @@ def started_after(ids: torch.Tensor, count: int, start: int) -> torch.Tensor:
 def rewrite_decoder(lw: Lowering, adapter: str) -> None:
     count = lw.root.peft_config[adapter].num_virtual_tokens
     for node in [n for n in lw.graph.nodes if n.op == "placeholder" and n.target in DECODER_INPUTS]:
-        _extend_input(lw, node, with_virtual_positions, count, DECODER_INPUTS[node.target])
+        extend_input(lw, node, with_virtual_positions, count, DECODER_INPUTS[node.target])
     site = _decoder_embedding(lw)
     lw.tag["fxpeft_site"] = site.path
     start = getattr(getattr(lw.root, "config", None), "decoder_start_token_id", None)
-    if _feeding_input(site.input) is None and start is not None:  # ids the model made from the labels
+    if feeding_input(site.input) is None and start is not None:  # ids the model made from the labels
         with lw.graph.inserting_before(site.node):
             started = lw.call(started_after, site.input, count, start)
         site.node.replace_input_with(site.input, started)

@@ -76,7 +76,7 @@ class PrefixEncoder(nn.Module):
 # ----------------------------------------------------------------------------- attention in the graph
 
 
-def _is_attention(node: torch.fx.Node, root: nn.Module) -> bool:
+def is_attention(node: torch.fx.Node, root: nn.Module) -> bool:
     if node.op == "call_function":
         return node.target in SDPA_OPS
     if node.op == "call_module":  # canonical form of an attention with dropout
@@ -85,7 +85,7 @@ def _is_attention(node: torch.fx.Node, root: nn.Module) -> bool:
     return False
 
 
-def _arg(node: torch.fx.Node, index: int, name: str, default=None):
+def node_arg(node: torch.fx.Node, index: int, name: str, default=None):
     return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
@@ -96,18 +96,18 @@ def _set_arg(node: torch.fx.Node, index: int, name: str, value) -> None:
         node.kwargs = {**node.kwargs, name: value}
 
 
-def _shape(node) -> Optional[tuple]:
+def node_shape(node) -> Optional[tuple]:
     value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
 
 def _key_heads(key: torch.fx.Node) -> tuple[int, int]:
     """(key/value heads, head size) of an attention's keys, before any repeat for grouped queries."""
-    heads, head_dim = _shape(key)[1], _shape(key)[-1]
+    heads, head_dim = node_shape(key)[1], node_shape(key)[-1]
     node = key
     while isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in HEAD_REARRANGING:
         node = node.args[0]
-        shape = _shape(node)
+        shape = node_shape(node)
         if shape is not None and len(shape) == 4 and shape[-1] == head_dim and isinstance(shape[1], int) \
                 and heads % shape[1] == 0:
             heads = min(heads, shape[1])
@@ -141,8 +141,8 @@ def _takes_prefix(node: torch.fx.Node, decoder: Optional[str], projections: dict
         return True
     if not (innermost_module(node) or "").startswith(decoder + "."):
         return False
-    query = _projected_from(_arg(node, 0, "query"), projections)
-    return query is not None and query is _projected_from(_arg(node, 1, "key"), projections)
+    query = _projected_from(node_arg(node, 0, "query"), projections)
+    return query is not None and query is _projected_from(node_arg(node, 1, "key"), projections)
 
 
 def prefix_layout(lw: Lowering) -> tuple[list[torch.fx.Node], int, int, int]:
@@ -150,7 +150,7 @@ def prefix_layout(lw: Lowering) -> tuple[list[torch.fx.Node], int, int, int]:
     head size), or a ValueError saying why not. The table has a slice pair per attention, except in an
     encoder-decoder model, where PEFT sizes it by the model config's layer count (T5: the encoder's)."""
     graph, root = lw.graph, lw.root
-    attentions = [n for n in graph.nodes if _is_attention(n, root)]
+    attentions = [n for n in graph.nodes if is_attention(n, root)]
     if not attentions:
         softmaxes = sum(1 for n in graph.nodes if n.op == "call_function" and "softmax" in str(n.target))
         written_out = (f" It has {softmaxes} softmax op(s): attention written out as matmul + softmax (e.g. a "
@@ -164,8 +164,8 @@ def prefix_layout(lw: Lowering) -> tuple[list[torch.fx.Node], int, int, int]:
     if not attentions:
         raise ValueError(f"Prefix tuning found no self-attention in this encoder-decoder model's decoder "
                          f"({decoder!r}): its queries and keys must be linear projections of the same states.")
-    keys = [_arg(n, 1, "key") for n in attentions]
-    if any(_shape(k) is None or len(_shape(k)) != 4 for k in keys):
+    keys = [node_arg(n, 1, "key") for n in attentions]
+    if any(node_shape(k) is None or len(node_shape(k)) != 4 for k in keys):
         raise ValueError("Prefix tuning reads heads and head size from the graph's tensor shapes, which a "
                          "symbolic trace does not record: pass example_inputs=... to fxpeft.transform.")
     layouts = {_key_heads(k) for k in keys}
@@ -362,7 +362,7 @@ def rewrite(lw: Lowering, adapter: str) -> None:
     masks = [n for n in lw.graph.nodes if n.op == "placeholder" and n.target in MASK_INPUTS]
     for consumer, positions in _position_inputs(lw):
         above = _ancestors(positions, sizes=False)
-        mask = next((m for m in masks if m in above and _shape(m) == _shape(positions)), None)
+        mask = next((m for m in masks if m in above and node_shape(m) == node_shape(positions)), None)
         with lw.graph.inserting_before(consumer):
             shifted = (lw.call(shifted_positions, positions, count) if mask is None
                        else lw.call(shifted_real_positions, positions, mask, count))
@@ -374,8 +374,8 @@ def rewrite(lw: Lowering, adapter: str) -> None:
     for layer, node in enumerate(attentions):
         lw.tag["fxpeft_site"] = innermost_module(node) or ""  # the attention module (inspection reads it)
         key_slice, value_slice = layer_slices(layer, layers, config.num_transformer_submodules)
-        query, key, value = _arg(node, 0, "query"), _arg(node, 1, "key"), _arg(node, 2, "value")
-        mask, causal = _arg(node, 3, "attn_mask"), _arg(node, 5, "is_causal", False)
+        query, key, value = node_arg(node, 0, "query"), node_arg(node, 1, "key"), node_arg(node, 2, "value")
+        mask, causal = node_arg(node, 3, "attn_mask"), node_arg(node, 5, "is_causal", False)
         with lw.graph.inserting_before(node):
             _set_arg(node, 1, "key", lw.call(with_prefix, table, key_slice, key))
             _set_arg(node, 2, "value", lw.call(with_prefix, table, value_slice, value))

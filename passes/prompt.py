@@ -114,7 +114,7 @@ class PromptEncoder(nn.Module):
 # ----------------------------------------------------------------------------- finding the token embedding
 
 
-def _feeding_input(node) -> Optional[torch.fx.Node]:
+def feeding_input(node) -> Optional[torch.fx.Node]:
     """The graph input whose values ``node`` carries unchanged, if any."""
     while isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in ID_PASSTHROUGH:
         node = node.args[0]
@@ -124,7 +124,7 @@ def _feeding_input(node) -> Optional[torch.fx.Node]:
 def token_embedding(lowering: Lowering):
     """(embedding site, token-id placeholder): the embedding that reads a model input."""
     embeddings = [s for s in lowering.sites if s.kind == "embedding"]
-    fed = [(s, _feeding_input(s.input)) for s in embeddings]
+    fed = [(s, feeding_input(s.input)) for s in embeddings]
     fed = [(s, p) for s, p in fed if p is not None]
     preferred = [(s, p) for s, p in fed if p.target == IDS_INPUT]
     if preferred or len(fed) == 1:
@@ -183,7 +183,7 @@ def resolve_prompt_config(gm, sites, config: PromptLearningConfig) -> PromptLear
     return dataclasses.replace(config, **values)
 
 
-def _init_ids(config: PromptTuningConfig, total: int, vocab: int) -> Optional[torch.Tensor]:
+def init_ids(config: PromptTuningConfig, total: int, vocab: int) -> Optional[torch.Tensor]:
     """Token ids whose embeddings initialise the prompt (PEFT's SAMPLE_VOCAB / TEXT), or None."""
     if config.prompt_tuning_init == "SAMPLE_VOCAB":
         return torch.randint(0, vocab, (total,))
@@ -208,7 +208,7 @@ def attach(gm, sites, config: PromptLearningConfig, adapter: str) -> list[str]:
     total = config.num_virtual_tokens * config.num_transformer_submodules
     if config.inference_mode or isinstance(config, PromptTuningConfig):
         encoder = PromptEmbedding(total, config.token_dim)
-        ids = None if config.inference_mode else _init_ids(config, total, word_embeddings.shape[0])
+        ids = None if config.inference_mode else init_ids(config, total, word_embeddings.shape[0])
         if ids is not None:
             with torch.no_grad():
                 encoder.embedding.weight.copy_(word_embeddings.detach()[ids.to(word_embeddings.device)].float())
@@ -280,7 +280,7 @@ def match(lw: Lowering):
         yield adapter
 
 
-def _extend_input(lw: Lowering, placeholder: torch.fx.Node, fn, *args) -> torch.fx.Node:
+def extend_input(lw: Lowering, placeholder: torch.fx.Node, fn, *args) -> torch.fx.Node:
     last_input = [n for n in lw.graph.nodes if n.op == "placeholder"][-1]
     with lw.graph.inserting_after(last_input):
         extended = lw.call(fn, placeholder, *args)
@@ -293,7 +293,7 @@ def rewrite(lw: Lowering, adapter: str) -> None:
     count = config.num_virtual_tokens
     site, ids = token_embedding(lw)
     lw.tag["fxpeft_site"] = site.path
-    _extend_input(lw, ids, with_virtual_positions, count, 0)
+    extend_input(lw, ids, with_virtual_positions, count, 0)
     embeds = site.output
     users = list(embeds.users)
     # an encoder may read per-call inputs (Method.call_inputs: multitask prompt tuning's task_ids)
@@ -309,7 +309,7 @@ def rewrite(lw: Lowering, adapter: str) -> None:
         how = SEQUENCE_INPUTS[node.target](config.task_type)
         if how is not None:
             fn, *fill = how
-            _extend_input(lw, node, fn, count, *fill)
+            extend_input(lw, node, fn, count, *fill)
 
 
 # ----------------------------------------------------------------------------- generation
