@@ -211,29 +211,36 @@ def static_over(gm, dynamic, length: int, spare: bool = False):
     return static
 
 
-def cache_for_use_cache(gm, kwargs: dict) -> None:
+def cache_for_use_cache(gm, kwargs: dict, compiled: bool = False) -> None:
     """A forward call with ``use_cache=True`` and no cache object: transformers' model returns the cache it
     made, which a caller's own decoding loop passes back with the next token. fxpeft's graphs are captured
     without one and returned None (the next step then ran without the tokens before it, silently). A
     decoder's call gets a DynamicCache here, read and written as one the caller passed (:func:`static_over`);
-    where none can be given, a warning says so."""
+    where none can be given (``compiled``: a call ``torch.compile(gm)`` runs), a warning says so."""
     if kwargs.get("use_cache") is not True or cache_name_of(kwargs) is not None:
         return
     names = [name for name in CACHE_NAMES if name in gm._fxpeft_arg_names]
     if not names:
         return
-    why = ("it is an encoder-decoder model (pass an EncoderDecoderCache of two StaticCaches to get one)"
+    from transformers import DynamicCache
+
+    cache = None
+    why = ("it runs under torch.compile (pass a transformers StaticCache to get one)" if compiled else
+           "it is an encoder-decoder model (pass an EncoderDecoderCache of two StaticCaches to get one)"
            if getattr(gm.config, "is_encoder_decoder", False) else
            "autograd is on (training graphs take no cache)" if torch.is_grad_enabled() else
            f"adapter {gm._fxpeft_prefilled!r} puts its virtual tokens into the cache first (gm.generate does)"
            if gm._fxpeft_prefilled is not None else None)
+    if why is None:
+        cache = DynamicCache(config=gm.config)
+        if not is_dynamic(cache):  # sliding-window or other layers the graphs cannot read as a static cache
+            why = (f"the model's cache holds {sorted({type(layer).__name__ for layer in cache.layers})} (pass a "
+                   "transformers StaticCache to get one)")
     if why is not None:
         warnings.warn(f"use_cache=True: this call returns no KV cache, as {why}; a decoding loop that passes "
                       "the returned cache back would run each step without the tokens before it.", stacklevel=4)
         return
-    from transformers import DynamicCache
-
-    kwargs[names[0]] = DynamicCache(config=gm.config)
+    kwargs[names[0]] = cache
 
 
 def written_back(static):

@@ -138,7 +138,10 @@ def _attach(gm: PeftGraphModule, config, adapter_name: str) -> None:
             module.training = gm.training
         for name, param in module._parameters.items():
             if param is not None and id(param) not in before:
-                param.requires_grad_(trainable and constant.isdisjoint(f"{path}.{name}".split(".")))
+                parts = f"{path}.{name}".split(".")
+                if adapter_name in parts:  # an adapter named like a frozen container ("embedding") still trains
+                    parts.remove(adapter_name)
+                param.requires_grad_(trainable and constant.isdisjoint(parts))
     if trainable:
         _set_bias_trainable(gm, config, adapted)
     gm.peft_config[adapter_name] = config

@@ -491,6 +491,7 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
             self._signature(call)
             self.__dict__["_fxpeft_step"] = step
         generation.mark_attended(kwargs)
+        generation.cache_for_use_cache(self, kwargs, compiled=True)  # warns only: none can be made under compile
         if prepare:
             self._prepare_call(mixed, kwargs, True)
 
@@ -558,7 +559,7 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         return (next(iter(devices)) if len(devices) == 1 else tuple(sorted(map(str, devices))),
                 next(iter(dtypes)) if len(dtypes) == 1 else tuple(sorted(map(str, dtypes))))
 
-    def _call_inputs(self, kwargs: dict) -> dict:
+    def _call_inputs(self, kwargs: dict, args: tuple = ()) -> dict:
         """The per-call inputs (``Method.call_inputs``: PEFT's ``task_ids``) taken out of ``kwargs``, as the
         keywords the graphs take them under; checked against what the adapters read and need."""
         given = {name: kwargs.pop(name) for name in self._fxpeft_call_names if name in kwargs}
@@ -568,6 +569,11 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
                 raise ValueError(f"{name} was passed, but no adapter of this model reads it (adapters: "
                                  f"{sorted(self.peft_config) or 'none'}; {name} is read by {', '.join(readers)} "
                                  f"adapters): call the model without {name}.")
+        rows = next((v.shape[0] for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.ndim), None)
+        for name, value in given.items():
+            if isinstance(value, torch.Tensor) and rows is not None and value.shape[:1] != (rows,):
+                raise ValueError(f"{name} has {value.shape[0] if value.ndim else 'no'} entries for a batch of {rows} "
+                                 f"samples: pass one per sample ({name} of shape ({rows},)).")
         for name, adapter in self._fxpeft_needed_inputs.items():
             if given.get(name) is None:
                 config = self.peft_config[adapter]
@@ -616,7 +622,7 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         named = dict(zip(self._fxpeft_arg_names, args), **kwargs) if self._fxpeft_call_losses else None
         if self._fxpeft_primary is None:  # symbolic trace: the graph takes the original arguments
             adapter_names = kwargs.pop("adapter_names", None)
-            call_inputs = self._call_inputs(kwargs)
+            call_inputs = self._call_inputs(kwargs, args)
             batch_input = None if adapter_names is None else (args[0] if args else next(iter(kwargs.values())))
             output = self._run(self._fxpeft_signatures[None], adapter_names, batch_input, *args, **kwargs,
                                **call_inputs)

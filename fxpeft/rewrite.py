@@ -52,7 +52,10 @@ class Lowering:
         a keyword placeholder ``fxpeft_<name>`` (default None) after the model's inputs, added on first use."""
         if name not in self._call_inputs:
             placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
-            where = self.graph.inserting_after(placeholders[-1]) if placeholders else \
+            # keyword inputs go before a symbolic-traced forward's **kwargs (Python allows nothing after it)
+            var_keyword = next((n for n in placeholders if n.target.startswith("**")), None)
+            where = self.graph.inserting_before(var_keyword) if var_keyword is not None else \
+                self.graph.inserting_after(placeholders[-1]) if placeholders else \
                 self.graph.inserting_before(next(iter(self.graph.nodes)))
             with where:
                 node = self.graph.placeholder(call_input_name(name), default_value=None)

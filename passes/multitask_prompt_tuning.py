@@ -216,7 +216,7 @@ def load_saved(gm, adapter: str, weights: dict[str, torch.Tensor]) -> None:
 
 DEFAULT.add_rule(Rule(name="multitask_prompt_decoder", match=match_decoder, rewrite=rewrite_decoder, phase=20))
 register_method(Method(name="multitask_prompt_tuning", config_type=MultitaskPromptTuningConfig, attach=attach,
-                       containers=CONTAINERS, resolve_config=resolve_prompt_config, exclusive=True,
+                       containers=CONTAINERS, resolve_config=resolve_prompt_config, exclusive=True, one_active=True,
                        activity_in_graph=True, mixed_batches=False, saved_tensors=saved_tensors, load_saved=load_saved,
                        checkpoint_prefix="base_model.", dropped_inputs=dropped_inputs, prefill_cache=prefill_prompt,
                        call_inputs=("task_ids",)))

@@ -200,6 +200,9 @@ def test_several_cpt_adapters_switch_like_peft_and_bad_input_leaves_the_model_al
     assert outputs["default"].shape != outputs["other"].shape
     with pytest.raises(ValueError, match="one at a time"):
         gm.set_adapter(["default", "other"])
+    gm.add_adapter("embedding", fxpeft.CPTConfig(**other))  # named like its frozen container: it still trains
+    assert [n for n, p in gm.named_parameters() if p.requires_grad and ".embedding." in n] == [
+        "prompt_encoder.embedding.delta_embedding.weight"]
     with pytest.raises(ValueError, match="different peft types"):
         fxpeft.add_adapter(fxpeft.transform(model, fxpeft.LoraConfig(target_modules=["q_proj"])),
                            fxpeft.CPTConfig(**KWARGS), "cpt")

@@ -362,6 +362,18 @@ def test_a_forward_loop_asking_for_a_cache_matches_peft(llama_pair):
                        for model, out in zip((reference, gm), outputs)]
     with pytest.warns(UserWarning, match="returns no KV cache, as autograd is on"):  # training graphs take none
         assert gm(**inputs, use_cache=True).cache is None
+    compiled = torch.compile(gm, backend="eager")  # (a StaticCache passed in is written, as in generate)
+    try:
+        with torch.no_grad(), pytest.warns(UserWarning, match="returns no KV cache, as it runs under torch.compile"):
+            assert compiled(**inputs, use_cache=True).cache is None
+    finally:
+        torch._dynamo.reset()
+    sliding = transformers.MistralForCausalLM(transformers.MistralConfig(  # its DynamicCache: sliding-window layers
+        vocab_size=models.VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=4)).eval()
+    sliding = fxpeft.transform(sliding, fxpeft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with torch.no_grad(), pytest.warns(UserWarning, match="DynamicSlidingWindowLayer"):  # it raised
+        assert sliding(**inputs, use_cache=True).cache is None
 
 
 IA3 = dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False)

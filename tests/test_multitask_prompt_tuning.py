@@ -225,6 +225,9 @@ def test_task_ids_errors_and_disabled_adapter():
     inputs, _ = _inputs("llama")
     with pytest.raises(ValueError, match="task_ids cannot be None.*pass task_ids="):
         gm(**inputs)
+    gm.add_adapter("other", fxpeft.MultitaskPromptTuningConfig(task_type="CAUSAL_LM", **SIZES))
+    with pytest.raises(ValueError, match="one at a time"):  # PEFT's set_adapter takes one (only the first acted)
+        gm.set_adapter(["default", "other"])
     with torch.no_grad(), fxpeft.disable_adapters(gm):  # the base model: task_ids not needed, accepted (as PEFT)
         torch.testing.assert_close(gm(**inputs).logits, model(**inputs).logits)
         torch.testing.assert_close(gm(**inputs, task_ids=TASK_IDS).logits, model(**inputs).logits)

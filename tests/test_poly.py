@@ -140,6 +140,28 @@ def test_formula_on_a_custom_model():
         torch.testing.assert_close(gm(x, task_ids=TASK_IDS), torch.stack(expected))
 
 
+def test_a_custom_forward_taking_kwargs():
+    """task_ids is a keyword input of the graph, placed before a symbolic-traced forward's **kwargs (after
+    it, the graph's code did not compile: SyntaxError)."""
+    class KeywordMLP(models.MLP):
+        def forward(self, x, **kwargs):
+            return super().forward(x)
+
+    model = KeywordMLP().eval()
+    torch.manual_seed(0)
+    gm = fxpeft.transform(copy.deepcopy(model), fxpeft.PolyConfig(target_modules=["fc1"], **SIZES)).eval()
+    x = torch.randn(2, 12)
+    with torch.no_grad():
+        gm.fc1.poly_router.default.module_logits.normal_(0, 2)
+        mine = gm(x, task_ids=TASK_IDS)
+        plain = models.MLP().eval()
+        plain.load_state_dict(model.state_dict())
+        alike = fxpeft.transform(plain, fxpeft.PolyConfig(target_modules=["fc1"], **SIZES)).eval()
+        alike.load_state_dict(gm.state_dict())
+        torch.testing.assert_close(mine, alike(x, task_ids=TASK_IDS))
+        assert (mine - model(x)).abs().max() > 1e-4
+
+
 def test_several_adapters_and_switching_match_peft(tmp_path):
     model = models.llama().eval()
     folders = []
@@ -187,6 +209,9 @@ def test_bad_input_gets_clear_errors():
         gm(**call)
     with pytest.raises(ValueError, match="Only 3 tasks available. Found task id = 3"):
         gm(**call, task_ids=torch.tensor([0, 3]))
+    for wrong in (torch.tensor([2]), torch.tensor([2, 0, 1])):  # one per sample (the first task's routing was used)
+        with pytest.raises(ValueError, match="task_ids has .* entries for a batch of 2 samples"):
+            gm(**call, task_ids=wrong)
     with pytest.raises(ValueError, match="cannot be merged"):
         fxpeft.merge_adapter(gm)
     with torch.no_grad():
