@@ -295,6 +295,7 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         methods = [(self._fxpeft_registry.method_for(config), name) for name, config in self.peft_config.items()]
         self.__dict__["_fxpeft_loss_hooks"] = [(m, name) for m, name in methods if m.adjust_loss is not None]
         self.__dict__["_fxpeft_call_losses"] = [(m, name) for m, name in methods if m.call_loss is not None]
+        self.__dict__["_fxpeft_fillers"] = [(m, name) for m, name in methods if m.fill_call_inputs is not None]
         self.__dict__["_fxpeft_prepare_hooks"] = list(dict.fromkeys(m.prepare_call for m, _ in methods
                                                                      if m.prepare_call is not None))
         self.__dict__["_fxpeft_memo"] = {}  # what prepare hooks derive from the adapters that exist (gone on relower)
@@ -612,6 +613,9 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         return kwargs, adapter_names, call_inputs
 
     def _dispatch(self, *args, **kwargs):
+        for method, adapter in self._fxpeft_fillers:  # call inputs a method computes (X-LoRA's scaling pass)
+            if adapter in self._fxpeft_active and any(kwargs.get(n) is None for n in method.call_inputs):
+                kwargs.update(method.fill_call_inputs(self, adapter, args, kwargs))
         # the call's inputs by name, for a method computing the loss itself (before any is dropped)
         named = dict(zip(self._fxpeft_arg_names, args), **kwargs) if self._fxpeft_call_losses else None
         if self._fxpeft_primary is None:  # symbolic trace: the graph takes the original arguments
