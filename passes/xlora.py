@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from fxpeft import generation
 from fxpeft.configs import PeftConfigBase
 from fxpeft.forms import AdapterGate, additive, child_dict
 from fxpeft.registry import register_method
@@ -145,9 +146,12 @@ class XLoraExperts(nn.Module):
             self.lora_A[str(index)] = nn.Parameter(a.to(device, dtype), requires_grad=config.use_trainable_adapters)
             self.lora_B[str(index)] = nn.Parameter(b.to(device, dtype), requires_grad=config.use_trainable_adapters)
             self.scales[str(index)] = scale
+        self.experts = list(self.scales)
         self.register_buffer("layer", torch.tensor(layer), persistent=False)
 
-    def forward(self, x: torch.Tensor, scalings: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scalings: Optional[torch.Tensor]) -> torch.Tensor:
+        if scalings is None:  # the adapter is inactive (its gate is 0): a graph computing without its scalings
+            return x.new_zeros(*x.shape[:-1], self.lora_B[self.experts[0]].shape[0])
         s = scalings.index_select(2, self.layer.view(1)).squeeze(2)  # (b, t, n): a buffer, so blocks share code
         if self.top_k is not None:
             keep = torch.zeros_like(s, dtype=torch.bool).scatter(-1, s.topk(self.top_k, dim=-1).indices, True)
@@ -156,9 +160,9 @@ class XLoraExperts(nn.Module):
             nonzero = s != 0
             s = torch.softmax(s.masked_fill(~nonzero, float("-inf")), dim=-1).masked_fill(~nonzero, 0.0)
         out = None
-        for index, a in self.lora_A.items():
+        for index in self.experts:  # a list: ParameterDict.items() is a generator, which torch.compile cannot trace
             i = int(index)
-            term = (x * s[..., i:i + 1]) @ a.T @ self.lora_B[index].T * (self.scales[index] * self.weight)
+            term = (x * s[..., i:i + 1]) @ self.lora_A[index].T @ self.lora_B[index].T * (self.scales[index] * self.weight)
             out = term if out is None else out + term
         return out
 
@@ -199,6 +203,11 @@ def delta_weight(gm, site, module, adapter: str):
 def fill_call_inputs(gm, adapter: str, args, kwargs) -> dict:
     """The scaling pass (PEFT's ``_pre_forward``): the same call with every scaling at ``scaling_pass_value``,
     its last hidden state through the classifier."""
+    if generation.cache_name_of(kwargs) is not None:
+        # the scaling pass would write the KV cache a second time, and PEFT recomputes the whole sequence per step
+        raise ValueError(f"X-LoRA adapter {adapter!r} computes its scalings from a pass over the whole sequence, "
+                         "which a KV cache cannot serve: call without a cache, gm.generate(..., use_cache=False) "
+                         "(PEFT's X-LoRA always generates with use_cache=False).")
     config = gm.peft_config[adapter]
     classifier = getattr(gm, CLASSIFIER)[adapter]
     ids = kwargs.get("input_ids", args[0] if args else None)

@@ -173,3 +173,30 @@ def test_scalings_pass_is_an_input(experts):
             lora = peft.PeftModel.from_pretrained(_base(name), path).eval()
             torch.testing.assert_close(gm(input_ids=ids, xlora_scalings=scalings).logits, lora(input_ids=ids).logits,
                                        atol=1e-5, rtol=1e-5)
+
+
+def test_disabled_and_generate(experts):
+    """disable_adapter gives the base model; generate without a cache gives PEFT's tokens (PEFT's X-LoRA always
+    generates so); with a cache it is refused, naming the fix."""
+    name, paths, _ = experts
+    reference, gm = _pair(name, paths)
+    ids = _ids(5)
+    with torch.no_grad():
+        with gm.disable_adapter():
+            torch.testing.assert_close(gm(input_ids=ids).logits, _base(name)(input_ids=ids).logits)
+        expected = reference.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+        got = gm.generate(input_ids=ids, max_new_tokens=4, do_sample=False, use_cache=False)
+    assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match="use_cache=False"):
+        gm.generate(input_ids=ids, max_new_tokens=2, do_sample=False)
+
+
+def test_compiles_whole(experts):
+    """torch.compile(fullgraph=True): the scaling pass runs before the compiled call (Method.fill_call_inputs),
+    whose graph takes the scalings as an input."""
+    name, paths, _ = experts
+    reference, gm = _pair(name, paths)
+    ids = _ids(6)
+    with torch.no_grad():
+        got = torch.compile(gm, fullgraph=True)(input_ids=ids).logits
+        torch.testing.assert_close(got, reference(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
