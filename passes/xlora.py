@@ -76,8 +76,12 @@ class XLoraConfig(PeftConfigBase):
             raise ValueError("X-LoRA depth must be strictly positive.")
 
 
-def read_expert(path: str) -> tuple[dict, float]:
-    """A saved PEFT LoRA adapter: {module path: {"lora_A": (r, in), "lora_B": (out, r)}} and its scaling."""
+def read_expert(path: str) -> tuple[dict, tuple[float, float]]:
+    """A saved PEFT LoRA adapter: {module path: {"lora_A": (r, in), "lora_B": (out, r)}} and (its scaling, its
+    lora_dropout)."""
+    if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+        raise FileNotFoundError(f"X-LoRA expert {path!r} is no saved LoRA adapter folder (no adapter_config.json): "
+                                "XLoraConfig.adapters maps names to folders written by save_pretrained.")
     with open(os.path.join(path, "adapter_config.json")) as handle:
         data = json.load(handle)
     if data.get("peft_type") != "LORA":
@@ -89,7 +93,7 @@ def read_expert(path: str) -> tuple[dict, float]:
     for key, value in load_file(os.path.join(path, "adapter_model.safetensors")).items():
         module, kind, _ = key.removeprefix("base_model.model.").rsplit(".", 2)
         factors.setdefault(module, {})[kind] = value
-    return factors, data["lora_alpha"] / data["r"]
+    return factors, (data["lora_alpha"] / data["r"], data.get("lora_dropout", 0.0))
 
 
 def resolve_config(gm, sites, config: XLoraConfig):
@@ -141,8 +145,10 @@ class XLoraExperts(nn.Module):
         self.top_k, self.softmax_topk = config.top_k_lora, config.enable_softmax_topk
         self.weight = config.global_scaling_weight
         self.lora_A, self.lora_B, self.scales = nn.ParameterDict(), nn.ParameterDict(), {}
-        for index, found in factors:  # (expert index, (A, B, scale)) for the experts at this site
-            a, b, scale = found
+        self.dropout = nn.ModuleDict()  # each expert's lora_dropout, on its scaled input (PEFT's order)
+        for index, found in factors:  # (expert index, (A, B, (scale, dropout))) for the experts at this site
+            a, b, (scale, p) = found
+            self.dropout[str(index)] = nn.Dropout(p) if p > 0 else nn.Identity()
             self.lora_A[str(index)] = nn.Parameter(a.to(device, dtype), requires_grad=config.use_trainable_adapters)
             self.lora_B[str(index)] = nn.Parameter(b.to(device, dtype), requires_grad=config.use_trainable_adapters)
             self.scales[str(index)] = scale
@@ -162,7 +168,8 @@ class XLoraExperts(nn.Module):
         out = None
         for index in self.experts:  # a list: ParameterDict.items() is a generator, which torch.compile cannot trace
             i = int(index)
-            term = (x * s[..., i:i + 1]) @ self.lora_A[index].T @ self.lora_B[index].T * (self.scales[index] * self.weight)
+            term = self.dropout[index](x * s[..., i:i + 1]) @ self.lora_A[index].T @ self.lora_B[index].T
+            term = term * (self.scales[index] * self.weight)
             out = term if out is None else out + term
         return out
 
@@ -172,6 +179,10 @@ def prepare(gm, targets, config: XLoraConfig, adapter: str) -> None:
                                                                           False):
         raise ValueError("`use_cache` must be False (PEFT's XLoraModel refuses a model whose config.use_cache is "
                          "True): set model.config.use_cache = False before transforming.")
+    width = getattr(getattr(gm._fxpeft_source, "config", None), "hidden_size", None)
+    if width is not None and width != config.hidden_size:  # PEFT fails at the first call, in the classifier's matmul
+        raise ValueError(f"XLoraConfig.hidden_size is {config.hidden_size} but the model's hidden size is {width}: "
+                         f"the classifier reads the last hidden state; set hidden_size={width}.")
     dtype = next(gm.parameters()).dtype  # PEFT: the classifier takes the model's first parameter's dtype
     device = targets[0][2].device
     classifier = XLoraClassifier(config, len(config.adapters), len(targets)).to(device, dtype)

@@ -25,21 +25,25 @@ def _base(name):
     return model.eval()
 
 
-@pytest.fixture(scope="module", params=list(TASK))
-def experts(request, tmp_path_factory):
+def _save_experts(name, root, **lora):
     """Two PEFT LoRA experts (drawn B: they act) on different sites, saved by PEFT; named "0", "1" (PEFT's
     X-LoRA runs only with experts named so: it loads expert i as adapter str(i) but activates the names given)."""
-    name, root = request.param, tmp_path_factory.mktemp("xlora")
     paths = {}
     for i, targets in enumerate(EXPERT_TARGETS[name]):
         torch.manual_seed(10 + i)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            lora = peft.get_peft_model(_base(name), peft.LoraConfig(r=4, lora_alpha=8 + 4 * i, target_modules=targets,
-                                                                    init_lora_weights=False))
-        lora.save_pretrained(root / str(i))
+            expert = peft.get_peft_model(_base(name), peft.LoraConfig(
+                r=4, lora_alpha=8 + 4 * i, target_modules=targets, init_lora_weights=False, **lora))
+        expert.save_pretrained(root / str(i))
         paths[str(i)] = str(root / str(i))
-    return name, paths, root
+    return paths
+
+
+@pytest.fixture(scope="module", params=list(TASK))
+def experts(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp("xlora")
+    return request.param, _save_experts(request.param, root), root
 
 
 def _pair(name, paths, **options):
@@ -133,6 +137,22 @@ def test_training_steps_equal_peft(experts):
         torch.testing.assert_close(mine, peft_param, atol=1e-5, rtol=1e-5)
 
 
+def test_dropouts_in_training_equal_peft(experts, tmp_path):
+    """The experts' lora_dropout and the classifier's dropout draw as PEFT's do: same seed, same loss."""
+    name = experts[0]
+    paths = _save_experts(name, tmp_path, lora_dropout=0.3)
+    reference, gm = _pair(name, paths, xlora_depth=2, xlora_size=16, xlora_dropout_p=0.25)
+    reference.train(), gm.train()
+    ids = _ids(7)
+    torch.manual_seed(5)
+    expected = reference(input_ids=ids, labels=ids).loss
+    torch.manual_seed(5)
+    got = gm(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.manual_seed(6)
+    assert not torch.allclose(gm(input_ids=ids, labels=ids).loss, got)  # the dropouts act
+
+
 def test_config_as_peft():
     with pytest.warns(UserWarning, match="hidden_size"):
         config = fxpeft.XLoraConfig(adapters={})
@@ -148,7 +168,7 @@ def test_config_as_peft():
     assert {f for f in theirs - ours if f not in ("peft_type", "auto_mapping", "peft_version")} == set()
 
 
-def test_model_that_caches_is_refused(experts):
+def test_bad_input_is_refused(experts):
     name, paths, _ = experts
     model = _base(name)
     model.config.use_cache = True
@@ -156,6 +176,13 @@ def test_model_that_caches_is_refused(experts):
     with pytest.raises(ValueError, match="use_cache` must be False"):
         fxpeft.transform(model, fxpeft.XLoraConfig(task_type=TASK[name], hidden_size=32, adapters=paths))
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert not any("xlora" in n for n, _ in model.named_modules())
+    model.config.use_cache = False
+    with pytest.raises(ValueError, match="set hidden_size=32"):
+        fxpeft.transform(model, fxpeft.XLoraConfig(task_type=TASK[name], hidden_size=48, adapters=paths))
+    with pytest.raises(FileNotFoundError, match="no saved LoRA adapter folder"):
+        fxpeft.transform(model, fxpeft.XLoraConfig(task_type=TASK[name], hidden_size=32,
+                                                   adapters={"0": str(experts[2] / "missing")}))
     assert not any("xlora" in n for n, _ in model.named_modules())
 
 
