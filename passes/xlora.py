@@ -101,6 +101,11 @@ def resolve_config(gm, sites, config: XLoraConfig):
     if config.use_trainable_adapters:
         raise NotImplementedError("XLoraConfig(use_trainable_adapters=True) is not supported by fxpeft yet (PEFT "
                                   "saves trained experts only in its per-expert subfolders); keep the experts frozen.")
+    held = [name for name, other in gm.peft_config.items() if isinstance(other, XLoraConfig)]
+    if held:  # one scalings input serves the model's sites; PEFT's XLoraModel has one classifier too
+        raise ValueError(f"This model already holds the X-LoRA adapter {held[0]!r}; X-LoRA takes one adapter per model "
+                         "(its experts are the adapters it mixes): name every expert in that adapter's `adapters`, or "
+                         "transform another copy of the model.")
     if not config.adapters:
         raise ValueError("XLoraConfig.adapters is empty: name the LoRA experts, {name: path of a saved LoRA adapter}.")
     experts = [read_expert(path) for path in config.adapters.values()]

@@ -178,6 +178,10 @@ def test_bad_input_is_refused(experts):
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
     assert not any("xlora" in n for n, _ in model.named_modules())
     model.config.use_cache = False
+    gm = fxpeft.transform(model, fxpeft.XLoraConfig(task_type=TASK[name], hidden_size=32, adapters=paths))
+    with pytest.raises(ValueError, match="X-LoRA takes one adapter per model"):
+        gm.add_adapter("other", fxpeft.XLoraConfig(task_type=TASK[name], hidden_size=32, adapters=paths))
+    assert list(gm.peft_config) == ["default"] and not any(".other" in n for n, _ in gm.named_modules())
     with pytest.raises(ValueError, match="set hidden_size=32"):
         fxpeft.transform(model, fxpeft.XLoraConfig(task_type=TASK[name], hidden_size=48, adapters=paths))
     with pytest.raises(FileNotFoundError, match="no saved LoRA adapter folder"):
