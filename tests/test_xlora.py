@@ -64,7 +64,7 @@ def _ids(seed=1):
     return torch.randint(0, models.VOCAB, (2, 7), generator=torch.Generator().manual_seed(seed))
 
 
-OPTIONS = [dict(), dict(scaling_pass_value=0.5), dict(layerwise_scalings=True, xlora_depth=2, xlora_size=16),
+OPTIONS = [dict(), dict(scaling_pass_value=0.5, layerwise_scalings=True, xlora_depth=2, xlora_size=16),
            dict(top_k_lora=1, enable_softmax_topk=True, enable_softmax=False, scaling_pass_value=0.3),
            dict(softmax_temperature=0.5, global_scaling_weight=2.0, xlora_depth=3, xlora_size=8)]
 
