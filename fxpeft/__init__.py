@@ -68,6 +68,7 @@ from .passes.cartridge import (CartridgeConfig, CartridgeEncoder, compose_cartri
 from .passes.adaption_prompt import AdaptionPromptConfig  # noqa: E402
 from .passes.multitask_prompt_tuning import MultitaskPromptTuningConfig, MultitaskPromptTuningInit  # noqa: E402
 from .passes.poly import PolyConfig  # noqa: E402
+from .passes.xlora import XLoraConfig  # noqa: E402
 
 __all__ = [
     "transform", "add_adapter", "load_adapter", "from_pretrained", "save_pretrained", "delete_adapter",
@@ -108,4 +109,5 @@ __all__ = [
     "AdaptionPromptConfig",
     "MultitaskPromptTuningConfig", "MultitaskPromptTuningInit",
     "PolyConfig",
+    "XLoraConfig",
 ]

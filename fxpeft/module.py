@@ -295,6 +295,7 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         methods = [(self._fxpeft_registry.method_for(config), name) for name, config in self.peft_config.items()]
         self.__dict__["_fxpeft_loss_hooks"] = [(m, name) for m, name in methods if m.adjust_loss is not None]
         self.__dict__["_fxpeft_call_losses"] = [(m, name) for m, name in methods if m.call_loss is not None]
+        self.__dict__["_fxpeft_fillers"] = [(m, name) for m, name in methods if m.fill_call_inputs is not None]
         self.__dict__["_fxpeft_prepare_hooks"] = list(dict.fromkeys(m.prepare_call for m, _ in methods
                                                                      if m.prepare_call is not None))
         self.__dict__["_fxpeft_memo"] = {}  # what prepare hooks derive from the adapters that exist (gone on relower)
@@ -465,6 +466,8 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         and marks the call as prepared while it runs (``call_prepared``: one flag for the process, so a
         call in another thread that skipped the hooks may see it set)."""
         if not torch.compiler.is_compiling():
+            if self.__dict__.get("_fxpeft_fillers"):
+                kwargs = self._fill_call_inputs(args, kwargs)
             frame = _dynamo_active()  # this call runs compiled code
             mixed = kwargs.get("adapter_names") is not None
             compiled = frame or bool(self.__dict__.get("_fxpeft_compiled_blocks"))
@@ -481,6 +484,16 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
                 finally:
                     _Prepared.now = previous
         return nn.Module.__call__(self, *args, **kwargs)
+
+    @torch.compiler.disable  # runs the module itself: never traced
+    def _fill_call_inputs(self, args, kwargs: dict) -> dict:
+        """The call inputs a method computes for a call that did not give them (``Method.fill_call_inputs``:
+        X-LoRA's scalings, from a first pass it runs by calling the module with them given), before the call
+        (compiled or not) binds its inputs."""
+        for method, adapter in self._fxpeft_fillers:
+            if adapter in self._fxpeft_active and any(kwargs.get(n) is None for n in method.call_inputs):
+                kwargs = {**kwargs, **method.fill_call_inputs(self, adapter, args, kwargs)}
+        return kwargs
 
     @torch.compiler.disable  # called from the frame dynamo skips: its callees would be traced (one call: each costs)
     def _before_compiled_call(self, args, kwargs, mixed: bool, prepare: bool) -> None:

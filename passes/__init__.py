@@ -29,3 +29,4 @@ from . import adaption_prompt  # noqa: E402,F401
 from . import multitask_prompt_tuning  # noqa: E402,F401
 from . import poly  # noqa: E402,F401
 from . import cpt  # noqa: E402,F401
+from . import xlora  # noqa: E402,F401
