@@ -219,8 +219,8 @@ def cache_for_use_cache(gm, kwargs: dict, compiled: bool = False) -> None:
     where none can be given (``compiled``: a call ``torch.compile(gm)`` runs), a warning says so."""
     if kwargs.get("use_cache") is not True or cache_name_of(kwargs) is not None:
         return
-    names = [name for name in CACHE_NAMES if name in gm._fxpeft_arg_names]
-    if not names:
+    name = cache_argument(gm)
+    if name is None:
         return
     from transformers import DynamicCache
 
@@ -240,7 +240,7 @@ def cache_for_use_cache(gm, kwargs: dict, compiled: bool = False) -> None:
         warnings.warn(f"use_cache=True: this call returns no KV cache, as {why}; a decoding loop that passes "
                       "the returned cache back would run each step without the tokens before it.", stacklevel=4)
         return
-    kwargs[names[0]] = cache
+    kwargs[name] = cache
 
 
 def written_back(static):
@@ -268,7 +268,7 @@ def _dynamic_to_static(gm, args: tuple, kwargs: dict):
             or not (is_dynamic(kwargs.get(name)) or asked and name is None)):
         return None
     if name is None:  # asked for by name: the call returns a DynamicCache, as transformers' would
-        name = "cache" if "cache" in gm._fxpeft_arg_names else "past_key_values"
+        name = cache_argument(gm) or "past_key_values"
         kwargs[name] = DynamicCache(config=gm.config)
         if kwargs.get("generation_config") is not None:
             kwargs["generation_config"] = copy.deepcopy(kwargs["generation_config"])
@@ -421,6 +421,11 @@ def capture_with_cache(model, call: dict, cache_name: str, widen: bool) -> captu
     example = small_example(call, cache_name) if widen else call
     return capture_mod.export_call(model, example, convert_inputs=_with_shell, convert_output=_without_cache,
                                    fixed=CACHE_FIXED)
+
+
+def cache_argument(gm) -> Optional[str]:
+    """The name the model's forward takes its KV cache under (one of ``CACHE_NAMES``), or None: it takes none."""
+    return next((name for name in CACHE_NAMES if name in gm._fxpeft_arg_names), None)
 
 
 def cache_name_of(call: dict) -> Optional[str]:

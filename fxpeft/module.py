@@ -291,8 +291,11 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         self.sync_gates()
         self.__dict__.pop("_fxpeft_merged", None)  # adapters added or deleted: state.merged_adapters walks again
         self.__dict__["_fxpeft_dropped"] = self._dropped_inputs()
-        self.__dict__["_fxpeft_prefilled"] = self._prefilled_adapter()
         methods = [(self._fxpeft_registry.method_for(config), name) for name, config in self.peft_config.items()]
+        # the active adapter whose virtual tokens a graph with a KV cache reads from the cache (Method.prefill_cache:
+        # prompt and prefix methods, one of theirs acting at a time), or None
+        self.__dict__["_fxpeft_prefilled"] = next((name for m, name in methods if m.prefill_cache is not None
+                                                   and name in self._fxpeft_active), None)
         self.__dict__["_fxpeft_loss_hooks"] = [(m, name) for m, name in methods if m.adjust_loss is not None]
         self.__dict__["_fxpeft_call_losses"] = [(m, name) for m, name in methods if m.call_loss is not None]
         self.__dict__["_fxpeft_fillers"] = [(m, name) for m, name in methods if m.fill_call_inputs is not None]
@@ -406,15 +409,6 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
             if method is not None and method.dropped_inputs is not None:
                 dropped |= method.dropped_inputs(config)
         return frozenset(dropped)
-
-    def _prefilled_adapter(self) -> Optional[str]:
-        """The active adapter whose virtual tokens a graph with a KV cache reads from the cache
-        (``Method.prefill_cache``: prompt and prefix methods), or None."""
-        for name in self._fxpeft_active:
-            config = self.peft_config.get(name)
-            if config is not None and self._fxpeft_registry.method_for(config).prefill_cache is not None:
-                return name
-        return None
 
     def sync_gates(self) -> None:
         """The graph reads which adapters act from two buffers, updated in place (no recompile):
@@ -617,7 +611,7 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
                         "hold them (the call would run without the adapter). Use gm.generate(...), which fills the "
                         "cache so and decodes over it, or call without a cache object.")
                 # the model's own name for it (transformers 5.24 calls it cache, earlier ones past_key_values)
-                name = "cache" if "cache" in self._fxpeft_arg_names else "past_key_values"
+                name = generation.cache_argument(self) or "past_key_values"
                 query = generation.prompt_of((), kwargs, ("decoder_input_ids", "decoder_inputs_embeds", "input_ids",
                                                           "inputs_embeds"))  # what the cache grows by
                 kwargs[name] = generation.cache_tensors(self, cache, query)
