@@ -51,7 +51,8 @@ def is_targeted(config, path: str) -> bool:
     if not _matches_list_or_regex(config.target_modules, path):
         return False
     layers = getattr(config, "layers_to_transform", None)
-    if isinstance(config.target_modules, str) or layers is None or layers == []:
+    # a module named in full is taken as it is: the layer filter narrows suffix matches only (PEFT's rule)
+    if isinstance(config.target_modules, str) or path in config.target_modules or layers is None or layers == []:
         return True
     index = _layer_index(path, getattr(config, "layers_pattern", None))
     if index is None:

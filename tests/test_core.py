@@ -173,6 +173,8 @@ def test_targeting_rules_match_peft():
         dict(target_modules=r".*\.layers\.1\..*(q_proj|down_proj)"),
         dict(target_modules=["q_proj", "k_proj"], layers_to_transform=[1]),
         dict(target_modules=["q_proj", "k_proj"], layers_to_transform=0, layers_pattern="layers"),
+        # a full name is taken as it is, the layer filter applying to suffix matches only (PEFT's rule)
+        dict(target_modules=["model.layers.0.self_attn.q_proj", "k_proj"], layers_to_transform=[1]),
         dict(target_modules="all-linear", exclude_modules=["o_proj", "gate_proj"]),
         dict(target_modules=["self_attn.q_proj", "mlp.up_proj"]),
         dict(target_modules=None),
