@@ -69,6 +69,7 @@ from .passes.adaption_prompt import AdaptionPromptConfig  # noqa: E402
 from .passes.multitask_prompt_tuning import MultitaskPromptTuningConfig, MultitaskPromptTuningInit  # noqa: E402
 from .passes.poly import PolyConfig  # noqa: E402
 from .passes.xlora import XLoraConfig  # noqa: E402
+from .passes.shadow import ShadowConfig  # noqa: E402
 
 __all__ = [
     "transform", "add_adapter", "load_adapter", "from_pretrained", "save_pretrained", "delete_adapter",
@@ -110,4 +111,5 @@ __all__ = [
     "MultitaskPromptTuningConfig", "MultitaskPromptTuningInit",
     "PolyConfig",
     "XLoraConfig",
+    "ShadowConfig",
 ]

@@ -133,6 +133,7 @@ def _attach(gm: PeftGraphModule, config, adapter_name: str) -> None:
     trainable = not getattr(config, "inference_mode", False)
     # derived state (AdaLoRA's ranknum) and what a method keeps frozen (Cartridge's first tokens) never train
     constant = {*method.unsaved_containers, *method.untrained}
+    frozen = {id(param) for param in method.frozen(gm, adapter_name)} if method.frozen is not None else set()
     for path, module in registry.modules_but_adapters(gm, gm.peft_config):  # the new adapter's state included
         if id(module) not in known:  # its dropouts follow the module's mode (an eval module stays deterministic)
             module.training = gm.training
@@ -141,7 +142,7 @@ def _attach(gm: PeftGraphModule, config, adapter_name: str) -> None:
                 parts = f"{path}.{name}".split(".")
                 if adapter_name in parts:  # an adapter named like a frozen container ("embedding") still trains
                     parts.remove(adapter_name)
-                param.requires_grad_(trainable and constant.isdisjoint(parts))
+                param.requires_grad_(trainable and constant.isdisjoint(parts) and id(param) not in frozen)
     if trainable:
         _set_bias_trainable(gm, config, adapted)
     gm.peft_config[adapter_name] = config
@@ -382,6 +383,8 @@ def delete_adapter(gm: PeftGraphModule, adapter_name: str) -> None:
             if not isinstance(group, nn.ModuleDict):
                 continue
             for key, holder in list(group._modules.items()):
+                if key in gm.peft_config:  # an adapter's own entry (SHADOW's backbone), not a group of entries
+                    continue
                 if adapter_name in holder:
                     del holder[adapter_name]
                 if not len(holder):

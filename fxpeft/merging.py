@@ -38,8 +38,8 @@ def _check_mergeable(gm, names) -> None:
     unmergeable = [n for n in names if method_of(gm, n).fold is None and method_of(gm, n).exchange is None]
     if unmergeable:
         raise ValueError(f"Adapter(s) {unmergeable} ({method_of(gm, unmergeable[0]).name}) change the model in a way "
-                         "that is no change of its weights (virtual tokens, key/value prefixes), so there is nothing "
-                         "to merge. Use fxpeft.unload for the base model.")
+                         "that is no change of its weights (virtual tokens, key/value prefixes, a network beside "
+                         "it), so there is nothing to merge. Use fxpeft.unload for the base model.")
 
 
 def _base_weight(gm, site, module) -> torch.Tensor:

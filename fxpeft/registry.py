@@ -112,6 +112,9 @@ class Method:
     unsaved_containers: tuple[str, ...] = ()
     # names of adapter parameters that never train, though saved (Cartridge's frozen leading tokens)
     untrained: tuple[str, ...] = ()
+    # ``frozen(gm, adapter) -> parameters``: those of a new adapter that stay frozen, where a name cannot tell
+    # (the embedding tables of a pretrained SHADOW backbone)
+    frozen: Optional[Callable] = None
     # ``saved_state(gm, adapter, {key: tensor}) -> {key: tensor}``: what a checkpoint holds, where it
     # is not the module's tensors as they are (AdaLoRA saves its sites cut to their allocated rank)
     saved_state: Optional[Callable] = None

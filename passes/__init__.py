@@ -30,3 +30,4 @@ from . import multitask_prompt_tuning  # noqa: E402,F401
 from . import poly  # noqa: E402,F401
 from . import cpt  # noqa: E402,F401
 from . import xlora  # noqa: E402,F401
+from . import shadow  # noqa: E402,F401
