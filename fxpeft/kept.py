@@ -39,6 +39,11 @@ class GenerationLayout(NamedTuple):
     places: list  # kept_places
     programs: dict  # "dense" / "mixed" (and "… input", "dense weight") -> the plain lowering as programs (KeptSites.programs)
 
+    def __deepcopy__(self, memo):
+        """Shared, not copied: its site holds graph nodes, which do not copy, and a copied model's relower gives
+        the copy's modules layouts of their own."""
+        return self
+
 
 class SiteParts(NamedTuple):
     """One adapter at one linear site as a generation graph applies it in eval: ``y ← k ⊙ y + B (A x) + D x +

@@ -288,6 +288,17 @@ def test_graph_module_behaviour_state_dict_deepcopy_to():
         torch.testing.assert_close(double(**inputs).logits.float(), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_deepcopy_after_generating():
+    """A module that generated (what its methods kept for it holds traced programs) copies, and the copy
+    generates the same tokens."""
+    gm = fxpeft.transform(models.llama().eval(), fxpeft.LoHaConfig(r=4, target_modules=["q_proj"], init_weights=False))
+    inputs = models.hf_inputs("llama")
+    kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        tokens = gm.eval().generate(**inputs, **kwargs)
+        assert torch.equal(copy.deepcopy(gm).generate(**inputs, **kwargs), tokens)
+
+
 def test_bad_targets_and_configs_raise_clear_errors():
     model = models.llama().eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
