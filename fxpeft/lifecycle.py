@@ -119,15 +119,24 @@ def _attach(gm: PeftGraphModule, config, adapter_name: str) -> None:
             f"fxpeft.transform(model, [{type(config).__name__}(...), LoraConfig(...)]), not to a transformed module."
         )
     kinds = {type(existing).peft_type for existing in gm.peft_config.values()}
-    if kinds and config.peft_type not in kinds:
+    mixable = sorted({m.config_type.peft_type for m in registry.methods if m.mixable})
+    if gm.__dict__.get("_fxpeft_mixed") and not method.mixable:
+        raise ValueError(f"Adapter of type {config.peft_type} is not supported for mixed models (fxpeft's mixed models, "
+                         f"as PEFT's, take {', '.join(mixable)} adapters"
+                         + (", LoRA without DoRA" if config.peft_type in mixable else "") + ").")
+    if kinds and config.peft_type not in kinds and not gm.__dict__.get("_fxpeft_mixed"):
         raise ValueError(f"Cannot combine adapters with different peft types ({sorted(kinds)[0]} and "
-                         f"{config.peft_type}), as in PEFT: transform another copy of the model for {adapter_name!r}.")
+                         f"{config.peft_type}), as in PEFT: transform another copy of the model for {adapter_name!r}, "
+                         f"or make a mixed model (fxpeft.transform(..., mixed=True), PEFT's mixed=True) to combine "
+                         f"{', '.join(mixable)} adapters.")
     sites = find_sites(gm._fxpeft_signatures[gm._fxpeft_primary].canonical, gm, registry)
     if method.resolve_config is not None:  # stored and saved as PEFT does: "all-linear" / None resolved
         config = method.resolve_config(gm, sites, config)
     existing = [m for _, m in registry.modules_but_adapters(gm, gm.peft_config)]
     before, known = {id(p) for m in existing for p in m._parameters.values()}, {id(m) for m in existing}
     adapted = method.attach(gm, sites, config, adapter_name)
+    if gm.__dict__.get("_fxpeft_mixed") and method.mixable != "wraps":
+        _check_nesting(gm, adapted, method, adapter_name)
     for hook in registry.attach_hooks:  # what every config may ask for besides its method (modules_to_save)
         hook(gm, config, adapter_name)
     trainable = not getattr(config, "inference_mode", False)
@@ -150,6 +159,22 @@ def _attach(gm: PeftGraphModule, config, adapter_name: str) -> None:
         gm._fxpeft_active[:] = [adapter_name]
 
 
+def _check_nesting(gm: PeftGraphModule, adapted: Sequence[str], method, adapter_name: str) -> None:
+    """In a mixed model PEFT nests each new adapter's layer around the layer it targets, so an adapter that
+    changes a layer's input or weight ("wraps": OFT) acts on the adapters added before it and not on later
+    ones; fxpeft's graphs give every added change the changed input. The later order is refused."""
+    for path in adapted:
+        module = gm.get_submodule(path)
+        for name in gm.peft_config:
+            other = method_of(gm, name)
+            if other is not method and other.mixable == "wraps" and name in (other.adapters_at(module) or []):
+                raise NotImplementedError(
+                    f"{path} holds {other.name} adapter {name!r}, which changes the layer's input or weight; in a mixed "
+                    f"model {method.name} adapter {adapter_name!r}, added after it, would act on the layer's original "
+                    f"input (PEFT nests each new adapter around the layer), which fxpeft does not do yet: add the "
+                    f"{other.name} adapter after the others.")
+
+
 @progress.task("fxpeft.transform")
 def transform(
     model: nn.Module,
@@ -158,10 +183,13 @@ def transform(
     example_inputs=None,
     adapter_name: str = "default",
     registry: Optional[Registry] = None,
+    mixed: bool = False,
 ) -> PeftGraphModule:
     """Capture ``model`` into an FX graph, apply the passes for ``config`` (one or a list, in
     order) and return a GraphModule called exactly like ``model``. ``registry`` holds the methods
-    (default: fxpeft's own, fxpeft/registry.py); the result keeps it for later edits.
+    (default: fxpeft's own, fxpeft/registry.py); the result keeps it for later edits. ``mixed``
+    (PEFT's ``get_peft_model(..., mixed=True)``): adapters of different types may be added and act
+    together (LoRA, LoHa, LoKr, AdaLoRA, OFT, SHiRA: the methods marked ``Method.mixable``).
 
     The base parameters are shared with ``model`` (no copy) and frozen, as PEFT does; on any
     error ``model`` is left exactly as it was.
@@ -173,6 +201,7 @@ def transform(
         registry.method_for(item)  # unknown config types fail before any work
     with _restore_on_error(model), _weights_kept_on_error(model, configs, registry):
         gm = build(model, example_inputs, configs, registry)
+        gm.__dict__["_fxpeft_mixed"] = bool(mixed)
         for param in gm.parameters():
             param.requires_grad_(False)
         for item in configs:
@@ -275,10 +304,11 @@ def save_pretrained(gm: PeftGraphModule, directory: str, adapter_names=None, saf
 
 @progress.task("fxpeft.from_pretrained")
 def from_pretrained(model: nn.Module, directory: str, adapter_name: str = "default", is_trainable: bool = False,
-                    example_inputs=None, quantization_config=None, registry: Optional[Registry] = None
-                    ) -> PeftGraphModule:
+                    example_inputs=None, quantization_config=None, registry: Optional[Registry] = None,
+                    mixed: bool = False) -> PeftGraphModule:
     """Transform ``model`` with the adapter stored in ``directory`` (written by PEFT or fxpeft),
-    quantizing the base first when a ``quantization_config`` (BnbConfig) is given (QLoRA)."""
+    quantizing the base first when a ``quantization_config`` (BnbConfig) is given (QLoRA); ``mixed``:
+    a mixed model (PEFT's ``PeftMixedModel.from_pretrained``), see :func:`transform`."""
     check_adapter_name(adapter_name)  # before reading files
     progress.step("reading checkpoint")
     config = _checkpoint.load_config(directory, registry or DEFAULT)
@@ -286,7 +316,8 @@ def from_pretrained(model: nn.Module, directory: str, adapter_name: str = "defau
     config.inference_mode = not is_trainable
     configs = [config] if quantization_config is None else [quantization_config, config]
     with _restore_on_error(model), _weights_kept_on_error(model, configs, registry or DEFAULT):
-        gm = transform(model, configs, example_inputs=example_inputs, adapter_name=adapter_name, registry=registry)
+        gm = transform(model, configs, example_inputs=example_inputs, adapter_name=adapter_name, registry=registry,
+                       mixed=mixed)
         progress.step("copying adapter weights")
         _checkpoint.check_and_copy(gm, adapter_name, weights)
     return gm

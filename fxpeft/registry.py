@@ -115,6 +115,11 @@ class Method:
     # ``frozen(gm, adapter) -> parameters``: those of a new adapter that stay frozen, where a name cannot tell
     # (the embedding tables of a pretrained SHADOW backbone)
     frozen: Optional[Callable] = None
+    # how its adapters join other methods' at a site in a mixed result (``transform(..., mixed=True)``, PEFT's
+    # mixed model, which nests each new adapter's layer around the layer it targets): "adds" (its change is added
+    # to the layer's output: the order does not matter), "wraps" (it changes the layer's input or weight, so it
+    # acts on the adapters added before it); None: it is not mixed with other methods
+    mixable: Optional[str] = None
     # ``saved_state(gm, adapter, {key: tensor}) -> {key: tensor}``: what a checkpoint holds, where it
     # is not the module's tensors as they are (AdaLoRA saves its sites cut to their allocated rank)
     saved_state: Optional[Callable] = None

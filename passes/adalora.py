@@ -551,4 +551,5 @@ _METHOD = additive(
     saved_state=saved_state, adjust_loss=add_orthogonal_regulariser,
     module_methods=(("update_and_allocate", update_and_allocate),),
     describe=lambda module, adapter: f"r={int((module.lora_E[adapter] != 0).sum())}/{module.lora_E[adapter].shape[0]}")
-METHOD = register_method(dataclasses.replace(_METHOD, attach=functools.partial(attach, site_attach=_METHOD.attach)))
+METHOD = register_method(dataclasses.replace(_METHOD, attach=functools.partial(attach, site_attach=_METHOD.attach),
+                                             mixable="adds"))

@@ -71,4 +71,4 @@ def make_weight(w1a, w1b, w2a, w2b, t1, t2, scale, shape):
 
 METHOD = register_method(lycoris(
     name="loha", title="LoHa", config_type=LoHaConfig, containers=CONTAINERS, gates="hada_gate", factors=factors,
-    make_weight=make_weight, rank_dropout_scale=lambda config: True))
+    make_weight=make_weight, rank_dropout_scale=lambda config: True, mixable="adds"))

@@ -121,4 +121,4 @@ def kron(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 METHOD = register_method(lycoris(
     name="lokr", title="LoKr", config_type=LoKrConfig, containers=CONTAINERS, gates="lokr_gate", factors=factors,
-    make_weight=make_weight, rank_dropout_scale=lambda config: config.rank_dropout_scale))
+    make_weight=make_weight, rank_dropout_scale=lambda config: config.rank_dropout_scale, mixable="adds"))

@@ -809,4 +809,4 @@ METHOD = register_method(with_parameters(with_replication(with_tying(with_tokens
     dtype_of=lambda module, adapter: module.lora_A[adapter].weight.dtype,
     default_targets=DEFAULT_LORA_TARGETS, heads=output_heads, lower_site=lower_site, adapters_at=_lora_adapters,
     describe=_rank, check_site=check_site, initial_conversion=initial_conversion, changes_base=changes_base,
-    prepare_call=prepare_call, lowered=lowered)), add_lora))))
+    prepare_call=prepare_call, lowered=lowered, mixable="adds")), add_lora))))

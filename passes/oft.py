@@ -269,5 +269,5 @@ METHOD = register_method(weight_map(
     site_parts=orthogonal.parts(rotation=lambda module, adapter: _rotation(module, adapter).kept_blocks()),
     containers=("oft_R", "oft_embedding_R", "oft_dropout"), gates="oft_gate", kinds=("linear", "conv", "embedding"),
     kept_kinds=("linear", "conv", "embedding"),
-    default_targets=DEFAULT_LORA_TARGETS, heads=output_heads,
+    default_targets=DEFAULT_LORA_TARGETS, heads=output_heads, mixable="wraps",
     describe=lambda module, adapter: _rotation(module, adapter).extra_repr()))

@@ -154,5 +154,5 @@ METHOD = register_method(additive(
     name="shira", config_type=ShiraConfig, create=add_shira, delta=delta, delta_weight=delta_weight,
     containers=("shira_weight", "shira_indices"), gates="shira_gate", kinds=("linear",), scales_itself=True,
     dtype_of=lambda module, adapter: module.shira_weight[adapter].dtype, check_site=check_site,
-    default_targets=DEFAULT_SHIRA_TARGETS, heads=output_heads,
+    default_targets=DEFAULT_SHIRA_TARGETS, heads=output_heads, mixable="adds",
     describe=lambda module, adapter: f"{module.shira_weight[adapter].numel()} entries"))
