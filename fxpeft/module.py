@@ -357,8 +357,8 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
                 signature.mixed_graph = lower(top, self, self._fxpeft_registry, mixed=True, cached=cached,
                                               call_inputs=call_inputs)
                 signature.mixed_fn = self._function(signature.mixed_graph, self)
-            except NotImplementedError as error:  # only calls with adapter_names= need this graph
-                signature.mixed_error = error
+            except NotImplementedError as error:  # only calls with adapter_names= need this graph; kept without
+                signature.mixed_error = error.with_traceback(None)  # its frames (they hold the capturing call's inputs)
 
     def _lower_blocks(self, outlined: Outlined, lowered: dict) -> Optional[Exception]:
         """Give each block the lowered code for its graph; the first reason a block has no mixed graph."""
@@ -388,8 +388,8 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
                         mixed = self._function(lower(block_graph.graph, block, self._fxpeft_registry, mixed=True,
                                                      adapter_order=order, cached=block_graph.cached,
                                                      call_inputs=self._fxpeft_call_inputs), block)
-                    except NotImplementedError as caught:
-                        error = caught
+                    except NotImplementedError as caught:  # kept without its frames (they hold the call's inputs)
+                        error = caught.with_traceback(None)
                 # helper modules rules registered while lowering (stateless): every block sharing the code reads them
                 helpers = {name: block._modules[name] for name in set(block._modules) - before}
                 lowered[key] = (self._function(dense, block), mixed, dense, error, helpers)
@@ -460,9 +460,9 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         and marks the call as prepared while it runs (``call_prepared``: one flag for the process, so a
         call in another thread that skipped the hooks may see it set)."""
         if not torch.compiler.is_compiling():
+            frame = runs_compiled()  # this call runs compiled code
             if self.__dict__.get("_fxpeft_fillers"):
-                kwargs = self._fill_call_inputs(args, kwargs)
-            frame = _dynamo_active()  # this call runs compiled code
+                kwargs = self._fill_call_inputs(args, kwargs, frame)
             mixed = kwargs.get("adapter_names") is not None
             compiled = frame or bool(self.__dict__.get("_fxpeft_compiled_blocks"))
             prepare = bool(self._fxpeft_prepare_hooks) and not torch.is_grad_enabled() and (
@@ -480,13 +480,13 @@ class PeftGraphModule(PeftModelMethods, GraphModule):
         return nn.Module.__call__(self, *args, **kwargs)
 
     @torch.compiler.disable  # runs the module itself: never traced
-    def _fill_call_inputs(self, args, kwargs: dict) -> dict:
+    def _fill_call_inputs(self, args, kwargs: dict, compiled: bool) -> dict:
         """The call inputs a method computes for a call that did not give them (``Method.fill_call_inputs``:
         X-LoRA's scalings, from a first pass it runs by calling the module with them given), before the call
         (compiled or not) binds its inputs."""
         for method, adapter in self._fxpeft_fillers:
             if adapter in self._fxpeft_active and any(kwargs.get(n) is None for n in method.call_inputs):
-                kwargs = {**kwargs, **method.fill_call_inputs(self, adapter, args, kwargs)}
+                kwargs = {**kwargs, **method.fill_call_inputs(self, adapter, args, kwargs, compiled)}
         return kwargs
 
     @torch.compiler.disable  # called from the frame dynamo skips: its callees would be traced (one call: each costs)
@@ -768,7 +768,7 @@ except ImportError:  # another torch: prepare every call without autograd (corre
     _dynamo_callback = lambda: True  # noqa: E731
 
 
-def _dynamo_active() -> bool:
+def runs_compiled() -> bool:
     """Whether this call runs compiled, so that the prepare hooks' state will be read (eager calls
     read the adapters themselves)."""
     return _dynamo_callback() is not None

@@ -179,9 +179,10 @@ class Method:
     # takes each as an input (``Lowering.call_input``), so their values are data, never code (a compiled
     # graph does not recompile per value); a call without one while such an adapter acts is an error
     call_inputs: tuple[str, ...] = ()
-    # ``fill_call_inputs(gm, adapter, args, kwargs) -> {name: tensor}``: the method's call inputs for a call that
-    # gives none, computed by the method before the call runs (X-LoRA's scalings, from a first pass of the model
-    # that it runs by calling ``gm`` with its inputs given)
+    # ``fill_call_inputs(gm, adapter, args, kwargs, compiled) -> {name: tensor}``: the method's call inputs for a
+    # call that gives none, computed by the method before the call runs (X-LoRA's scalings, from a first pass of
+    # the model that it runs by calling ``gm`` with its inputs given); ``compiled``: the call runs compiled code.
+    # Other keywords it returns replace the call's (SHADOW: the KV cache a use_cache=True call gets, made early)
     fill_call_inputs: Optional[Callable] = None
 
     @property

@@ -8,7 +8,7 @@
 """
 from __future__ import annotations
 
-import dataclasses
+import copy
 import difflib
 import re
 from typing import Iterable, Optional, Sequence
@@ -84,7 +84,8 @@ def saved_module_paths(names: Iterable[str], module_paths: Iterable[str]) -> lis
 def unmatched_target_error(config, candidate_paths: Sequence[str], kind: str = "target_modules") -> ValueError:
     layers = getattr(config, "layers_to_transform", None)
     if layers not in (None, []):  # the names may match, and the layer filter exclude them all
-        unfiltered = dataclasses.replace(config, layers_to_transform=None)
+        unfiltered = copy.copy(config)  # (not dataclasses.replace: the config's own checks would run on it)
+        unfiltered.layers_to_transform = None
         named = [path for path in candidate_paths if is_targeted(unfiltered, path)]
         indices = sorted({i for i in (_layer_index(p, getattr(config, "layers_pattern", None)) for p in named)
                           if i is not None})
@@ -94,6 +95,14 @@ def unmatched_target_error(config, candidate_paths: Sequence[str], kind: str = "
                 f"{layers!r} selects none of them: their layer indices are {indices or 'not found in their paths'}. "
                 "Fix layers_to_transform (or layers_pattern).")
     spec = config.target_modules
+    excluded = getattr(config, "exclude_modules", None)
+    if excluded:  # the names may match, and exclude_modules leave none of them
+        unexcluded = copy.copy(config)
+        unexcluded.exclude_modules = None
+        named = [path for path in candidate_paths if is_targeted(unexcluded, path)]
+        if named:
+            return ValueError(f"target_modules {spec!r} matched {len(named)} modules, but exclude_modules {excluded!r} "
+                              "excludes all of them. Fix exclude_modules (or target_modules).")
     wanted = [spec] if isinstance(spec, str) else list(spec)
     short_names = sorted({path.rsplit(".", 1)[-1] for path in candidate_paths})
     hints = []

@@ -221,7 +221,7 @@ def _projected(lw: Lowering, site, prompt: torch.fx.Node) -> torch.fx.Node:
 
 
 def rewrite(lw: Lowering, path: str) -> None:
-    if lw.mixed:  # no mixed graph is made (calls with adapter_names= are refused: Method.mixed_batches)
+    if lw.mixed:  # the mixed graph fails to lower (calls with adapter_names= are refused: Method.mixed_batches)
         raise NotImplementedError("Adaption prompts cannot be picked per sample (PEFT has no adapter_names for them).")
     module = lw.module(path)
     parts = attention_parts(lw, path, _layout_of(module))

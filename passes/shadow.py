@@ -25,9 +25,11 @@ per-sample adapters, one adapter acting at a time (as PEFT).
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from operator import getitem
 from typing import Optional, Union
@@ -41,7 +43,7 @@ from fxpeft.canonical import innermost_module
 from fxpeft.configs import PeftConfigBase
 from fxpeft.forms import child_dict
 from fxpeft.registry import Method, Rule, register_method, registry_of
-from fxpeft.rewrite import Lowering
+from fxpeft.rewrite import Lowering, primary_lowering
 from fxpeft.targets import is_targeted, unmatched_target_error
 
 NAME = "shadow_state"  # the per-call input: s⁰, (batch, tokens, hidden)
@@ -208,10 +210,12 @@ def resolve_config(gm, sites, config: ShadowConfig) -> ShadowConfig:
                          "because the sequence classification adapter requires both a classifier in "
                          "`modules_to_save` and a separate `shadow_head`.")
     if config.target_modules is None:
-        path, _, attr = _backbone_of(source)
-        blocks = getattr(_backbone_of(source)[1], attr)
+        _, backbone, attr = _backbone_of(source)
+        # its path in the tree (found through a property, GPT-NeoX's base_model, the attribute is no path)
+        path = next(name for name, module in source.named_modules() if module is backbone)
         config = copy.copy(config)
-        config.target_modules = [f"{path}.{attr}.{i}" if path else f"{attr}.{i}" for i in range(len(blocks))]
+        config.target_modules = [f"{path}.{attr}.{i}" if path else f"{attr}.{i}"
+                                 for i in range(len(getattr(backbone, attr)))]
     return config
 
 
@@ -224,7 +228,8 @@ def _targets(gm, config: ShadowConfig) -> list[str]:
     if not targets:
         raise unmatched_target_error(config, names)
     blocks = list(gm._fxpeft_block_paths)
-    if not blocks:
+    if not blocks:  # the same from the graph, before any module is made
+        _check_chain(_flat_regions(primary_lowering(gm), targets, _hidden_size(gm._fxpeft_source.config)))
         return targets
     outside = [path for path in targets if path not in blocks]
     if outside:
@@ -334,45 +339,57 @@ def _two_d(mask, length: int) -> Optional[torch.Tensor]:
     return (row if row.dtype == torch.bool else row == 0).long()
 
 
+FOLLOWED = ("reorder_cache", "crop", "batch_repeat_interleave", "batch_select_indices", "reset")
+
+
 def _own_cache(gm, adapter: str, cache, backbone: nn.Module):
-    """The backbone's cache kept beside the model's ``cache`` (on the DynamicCache a static cache reads, if
-    it reads one): new when the model's cache is empty, else the one kept, which must hold as many positions.
-    Beam search's reordering (and other row or length edits transformers makes) reach it too."""
+    """The backbone's cache kept beside the model's ``cache`` (on the DynamicCache a static cache reads, if it
+    reads one): new when the model's cache is empty, else the one kept. The row and length edits transformers
+    makes on the model's cache (beam search's ``reorder_cache`` …) reach it too, and ``reset`` (a static
+    cache reused by the next generate call) drops it."""
     from transformers import DynamicCache
 
     owner = getattr(cache, "_fxpeft_dynamic", (cache,))[0]
-    filled = int(cache.get_seq_length())
     kept = owner.__dict__.get(SHADOW_CACHE)
+    # the model's length is read where it costs nothing or once per cache (on a GPU it waits for the device)
+    filled = int(cache.get_seq_length()) if kept is None or cache_on_host(cache) else None
     if filled == 0:
         kept = owner.__dict__[SHADOW_CACHE] = (adapter, DynamicCache(config=backbone.config))
-        for name in ("reorder_cache", "crop", "batch_repeat_interleave", "batch_select_indices"):
-            for holder in {id(cache): cache, id(owner): owner}.values():
-                _follow(holder, name, owner)
-    elif kept is None or kept[0] != adapter or kept[1].get_seq_length() != filled:
+        for holder in {id(cache): cache, id(owner): owner}.values():
+            for name in FOLLOWED:
+                if name not in holder.__dict__ and hasattr(holder, name):
+                    setattr(holder, name, AlsoShadow(holder, owner, name))
+    elif kept is None or kept[0] != adapter or filled is not None and kept[1].get_seq_length() != filled:
         raise ValueError(f"This KV cache holds {filled} positions that the shadow backbone of adapter {adapter!r} did "
                          "not see (the cache was made without it, or by another adapter): pass the cache this module "
                          "returned for the tokens before, or start again without a cache.")
     return kept[1]
 
 
-def _follow(cache, name: str, owner) -> None:
-    """``cache.<name>(...)`` (beam search's ``reorder_cache`` …) applies to the backbone's cache kept on ``owner``
-    too; installed once per cache object."""
-    own = getattr(cache, name, None)
-    installed = cache.__dict__.setdefault("_fxpeft_followed", set())
-    if own is None or name in installed:
-        return
+def cache_on_host(cache) -> bool:
+    layer = next(iter(getattr(cache, "layers", None) or []), None)
+    keys = getattr(layer, "keys", None)
+    return not isinstance(keys, torch.Tensor) or keys.device.type == "cpu"
 
-    def both(*args, **kwargs):
-        result = own(*args, **kwargs)
-        getattr(owner.__dict__[SHADOW_CACHE][1], name)(*args, **kwargs)
+
+class AlsoShadow:
+    """``cache.<name>(...)`` that also applies to the shadow backbone's cache kept on ``owner`` (``reset`` drops
+    it). An object, not a closure, so that the cache still copies (its copy's kept cache follows the copy)
+    and pickles."""
+
+    def __init__(self, cache, owner, name: str):
+        self.cache, self.owner, self.name = cache, owner, name
+
+    def __call__(self, *args, **kwargs):
+        result = getattr(type(self.cache), self.name)(self.cache, *args, **kwargs)
+        if self.name == "reset":
+            self.owner.__dict__.pop(SHADOW_CACHE, None)
+        elif SHADOW_CACHE in self.owner.__dict__:
+            getattr(self.owner.__dict__[SHADOW_CACHE][1], self.name)(*args, **kwargs)
         return result
 
-    installed.add(name)
-    setattr(cache, name, both)
 
-
-def fill_call_inputs(gm, adapter: str, args, kwargs) -> dict:
+def fill_call_inputs(gm, adapter: str, args, kwargs, compiled: bool) -> dict:
     """s⁰ for the call's tokens: the backbone on the model's input embeddings (or its own, unless it shares
     them), the call's padding mask and positions, over its own cache where the call has one."""
     backbone = gm.shadow_backbone[adapter]
@@ -381,15 +398,18 @@ def fill_call_inputs(gm, adapter: str, args, kwargs) -> dict:
     if embeds is None and ids is None:
         raise ValueError("A SHADOW adapter runs its shadow backbone on the call's input_ids or inputs_embeds; the "
                          "call has neither.")
+    gm.__dict__["last_shadow_loss"] = None  # (set by call_loss when the call computes one)
     name, made = generation.cache_name_of(kwargs), None
-    if name is None:  # a loop's use_cache=True: the cache the call returns is made now, to keep ours beside it
+    if name is None and not compiled:  # a loop's use_cache=True: its cache made now, to keep ours beside it
         trial = dict(kwargs)
-        generation.cache_for_use_cache(gm, trial)
+        with warnings.catch_warnings():  # (the call warns where it gets none)
+            warnings.simplefilter("ignore")
+            generation.cache_for_use_cache(gm, trial)
         name = generation.cache_name_of(trial)
         made = trial.get(name) if name is not None else None
     cache = made if made is not None else kwargs.get(name) if name is not None else None
     if embeds is None and backbone._fxpeft_shares_embeddings:
-        embeds = gm.get_input_embeddings()(ids)
+        embeds = _adapter_copy(gm.get_input_embeddings(), adapter)(ids)
     step = (ids if embeds is None else embeds).shape[1]
     call = {"return_dict": True, "use_cache": cache is not None}
     own = _own_cache(gm, adapter, cache, backbone) if cache is not None else None
@@ -426,7 +446,7 @@ class Region:
     path: str
     entering: torch.fx.Node
     readers: list
-    leaving: torch.fx.Node
+    leaving: Optional[torch.fx.Node]  # (None: not known, where nothing reads it)
 
 
 def _width(node) -> Optional[int]:
@@ -435,29 +455,30 @@ def _width(node) -> Optional[int]:
 
 
 def _called_regions(calls: list[torch.fx.Node], paths: list[str], width: int) -> list[Region]:
-    """A graph calling the blocks (a top graph): which argument carries the hidden states and which output
-    returns them is read off a call that feeds the next (one block: its one argument and output of the hidden
-    width)."""
-    where = None
-    for before, after in zip(calls, calls[1:]):
-        where = next(((i, arg) for i, arg in enumerate(after.args) if arg is before or isinstance(arg, torch.fx.Node)
-                      and arg.target is getitem and arg.args[0] is before), None)
-        if where is not None:
-            break
-    if where is None:
-        wide = [i for i, arg in enumerate(calls[0].args) if _width(arg) == width]
-        outs = [u for u in calls[0].users if u.target is getitem and _width(u) == width]
-        if len(wide) != 1 or len(outs) != 1:
-            raise ValueError("SHADOW could not tell which value carries the hidden states through the model's blocks.")
-        where = wide[0], outs[0]
-    position, sample = where
-    index = sample.args[1] if sample is not calls[0] and sample.target is getitem else None
+    """A graph calling the blocks (a top graph): between two calls, the value the later takes from the earlier
+    (its argument, the earlier's output) carries the hidden states; at the ends, the one argument or output of
+    the hidden width (or the neighbour's position). Blocks' outputs may differ: the first block's graph of a
+    signature may return more than the others'."""
+    positions: list = [None] * len(calls)  # where the hidden states enter each call
+    leaving: list = [None] * len(calls)  # the node carrying them out of it
+    for i, (before, after) in enumerate(zip(calls, calls[1:])):
+        for position, arg in enumerate(after.args):
+            if arg is before or isinstance(arg, torch.fx.Node) and arg.target is getitem and arg.args[0] is before:
+                positions[i + 1], leaving[i] = position, arg
+                break
+    for i, call in enumerate(calls):
+        wide = [p for p, arg in enumerate(call.args) if _width(arg) == width]
+        if positions[i] is None and (len(wide) == 1 or i + 1 < len(calls) and positions[i + 1] is not None):
+            positions[i] = wide[0] if len(wide) == 1 else positions[i + 1]
+        outs = [u for u in call.users if u.target is getitem and _width(u) == width]
+        if leaving[i] is None and len(outs) == 1:
+            leaving[i] = outs[0]
     regions = []
-    for call in calls:
-        if call.target not in paths:
-            continue
-        leaving = call if index is None else next(u for u in call.users if u.target is getitem and u.args[1] == index)
-        regions.append(Region(call.target, call.args[position], [call], leaving))
+    for i, call in enumerate(calls):
+        if call.target in paths:
+            if positions[i] is None:
+                raise ValueError(f"SHADOW could not tell which input of {call.target!r} carries the hidden states.")
+            regions.append(Region(call.target, call.args[positions[i]], [call], leaving[i]))
     return regions
 
 
@@ -476,11 +497,8 @@ def _flat_regions(lw: Lowering, paths: list[str], width: int) -> list[Region]:
             raise ValueError(f"SHADOW wraps modules the hidden states pass through whole, but {len(entering)} values "
                              f"of the hidden width enter {path!r} in the graph and {len(leaving)} leave it.")
         regions.append(Region(path, entering[0], [n for n in inside if entering[0] in n.all_input_nodes], leaving[0]))
-    return sorted(regions, key=lambda r: _order(lw)[r.readers[0]])
-
-
-def _order(lw: Lowering) -> dict:
-    return {node: i for i, node in enumerate(lw.graph.nodes)}
+    order = {node: i for i, node in enumerate(lw.graph.nodes)}
+    return sorted(regions, key=lambda region: order[region.readers[0]])
 
 
 def _regions(lw: Lowering, adapter: str) -> list[Region]:
@@ -494,6 +512,16 @@ def _regions(lw: Lowering, adapter: str) -> list[Region]:
     return _flat_regions(lw, [p for p in paths if p in computed], width) if any(p in computed for p in paths) else []
 
 
+def _check_chain(regions: list[Region]) -> None:
+    """The hidden states leaving each wrapped block are those entering the next."""
+    for before, after in zip(regions, regions[1:]):
+        if before.leaving is None:
+            raise ValueError(f"SHADOW could not tell which output of {before.path!r} carries the hidden states.")
+        if after.entering is not before.leaving:
+            raise ValueError(_NOT_CONTIGUOUS + f", but the hidden states leaving {before.path!r} are not those "
+                             f"entering {after.path!r}.")
+
+
 def match(lw: Lowering):
     """The acting SHADOW adapter, in the module's own graphs (a block's graph has no adapters to read: its
     block is rewritten where it is called)."""
@@ -503,15 +531,12 @@ def match(lw: Lowering):
 
 
 def rewrite(lw: Lowering, adapter: str) -> None:
-    if lw.mixed:  # no mixed graph is made (calls with adapter_names= are refused: Method.mixed_batches)
+    if lw.mixed:  # the mixed graph fails to lower (calls with adapter_names= are refused: Method.mixed_batches)
         raise NotImplementedError("SHADOW adapters cannot be picked per sample (PEFT has no adapter_names for them).")
     regions = _regions(lw, adapter)
     if not regions:
         return
-    for before, after in zip(regions, regions[1:]):
-        if after.entering is not before.leaving:
-            raise ValueError(_NOT_CONTIGUOUS + f", but the hidden states leaving {before.path!r} are not those "
-                             f"entering {after.path!r}.")
+    _check_chain(regions)
     shadow = lw.call_input(NAME)
     alpha = lw.root.peft_config[adapter].shadow_alpha
     for number, region in enumerate(regions):
@@ -528,8 +553,10 @@ def rewrite(lw: Lowering, adapter: str) -> None:
             reader.replace_input_with(hidden, injected)
         if number == len(regions) - 1:
             break  # the last state is read by nothing (PEFT computes it and drops it)
-        with lw.graph.inserting_after(region.leaving):
-            seen = lw.call(torch.ops.aten._to_copy.default, region.leaving, dtype=dtype)
+        value = region.leaving.meta.get("val")
+        with lw.graph.inserting_after(region.leaving):  # (a copy only where the dtypes differ, or are not known)
+            seen = region.leaving if getattr(value, "dtype", None) == dtype else \
+                lw.call(torch.ops.aten._to_copy.default, region.leaving, dtype=dtype)
         with lw.graph.inserting_after(seen):
             candidate = lw.call_module(parts["shadow_update_transform"], seen)
         with lw.graph.inserting_after(candidate):
@@ -560,11 +587,10 @@ def _classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return F.binary_cross_entropy_with_logits(logits, labels)
 
 
-def _lm_head(gm, adapter: str) -> nn.Module:
-    """The model's output head, or the adapter's trained copy of it (``modules_to_save=["lm_head"]``)."""
-    head = gm.get_output_embeddings()
-    copies = head._modules.get("modules_to_save")
-    return copies[adapter] if copies is not None and adapter in copies else head
+def _adapter_copy(module: nn.Module, adapter: str) -> nn.Module:
+    """``module``, or the adapter's trained copy of it (``modules_to_save=["lm_head"]``, ``["embed_tokens"]``)."""
+    copies = module._modules.get("modules_to_save")
+    return copies[adapter] if copies is not None and adapter in copies else module
 
 
 def shadow_loss(gm, adapter: str, state: torch.Tensor, labels: torch.Tensor,
@@ -579,7 +605,7 @@ def shadow_loss(gm, adapter: str, state: torch.Tensor, labels: torch.Tensor,
         return _classification_loss(logits, labels)
     if config.task_type != "CAUSAL_LM":
         return None
-    logits = _lm_head(gm, adapter)(state)
+    logits = _adapter_copy(gm.get_output_embeddings(), adapter)(state)
     return F.cross_entropy(logits[..., :-1, :].reshape(-1, logits.shape[-1]), labels[..., 1:].reshape(-1),
                            ignore_index=-100)
 
@@ -587,7 +613,6 @@ def shadow_loss(gm, adapter: str, state: torch.Tensor, labels: torch.Tensor,
 def call_loss(gm, adapter: str, output, inputs: dict) -> torch.Tensor:
     """The model's loss plus ``auxiliary_loss_weight`` × the shadow loss; the shadow loss, detached, is also
     ``output.shadow_loss`` and ``gm.last_shadow_loss`` (as PEFT)."""
-    gm.__dict__["last_shadow_loss"] = None
     labels, state = inputs.get("labels"), inputs.get(NAME)
     if labels is None or state is None:
         return output.loss
@@ -597,6 +622,92 @@ def call_loss(gm, adapter: str, output, inputs: dict) -> torch.Tensor:
     gm.__dict__["last_shadow_loss"] = output.shadow_loss = loss.detach()
     weight = gm.peft_config[adapter].auxiliary_loss_weight
     return output.loss + weight * loss if weight > 0 else output.loss
+
+
+# ----------------------------------------------------------------------------- the shadow network alone
+
+
+@functools.lru_cache(maxsize=None)
+def shadow_network_class():
+    """The class of :func:`unload_shadow`'s result, made on first use (transformers imported then)."""
+    from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
+    from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutput
+
+    class ShadowNetwork(PreTrainedModel, GenerationMixin):
+        """head(projection(backbone(x))) without the model (PEFT's DetachedShadowModel): a causal LM that
+        generates, or a classifier of each row's last real token. With embeddings shared from the model, they
+        are held by reference, not as a child (not saved: unload with ``copy=True`` to save it)."""
+
+        main_input_name = "input_ids"
+        base_model_prefix = "backbone"
+        _supports_cache_class = _supports_sdpa = _supports_flash_attn = _supports_flex_attn = True
+        _supports_attention_backend = True
+
+        def __init__(self, backbone, projection, head, classifies: bool, embeddings=None):
+            super().__init__(backbone.config)
+            self.backbone, self.shadow_hidden_projection, self.head = backbone, projection, head
+            self.classifies = classifies
+            self._embeddings = [embeddings]  # a list: not a child module
+            self.generation_config = getattr(backbone, "generation_config", None) or \
+                GenerationConfig.from_model_config(self.config)
+
+        def can_generate(self) -> bool:  # (called by PreTrainedModel.__init__ before the attributes exist)
+            return getattr(self, "head", None) is not None and not getattr(self, "classifies", False)
+
+        def get_input_embeddings(self):
+            return self._embeddings[0] if self._embeddings[0] is not None else self.backbone.get_input_embeddings()
+
+        def get_output_embeddings(self):
+            return None if self.classifies else self.head
+
+        def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+            for name in ("logits_to_keep", "num_logits_to_keep"):  # a causal LM's: the backbone takes none
+                kwargs.pop(name, None)
+            if self._embeddings[0] is not None and kwargs.get("inputs_embeds") is None:
+                kwargs["inputs_embeds"], input_ids = self._embeddings[0](input_ids), None
+            kwargs["return_dict"] = True
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            hidden = self.shadow_hidden_projection(out.last_hidden_state)
+            if self.head is None:
+                return hidden
+            if self.classifies:
+                logits = self.head(_pooled_last(hidden, attention_mask))
+                return SequenceClassifierOutput(loss=None if labels is None else _classification_loss(logits, labels),
+                                                logits=logits)
+            logits = self.head(hidden)
+            loss = None if labels is None else F.cross_entropy(
+                logits[..., :-1, :].reshape(-1, logits.shape[-1]), labels[..., 1:].reshape(-1), ignore_index=-100)
+            return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=getattr(out, "past_key_values", None))
+
+    return ShadowNetwork
+
+
+def unload_shadow(gm, adapter_name: Optional[str] = None, copy: bool = False) -> nn.Module:
+    """``gm.unload_shadow(adapter_name=None, copy=False)``, PEFT's: the adapter's shadow network as a model of its
+    own, head(projection(backbone(x))) (the per-block updates need the model and are not in it), for the
+    shadow path's own evaluation or deployment. ``copy=False`` shares its modules with ``gm``; ``copy=True``
+    copies them (and the shared embeddings, so that it saves whole)."""
+    import copy as copying
+
+    adapter = adapter_name if adapter_name is not None else next(
+        (name for name in gm._fxpeft_active if isinstance(gm.peft_config[name], ShadowConfig)), None)
+    if adapter is None or adapter not in getattr(gm, "shadow_backbone", {}):
+        raise ValueError(f"No shadow backbone found for adapter {adapter!r} (SHADOW adapters: "
+                         f"{[n for n, c in gm.peft_config.items() if isinstance(c, ShadowConfig)]}).")
+    take = copying.deepcopy if copy else (lambda module: module)
+    backbone = take(gm.shadow_backbone[adapter])
+    projection = take(gm.shadow_projection[adapter])
+    classifies = gm.peft_config[adapter].task_type == "SEQ_CLS"
+    head = gm.shadow_head[adapter] if classifies and adapter in getattr(gm, "shadow_head", {}) else None
+    if not classifies and gm.peft_config[adapter].task_type == "CAUSAL_LM":
+        head = _adapter_copy(gm.get_output_embeddings(), adapter)
+    head = take(head) if head is not None else None
+    embeddings = None
+    if backbone._fxpeft_shares_embeddings:
+        embeddings = _adapter_copy(gm.get_input_embeddings(), adapter)
+        if copy:
+            backbone.embed_tokens, embeddings = copying.deepcopy(embeddings), None
+    return shadow_network_class()(backbone, projection, head, classifies, embeddings)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -633,5 +744,6 @@ METHOD = register_method(Method(
     rules=(Rule(name="shadow", match=match, rewrite=rewrite, phase=20),),
     call_inputs=(NAME,), fill_call_inputs=fill_call_inputs, call_loss=call_loss,
     saved_state=saved_state, loaded_state=loaded_state, frozen=frozen,
+    module_methods=(("unload_shadow", unload_shadow),),
     describe=lambda module, adapter: f"r={module._modules['shadow_down'][adapter].out_features}"))
 

@@ -216,7 +216,7 @@ def delta_weight(gm, site, module, adapter: str):
                      "scalings. Keep it unmerged.")
 
 
-def fill_call_inputs(gm, adapter: str, args, kwargs) -> dict:
+def fill_call_inputs(gm, adapter: str, args, kwargs, compiled: bool) -> dict:
     """The scaling pass (PEFT's ``_pre_forward``): the same call with every scaling at ``scaling_pass_value``,
     its last hidden state through the classifier."""
     if generation.cache_name_of(kwargs) is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import peft
 import pytest
@@ -74,6 +75,7 @@ def test_training_steps_equal_peft():
     inputs = models.hf_inputs("llama")
     labels = models.hf_labels("llama", inputs)
     theirs, mine = {peft_key(k): p for k, p in trainables(reference).items()}, trainables(gm)
+    initial = mine["model.layers.1.shadow_down.default.weight"].detach().clone()
     optimizers = [torch.optim.Adam([group[k] for k in sorted(mine)], lr=1e-2) for group in (theirs, mine)]
     for step in range(3):
         losses = []
@@ -87,8 +89,7 @@ def test_training_steps_equal_peft():
         torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
     for key in mine:
         torch.testing.assert_close(mine[key], theirs[key], rtol=1e-4, atol=1e-5)
-    assert not torch.equal(mine["model.layers.1.shadow_down.default.weight"],
-                           models.llama().model.layers[0].self_attn.q_proj.weight[:8])  # (trained: not a no-op)
+    assert not torch.equal(mine["model.layers.1.shadow_down.default.weight"], initial)  # (trained: not a no-op)
 
 
 def test_checkpoints_both_ways(pair, tmp_path):
@@ -192,6 +193,8 @@ def test_compiled_generate_and_training_call():
     torch.testing.assert_close(loss, reference(**inputs, labels=labels).loss, rtol=1e-5, atol=1e-6)
     loss.backward()
     assert gm.shadow_backbone["default"].norm.weight.grad is not None
+    with torch.no_grad(), pytest.warns(UserWarning, match="returns no KV cache, as it runs under torch.compile"):
+        compiled(input_ids=inputs["input_ids"], use_cache=True)  # (no cache is made for it: none can be read)
 
 
 def _classifier():
@@ -266,14 +269,26 @@ def test_options_and_several_adapters():
         torch.testing.assert_close(gm(**inputs).logits, outputs["default"])
 
 
-def test_refusals():
+def three_layers():
     from transformers import LlamaForCausalLM
 
-    three = LlamaForCausalLM(LlamaConfig(vocab_size=models.VOCAB, hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2))
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=models.VOCAB, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)).eval()
+
+
+def test_refusals():
+    three = three_layers()
+    before = {k: v.clone() for k, v in three.state_dict().items()}
     with pytest.raises(ValueError, match="contiguous"):
         fxpeft.transform(three, fxpeft.ShadowConfig(target_modules=["model.layers.0", "model.layers.2"],
                                                     task_type="CAUSAL_LM"))
+    with pytest.raises(ValueError, match="selects none of them"):  # the layer filter narrows suffix matches
+        fxpeft.transform(three, fxpeft.ShadowConfig(target_modules=["layers.0", "layers.1"], layers_to_transform=[1],
+                                                    layers_pattern="layers", task_type="CAUSAL_LM"))
+    with pytest.raises(ValueError, match="excludes all of them"):
+        fxpeft.transform(three, fxpeft.ShadowConfig(exclude_modules=r".*layers\.\d+", task_type="CAUSAL_LM"))
+    assert all(torch.equal(v, before[k]) for k, v in three.state_dict().items())
     model = models.llama().eval()
     with pytest.raises(ValueError, match="whole decoder blocks"):
         fxpeft.transform(model, fxpeft.ShadowConfig(target_modules=["q_proj"], task_type="CAUSAL_LM"))
@@ -292,7 +307,6 @@ def test_refusals():
     with pytest.raises(NotImplementedError, match="Mixed batches"):  # PEFT has no adapter_names for SHADOW either
         gm.generate(**inputs, adapter_names=["default", "__base__"], max_new_tokens=2)
     assert all(not p.requires_grad for n, p in gm.named_parameters() if "shadow" not in n)
-    torch.testing.assert_close(model(**inputs).logits, model(**inputs).logits)  # the caller's model still runs
 
 
 def test_a_saved_shadow_backbone_equals_peft(tmp_path):
@@ -339,3 +353,80 @@ def test_a_result_left_as_one_graph(monkeypatch):
                            reference.generate(**inputs, use_cache=False, **_generate_kwargs()))
     report = fxpeft.inspect(gm)
     assert [(row.path, row.method) for row in report.rows] == [("model.layers.0", "shadow"), ("model.layers.1", "shadow")]
+    with pytest.raises(ValueError, match="contiguous"):  # found from the graph, before anything is attached
+        fxpeft.transform(three_layers(), fxpeft.ShadowConfig(target_modules=["model.layers.0", "model.layers.2"],
+                                                             task_type="CAUSAL_LM"))
+
+
+def test_unload_shadow_equals_peft():
+    """The shadow network alone (PEFT's unload_shadow): logits and greedy tokens; a copy saves whole."""
+    model = models.llama().eval()
+    reference, gm = seeded_pair(model, *configs())
+    inputs = models.hf_inputs("llama")
+    theirs, mine = reference.unload_shadow().eval(), gm.unload_shadow().eval()
+    with torch.no_grad():
+        expected = theirs(**inputs).logits
+        torch.testing.assert_close(mine(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(mine.generate(**inputs, **_generate_kwargs()), theirs.generate(**inputs, **_generate_kwargs()))
+        copied = gm.unload_shadow(copy=True).eval()
+        assert "backbone.embed_tokens.weight" in copied.state_dict()
+        torch.testing.assert_close(copied(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="No shadow backbone"):
+        gm.unload_shadow("nothing")
+
+
+def test_decoding_variants_and_caches(tmp_path):
+    """Prompt-lookup decoding (its signature's first block returns more than the others), the caches a generate
+    call leaves (copied and pickled as plain caches; a copy's shadow cache follows the copy), last_shadow_loss
+    per call, and no call's inputs kept alive by the module."""
+    import gc
+    import pickle
+    import weakref
+
+    model = models.llama().eval()
+    reference, gm = seeded_pair(model, *configs())
+    one = models.hf_inputs("llama", batch=1)
+    with torch.no_grad():
+        out = gm(input_ids=one["input_ids"], use_cache=True)
+        held = weakref.ref(out.cache)
+        del out
+        gc.collect()
+        assert held() is None  # (the capturing call's frames were kept by a stored error, with its cache)
+        expected = reference.generate(**one, use_cache=False, **_generate_kwargs())
+        assert torch.equal(gm.generate(**one, prompt_lookup_num_tokens=3, **_generate_kwargs()), expected)
+        cache = DynamicCache(config=gm.config)
+        gm.generate(**one, cache=cache, **_generate_kwargs())
+        copied = copy.deepcopy(cache)
+        copied.crop(-8)
+        assert cache.get_seq_length() == 12 and copied.get_seq_length() == 4
+        assert pickle.loads(pickle.dumps(cache)).get_seq_length() == 12
+        turn = torch.cat([expected, one["input_ids"][:, :2]], 1)  # the original goes on, its shadow cache whole
+        assert torch.equal(gm.generate(input_ids=turn, cache=cache, **_generate_kwargs()),
+                           gm.generate(input_ids=turn, use_cache=False, **_generate_kwargs()))
+        gm(**one, labels=one["input_ids"])
+        assert gm.last_shadow_loss is not None
+        gm(**one)
+        assert gm.last_shadow_loss is None
+    with warnings.catch_warnings(record=True) as caught:  # autograd on: no cache, said once
+        warnings.simplefilter("always")
+        gm(**one, use_cache=True)
+    assert len([w for w in caught if "returns no KV cache" in str(w.message)]) == 1
+
+
+def test_other_layouts_equal_peft():
+    """GPT-NeoX (its body reached through a property: the default targets are the real paths), and
+    modules_to_save=["embed_tokens"] (the backbone reads the adapter's copy of the embeddings)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    neox = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=models.VOCAB, hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=4)).eval()
+    inputs = models.hf_inputs("llama")
+    for model, extra in ((neox, {}), (models.llama().eval(), {"modules_to_save": ["embed_tokens"]})):
+        reference, gm = seeded_pair(model, *configs(**extra))
+        assert set(gm.peft_config["default"].target_modules) == set(reference.peft_config["default"].target_modules)
+        with torch.no_grad():
+            if extra:  # the copies trained: the same change in both
+                reference.base_model.model.model.embed_tokens.modules_to_save["default"].weight.mul_(1.5)
+                gm.model.embed_tokens.modules_to_save["default"].weight.mul_(1.5)
+            torch.testing.assert_close(gm(**inputs).logits, reference(**inputs).logits, rtol=1e-5, atol=1e-5)
