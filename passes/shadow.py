@@ -15,12 +15,14 @@ output head for causal LMs, a trained copy of its classifier for SEQ_CLS), expos
 
 Here: the backbone runs before the call, outside the graphs (``Method.fill_call_inputs``), and ``s⁰`` reaches
 the top graph as the per-call input ``shadow_state`` (``gm(..., shadow_state=s)`` skips the backbone); the
-rewrite (one rule on the top graph, around its block calls) adds the injections and updates. With a KV cache
-(generation), the backbone keeps a cache of its own beside the model's, so each step runs it on the new
-tokens only. State, under PEFT's names: ``<block>.shadow_down/up/update_transform/update_gate/dropout.<adapter>``
-and, on the root, ``shadow_backbone/projection/head.<adapter>``, saved as PEFT saves them (its files name the
-containers' tensors ``<container>.default.…`` whatever the adapter's name). No merging (the change depends on the input), no
-per-sample adapters, one adapter acting at a time (as PEFT).
+rewrite (one rule on the module's own graph: around its block calls, or, in a graph left flat, around each
+block's nodes by module path) adds the injections and updates. With a KV cache (generation), the backbone
+keeps a cache of its own beside the model's, so each step runs it on the new tokens only. State, under PEFT's
+names: ``<block>.shadow_down/up/update_transform/update_gate/dropout.<adapter>`` and, on the root,
+``shadow_backbone/projection/head.<adapter>``, saved as PEFT saves them (its files name the containers'
+tensors ``<container>.default.…`` whatever the adapter's name). No merging (the change depends on the input),
+no per-sample adapters, one adapter acting at a time (as PEFT); ``gm.unload_shadow()`` gives the shadow
+network alone.
 """
 from __future__ import annotations
 
@@ -99,9 +101,9 @@ class ShadowConfig(PeftConfigBase):
 # ----------------------------------------------------------------------------- the model's backbone
 
 
-def _backbone_of(model: nn.Module) -> tuple[str, nn.Module, str]:
-    """(path, module, attribute) of the module holding the decoder blocks and of their ModuleList (PEFT's
-    search: ``model``/``transformer``/``base_model``/``decoder``, one ``decoder`` deeper for OPT)."""
+def _backbone_of(model: nn.Module) -> tuple[nn.Module, str]:
+    """The module holding the decoder blocks and the attribute of their ModuleList (PEFT's search: ``model`` /
+    ``transformer`` / ``base_model`` / ``decoder``, one ``decoder`` deeper for OPT)."""
     def stack(module):
         return next((attr for attr in ("layers", "h") if isinstance(getattr(module, attr, None), nn.ModuleList)), None)
 
@@ -111,12 +113,12 @@ def _backbone_of(model: nn.Module) -> tuple[str, nn.Module, str]:
             continue
         nested = getattr(found, "decoder", None)
         if isinstance(nested, nn.Module) and stack(nested):
-            return f"{attr}.decoder", nested, stack(nested)
+            return nested, stack(nested)
         if stack(found):
-            return attr, found, stack(found)
+            return found, stack(found)
         break
     if stack(model):
-        return "", model, stack(model)
+        return model, stack(model)
     raise ValueError("SHADOW found no decoder backbone (a module with a `layers` or `h` list of blocks) in "
                      f"{type(model).__name__}: set target_modules to the decoder blocks, e.g. r'.*\\.layers\\.\\d+$'.")
 
@@ -140,7 +142,7 @@ def _set_first(config, names: tuple[str, ...], value: int) -> None:
 def _mirror(model: nn.Module, config: ShadowConfig) -> nn.Module:
     """The model's backbone class, built anew from a copy of its config with the shadow's sizes (PEFT's
     "mirror"; drawn from the global generator as PEFT draws it)."""
-    _, backbone, _ = _backbone_of(model)
+    backbone, _ = _backbone_of(model)
     mirrored = copy.deepcopy(backbone.config)
     _set_first(mirrored, ("num_hidden_layers", "n_layer", "num_layers"), config.shadow_num_hidden_layers or 1)
     for field, names in (("shadow_hidden_size", ("hidden_size", "n_embd", "d_model")),
@@ -210,7 +212,7 @@ def resolve_config(gm, sites, config: ShadowConfig) -> ShadowConfig:
                          "because the sequence classification adapter requires both a classifier in "
                          "`modules_to_save` and a separate `shadow_head`.")
     if config.target_modules is None:
-        _, backbone, attr = _backbone_of(source)
+        backbone, attr = _backbone_of(source)
         # its path in the tree (found through a property, GPT-NeoX's base_model, the attribute is no path)
         path = next(name for name, module in source.named_modules() if module is backbone)
         config = copy.copy(config)
@@ -220,9 +222,9 @@ def resolve_config(gm, sites, config: ShadowConfig) -> ShadowConfig:
 
 
 def _targets(gm, config: ShadowConfig) -> list[str]:
-    """The targeted modules in model order. Where the result calls its blocks, each must be one of them and
-    together contiguous (the shadow state rides the decoder loop from the first to the last); in a result
-    left as one graph, the rewrite checks the same from the graph (see ``rewrite``)."""
+    """The targeted modules in model order, together contiguous (the shadow state rides the decoder loop from
+    the first to the last): where the result calls its blocks, each must be one of them; in a result left as
+    one graph, the hidden states leaving each must enter the next (read from the graph)."""
     names = [path for path, _ in registry_of(gm).base_modules(gm)]
     targets = [path for path in names if path and is_targeted(config, path)]
     if not targets:
@@ -256,10 +258,7 @@ def _head(gm, config: ShadowConfig) -> Optional[nn.Module]:
                                                                                     nn.Module)), None)
     if found is None:
         return None
-    head = copy.deepcopy(found)
-    for name in [n for n in head._modules if n == "modules_to_save"]:
-        del head._modules[name]
-    return head
+    return copy.deepcopy(found)
 
 
 def _layer_modules(width: int, config: ShadowConfig) -> dict[str, nn.Module]:
@@ -352,7 +351,7 @@ def _own_cache(gm, adapter: str, cache, backbone: nn.Module):
     owner = getattr(cache, "_fxpeft_dynamic", (cache,))[0]
     kept = owner.__dict__.get(SHADOW_CACHE)
     # the model's length is read where it costs nothing or once per cache (on a GPU it waits for the device)
-    filled = int(cache.get_seq_length()) if kept is None or cache_on_host(cache) else None
+    filled = int(cache.get_seq_length()) if kept is None or _on_host(cache) else None
     if filled == 0:
         kept = owner.__dict__[SHADOW_CACHE] = (adapter, DynamicCache(config=backbone.config))
         for holder in {id(cache): cache, id(owner): owner}.values():
@@ -366,7 +365,8 @@ def _own_cache(gm, adapter: str, cache, backbone: nn.Module):
     return kept[1]
 
 
-def cache_on_host(cache) -> bool:
+def _on_host(cache) -> bool:
+    """Whether the cache's tensors are in host memory (reading its length waits for nothing)."""
     layer = next(iter(getattr(cache, "layers", None) or []), None)
     keys = getattr(layer, "keys", None)
     return not isinstance(keys, torch.Tensor) or keys.device.type == "cpu"
@@ -422,7 +422,7 @@ def fill_call_inputs(gm, adapter: str, args, kwargs, compiled: bool) -> dict:
     return {NAME: gm.shadow_projection[adapter](out.last_hidden_state), **({name: made} if made is not None else {})}
 
 
-# ----------------------------------------------------------------------------- the rewrite (top graph)
+# ----------------------------------------------------------------------------- the rewrite
 
 
 def shadow_difference(hidden: torch.Tensor, shadow: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -508,8 +508,9 @@ def _regions(lw: Lowering, adapter: str) -> list[Region]:
     calls = [n for n in lw.graph.nodes if n.op == "call_module" and n.meta.get("fxpeft_block")]
     if calls:
         return _called_regions(calls, paths, width)
-    computed = {innermost_module(n) for n in lw.graph.nodes}
-    return _flat_regions(lw, [p for p in paths if p in computed], width) if any(p in computed for p in paths) else []
+    computed = {innermost_module(n) or "" for n in lw.graph.nodes}
+    paths = [p for p in paths if any(m == p or m.startswith(p + ".") for m in computed)]
+    return _flat_regions(lw, paths, width) if paths else []
 
 
 def _check_chain(regions: list[Region]) -> None:
