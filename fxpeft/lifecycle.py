@@ -121,9 +121,10 @@ def _attach(gm: PeftGraphModule, config, adapter_name: str) -> None:
     kinds = {type(existing).peft_type for existing in gm.peft_config.values()}
     mixable = sorted({m.config_type.peft_type for m in registry.methods if m.mixable})
     if gm.__dict__.get("_fxpeft_mixed") and not method.mixable:
-        raise ValueError(f"Adapter of type {config.peft_type} is not supported for mixed models (fxpeft's mixed models, "
-                         f"as PEFT's, take {', '.join(mixable)} adapters"
-                         + (", LoRA without DoRA" if config.peft_type in mixable else "") + ").")
+        raise ValueError(f"Adapter of type {config.peft_type} is not supported for mixed models: fxpeft's, as PEFT's, "
+                         f"take {', '.join(mixable)} adapters"
+                         + (f" ({method.name}, which this config asks for, is not mixed)" if config.peft_type in mixable
+                            else "") + ".")
     if kinds and config.peft_type not in kinds and not gm.__dict__.get("_fxpeft_mixed"):
         raise ValueError(f"Cannot combine adapters with different peft types ({sorted(kinds)[0]} and "
                          f"{config.peft_type}), as in PEFT: transform another copy of the model for {adapter_name!r}, "
