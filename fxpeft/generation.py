@@ -211,12 +211,13 @@ def static_over(gm, dynamic, length: int, spare: bool = False):
     return static
 
 
-def cache_for_use_cache(gm, kwargs: dict, compiled: bool = False) -> None:
+def cache_for_use_cache(gm, kwargs: dict, compiled: bool = False, warn: bool = True) -> None:
     """A forward call with ``use_cache=True`` and no cache object: transformers' model returns the cache it
     made, which a caller's own decoding loop passes back with the next token. fxpeft's graphs are captured
     without one and returned None (the next step then ran without the tokens before it, silently). A
     decoder's call gets a DynamicCache here, read and written as one the caller passed (:func:`static_over`);
-    where none can be given (``compiled``: a call ``torch.compile(gm)`` runs), a warning says so."""
+    where none can be given (``compiled``: a call ``torch.compile(gm)`` runs), a warning says so (``warn``:
+    a caller asking early, whose call will ask again, leaves the warning to that call)."""
     if kwargs.get("use_cache") is not True or cache_name_of(kwargs) is not None:
         return
     name = cache_argument(gm)
@@ -237,8 +238,9 @@ def cache_for_use_cache(gm, kwargs: dict, compiled: bool = False) -> None:
             why = (f"the model's cache holds {sorted({type(layer).__name__ for layer in cache.layers})} (pass a "
                    "transformers StaticCache to get one)")
     if why is not None:
-        warnings.warn(f"use_cache=True: this call returns no KV cache, as {why}; a decoding loop that passes "
-                      "the returned cache back would run each step without the tokens before it.", stacklevel=4)
+        if warn:
+            warnings.warn(f"use_cache=True: this call returns no KV cache, as {why}; a decoding loop that passes "
+                          "the returned cache back would run each step without the tokens before it.", stacklevel=4)
         return
     kwargs[name] = cache
 

@@ -31,7 +31,6 @@ import functools
 import inspect
 import json
 import os
-import warnings
 from dataclasses import dataclass
 from operator import getitem
 from typing import Optional, Union
@@ -295,6 +294,8 @@ def attach(gm, sites, config: ShadowConfig, adapter: str) -> list[str]:
     if share and isinstance(getattr(backbone, "embed_tokens", None), nn.Module):
         del backbone.embed_tokens  # fed the model's own embeddings (PEFT removes only this name)
     backbone._fxpeft_shares_embeddings, backbone._fxpeft_mirror = share, config.shadow_model == "mirror"
+    # the keyword its forward takes its own KV cache under, read once here rather than on every decode step
+    backbone._fxpeft_cache_name = next((n for n in generation.CACHE_NAMES if _takes(backbone, n)), "past_key_values")
     head = _head(gm, config)
     first = next(gm.parameters())
     for name, module in zip(ROOT_PARTS, (backbone, projection, head)):
@@ -402,9 +403,7 @@ def fill_call_inputs(gm, adapter: str, args, kwargs, compiled: bool) -> dict:
     name, made = generation.cache_name_of(kwargs), None
     if name is None and not compiled:  # a loop's use_cache=True: its cache made now, to keep ours beside it
         trial = dict(kwargs)
-        with warnings.catch_warnings():  # (the call warns where it gets none)
-            warnings.simplefilter("ignore")
-            generation.cache_for_use_cache(gm, trial)
+        generation.cache_for_use_cache(gm, trial, warn=False)  # (the call warns where it gets none)
         name = generation.cache_name_of(trial)
         made = trial.get(name) if name is not None else None
     cache = made if made is not None else kwargs.get(name) if name is not None else None
@@ -414,7 +413,7 @@ def fill_call_inputs(gm, adapter: str, args, kwargs, compiled: bool) -> dict:
     call = {"return_dict": True, "use_cache": cache is not None}
     own = _own_cache(gm, adapter, cache, backbone) if cache is not None else None
     if own is not None:
-        call["cache" if _takes(backbone, "cache") else "past_key_values"] = own
+        call[backbone._fxpeft_cache_name] = own
     call["attention_mask"] = _two_d(kwargs.get("attention_mask"), (own.get_seq_length() if own else 0) + step)
     if kwargs.get("position_ids") is not None:
         call["position_ids"] = kwargs["position_ids"]
